@@ -1,0 +1,1 @@
+"""Data: dataset layout, demo data, augmentation versions, the embedding cache."""

@@ -1,0 +1,1 @@
+"""Network parts: SAM backbone builders, the SurgicalSAM prompt encoder and model."""

@@ -1,0 +1,240 @@
+"""SAM backbone: builders for the official variants and a small one, and checked checkpoint loading.
+
+The parts (``ImageEncoderViT``, ``PromptEncoder``, ``MaskDecoder``, ``TwoWayTransformer``) are
+segment-anything's own classes; this module only chooses their sizes and loads weights into them.
+
+Variants (``SAM_VARIANTS``): ``vit_h``, ``vit_l``, ``vit_b`` as published (1024x1024 input, 64x64 grid),
+and ``tiny``, a two-block encoder on a small input for tests and the demo (no official weights exist
+for it; the demo makes a random one with :func:`save_random_sam_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SAM_DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+
+def import_sam_modeling() -> types.ModuleType:
+    """Import ``segment_anything.modeling``.
+
+    segment-anything's package ``__init__`` imports its predictor utilities, which need torchvision;
+    the modeling classes do not. Where torchvision is missing (the CPU-only install), the package is
+    registered as a bare namespace so that ``segment_anything.modeling`` imports on its own.
+    """
+    try:
+        return importlib.import_module("segment_anything.modeling")
+    except ModuleNotFoundError as error:
+        if error.name is None or not error.name.startswith("torchvision"):
+            raise
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ModuleNotFoundError("segment-anything is not installed: pip install segment-anything==1.0")
+    for name in [n for n in sys.modules if n == "segment_anything" or n.startswith("segment_anything.")]:
+        del sys.modules[name]  # drop the half-imported package
+    package = types.ModuleType("segment_anything")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules["segment_anything"] = package
+    return importlib.import_module("segment_anything.modeling")
+
+
+@dataclass(frozen=True)
+class SamVariant:
+    """Sizes of one SAM variant; ``checkpoint_name``/``md5`` describe the official weights, if any."""
+
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    checkpoint_name: str | None = None
+    md5: str | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the square embedding grid (64 for the official variants)."""
+        return self.image_size // self.patch_size
+
+
+SAM_VARIANTS: dict[str, SamVariant] = {
+    "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31), checkpoint_name="sam_vit_h_4b8939.pth",
+                        md5="4b8939a88964f0f4ff5f5b2642c598a6"),
+    "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23), checkpoint_name="sam_vit_l_0b3195.pth",
+                        md5="0b3195507c641ddb6910d2bb5adee89c"),
+    "vit_b": SamVariant(768, 12, 12, (2, 5, 8, 11), checkpoint_name="sam_vit_b_01ec64.pth",
+                        md5="01ec64d29a2fca3f0661936605ae66f8"),
+    # Small encoder for tests and the demo: 256x256 input, 8x8 patches -> 32x32 grid.
+    "tiny": SamVariant(64, 2, 2, (1,), image_size=256, patch_size=8, window_size=8,
+                       notes="random weights only: for tests and the demo"),
+}
+
+
+def get_variant(variant: str) -> SamVariant:
+    if variant not in SAM_VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}: choose one of {sorted(SAM_VARIANTS)}")
+    return SAM_VARIANTS[variant]
+
+
+def build_sam(variant: str = "vit_h", checkpoint: str | None = None, check_md5: bool = True) -> nn.Module:
+    """Build segment-anything's ``Sam`` of the given variant; load ``checkpoint`` when given.
+
+    Returns the model in eval mode. See :func:`load_sam_checkpoint` for the checks on the file.
+    """
+    modeling = import_sam_modeling()
+    spec = get_variant(variant)
+    grid = spec.grid_size
+    sam = modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
+            depth=spec.encoder_depth,
+            embed_dim=spec.encoder_embed_dim,
+            img_size=spec.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=spec.encoder_num_heads,
+            patch_size=spec.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.encoder_global_attn_indexes,
+            window_size=spec.window_size,
+            out_chans=spec.prompt_embed_dim,
+        ),
+        prompt_encoder=modeling.PromptEncoder(
+            embed_dim=spec.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(spec.image_size, spec.image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=modeling.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=modeling.TwoWayTransformer(
+                depth=2, embedding_dim=spec.prompt_embed_dim, mlp_dim=2048, num_heads=8
+            ),
+            transformer_dim=spec.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    if checkpoint is not None:
+        load_sam_checkpoint(sam, checkpoint, variant=variant, check_md5=check_md5)
+    return sam.eval()
+
+
+def file_md5(path: str, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _how_to_get(variant: str, path: str) -> str:
+    spec = SAM_VARIANTS.get(variant)
+    if spec is None or spec.checkpoint_name is None:
+        return (
+            f"the {variant!r} variant has no official weights; make a random one with "
+            f"`surgical-sam make_sam_checkpoint --variant {variant} --path {path}` (tests and demo only)"
+        )
+    return (
+        f"download {SAM_DOWNLOAD_URL}{spec.checkpoint_name} (md5 {spec.md5}) and put it at {path}, "
+        f"or run `python -m monai.bundle download_large_files --bundle_path <bundle folder>`"
+    )
+
+
+def load_sam_checkpoint(sam: nn.Module, path: str, variant: str, check_md5: bool = True) -> None:
+    """Load a SAM state dict from ``path`` into ``sam``, checking the file first.
+
+    Checks, each failing with a message that says what to download and where to put it:
+    the file exists; its md5 matches the official one when the file name is the official name
+    (and ``check_md5``); it unpickles; its keys and shapes are exactly those of ``variant``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SAM checkpoint not found: {path}. To fix: {_how_to_get(variant, path)}.")
+    spec = get_variant(variant)
+    if check_md5 and spec.md5 is not None and os.path.basename(path) == spec.checkpoint_name:
+        actual = file_md5(path)
+        if actual != spec.md5:
+            raise ValueError(
+                f"SAM checkpoint {path} has md5 {actual}, expected {spec.md5} for {spec.checkpoint_name}: the file "
+                f"is corrupt or incomplete. To fix: {_how_to_get(variant, path)}."
+            )
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise ValueError(
+            f"SAM checkpoint {path} could not be read ({type(error).__name__}: {error}). "
+            f"To fix: {_how_to_get(variant, path)}."
+        ) from error
+    if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"SAM checkpoint {path} holds a {type(state_dict).__name__}, not a state dict.")
+    expected = sam.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(
+        k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        guess = guess_variant(state_dict)
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(
+                f"{len(wrong_shape)} keys of another shape (e.g. {k}: {tuple(state_dict[k].shape)} "
+                f"in the file, {tuple(expected[k].shape)} for {variant})"
+            )
+        hint = f" The file looks like SAM {guess}: set sam_variant to {guess!r}." if guess and guess != variant else ""
+        raise ValueError(
+            f"SAM checkpoint {path} does not match the {variant!r} variant: {'; '.join(details)}.{hint} "
+            f"To fix: {_how_to_get(variant, path)}."
+        )
+    sam.load_state_dict(state_dict, strict=True)
+
+
+def guess_variant(state_dict: dict) -> str | None:
+    """The variant whose encoder width and depth match a SAM state dict, or None."""
+    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if weight is None:
+        return None
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    for name, spec in SAM_VARIANTS.items():
+        if weight.shape[0] == spec.encoder_embed_dim and depth == spec.encoder_depth:
+            return name
+    return None
+
+
+def save_random_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0) -> str:
+    """Write a SAM state dict with seeded random weights (for tests and the demo); returns ``path``."""
+    torch.manual_seed(seed)
+    sam = build_sam(variant)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(sam.state_dict(), tmp)
+    os.replace(tmp, path)
+    logger.info("wrote a random-weight SAM %s checkpoint to %s", variant, path)
+    return path

@@ -1,0 +1,82 @@
+"""The geometry between a frame and SAM's square input, and back.
+
+SAM resizes a frame so that its longest side equals ``image_size`` (1024 for the official models),
+pads the bottom and right with zeros to ``image_size x image_size`` and embeds it on a grid of
+``image_size / 16`` cells. Every place of the bundle that goes between frame, SAM input, embedding
+grid and low-resolution mask uses these functions, so the three agree by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: ImageNet statistics SAM normalises with (0..255 scale).
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def resized_shape(frame_hw: Sequence[int], image_size: int) -> tuple[int, int]:
+    """Size (h', w') of a frame of size ``frame_hw`` after resizing its longest side to ``image_size``.
+
+    Rounds as segment-anything's ``ResizeLongestSide.get_preprocess_shape`` does
+    (1024x1280 -> 819x1024 for ``image_size`` 1024).
+    """
+    height, width = int(frame_hw[0]), int(frame_hw[1])
+    scale = image_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def frames_to_sam_input(
+    frames: torch.Tensor,
+    image_size: int,
+    pixel_mean: Sequence[float] = SAM_PIXEL_MEAN,
+    pixel_std: Sequence[float] = SAM_PIXEL_STD,
+) -> torch.Tensor:
+    """Frames (B, 3, H, W), RGB on the 0..255 scale -> SAM input (B, 3, S, S), S = ``image_size``.
+
+    Resize longest side (bilinear, antialiased), normalise per channel, zero-pad bottom/right.
+    """
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"expected frames of shape (B, 3, H, W), got {tuple(frames.shape)}")
+    frames = frames.float()
+    new_h, new_w = resized_shape(frames.shape[-2:], image_size)
+    if (new_h, new_w) != tuple(frames.shape[-2:]):
+        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.as_tensor(pixel_mean, dtype=frames.dtype, device=frames.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(pixel_std, dtype=frames.dtype, device=frames.device).view(1, 3, 1, 1)
+    frames = (frames - mean) / std
+    return F.pad(frames, (0, image_size - new_w, 0, image_size - new_h))
+
+
+def masks_to_embedding_grid(masks: torch.Tensor, image_size: int, grid_hw: Sequence[int]) -> torch.Tensor:
+    """Binary masks (B, H, W) at frame size -> boolean masks (B, h, w) on the embedding grid.
+
+    As the original SurgicalSAM does it (SPEC 6): SAM's resize of the longest side to
+    ``image_size`` and zero padding, then bilinear down to the grid and a threshold at 0.5.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"expected masks of shape (B, H, W), got {tuple(masks.shape)}")
+    masks = masks.float().unsqueeze(1)
+    new_h, new_w = resized_shape(masks.shape[-2:], image_size)
+    masks = F.interpolate(masks, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    masks = F.pad(masks, (0, image_size - new_w, 0, image_size - new_h))
+    masks = F.interpolate(masks, size=tuple(int(s) for s in grid_hw), mode="bilinear", align_corners=False)
+    return masks.squeeze(1) >= 0.5
+
+
+def low_res_logits_to_frame(low_res_logits: torch.Tensor, image_size: int, frame_hw: Sequence[int]) -> torch.Tensor:
+    """SAM decoder logits (B, K, 4h, 4w) -> logits (B, K, H, W) at the original frame size.
+
+    Bilinear up to the padded input (S x S), crop the valid region, bilinear to the frame size
+    (all ``align_corners=False``), as SAM's ``postprocess_masks``.
+    """
+    frame_h, frame_w = int(frame_hw[0]), int(frame_hw[1])
+    valid_h, valid_w = resized_shape((frame_h, frame_w), image_size)
+    logits = F.interpolate(low_res_logits, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    logits = logits[..., :valid_h, :valid_w]
+    if (valid_h, valid_w) != (frame_h, frame_w):
+        logits = F.interpolate(logits, size=(frame_h, frame_w), mode="bilinear", align_corners=False)
+    return logits
