@@ -1,0 +1,249 @@
+"""Training losses of SurgicalSAM (SPEC section 4).
+
+The paper's objective is ``L = Dice + PCL``:
+
+* ``Dice``: a soft Dice loss on the full-resolution mask logits of each (frame, prompted class) sample,
+  expressed with :class:`monai.losses.DiceLoss` (see :func:`surgical_sam_dice_loss`).
+* ``PCL``: the prototype contrastive loss between the learnable class prototypes and the class
+  embeddings pooled from the image embedding under each sample's ground-truth mask
+  (see :class:`PrototypeContrastiveLoss`), in the form the original code computes it.
+
+:class:`SurgicalSAMLoss` combines both and adds an optional term for "absent-class prompts" (samples
+whose target mask is empty), which the automatic prompting protocol needs; without such samples it
+equals the paper's loss exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+
+__all__ = [
+    "surgical_sam_dice_loss",
+    "class_embeddings_from_masks",
+    "PrototypeContrastiveLoss",
+    "SurgicalSAMLoss",
+]
+
+# Each of the two denominator terms of the original Dice carries its own 1e-3.
+DICE_DENOMINATOR_EPS = 1e-3
+
+
+def surgical_sam_dice_loss() -> DiceLoss:
+    """Return the SurgicalSAM Dice loss as a :class:`monai.losses.DiceLoss`.
+
+    For every sample ``b`` with ``p = sigmoid(logits_b)`` and binary target ``t``::
+
+        d_b = 2 * sum(p * t) / ((sum(p^2) + 1e-3) + (sum(t^2) + 1e-3))
+        loss = mean_b (1 - d_b)
+
+    MONAI's squared-prediction Dice computes ``1 - (2 * sum(p*t) + smooth_nr) /
+    (sum(p^2) + sum(t^2) + smooth_dr)`` per sample and channel when ``batch=False``, so
+    ``smooth_nr=0`` and ``smooth_dr=2e-3`` give the formula above; with a single channel the
+    ``mean`` reduction is the mean over the batch.
+
+    The returned loss takes ``logits`` (B, 1, H, W) and ``target`` (B, 1, H, W) with values in {0, 1}
+    and returns a scalar.
+    """
+    return DiceLoss(
+        include_background=True,
+        sigmoid=True,
+        squared_pred=True,
+        smooth_nr=0.0,
+        smooth_dr=2 * DICE_DENOMINATOR_EPS,
+        batch=False,
+        reduction="mean",
+    )
+
+
+def class_embeddings_from_masks(
+    image_embeddings: torch.Tensor, grid_masks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average the image embedding over the cells where each sample's grid mask is on.
+
+    Args:
+        image_embeddings: (B, d, h, w) image embeddings.
+        grid_masks: (B, h, w) or (B, 1, h, w) ground-truth masks already brought to the embedding grid
+            (bool, or float/int where non-zero means on).
+
+    Returns:
+        embeddings: (B, d) mean embedding under each mask; a row of zeros where the mask is empty.
+        valid: (B,) bool, False where the mask is empty.
+    """
+    if image_embeddings.ndim != 4:
+        raise ValueError(f"image_embeddings must be (B, d, h, w), got shape {tuple(image_embeddings.shape)}.")
+    if grid_masks.ndim == 4 and grid_masks.shape[1] == 1:
+        grid_masks = grid_masks[:, 0]
+    batch_size, _, height, width = image_embeddings.shape
+    if tuple(grid_masks.shape) != (batch_size, height, width):
+        raise ValueError(
+            f"grid_masks must be (B, h, w) = {(batch_size, height, width)} to match the image embeddings, "
+            f"got shape {tuple(grid_masks.shape)}."
+        )
+    weights = (grid_masks != 0).to(image_embeddings.dtype)
+    cell_counts = weights.sum(dim=(1, 2))
+    summed = torch.einsum("bdhw,bhw->bd", image_embeddings, weights)
+    embeddings = summed / cell_counts.clamp_min(1.0)[:, None]
+    return embeddings, cell_counts > 0
+
+
+def _graph_zero(*tensors: torch.Tensor) -> torch.Tensor:
+    """A scalar 0 that stays connected to the graph of ``tensors`` (finite even for huge entries)."""
+    return sum((tensor * 0).sum() for tensor in tensors)
+
+
+def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the rows of ``vectors`` (N, d) without overflowing for very large entries."""
+    largest = vectors.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
+    return F.normalize(vectors / largest, dim=-1, eps=1e-12)
+
+
+class PrototypeContrastiveLoss(nn.Module):
+    """Prototype contrastive loss (PCL) of SurgicalSAM, in the form of the original code.
+
+    With ``s(c, b)`` the cosine similarity between prototype ``c`` and the class embedding ``v_b`` of
+    sample ``b``, and ``y_b`` the class of sample ``b``, every valid sample contributes::
+
+        l_b = -log( exp(s(y_b, b) / t) / (exp(s(y_b, b) / t) + sum_{b' valid, y_b' != y_b} exp(s(y_b, b') / t)) )
+
+    i.e. the negatives of prototype ``y_b`` are the *other samples of the batch* that belong to another
+    class (not the other prototypes as in eq. 11 of the paper). The loss is the mean of ``l_b`` over the
+    valid samples; it is evaluated with ``logsumexp`` so that small temperatures cannot overflow.
+    A batch whose valid samples all belong to one class (or that has no valid sample) gives 0, still
+    connected to the graph.
+
+    Args:
+        temperature: softmax temperature ``t``.
+    """
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+        self.temperature = float(temperature)
+
+    def forward(
+        self,
+        prototypes: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        class_ids: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            prototypes: (C, d) class prototypes; row ``k`` belongs to label value ``k + 1``.
+            class_embeddings: (B, d) class embeddings ``v_b`` (see :func:`class_embeddings_from_masks`).
+            class_ids: (B,) long label values in 1..C.
+            valid: (B,) bool, samples to use (e.g. non-empty grid mask); None uses all samples.
+
+        Returns:
+            scalar loss.
+        """
+        if prototypes.ndim != 2 or class_embeddings.ndim != 2 or prototypes.shape[1] != class_embeddings.shape[1]:
+            raise ValueError(
+                "prototypes must be (C, d) and class_embeddings (B, d) with the same d, got "
+                f"{tuple(prototypes.shape)} and {tuple(class_embeddings.shape)}."
+            )
+        class_ids = class_ids.reshape(-1)
+        if class_ids.shape[0] != class_embeddings.shape[0]:
+            raise ValueError(
+                f"class_ids must be (B,) with B={class_embeddings.shape[0]}, got {tuple(class_ids.shape)}."
+            )
+        zero = _graph_zero(prototypes, class_embeddings)
+        if valid is not None:
+            valid = valid.reshape(-1).to(torch.bool)
+            class_embeddings = class_embeddings[valid]
+            class_ids = class_ids[valid]
+        if class_ids.numel() == 0:
+            return zero
+        num_classes = prototypes.shape[0]
+        if int(class_ids.min()) < 1 or int(class_ids.max()) > num_classes:
+            raise ValueError(f"class_ids must lie in 1..{num_classes}, got {class_ids.tolist()}.")
+
+        prototype_rows = class_ids.long() - 1
+        # similarity[c, b] = s(c + 1, b): (C, B)
+        similarity = _unit_rows(prototypes) @ _unit_rows(class_embeddings).t()
+        # scaled[b, b'] = s(y_b, b') / t: (B, B)
+        scaled = similarity[prototype_rows] / self.temperature
+        positive = scaled.diagonal()
+        same_class = class_ids[:, None] == class_ids[None, :]
+        is_self = torch.eye(class_ids.shape[0], dtype=torch.bool, device=class_ids.device)
+        in_denominator = is_self | ~same_class
+        log_denominator = torch.logsumexp(scaled.masked_fill(~in_denominator, float("-inf")), dim=1)
+        return (log_denominator - positive).mean()
+
+
+class SurgicalSAMLoss(nn.Module):
+    """SurgicalSAM training loss: ``dice_weight * Dice + pcl_weight * PCL (+ absent_weight * BCE)``.
+
+    Samples are (frame, prompted class) pairs. A sample whose target mask is empty is an
+    *absent-class prompt*: it teaches the model (for the automatic protocol, SPEC 7) to answer "no
+    instrument of this class". The terms are:
+
+    * Dice (:func:`surgical_sam_dice_loss`): mean over the samples with a non-empty target (0 if none).
+    * PCL (:class:`PrototypeContrastiveLoss`): over the samples whose grid mask is non-empty.
+    * absent term: for samples with an empty target, binary cross-entropy with logits of their logits
+      against 0, averaged over pixels then over those samples (0 if none).
+
+    When no sample has an empty target the absent term vanishes and, with unit weights, the result is
+    exactly the paper's ``L = Dice + PCL``.
+
+    Args:
+        dice_weight: weight of the Dice term.
+        pcl_weight: weight of the prototype contrastive term.
+        absent_weight: weight of the absent-class term.
+        temperature: PCL temperature.
+    """
+
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        pcl_weight: float = 1.0,
+        absent_weight: float = 1.0,
+        temperature: float = 0.07,
+    ) -> None:
+        super().__init__()
+        self.dice_weight = float(dice_weight)
+        self.pcl_weight = float(pcl_weight)
+        self.absent_weight = float(absent_weight)
+        self.dice = surgical_sam_dice_loss()
+        self.pcl = PrototypeContrastiveLoss(temperature=temperature)
+
+    def forward(self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            pred: ``"logits"`` (B, 1, H, W) full-frame mask logits, ``"image_embeddings"`` (B, d, h, w),
+                ``"prototypes"`` (C, d).
+            target: ``"mask"`` (B, 1, H, W) float in {0, 1}, ``"grid_mask"`` (B, 1, h, w) or (B, h, w)
+                bool/float, ``"class_id"`` (B,) long in 1..C.
+
+        Returns:
+            scalar loss.
+        """
+        logits = pred["logits"]
+        mask = target["mask"].to(logits.dtype)
+        if mask.shape != logits.shape:
+            raise ValueError(f"target mask shape {tuple(mask.shape)} differs from logits shape {tuple(logits.shape)}.")
+        has_target = mask.flatten(1).sum(dim=1) > 0
+
+        present_logits = logits[has_target]
+        if present_logits.shape[0] > 0:
+            dice = self.dice(present_logits, mask[has_target])
+        else:
+            dice = _graph_zero(logits)
+
+        class_embeddings, valid = class_embeddings_from_masks(pred["image_embeddings"], target["grid_mask"])
+        pcl = self.pcl(pred["prototypes"], class_embeddings, target["class_id"], valid)
+
+        total = self.dice_weight * dice + self.pcl_weight * pcl
+        absent_logits = logits[~has_target]
+        if absent_logits.shape[0] > 0:
+            per_pixel = F.binary_cross_entropy_with_logits(
+                absent_logits, torch.zeros_like(absent_logits), reduction="none"
+            )
+            total = total + self.absent_weight * per_pixel.flatten(1).mean(dim=1).mean()
+        return total
