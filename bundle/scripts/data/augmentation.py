@@ -1,0 +1,158 @@
+"""Augmentation versions of the SurgicalSAM training recipe, with a seeded draw per (frame, version).
+
+The original precomputes SAM embeddings for 40 augmented versions of the training set and trains
+epoch by epoch on one version (:func:`version_for_epoch`):
+
+- version 0: the original frame;
+- versions 1..40: random horizontal and vertical flip (p = 0.5 each), and
+  - 11..20: also scale by U[1, 1.2) and crop back to the frame size at a random place,
+  - 21..30: also rotate by 30 * U[0, 1) degrees (image bilinear, label nearest, zero fill),
+  - 31..40: also colour jitter of brightness, contrast and saturation 0.4 (factors U[0.6, 1.4],
+    in random order).
+
+The original's seeds made every version one global transform (the whole set flipped at once).
+Here every (seed, frame key, version) gets its own random generator, seeded by a stable hash, so
+the augmentation differs between frames and the embedding cache is reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+from monai.transforms import Flip, Resize, Rotate, SpatialCrop
+from monai.utils import convert_to_numpy
+
+#: Number of augmented versions (1..NUM_VERSIONS); version 0 is the original frame.
+NUM_VERSIONS = 40
+#: Versions come in groups of this size: flips; + scale/crop; + rotation; + colour jitter.
+VERSIONS_PER_GROUP = 10
+#: Probability of each flip.
+FLIP_PROBABILITY = 0.5
+#: Scale factor range [low, high) of versions 11..20.
+SCALE_RANGE = (1.0, 1.2)
+#: Largest rotation angle in degrees of versions 21..30 (the angle is MAX_ROTATION_DEGREES * U[0, 1)).
+MAX_ROTATION_DEGREES = 30.0
+#: Colour jitter strength of versions 31..40: factors U[1 - s, 1 + s] for brightness, contrast, saturation.
+COLOUR_JITTER_STRENGTH = (0.4, 0.4, 0.4)
+#: Default seed of the training recipe.
+DEFAULT_SEED = 666
+#: ITU-R 601 luma weights (R, G, B) used for grey values, as torchvision and PIL do.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def version_for_epoch(epoch: int, num_versions: int = NUM_VERSIONS) -> int:
+    """Augmentation version used in (0-based) ``epoch``.
+
+    Even epochs use version 0; odd epoch e uses ``int((e % (2 * num_versions) + 1) / 2)``, cycling
+    1..num_versions. ``num_versions`` 0 (no augmentation) always gives 0.
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}.")
+    if num_versions < 0:
+        raise ValueError(f"num_versions must be >= 0, got {num_versions}.")
+    if num_versions == 0 or epoch % 2 == 0:
+        return 0
+    return int((epoch % (2 * num_versions) + 1) / 2)
+
+
+def augmentation_rng(frame_key: str, version: int, seed: int = DEFAULT_SEED) -> np.random.Generator:
+    """Random generator of one (seed, frame, version), seeded by a SHA-256 hash (stable across runs)."""
+    digest = hashlib.sha256(f"{seed}|{frame_key}|{version}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """Grey values (..., H, W) of a channel-first RGB float image (3, H, W)."""
+    return sum(weight * image[channel] for channel, weight in enumerate(LUMA_WEIGHTS))
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    """Scale a (3, H, W) float 0..255 image by ``factor`` (blend with black), clipped to 0..255."""
+    return np.clip(image * factor, 0.0, 255.0)
+
+
+def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
+    """Blend a (3, H, W) float 0..255 image with its mean grey value, clipped to 0..255."""
+    mean = float(_grey(image).mean())
+    return np.clip(factor * image + (1.0 - factor) * mean, 0.0, 255.0)
+
+
+def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
+    """Blend a (3, H, W) float 0..255 image with its grey version, clipped to 0..255."""
+    grey = _grey(image)[None]
+    return np.clip(factor * image + (1.0 - factor) * grey, 0.0, 255.0)
+
+
+def _check_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or not 0 <= version <= NUM_VERSIONS:
+        raise ValueError(f"augmentation version must be an integer in 0..{NUM_VERSIONS}, got {version!r}.")
+    return int(version)
+
+
+def augment_frame(
+    image: np.ndarray,
+    label: np.ndarray,
+    version: int,
+    frame_key: str,
+    seed: int = DEFAULT_SEED,
+    ignore_index: int = 255,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Augmented ``version`` of one frame and its label map.
+
+    Args:
+        image: (H, W, 3) uint8 RGB frame.
+        label: (H, W) uint8 label map (class ids, ``ignore_index`` unlabelled).
+        version: 0 (identity, copies returned) .. 40; see the module docstring.
+        frame_key: unique key of the frame ("<sequence>/<frame>"), part of the random seed.
+        seed: global seed, part of the random seed.
+        ignore_index: label value of unlabelled pixels; kept as it is (labels are only moved by
+            nearest interpolation; pixels brought in by rotation become background 0).
+
+    Returns:
+        (image (H, W, 3) uint8, label (H, W) uint8) of the same size as the input.
+    """
+    version = _check_version(version)
+    if image.ndim != 3 or image.shape[2] != 3 or label.shape != image.shape[:2]:
+        raise ValueError(f"expected image (H, W, 3) and label (H, W) of the same size, got {image.shape} and {label.shape}.")
+    if version == 0:
+        return image.copy(), label.copy()
+    height, width = label.shape
+    rng = augmentation_rng(frame_key, version, seed)
+    group = (version - 1) // VERSIONS_PER_GROUP  # 0 flips, 1 scale/crop, 2 rotation, 3 colour jitter
+
+    # channel-first float tensors for MONAI's array transforms: image (3, H, W), label (1, H, W)
+    image_cf = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
+    label_cf = torch.as_tensor(np.ascontiguousarray(label[None]), dtype=torch.float32)
+
+    flips = [axis for axis in (1, 0) if rng.random() < FLIP_PROBABILITY]  # spatial axis 1 = horizontal, 0 = vertical
+    if flips:
+        flip = Flip(spatial_axis=flips)
+        image_cf, label_cf = flip(image_cf), flip(label_cf)
+
+    if group == 1:
+        scale = rng.uniform(*SCALE_RANGE)
+        scaled_size = (max(height, round(height * scale)), max(width, round(width * scale)))
+        image_cf = Resize(scaled_size, mode="bilinear", align_corners=False)(image_cf)
+        label_cf = Resize(scaled_size, mode="nearest-exact")(label_cf)
+        top = int(rng.integers(0, scaled_size[0] - height + 1))
+        left = int(rng.integers(0, scaled_size[1] - width + 1))
+        crop = SpatialCrop(roi_start=(top, left), roi_end=(top + height, left + width))
+        image_cf, label_cf = crop(image_cf), crop(label_cf)
+    elif group == 2:
+        angle = math.radians(MAX_ROTATION_DEGREES * rng.random())
+        image_cf = Rotate(angle, keep_size=True, mode="bilinear", padding_mode="zeros")(image_cf)
+        label_cf = Rotate(angle, keep_size=True, mode="nearest", padding_mode="zeros")(label_cf)
+
+    image_out = convert_to_numpy(image_cf, dtype=np.float64)
+    if group == 3:
+        factors = [rng.uniform(1.0 - strength, 1.0 + strength) for strength in COLOUR_JITTER_STRENGTH]
+        adjustments = (adjust_brightness, adjust_contrast, adjust_saturation)
+        for index in rng.permutation(len(adjustments)):
+            image_out = adjustments[index](image_out, factors[index])
+
+    image_out = np.clip(np.round(image_out), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    label_out = np.round(convert_to_numpy(label_cf[0], dtype=np.float64)).astype(np.uint8)
+    return np.ascontiguousarray(image_out), np.ascontiguousarray(label_out)

@@ -1,0 +1,601 @@
+"""A deterministic, EndoVis-like demo dataset: synthetic surgical videos with instrument label maps.
+
+Each sequence is a short video: a tissue-like background (pink/red low-frequency texture with
+darker vessels and blotches, a vignette and a slowly panning camera) and 1-3 instruments per frame
+(a few frames have none). An instrument is a shaft entering from outside the frame towards a tip,
+pivoting about a fixed point outside the frame (like a trocar), with a class-specific tip shape,
+colour, width and surface texture, so that the classes are told apart by what they look like.
+Instruments move smoothly, tips open and close, instruments are exchanged between sequences parts,
+and later-drawn instruments occlude earlier ones (in the frame and in the label map).
+
+The data is written in the layout of :mod:`scripts.data.layout`, with a ``generator`` entry in
+dataset.json holding the parameters, and a ``preview.png`` grid of frames with colour overlays.
+Everything is drawn with vectorised numpy from seeded generators: the same parameters give
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from scripts.data.layout import (
+    BINARY_ANNOTATIONS_DIR,
+    DESCRIPTION_FILE,
+    IMAGES_DIR,
+    LABELS_DIR,
+    DatasetError,
+    name_files,
+    read_dataset_description,
+    write_dataset_description,
+    write_sample,
+)
+
+#: Version of the drawing code; a change regenerates demo folders made by an older version.
+GENERATOR_VERSION = "1"
+GENERATOR_NAME = "surgical-sam-demo"
+PREVIEW_FILE = "preview.png"
+#: EndoVis2018 instrument types (ids 1..7), used as demo class names when C <= 7.
+ENDOVIS2018_CLASSES = (
+    "Bipolar Forceps",
+    "Prograsp Forceps",
+    "Large Needle Driver",
+    "Monopolar Curved Scissors",
+    "Ultrasound Probe",
+    "Suction Instrument",
+    "Clip Applier",
+)
+#: Entries a folder made by the demo holds; anything else means it is not (only) demo data.
+DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR})
+
+#: Tip shapes, one per class in turn (class k gets TIP_SHAPES[(k - 1) % len]).
+TIP_SHAPES = ("fork", "jaw", "clamp", "blade", "probe", "ring", "clip", "hook")
+#: (shaft RGB, tip RGB) per class in turn: grey / metallic tones that differ in brightness and tint.
+INSTRUMENT_COLOURS = (
+    ((205, 205, 212), (235, 235, 240)),  # bright silver
+    ((45, 45, 52), (170, 170, 178)),  # black shaft, steel tip
+    ((120, 140, 175), (185, 195, 215)),  # blue steel
+    ((150, 125, 80), (215, 190, 120)),  # bronze / gold
+    ((225, 222, 205), (245, 243, 230)),  # ivory
+    ((70, 95, 80), (140, 165, 150)),  # dark green-grey
+    ((95, 80, 110), (175, 160, 190)),  # violet-grey
+)
+#: Surface textures of the shaft, one per class in turn.
+TEXTURES = ("bands", "plain", "dots", "stripe", "plain_dark_tip", "bands_fine", "checker")
+#: Shaft width per class in turn, as a fraction of the frame's shorter side.
+SHAFT_WIDTHS = (0.11, 0.13, 0.12, 0.11, 0.17, 0.095, 0.12, 0.10)
+#: Colours of the class overlays of the preview (class k gets OVERLAY_COLOURS[(k - 1) % len]).
+OVERLAY_COLOURS = (
+    (255, 60, 60), (60, 200, 60), (60, 110, 255), (255, 200, 0),
+    (0, 220, 220), (230, 60, 230), (255, 130, 0), (150, 90, 255),
+)
+#: Most instruments visible at once in a demo frame.
+MAX_INSTRUMENTS_PER_FRAME = 3
+
+
+@dataclass(frozen=True)
+class InstrumentStyle:
+    """How one class looks: tip shape, colours, shaft width (fraction of the shorter side), texture."""
+
+    shape: str
+    shaft_colour: tuple[int, int, int]
+    tip_colour: tuple[int, int, int]
+    width_fraction: float
+    texture: str
+
+
+def instrument_style(class_id: int) -> InstrumentStyle:
+    """The look of class ``class_id`` (1-based); shape, colour and texture cycle with different periods."""
+    index = class_id - 1
+    shaft_colour, tip_colour = INSTRUMENT_COLOURS[index % len(INSTRUMENT_COLOURS)]
+    return InstrumentStyle(
+        shape=TIP_SHAPES[index % len(TIP_SHAPES)],
+        shaft_colour=shaft_colour,
+        tip_colour=tip_colour,
+        width_fraction=SHAFT_WIDTHS[index % len(SHAFT_WIDTHS)],
+        texture=TEXTURES[index % len(TEXTURES)],
+    )
+
+
+def demo_class_names(num_classes: int) -> list[str]:
+    """EndoVis2018 names for up to 7 classes, else "class_1".."class_C"."""
+    if num_classes <= len(ENDOVIS2018_CLASSES):
+        return list(ENDOVIS2018_CLASSES[:num_classes])
+    return [f"class_{k}" for k in range(1, num_classes + 1)]
+
+
+# ------------------------------------------------------------------------------------------------
+# background
+# ------------------------------------------------------------------------------------------------
+
+
+def smooth_noise(rng: np.random.Generator, shape: Sequence[int], cells: Sequence[int]) -> np.ndarray:
+    """Value noise: a random (cells_y + 1, cells_x + 1) grid smoothly interpolated to ``shape`` (H, W), in [0, 1]."""
+    height, width = shape
+    grid = rng.random((cells[0] + 1, cells[1] + 1))
+
+    def axis(size: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        position = np.linspace(0.0, count, size, endpoint=False)
+        lower = np.minimum(position.astype(np.int64), count - 1)
+        fraction = position - lower
+        return lower, fraction * fraction * (3.0 - 2.0 * fraction)  # smoothstep
+
+    y0, fy = axis(height, cells[0])
+    x0, fx = axis(width, cells[1])
+    fy, fx = fy[:, None], fx[None, :]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def fractal_noise(rng: np.random.Generator, shape: Sequence[int], base_cells: int, octaves: int = 3) -> np.ndarray:
+    """Sum of ``octaves`` value noises doubling in frequency and halving in weight, rescaled to [0, 1]."""
+    aspect = shape[1] / shape[0]
+    total = np.zeros(shape)
+    for octave in range(octaves):
+        cells_y = base_cells * 2**octave
+        total += smooth_noise(rng, shape, (cells_y, max(1, round(cells_y * aspect)))) / 2**octave
+    total -= total.min()
+    return total / max(total.max(), 1e-8)
+
+
+def tissue_canvas(rng: np.random.Generator, shape: Sequence[int]) -> np.ndarray:
+    """A tissue-like RGB texture (H, W, 3) float in 0..255: pink/red shading, vessels, darker blotches."""
+    base_hue = rng.uniform(-1.0, 1.0)
+    shading = fractal_noise(rng, shape, base_cells=3)
+    detail = fractal_noise(rng, shape, base_cells=8, octaves=2)
+    vessel_field = fractal_noise(rng, shape, base_cells=4)
+    blotch_field = fractal_noise(rng, shape, base_cells=5)
+    red = 175 + 55 * shading + 12 * detail + 10 * base_hue
+    green = 70 + 55 * shading**1.5 + 10 * detail - 8 * base_hue
+    blue = 75 + 45 * shading**1.5 + 10 * detail
+    tissue = np.stack([red, green, blue], axis=-1)
+    vessels = np.exp(-(((vessel_field - 0.5) / 0.025) ** 2))  # thin iso-lines of a smooth field
+    tissue *= 1.0 - 0.4 * vessels[..., None] * np.array([0.45, 1.0, 0.9])
+    blotches = np.clip((blotch_field - 0.7) / 0.3, 0.0, 1.0)
+    tissue *= 1.0 - 0.5 * blotches[..., None] * np.array([0.5, 1.0, 0.9])
+    return tissue
+
+
+def vignette(shape: Sequence[int], strength: float) -> np.ndarray:
+    """Multiplicative darkening towards the corners (H, W) in [1 - strength, 1]."""
+    yy, xx = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    return 1.0 - strength * np.clip((yy**2 + xx**2) / 2.0, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# instruments
+# ------------------------------------------------------------------------------------------------
+
+
+def capsule(yy: np.ndarray, xx: np.ndarray, start: np.ndarray, end: np.ndarray, radius: float) -> np.ndarray:
+    """Mask (H, W) of the points within ``radius`` of the segment ``start``-``end`` (points as (y, x))."""
+    delta = end - start
+    length2 = max(float(delta @ delta), 1e-8)
+    along = np.clip(((yy - start[0]) * delta[0] + (xx - start[1]) * delta[1]) / length2, 0.0, 1.0)
+    dy, dx = yy - (start[0] + along * delta[0]), xx - (start[1] + along * delta[1])
+    return dy * dy + dx * dx <= radius * radius
+
+
+def _rotate(direction: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate the (y, x) vector ``direction`` by ``angle`` radians."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    return np.array([direction[0] * cos + direction[1] * sin, -direction[0] * sin + direction[1] * cos])
+
+
+def tip_mask(shape: str, along: np.ndarray, across: np.ndarray, yy, xx, tip, direction, width, opening) -> np.ndarray:
+    """Mask (H, W) of the tip of an instrument whose shaft ends at ``tip`` pointing along ``direction``.
+
+    ``along`` / ``across`` are the coordinates of every pixel along the shaft axis (0 at the tip,
+    positive beyond it) and across it; ``width`` is the shaft width and ``opening`` in [0, 1] how far
+    jaws are open.
+    """
+    normal = np.array([-direction[1], direction[0]])
+    if shape == "fork":  # two thin long prongs diverging from the tip
+        mask = np.zeros_like(along, dtype=bool)
+        for side in (-1, 1):
+            prong = _rotate(direction, side * (0.12 + 0.25 * opening))
+            mask |= capsule(yy, xx, tip, tip + prong * 2.6 * width, 0.17 * width)
+        return mask
+    if shape == "jaw":  # two broad elliptical jaws with a window, opening and closing
+        mask = np.zeros_like(along, dtype=bool)
+        for side in (-1, 1):
+            jaw = _rotate(direction, side * (0.08 + 0.45 * opening))
+            jaw_normal = np.array([-jaw[1], jaw[0]])
+            centre = tip + jaw * 1.1 * width
+            u = (yy - centre[0]) * jaw[0] + (xx - centre[1]) * jaw[1]
+            v = (yy - centre[0]) * jaw_normal[0] + (xx - centre[1]) * jaw_normal[1]
+            outer = (u / (1.2 * width)) ** 2 + (v / (0.36 * width)) ** 2 <= 1.0
+            window = (u / (0.55 * width)) ** 2 + (v / (0.13 * width)) ** 2 <= 1.0
+            mask |= outer & ~window
+        return mask
+    if shape == "clamp":  # short, wide, blunt closed jaws (needle driver)
+        return (along >= 0) & (along <= 1.3 * width) & (np.abs(across) <= 0.62 * width * (1.0 - 0.3 * along / (1.3 * width)))
+    if shape == "blade":  # a curved blade bending to one side (scissors)
+        centre = tip + normal * 2.2 * width
+        distance = np.hypot(yy - centre[0], xx - centre[1])
+        ring = (distance >= 1.75 * width) & (distance <= 2.65 * width)
+        return ring & (along >= 0) & (along <= 2.4 * width) & (across <= 0.5 * width)
+    if shape == "probe":  # a rounded thick cylinder continuing the shaft
+        return capsule(yy, xx, tip, tip + direction * 1.0 * width, 0.65 * width)
+    if shape == "ring":  # a thin tube ending in an open ring (suction)
+        centre = tip + direction * 0.9 * width
+        distance = np.hypot(yy - centre[0], xx - centre[1])
+        return (distance >= 0.5 * width) & (distance <= 0.95 * width)
+    if shape == "clip":  # a V-shaped clip: two bars converging ahead of the tip
+        apex = tip + direction * 2.2 * width
+        mask = np.zeros_like(along, dtype=bool)
+        for side in (-1, 1):
+            mask |= capsule(yy, xx, tip + side * normal * (0.45 + 0.3 * opening) * width, apex, 0.2 * width)
+        return mask
+    if shape == "hook":  # an L-shaped hook bent sideways
+        corner = tip + direction * 1.6 * width
+        return capsule(yy, xx, tip, corner, 0.22 * width) | capsule(yy, xx, corner, corner + normal * 0.9 * width, 0.22 * width)
+    raise ValueError(f"unknown tip shape {shape!r}; known: {TIP_SHAPES}.")
+
+
+def texture_factor(texture: str, along: np.ndarray, across: np.ndarray, width: float) -> np.ndarray:
+    """Multiplicative brightness pattern (H, W) of a shaft surface texture."""
+    if texture in ("plain", "plain_dark_tip"):
+        return np.ones_like(along)
+    if texture == "bands":  # rings around the shaft
+        return np.where(np.sin(2 * np.pi * along / (1.1 * width)) > 0.3, 0.55, 1.0)
+    if texture == "bands_fine":
+        return np.where(np.sin(2 * np.pi * along / (0.45 * width)) > 0.0, 0.7, 1.0)
+    if texture == "dots":
+        dots = (np.sin(2 * np.pi * along / (0.6 * width)) > 0.5) & (np.abs(across) < 0.2 * width)
+        return np.where(dots, 0.4, 1.0)
+    if texture == "stripe":  # a bright line along the shaft
+        return np.where(np.abs(across - 0.2 * width) < 0.1 * width, 1.35, 1.0)
+    if texture == "checker":
+        checker = (np.sin(2 * np.pi * along / (0.8 * width)) > 0) ^ (across > 0)
+        return np.where(checker, 0.65, 1.0)
+    raise ValueError(f"unknown texture {texture!r}; known: {TEXTURES}.")
+
+
+def draw_instrument(image, label_map, yy, xx, class_id, pivot, tip, width_scale, opening, shadow=True) -> None:
+    """Draw one instrument of ``class_id`` into ``image`` (H, W, 3) float and ``label_map`` (H, W) in place.
+
+    The shaft runs from ``pivot`` (outside the frame) to ``tip`` ((y, x) pixels); ``width_scale`` is
+    the shorter frame side; ``opening`` in [0, 1] opens the jaws.
+    """
+    style = instrument_style(class_id)
+    width = style.width_fraction * width_scale
+    direction = (tip - pivot) / max(float(np.linalg.norm(tip - pivot)), 1e-8)
+    normal = np.array([-direction[1], direction[0]])
+    along = (yy - tip[0]) * direction[0] + (xx - tip[1]) * direction[1]
+    across = (yy - tip[0]) * normal[0] + (xx - tip[1]) * normal[1]
+    shaft = (along <= 0) & (np.abs(across) <= width / 2)
+    tip_region = tip_mask(style.shape, along, across, yy, xx, tip, direction, width, opening) & ~shaft
+    instrument = shaft | tip_region
+    if shadow:  # soft darkening of the tissue beside the instrument (the light comes from the camera)
+        offset = width * 0.35
+        shadow_region = (along <= 0.8 * width) & (np.abs(across - offset) <= width * 0.85) & ~instrument
+        image[shadow_region] *= 0.8
+    # cylinder shading across the shaft plus a specular line
+    position = np.clip(2 * across / max(width, 1e-8), -1, 1)
+    shading = 0.55 + 0.45 * np.sqrt(1 - position**2) + 0.35 * np.exp(-(((position + 0.35) / 0.15) ** 2))
+    shaft_rgb = np.array(style.shaft_colour, dtype=np.float64)
+    tip_rgb = np.array(style.tip_colour, dtype=np.float64)
+    if style.texture == "plain_dark_tip":
+        tip_rgb = tip_rgb * 0.55
+    shaft_value = shaft_rgb * (shading * texture_factor(style.texture, along, across, width))[..., None]
+    tip_shading = 0.8 + 0.25 * np.cos(along / max(width, 1e-8) * 2.0) * np.cos(across / max(width, 1e-8) * 2.0)
+    tip_value = tip_rgb * tip_shading[..., None]
+    image[shaft] = shaft_value[shaft]
+    image[tip_region] = tip_value[tip_region]
+    label_map[instrument] = class_id
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """One instrument in a sequence: class, the frames it is visible in and its motion parameters."""
+
+    class_id: int
+    first_frame: int
+    end_frame: int  # exclusive
+    pivot: np.ndarray  # (y, x) pixels, outside the frame
+    tip_centre: np.ndarray  # (y, x) pixels, mean tip position
+    amplitude: np.ndarray  # (y, x) pixels of the tip's oscillation
+    frequency: np.ndarray  # (y, x) cycles per frame
+    phase: np.ndarray  # (y, x) radians
+    opening_frequency: float
+    opening_phase: float
+
+    def tip_at(self, frame: int) -> np.ndarray:
+        return self.tip_centre + self.amplitude * np.sin(2 * np.pi * self.frequency * frame + self.phase)
+
+    def opening_at(self, frame: int) -> float:
+        return 0.5 + 0.5 * math.sin(2 * np.pi * self.opening_frequency * frame + self.opening_phase)
+
+
+def plan_sequence(
+    rng: np.random.Generator, classes: Sequence[int], frame_size: Sequence[int], num_frames: int
+) -> list[Appearance]:
+    """Schedule the instruments of ``classes`` over a sequence of ``num_frames`` frames.
+
+    Appearances are spread over at most MAX_INSTRUMENTS_PER_FRAME lanes (ports); a lane holding several
+    appearances exchanges its instrument (with a one-frame gap when there is time for it). Each lane
+    pivots from its own side of the frame; its tip moves smoothly around a point between the frame
+    centre and that side.
+    """
+    height, width = frame_size
+    centre = np.array([height / 2, width / 2])
+    lanes = min(MAX_INSTRUMENTS_PER_FRAME, len(classes))
+    lane_angle0 = rng.uniform(0, 2 * np.pi)
+    appearances = []
+    for lane in range(lanes):
+        lane_classes = list(classes[lane::lanes])
+        angle = lane_angle0 + 2 * np.pi * lane / lanes + rng.uniform(-0.3, 0.3)
+        side = np.array([math.sin(angle), math.cos(angle)])
+        pivot = centre + side * np.array([height, width]) * 0.85
+        tip_centre = centre + side * np.array([height, width]) * rng.uniform(0.12, 0.24)
+        # a lane with one instrument may enter late or leave early: 1..3 instruments per frame
+        start, stop = 0, num_frames
+        if len(lane_classes) == 1 and lane > 0 and num_frames >= 8:
+            length = int(round(num_frames * rng.uniform(0.55, 0.9)))
+            start = int(rng.integers(0, num_frames - length + 1))
+            stop = start + length
+        bounds = np.linspace(start, stop, len(lane_classes) + 1).round().astype(int)
+        for index, class_id in enumerate(lane_classes):
+            first, end = int(bounds[index]), int(bounds[index + 1])
+            if index > 0 and end - first >= 4:
+                first += 1  # exchange gap
+            appearances.append(
+                Appearance(
+                    class_id=int(class_id),
+                    first_frame=first,
+                    end_frame=end,
+                    pivot=pivot,
+                    tip_centre=tip_centre,
+                    amplitude=np.array([height, width]) * rng.uniform(0.06, 0.14, size=2),
+                    frequency=rng.uniform(0.02, 0.06, size=2),
+                    phase=rng.uniform(0, 2 * np.pi, size=2),
+                    opening_frequency=float(rng.uniform(0.05, 0.12)),
+                    opening_phase=float(rng.uniform(0, 2 * np.pi)),
+                )
+            )
+    return appearances
+
+
+def render_sequence(
+    rng: np.random.Generator,
+    classes: Sequence[int],
+    frame_size: Sequence[int],
+    num_frames: int,
+    empty_frames: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Render a video of ``num_frames`` frames with the instruments of ``classes``.
+
+    Args:
+        rng: the sequence's random generator.
+        classes: class ids of the instruments appearing in the sequence (in order of appearance).
+        frame_size: (H, W).
+        num_frames: frames of the sequence.
+        empty_frames: the first ``empty_frames`` frames show no instrument.
+
+    Returns:
+        ``num_frames`` pairs (frame (H, W, 3) uint8, label map (H, W) uint8).
+    """
+    height, width = frame_size
+    margin = max(4, int(0.15 * min(height, width)))
+    canvas = tissue_canvas(rng, (height + 2 * margin, width + 2 * margin))
+    pan_frequency = rng.uniform(0.01, 0.03, size=2)
+    pan_phase = rng.uniform(0, 2 * np.pi, size=2)
+    flicker_phase = rng.uniform(0, 2 * np.pi)
+    darkening = vignette(frame_size, strength=rng.uniform(0.35, 0.55))[..., None]
+    appearances = plan_sequence(rng, classes, frame_size, num_frames)
+    yy, xx = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    frames = []
+    for frame_index in range(num_frames):
+        offset = (margin + (margin - 1) * np.sin(2 * np.pi * pan_frequency * frame_index + pan_phase)).astype(int)
+        image = canvas[offset[0] : offset[0] + height, offset[1] : offset[1] + width].copy()
+        image *= 1.0 + 0.06 * math.sin(0.3 * frame_index + flicker_phase)
+        label_map = np.zeros(frame_size, dtype=np.uint8)
+        if frame_index >= empty_frames:
+            for appearance in appearances:
+                if appearance.first_frame <= frame_index < appearance.end_frame:
+                    draw_instrument(
+                        image, label_map, yy, xx, appearance.class_id, appearance.pivot,
+                        appearance.tip_at(frame_index), min(height, width), appearance.opening_at(frame_index),
+                    )
+        image *= darkening
+        image += rng.normal(0.0, 3.0, size=image.shape)  # sensor noise
+        frames.append((np.clip(np.round(image), 0, 255).astype(np.uint8), label_map))
+    return frames
+
+
+# ------------------------------------------------------------------------------------------------
+# dataset
+# ------------------------------------------------------------------------------------------------
+
+
+def _generator_entry(frame_size, num_classes, train_sequences, val_sequences, frames_per_sequence, seed) -> dict:
+    return {
+        "name": GENERATOR_NAME,
+        "version": GENERATOR_VERSION,
+        "frame_size": [int(v) for v in frame_size],
+        "num_classes": int(num_classes),
+        "train_sequences": int(train_sequences),
+        "val_sequences": int(val_sequences),
+        "frames_per_sequence": int(frames_per_sequence),
+        "seed": int(seed),
+    }
+
+
+def _split_classes(rng: np.random.Generator, num_classes: int, num_sequences: int) -> list[list[int]]:
+    """Classes of each sequence of a split: shuffled rounds over all classes, so every class appears
+    when the split has room (at least MAX_INSTRUMENTS_PER_FRAME appearances per sequence)."""
+    per_sequence = max(MAX_INSTRUMENTS_PER_FRAME, math.ceil(num_classes / max(num_sequences, 1)))
+    needed = per_sequence * num_sequences
+    slots: list[int] = []
+    while len(slots) < needed:
+        slots.extend(int(c) for c in rng.permutation(np.arange(1, num_classes + 1)))
+    return [slots[i * per_sequence : (i + 1) * per_sequence] for i in range(num_sequences)]
+
+
+def _check_only_demo_content(out_dir: str) -> None:
+    """DatasetError unless ``out_dir`` holds nothing but what the demo writes."""
+    foreign = sorted(set(os.listdir(out_dir)) - DEMO_ENTRIES)
+    if foreign:
+        raise DatasetError(
+            f"{out_dir} holds files the demo did not make ({name_files(foreign)}): the demo only writes into an "
+            "empty folder or one holding demo data; choose another --out_dir or empty the folder."
+        )
+    description_path = os.path.join(out_dir, DESCRIPTION_FILE)
+    if os.path.isfile(description_path):
+        try:
+            generator = read_dataset_description(out_dir).get("generator", {})
+        except DatasetError:
+            generator = {}
+        if not isinstance(generator, dict) or generator.get("name") != GENERATOR_NAME:
+            raise DatasetError(
+                f"{out_dir} holds a dataset that the demo did not make ({description_path} has no demo 'generator' "
+                "entry): the demo will not overwrite it; choose another --out_dir."
+            )
+
+
+def _clear_demo_content(out_dir: str) -> None:
+    for entry in DEMO_ENTRIES:
+        path = os.path.join(out_dir, entry)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def make_demo_dataset(
+    out_dir: str,
+    frame_size: Sequence[int] = (128, 160),
+    num_classes: int = 7,
+    train_sequences: int = 4,
+    val_sequences: int = 2,
+    frames_per_sequence: int = 24,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> str:
+    """Write a deterministic EndoVis-like demo dataset to ``out_dir``; return ``out_dir``.
+
+    Args:
+        out_dir: folder to write (made if needed; must be empty or hold demo data only).
+        frame_size: (H, W) of the frames.
+        num_classes: C; names from the EndoVis2018 table when C <= 7, else "class_k".
+        train_sequences: sequences of the training split ("seq_1"...).
+        val_sequences: sequences of the validation split (numbered after the training ones).
+        frames_per_sequence: frames per sequence (video length).
+        seed: seed of every random draw; equal arguments give byte-identical files.
+        overwrite: replace demo data already in ``out_dir`` (never anything else).
+
+    Raises:
+        DatasetError: ``out_dir`` holds a dataset (and ``overwrite`` is False) or non-demo files.
+    """
+    height, width = (int(v) for v in frame_size)
+    if height < 16 or width < 16:
+        raise ValueError(f"frame_size must be at least 16x16, got {frame_size}.")
+    if num_classes < 1 or frames_per_sequence < 1 or train_sequences < 1 or val_sequences < 0:
+        raise ValueError("num_classes, frames_per_sequence and train_sequences must be >= 1, val_sequences >= 0.")
+    if num_classes > 254:
+        raise ValueError(f"num_classes must be at most 254 (255 is the ignore index), got {num_classes}.")
+    out_dir = str(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        _check_only_demo_content(out_dir)
+        if os.path.isfile(os.path.join(out_dir, DESCRIPTION_FILE)) and not overwrite:
+            raise DatasetError(f"{out_dir} already holds a demo dataset: pass overwrite=True to replace it.")
+        _clear_demo_content(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+
+    description = {
+        "name": "surgical-sam-demo",
+        "description": "Synthetic EndoVis-like surgical videos with instrument-type label maps (demo data).",
+        "classes": {str(k): name for k, name in enumerate(demo_class_names(num_classes), start=1)},
+        "ignore_index": 255,
+        "frame_size": [height, width],
+        "generator": _generator_entry(
+            (height, width), num_classes, train_sequences, val_sequences, frames_per_sequence, seed
+        ),
+    }
+    splits = {"training": train_sequences, "validation": val_sequences}
+    preview_samples = []
+    sequence_number = 0
+    for split_index, (split, num_sequences) in enumerate(splits.items()):
+        split_rng = np.random.default_rng([seed, split_index])
+        sequence_classes = _split_classes(split_rng, num_classes, num_sequences)
+        entries = []
+        for index in range(num_sequences):
+            sequence_number += 1
+            sequence = f"seq_{sequence_number}"
+            rng = np.random.default_rng([seed, split_index, index])
+            # every other sequence opens with a few instrument-free frames (when long enough)
+            empty_frames = min(2, frames_per_sequence // 8) if index % 2 == 0 else 0
+            frames = render_sequence(rng, sequence_classes[index], (height, width), frames_per_sequence, empty_frames)
+            for frame_index, (image, label_map) in enumerate(frames):
+                entries.append(write_sample(out_dir, sequence, f"{frame_index:05d}", image, label_map, num_classes))
+            preview_samples.append(frames[len(frames) // 2])
+        description[split] = entries
+    save_preview(os.path.join(out_dir, PREVIEW_FILE), preview_samples)
+    write_dataset_description(out_dir, description)  # last: a folder without it is an unfinished demo
+    return out_dir
+
+
+def ensure_demo_dataset(
+    out_dir: str,
+    frame_size: Sequence[int] = (128, 160),
+    num_classes: int = 7,
+    train_sequences: int = 4,
+    val_sequences: int = 2,
+    frames_per_sequence: int = 24,
+    seed: int = 0,
+) -> str:
+    """Make the demo dataset in ``out_dir`` unless it is already there with these parameters; return ``out_dir``.
+
+    Regenerates when ``out_dir/dataset.json`` is missing or was made with other parameters (or by
+    another generator version), but only if the folder holds nothing but demo data.
+
+    Raises:
+        DatasetError: ``out_dir`` holds a dataset or files that the demo did not make.
+    """
+    out_dir = str(out_dir)
+    wanted = _generator_entry(frame_size, num_classes, train_sequences, val_sequences, frames_per_sequence, seed)
+    if os.path.isfile(os.path.join(out_dir, DESCRIPTION_FILE)):
+        _check_only_demo_content(out_dir)
+        if read_dataset_description(out_dir).get("generator") == wanted:
+            return out_dir
+    return make_demo_dataset(
+        out_dir, frame_size=frame_size, num_classes=num_classes, train_sequences=train_sequences,
+        val_sequences=val_sequences, frames_per_sequence=frames_per_sequence, seed=seed, overwrite=True,
+    )
+
+
+def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Frame (H, W, 3) uint8 with each class of ``label_map`` (H, W) tinted by its preview colour."""
+    result = image.astype(np.float64)
+    for class_id in np.unique(label_map):
+        if class_id == 0 or class_id == 255:
+            continue
+        colour = np.array(OVERLAY_COLOURS[(int(class_id) - 1) % len(OVERLAY_COLOURS)], dtype=np.float64)
+        mask = label_map == class_id
+        result[mask] = (1 - alpha) * result[mask] + alpha * colour
+    return np.clip(np.round(result), 0, 255).astype(np.uint8)
+
+
+def save_preview(path: str, samples: Sequence[tuple[np.ndarray, np.ndarray]], columns: int = 4) -> None:
+    """Save a grid of frames (top of each cell pair) and their class overlays (below) as PNG."""
+    if not samples:
+        return
+    height, width = samples[0][1].shape
+    gap = 2
+    rows = math.ceil(len(samples) / columns)
+    columns = min(columns, len(samples))
+    grid = np.full((rows * (2 * height + gap) + gap, columns * (width + gap) + gap, 3), 255, dtype=np.uint8)
+    for index, (image, label_map) in enumerate(samples):
+        top = gap + (index // columns) * (2 * height + gap)
+        left = gap + (index % columns) * (width + gap)
+        grid[top : top + height, left : left + width] = image
+        grid[top + height : top + 2 * height, left : left + width] = overlay(image, label_map)
+    Image.fromarray(grid, mode="RGB").save(path)

@@ -1,0 +1,453 @@
+"""The bundle's dataset layout: how a prepared dataset lies on disk, and the checks that read it.
+
+A prepared dataset (made by the demo generator or by a preparation step for EndoVis) is a folder::
+
+    <dataset_dir>/dataset.json
+    <dataset_dir>/images/<sequence>/<frame>.png                       RGB frames
+    <dataset_dir>/labels/<sequence>/<frame>.png                       uint8 label maps
+    <dataset_dir>/binary_annotations/<sequence>/<frame>_class<c>.png  0/255 per-class masks
+
+A label map holds 0 for background, 1..C for the instrument classes and ``ignore_index`` (255 by
+default) for unlabelled pixels. The binary masks repeat the label maps in the layout of the
+original SurgicalSAM code (one file per class present in the frame), so its users can bring data.
+
+``dataset.json`` describes the dataset::
+
+    {"name": str, "description": str,
+     "classes": {"1": "Bipolar Forceps", ..., "C": ...},
+     "ignore_index": 255, "frame_size": [H, W],
+     "training": [{"image": "images/seq_1/00000.png", "label": "labels/seq_1/00000.png",
+                   "sequence": "seq_1", "frame": "00000"}, ...],
+     "validation": [...]}
+
+Paths are relative to the dataset folder. Every problem with the input raises :class:`DatasetError`
+with a message that says what is wrong, in which file(s) and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+#: Name of the description file at the top of a dataset folder.
+DESCRIPTION_FILE = "dataset.json"
+#: Sub-folders of a dataset folder.
+IMAGES_DIR = "images"
+LABELS_DIR = "labels"
+BINARY_ANNOTATIONS_DIR = "binary_annotations"
+#: Label value of unlabelled pixels unless dataset.json says otherwise.
+DEFAULT_IGNORE_INDEX = 255
+#: Splits :func:`check_dataset` reads unless told otherwise.
+DEFAULT_SPLITS = ("training", "validation")
+#: How many file names an error message lists before it says "and N more".
+MAX_NAMED_FILES = 10
+
+#: PIL modes read as RGB frames after a conversion (with a warning the first time per mode).
+_CONVERTED_FRAME_MODES = {
+    "L": "grayscale frame: the grey channel is replicated to RGB",
+    "LA": "grayscale frame with alpha: the alpha channel is dropped and grey replicated to RGB",
+    "RGBA": "RGBA frame: the alpha channel is dropped",
+    "P": "palette frame: converted to RGB through its palette",
+}
+#: PIL modes that hold one channel of class ids (label maps).
+_LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+_warned_frame_modes: set[str] = set()
+
+
+class DatasetError(ValueError):
+    """A dataset folder, description or file that the bundle cannot use as it is."""
+
+
+def name_files(paths: Iterable[object], limit: int = MAX_NAMED_FILES) -> str:
+    """Comma-separated names of ``paths``: the first ``limit`` and then "and N more"."""
+    names = [str(p) for p in paths]
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f" and {len(names) - limit} more"
+    return shown
+
+
+def _demo_hint(dataset_dir: str) -> str:
+    return (
+        "prepare a dataset (see README) or run the demo: "
+        f"`surgical-sam make_demo_data --out_dir {dataset_dir}`"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# dataset.json
+# ------------------------------------------------------------------------------------------------
+
+
+def validate_description(description: object, source: str = DESCRIPTION_FILE) -> dict:
+    """Check the parts of a dataset description every reader relies on; return it.
+
+    Checks that ``classes`` maps the ids "1".."C" (contiguous, no gaps) to unique non-empty names,
+    that ``ignore_index`` (optional, default 255) is an integer in 0..255 outside 1..C and that
+    ``frame_size`` (optional) is [H, W] with positive integers. ``source`` names the file in errors.
+    """
+    if not isinstance(description, dict):
+        raise DatasetError(f"{source} must hold a JSON object (a dict), found {type(description).__name__}.")
+    classes = description.get("classes")
+    if not isinstance(classes, dict) or not classes:
+        raise DatasetError(
+            f"{source} has no 'classes' table: add one mapping class ids to names, "
+            'e.g. "classes": {"1": "Bipolar Forceps", "2": "Prograsp Forceps"} (0 is background).'
+        )
+    try:
+        ids = sorted(int(key) for key in classes)
+    except (TypeError, ValueError):
+        raise DatasetError(
+            f"{source}: the keys of 'classes' must be integer ids written as strings (\"1\", \"2\", ...), "
+            f"found {sorted(map(str, classes))}."
+        ) from None
+    expected = list(range(1, len(ids) + 1))
+    if ids != expected:
+        raise DatasetError(
+            f"{source}: class ids must be 1..C without gaps (0 is background), found {ids}: "
+            f"renumber the classes to {expected} in the label maps and in 'classes'."
+        )
+    names = [classes[str(class_id)] if str(class_id) in classes else None for class_id in ids]
+    if any(not isinstance(name, str) or not name.strip() for name in names):
+        raise DatasetError(f"{source}: every class needs a non-empty name, found {names}.")
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise DatasetError(f"{source}: class names must be unique, repeated: {repeated}.")
+    ignore_index = description.get("ignore_index", DEFAULT_IGNORE_INDEX)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not 0 <= ignore_index <= 255:
+        raise DatasetError(f"{source}: 'ignore_index' must be an integer in 0..255, found {ignore_index!r}.")
+    if 0 <= ignore_index <= len(ids):
+        raise DatasetError(
+            f"{source}: 'ignore_index' {ignore_index} collides with background (0) or a class id (1..{len(ids)}): "
+            f"use a value above {len(ids)}, e.g. {DEFAULT_IGNORE_INDEX}."
+        )
+    frame_size = description.get("frame_size")
+    if frame_size is not None and (
+        not isinstance(frame_size, (list, tuple))
+        or len(frame_size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in frame_size)
+    ):
+        raise DatasetError(f"{source}: 'frame_size' must be [height, width] in pixels, found {frame_size!r}.")
+    return description
+
+
+def read_dataset_description(dataset_dir: str | os.PathLike) -> dict:
+    """Read and check ``<dataset_dir>/dataset.json``.
+
+    Returns:
+        the description dict; ``ignore_index`` is filled in with 255 when the file has none.
+
+    Raises:
+        DatasetError: the folder or the file is missing, the file is not JSON, or its class table is
+            missing or not numbered 1..C.
+    """
+    dataset_dir = str(dataset_dir)
+    if not os.path.isdir(dataset_dir):
+        raise DatasetError(f"dataset folder {dataset_dir} does not exist: {_demo_hint(dataset_dir)}.")
+    path = os.path.join(dataset_dir, DESCRIPTION_FILE)
+    if not os.path.isfile(path):
+        raise DatasetError(
+            f"{path} is missing: the dataset folder needs a {DESCRIPTION_FILE} describing classes and splits; "
+            f"{_demo_hint(dataset_dir)}."
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            description = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path} is not valid JSON ({error}): fix or regenerate the file.") from None
+    validate_description(description, source=path)
+    description.setdefault("ignore_index", DEFAULT_IGNORE_INDEX)
+    return description
+
+
+def write_dataset_description(dataset_dir: str | os.PathLike, description: dict) -> str:
+    """Check ``description`` and write it to ``<dataset_dir>/dataset.json`` (atomically); return the path."""
+    validate_description(description, source="the dataset description")
+    os.makedirs(dataset_dir, exist_ok=True)
+    path = os.path.join(str(dataset_dir), DESCRIPTION_FILE)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(description, handle, indent=2)
+        handle.write("\n")
+    os.replace(temporary, path)
+    return path
+
+
+def class_names(description: dict) -> list[str]:
+    """Names of the classes 1..C, ordered by id (background not included)."""
+    classes = description["classes"]
+    return [classes[key] for key in sorted(classes, key=int)]
+
+
+def available_splits(description: dict) -> list[str]:
+    """Keys of ``description`` holding a list of samples (dicts), e.g. ["training", "validation"]."""
+    return [
+        key
+        for key, value in description.items()
+        if isinstance(value, list) and all(isinstance(item, dict) for item in value)
+    ]
+
+
+def load_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
+    """The samples of one split with absolute paths.
+
+    Returns:
+        one dict per frame: ``image`` and ``label`` (absolute paths), ``sequence``, ``frame`` and
+        ``key`` = "<sequence>/<frame>" (unique in the dataset; the cache key of the frame).
+
+    Raises:
+        DatasetError: unknown split (the message lists the available ones), empty split, entries
+            without image/label, repeated keys, or listed files that are missing (named).
+    """
+    dataset_dir = os.path.abspath(str(dataset_dir))
+    description = read_dataset_description(dataset_dir)
+    source = os.path.join(dataset_dir, DESCRIPTION_FILE)
+    splits = available_splits(description)
+    if split not in splits:
+        raise DatasetError(
+            f"{source} has no split '{split}': available splits are {splits or 'none'}; "
+            "choose one of them or add the split to the file."
+        )
+    entries = description[split]
+    if not entries:
+        raise DatasetError(f"split '{split}' of {source} is empty: list its frames or choose another split.")
+    datalist, missing, incomplete = [], [], []
+    for position, entry in enumerate(entries):
+        if not isinstance(entry.get("image"), str) or not isinstance(entry.get("label"), str):
+            incomplete.append(f"#{position}")
+            continue
+        image = os.path.normpath(os.path.join(dataset_dir, entry["image"]))
+        label = os.path.normpath(os.path.join(dataset_dir, entry["label"]))
+        missing.extend(path for path in (image, label) if not os.path.isfile(path))
+        sequence = str(entry.get("sequence", Path(image).parent.name))
+        frame = str(entry.get("frame", Path(image).stem))
+        datalist.append(
+            {"image": image, "label": label, "sequence": sequence, "frame": frame, "key": f"{sequence}/{frame}"}
+        )
+    if incomplete:
+        raise DatasetError(
+            f"split '{split}' of {source}: entries {name_files(incomplete)} need both an 'image' and a 'label' path."
+        )
+    if missing:
+        raise DatasetError(
+            f"split '{split}' of {source} lists {len(missing)} file(s) that do not exist: {name_files(missing)}; "
+            "re-run the preparation step or remove those entries."
+        )
+    repeated = sorted(key for key, count in Counter(item["key"] for item in datalist).items() if count > 1)
+    if repeated:
+        raise DatasetError(
+            f"split '{split}' of {source}: the frame keys (<sequence>/<frame>) must be unique, repeated: "
+            f"{name_files(repeated)}; give every sequence a distinct name."
+        )
+    return datalist
+
+
+# ------------------------------------------------------------------------------------------------
+# frames and label maps
+# ------------------------------------------------------------------------------------------------
+
+
+def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
+    """Open and fully decode an image; DatasetError naming the file when it cannot be read."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{what} {path} does not exist.")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DatasetError(
+            f"cannot read {what} {path} ({type(error).__name__}: {error}): the file is corrupt or not an image; "
+            "re-export it or remove it from dataset.json."
+        ) from None
+    return image
+
+
+def read_frame(path: str | os.PathLike) -> np.ndarray:
+    """Read an RGB frame as a uint8 array (H, W, 3).
+
+    Grayscale (L), grayscale+alpha (LA), RGBA and palette (P) images are converted to RGB (alpha
+    dropped), with a warning naming the file the first time each mode is met.
+
+    Raises:
+        DatasetError: the file is unreadable or corrupt, or has another mode (16-bit, float, CMYK...).
+    """
+    image = _open_image(path, "frame")
+    mode = image.mode
+    if mode in _CONVERTED_FRAME_MODES:
+        if mode not in _warned_frame_modes:
+            _warned_frame_modes.add(mode)
+            logger.warning("%s: %s (further %s frames are converted silently).", path, _CONVERTED_FRAME_MODES[mode], mode)
+        image = image.convert("RGB")
+    elif mode != "RGB":
+        raise DatasetError(
+            f"frame {path} has image mode {mode!r}: frames must be 8-bit RGB (grayscale, RGBA and palette "
+            "images are converted); convert 16-bit or other images to 8-bit RGB PNG in the preparation step."
+        )
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def read_label_map(
+    path: str | os.PathLike, num_classes: int, ignore_index: int = DEFAULT_IGNORE_INDEX
+) -> np.ndarray:
+    """Read a label map of class ids as a uint8 array (H, W).
+
+    Args:
+        path: single-channel PNG (mode L, P or I): 0 background, 1..``num_classes`` classes,
+            ``ignore_index`` unlabelled.
+        num_classes: number of classes C.
+        ignore_index: label value of unlabelled pixels.
+
+    Raises:
+        DatasetError: the file is unreadable, has colour channels (colour masks need a preparation
+            step mapping colours to class ids) or holds values outside {0..C, ignore_index}.
+    """
+    image = _open_image(path, "label map")
+    if image.mode not in _LABEL_MODES:
+        raise DatasetError(
+            f"label map {path} has image mode {image.mode!r} ({len(image.getbands())} channels): label maps must be "
+            f"single-channel class ids (0 background, 1..{num_classes}, {ignore_index} unlabelled); colour masks "
+            "need a preparation step that maps each colour to its class id."
+        )
+    values = np.asarray(image)
+    present = np.unique(values)
+    allowed = np.append(np.arange(num_classes + 1), ignore_index)
+    offending = present[~np.isin(present, allowed)]
+    if offending.size:
+        raise DatasetError(
+            f"label map {path} holds values {offending.tolist()} outside the class table "
+            f"(0 background, 1..{num_classes} classes, {ignore_index} ignored): fix the label map or the "
+            "'classes' / 'ignore_index' of dataset.json."
+        )
+    return values.astype(np.uint8)
+
+
+def write_frame(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an RGB frame (H, W, 3) uint8 as PNG, making the folder."""
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="RGB").save(path)
+
+
+def write_label_map(path: str | os.PathLike, label_map: np.ndarray) -> None:
+    """Write a label map (H, W) uint8 as a single-channel PNG, making the folder."""
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(label_map, dtype=np.uint8), mode="L").save(path)
+
+
+def write_sample(
+    dataset_dir: str | os.PathLike,
+    sequence: str,
+    frame: str,
+    image: np.ndarray,
+    label_map: np.ndarray,
+    num_classes: int,
+) -> dict:
+    """Write one frame in the layout: the RGB frame, its label map and its per-class binary masks.
+
+    Args:
+        image: (H, W, 3) uint8 frame.
+        label_map: (H, W) uint8 class ids.
+        num_classes: C; binary masks ``<frame>_class<c>.png`` (0/255) are written for the classes
+            1..C present in ``label_map``.
+
+    Returns:
+        the dataset.json entry of the frame (paths relative to ``dataset_dir``).
+    """
+    if image.shape[:2] != label_map.shape:
+        raise ValueError(f"frame {image.shape[:2]} and label map {label_map.shape} of {sequence}/{frame} differ in size.")
+    image_rel = f"{IMAGES_DIR}/{sequence}/{frame}.png"
+    label_rel = f"{LABELS_DIR}/{sequence}/{frame}.png"
+    write_frame(os.path.join(str(dataset_dir), image_rel), image)
+    write_label_map(os.path.join(str(dataset_dir), label_rel), label_map)
+    for class_id in np.unique(label_map):
+        if 1 <= class_id <= num_classes:
+            binary_path = os.path.join(str(dataset_dir), BINARY_ANNOTATIONS_DIR, sequence, f"{frame}_class{class_id}.png")
+            write_label_map(binary_path, (label_map == class_id).astype(np.uint8) * 255)
+    return {"image": image_rel, "label": label_rel, "sequence": sequence, "frame": frame}
+
+
+# ------------------------------------------------------------------------------------------------
+# whole-dataset check
+# ------------------------------------------------------------------------------------------------
+
+
+def check_dataset(dataset_dir: str | os.PathLike, splits: Sequence[str] = DEFAULT_SPLITS) -> dict:
+    """Read every frame and label map of ``splits`` and check them against dataset.json.
+
+    Checks that every file reads, label values lie in {0..C, ignore_index}, each frame and its label
+    map have the same size and all frames share one size (the bundle trains on one frame size),
+    equal to ``frame_size`` of dataset.json when it gives one. All problems are gathered and
+    reported in one DatasetError.
+
+    Returns:
+        ``{"frames": {split: n}, "frame_size": [H, W],
+        "pixels_per_class": {split: {class name: pixels}},
+        "frames_per_class": {split: {class name: frames containing it}}}``
+    """
+    description = read_dataset_description(dataset_dir)
+    names = class_names(description)
+    num_classes = len(names)
+    ignore_index = description["ignore_index"]
+    problems: list[str] = []
+    pair_mismatches: list[str] = []
+    frames_by_size: dict[tuple[int, int], list[str]] = {}
+    summary: dict = {"frames": {}, "frame_size": None, "pixels_per_class": {}, "frames_per_class": {}}
+    for split in splits:
+        datalist = load_datalist(dataset_dir, split)
+        pixels = np.zeros(num_classes + 1, dtype=np.int64)
+        frames = np.zeros(num_classes + 1, dtype=np.int64)
+        for item in datalist:
+            try:
+                image = read_frame(item["image"])
+                label_map = read_label_map(item["label"], num_classes, ignore_index)
+            except DatasetError as error:
+                problems.append(str(error))
+                continue
+            frame_size = tuple(image.shape[:2])
+            frames_by_size.setdefault(frame_size, []).append(item["image"])
+            if label_map.shape != frame_size:
+                pair_mismatches.append(f"{item['label']} ({label_map.shape[0]}x{label_map.shape[1]} vs frame "
+                                       f"{frame_size[0]}x{frame_size[1]})")
+                continue
+            counts = np.bincount(label_map.ravel(), minlength=256)[: num_classes + 1]
+            pixels += counts
+            frames += counts > 0
+        summary["frames"][split] = len(datalist)
+        summary["pixels_per_class"][split] = {name: int(pixels[i + 1]) for i, name in enumerate(names)}
+        summary["frames_per_class"][split] = {name: int(frames[i + 1]) for i, name in enumerate(names)}
+    if problems:
+        shown = "\n  ".join(problems[:MAX_NAMED_FILES])
+        more = f"\n  and {len(problems) - MAX_NAMED_FILES} more" if len(problems) > MAX_NAMED_FILES else ""
+        raise DatasetError(f"{len(problems)} file(s) of {dataset_dir} cannot be used:\n  {shown}{more}")
+    if pair_mismatches:
+        raise DatasetError(
+            f"{len(pair_mismatches)} label map(s) differ in size from their frame: {name_files(pair_mismatches)}; "
+            "a label map must have the size of its frame."
+        )
+    if len(frames_by_size) > 1:
+        sizes = "; ".join(
+            f"{height}x{width}: {len(files)} frame(s), e.g. {files[0]}"
+            for (height, width), files in sorted(frames_by_size.items(), key=lambda kv: -len(kv[1]))
+        )
+        raise DatasetError(
+            f"the frames of {dataset_dir} have {len(frames_by_size)} different sizes ({sizes}): the bundle trains on "
+            "one frame size, so the preparation step must resize or crop all frames (and label maps) to one size."
+        )
+    if frames_by_size:
+        (frame_size,) = frames_by_size
+        expected = description.get("frame_size")
+        if expected is not None and list(expected) != list(frame_size):
+            raise DatasetError(
+                f"the frames of {dataset_dir} are {frame_size[0]}x{frame_size[1]} but dataset.json says frame_size "
+                f"{expected}: correct 'frame_size' in dataset.json or re-run the preparation step."
+            )
+        summary["frame_size"] = list(frame_size)
+    return summary
