@@ -82,8 +82,8 @@ SAM_VARIANTS: dict[str, SamVariant] = {
                         md5="0b3195507c641ddb6910d2bb5adee89c"),
     "vit_b": SamVariant(768, 12, 12, (2, 5, 8, 11), checkpoint_name="sam_vit_b_01ec64.pth",
                         md5="01ec64d29a2fca3f0661936605ae66f8"),
-    # Small encoder for tests and the demo: 256x256 input, 8x8 patches -> 32x32 grid.
-    "tiny": SamVariant(64, 2, 2, (1,), image_size=256, patch_size=8, window_size=8,
+    # Small encoder for tests and the demo: 256x256 input, 16x16 patches -> 16x16 grid.
+    "tiny": SamVariant(96, 2, 2, (1,), image_size=256, patch_size=16, window_size=8,
                        notes="random weights only: for tests and the demo"),
 }
 
@@ -237,4 +237,11 @@ def save_random_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0) 
     torch.save(sam.state_dict(), tmp)
     os.replace(tmp, path)
     logger.info("wrote a random-weight SAM %s checkpoint to %s", variant, path)
+    return path
+
+
+def ensure_random_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0) -> str:
+    """The demo's SAM: make the seeded random checkpoint at ``path`` unless it is already there."""
+    if not os.path.isfile(path):
+        save_random_sam_checkpoint(path, variant, seed)
     return path

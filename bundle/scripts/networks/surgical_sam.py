@@ -95,17 +95,24 @@ class SurgicalSAM(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load everything but the image encoder; missing or unexpected keys always raise."""
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if not k.startswith(IMAGE_ENCODER_PREFIX)]
-        unexpected = [k for k in result.unexpected_keys if not k.startswith(IMAGE_ENCODER_PREFIX)]
-        if missing or unexpected:
+        # Check the keys before loading: nn.Module.load_state_dict(strict=False) would copy the
+        # matching keys first and leave the network half loaded when the check fails afterwards.
+        own = super().state_dict()
+        missing = sorted(k for k in set(own) - set(state_dict) if not k.startswith(IMAGE_ENCODER_PREFIX))
+        unexpected = sorted(k for k in set(state_dict) - set(own) if not k.startswith(IMAGE_ENCODER_PREFIX))
+        wrong_shape = sorted(
+            k for k in set(own) & set(state_dict)
+            if hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(own[k].shape)
+        )
+        if missing or unexpected or wrong_shape:
             raise RuntimeError(
                 f"SurgicalSAM checkpoint does not fit this network: {len(missing)} missing keys "
-                f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}. A checkpoint from "
-                "another method, saved under another key (e.g. wrapped as 'module.'), or an original "
-                "SurgicalSAM checkpoint (convert it first) was given; nothing was loaded partially."
+                f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}, {len(wrong_shape)} keys "
+                f"of another shape {wrong_shape[:4]}. A checkpoint from another method or configuration "
+                "(num_classes, num_tokens, sam_variant), saved under another key (e.g. wrapped as 'module.'), "
+                "or an original SurgicalSAM checkpoint (convert it first) was given; nothing was loaded."
             )
-        return result
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     # -------------------------------------------------------------------------------------- forward
     def embed_frames(self, frames: torch.Tensor) -> torch.Tensor:

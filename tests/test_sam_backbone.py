@@ -1,0 +1,318 @@
+"""Tests of scripts.networks.sam_backbone and scripts.networks.sam_geometry (SPEC section 2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.networks.sam_backbone import (
+    SAM_DOWNLOAD_URL,
+    SAM_VARIANTS,
+    build_sam,
+    get_variant,
+    guess_variant,
+    import_sam_modeling,
+    load_sam_checkpoint,
+    save_random_sam_checkpoint,
+)
+from scripts.networks.sam_geometry import (
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    frames_to_sam_input,
+    low_res_logits_to_frame,
+    masks_to_embedding_grid,
+    resized_shape,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VIT_B_MD5 = "01ec64d29a2fca3f0661936605ae66f8"
+VIT_B_NAME = "sam_vit_b_01ec64.pth"
+
+
+def tiny_sam(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_sam("tiny")
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------------ builders
+def test_build_tiny_is_segment_anything_sam():
+    modeling = import_sam_modeling()
+    spec = get_variant("tiny")
+    grid = spec.grid_size
+    assert grid == spec.image_size // spec.patch_size
+    sam = tiny_sam()
+    assert isinstance(sam, modeling.Sam)
+    assert isinstance(sam.image_encoder, modeling.ImageEncoderViT)
+    assert isinstance(sam.prompt_encoder, modeling.PromptEncoder)
+    assert isinstance(sam.mask_decoder, modeling.MaskDecoder)
+    assert not sam.training
+    assert sam.image_encoder.img_size == spec.image_size
+    with torch.no_grad():
+        out = sam.image_encoder(torch.randn(2, 3, spec.image_size, spec.image_size))
+    assert out.shape == (2, 256, grid, grid)
+    assert sam.prompt_encoder.get_dense_pe().shape == (1, 256, grid, grid)
+    with torch.no_grad():
+        masks, iou = sam.mask_decoder(out[:1], sam.prompt_encoder.get_dense_pe(), torch.randn(1, 2, 256),
+                                      torch.randn(1, 256, grid, grid), multimask_output=False)
+    assert masks.shape == (1, 1, 4 * grid, 4 * grid) and iou.shape == (1, 1)
+
+
+def test_official_variants_have_64x64_grid_and_published_md5():
+    for name in ("vit_h", "vit_l", "vit_b"):
+        spec = get_variant(name)
+        assert spec.image_size == 1024 and spec.grid_size == 64 and spec.prompt_embed_dim == 256
+    assert get_variant("vit_b").checkpoint_name == VIT_B_NAME
+    assert get_variant("vit_b").md5 == VIT_B_MD5
+    assert get_variant("vit_h").checkpoint_name == "sam_vit_h_4b8939.pth"
+    assert get_variant("vit_l").checkpoint_name == "sam_vit_l_0b3195.pth"
+
+
+def test_get_variant_unknown_name_lists_variants():
+    with pytest.raises(ValueError) as info:
+        get_variant("vit_x")
+    message = str(info.value)
+    assert "vit_x" in message
+    for name in SAM_VARIANTS:
+        assert name in message
+
+
+def test_import_sam_modeling_works_without_torchvision():
+    """In a fresh interpreter: the plain package import needs torchvision, ours does not."""
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here: the no-torchvision path cannot be exercised")
+    code = (
+        "import importlib, sys\n"
+        "try:\n"
+        "    import segment_anything\n"
+        "except ModuleNotFoundError as error:\n"
+        "    assert error.name.startswith('torchvision'), error.name\n"
+        "else:\n"
+        "    raise AssertionError('segment_anything imported although torchvision is missing')\n"
+        "from scripts.networks.sam_backbone import import_sam_modeling, build_sam\n"
+        "modeling = import_sam_modeling()\n"
+        "assert 'torchvision' not in sys.modules\n"
+        "assert isinstance(build_sam('tiny'), modeling.Sam)\n"
+        "assert import_sam_modeling() is modeling\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "bundle"))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# -------------------------------------------------------------------------------- checkpoint loading
+def test_missing_checkpoint_names_path_and_download(tmp_path):
+    path = str(tmp_path / "weights" / VIT_B_NAME)
+    with pytest.raises(FileNotFoundError) as info:
+        load_sam_checkpoint(tiny_sam(), path, variant="vit_b")
+    message = str(info.value)
+    assert path in message
+    assert VIT_B_NAME in message
+    assert f"{SAM_DOWNLOAD_URL}{VIT_B_NAME}" in message
+    assert SAM_DOWNLOAD_URL == "https://dl.fbaipublicfiles.com/segment_anything/"
+
+
+def test_missing_tiny_checkpoint_says_how_to_make_one(tmp_path):
+    path = str(tmp_path / "sam_tiny.pth")
+    with pytest.raises(FileNotFoundError) as info:
+        build_sam("tiny", checkpoint=path)
+    message = str(info.value)
+    assert path in message
+    assert "no official weights" in message
+
+
+def test_corrupt_checkpoint_could_not_be_read(tmp_path):
+    path = tmp_path / "sam_tiny.pth"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="could not be read") as info:
+        load_sam_checkpoint(tiny_sam(), str(path), variant="tiny")
+    assert str(path) in str(info.value)
+
+
+def test_official_name_with_wrong_content_fails_md5(tmp_path, tiny_sam_checkpoint):
+    # A perfectly loadable file under the official name: only the md5 check can reject it.
+    path = tmp_path / VIT_B_NAME
+    path.write_bytes(Path(tiny_sam_checkpoint).read_bytes())
+    sam = tiny_sam(seed=1)
+    with pytest.raises(ValueError, match="md5") as info:
+        load_sam_checkpoint(sam, str(path), variant="vit_b")
+    message = str(info.value)
+    assert VIT_B_MD5 in message
+    assert str(path) in message
+    # With the md5 check off, the same file goes through to the key checks and loads
+    # (the model is tiny), which shows it was the md5 that rejected it above.
+    load_sam_checkpoint(sam, str(path), variant="vit_b", check_md5=False)
+    assert_same_state(sam.state_dict(), torch.load(tiny_sam_checkpoint, weights_only=True))
+
+
+def test_md5_checked_before_unpickling(tmp_path):
+    path = tmp_path / VIT_B_NAME
+    path.write_bytes(os.urandom(1024))
+    with pytest.raises(ValueError, match=VIT_B_MD5):
+        load_sam_checkpoint(tiny_sam(), str(path), variant="vit_b")
+    with pytest.raises(ValueError, match="could not be read"):
+        load_sam_checkpoint(tiny_sam(), str(path), variant="vit_b", check_md5=False)
+
+
+def test_tiny_checkpoint_into_vit_b_does_not_match(tiny_sam_checkpoint):
+    with pytest.raises(ValueError, match="does not match") as info:
+        build_sam("vit_b", checkpoint=tiny_sam_checkpoint)
+    message = str(info.value)
+    assert "'vit_b'" in message
+    assert "sam_variant to 'tiny'" in message  # the guessed variant of the file
+    assert tiny_sam_checkpoint in message
+
+
+def test_guess_variant():
+    state = tiny_sam().state_dict()
+    assert guess_variant(state) == "tiny"
+    assert guess_variant({k: v for k, v in state.items() if not k.startswith("image_encoder.")}) is None
+
+
+@pytest.mark.parametrize("change", ["extra", "missing", "shape"])
+def test_checkpoint_with_other_keys_or_shapes_fails(tmp_path, tiny_sam_checkpoint, change):
+    state = torch.load(tiny_sam_checkpoint, weights_only=True)
+    if change == "extra":
+        state["mask_decoder.extra_head.weight"] = torch.zeros(3)
+        expected = "unexpected"
+    elif change == "missing":
+        del state["mask_decoder.iou_token.weight"]
+        expected = "missing"
+    else:
+        state["mask_decoder.iou_token.weight"] = torch.zeros(1, 128)
+        expected = "another shape"
+    path = tmp_path / "changed.pth"
+    torch.save(state, path)
+    sam = tiny_sam(seed=1)
+    before = {k: v.clone() for k, v in sam.state_dict().items()}
+    with pytest.raises(ValueError, match="does not match") as info:
+        load_sam_checkpoint(sam, str(path), variant="tiny")
+    assert expected in str(info.value)
+    assert_same_state(sam.state_dict(), before)  # nothing loaded
+
+
+def test_checkpoint_wrapped_in_model_key_loads(tmp_path, tiny_sam_checkpoint):
+    state = torch.load(tiny_sam_checkpoint, weights_only=True)
+    path = tmp_path / "wrapped.pth"
+    torch.save({"model": state}, path)
+    sam = build_sam("tiny", checkpoint=str(path))
+    assert_same_state(sam.state_dict(), state)
+
+
+def test_random_checkpoint_round_trip(tmp_path, tiny_sam_checkpoint):
+    saved = torch.load(tiny_sam_checkpoint, weights_only=True)
+    torch.manual_seed(123)  # a different random init, overwritten by the load
+    sam = build_sam("tiny", checkpoint=tiny_sam_checkpoint)
+    assert not sam.training
+    assert_same_state(sam.state_dict(), saved)
+    # seeded: the same seed gives the same file contents, another seed other weights
+    again = torch.load(save_random_sam_checkpoint(str(tmp_path / "a" / "again.pth"), seed=0), weights_only=True)
+    assert_same_state(again, saved)
+    other = torch.load(save_random_sam_checkpoint(str(tmp_path / "other.pth"), seed=1), weights_only=True)
+    assert not torch.equal(other["mask_decoder.iou_token.weight"], saved["mask_decoder.iou_token.weight"])
+    assert not os.path.exists(str(tmp_path / "other.pth") + ".tmp")
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def test_resized_shape():
+    assert resized_shape((1024, 1280), 1024) == (819, 1024)
+    assert resized_shape((1080, 1920), 1024) == (576, 1024)
+    assert resized_shape((1280, 1024), 1024) == (1024, 819)
+    assert resized_shape((100, 120), 256) == (213, 256)
+    assert resized_shape((256, 256), 256) == (256, 256)
+    assert resized_shape((2, 4), 5) == (3, 5)  # 2.5 rounds up, as segment-anything does
+
+
+def test_frames_to_sam_input_shape_normalisation_and_zero_padding():
+    frames = torch.full((2, 3, 100, 120), 255.0)
+    out = frames_to_sam_input(frames, 256)
+    assert out.shape == (2, 3, 256, 256)
+    assert out.dtype == torch.float32
+    expected = (255.0 - torch.tensor(SAM_PIXEL_MEAN)) / torch.tensor(SAM_PIXEL_STD)
+    valid = out[:, :, :213, :]
+    assert torch.allclose(valid, expected.view(1, 3, 1, 1).expand_as(valid), atol=1e-4)
+    assert torch.count_nonzero(out[:, :, 213:, :]) == 0
+    # uint8 input and a frame that already has the longest side: as SAM's preprocess (normalise, pad)
+    sam = tiny_sam()
+    size = sam.image_encoder.img_size
+    frames = torch.randint(0, 256, (1, 3, size - 10, size), dtype=torch.uint8)
+    out = frames_to_sam_input(frames, size)
+    assert torch.allclose(out, sam.preprocess(frames.float()), atol=1e-5)
+    assert torch.count_nonzero(out[:, :, size - 10 :, :]) == 0
+    with pytest.raises(ValueError):
+        frames_to_sam_input(torch.zeros(1, 1, 100, 120), 256)
+
+
+def test_masks_to_embedding_grid_left_half():
+    mask = torch.zeros(1, 1024, 1280, dtype=torch.uint8)
+    mask[:, :, :640] = 1
+    grid = masks_to_embedding_grid(mask, 1024, (64, 64))
+    assert grid.shape == (1, 64, 64) and grid.dtype == torch.bool
+    # A cell (i, j) samples the padded 1024x1024 mask at (16 i + 7.5, 16 j + 7.5): on where that lies
+    # in the resized frame's left half (columns < 512) and above the padding (rows < 819).
+    expected = torch.zeros(64, 64, dtype=torch.bool)
+    expected[:51, :32] = True
+    assert torch.equal(grid[0], expected)
+    # an empty mask stays empty, a full one is on exactly over the valid rows
+    assert not masks_to_embedding_grid(torch.zeros(1, 1024, 1280), 1024, (64, 64)).any()
+    full = masks_to_embedding_grid(torch.ones(1, 1024, 1280), 1024, (64, 64))[0]
+    assert full[:51].all() and not full[51:].any()
+    with pytest.raises(ValueError):
+        masks_to_embedding_grid(torch.zeros(1, 1, 64, 64), 1024, (64, 64))
+
+
+def test_masks_to_embedding_grid_threshold_is_half_the_centre_sample():
+    # No resize or padding (the mask is already 1024x1024): cell (i, j) is the mean of the 2x2
+    # pixels at rows/cols 16 i + 7 and 16 i + 8; on from 0.5.
+    mask = torch.zeros(1, 1024, 1024)
+    mask[0, :, 7] = 1  # half of the centre sample of every cell in grid column 0
+    mask[0, 23, 23] = 1  # a quarter of the centre sample of cell (1, 1)
+    grid = masks_to_embedding_grid(mask, 1024, (64, 64))[0]
+    expected = torch.zeros(64, 64, dtype=torch.bool)
+    expected[:, 0] = True
+    assert torch.equal(grid, expected)
+
+
+def test_low_res_logits_to_frame_shape_and_constant():
+    low_res = torch.full((2, 3, 128, 128), 2.5)
+    out = low_res_logits_to_frame(low_res, 256, (100, 120))
+    assert out.shape == (2, 3, 100, 120)
+    assert torch.allclose(out, torch.full_like(out, 2.5))
+
+
+@pytest.mark.parametrize(("image_size", "frame_hw"), [(256, (100, 120)), (256, (128, 256)), (1024, (1024, 1280))])
+def test_low_res_logits_to_frame_equals_sam_postprocess(image_size, frame_hw):
+    modeling = import_sam_modeling()
+    low_res = torch.randn(2, 1, image_size // 4, image_size // 4)
+    fake_sam = types.SimpleNamespace(image_encoder=types.SimpleNamespace(img_size=image_size))
+    expected = modeling.Sam.postprocess_masks(fake_sam, low_res, resized_shape(frame_hw, image_size), frame_hw)
+    out = low_res_logits_to_frame(low_res, image_size, frame_hw)
+    assert out.shape == (2, 1, *frame_hw)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_low_res_logits_to_frame_crops_the_padding():
+    # 128x256 frame on a 256 input: valid rows 0..127 of 256, i.e. low-res rows 0..63 of 128.
+    low_res = torch.where(torch.arange(128) < 64, 1.0, -1.0).expand(1, 1, 128, 128).clone()
+    low_res[..., 64:, :] = 1e6  # padding: must not reach the frame (but for bilinear's last row)
+    out = low_res_logits_to_frame(low_res, 256, (128, 256))
+    assert out.shape == (1, 1, 128, 256)
+    body = out[0, 0, :127]
+    assert (body[:, :128] > 0).all() and (body[:, 128:] < 0).all()
+    assert body.abs().max() <= 1.0 + 1e-6
