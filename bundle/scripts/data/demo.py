@@ -563,9 +563,9 @@ def ensure_demo_dataset(
     out_dir = str(out_dir)
     wanted = _generator_entry(frame_size, num_classes, train_sequences, val_sequences, frames_per_sequence, seed)
     if os.path.isfile(os.path.join(out_dir, DESCRIPTION_FILE)):
-        _check_only_demo_content(out_dir)
         if read_dataset_description(out_dir).get("generator") == wanted:
             return out_dir
+        _check_only_demo_content(out_dir)
     return make_demo_dataset(
         out_dir, frame_size=frame_size, num_classes=num_classes, train_sequences=train_sequences,
         val_sequences=val_sequences, frames_per_sequence=frames_per_sequence, seed=seed, overwrite=True,

@@ -1,0 +1,388 @@
+"""The embedding cache: SAM image embeddings computed once per (frame, augmentation version).
+
+SurgicalSAM trains with the image encoder frozen, so its embeddings are computed once by the
+``precompute`` workflow and read back by training and validation. Layout under ``cache_dir``::
+
+    manifest.json                              identity (encoder, checkpoint md5, input size, ...)
+    index/<split>_v<NN>.json                   one entry per frame: files, classes present, sources
+    <split>/v<NN>/<sequence>/<frame>.npy       float16 (d, h, w) embedding
+    <split>/v<NN>/<sequence>/<frame>_label.png the label map after the version's augmentation
+
+A cache is used only when its identity equals the one the run expects and no source frame or label
+changed since; otherwise :class:`StaleCacheError` says what differs and the command that rebuilds it.
+Precompute writes every file atomically and skips what is already there, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..networks.sam_backbone import build_sam, file_md5, get_variant
+from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
+from .augmentation import augment_frame, version_for_epoch
+from .layout import class_names, load_datalist, read_dataset_description, read_frame, read_label_map
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECOMPUTE_COMMAND = (
+    "python -m monai.bundle run precompute --config_file <the same config files as this run> "
+    "(it resumes an interrupted cache; pass a new cache_dir or delete the old one to rebuild)"
+)
+
+
+class StaleCacheError(RuntimeError):
+    """The cache on disk was made for other inputs than this run's, or is incomplete."""
+
+
+# ------------------------------------------------------------------------------------------ identity
+def checkpoint_fingerprint(path: str | None) -> str:
+    """md5 of the SAM checkpoint, memoised beside it in ``<path>.md5`` keyed by size and mtime."""
+    if path is None:
+        return "random-init"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+    stat = os.stat(path)
+    key = f"{stat.st_size}:{stat.st_mtime_ns}"
+    memo = f"{path}.md5"
+    try:
+        with open(memo) as handle:
+            stored_key, stored_md5 = handle.read().split()
+        if stored_key == key:
+            return stored_md5
+    except (OSError, ValueError):
+        pass
+    digest = file_md5(path)
+    try:
+        with open(memo, "w") as handle:
+            handle.write(f"{key} {digest}\n")
+    except OSError:
+        pass  # read-only folder: compute again next time
+    return digest
+
+
+def cache_identity(sam_variant: str, sam_checkpoint: str | None) -> dict:
+    """What an embedding depends on; a cache is reused only when this matches exactly."""
+    spec = get_variant(sam_variant)
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "sam_variant": sam_variant,
+        "sam_checkpoint_md5": checkpoint_fingerprint(sam_checkpoint),
+        "image_size": spec.image_size,
+        "grid_size": [spec.grid_size, spec.grid_size],
+        "embed_dim": spec.prompt_embed_dim,
+        "pixel_mean": list(SAM_PIXEL_MEAN),
+        "pixel_std": list(SAM_PIXEL_STD),
+        "dtype": "float16",
+    }
+
+
+def _source_stamp(path: str) -> list[int]:
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _atomic_write_json(path: str, content: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(content, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def _index_path(cache_dir: str, split: str, version: int) -> str:
+    return os.path.join(cache_dir, "index", f"{split}_v{version:02d}.json")
+
+
+def _entry_paths(cache_dir: str, split: str, version: int, key: str) -> tuple[str, str]:
+    stem = os.path.join(cache_dir, split, f"v{version:02d}", key)
+    return f"{stem}.npy", f"{stem}_label.png"
+
+
+# ---------------------------------------------------------------------------------------- precompute
+class _FrameVersionDataset(Dataset):
+    """(frame, version) pairs -> augmented frame (3, H, W) uint8 and label map (H, W) uint8."""
+
+    def __init__(self, items: list[tuple[dict, int]], num_classes: int, ignore_index: int, seed: int) -> None:
+        self.items, self.num_classes, self.ignore_index, self.seed = items, num_classes, ignore_index, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item, version = self.items[index]
+        image = read_frame(item["image"])
+        label = read_label_map(item["label"], self.num_classes, self.ignore_index)
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"frame {item['image']} is {image.shape[:2]} but its label map is {label.shape}")
+        image, label = augment_frame(image, label, version, item["key"], seed=self.seed, ignore_index=self.ignore_index)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+            "label": torch.from_numpy(np.ascontiguousarray(label)),
+            "index": index,
+        }
+
+
+def precompute_embeddings(
+    dataset_dir: str,
+    cache_dir: str,
+    sam_variant: str,
+    sam_checkpoint: str | None,
+    splits: Sequence[str] = ("training", "validation"),
+    augmentation_versions: int = 0,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    seed: int = 666,
+) -> dict:
+    """Run the frozen encoder once per (frame, version) and store float16 embeddings with a manifest.
+
+    The training split gets versions 0..``augmentation_versions``, other splits version 0 only.
+    An existing cache of another identity is never overwritten: that raises :class:`StaleCacheError`.
+    Returns the manifest.
+    """
+    description = read_dataset_description(dataset_dir)
+    names = class_names(description)
+    ignore_index = int(description.get("ignore_index", 255))
+    identity = cache_identity(sam_variant, sam_checkpoint)
+    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as handle:
+            existing = json.load(handle)
+        if existing.get("identity") != identity:
+            raise StaleCacheError(
+                f"{cache_dir} holds embeddings of another encoder or input ({_identity_diff(existing.get('identity'), identity)}); "
+                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
+            )
+    plan = {
+        split: list(range(augmentation_versions + 1)) if split == "training" else [0] for split in splits
+    }
+    datalists = {split: load_datalist(dataset_dir, split) for split in splits}
+    spec = get_variant(sam_variant)
+    entry_bytes = spec.prompt_embed_dim * spec.grid_size**2 * 2
+    total_entries = sum(len(datalists[s]) * len(plan[s]) for s in splits)
+    logger.info(
+        "precompute: %d frames x versions -> %d embeddings of %.2f MiB each, about %.2f GiB in %s",
+        sum(len(v) for v in datalists.values()), total_entries, entry_bytes / 2**20,
+        total_entries * entry_bytes / 2**30, cache_dir,
+    )
+    manifest = {
+        "identity": identity,
+        "dataset": {"dataset_dir": os.path.abspath(dataset_dir), "class_names": names, "ignore_index": ignore_index},
+        "splits": plan,
+        "augmentation_seed": seed,
+        "complete": False,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    _atomic_write_json(manifest_path, manifest)
+
+    encoder = None
+    for split in splits:
+        for version in plan[split]:
+            todo = [
+                (item, version) for item in datalists[split]
+                if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, split, version, item["key"]))
+            ]
+            if todo:
+                if encoder is None:
+                    encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
+                _encode(encoder, todo, cache_dir, split, spec.image_size, len(names), ignore_index, seed,
+                        batch_size, num_workers, device)
+            _write_index(cache_dir, split, version, datalists[split], spec.image_size, spec.grid_size, len(names))
+    manifest["complete"] = True
+    _atomic_write_json(manifest_path, manifest)
+    logger.info("precompute: cache complete at %s", cache_dir)
+    return manifest
+
+
+@torch.no_grad()
+def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_index, seed, batch_size, num_workers, device):
+    loader = DataLoader(
+        _FrameVersionDataset(todo, num_classes, ignore_index, seed), batch_size=batch_size, num_workers=num_workers
+    )
+    done = 0
+    for batch in loader:
+        sizes = {tuple(batch["image"].shape[-2:])}
+        embeddings = encoder(frames_to_sam_input(batch["image"].to(device), image_size)).half().cpu().numpy()
+        for row, index in enumerate(batch["index"].tolist()):
+            item, version = todo[index]
+            embedding_path, label_path = _entry_paths(cache_dir, split, version, item["key"])
+            os.makedirs(os.path.dirname(embedding_path), exist_ok=True)
+            with open(f"{embedding_path}.tmp", "wb") as handle:
+                np.save(handle, embeddings[row])
+            Image.fromarray(batch["label"][row].numpy()).save(f"{label_path}.tmp.png")
+            os.replace(f"{label_path}.tmp.png", label_path)
+            os.replace(f"{embedding_path}.tmp", embedding_path)  # the embedding last: it marks the entry done
+        done += len(batch["index"])
+        logger.info("precompute %s: %d/%d (frame size %s)", split, done, len(todo), sizes.pop())
+
+
+def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num_classes) -> None:
+    entries = []
+    for item in datalist:
+        embedding_path, label_path = _entry_paths(cache_dir, split, version, item["key"])
+        label = np.asarray(Image.open(label_path))
+        present = [c for c in range(1, num_classes + 1) if (label == c).any()]
+        grid_present = []
+        if present:
+            masks = torch.from_numpy(np.stack([label == c for c in present]))
+            on_grid = masks_to_embedding_grid(masks, image_size, (grid_size, grid_size)).flatten(1).any(1)
+            grid_present = [c for c, on in zip(present, on_grid.tolist()) if on]
+        entries.append({
+            "key": item["key"],
+            "embedding": os.path.relpath(embedding_path, cache_dir),
+            "label": os.path.relpath(label_path, cache_dir),
+            "classes": present,
+            "grid_classes": grid_present,
+            "frame_size": list(label.shape),
+            "sources": {"image": [item["image"], *_source_stamp(item["image"])],
+                        "label": [item["label"], *_source_stamp(item["label"])]},
+        })
+    _atomic_write_json(_index_path(cache_dir, split, version), {"split": split, "version": version, "entries": entries})
+
+
+# -------------------------------------------------------------------------------------------- reading
+def _identity_diff(found: dict | None, expected: dict) -> str:
+    if not found:
+        return "no identity recorded"
+    keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+    return ", ".join(f"{k}: cache {found.get(k)!r} vs run {expected.get(k)!r}" for k in keys)
+
+
+class EmbeddingCache:
+    """A checked, complete cache on disk (see the module docstring)."""
+
+    def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True) -> None:
+        self.cache_dir = cache_dir
+        manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+        if not os.path.isfile(manifest_path):
+            raise FileNotFoundError(f"no embedding cache at {cache_dir}: make it with {PRECOMPUTE_COMMAND}")
+        with open(manifest_path) as handle:
+            self.manifest = json.load(handle)
+        if self.manifest.get("identity") != identity:
+            raise StaleCacheError(
+                f"the embedding cache at {cache_dir} was made for other inputs than this run "
+                f"({_identity_diff(self.manifest.get('identity'), identity)}): it is not used. Rebuild it with "
+                f"{PRECOMPUTE_COMMAND}, or point cache_dir at a cache made for this configuration."
+            )
+        if not self.manifest.get("complete"):
+            raise StaleCacheError(f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "
+                                  f"run {PRECOMPUTE_COMMAND}")
+        self.check_sources = check_sources
+        self._indexes: dict[tuple[str, int], list[dict]] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["dataset"]["class_names"])
+
+    def versions(self, split: str) -> list[int]:
+        if split not in self.manifest["splits"]:
+            raise StaleCacheError(f"the embedding cache at {self.cache_dir} has no {split!r} split "
+                                  f"(it has {sorted(self.manifest['splits'])}): run {PRECOMPUTE_COMMAND}")
+        return list(self.manifest["splits"][split])
+
+    def entries(self, split: str, version: int = 0) -> list[dict]:
+        """Index entries of one split and version, checked against their source files once."""
+        if (split, version) not in self._indexes:
+            if version not in self.versions(split):
+                raise StaleCacheError(f"the embedding cache at {self.cache_dir} has no version {version} of {split!r}")
+            with open(_index_path(self.cache_dir, split, version)) as handle:
+                entries = json.load(handle)["entries"]
+            if self.check_sources:
+                changed = [
+                    path for entry in entries for path, *stamp in entry["sources"].values()
+                    if not os.path.isfile(path) or _source_stamp(path) != stamp
+                ]
+                if changed:
+                    raise StaleCacheError(
+                        f"{len(changed)} source files changed or vanished since the embedding cache at "
+                        f"{self.cache_dir} was made (e.g. {changed[:3]}): rebuild it with {PRECOMPUTE_COMMAND}"
+                    )
+            self._indexes[(split, version)] = entries
+        return self._indexes[(split, version)]
+
+    def load(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> embedding (d, h, w) float32, label map (H, W) long."""
+        embedding = torch.from_numpy(np.load(os.path.join(self.cache_dir, entry["embedding"])).astype(np.float32))
+        label = torch.from_numpy(np.asarray(Image.open(os.path.join(self.cache_dir, entry["label"]))).astype(np.int64))
+        return embedding, label
+
+
+class CachedPromptDataset(Dataset):
+    """Training samples from the cache: one (frame, class) pair per class present in the frame.
+
+    The augmentation version follows the paper's schedule (:func:`version_for_epoch`): call
+    :meth:`set_epoch` at the start of each epoch (the ``AugmentationVersionHandler`` does).
+    ``absent_prompts_per_frame`` adds prompts for classes absent from the frame, with an empty
+    target, so that the model learns to answer "none" (the automatic protocol); 0 is the paper's recipe.
+
+    Items: ``image_embeddings`` (d, h, w), ``mask`` (1, H, W) float, ``grid_mask`` (h, w) bool,
+    ``class_id`` () long in 1..C.
+    """
+
+    def __init__(self, cache: EmbeddingCache, split: str = "training", num_classes: int | None = None,
+                 absent_prompts_per_frame: int = 0, seed: int = 666) -> None:
+        self.cache, self.split, self.seed = cache, split, seed
+        self.num_classes = num_classes or len(cache.class_names)
+        if self.num_classes != len(cache.class_names):
+            raise ValueError(f"num_classes={self.num_classes} but the cached dataset has {len(cache.class_names)} classes "
+                             f"({cache.class_names})")
+        self.absent_prompts_per_frame = absent_prompts_per_frame
+        self.num_versions = max(cache.versions(split))
+        identity = cache.manifest["identity"]
+        self.image_size, self.grid_size = identity["image_size"], tuple(identity["grid_size"])
+        self.set_epoch(0)
+        if not self.samples:
+            raise ValueError(f"the {split!r} split of {cache.cache_dir} has no frame with an instrument to train on")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the version for this 0-based epoch and rebuild the sample list."""
+        self.epoch = epoch
+        self.version = version_for_epoch(epoch, self.num_versions)
+        rng = np.random.default_rng([self.seed, epoch])
+        self.entries = self.cache.entries(self.split, self.version)
+        self.samples: list[tuple[int, int]] = []
+        for index, entry in enumerate(self.entries):
+            self.samples += [(index, c) for c in entry["grid_classes"]]
+            absent = [c for c in range(1, self.num_classes + 1) if c not in entry["classes"]]
+            if absent and self.absent_prompts_per_frame:
+                chosen = rng.choice(absent, size=min(self.absent_prompts_per_frame, len(absent)), replace=False)
+                self.samples += [(index, int(c)) for c in chosen]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        entry_index, class_id = self.samples[index]
+        embedding, label = self.cache.load(self.entries[entry_index])
+        mask = (label == class_id).float()
+        grid_mask = masks_to_embedding_grid(mask[None], self.image_size, self.grid_size)[0]
+        return {"image_embeddings": embedding, "mask": mask[None], "grid_mask": grid_mask,
+                "class_id": torch.tensor(class_id)}
+
+
+class CachedFrameDataset(Dataset):
+    """Whole frames from the cache, for validation: ``image_embeddings`` (d, h, w), ``label`` (1, H, W) long."""
+
+    def __init__(self, cache: EmbeddingCache, split: str = "validation", version: int = 0) -> None:
+        self.cache = cache
+        self.entries = cache.entries(split, version)
+        if not self.entries:
+            raise ValueError(f"the {split!r} split of {cache.cache_dir} is empty")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        embedding, label = self.cache.load(self.entries[index])
+        return {"image_embeddings": embedding, "label": label[None], "key": self.entries[index]["key"]}

@@ -1,0 +1,92 @@
+"""MONAI transforms for inference on a folder of frames: reading frames, writing label maps.
+
+``LoadFramed`` reads with the same reader as training (grey and RGBA frames become RGB) and keeps
+the file name in the tensor's metadata; ``SaveLabelMapd`` writes, per frame, the PNG label map
+(values 0..C), a colour overlay and, on request, a NIfTI file (nibabel).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from PIL import Image
+
+from .demo import overlay
+from .layout import DatasetError, read_frame
+
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def list_frames(folder: str, extensions: Sequence[str] = FRAME_EXTENSIONS) -> list[dict]:
+    """Every frame under ``folder`` (recursive, sorted) as ``[{"image": path}, ...]``."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"frame folder {folder} does not exist: pass --dataset_dir FOLDER_OF_FRAMES")
+    frames = sorted(
+        os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+        if name.lower().endswith(tuple(extensions)) and not name.endswith(("_overlay.png", "_seg.png"))
+    )
+    if not frames:
+        raise DatasetError(f"no frames ({', '.join(extensions)}) in {folder}: put the frames to segment there")
+    return [{"image": path} for path in frames]
+
+
+class LoadFramed(MapTransform):
+    """Path -> frame (3, H, W) float32 on the 0..255 scale, a MetaTensor with ``filename_or_obj``."""
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        result = dict(data)
+        for key in self.key_iterator(result):
+            path = str(result[key])
+            frame = torch.from_numpy(np.ascontiguousarray(read_frame(path))).permute(2, 0, 1).float()
+            result[key] = MetaTensor(frame, meta={"filename_or_obj": path, "spatial_shape": list(frame.shape[1:])})
+        return result
+
+
+class SaveLabelMapd(MapTransform):
+    """Write each predicted label map (1, H, W) as ``<stem>_seg.png`` (+ overlay, + NIfTI).
+
+    Args:
+        keys: the prediction key (``pred``).
+        output_dir: folder to write into; frames keep their path relative to ``input_dir``.
+        input_dir: the frame folder (to mirror its sub-folders); None writes flat.
+        image_key: where the frame and its file name are.
+        write_overlay: also write ``<stem>_overlay.png``, the frame tinted by class.
+        write_nifti: also write ``<stem>_seg.nii.gz`` (uint8, (H, W) as the first two axes, identity affine).
+    """
+
+    def __init__(self, keys, output_dir: str, input_dir: str | None = None, image_key: str = "image",
+                 write_overlay: bool = True, write_nifti: bool = False) -> None:
+        super().__init__(keys)
+        self.output_dir, self.input_dir, self.image_key = output_dir, input_dir, image_key
+        self.write_overlay, self.write_nifti = write_overlay, write_nifti
+
+    def _stem(self, image) -> str:
+        source = str(getattr(image, "meta", {}).get("filename_or_obj", "frame"))
+        if self.input_dir and os.path.abspath(source).startswith(os.path.abspath(self.input_dir) + os.sep):
+            source = os.path.relpath(source, self.input_dir)
+        else:
+            source = os.path.basename(source)
+        return os.path.join(self.output_dir, os.path.splitext(source)[0])
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        result = dict(data)
+        image = result.get(self.image_key)
+        stem = self._stem(image)
+        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+        for key in self.key_iterator(result):
+            label_map = torch.as_tensor(result[key]).detach().cpu().numpy().reshape(result[key].shape[-2:])
+            label_map = label_map.astype(np.uint8)
+            Image.fromarray(label_map).save(f"{stem}_seg.png")
+            if self.write_overlay and image is not None:
+                frame = torch.as_tensor(image).detach().cpu().permute(1, 2, 0).numpy().clip(0, 255).astype(np.uint8)
+                Image.fromarray(overlay(frame, label_map)).save(f"{stem}_overlay.png")
+            if self.write_nifti:
+                import nibabel as nib
+
+                nib.save(nib.Nifti1Image(label_map, np.eye(4)), f"{stem}_seg.nii.gz")
+        return result

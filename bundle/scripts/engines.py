@@ -1,0 +1,217 @@
+"""Glue between the bundle's parts and MONAI's engines: batch preparation, handlers, input checks.
+
+Everything here is referenced from the YAML configs; the engines themselves are MONAI's
+``SupervisedTrainer`` / ``SupervisedEvaluator``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import PrepareBatch
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ batch preparation
+class PromptedSampleBatch(PrepareBatch):
+    """Training batch of (frame, class) samples -> (embeddings, targets, (), {"class_ids": ...}).
+
+    ``targets`` is a dict with ``mask`` (B, 1, H, W), ``grid_mask`` (B, h, w) and ``class_id`` (B,),
+    what ``scripts.losses.SurgicalSAMLoss`` takes beside the network's output.
+    """
+
+    def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
+        def to(tensor):
+            return tensor.to(device=device, non_blocking=non_blocking, **kwargs)
+
+        targets = {key: to(batchdata[key]) for key in ("mask", "grid_mask", "class_id")}
+        return to(batchdata["image_embeddings"]), targets, (), {"class_ids": targets["class_id"]}
+
+
+class FrameBatch(PrepareBatch):
+    """Validation batch of whole frames -> (inputs, label, (), {"gt_label": label}).
+
+    The ground truth goes to the inferer, which uses it only under the ``oracle`` protocol.
+    """
+
+    def __init__(self, image_key: str = "image_embeddings", label_key: str = "label") -> None:
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
+        inputs = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        return inputs, label, (), {"gt_label": label}
+
+
+def endovis_metric_inputs(output: dict) -> tuple:
+    """Evaluator output -> (predicted label maps, GT label maps, has_entry) for ``EndoVisMetric``."""
+    return output["pred"]["label_map"], output["label"], output["pred"]["has_entry"]
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+class AugmentationVersionHandler:
+    """At each epoch start, tell the training dataset the epoch (it picks the augmentation version)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.dataset.set_epoch(engine.state.epoch - 1)
+        logger.info("epoch %d: augmentation version %d, %d samples", engine.state.epoch,
+                    self.dataset.version, len(self.dataset))
+
+
+class BestModelState:
+    """The evaluator's best metric and the best-model saver's record, as one checkpointable object.
+
+    Saved with the training state, so a resumed run neither forgets its best Challenge IoU nor
+    overwrites models/model.pt with a worse model.
+    """
+
+    def __init__(self, evaluator: Engine, best_model_saver) -> None:
+        self.evaluator, self.best_model_saver = evaluator, best_model_saver
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        # MONAI's CheckpointSaver loads its key-metric record but has no state_dict(): read ignite's.
+        record = self.best_model_saver._key_metric_checkpoint.state_dict()
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch),
+                "saver": record}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        self.best_model_saver.load_state_dict(state["saver"])
+
+
+class TrainingState:
+    """Save the training state every epoch into ``checkpoint_dir`` and resume from it on start.
+
+    The saved dict is ``save_dict`` plus the trainer itself (added at attach time, so the config
+    needs no reference from the trainer's handlers back to the trainer). A killed run started again
+    with the same command continues from the newest ``checkpoint_epoch=N.pt``; ``resume=False``
+    starts afresh (the old state is then replaced).
+    """
+
+    def __init__(self, checkpoint_dir: str, save_dict: dict, resume: bool = True) -> None:
+        self.checkpoint_dir, self.save_dict, self.resume = checkpoint_dir, dict(save_dict), resume
+
+    def latest_checkpoint(self) -> str | None:
+        found = []
+        for path in glob.glob(os.path.join(self.checkpoint_dir, "checkpoint_epoch=*.pt")):
+            match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
+            if match:
+                found.append((int(match.group(1)), path))
+        return max(found)[1] if found else None
+
+    def attach(self, engine: Engine) -> None:
+        state = {**self.save_dict, "trainer": engine}
+        latest = self.latest_checkpoint() if self.resume else None
+        if latest is not None:
+            logger.info("resuming training from %s", latest)
+            CheckpointLoader(load_path=latest, load_dict=state, map_location="cpu").attach(engine)
+        CheckpointSaver(save_dir=self.checkpoint_dir, save_dict=state, save_interval=1, n_saved=1,
+                        epoch_level=True).attach(engine)
+        # The saver's n_saved=1 only covers its own files: drop the ones of earlier (killed) runs,
+        # after the saver wrote this epoch's (handlers run in the order they were attached).
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._remove_older_checkpoints)
+
+    def _remove_older_checkpoints(self, engine: Engine) -> None:
+        for path in glob.glob(os.path.join(self.checkpoint_dir, "checkpoint_epoch=*.pt")):
+            match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
+            if match and int(match.group(1)) < engine.state.epoch:
+                os.remove(path)
+
+
+class MetricsReport:
+    """When an evaluator completes: write ``metrics.json`` and print a table of the metrics.
+
+    Args:
+        output_file: where to write; the folder is created.
+        protocol: the prompting protocol the numbers were measured under (written beside them).
+        class_names: printed in the table (the metric already names its per-class IoUs).
+        extra: anything else to record (dataset, checkpoint, ...).
+    """
+
+    METRIC_KEYS = ("challenge_iou", "iou", "mc_iou", "miou")
+
+    def __init__(self, output_file: str, protocol: str, class_names=None, extra: dict | None = None) -> None:
+        self.output_file, self.protocol = output_file, protocol
+        self.class_names, self.extra = class_names, extra or {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def report(self, metrics: dict) -> dict:
+        result = {"protocol": self.protocol, **{k: metrics.get(k) for k in self.METRIC_KEYS}}
+        result["class_iou"] = metrics.get("class_iou", {})
+        result["num_frames"] = metrics.get("num_frames")
+        result.update(self.extra)
+        return result
+
+    def __call__(self, engine: Engine) -> None:
+        result = self.report(engine.state.metrics)
+        os.makedirs(os.path.dirname(os.path.abspath(self.output_file)), exist_ok=True)
+        with open(self.output_file, "w") as handle:
+            json.dump(result, handle, indent=2)
+        print(format_metrics_table(result))
+        logger.info("metrics written to %s", self.output_file)
+
+
+def format_metrics_table(result: dict) -> str:
+    """A plain-text table of one metrics.json."""
+    def fmt(value):
+        return "   n/a" if value is None or value != value else f"{value:6.2f}"
+
+    lines = [f"protocol: {result.get('protocol')}   frames: {result.get('num_frames')}"]
+    lines += [f"  {key:<14}{fmt(result.get(key))}" for key in MetricsReport.METRIC_KEYS]
+    for name, value in (result.get("class_iou") or {}).items():
+        lines.append(f"    IoU {name:<28}{fmt(value)}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ input checks
+def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
+                          config_hint: str = "bundle/configs/train.yaml", job: str = "train",
+                          extra_problems: list[str] | None = None) -> None:
+    """Fail at once, naming every missing input and the command that makes it."""
+    from .data.embedding_cache import EmbeddingCache, cache_identity
+    from .networks.sam_backbone import _how_to_get
+
+    problems = list(extra_problems or [])
+    if not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
+        problems.append(
+            f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the model card) "
+            f"or pass --dataset_dir; for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`."
+        )
+    if sam_checkpoint is not None and not os.path.isfile(sam_checkpoint):
+        problems.append(f"SAM weights: {sam_checkpoint} not found. {_how_to_get(sam_variant, sam_checkpoint)}; "
+                        "or pass --sam_checkpoint PATH.")
+    if not problems:
+        try:
+            EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
+        except (FileNotFoundError, RuntimeError) as error:
+            problems.append(f"embeddings: {error}".replace("<the same config files as this run>", config_hint))
+    if problems:
+        raise FileNotFoundError(f"cannot {job}:\n  - " + "\n  - ".join(problems))
+
+
+def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
+                            model_file: str) -> None:
+    """As :func:`check_training_inputs`, and the trained model must exist."""
+    extra = []
+    if not os.path.isfile(model_file):
+        extra.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
+                     "--config_file bundle/configs/train.yaml ...) or pass --model_file PATH.")
+    check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra)

@@ -1,0 +1,76 @@
+"""Frame-level inference for class-promptable models: which classes to prompt, and the label map.
+
+Two protocols (SPEC 7), always labelled in the outputs:
+
+- ``oracle`` (the paper's): prompt only the classes present in the frame's ground truth; frames
+  without an instrument get no prompt and so no metric entry.
+- ``auto``: no ground truth; prompt every class, a class is present where its mask has at least
+  ``min_mask_pixels`` pixels; every frame has an entry.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.inferers import Inferer
+
+from .metrics import merge_class_masks
+
+PROTOCOLS = ("oracle", "auto")
+
+
+class ClassPromptInferer(Inferer):
+    """Prompt a SurgicalSAM-like network (``predict_classes``) and merge its masks by quality.
+
+    Args:
+        num_classes: C.
+        protocol: ``oracle`` or ``auto``.
+        min_mask_pixels: in ``auto``, smallest mask (pixels with logit > 0) that counts as present.
+        pairs_per_pass: (frame, class) pairs decoded together.
+        output: ``dict`` (for evaluators: label map, entries, qualities) or ``label_map`` (a tensor,
+            for inference and MONAI Label).
+    """
+
+    def __init__(self, num_classes: int, protocol: str = "auto", min_mask_pixels: int = 1,
+                 pairs_per_pass: int = 32, output: str = "dict") -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if output not in ("dict", "label_map"):
+            raise ValueError(f"output must be 'dict' or 'label_map', got {output!r}")
+        self.num_classes, self.protocol, self.output = num_classes, protocol, output
+        self.min_mask_pixels, self.pairs_per_pass = max(1, int(min_mask_pixels)), pairs_per_pass
+
+    def classes_to_prompt(self, batch: int, gt_label: torch.Tensor | None, device) -> torch.Tensor:
+        """-> (B, C) bool."""
+        if self.protocol == "auto":
+            return torch.ones(batch, self.num_classes, dtype=torch.bool, device=device)
+        if gt_label is None:
+            raise ValueError("the oracle protocol needs the ground-truth label map (gt_label)")
+        labels = gt_label.reshape(batch, -1).to(device)
+        class_values = torch.arange(1, self.num_classes + 1, device=device)
+        return (labels[:, None, :] == class_values[None, :, None]).any(-1)
+
+    def __call__(self, inputs: torch.Tensor, network, gt_label: torch.Tensor | None = None):
+        """
+        Args:
+            inputs: frames (B, 3, H, W) or image embeddings (B, d, h, w).
+            network: a model with ``predict_classes(inputs, class_mask) -> logits (B,C,H,W), quality (B,C)``.
+            gt_label: (B, 1, H, W) ground truth, needed by the oracle protocol only.
+
+        Returns:
+            ``label_map`` (B, 1, H, W) long; with ``output='dict'`` a dict of it, ``has_entry`` (B,),
+            ``present`` (B, C) and ``quality`` (B, C).
+        """
+        model = getattr(network, "module", network)  # DistributedDataParallel
+        prompt = self.classes_to_prompt(inputs.shape[0], gt_label, inputs.device)
+        logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
+        masks = logits > 0
+        present = prompt & (masks.flatten(2).sum(-1) >= self.min_mask_pixels)
+        class_ids = torch.arange(1, self.num_classes + 1, device=logits.device)
+        label_map = torch.stack(
+            [merge_class_masks(masks[b][present[b]], class_ids[present[b]], quality[b][present[b]])
+             for b in range(inputs.shape[0])]
+        ).unsqueeze(1)
+        if self.output == "label_map":
+            return label_map
+        has_entry = prompt.any(1) if self.protocol == "oracle" else torch.ones_like(prompt[:, 0])
+        return {"label_map": label_map, "has_entry": has_entry, "present": present, "quality": quality}
