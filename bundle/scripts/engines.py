@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import re
+import zipfile
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import PrepareBatch
@@ -113,7 +115,13 @@ class TrainingState:
             match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
             if match:
                 found.append((int(match.group(1)), path))
-        return max(found)[1] if found else None
+        # MONAI's CheckpointSaver writes in place (not atomically): a run killed while saving leaves a
+        # truncated file, which must not block resuming from the previous, complete one.
+        for _, path in sorted(found, reverse=True):
+            if zipfile.is_zipfile(path):  # torch.save's format; a truncated file lacks the zip directory
+                return path
+            logger.warning("skipping the incomplete training state %s (the run was killed while saving it)", path)
+        return None
 
     def attach(self, engine: Engine) -> None:
         state = {**self.save_dict, "trainer": engine}
@@ -121,17 +129,24 @@ class TrainingState:
         if latest is not None:
             logger.info("resuming training from %s", latest)
             CheckpointLoader(load_path=latest, load_dict=state, map_location="cpu").attach(engine)
-        CheckpointSaver(save_dir=self.checkpoint_dir, save_dict=state, save_interval=1, n_saved=1,
+        # n_saved=None: ignite's own pruning deletes the previous file BEFORE writing the next one (in
+        # place), so a kill in between would leave no complete state. Older files (also those of
+        # earlier, killed runs) are removed below, once this epoch's file is written (handlers run in
+        # the order they were attached).
+        CheckpointSaver(save_dir=self.checkpoint_dir, save_dict=state, save_interval=1, n_saved=None,
                         epoch_level=True).attach(engine)
-        # The saver's n_saved=1 only covers its own files: drop the ones of earlier (killed) runs,
-        # after the saver wrote this epoch's (handlers run in the order they were attached).
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._remove_older_checkpoints)
 
     def _remove_older_checkpoints(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
         for path in glob.glob(os.path.join(self.checkpoint_dir, "checkpoint_epoch=*.pt")):
             match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
             if match and int(match.group(1)) < engine.state.epoch:
-                os.remove(path)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
 
 
 class MetricsReport:

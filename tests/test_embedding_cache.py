@@ -1,0 +1,341 @@
+"""Tests of the embedding cache (SPEC 5-6): precompute, identity and staleness checks, resume, datasets."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
+from PIL import Image
+
+from scripts.data.augmentation import version_for_epoch
+from scripts.data.embedding_cache import (
+    MANIFEST_NAME,
+    CachedFrameDataset,
+    CachedPromptDataset,
+    EmbeddingCache,
+    StaleCacheError,
+    cache_identity,
+    precompute_embeddings,
+)
+from scripts.data.layout import load_datalist, read_frame, read_label_map
+from scripts.networks.sam_backbone import build_sam, file_md5, save_random_sam_checkpoint
+from scripts.networks.sam_geometry import frames_to_sam_input
+
+NUM_CLASSES = 7  # the demo's EndoVis2018 classes
+GRID = (16, 16)  # the tiny variant's embedding grid
+EMBED_DIM = 256
+PRECOMPUTE = "monai.bundle run precompute"
+
+
+def identity(checkpoint: str, variant: str = "tiny") -> dict:
+    return cache_identity(variant, checkpoint)
+
+
+def cache_files(cache_dir: str, pattern: str = "**/*.npy") -> dict[str, int]:
+    """relative path -> mtime_ns of the matching files."""
+    return {os.path.relpath(p, cache_dir): os.stat(p).st_mtime_ns
+            for p in glob.glob(os.path.join(cache_dir, pattern), recursive=True)}
+
+
+@pytest.fixture
+def cache(small_cache_dir, small_sam_checkpoint) -> EmbeddingCache:
+    return EmbeddingCache(small_cache_dir, identity(small_sam_checkpoint))
+
+
+@pytest.fixture
+def private_validation_cache(tmp_path, small_demo_dir, small_sam_checkpoint):
+    """(dataset_dir, cache_dir) of a private copy of the demo data and a validation-only cache of it,
+    for tests that change source files."""
+    dataset_dir = str(tmp_path / "data")
+    shutil.copytree(small_demo_dir, dataset_dir)
+    cache_dir = str(tmp_path / "cache")
+    precompute_embeddings(dataset_dir, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    return dataset_dir, cache_dir
+
+
+# ------------------------------------------------------------------------------------------ precompute
+def test_manifest_identity(small_cache_dir, small_sam_checkpoint):
+    with open(os.path.join(small_cache_dir, MANIFEST_NAME)) as handle:
+        manifest = json.load(handle)
+    found = manifest["identity"]
+    assert found["sam_variant"] == "tiny"
+    assert found["sam_checkpoint_md5"] == file_md5(small_sam_checkpoint)
+    assert found["image_size"] == 256
+    assert found["grid_size"] == [16, 16]
+    assert found["dtype"] == "float16"
+    assert found == identity(small_sam_checkpoint)
+    assert manifest["complete"] is True
+    assert manifest["splits"] == {"training": list(range(SMALL_CACHE_VERSIONS + 1)), "validation": [0]}
+
+
+def test_versions_per_split(cache, small_cache_dir):
+    assert cache.versions("training") == list(range(SMALL_CACHE_VERSIONS + 1))
+    assert cache.versions("validation") == [0]
+    frames_per_split = {"training": SMALL_DEMO["train_sequences"] * SMALL_DEMO["frames_per_sequence"],
+                        "validation": SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]}
+    for split, versions in (("training", range(SMALL_CACHE_VERSIONS + 1)), ("validation", [0])):
+        for version in versions:
+            files = glob.glob(os.path.join(small_cache_dir, split, f"v{version:02d}", "*", "*.npy"))
+            assert len(files) == frames_per_split[split], (split, version)
+            assert len(cache.entries(split, version)) == frames_per_split[split]
+    assert not os.path.exists(os.path.join(small_cache_dir, "validation", "v01"))
+    with pytest.raises(StaleCacheError, match="no version 1"):
+        cache.entries("validation", 1)
+
+
+def test_entries_are_float16_embeddings_and_labels(cache, small_cache_dir):
+    for split, version in (("training", 0), ("training", SMALL_CACHE_VERSIONS), ("validation", 0)):
+        for entry in cache.entries(split, version):
+            stored = np.load(os.path.join(small_cache_dir, entry["embedding"]))
+            assert stored.dtype == np.float16
+            assert stored.shape == (EMBED_DIM, *GRID)
+            assert np.isfinite(stored).all()
+            label = np.asarray(Image.open(os.path.join(small_cache_dir, entry["label"])))
+            assert label.shape == tuple(SMALL_DEMO["frame_size"]) == tuple(entry["frame_size"])
+            assert entry["classes"] == [c for c in range(1, NUM_CLASSES + 1) if (label == c).any()]
+            assert set(entry["grid_classes"]) <= set(entry["classes"])
+
+
+def test_version0_label_equals_source(cache, small_cache_dir, small_demo_dir):
+    for split in ("training", "validation"):
+        sources = {item["key"]: item for item in load_datalist(small_demo_dir, split)}
+        entries = cache.entries(split, 0)
+        assert sorted(e["key"] for e in entries) == sorted(sources)
+        for entry in entries:
+            cached = np.asarray(Image.open(os.path.join(small_cache_dir, entry["label"])))
+            source = read_label_map(sources[entry["key"]]["label"], NUM_CLASSES)
+            np.testing.assert_array_equal(cached, source)
+
+
+def test_augmented_versions_differ_from_original(cache, small_cache_dir):
+    """Versions 1..K are real augmentations: some frame's label or embedding differs from version 0."""
+    originals = {e["key"]: e for e in cache.entries("training", 0)}
+    changed = 0
+    for entry in cache.entries("training", 1):
+        a = np.asarray(Image.open(os.path.join(small_cache_dir, entry["label"])))
+        b = np.asarray(Image.open(os.path.join(small_cache_dir, originals[entry["key"]]["label"])))
+        changed += int(not np.array_equal(a, b))
+    assert changed > 0
+
+
+def test_stored_embedding_equals_encoder_output(cache, small_cache_dir, small_demo_dir, small_sam_checkpoint):
+    encoder = build_sam("tiny", small_sam_checkpoint).image_encoder.eval()
+    items = load_datalist(small_demo_dir, "validation")[:2]
+    frames = torch.stack([torch.from_numpy(read_frame(item["image"])).permute(2, 0, 1) for item in items])
+    with torch.no_grad():
+        expected = encoder(frames_to_sam_input(frames, 256)).numpy()
+    by_key = {e["key"]: e for e in cache.entries("validation", 0)}
+    for row, item in enumerate(items):
+        stored = np.load(os.path.join(small_cache_dir, by_key[item["key"]]["embedding"])).astype(np.float32)
+        scale = float(np.abs(expected[row]).max())
+        np.testing.assert_allclose(stored, expected[row], rtol=2e-3, atol=2e-3 * scale)
+
+
+# -------------------------------------------------------------------------------------- staleness
+def test_other_checkpoint_is_stale(tmp_path, small_cache_dir):
+    other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), variant="tiny", seed=1)
+    with pytest.raises(StaleCacheError) as error:
+        EmbeddingCache(small_cache_dir, identity(other))
+    message = str(error.value)
+    assert "sam_checkpoint_md5" in message
+    assert PRECOMPUTE in message
+    assert "sam_variant" not in message  # only the differing field is named
+
+
+def test_other_variant_is_stale(small_cache_dir, small_sam_checkpoint):
+    with pytest.raises(StaleCacheError) as error:
+        EmbeddingCache(small_cache_dir, identity(small_sam_checkpoint, variant="vit_b"))
+    message = str(error.value)
+    assert "sam_variant" in message and "'tiny'" in message and "'vit_b'" in message
+    assert "image_size" in message
+    assert PRECOMPUTE in message
+
+
+def test_precompute_never_overwrites_another_identity(tmp_path, small_cache_dir, small_demo_dir):
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(small_cache_dir, cache_dir)
+    with open(os.path.join(cache_dir, MANIFEST_NAME), "rb") as handle:
+        manifest_before = handle.read()
+    files_before = cache_files(cache_dir, "**/*")
+    other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), variant="tiny", seed=1)
+    with pytest.raises(StaleCacheError, match="sam_checkpoint_md5") as error:
+        precompute_embeddings(small_demo_dir, cache_dir, "tiny", other, augmentation_versions=SMALL_CACHE_VERSIONS)
+    assert "nothing was overwritten" in str(error.value)
+    with open(os.path.join(cache_dir, MANIFEST_NAME), "rb") as handle:
+        assert handle.read() == manifest_before
+    assert cache_files(cache_dir, "**/*") == files_before
+
+
+@pytest.mark.parametrize("change", ["rewrite_label", "touch_label", "touch_frame", "delete_frame"])
+def test_changed_source_is_stale(private_validation_cache, small_sam_checkpoint, change):
+    dataset_dir, cache_dir = private_validation_cache
+    item = load_datalist(dataset_dir, "validation")[1]
+    EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")  # fresh: fine
+    if change == "rewrite_label":  # other content (and so another size and mtime)
+        label = read_label_map(item["label"], NUM_CLASSES)
+        label[:8] = 0
+        label[-8:, -8:] = 1
+        Image.fromarray(label, mode="L").save(item["label"])
+    elif change == "touch_label":  # same content, new mtime and size (re-encoded)
+        stat = os.stat(item["label"])
+        Image.open(item["label"]).save(item["label"], compress_level=0)
+        os.utime(item["label"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert os.stat(item["label"]).st_size != stat.st_size
+    elif change == "touch_frame":  # same bytes, only the mtime changes
+        stat = os.stat(item["image"])
+        os.utime(item["image"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    else:
+        os.remove(item["image"])
+    cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
+    with pytest.raises(StaleCacheError) as error:
+        cache.entries("validation")
+    message = str(error.value)
+    assert "changed or vanished" in message
+    assert os.path.basename(item["image"] if "frame" in change else item["label"]) in message
+    assert PRECOMPUTE in message
+
+
+def test_incomplete_manifest(tmp_path, small_cache_dir, small_sam_checkpoint):
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(small_cache_dir, cache_dir)
+    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    manifest["complete"] = False
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest, handle)
+    with pytest.raises(StaleCacheError, match="interrupted") as error:
+        EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
+    assert PRECOMPUTE in str(error.value)
+
+
+def test_missing_cache_dir(tmp_path, small_sam_checkpoint):
+    missing = str(tmp_path / "no_cache")
+    with pytest.raises(FileNotFoundError) as error:
+        EmbeddingCache(missing, identity(small_sam_checkpoint))
+    assert missing in str(error.value) and PRECOMPUTE in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def test_resume_recomputes_only_missing_entries(tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint):
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(small_cache_dir, cache_dir)  # copy2: mtimes kept
+    reference = {k: np.load(os.path.join(small_cache_dir, k)) for k in cache_files(small_cache_dir)}
+    before = cache_files(cache_dir)
+    deleted = sorted(before)[::5][:3]
+    assert len(deleted) == 3
+    for relative in deleted:
+        os.remove(os.path.join(cache_dir, relative))
+    # an interrupted run leaves the manifest incomplete
+    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    manifest["complete"] = False
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest, handle)
+
+    result = precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
+                                   augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    assert result["complete"] is True
+    after = cache_files(cache_dir)
+    assert set(after) == set(before)
+    for relative, mtime in after.items():
+        if relative in deleted:
+            np.testing.assert_array_equal(np.load(os.path.join(cache_dir, relative)), reference[relative])
+        else:
+            assert mtime == before[relative], f"{relative} was recomputed"
+    assert not glob.glob(os.path.join(cache_dir, "**", "*.tmp*"), recursive=True)
+    cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
+    assert len(cache.entries("training", SMALL_CACHE_VERSIONS)) == 8
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def test_prompt_dataset_one_sample_per_present_class(cache):
+    dataset = CachedPromptDataset(cache, "training", num_classes=NUM_CLASSES)
+    entries = cache.entries("training", 0)
+    expected = [(i, c) for i, e in enumerate(entries) for c in e["grid_classes"]]
+    assert dataset.version == 0
+    assert dataset.samples == expected
+    assert len(dataset) == len(expected) > 0
+
+
+def test_prompt_dataset_items(cache):
+    dataset = CachedPromptDataset(cache, "training", num_classes=NUM_CLASSES)
+    for index in (0, len(dataset) - 1):
+        item = dataset[index]
+        entry_index, class_id = dataset.samples[index]
+        assert item["image_embeddings"].shape == (EMBED_DIM, *GRID)
+        assert item["image_embeddings"].dtype == torch.float32
+        assert item["mask"].shape == (1, *SMALL_DEMO["frame_size"])
+        assert item["mask"].dtype == torch.float32
+        assert item["grid_mask"].shape == GRID and item["grid_mask"].dtype == torch.bool
+        assert item["grid_mask"].any()  # a present class is on the grid
+        assert int(item["class_id"]) == class_id and item["class_id"].dtype == torch.long
+        _, label = cache.load(dataset.entries[entry_index])
+        torch.testing.assert_close(item["mask"][0], (label == class_id).float())
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    assert batch["image_embeddings"].shape == (4, EMBED_DIM, *GRID)
+    assert batch["class_id"].shape == (4,)
+
+
+def test_prompt_dataset_set_epoch_switches_version(cache, small_cache_dir):
+    dataset = CachedPromptDataset(cache, "training", num_classes=NUM_CLASSES)
+    assert dataset.num_versions == SMALL_CACHE_VERSIONS
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        expected = version_for_epoch(epoch, SMALL_CACHE_VERSIONS)
+        assert dataset.version == expected
+        assert (expected == 0) == (epoch % 2 == 0)  # odd epochs use augmented versions
+        assert dataset.entries == cache.entries("training", expected)
+        assert all(f"v{expected:02d}" in e["embedding"] for e in dataset.entries)
+        item = dataset[0]
+        entry = dataset.entries[dataset.samples[0][0]]
+        stored = np.load(os.path.join(small_cache_dir, entry["embedding"])).astype(np.float32)
+        np.testing.assert_array_equal(item["image_embeddings"].numpy(), stored)
+    dataset.set_epoch(1)
+    assert dataset.version == 1
+    dataset.set_epoch(3)
+    assert dataset.version == 2
+
+
+def test_prompt_dataset_absent_prompts(cache):
+    plain = CachedPromptDataset(cache, "training", num_classes=NUM_CLASSES)
+    dataset = CachedPromptDataset(cache, "training", num_classes=NUM_CLASSES, absent_prompts_per_frame=1, seed=3)
+    entries = cache.entries("training", 0)
+    with_absent = [i for i, e in enumerate(entries) if len(e["classes"]) < NUM_CLASSES]
+    assert with_absent  # the demo frames hold at most 3 of the 7 classes
+    assert len(dataset) == len(plain) + len(with_absent)
+    absent_samples = [(i, c) for i, c in dataset.samples if c not in entries[i]["classes"]]
+    assert sorted(i for i, _ in absent_samples) == with_absent  # exactly one per such frame
+    position = dataset.samples.index(absent_samples[0])
+    item = dataset[position]
+    assert item["mask"].sum() == 0 and not item["grid_mask"].any()
+    assert 1 <= int(item["class_id"]) <= NUM_CLASSES
+    # reproducible for a seed and epoch
+    again = CachedPromptDataset(cache, "training", num_classes=NUM_CLASSES, absent_prompts_per_frame=1, seed=3)
+    assert again.samples == dataset.samples
+
+
+def test_prompt_dataset_rejects_wrong_num_classes(cache):
+    with pytest.raises(ValueError, match="num_classes"):
+        CachedPromptDataset(cache, "training", num_classes=3)
+
+
+def test_frame_dataset_items(cache):
+    dataset = CachedFrameDataset(cache, "validation")
+    entries = cache.entries("validation", 0)
+    assert len(dataset) == len(entries) == SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]
+    item = dataset[0]
+    assert item["image_embeddings"].shape == (EMBED_DIM, *GRID)
+    assert item["image_embeddings"].dtype == torch.float32
+    assert item["label"].shape == (1, *SMALL_DEMO["frame_size"])
+    assert item["label"].dtype == torch.long
+    assert item["key"] == entries[0]["key"]
+    present = [c for c in range(1, NUM_CLASSES + 1) if (item["label"] == c).any()]
+    assert present == entries[0]["classes"]

@@ -1,0 +1,419 @@
+"""Tests of the engine glue (scripts.engines) and the class-prompt inferer (scripts.inferers)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+from torch import nn
+
+from scripts.engines import (
+    AugmentationVersionHandler,
+    FrameBatch,
+    MetricsReport,
+    PromptedSampleBatch,
+    TrainingState,
+    check_evaluation_inputs,
+    check_training_inputs,
+    endovis_metric_inputs,
+    format_metrics_table,
+)
+from scripts.inferers import ClassPromptInferer
+
+NUM_CLASSES = 3
+H, W = 8, 10
+
+
+# -------------------------------------------------------------------------------------- batch preparation
+def test_prompted_sample_batch():
+    batch = {
+        "image_embeddings": torch.randn(2, 256, 4, 4),
+        "mask": torch.zeros(2, 1, H, W),
+        "grid_mask": torch.zeros(2, 4, 4, dtype=torch.bool),
+        "class_id": torch.tensor([1, 3]),
+        "unused": "x",
+    }
+    inputs, targets, args, kwargs = PromptedSampleBatch()(batch, torch.device("cpu"))
+    assert inputs is not None and torch.equal(inputs, batch["image_embeddings"])
+    assert set(targets) == {"mask", "grid_mask", "class_id"}
+    for key in targets:
+        assert torch.equal(targets[key], batch[key])
+    assert args == ()
+    assert set(kwargs) == {"class_ids"} and torch.equal(kwargs["class_ids"], torch.tensor([1, 3]))
+
+
+def test_frame_batch():
+    batch = {"image_embeddings": torch.randn(2, 256, 4, 4), "label": torch.randint(0, 4, (2, 1, H, W)), "key": ["a", "b"]}
+    inputs, label, args, kwargs = FrameBatch()(batch, torch.device("cpu"))
+    assert torch.equal(inputs, batch["image_embeddings"]) and torch.equal(label, batch["label"])
+    assert args == () and torch.equal(kwargs["gt_label"], batch["label"])
+    frames = {"image": torch.zeros(1, 3, H, W), "seg": torch.ones(1, 1, H, W, dtype=torch.long)}
+    inputs, label, _, kwargs = FrameBatch(image_key="image", label_key="seg")(frames)
+    assert inputs.shape == (1, 3, H, W) and torch.equal(kwargs["gt_label"], frames["seg"])
+
+
+def test_endovis_metric_inputs():
+    output = {"pred": {"label_map": 1, "has_entry": 2, "present": 3}, "label": 4}
+    assert endovis_metric_inputs(output) == (1, 4, 2)
+
+
+# ----------------------------------------------------------------------------------------------- inferer
+class FakePromptable:
+    """Stands in for SurgicalSAM: records the class masks and returns fixed logits and qualities."""
+
+    def __init__(self, logits: torch.Tensor, quality: torch.Tensor) -> None:
+        self.logits, self.quality, self.calls = logits, quality, []
+
+    def predict_classes(self, inputs, class_mask, pairs_per_pass=32):
+        self.calls.append(class_mask.clone())
+        logits = torch.where(class_mask[..., None, None], self.logits, torch.tensor(float("-inf")))
+        quality = torch.where(class_mask, self.quality, torch.tensor(float("-inf")))
+        return logits, quality
+
+
+def square(top, left, size=4):
+    mask = torch.full((H, W), -5.0)
+    mask[top:top + size, left:left + size] = 5.0
+    return mask
+
+
+@pytest.fixture
+def fake_network():
+    # frame 0: classes 1 and 2 overlap; frame 1: class 3 only; frame 2: nothing
+    logits = torch.full((3, NUM_CLASSES, H, W), -5.0)
+    logits[0, 0], logits[0, 1] = square(0, 0), square(2, 2)
+    logits[1, 2] = square(4, 5)
+    quality = torch.tensor([[0.2, 0.9, 0.5], [0.5, 0.5, 0.7], [0.1, 0.1, 0.1]])
+    return FakePromptable(logits, quality)
+
+
+def gt_labels():
+    gt = torch.zeros(3, 1, H, W, dtype=torch.long)
+    gt[0, 0, 0:2, 0:2] = 1
+    gt[0, 0, 5:7, 0:2] = 2
+    gt[1, 0, 4:8, 5:9] = 3
+    return gt  # frame 2: no instrument
+
+
+def test_oracle_prompts_exactly_the_gt_classes(fake_network):
+    inferer = ClassPromptInferer(NUM_CLASSES, protocol="oracle")
+    output = inferer(torch.zeros(3, 256, 4, 4), fake_network, gt_label=gt_labels())
+    (class_mask,) = fake_network.calls
+    expected = torch.tensor([[True, True, False], [False, False, True], [False, False, False]])
+    assert torch.equal(class_mask.cpu(), expected)
+    assert output["has_entry"].tolist() == [True, True, False]  # no GT instrument: no entry
+    assert torch.equal(output["present"], expected)
+    assert output["label_map"].shape == (3, 1, H, W)
+    assert not output["label_map"][2].any()
+
+
+def test_oracle_needs_ground_truth(fake_network):
+    with pytest.raises(ValueError, match="gt_label"):
+        ClassPromptInferer(NUM_CLASSES, protocol="oracle")(torch.zeros(3, 256, 4, 4), fake_network)
+
+
+def test_auto_prompts_every_class(fake_network):
+    inferer = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_pixels=1)
+    output = inferer(torch.zeros(3, 256, 4, 4), fake_network)  # no GT needed
+    (class_mask,) = fake_network.calls
+    assert class_mask.all() and class_mask.shape == (3, NUM_CLASSES)
+    assert output["has_entry"].tolist() == [True, True, True]
+    assert output["present"].tolist() == [[True, True, False], [False, False, True], [False, False, False]]
+    torch.testing.assert_close(output["quality"], fake_network.quality)
+
+
+def test_auto_min_mask_pixels(fake_network):
+    inferer = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_pixels=17)  # squares have 16 pixels
+    output = inferer(torch.zeros(3, 256, 4, 4), fake_network)
+    assert not output["present"].any() and not output["label_map"].any()
+
+
+def test_label_map_merge_by_quality(fake_network):
+    output = ClassPromptInferer(NUM_CLASSES, protocol="auto")(torch.zeros(3, 256, 4, 4), fake_network)
+    label_map = output["label_map"]
+    assert label_map.dtype == torch.long
+    assert label_map[0, 0, 0, 0] == 1  # class 1 only
+    assert label_map[0, 0, 2, 2] == 2  # overlap: class 2 has the higher quality (0.9 > 0.2)
+    assert label_map[0, 0, 5, 5] == 2
+    assert label_map[0, 0, 7, 7] == 0
+    assert (label_map[0] == 1).sum() == 16 - 4
+    assert (label_map[1] == 3).sum() == 16 and (label_map[1] != 3).sum() == (label_map[1] == 0).sum()
+    # swap the qualities: class 1 wins the overlap
+    fake_network.quality[0] = torch.tensor([0.9, 0.2, 0.5])
+    label_map = ClassPromptInferer(NUM_CLASSES, protocol="auto")(torch.zeros(3, 256, 4, 4), fake_network)["label_map"]
+    assert label_map[0, 0, 2, 2] == 1 and label_map[0, 0, 5, 5] == 2
+
+
+def test_label_map_output(fake_network):
+    inferer = ClassPromptInferer(NUM_CLASSES, protocol="auto", output="label_map")
+    label_map = inferer(torch.zeros(3, 256, 4, 4), fake_network)
+    assert isinstance(label_map, torch.Tensor)
+    assert label_map.shape == (3, 1, H, W) and label_map.dtype == torch.long
+
+
+def test_inferer_unwraps_module(fake_network):
+    wrapper = nn.Module()
+    wrapper.module = fake_network  # like DistributedDataParallel
+    ClassPromptInferer(NUM_CLASSES, protocol="auto")(torch.zeros(3, 256, 4, 4), wrapper)
+    assert len(fake_network.calls) == 1
+
+
+def test_inferer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="protocol"):
+        ClassPromptInferer(NUM_CLASSES, protocol="gt")
+    with pytest.raises(ValueError, match="output"):
+        ClassPromptInferer(NUM_CLASSES, output="masks")
+
+
+def test_inferer_with_tiny_surgical_sam():
+    from scripts.networks.surgical_sam import SurgicalSAM
+
+    torch.manual_seed(0)
+    model = SurgicalSAM(NUM_CLASSES, 2, (H * 4, W * 4), sam_variant="tiny").eval()
+    embeddings = 0.5 * torch.randn(2, 256, 16, 16, generator=torch.Generator().manual_seed(1))
+    gt = torch.zeros(2, 1, H * 4, W * 4, dtype=torch.long)
+    gt[0, 0, :5, :5] = 2
+    with torch.no_grad():
+        oracle = ClassPromptInferer(NUM_CLASSES, protocol="oracle", pairs_per_pass=2)(embeddings, model, gt_label=gt)
+        auto = ClassPromptInferer(NUM_CLASSES, protocol="auto", pairs_per_pass=2)(embeddings, model)
+    assert oracle["has_entry"].tolist() == [True, False]
+    assert oracle["quality"][0, 1].isfinite() and oracle["quality"][0, [0, 2]].isinf().all()
+    assert oracle["quality"][1].isinf().all() and not oracle["label_map"][1].any()
+    assert set(oracle["label_map"][0].unique().tolist()) <= {0, 2}
+    assert auto["label_map"].shape == (2, 1, H * 4, W * 4)
+    assert auto["quality"].isfinite().all() and auto["has_entry"].all()
+    # the oracle's class-2 mask is the auto protocol's class-2 mask where class 2 is labelled
+    assert set(auto["label_map"].unique().tolist()) <= set(range(NUM_CLASSES + 1))
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+class TinyData(torch.utils.data.Dataset):
+    def __init__(self, n=6):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=generator)
+        self.y = torch.randn(n, 1, generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return {"image": self.x[index], "label": self.y[index]}
+
+
+def make_trainer(checkpoint_dir, max_epochs, seed, resume=True):
+    torch.manual_seed(seed)
+    network = nn.Linear(4, 1)
+    optimizer = torch.optim.Adam(network.parameters(), lr=0.01)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=max_epochs,
+        train_data_loader=torch.utils.data.DataLoader(TinyData(), batch_size=2),
+        network=network, optimizer=optimizer, loss_function=nn.MSELoss(),
+    )
+    state = TrainingState(str(checkpoint_dir), save_dict={"model": network, "optimizer": optimizer}, resume=resume)
+    state.attach(trainer)
+    epochs = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: epochs.append(engine.state.epoch))
+    return trainer, network, optimizer, state, epochs
+
+
+def test_training_state_resumes(tmp_path):
+    checkpoint_dir = tmp_path / "training_state"
+    trainer, network, optimizer, state, epochs = make_trainer(checkpoint_dir, max_epochs=2, seed=0)
+    assert state.latest_checkpoint() is None
+    trainer.run()
+    assert epochs == [1, 2]
+    assert sorted(os.listdir(checkpoint_dir)) == ["checkpoint_epoch=2.pt"]  # n_saved=1
+    assert state.latest_checkpoint().endswith("checkpoint_epoch=2.pt")
+    trained = {k: v.clone() for k, v in network.state_dict().items()}
+    adam_steps = optimizer.state_dict()["state"][0]["step"]
+
+    trainer, network, optimizer, _, epochs = make_trainer(checkpoint_dir, max_epochs=3, seed=1)
+    assert not torch.equal(network.weight, trained["weight"])  # another initialisation
+    restored = {}
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def record(engine):
+        restored.setdefault("model", {k: v.clone() for k, v in network.state_dict().items()})
+        restored.setdefault("step", optimizer.state_dict()["state"][0]["step"].clone())
+        restored.setdefault("epoch", engine.state.epoch)
+
+    trainer.run()
+    assert epochs == [3]  # one more epoch only
+    assert restored["epoch"] == 3
+    for key, value in trained.items():
+        torch.testing.assert_close(restored["model"][key], value)
+    assert int(restored["step"]) == int(adam_steps)
+    assert trainer.state.epoch == 3 and trainer.state.max_epochs == 3
+    assert sorted(os.listdir(checkpoint_dir)) == ["checkpoint_epoch=3.pt"]
+
+
+def test_training_state_skips_truncated_checkpoint(tmp_path):
+    """A run killed while saving (MONAI's saver writes in place) leaves a truncated newest file:
+    resuming falls back to the previous complete one, and the next save replaces the truncated one."""
+    checkpoint_dir = tmp_path / "training_state"
+    make_trainer(checkpoint_dir, max_epochs=2, seed=0)[0].run()
+    complete = checkpoint_dir / "checkpoint_epoch=2.pt"
+    (checkpoint_dir / "checkpoint_epoch=3.pt").write_bytes(complete.read_bytes()[: complete.stat().st_size // 2])
+    trainer, _, _, state, epochs = make_trainer(checkpoint_dir, max_epochs=3, seed=1)
+    assert state.latest_checkpoint() == str(complete)
+    trainer.run()
+    assert epochs == [3]
+    assert sorted(os.listdir(checkpoint_dir)) == ["checkpoint_epoch=3.pt"]
+    assert torch.load(checkpoint_dir / "checkpoint_epoch=3.pt", weights_only=False)["trainer"]["iteration"] == 9
+
+
+def test_training_state_keeps_previous_until_next_is_written(tmp_path, monkeypatch):
+    """While epoch N is being written, the file of epoch N-1 must still exist (a kill then can resume)."""
+    from ignite.handlers.checkpoint import DiskSaver
+
+    checkpoint_dir = tmp_path / "training_state"
+    seen = []
+    original = DiskSaver.__call__
+
+    def spy(self, checkpoint, filename, metadata=None):
+        seen.append(("writing", filename, sorted(os.listdir(self.dirname))))
+        return original(self, checkpoint, filename, metadata)
+
+    monkeypatch.setattr(DiskSaver, "__call__", spy)  # MONAI's CheckpointSaver writes through a DiskSaver
+    trainer, *_ = make_trainer(checkpoint_dir, max_epochs=3, seed=0)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def files(engine):  # attached after TrainingState: runs after the save and the clean-up
+        seen.append(sorted(os.listdir(checkpoint_dir)))
+
+    trainer.run()
+    assert seen == [
+        ("writing", "checkpoint_epoch=1.pt", []), ["checkpoint_epoch=1.pt"],
+        ("writing", "checkpoint_epoch=2.pt", ["checkpoint_epoch=1.pt"]), ["checkpoint_epoch=2.pt"],
+        ("writing", "checkpoint_epoch=3.pt", ["checkpoint_epoch=2.pt"]), ["checkpoint_epoch=3.pt"],
+    ]
+
+
+def test_training_state_without_resume_starts_afresh(tmp_path):
+    checkpoint_dir = tmp_path / "training_state"
+    make_trainer(checkpoint_dir, max_epochs=1, seed=0)[0].run()
+    trainer, _, _, state, epochs = make_trainer(checkpoint_dir, max_epochs=2, seed=0, resume=False)
+    trainer.run()
+    assert epochs == [1, 2]
+    assert sorted(os.listdir(checkpoint_dir)) == ["checkpoint_epoch=2.pt"]
+
+
+def test_augmentation_version_handler():
+    class Recorder:
+        version, epochs = 0, []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+            self.version = epoch % 2
+
+        def __len__(self):
+            return 1
+
+    dataset = Recorder()
+    engine = Engine(lambda engine, batch: None)
+    AugmentationVersionHandler(dataset).attach(engine)
+    engine.run([0], max_epochs=3)
+    assert dataset.epochs == [0, 1, 2]  # 0-based epochs
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def test_metrics_report_writes_json(tmp_path, capsys):
+    output_file = tmp_path / "eval" / "metrics_auto.json"
+    report = MetricsReport(str(output_file), protocol="auto", class_names=["A", "B"], extra={"model_file": "m.pt"})
+    engine = Engine(lambda engine, batch: None)
+    report.attach(engine)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def set_metrics(engine):
+        engine.state.metrics.update({"challenge_iou": 50.0, "iou": 40.0, "mc_iou": float("nan"), "miou": 30.0,
+                                     "class_iou": {"A": 60.0, "B": float("nan")}, "num_frames": 2})
+
+    engine.run([0], max_epochs=1)
+    with open(output_file) as handle:
+        result = json.load(handle)
+    assert result["protocol"] == "auto"
+    assert result["challenge_iou"] == 50.0 and result["iou"] == 40.0 and result["miou"] == 30.0
+    assert math.isnan(result["mc_iou"])
+    assert result["class_iou"]["A"] == 60.0 and math.isnan(result["class_iou"]["B"])
+    assert result["num_frames"] == 2 and result["model_file"] == "m.pt"
+    printed = capsys.readouterr().out
+    assert "protocol: auto" in printed and "n/a" in printed
+
+
+def test_format_metrics_table_nan_and_none():
+    table = format_metrics_table({"protocol": "oracle", "challenge_iou": 12.345, "iou": float("nan"), "mc_iou": None,
+                                  "class_iou": {"Bipolar Forceps": float("nan"), "Clip Applier": 7.0}, "num_frames": 3})
+    lines = table.splitlines()
+    assert lines[0].startswith("protocol: oracle") and "frames: 3" in lines[0]
+    assert "12.35" in table
+    assert [line for line in lines if "iou" in line and "n/a" in line and "challenge" not in line]
+    assert any("Bipolar Forceps" in line and "n/a" in line for line in lines)
+    assert any("Clip Applier" in line and "7.00" in line for line in lines)
+    assert "nan" not in table.lower().replace("n/a", "")
+    assert format_metrics_table({})  # no metrics at all: still a table
+
+
+# ------------------------------------------------------------------------------------------ input checks
+def test_check_training_inputs_lists_every_problem(tmp_path):
+    dataset_dir = str(tmp_path / "no_data")
+    checkpoint = str(tmp_path / "models" / "sam_vit_h_4b8939.pth")
+    with pytest.raises(FileNotFoundError) as error:
+        check_training_inputs(dataset_dir, "vit_h", checkpoint, str(tmp_path / "cache"))
+    message = str(error.value)
+    assert dataset_dir in message and "surgical-sam make_demo_data" in message
+    assert checkpoint in message
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in message
+    assert message.count("\n  - ") == 2  # both problems, at once
+
+
+def test_check_training_inputs_missing_checkpoint_only(tmp_path, small_demo_dir):
+    checkpoint = str(tmp_path / "sam_tiny.pth")
+    with pytest.raises(FileNotFoundError) as error:
+        check_training_inputs(small_demo_dir, "tiny", checkpoint, str(tmp_path / "cache"))
+    message = str(error.value)
+    assert checkpoint in message and "make_sam_checkpoint" in message
+    assert "dataset:" not in message and message.count("\n  - ") == 1
+
+
+def test_check_training_inputs_missing_cache(tmp_path, small_demo_dir, small_sam_checkpoint):
+    cache_dir = str(tmp_path / "no_cache")
+    with pytest.raises(FileNotFoundError) as error:
+        check_training_inputs(small_demo_dir, "tiny", small_sam_checkpoint, cache_dir, config_hint="my.yaml")
+    message = str(error.value)
+    assert cache_dir in message and "monai.bundle run precompute" in message and "my.yaml" in message
+
+
+def test_check_training_inputs_stale_cache(tmp_path, small_demo_dir, small_cache_dir):
+    from scripts.networks.sam_backbone import save_random_sam_checkpoint
+
+    other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1)
+    with pytest.raises(FileNotFoundError, match="sam_checkpoint_md5"):
+        check_training_inputs(small_demo_dir, "tiny", other, small_cache_dir)
+
+
+def test_check_training_inputs_ok(small_demo_dir, small_sam_checkpoint, small_cache_dir):
+    check_training_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir)
+
+
+def test_check_evaluation_inputs_missing_model(tmp_path, small_demo_dir, small_sam_checkpoint, small_cache_dir):
+    model_file = str(tmp_path / "models" / "model.pt")
+    with pytest.raises(FileNotFoundError) as error:
+        check_evaluation_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir, model_file)
+    message = str(error.value)
+    assert message.startswith("cannot evaluate") and model_file in message and "Train first" in message
+    os.makedirs(os.path.dirname(model_file))
+    torch.save({}, model_file)
+    check_evaluation_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir, model_file)
+
+
+def test_check_evaluation_inputs_lists_model_with_other_problems(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        check_evaluation_inputs(str(tmp_path / "d"), "tiny", str(tmp_path / "s.pth"), str(tmp_path / "c"),
+                                str(tmp_path / "model.pt"))
+    message = str(error.value)
+    assert "model.pt" in message and "dataset.json missing" in message and "s.pth" in message

@@ -1,0 +1,225 @@
+"""Tests of the bundle's workflows (SPEC 10): ConfigWorkflow properties, input checks from the command
+line, and (slow) demo training, evaluation and kill-and-resume end to end."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+import yaml
+from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
+from monai.bundle import ConfigWorkflow
+from monai.bundle.properties import MetaProperties
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
+TRAIN, DEMO, EVALUATE = (os.path.join(CONFIGS, f"{name}.yaml") for name in ("train", "demo", "evaluate"))
+INFERENCE, DEMO_INFERENCE = os.path.join(CONFIGS, "inference.yaml"), os.path.join(CONFIGS, "demo_inference.yaml")
+METADATA = os.path.join(CONFIGS, "metadata.json")
+META_FILE = METADATA if os.path.isfile(METADATA) else None
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """ConfigWorkflow applies the bundle's logging.conf to the root logger: undo it after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def small_demo_initialize() -> list[str]:
+    """demo.yaml's `initialize`, with its demo data made at the small size of the tests.
+
+    demo.yaml calls ensure_demo_dataset with the default video count and length (4 + 2 sequences of
+    24 frames), which would replace the small demo data; only that call gets the small numbers.
+    """
+    with open(DEMO) as handle:
+        steps = yaml.safe_load(handle)["initialize"]
+    small = (f"num_classes=@num_classes, train_sequences={SMALL_DEMO['train_sequences']}, "
+             f"val_sequences={SMALL_DEMO['val_sequences']}, frames_per_sequence={SMALL_DEMO['frames_per_sequence']})")
+    patched = [step.replace("num_classes=@num_classes)", small) if "ensure_demo_dataset(" in step else step
+               for step in steps]
+    assert sum("ensure_demo_dataset(" in step and "train_sequences=" in step for step in patched) == 1, steps
+    return patched
+
+
+def demo_overrides(dataset_dir, cache_dir, sam_checkpoint, out_dir, **extra) -> dict:
+    return {
+        "dataset_dir": str(dataset_dir),
+        "cache_dir": str(cache_dir),
+        "sam_checkpoint": str(sam_checkpoint),
+        "output_dir": os.path.join(str(out_dir), "eval"),
+        "ckpt_dir": os.path.join(str(out_dir), "models"),
+        "frame_size": list(SMALL_DEMO["frame_size"]),
+        "augmentation_versions": SMALL_CACHE_VERSIONS,
+        "initialize": small_demo_initialize(),
+        **extra,
+    }
+
+
+@pytest.fixture
+def prepared(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint):
+    """A private copy of the shared cache (the demo's initialize re-checks and may rewrite its index)."""
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(small_cache_dir, cache_dir)
+    return {"dataset_dir": small_demo_dir, "cache_dir": cache_dir, "sam_checkpoint": small_sam_checkpoint,
+            "out_dir": tmp_path / "run"}
+
+
+def allowed_missing() -> set[str]:
+    # Without a metadata.json the meta properties (version, monai_version, ...) are missing by definition.
+    return set() if META_FILE else {k for k, v in MetaProperties.items() if v.get("required")}
+
+
+# -------------------------------------------------------------------------------------- properties
+def test_train_workflow_properties(prepared):
+    workflow = ConfigWorkflow(config_file=[TRAIN, DEMO], workflow_type="train", meta_file=META_FILE,
+                              logging_file=None, **demo_overrides(**prepared))
+    workflow.initialize()
+    missing = workflow.check_properties()
+    assert not (set(missing or []) - allowed_missing()), f"missing or wrong train properties: {missing}"
+    assert workflow.max_epochs == 24  # demo.yaml's num_epochs
+    assert len(workflow.train_dataset) > 0
+    assert workflow.dataset_dir == str(prepared["dataset_dir"])
+    trainer = workflow.trainer
+    assert trainer.state.max_epochs == 24
+    # the demo's initialize left the prepared cache complete and usable
+    with open(os.path.join(prepared["cache_dir"], "manifest.json")) as handle:
+        assert json.load(handle)["complete"] is True
+
+
+@pytest.mark.skipif(not os.path.isfile(INFERENCE), reason="bundle/configs/inference.yaml does not exist")
+def test_infer_workflow_properties(tmp_path, small_demo_dir, small_sam_checkpoint):
+    config_files = [INFERENCE] + ([DEMO_INFERENCE] if os.path.isfile(DEMO_INFERENCE) else [])
+    workflow = ConfigWorkflow(
+        config_file=config_files, workflow_type="infer", meta_file=META_FILE, logging_file=None,
+        dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
+        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]),
+    )
+    workflow.initialize()
+    missing = workflow.check_properties()
+    assert not (set(missing or []) - allowed_missing()), f"missing or wrong infer properties: {missing}"
+    assert len(workflow.dataset) == 12  # every frame of the small demo
+
+
+# ------------------------------------------------------------------------------- command line, no data
+def test_cli_training_without_inputs_fails_at_once(tmp_path):
+    dataset_dir = str(tmp_path / "empty")
+    os.makedirs(dataset_dir)
+    checkpoint = str(tmp_path / "missing" / "sam_vit_h_4b8939.pth")
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
+               "--dataset_dir", dataset_dir, "--sam_checkpoint", checkpoint]
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert elapsed < 60, f"took {elapsed:.0f} s to fail"
+    assert "cannot train" in output
+    assert dataset_dir in output and "surgical-sam make_demo_data" in output
+    assert checkpoint in output and "sam_vit_h_4b8939.pth" in output
+
+
+# ------------------------------------------------------------------------------------ slow: end to end
+def training_state_files(output_dir, complete_only: bool = False) -> list[str]:
+    paths = glob.glob(os.path.join(output_dir, "training_state", "checkpoint_epoch=*.pt"))
+    if complete_only:  # torch.save writes a zip; a file still being written has no zip directory yet
+        paths = [p for p in paths if zipfile.is_zipfile(p)]
+    return sorted(os.path.basename(p) for p in paths)
+
+
+@pytest.mark.slow
+def test_demo_training_then_evaluation(tmp_path, small_sam_checkpoint):
+    # Everything from the demo's own initialize: data, (existing) SAM checkpoint, cache.
+    overrides = demo_overrides(tmp_path / "data", tmp_path / "cache", small_sam_checkpoint, tmp_path / "run",
+                               num_epochs=2, batch_size=8)
+    train = ConfigWorkflow(config_file=[TRAIN, DEMO], workflow_type="train", meta_file=META_FILE,
+                           logging_file=None, **overrides)
+    train.initialize()
+    assert os.path.isfile(tmp_path / "data" / "dataset.json")
+    assert os.path.isfile(tmp_path / "cache" / "manifest.json")
+    train.run()
+    train.finalize()
+    ckpt_dir, output_dir = overrides["ckpt_dir"], overrides["output_dir"]
+    assert os.path.isfile(os.path.join(ckpt_dir, "model.pt"))
+    assert training_state_files(output_dir) == ["checkpoint_epoch=2.pt"]
+    state = torch.load(os.path.join(output_dir, "training_state", "checkpoint_epoch=2.pt"), map_location="cpu",
+                       weights_only=False)
+    assert {"model", "optimizer", "trainer", "best_model"} <= set(state)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]  # ignite saves iterations
+    model = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True)
+    assert not any(k.startswith("image_encoder.") for k in model)
+
+    evaluate = ConfigWorkflow(config_file=[TRAIN, DEMO, EVALUATE], workflow_type=None, meta_file=META_FILE,
+                              logging_file=None, run_id="evaluating", protocol="oracle", **overrides)
+    evaluate.initialize()
+    evaluate.run()
+    evaluate.finalize()
+    with open(os.path.join(output_dir, "metrics_oracle.json")) as handle:
+        metrics = json.load(handle)
+    assert metrics["protocol"] == "oracle"
+    for key in ("challenge_iou", "iou", "mc_iou", "miou"):
+        # miou (cumulative) is NaN when the barely trained model predicts no instrument at all
+        value = metrics[key]
+        assert isinstance(value, float) and (math.isnan(value) or 0.0 <= value <= 100.0), (key, value)
+    assert not math.isnan(metrics["challenge_iou"])
+    assert metrics["iou"] == pytest.approx(metrics["challenge_iou"])  # oracle: equal by construction
+    assert "Bipolar Forceps" in metrics["class_iou"]
+    assert metrics["num_frames"] == SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]
+
+
+@pytest.mark.slow
+def test_training_killed_and_resumed(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint):
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(small_cache_dir, cache_dir)
+    overrides = demo_overrides(small_demo_dir, cache_dir, small_sam_checkpoint, tmp_path / "run",
+                               num_epochs=3, batch_size=8)
+    overlay = tmp_path / "overlay.yaml"
+    with open(overlay, "w") as handle:
+        yaml.safe_dump(overrides, handle)
+    command = [sys.executable, "-m", "monai.bundle", "run", "training",
+               "--config_file", repr([TRAIN, DEMO, str(overlay)])]
+    output_dir = overrides["output_dir"]
+
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while (not training_state_files(output_dir, complete_only=True) and process.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
+            killed_at = training_state_files(output_dir, complete_only=True)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+    first_log = (tmp_path / "first.log").read_text()
+    assert process.returncode == -signal.SIGKILL, first_log[-3000:]
+    assert killed_at and killed_at != ["checkpoint_epoch=3.pt"], (killed_at, first_log[-3000:])
+
+    second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    second_log = second.stdout + second.stderr
+    assert second.returncode == 0, second_log[-3000:]
+    assert "resuming training" in second_log and "checkpoint_epoch=" in second_log
+    assert training_state_files(output_dir) == ["checkpoint_epoch=3.pt"]
+    assert "epoch 1: augmentation version" not in second_log  # not restarted at epoch 1
+    assert "epoch 3: augmentation version" in second_log
+    state = torch.load(os.path.join(output_dir, "training_state", "checkpoint_epoch=3.pt"), map_location="cpu",
+                       weights_only=False)
+    assert state["trainer"]["iteration"] == 3 * state["trainer"]["epoch_length"]
+    assert os.path.isfile(os.path.join(overrides["ckpt_dir"], "model.pt"))
