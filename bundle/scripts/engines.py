@@ -109,15 +109,19 @@ class TrainingState:
     def __init__(self, checkpoint_dir: str, save_dict: dict, resume: bool = True) -> None:
         self.checkpoint_dir, self.save_dict, self.resume = checkpoint_dir, dict(save_dict), resume
 
-    def latest_checkpoint(self) -> str | None:
+    def numbered_checkpoints(self) -> list[tuple[int, str]]:
+        """(epoch, path) of every ``checkpoint_epoch=N.pt`` in the folder, newest first."""
         found = []
         for path in glob.glob(os.path.join(self.checkpoint_dir, "checkpoint_epoch=*.pt")):
             match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
             if match:
                 found.append((int(match.group(1)), path))
+        return sorted(found, reverse=True)
+
+    def latest_checkpoint(self) -> str | None:
         # MONAI's CheckpointSaver writes in place (not atomically): a run killed while saving leaves a
         # truncated file, which must not block resuming from the previous, complete one.
-        for _, path in sorted(found, reverse=True):
+        for _, path in self.numbered_checkpoints():
             if zipfile.is_zipfile(path):  # torch.save's format; a truncated file lacks the zip directory
                 return path
             logger.warning("skipping the incomplete training state %s (the run was killed while saving it)", path)
@@ -140,9 +144,8 @@ class TrainingState:
     def _remove_older_checkpoints(self, engine: Engine) -> None:
         if idist.get_rank() != 0:
             return
-        for path in glob.glob(os.path.join(self.checkpoint_dir, "checkpoint_epoch=*.pt")):
-            match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
-            if match and int(match.group(1)) < engine.state.epoch:
+        for epoch, path in self.numbered_checkpoints():
+            if epoch < engine.state.epoch:
                 try:
                     os.remove(path)
                 except FileNotFoundError:

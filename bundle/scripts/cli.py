@@ -1,0 +1,423 @@
+"""``surgical-sam``: the bundle's command-line tool.
+
+    surgical-sam make_demo_data --out_dir DIR [--frame_size 128,160 --num_classes 7 --seed 0 --overwrite]
+    surgical-sam make_sam_checkpoint --path PATH [--variant tiny --seed 0 --overwrite]
+    surgical-sam score --pred_dir P --gt_dir G [--dataset_dir D | --class_names a,b,c]
+                       [--protocol auto|oracle] [--output_file metrics.json] [--ignore_index 255]
+    surgical-sam benchmark [--batch_size 32 --num_classes 7 --num_tokens 2 --frame_size 1024,1280
+                            --steps 3 --encoder_frames 2 --device cpu|cuda|auto]
+    surgical-sam demo [--epochs N] [--bundle_root DIR] [--fresh]
+
+Also ``python -m scripts.cli ...`` (from the bundle folder, or anywhere once the repo is installed).
+Every command is a plain function of this module, so Python code and tests can call it directly;
+user errors (a missing folder, bad arguments) end with ``SystemExit`` and a one-paragraph message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COMMANDS", "benchmark", "demo", "main", "make_demo_data", "make_sam_checkpoint", "score"]
+
+PROG = "surgical-sam"
+PROTOCOLS = ("oracle", "auto")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _fail(message: str) -> SystemExit:
+    """A user error: fire lets ``SystemExit`` through, Python prints the message and exits with 1."""
+    return SystemExit(f"{PROG}: error: {message}")
+
+
+def _int_pair(value: Any, name: str) -> tuple[int, int]:
+    """``128,160`` / ``"128,160"`` / ``"128x160"`` / ``[128, 160]`` / ``128`` -> (128, 160) / (128, 128)."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace("x", ",").replace("X", ",").replace(" ", ",").split(",") if p]
+    elif isinstance(value, (int, float)):
+        parts = [value, value]
+    else:
+        parts = list(value)
+    try:
+        pair = tuple(int(p) for p in parts)
+        if len(pair) != 2 or any(float(p) != int(float(p)) for p in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise _fail(f"--{name} must be two integers H,W (e.g. 128,160), got {value!r}.") from None
+    if min(pair) < 1:
+        raise _fail(f"--{name} must be positive, got {value!r}.")
+    return pair  # type: ignore[return-value]
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _fail(f"--{name} must be an integer, got {value!r}.")
+    try:
+        number = int(value)
+        if float(value) != number:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise _fail(f"--{name} must be an integer, got {value!r}.") from None
+    if number < minimum:
+        raise _fail(f"--{name} must be at least {minimum}, got {number}.")
+    return number
+
+
+def _names(value: Any) -> list[str]:
+    """``--class_names a,b,c`` arrives as a tuple from fire, or as one string when a name has spaces."""
+    if isinstance(value, str):
+        names = [n.strip() for n in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        names = [str(n).strip() for n in value]
+    else:
+        names = [str(value).strip()]
+    if not names or any(not n for n in names):
+        raise _fail(f"--class_names must be a comma-separated list of non-empty names, got {value!r}.")
+    return names
+
+
+def _existing_dir(path: Any, name: str) -> Path:
+    if path is None or path == "":
+        raise _fail(f"--{name} is required.")
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.exists() else "not found"
+        raise _fail(f"--{name} {folder}: {what}.")
+    return folder
+
+
+# --------------------------------------------------------------------------------------- make_demo_data
+def make_demo_data(
+    out_dir: str,
+    frame_size: Any = (128, 160),
+    num_classes: int = 7,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Write the deterministic EndoVis-like demo dataset (frames, label maps, dataset.json, preview.png).
+
+    Args:
+        out_dir: folder to write (made if needed; must be empty or hold demo data only).
+        frame_size: H,W of the frames.
+        num_classes: C, instrument classes (EndoVis2018 names when C <= 7).
+        seed: seed of every random draw (same arguments give byte-identical files).
+        overwrite: replace demo data already in out_dir (never anything else).
+
+    Returns:
+        {"out_dir", "frames" (per split), "classes", "preview"}.
+    """
+    from scripts.data.demo import PREVIEW_FILE, make_demo_dataset
+    from scripts.data.layout import DatasetError, available_splits, class_names, read_dataset_description
+
+    if out_dir is None or out_dir == "":
+        raise _fail("--out_dir is required.")
+    size = _int_pair(frame_size, "frame_size")
+    classes = _positive_int(num_classes, "num_classes")
+    try:
+        written = make_demo_dataset(
+            str(out_dir), frame_size=size, num_classes=classes, seed=int(seed), overwrite=bool(overwrite)
+        )
+    except (DatasetError, ValueError) as error:
+        raise _fail(str(error)) from None
+    description = read_dataset_description(written)
+    frames = {split: len(description[split]) for split in available_splits(description)}
+    summary = {
+        "out_dir": str(written),
+        "frames": frames,
+        "classes": class_names(description),
+        "preview": os.path.join(str(written), PREVIEW_FILE),
+    }
+    print(f"demo dataset written to {written} ({size[0]}x{size[1]} frames, {classes} classes, seed {seed})")
+    for split, count in frames.items():
+        print(f"  {split:<12}{count:5d} frames")
+    print(f"  classes     {', '.join(summary['classes'])}")
+    print(f"  preview     {summary['preview']}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------- make_sam_checkpoint
+def make_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0, overwrite: bool = False) -> str:
+    """Write a SAM checkpoint with seeded RANDOM weights (for tests and the demo only, never for results).
+
+    Args:
+        path: file to write.
+        variant: SAM variant (tiny, vit_b, vit_l, vit_h); ``tiny`` is the demo's.
+        seed: seed of the random weights.
+        overwrite: replace an existing file.
+    """
+    from scripts.networks.sam_backbone import SAM_VARIANTS, save_random_sam_checkpoint
+
+    if path is None or path == "":
+        raise _fail("--path is required.")
+    if variant not in SAM_VARIANTS:
+        raise _fail(f"unknown --variant {variant!r}: choose one of {', '.join(sorted(SAM_VARIANTS))}.")
+    official = SAM_VARIANTS[variant].checkpoint_name
+    if official is not None and os.path.basename(str(path)) == official:
+        raise _fail(
+            f"{path} is the name of the official {variant} weights; random weights under that name would be "
+            "mistaken for them. Choose another file name."
+        )
+    if os.path.exists(str(path)) and not overwrite:
+        raise _fail(f"{path} exists: pass --overwrite to replace it.")
+    written = save_random_sam_checkpoint(str(path), variant=variant, seed=int(seed))
+    size_mb = os.path.getsize(written) / 2**20
+    print(f"wrote a random-weight SAM {variant} checkpoint (seed {seed}, {size_mb:.1f} MiB) to {written}")
+    print("  random weights: for tests and the demo only; real results need the official SAM weights.")
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ score
+def score(
+    pred_dir: str,
+    gt_dir: str,
+    dataset_dir: str | None = None,
+    class_names: Any = None,
+    protocol: str = "auto",
+    output_file: str | None = "metrics.json",
+    ignore_index: int | None = None,
+) -> dict:
+    """Score a folder of predicted PNG label maps against ground truth (EndoVis/ISINet protocol, SPEC 7).
+
+    Args:
+        pred_dir: predicted label maps (0 = background, 1..C), paired with gt_dir by relative path.
+        gt_dir: ground-truth label maps.
+        dataset_dir: a prepared dataset whose dataset.json gives the class names (and ignore index).
+        class_names: the C class names, comma separated (instead of dataset_dir).
+        protocol: ``auto`` (every frame has an entry) or ``oracle`` (frames without instruments have none).
+        output_file: where to write the metrics as JSON; None to write nothing.
+        ignore_index: ground-truth value to ignore (default: dataset.json's, else 255).
+
+    Returns:
+        the metrics dict (see scripts.metrics.score_label_map_folders).
+    """
+    from scripts.data.layout import DESCRIPTION_FILE, DatasetError, read_dataset_description
+    from scripts.data.layout import class_names as description_class_names
+    from scripts.engines import format_metrics_table
+    from scripts.metrics import score_label_map_folders
+
+    pred_folder = _existing_dir(pred_dir, "pred_dir")
+    gt_folder = _existing_dir(gt_dir, "gt_dir")
+    if protocol not in PROTOCOLS:
+        raise _fail(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
+    if dataset_dir is not None and class_names is not None:
+        raise _fail("pass either --dataset_dir or --class_names, not both.")
+    description_ignore = None
+    if class_names is not None:
+        names = _names(class_names)
+    elif dataset_dir is not None:
+        folder = _existing_dir(dataset_dir, "dataset_dir")
+        try:
+            description = read_dataset_description(folder)
+        except (DatasetError, FileNotFoundError, ValueError) as error:
+            raise _fail(f"cannot read the class names from {folder / DESCRIPTION_FILE}: {error}") from None
+        names = description_class_names(description)
+        description_ignore = description.get("ignore_index")
+    else:
+        raise _fail(
+            "the class names are needed: pass --dataset_dir DIR (a prepared dataset with dataset.json) "
+            "or --class_names 'name 1,name 2,...' (label values 1..C in order)."
+        )
+    if ignore_index is None:
+        ignore_index = 255 if description_ignore is None else int(description_ignore)
+    if output_file == "":
+        output_file = None
+    try:
+        result = score_label_map_folders(
+            pred_folder, gt_folder, names, ignore_index=ignore_index, protocol=protocol, output_file=output_file
+        )
+    except (ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    table = {
+        "protocol": result.get("protocol"),
+        "num_frames": result.get("num_frames"),
+        **{key: result.get(key) for key in ("challenge_iou", "iou", "mc_iou", "miou")},
+        "class_iou": result.get("class_iou"),
+    }
+    print(format_metrics_table(table))
+    missing = result.get("missing_predictions") or []
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        print(f"  {len(missing)} ground-truth file(s) had no prediction and count as empty: {shown}")
+    if output_file is not None:
+        print(f"metrics written to {os.path.abspath(str(output_file))}")
+    return result
+
+
+# -------------------------------------------------------------------------------------------- benchmark
+def benchmark(
+    batch_size: int = 32,
+    num_classes: int = 7,
+    num_tokens: int = 2,
+    frame_size: Any = (1024, 1280),
+    steps: int = 3,
+    encoder_frames: int = 2,
+    device: str = "auto",
+    inference_frames: int = 8,
+    sam_variant: str = "vit_b",
+) -> dict:
+    """Training and inference speed, peak memory and cache size (see scripts.benchmark.run_benchmark).
+
+    Args:
+        batch_size: training batch (the paper's 32).
+        num_classes: C.
+        num_tokens: n, sparse tokens per class.
+        frame_size: H,W of the frames (EndoVis 1024,1280).
+        steps: timed steps per measurement (after one untimed warm-up).
+        encoder_frames: frames through the image encoder (0 skips that part; vit_b is slow on CPU).
+        device: cpu, cuda or auto (cuda when available).
+        inference_frames: frames per inference call from cached embeddings.
+        sam_variant: SAM sizes of the prompt side and encoder (vit_b; its prompt side equals vit_h's).
+    """
+    from scripts.benchmark import format_benchmark_table, run_benchmark
+    from scripts.networks.sam_backbone import SAM_VARIANTS
+
+    if sam_variant not in SAM_VARIANTS:
+        raise _fail(f"unknown --sam_variant {sam_variant!r}: choose one of {', '.join(sorted(SAM_VARIANTS))}.")
+    if str(device) not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise _fail(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}.")
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _fail("--device cuda was asked for, but torch sees no CUDA device.")
+    result = run_benchmark(
+        batch_size=_positive_int(batch_size, "batch_size"),
+        num_classes=_positive_int(num_classes, "num_classes"),
+        num_tokens=_positive_int(num_tokens, "num_tokens"),
+        frame_size=_int_pair(frame_size, "frame_size"),
+        steps=_positive_int(steps, "steps"),
+        encoder_frames=_positive_int(encoder_frames, "encoder_frames", minimum=0),
+        device=None if device == "auto" else str(device),
+        inference_frames=_positive_int(inference_frames, "inference_frames"),
+        sam_variant=sam_variant,
+        verbose=True,
+    )
+    print(format_benchmark_table(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- demo
+def _workflow(config_files: list[str], workflow_type: str | None, run_id: str, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    configs_dir = Path(config_files[0]).parent
+    meta_file = configs_dir / "metadata.json"
+    logging_file = configs_dir / "logging.conf"
+    if not logging_file.is_file():
+        logging.basicConfig(stream=sys.stdout, level=logging.INFO)
+    return ConfigWorkflow(
+        config_file=config_files,
+        meta_file=str(meta_file) if meta_file.is_file() else None,
+        logging_file=str(logging_file) if logging_file.is_file() else False,
+        workflow_type=workflow_type,
+        run_id=run_id,
+        **overrides,
+    )
+
+
+def _run_workflow(workflow) -> None:
+    workflow.initialize()
+    try:
+        workflow.run()
+    finally:
+        workflow.finalize()
+
+
+def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool = False) -> dict:
+    """The README's main job on the demo data: train, then evaluate under both protocols.
+
+    Equivalent to
+    ``python -m monai.bundle run training --config_file "['<bundle>/configs/train.yaml','<bundle>/configs/demo.yaml']"``
+    followed by ``run evaluating`` with ``evaluate.yaml`` merged on top, once with ``--protocol oracle`` and
+    once with ``--protocol auto``. The demo data, the random-weight SAM and the embedding cache are made
+    on first use (demo.yaml's ``initialize``).
+
+    Args:
+        epochs: training epochs (default: demo.yaml's num_epochs).
+        bundle_root: the bundle folder (holding configs/); default: the installed bundle.
+        fresh: start training from scratch instead of resuming the demo's last training state.
+
+    Returns:
+        {"oracle": metrics, "auto": metrics, "summary": the summary line}.
+    """
+    import scripts
+    from scripts.data.embedding_cache import StaleCacheError
+    from scripts.data.layout import DatasetError
+    from scripts.engines import format_metrics_table
+
+    root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
+    configs = root / "configs"
+    needed = [configs / name for name in ("train.yaml", "demo.yaml", "evaluate.yaml")]
+    absent = [str(p) for p in needed if not p.is_file()]
+    if absent:
+        raise _fail(f"--bundle_root {root} is not a bundle folder: missing {', '.join(absent)}.")
+    overrides: dict[str, Any] = {"bundle_root": str(root)}
+    if epochs is not None:
+        overrides["num_epochs"] = _positive_int(epochs, "epochs")
+    if fresh:
+        overrides["resume"] = False
+    train_files = [str(needed[0]), str(needed[1])]
+    eval_files = train_files + [str(needed[2])]
+
+    try:
+        print(f"demo: training ({' + '.join(Path(f).name for f in train_files)}, bundle {root})", flush=True)
+        _run_workflow(_workflow(train_files, "train", "training", **overrides))
+        results: dict[str, Any] = {}
+        for protocol in PROTOCOLS:
+            print(f"demo: evaluating, protocol {protocol}", flush=True)
+            workflow = _workflow(eval_files, None, "evaluating", **{**overrides, "protocol": protocol})
+            _run_workflow(workflow)
+            metrics_file = workflow.parser.get_parsed_content("metrics_file")
+            with open(metrics_file) as handle:
+                results[protocol] = json.load(handle)
+            results[protocol]["metrics_file"] = str(metrics_file)
+    except (FileNotFoundError, DatasetError, StaleCacheError) as error:
+        raise _fail(str(error)) from None
+
+    def fmt(value) -> str:
+        return "n/a" if value is None or value != value else f"{value:.1f}"
+
+    print()
+    for protocol in PROTOCOLS:
+        print(format_metrics_table(results[protocol]))
+        print(f"  (written to {results[protocol]['metrics_file']})")
+        print()
+    summary = (
+        f"demo: oracle Challenge IoU {fmt(results['oracle'].get('challenge_iou'))}, "
+        f"auto Challenge IoU {fmt(results['auto'].get('challenge_iou'))}, "
+        f"IoU {fmt(results['auto'].get('iou'))} (held-out demo frames)"
+    )
+    print(summary)
+    results["summary"] = summary
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- main
+COMMANDS = {
+    "make_demo_data": make_demo_data,
+    "make_sam_checkpoint": make_sam_checkpoint,
+    "score": score,
+    "benchmark": benchmark,
+    "demo": demo,
+}
+
+
+def _quiet(result: Any) -> Any:
+    """Commands print their own report; fire shows only help (the command table or a function)."""
+    return result if result is COMMANDS or callable(result) else None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``surgical-sam`` (and ``python -m scripts.cli``)."""
+    import fire
+
+    fire.Fire(COMMANDS, command=None if argv is None else list(argv), name=PROG, serialize=_quiet)
+
+
+if __name__ == "__main__":
+    main()
