@@ -23,7 +23,7 @@ from scripts.data.embedding_cache import (
     cache_identity,
     precompute_embeddings,
 )
-from scripts.data.layout import load_datalist, read_frame, read_label_map
+from scripts.data.layout import DatasetError, load_datalist, read_frame, read_label_map
 from scripts.networks.sam_backbone import build_sam, file_md5, save_random_sam_checkpoint
 from scripts.networks.sam_geometry import frames_to_sam_input
 
@@ -339,3 +339,31 @@ def test_frame_dataset_items(cache):
     assert item["key"] == entries[0]["key"]
     present = [c for c in range(1, NUM_CLASSES + 1) if (item["label"] == c).any()]
     assert present == entries[0]["classes"]
+
+
+@pytest.mark.parametrize("damage", ["label_value", "mixed_size", "grey_frame"])
+def test_precompute_checks_the_dataset_first(tmp_path, small_demo_dir, small_sam_checkpoint, damage):
+    """Bad label values and mixed frame sizes are named before anything is written; grey frames are converted."""
+    data = str(tmp_path / "data")
+    shutil.copytree(small_demo_dir, data)
+    first = load_datalist(data, "training")[0]
+    if damage == "label_value":
+        label = np.array(Image.open(first["label"]))
+        label[0, 0] = 9  # outside the 7-class table and not the ignore value
+        Image.fromarray(label).save(first["label"])
+    elif damage == "mixed_size":
+        Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(first["image"])
+        Image.fromarray(np.zeros((32, 40), np.uint8)).save(first["label"])
+    else:
+        Image.fromarray(read_frame(first["image"])[..., 0]).save(first["image"])  # mode L
+    cache_dir = str(tmp_path / "cache")
+    if damage == "grey_frame":
+        precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("training",))
+        assert os.path.isfile(os.path.join(cache_dir, "manifest.json"))
+        return
+    with pytest.raises(DatasetError) as error:
+        precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("training",))
+    message = str(error.value)
+    assert os.path.basename(first["label" if damage == "label_value" else "image"]) in message
+    assert ("9" in message) if damage == "label_value" else ("32x40" in message or "(32, 40)" in message or "32, 40" in message)
+    assert not glob.glob(os.path.join(cache_dir, "**", "*.npy"), recursive=True)

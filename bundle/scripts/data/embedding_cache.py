@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..networks.sam_backbone import build_sam, file_md5, get_variant
 from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
 from .augmentation import augment_frame, version_for_epoch
-from .layout import class_names, load_datalist, read_dataset_description, read_frame, read_label_map
+from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,10 @@ def precompute_embeddings(
                 f"{cache_dir} holds embeddings of another encoder or input ({_identity_diff(existing.get('identity'), identity)}); "
                 "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
             )
+    # Every file is read and checked first (label values, sizes): bad files are all named in one error
+    # before any embedding is written.
+    summary = check_dataset(dataset_dir, splits)
+    logger.info("precompute: dataset checked: %s frames of %s", summary["frames"], summary["frame_size"])
     plan = {
         split: list(range(augmentation_versions + 1)) if split == "training" else [0] for split in splits
     }

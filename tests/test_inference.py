@@ -1,0 +1,104 @@
+"""inference.yaml: a folder of frames -> PNG label maps, overlays and NIfTI, through ConfigWorkflow."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from scripts import BUNDLE_ROOT
+from scripts.data.layout import DatasetError
+from scripts.data.transforms import list_frames
+from scripts.networks.surgical_sam import SurgicalSAM
+
+CONFIGS = [os.path.join(BUNDLE_ROOT, "configs", name) for name in ("inference.yaml", "demo_inference.yaml")]
+
+
+@pytest.fixture
+def frames_dir(tmp_path):
+    """Frames of two sizes, one grey and one RGBA, in a sub-folder too."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "frames"
+    (folder / "seq_1").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / "seq_1" / "a.png")
+    Image.fromarray(rng.integers(0, 255, (48, 96), dtype=np.uint8)).save(folder / "b_grey.png")
+    Image.fromarray(rng.integers(0, 255, (64, 80, 4), dtype=np.uint8)).save(folder / "c_rgba.png")
+    return str(folder)
+
+
+@pytest.fixture
+def model_file(tmp_path, tiny_sam_checkpoint):
+    torch.manual_seed(1)
+    model = SurgicalSAM(7, 2, (64, 80), "tiny", tiny_sam_checkpoint)
+    path = str(tmp_path / "model.pt")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def run_inference(frames_dir, output_dir, model_file, sam_checkpoint, **overrides):
+    workflow = ConfigWorkflow(
+        config_file=CONFIGS, workflow_type="infer", logging_file=None,
+        meta_file=os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
+        dataset_dir=frames_dir, output_dir=output_dir, model_file=model_file, sam_checkpoint=sam_checkpoint,
+        device="cpu", **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
+def test_inference_writes_label_maps_overlays_and_nifti(tmp_path, frames_dir, model_file, tiny_sam_checkpoint):
+    output_dir = str(tmp_path / "out")
+    run_inference(frames_dir, output_dir, model_file, tiny_sam_checkpoint, write_nifti=True)
+    expected = {"seq_1/a": (64, 80), "b_grey": (48, 96), "c_rgba": (64, 80)}
+    for stem, size in expected.items():
+        label_map = np.array(Image.open(os.path.join(output_dir, f"{stem}_seg.png")))
+        assert label_map.shape == size and label_map.dtype == np.uint8
+        assert label_map.max() <= 7
+        overlay = np.array(Image.open(os.path.join(output_dir, f"{stem}_overlay.png")))
+        assert overlay.shape == (*size, 3)
+        volume = np.asarray(nib.load(os.path.join(output_dir, f"{stem}_seg.nii.gz")).dataobj)
+        np.testing.assert_array_equal(volume, label_map)
+
+
+def test_inference_equals_the_network_called_directly(tmp_path, frames_dir, model_file, tiny_sam_checkpoint):
+    """The written label map is the automatic-protocol merge of the network's own masks."""
+    output_dir = str(tmp_path / "out")
+    run_inference(frames_dir, output_dir, model_file, tiny_sam_checkpoint)
+    model = SurgicalSAM(7, 2, (64, 80), "tiny", tiny_sam_checkpoint, with_image_encoder=True)
+    model.load_state_dict(torch.load(model_file))
+    frame = torch.from_numpy(np.array(Image.open(os.path.join(frames_dir, "seq_1", "a.png")))).permute(2, 0, 1)
+    with torch.no_grad():
+        logits, quality = model.predict_classes(frame[None].float(), torch.ones(1, 7, dtype=torch.bool))
+    expected = torch.zeros(64, 80, dtype=torch.long)
+    for class_index in torch.argsort(quality[0], stable=True).tolist():
+        expected[logits[0, class_index] > 0] = class_index + 1
+    written = np.array(Image.open(os.path.join(output_dir, "seq_1", "a_seg.png")))
+    np.testing.assert_array_equal(written, expected.numpy())
+
+
+def test_inference_rejects_a_checkpoint_of_another_configuration(tmp_path, frames_dir, tiny_sam_checkpoint):
+    model = SurgicalSAM(5, 2, (64, 80), "tiny", tiny_sam_checkpoint)
+    path = str(tmp_path / "other.pt")
+    torch.save(model.state_dict(), path)
+    with pytest.raises(Exception) as error:
+        run_inference(frames_dir, str(tmp_path / "out"), path, tiny_sam_checkpoint)
+    chain, cause = [], error.value
+    while cause is not None:  # MONAI wraps the network's error in its config-expression error
+        chain.append(str(cause))
+        cause = cause.__cause__
+    assert any("does not fit this network" in message for message in chain), chain
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_empty_or_missing_frame_folder(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        list_frames(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no frames"):
+        list_frames(str(tmp_path / "empty"))
