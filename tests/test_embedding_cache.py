@@ -201,15 +201,20 @@ def test_changed_source_is_stale(private_validation_cache, small_sam_checkpoint,
     assert PRECOMPUTE in message
 
 
-def test_incomplete_manifest(tmp_path, small_cache_dir, small_sam_checkpoint):
-    cache_dir = str(tmp_path / "cache")
-    shutil.copytree(small_cache_dir, cache_dir)
+def mark_incomplete(cache_dir):
+    """What a precompute killed mid-way leaves: a manifest with complete = false."""
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
     with open(manifest_path) as handle:
         manifest = json.load(handle)
     manifest["complete"] = False
     with open(manifest_path, "w") as handle:
         json.dump(manifest, handle)
+
+
+def test_incomplete_manifest(tmp_path, small_cache_dir, small_sam_checkpoint):
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(small_cache_dir, cache_dir)
+    mark_incomplete(cache_dir)
     with pytest.raises(StaleCacheError, match="interrupted") as error:
         EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
     assert PRECOMPUTE in str(error.value)
@@ -232,13 +237,7 @@ def test_resume_recomputes_only_missing_entries(tmp_path, small_cache_dir, small
     assert len(deleted) == 3
     for relative in deleted:
         os.remove(os.path.join(cache_dir, relative))
-    # an interrupted run leaves the manifest incomplete
-    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
-    with open(manifest_path) as handle:
-        manifest = json.load(handle)
-    manifest["complete"] = False
-    with open(manifest_path, "w") as handle:
-        json.dump(manifest, handle)
+    mark_incomplete(cache_dir)
 
     result = precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
                                    augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
