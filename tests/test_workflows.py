@@ -135,6 +135,21 @@ def test_cli_training_without_inputs_fails_at_once(tmp_path):
     assert checkpoint in output and "sam_vit_h_4b8939.pth" in output
 
 
+def test_copied_bundle_runs_from_its_own_folder(tmp_path):
+    """The bundle folder alone (no repo around it) resolves its own scripts and bundle_root."""
+    copy = tmp_path / "bundle_copy"
+    shutil.copytree(os.path.join(REPO_ROOT, "bundle"), copy,
+                    ignore=shutil.ignore_patterns("data", "eval", "*.pt", "*.pth", "__pycache__"))
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml",
+               "--dataset_dir", str(tmp_path / "no_data")]
+    result = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "cannot train" in output
+    # the default SAM checkpoint path comes from the copy's own bundle_root
+    assert str(copy / "models" / "sam_vit_h_4b8939.pth") in output, output[-3000:]
+
+
 # ------------------------------------------------------------------------------------ slow: end to end
 def training_state_files(output_dir, complete_only: bool = False) -> list[str]:
     paths = glob.glob(os.path.join(output_dir, "training_state", "checkpoint_epoch=*.pt"))
