@@ -172,6 +172,47 @@ def test_precompute_never_overwrites_another_identity(tmp_path, small_cache_dir,
     assert cache_files(cache_dir, "**/*") == files_before
 
 
+def test_precompute_never_mixes_in_another_dataset(tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint):
+    """Same encoder, other dataset folder: the old entries (same keys) must not be taken as this dataset's."""
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(small_cache_dir, cache_dir)
+    other_data = str(tmp_path / "other_data")
+    shutil.copytree(small_demo_dir, other_data)
+    files_before = cache_files(cache_dir, "**/*")
+    with pytest.raises(StaleCacheError, match="another dataset"):
+        precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
+                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    with pytest.raises(StaleCacheError, match="seed"):
+        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
+                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=1)
+    assert cache_files(cache_dir, "**/*") == files_before
+
+
+def test_precompute_again_re_encodes_changed_frames(tmp_path, small_demo_dir, small_sam_checkpoint):
+    data = str(tmp_path / "data")
+    shutil.copytree(small_demo_dir, data)
+    cache_dir = str(tmp_path / "cache")
+    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    item = load_datalist(data, "validation")[0]
+    image = read_frame(item["image"])
+    Image.fromarray(255 - image).save(item["image"])  # the frame changes after it was encoded
+    stale = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
+    with pytest.raises(StaleCacheError):
+        stale.entries("validation")
+    before = cache_files(cache_dir)
+    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    after = cache_files(cache_dir)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {os.path.join("validation", "v00", item["key"] + ".npy")}
+    cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
+    entry = next(e for e in cache.entries("validation") if e["key"] == item["key"])
+    embedding, _ = cache.load(entry)
+    encoder = build_sam("tiny", small_sam_checkpoint).image_encoder
+    with torch.no_grad():
+        expected = encoder(frames_to_sam_input(torch.from_numpy(255 - image).permute(2, 0, 1)[None].float(), 256))
+    torch.testing.assert_close(embedding, expected[0].half().float())
+
+
 @pytest.mark.parametrize("change", ["rewrite_label", "touch_label", "touch_frame", "delete_frame"])
 def test_changed_source_is_stale(private_validation_cache, small_sam_checkpoint, change):
     dataset_dir, cache_dir = private_validation_cache

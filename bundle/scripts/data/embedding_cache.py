@@ -164,6 +164,17 @@ def precompute_embeddings(
                 f"{cache_dir} holds embeddings of another encoder or input ({_identity_diff(existing.get('identity'), identity)}); "
                 "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
             )
+        made_from = existing.get("dataset", {}).get("dataset_dir")
+        if made_from and made_from != os.path.abspath(dataset_dir):
+            raise StaleCacheError(
+                f"{cache_dir} holds embeddings of another dataset ({made_from}, not {os.path.abspath(dataset_dir)}); "
+                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
+            )
+        if existing.get("augmentation_seed", seed) != seed:
+            raise StaleCacheError(
+                f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, not {seed}; "
+                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
+            )
     # Every file is read and checked first (label values, sizes): bad files are all named in one error
     # before any embedding is written.
     summary = check_dataset(dataset_dir, splits)
@@ -193,6 +204,7 @@ def precompute_embeddings(
     encoder = None
     for split in splits:
         for version in plan[split]:
+            _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split])
             todo = [
                 (item, version) for item in datalists[split]
                 if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, split, version, item["key"]))
@@ -207,6 +219,30 @@ def precompute_embeddings(
     _atomic_write_json(manifest_path, manifest)
     logger.info("precompute: cache complete at %s", cache_dir)
     return manifest
+
+
+def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, datalist: list[dict]) -> None:
+    """Delete cached entries whose frame or label changed since they were encoded, so they are redone."""
+    index_path = _index_path(cache_dir, split, version)
+    if not os.path.isfile(index_path):
+        return
+    with open(index_path) as handle:
+        recorded = {entry["key"]: entry["sources"] for entry in json.load(handle)["entries"]}
+    changed = []
+    for item in datalist:
+        sources = recorded.get(item["key"])
+        if sources is None:
+            continue
+        current = {"image": [item["image"], *_source_stamp(item["image"])],
+                   "label": [item["label"], *_source_stamp(item["label"])]}
+        if sources != current:
+            changed.append(item["key"])
+            for path in _entry_paths(cache_dir, split, version, item["key"]):
+                if os.path.isfile(path):
+                    os.remove(path)
+    if changed:
+        logger.info("precompute %s v%02d: %d frames changed since they were encoded, re-encoding them (e.g. %s)",
+                    split, version, len(changed), changed[:3])
 
 
 @torch.no_grad()
