@@ -42,22 +42,6 @@ def restore_root_logging():
     root.setLevel(level)
 
 
-def small_demo_initialize() -> list[str]:
-    """demo.yaml's `initialize`, with its demo data made at the small size of the tests.
-
-    demo.yaml calls ensure_demo_dataset with the default video count and length (4 + 2 sequences of
-    24 frames), which would replace the small demo data; only that call gets the small numbers.
-    """
-    with open(DEMO) as handle:
-        steps = yaml.safe_load(handle)["initialize"]
-    small = (f"num_classes=@num_classes, train_sequences={SMALL_DEMO['train_sequences']}, "
-             f"val_sequences={SMALL_DEMO['val_sequences']}, frames_per_sequence={SMALL_DEMO['frames_per_sequence']})")
-    patched = [step.replace("num_classes=@num_classes)", small) if "ensure_demo_dataset(" in step else step
-               for step in steps]
-    assert sum("ensure_demo_dataset(" in step and "train_sequences=" in step for step in patched) == 1, steps
-    return patched
-
-
 def demo_overrides(dataset_dir, cache_dir, sam_checkpoint, out_dir, **extra) -> dict:
     return {
         "dataset_dir": str(dataset_dir),
@@ -67,7 +51,7 @@ def demo_overrides(dataset_dir, cache_dir, sam_checkpoint, out_dir, **extra) -> 
         "ckpt_dir": os.path.join(str(out_dir), "models"),
         "frame_size": list(SMALL_DEMO["frame_size"]),
         "augmentation_versions": SMALL_CACHE_VERSIONS,
-        "initialize": small_demo_initialize(),
+        "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")},
         **extra,
     }
 
@@ -93,11 +77,12 @@ def test_train_workflow_properties(prepared):
     workflow.initialize()
     missing = workflow.check_properties()
     assert not (set(missing or []) - allowed_missing()), f"missing or wrong train properties: {missing}"
-    assert workflow.max_epochs == 24  # demo.yaml's num_epochs
+    with open(DEMO) as handle:
+        assert workflow.max_epochs == yaml.safe_load(handle)["num_epochs"]
     assert len(workflow.train_dataset) > 0
     assert workflow.dataset_dir == str(prepared["dataset_dir"])
     trainer = workflow.trainer
-    assert trainer.state.max_epochs == 24
+    assert trainer.state.max_epochs == workflow.max_epochs
     # the demo's initialize left the prepared cache complete and usable
     with open(os.path.join(prepared["cache_dir"], "manifest.json")) as handle:
         assert json.load(handle)["complete"] is True

@@ -38,7 +38,7 @@ from scripts.data.layout import (
 )
 
 #: Version of the drawing code; a change regenerates demo folders made by an older version.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 GENERATOR_NAME = "surgical-sam-demo"
 PREVIEW_FILE = "preview.png"
 #: EndoVis2018 instrument types (ids 1..7), used as demo class names when C <= 7.
@@ -56,20 +56,21 @@ DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR
 
 #: Tip shapes, one per class in turn (class k gets TIP_SHAPES[(k - 1) % len]).
 TIP_SHAPES = ("fork", "jaw", "clamp", "blade", "probe", "ring", "clip", "hook")
-#: (shaft RGB, tip RGB) per class in turn: grey / metallic tones that differ in brightness and tint.
+#: (shaft RGB, tip RGB) per class in turn: metallic shading over distinct hues, so that a small random
+#: encoder (the demo has no SAM weights) still tells the classes apart by colour as well as by shape.
 INSTRUMENT_COLOURS = (
-    ((205, 205, 212), (235, 235, 240)),  # bright silver
-    ((45, 45, 52), (170, 170, 178)),  # black shaft, steel tip
-    ((120, 140, 175), (185, 195, 215)),  # blue steel
-    ((150, 125, 80), (215, 190, 120)),  # bronze / gold
-    ((225, 222, 205), (245, 243, 230)),  # ivory
-    ((70, 95, 80), (140, 165, 150)),  # dark green-grey
-    ((95, 80, 110), (175, 160, 190)),  # violet-grey
+    ((200, 200, 210), (235, 235, 240)),  # silver
+    ((30, 30, 36), (120, 120, 130)),  # black shaft, steel tip
+    ((40, 90, 200), (120, 160, 230)),  # blue
+    ((200, 150, 30), (240, 200, 90)),  # gold
+    ((30, 170, 160), (120, 220, 210)),  # teal
+    ((40, 130, 50), (120, 190, 120)),  # green
+    ((130, 60, 170), (190, 140, 220)),  # purple
 )
 #: Surface textures of the shaft, one per class in turn.
 TEXTURES = ("bands", "plain", "dots", "stripe", "plain_dark_tip", "bands_fine", "checker")
 #: Shaft width per class in turn, as a fraction of the frame's shorter side.
-SHAFT_WIDTHS = (0.11, 0.13, 0.12, 0.11, 0.17, 0.095, 0.12, 0.10)
+SHAFT_WIDTHS = (0.165, 0.195, 0.18, 0.165, 0.255, 0.1425, 0.18, 0.15)
 #: Colours of the class overlays of the preview (class k gets OVERLAY_COLOURS[(k - 1) % len]).
 OVERLAY_COLOURS = (
     (255, 60, 60), (60, 200, 60), (60, 110, 255), (255, 200, 0),
