@@ -29,7 +29,7 @@ def test_demo_from_a_fresh_bundle_copy(tmp_path):
     assert result.returncode == 0, output[-5000:]
     metrics = {}
     for protocol in ("oracle", "auto"):
-        with open(bundle / "eval" / "demo" / f"metrics_{protocol}.json") as handle:
+        with open(bundle / "eval" / "demo" / protocol / "metrics.json") as handle:
             metrics[protocol] = json.load(handle)
         assert metrics[protocol]["protocol"] == protocol
         assert set(metrics[protocol]["class_iou"]) == {

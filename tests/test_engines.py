@@ -118,7 +118,7 @@ def test_oracle_needs_ground_truth(fake_network):
 
 
 def test_auto_prompts_every_class(fake_network):
-    inferer = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_pixels=1)
+    inferer = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.0)
     output = inferer(torch.zeros(3, 256, 4, 4), fake_network)  # no GT needed
     (class_mask,) = fake_network.calls
     assert class_mask.all() and class_mask.shape == (3, NUM_CLASSES)
@@ -127,10 +127,15 @@ def test_auto_prompts_every_class(fake_network):
     torch.testing.assert_close(output["quality"], fake_network.quality)
 
 
-def test_auto_min_mask_pixels(fake_network):
-    inferer = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_pixels=17)  # squares have 16 pixels
+def test_auto_min_mask_fraction(fake_network):
+    # the squares have 16 pixels of the H*W = 80: 16/80 = 0.2 counts, anything above does not
+    output = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.2)(torch.zeros(3, 256, 4, 4), fake_network)
+    assert output["present"].any()
+    inferer = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.201)
     output = inferer(torch.zeros(3, 256, 4, 4), fake_network)
     assert not output["present"].any() and not output["label_map"].any()
+    with pytest.raises(ValueError, match="min_mask_fraction"):
+        ClassPromptInferer(NUM_CLASSES, min_mask_fraction=1.5)
 
 
 def test_label_map_merge_by_quality(fake_network):

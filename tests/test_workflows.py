@@ -170,7 +170,7 @@ def test_demo_training_then_evaluation(tmp_path, small_sam_checkpoint):
     evaluate.initialize()
     evaluate.run()
     evaluate.finalize()
-    with open(os.path.join(output_dir, "metrics_oracle.json")) as handle:
+    with open(os.path.join(output_dir, "oracle", "metrics.json")) as handle:
         metrics = json.load(handle)
     assert metrics["protocol"] == "oracle"
     for key in ("challenge_iou", "iou", "mc_iou", "miou"):

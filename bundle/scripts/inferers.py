@@ -5,10 +5,12 @@ Two protocols (SPEC 7), always labelled in the outputs:
 - ``oracle`` (the paper's): prompt only the classes present in the frame's ground truth; frames
   without an instrument get no prompt and so no metric entry.
 - ``auto``: no ground truth; prompt every class, a class is present where its mask has at least
-  ``min_mask_pixels`` pixels; every frame has an entry.
+  ``min_mask_fraction`` of the frame's pixels; every frame has an entry.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from monai.inferers import Inferer
@@ -24,20 +26,24 @@ class ClassPromptInferer(Inferer):
     Args:
         num_classes: C.
         protocol: ``oracle`` or ``auto``.
-        min_mask_pixels: in ``auto``, smallest mask (pixels with logit > 0) that counts as present.
+        min_mask_fraction: in ``auto``, the smallest mask (pixels with logit > 0), as a fraction of the
+            frame's area, that counts as the class being present (0: any pixel). Small spurious masks
+            of absent classes are the automatic protocol's main error.
         pairs_per_pass: (frame, class) pairs decoded together.
         output: ``dict`` (for evaluators: label map, entries, qualities) or ``label_map`` (a tensor,
             for inference and MONAI Label).
     """
 
-    def __init__(self, num_classes: int, protocol: str = "auto", min_mask_pixels: int = 1,
+    def __init__(self, num_classes: int, protocol: str = "auto", min_mask_fraction: float = 0.0,
                  pairs_per_pass: int = 32, output: str = "dict") -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if output not in ("dict", "label_map"):
             raise ValueError(f"output must be 'dict' or 'label_map', got {output!r}")
         self.num_classes, self.protocol, self.output = num_classes, protocol, output
-        self.min_mask_pixels, self.pairs_per_pass = max(1, int(min_mask_pixels)), pairs_per_pass
+        if not 0.0 <= min_mask_fraction < 1.0:
+            raise ValueError(f"min_mask_fraction must be in [0, 1), got {min_mask_fraction}")
+        self.min_mask_fraction, self.pairs_per_pass = float(min_mask_fraction), pairs_per_pass
 
     def classes_to_prompt(self, batch: int, gt_label: torch.Tensor | None, device) -> torch.Tensor:
         """-> (B, C) bool."""
@@ -64,7 +70,8 @@ class ClassPromptInferer(Inferer):
         prompt = self.classes_to_prompt(inputs.shape[0], gt_label, inputs.device)
         logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
         masks = logits > 0
-        present = prompt & (masks.flatten(2).sum(-1) >= self.min_mask_pixels)
+        min_pixels = max(1, math.ceil(self.min_mask_fraction * masks.shape[-2] * masks.shape[-1]))
+        present = prompt & (masks.flatten(2).sum(-1) >= min_pixels)
         class_ids = torch.arange(1, self.num_classes + 1, device=logits.device)
         label_map = torch.stack(
             [merge_class_masks(masks[b][present[b]], class_ids[present[b]], quality[b][present[b]])
