@@ -229,9 +229,13 @@ def guess_variant(state_dict: dict) -> str | None:
 
 
 def save_random_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0) -> str:
-    """Write a SAM state dict with seeded random weights (for tests and the demo); returns ``path``."""
-    torch.manual_seed(seed)
-    sam = build_sam(variant)
+    """Write a SAM state dict with seeded random weights (for tests and the demo); returns ``path``.
+
+    The global random state is left as it was, so making the file does not change a run's draws.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = build_sam(variant)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     torch.save(sam.state_dict(), tmp)
