@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -67,7 +67,6 @@ class SamVariant:
     checkpoint_name: str | None = None
     md5: str | None = None
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def grid_size(self) -> int:
