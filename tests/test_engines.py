@@ -329,7 +329,7 @@ def test_augmentation_version_handler():
 # ----------------------------------------------------------------------------------------------- metrics
 def test_metrics_report_writes_json(tmp_path, capsys):
     output_file = tmp_path / "eval" / "metrics_auto.json"
-    report = MetricsReport(str(output_file), protocol="auto", class_names=["A", "B"], extra={"model_file": "m.pt"})
+    report = MetricsReport(str(output_file), protocol="auto", extra={"model_file": "m.pt"})
     engine = Engine(lambda engine, batch: None)
     report.attach(engine)
 

@@ -158,15 +158,14 @@ class MetricsReport:
     Args:
         output_file: where to write; the folder is created.
         protocol: the prompting protocol the numbers were measured under (written beside them).
-        class_names: printed in the table (the metric already names its per-class IoUs).
         extra: anything else to record (dataset, checkpoint, ...).
     """
 
     METRIC_KEYS = ("challenge_iou", "iou", "mc_iou", "miou")
 
-    def __init__(self, output_file: str, protocol: str, class_names=None, extra: dict | None = None) -> None:
+    def __init__(self, output_file: str, protocol: str, extra: dict | None = None) -> None:
         self.output_file, self.protocol = output_file, protocol
-        self.class_names, self.extra = class_names, extra or {}
+        self.extra = extra or {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
