@@ -1,0 +1,492 @@
+"""Machinery shared by the preparation commands: the output folder, resuming, the summary.
+
+A preparation command (one module per source in this package) finds the raw frames, describes each
+one as a :class:`RawFrame` (its sources and a ``load`` function returning the frame and its label
+map) and hands them to :func:`run_preparation`, which
+
+* refuses an ``out_dir`` that holds anything but a dataset made by the same command
+  (:func:`check_out_dir`): user data is never overwritten or deleted;
+* writes every frame in the layout of :mod:`scripts.data.layout` through
+  :func:`~scripts.data.layout.write_sample`, first into a staging folder inside ``out_dir`` and then
+  moved into place file by file with ``os.replace`` (atomic: a file is either the old or the new one);
+* records, per frame, a stamp of its sources (relative path, size, modification time) and the
+  settings of the command in ``<out_dir>/.preparation_state.json``. A re-run skips every frame whose
+  stamp is unchanged and whose outputs exist, so an interrupted run resumes where it stopped and a
+  finished one rewrites nothing;
+* reports every frame it cannot use (unreadable, wrong size, unexpected mask values...) by file name
+  on the console and in the summary, never dropping one silently;
+* writes ``<out_dir>/preparation_summary.json`` (frames per split, frames and pixels per class,
+  skipped files and why, counters the command adds such as overlap pixels) and then, last,
+  ``dataset.json``: a folder without dataset.json is an unfinished preparation;
+* optionally reads the result back with :func:`~scripts.data.layout.check_dataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from scripts.data.layout import (
+    BINARY_ANNOTATIONS_DIR,
+    DESCRIPTION_FILE,
+    IMAGES_DIR,
+    LABELS_DIR,
+    DatasetError,
+    check_dataset,
+    name_files,
+    validate_description,
+    write_dataset_description,
+    write_sample,
+)
+
+#: Summary of a preparation, next to dataset.json.
+SUMMARY_FILE = "preparation_summary.json"
+#: Per-frame source stamps of the last run (what makes re-runs idempotent and resumable).
+STATE_FILE = ".preparation_state.json"
+#: Folder inside out_dir where a frame's files are written before they are moved into place.
+STAGING_DIR = ".staging"
+#: Everything a preparation writes at the top of out_dir.
+OUTPUT_ENTRIES = frozenset(
+    {
+        DESCRIPTION_FILE,
+        DESCRIPTION_FILE + ".tmp",
+        IMAGES_DIR,
+        LABELS_DIR,
+        BINARY_ANNOTATIONS_DIR,
+        SUMMARY_FILE,
+        SUMMARY_FILE + ".tmp",
+        STATE_FILE,
+        STATE_FILE + ".tmp",
+        STAGING_DIR,
+    }
+)
+#: The state is saved after this many newly written frames (and at the end).
+STATE_SAVE_INTERVAL = 25
+#: Version of the state file format; a different version redoes every frame.
+STATE_VERSION = 1
+
+
+class SkipFrame(Exception):
+    """Raised by a frame's ``load`` when the frame cannot be used; the message says why."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file = str(file)
+        self.reason = reason
+
+
+@dataclass
+class LoadedFrame:
+    """What a frame's ``load`` returns.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB frame, already cropped / resized to the output size.
+        label_map: (H, W) uint8: 0 background, 1..C classes, ``ignore_index`` unlabelled.
+        notes: counters the command wants summed in the summary (e.g. ``{"overlap pixels": 12}``).
+    """
+
+    image: np.ndarray
+    label_map: np.ndarray
+    notes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RawFrame:
+    """One raw frame to prepare.
+
+    Attributes:
+        sequence: output sequence name (folder under images/, labels/...).
+        frame: output frame name (file stem).
+        sources: the raw files this frame is made from (their stamps decide when to redo it).
+        load: returns a :class:`LoadedFrame`; raises :class:`SkipFrame` (or DatasetError) when the
+            frame cannot be used.
+    """
+
+    sequence: str
+    frame: str
+    sources: tuple[str, ...]
+    load: Callable[[], LoadedFrame]
+
+    @property
+    def key(self) -> str:
+        return f"{self.sequence}/{self.frame}"
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+def natural_key(text: str) -> list:
+    """Sort key that orders "seq_2" before "seq_10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]
+
+
+def png_files(folder: str) -> list[str]:
+    """Names of the .png files in ``folder`` (naturally sorted); [] when the folder does not exist."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted((n for n in os.listdir(folder) if n.lower().endswith(".png")), key=natural_key)
+
+
+def source_stamp(path: str, root: str) -> list:
+    """[path relative to ``root``, size in bytes, modification time in ns] of a raw file."""
+    status = os.stat(path)
+    return [os.path.relpath(path, root), status.st_size, status.st_mtime_ns]
+
+
+def atomic_write_json(path: str, data: object) -> bool:
+    """Write ``data`` as JSON to ``path`` atomically, only if the content differs; True when written."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            if handle.read() == text:
+                return False
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+    return True
+
+
+def layout_error(message: str, expected_layout: str) -> DatasetError:
+    """A DatasetError about a raw folder that also shows the layout the command expects."""
+    return DatasetError(f"{message}\nExpected layout:\n{expected_layout.rstrip()}")
+
+
+# ------------------------------------------------------------------------------------------ out_dir
+def check_out_dir(out_dir: str, preparer: str) -> dict | None:
+    """Make sure ``out_dir`` may be written by ``preparer``; return its previous state (or None).
+
+    ``out_dir`` may be missing, empty, or hold a (possibly unfinished) preparation by the same
+    command. Anything else (other files, a dataset made by another command or by hand) is refused
+    with DatasetError, and nothing is touched.
+    """
+    if not os.path.exists(out_dir):
+        return None
+    if not os.path.isdir(out_dir):
+        raise DatasetError(f"--out_dir {out_dir} is a file, not a folder: choose a folder for the prepared dataset.")
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return None
+    foreign = [e for e in entries if e not in OUTPUT_ENTRIES]
+    state_path = os.path.join(out_dir, STATE_FILE)
+    state = None
+    if os.path.isfile(state_path):
+        try:
+            with open(state_path, encoding="utf-8") as handle:
+                state = json.load(handle)
+        except (OSError, ValueError):
+            state = None
+    if foreign or not isinstance(state, dict):
+        what = f"files this command did not make ({name_files(foreign)})" if foreign else (
+            f"a dataset without the record {STATE_FILE} of a preparation"
+        )
+        raise DatasetError(
+            f"--out_dir {out_dir} is not empty and holds {what}: the preparation writes only into an empty "
+            "folder or one it prepared before, and never deletes your data; choose another --out_dir."
+        )
+    if state.get("preparer") != preparer:
+        raise DatasetError(
+            f"--out_dir {out_dir} holds a dataset prepared by {state.get('preparer')!r}, not by {preparer!r}: "
+            "choose another --out_dir (the existing dataset is left as it is)."
+        )
+    return state
+
+
+def _frame_outputs(out_dir: str, sequence: str, frame: str) -> tuple[str, str, list[str]]:
+    image = os.path.join(out_dir, IMAGES_DIR, sequence, f"{frame}.png")
+    label = os.path.join(out_dir, LABELS_DIR, sequence, f"{frame}.png")
+    binary_dir = os.path.join(out_dir, BINARY_ANNOTATIONS_DIR, sequence)
+    pattern = re.compile(re.escape(frame) + r"_class\d+\.png$")
+    binaries = [os.path.join(binary_dir, n) for n in os.listdir(binary_dir) if pattern.match(n)] if os.path.isdir(
+        binary_dir
+    ) else []
+    return image, label, binaries
+
+
+def _remove_frame_outputs(out_dir: str, sequence: str, frame: str) -> None:
+    image, label, binaries = _frame_outputs(out_dir, sequence, frame)
+    for path in [image, label, *binaries]:
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def _write_frame_atomically(out_dir: str, raw: RawFrame, loaded: LoadedFrame, num_classes: int) -> dict:
+    """write_sample into the staging folder, then move each file into place; return the entry."""
+    staging = os.path.join(out_dir, STAGING_DIR)
+    shutil.rmtree(staging, ignore_errors=True)
+    entry = write_sample(staging, raw.sequence, raw.frame, loaded.image, loaded.label_map, num_classes)
+    _, _, old_binaries = _frame_outputs(out_dir, raw.sequence, raw.frame)
+    new_files = []
+    for folder, _, names in os.walk(staging):
+        for name in names:
+            new_files.append(os.path.relpath(os.path.join(folder, name), staging))
+    for relative in sorted(new_files):
+        target = os.path.join(out_dir, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(staging, relative), target)
+    kept = {os.path.normpath(os.path.join(out_dir, r)) for r in new_files}
+    for path in old_binaries:  # masks of classes the frame no longer has
+        if os.path.normpath(path) not in kept:
+            os.remove(path)
+    shutil.rmtree(staging, ignore_errors=True)
+    return entry
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run_preparation(
+    out_dir: str,
+    preparer: str,
+    description: Mapping,
+    frames: Sequence[RawFrame],
+    splits: Mapping[str, Iterable[str]],
+    raw_root: str,
+    settings: Mapping | None = None,
+    frame_size: Sequence[int] | None = None,
+    problems: Sequence[tuple[str, str]] = (),
+    check: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Prepare ``frames`` into ``out_dir``; write the summary and dataset.json; return the summary.
+
+    Args:
+        out_dir: the prepared dataset folder (made if needed; see :func:`check_out_dir`).
+        preparer: name of the command (recorded; another command's folder is refused).
+        description: dataset.json without the splits: ``name``, ``description``, ``classes``
+            ({"1": name, ...}), ``ignore_index``; ``frame_size`` is filled in.
+        frames: the raw frames, in the order of the datalists.
+        splits: split name -> sequence names in it (a sequence may be in several splits, e.g.
+            cross-validation folds). Frames of a sequence in no split are skipped and reported.
+        raw_root: the raw folder; source stamps are relative to it (so the raw folder may move).
+        settings: everything else that changes the output (crop, class table, ...); a change
+            redoes every frame.
+        frame_size: (H, W) every output frame must have; None: the first usable frame decides.
+            A frame of another size is skipped and reported.
+        problems: (file, reason) pairs the command found before loading (e.g. unknown folders).
+        check: read the result back with check_dataset at the end.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        the summary (also written to ``<out_dir>/preparation_summary.json``) plus ``written`` and
+        ``reused``: frames written by this run and frames kept from an earlier run.
+
+    Raises:
+        DatasetError: ``out_dir`` is refused, no frame is usable, or a split ends up empty.
+    """
+    out_dir = str(out_dir)
+    validate_description({**description, "frame_size": None}, source="the dataset description")
+    num_classes = len(description["classes"])
+    ignore_index = int(description.get("ignore_index", 255))
+    previous = check_out_dir(out_dir, preparer)
+    settings = json.loads(json.dumps(dict(settings or {})))  # plain JSON types, comparable with the file
+    old_frames: dict = {}
+    if previous and previous.get("version") == STATE_VERSION and previous.get("settings") == settings:
+        old_frames = dict(previous.get("frames", {}))
+    elif previous:
+        old_frames = {key: None for key in previous.get("frames", {})}  # to remove their stale outputs
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
+
+    split_sequences = {name: set(sequences) for name, sequences in splits.items()}
+    in_some_split = set().union(*split_sequences.values()) if split_sequences else set()
+    skipped: list[dict] = [{"file": str(f), "reason": r} for f, r in problems]
+    for file, reason in problems:
+        tqdm.write(f"skipped {file}: {reason}")
+    size = tuple(int(v) for v in frame_size) if frame_size is not None else None
+    state_frames: dict[str, dict] = {}
+    written = reused = unsaved = 0
+
+    def save_state() -> None:
+        atomic_write_json(
+            os.path.join(out_dir, STATE_FILE),
+            {"preparer": preparer, "version": STATE_VERSION, "settings": settings, "frames": state_frames},
+        )
+
+    if previous is None:
+        save_state()  # mark the folder as ours before the first frame is written
+    bar = tqdm(frames, desc=preparer, unit="frame", disable=not progress, leave=False)
+    for raw in bar:
+        if raw.sequence not in in_some_split:
+            skipped.append({"file": raw.key, "reason": f"sequence {raw.sequence} is in no split"})
+            continue
+        try:
+            stamp = [source_stamp(path, raw_root) for path in raw.sources]
+        except OSError as error:
+            skipped.append({"file": raw.key, "reason": f"cannot read its sources ({error})"})
+            continue
+        old = old_frames.get(raw.key)
+        image_path, label_path, _ = _frame_outputs(out_dir, raw.sequence, raw.frame)
+        if (
+            old is not None
+            and old.get("stamp") == stamp
+            and os.path.isfile(image_path)
+            and os.path.isfile(label_path)
+            and (size is None or list(size) == old.get("size"))
+        ):
+            state_frames[raw.key] = old
+            size = size or tuple(old["size"])
+            reused += 1
+            continue
+        try:
+            loaded = raw.load()
+        except SkipFrame as skip:
+            skipped.append({"file": skip.file, "reason": skip.reason})
+            tqdm.write(f"skipped {skip.file}: {skip.reason}")
+            continue
+        except DatasetError as error:
+            skipped.append({"file": raw.key, "reason": str(error)})
+            tqdm.write(f"skipped {raw.key}: {error}")
+            continue
+        frame_shape = tuple(loaded.image.shape[:2])
+        if loaded.label_map.shape != frame_shape:
+            reason = f"label map {loaded.label_map.shape} and frame {frame_shape} differ in size"
+            skipped.append({"file": raw.key, "reason": reason})
+            tqdm.write(f"skipped {raw.key}: {reason}")
+            continue
+        if size is not None and frame_shape != size:
+            reason = f"frame is {frame_shape[0]}x{frame_shape[1]}, the dataset's frames are {size[0]}x{size[1]}"
+            skipped.append({"file": raw.key, "reason": reason})
+            tqdm.write(f"skipped {raw.key}: {reason}")
+            continue
+        size = frame_shape
+        _write_frame_atomically(out_dir, raw, loaded, num_classes)
+        counts = np.bincount(loaded.label_map.ravel(), minlength=256)
+        state_frames[raw.key] = {
+            "stamp": stamp,
+            "size": list(frame_shape),
+            "pixels": {str(v): int(counts[v]) for v in np.flatnonzero(counts)},
+            "notes": {k: int(v) for k, v in loaded.notes.items() if v},
+        }
+        written += 1
+        unsaved += 1
+        if unsaved >= STATE_SAVE_INTERVAL:
+            save_state()
+            unsaved = 0
+    bar.close()
+
+    # outputs of frames an earlier run wrote but this run did not keep (source gone, now bad, ...)
+    for key in old_frames:
+        if key not in state_frames and "/" in key:
+            sequence, frame = key.rsplit("/", 1)
+            _remove_frame_outputs(out_dir, sequence, frame)
+    save_state()
+    if not state_frames:
+        shown = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:5])
+        raise DatasetError(f"no usable frame was found for {preparer} ({len(skipped)} skipped{': ' + shown if shown else ''}).")
+
+    class_ids = sorted(int(k) for k in description["classes"])
+    names = {class_id: description["classes"][str(class_id)] for class_id in class_ids}
+    order = {raw.key: position for position, raw in enumerate(frames)}
+    kept = sorted(state_frames, key=order.__getitem__)
+    final = {**description, "frame_size": list(size)}
+    summary_splits: dict[str, dict] = {}
+    for split, sequences in split_sequences.items():
+        keys = [key for key in kept if key.rsplit("/", 1)[0] in sequences]
+        if not keys:
+            raise DatasetError(
+                f"split '{split}' of {preparer} has no usable frame (its sequences: "
+                f"{name_files(sorted(sequences, key=natural_key)) or 'none'}): check the raw folder and the split."
+            )
+        final[split] = [
+            {
+                "image": f"{IMAGES_DIR}/{key.rsplit('/', 1)[0]}/{key.rsplit('/', 1)[1]}.png",
+                "label": f"{LABELS_DIR}/{key.rsplit('/', 1)[0]}/{key.rsplit('/', 1)[1]}.png",
+                "sequence": key.rsplit("/", 1)[0],
+                "frame": key.rsplit("/", 1)[1],
+            }
+            for key in keys
+        ]
+        summary_splits[split] = _class_counts([state_frames[k] for k in keys], names, ignore_index)
+    summary = {
+        "preparer": preparer,
+        "frame_size": list(size),
+        "classes": {str(k): v for k, v in names.items()},
+        "ignore_index": ignore_index,
+        "frames": len(kept),
+        "frames_per_split": {split: len(final[split]) for split in split_sequences},
+        "sequences": {
+            split: sorted(sequences & {k.rsplit("/", 1)[0] for k in kept}, key=natural_key)
+            for split, sequences in split_sequences.items()
+        },
+        **_class_counts([state_frames[k] for k in kept], names, ignore_index),
+        "per_split": summary_splits,
+        "notes": _sum_notes(state_frames[k] for k in kept),
+        "skipped": skipped,
+    }
+    atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
+    _write_description_if_changed(out_dir, final)  # last: its presence marks a finished preparation
+    if check:
+        check_dataset(out_dir, splits=list(split_sequences))
+    print(format_summary(summary, out_dir, written, reused))
+    return {**summary, "written": written, "reused": reused}
+
+
+def _class_counts(records: Sequence[dict], names: Mapping[int, str], ignore_index: int) -> dict:
+    frames_per_class = {name: 0 for name in names.values()}
+    pixels_per_class = {name: 0 for name in names.values()}
+    background = ignored = 0
+    for record in records:
+        for value, count in record["pixels"].items():
+            value = int(value)
+            if value in names:
+                frames_per_class[names[value]] += 1
+                pixels_per_class[names[value]] += count
+            elif value == 0:
+                background += count
+            elif value == ignore_index:
+                ignored += count
+    return {
+        "frames_per_class": frames_per_class,
+        "pixels_per_class": pixels_per_class,
+        "background_pixels": background,
+        "ignored_pixels": ignored,
+    }
+
+
+def _sum_notes(records: Iterable[dict]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for record in records:
+        for key, value in record.get("notes", {}).items():
+            total[key] = total.get(key, 0) + int(value)
+    return dict(sorted(total.items()))
+
+
+def _write_description_if_changed(out_dir: str, description: dict) -> None:
+    path = os.path.join(out_dir, DESCRIPTION_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                if json.load(handle) == json.loads(json.dumps(description)):
+                    return
+        except (OSError, ValueError):
+            pass
+    write_dataset_description(out_dir, description)
+
+
+def format_summary(summary: Mapping, out_dir: str, written: int, reused: int) -> str:
+    """The console report of a preparation."""
+    height, width = summary["frame_size"]
+    lines = [
+        f"{summary['preparer']}: {summary['frames']} frames ({height}x{width}) in {out_dir} "
+        f"({written} written, {reused} unchanged and kept)",
+    ]
+    for split, count in summary["frames_per_split"].items():
+        lines.append(f"  {split:<20}{count:7d} frames")
+    lines.append("  class                          frames       pixels")
+    for name, frames in summary["frames_per_class"].items():
+        lines.append(f"  {name:<28}{frames:9d} {summary['pixels_per_class'][name]:12d}")
+    lines.append(f"  {'(ignored pixels)':<28}{'':9} {summary['ignored_pixels']:12d}")
+    for key, value in summary["notes"].items():
+        lines.append(f"  note: {key}: {value}")
+    if summary["skipped"]:
+        lines.append(f"  {len(summary['skipped'])} file(s) skipped:")
+        for item in summary["skipped"][:20]:
+            lines.append(f"    {item['file']}: {item['reason']}")
+        if len(summary["skipped"]) > 20:
+            lines.append(f"    ... and {len(summary['skipped']) - 20} more (see {SUMMARY_FILE})")
+    lines.append(f"  summary written to {os.path.join(out_dir, SUMMARY_FILE)}")
+    return "\n".join(lines)

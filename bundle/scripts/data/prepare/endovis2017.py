@@ -1,0 +1,223 @@
+"""Prepare the EndoVis 2017 Robotic Instrument Segmentation training data (instrument types, 4 folds).
+
+Raw layout expected under ``raw_dir`` (as the challenge released it)::
+
+    <raw_dir>/instrument_dataset_K/left_frames/frameNNN.png                 RGB, 1920x1080 (W x H)
+    <raw_dir>/instrument_dataset_K/ground_truth/<Name>_labels/frameNNN.png  grey, 1920x1080
+
+with K = 1..8. Each ``<Name>_labels`` folder holds the part masks of one instrument: 0 background,
+10 shaft, 20 wrist, 30 claspers (any value > 0 belongs to the instrument). ``<Name>`` gives the
+instrument type (SPEC 8), matched as a substring so that 'Left_Prograsp_Forceps' and
+'Maryland_Bipolar_Forceps' are recognised:
+
+    Bipolar_Forceps 1, Prograsp_Forceps 2, Large_Needle_Driver 3, Vessel_Sealer 4,
+    Grasping_Retractor 5, Monopolar_Curved_Scissors 6, Other 7
+
+Output (the layout of :mod:`scripts.data.layout`):
+
+* frames and label maps cropped to rows 28:1052, columns 320:1600: (1024, 1280, 3) and (1024, 1280);
+* sequence ``instrument_dataset_K`` -> ``seq_K``, frame ``frameNNN`` keeps its name;
+* label map: the instrument type of every instrument pixel. Where two instrument folders overlap,
+  the folder later in sorted order wins; the overlapping pixels are counted in the summary
+  (``overlap pixels``, ``frames with overlaps``). A folder whose name matches no type (or more than
+  one) is reported and its pixels are set to the ignore value 255 (counted as
+  ``pixels of unknown instrument folders``), never guessed;
+* a frame with a part mask holding values other than 0/10/20/30, a missing mask, or a frame or
+  mask of another size than 1920x1080 is skipped and reported by name.
+
+Splits (dataset.json; the training configs rely on these names): the 4 folds by dataset number,
+``fold0_validation`` [1, 3], ``fold1_validation`` [2, 5], ``fold2_validation`` [4, 8],
+``fold3_validation`` [6, 7]; ``foldN_training`` holds the other six datasets; ``training`` and
+``validation`` repeat fold 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from scripts.data.layout import DatasetError, _open_image, read_frame
+from scripts.data.prepare.common import (
+    LoadedFrame,
+    RawFrame,
+    SkipFrame,
+    layout_error,
+    natural_key,
+    png_files,
+    run_preparation,
+)
+
+PREPARER = "prepare_endovis2017"
+#: Class ids 1..7 (SPEC 1, EndoVis2017 column).
+CLASS_NAMES = (
+    "Bipolar Forceps",
+    "Prograsp Forceps",
+    "Large Needle Driver",
+    "Vessel Sealer",
+    "Grasping Retractor",
+    "Monopolar Curved Scissors",
+    "Other",
+)
+#: Substring of the ground-truth folder name -> class id (SPEC 8).
+FOLDER_TYPES = {
+    "Bipolar_Forceps": 1,
+    "Prograsp_Forceps": 2,
+    "Large_Needle_Driver": 3,
+    "Vessel_Sealer": 4,
+    "Grasping_Retractor": 5,
+    "Monopolar_Curved_Scissors": 6,
+    "Other": 7,
+}
+#: Raw frame size (H, W) and the crop to the 1024x1280 camera image: rows, columns.
+RAW_SIZE = (1080, 1920)
+CROP_ROWS = (28, 1052)
+CROP_COLS = (320, 1600)
+#: Values of the part masks: background, shaft, wrist, claspers.
+PART_VALUES = (0, 10, 20, 30)
+#: Cross-validation folds: validation datasets of each fold.
+FOLDS = ((1, 3), (2, 5), (4, 8), (6, 7))
+IGNORE_INDEX = 255
+DATASET_PATTERN = re.compile(r"^instrument_dataset_(\d+)$")
+
+EXPECTED_LAYOUT = """\
+  <raw_dir>/instrument_dataset_K/left_frames/frameNNN.png                 (1920x1080 RGB)
+  <raw_dir>/instrument_dataset_K/ground_truth/<Name>_labels/frameNNN.png  (1920x1080 grey: 0, 10, 20, 30)
+  with K = 1..8 and <Name> e.g. Left_Prograsp_Forceps, Maryland_Bipolar_Forceps, Other."""
+
+
+def sequence_name(dataset_number: int) -> str:
+    """Output sequence of ``instrument_dataset_K``: ``seq_K``."""
+    return f"seq_{dataset_number}"
+
+
+def fold_splits(folds=FOLDS) -> dict[str, list[str]]:
+    """Split name -> sequences: foldN_training / foldN_validation for every fold, training / validation = fold 0."""
+    every = sorted({number for fold in folds for number in fold})
+    splits: dict[str, list[str]] = {}
+    for index, validation in enumerate(folds):
+        splits[f"fold{index}_training"] = [sequence_name(n) for n in every if n not in validation]
+        splits[f"fold{index}_validation"] = [sequence_name(n) for n in validation]
+    splits["training"] = list(splits["fold0_training"])
+    splits["validation"] = list(splits["fold0_validation"])
+    return splits
+
+
+def instrument_type(folder_name: str) -> int | None:
+    """Class id of a ground-truth folder (e.g. 'Left_Prograsp_Forceps_labels' -> 2); None if unknown or ambiguous."""
+    name = folder_name[: -len("_labels")] if folder_name.endswith("_labels") else folder_name
+    matches = {class_id for key, class_id in FOLDER_TYPES.items() if key in name}
+    return matches.pop() if len(matches) == 1 else None
+
+
+def crop(array: np.ndarray) -> np.ndarray:
+    """Crop a raw (1080, 1920[, 3]) frame or mask to the (1024, 1280[, 3]) camera image."""
+    return array[CROP_ROWS[0] : CROP_ROWS[1], CROP_COLS[0] : CROP_COLS[1]]
+
+
+def read_part_mask(path: str) -> np.ndarray:
+    """A part mask as (H, W) uint8; SkipFrame when unreadable or holding values other than 0/10/20/30."""
+    try:
+        image = _open_image(path, "part mask")
+    except DatasetError as error:
+        raise SkipFrame(path, str(error)) from None
+    values = np.asarray(image)
+    if values.ndim == 3:  # a mask saved as RGB: the grey value is in every channel
+        values = values[..., :3].max(axis=2)
+    if values.shape != RAW_SIZE:
+        raise SkipFrame(path, f"mask is {values.shape[0]}x{values.shape[1]}, expected {RAW_SIZE[0]}x{RAW_SIZE[1]}")
+    unexpected = sorted(set(np.unique(values).tolist()) - set(PART_VALUES))
+    if unexpected:
+        raise SkipFrame(path, f"unexpected mask values {unexpected} (part masks hold {list(PART_VALUES)})")
+    return values.astype(np.uint8)
+
+
+def _load(frame_path: str, masks: list[tuple[str, int | None]]) -> LoadedFrame:
+    try:
+        image = read_frame(frame_path)
+    except DatasetError as error:
+        raise SkipFrame(frame_path, str(error)) from None
+    if image.shape[:2] != RAW_SIZE:
+        raise SkipFrame(
+            frame_path, f"frame is {image.shape[0]}x{image.shape[1]}, expected {RAW_SIZE[0]}x{RAW_SIZE[1]}"
+        )
+    label_map = np.zeros(RAW_SIZE, dtype=np.uint8)
+    overlap = unknown = 0
+    for mask_path, class_id in masks:  # sorted by folder name: the later folder wins an overlap
+        if not os.path.isfile(mask_path):
+            raise SkipFrame(mask_path, "missing: every instrument folder needs a mask for each frame")
+        instrument = read_part_mask(mask_path) > 0
+        overlap += int(np.count_nonzero(instrument & (label_map > 0)))
+        label_map[instrument] = IGNORE_INDEX if class_id is None else class_id
+        unknown += int(np.count_nonzero(instrument)) if class_id is None else 0
+    notes = {"overlap pixels": overlap, "frames with overlaps": int(overlap > 0),
+             "pixels of unknown instrument folders": unknown}
+    return LoadedFrame(crop(image), crop(label_map), notes)
+
+
+def find_frames(raw_dir: str) -> tuple[list[RawFrame], list[tuple[str, str]]]:
+    """The raw frames of every ``instrument_dataset_K`` and the problems found (unknown folders).
+
+    Raises:
+        DatasetError: ``raw_dir`` is missing or holds no instrument_dataset_K with frames.
+    """
+    if not os.path.isdir(raw_dir):
+        raise layout_error(f"--raw_dir {raw_dir} does not exist.", EXPECTED_LAYOUT)
+    datasets = sorted(
+        ((int(m.group(1)), name) for name in os.listdir(raw_dir) if (m := DATASET_PATTERN.match(name))
+         and os.path.isdir(os.path.join(raw_dir, name))),
+    )
+    if not datasets:
+        raise layout_error(f"--raw_dir {raw_dir} holds no instrument_dataset_K folder.", EXPECTED_LAYOUT)
+    frames: list[RawFrame] = []
+    problems: list[tuple[str, str]] = []
+    for number, name in datasets:
+        folder = os.path.join(raw_dir, name)
+        frame_names = png_files(os.path.join(folder, "left_frames"))
+        truth_dir = os.path.join(folder, "ground_truth")
+        if not frame_names or not os.path.isdir(truth_dir):
+            raise layout_error(
+                f"{folder} has no left_frames/*.png or no ground_truth folder.", EXPECTED_LAYOUT
+            )
+        instruments = []
+        for sub in sorted(os.listdir(truth_dir), key=natural_key):
+            if not os.path.isdir(os.path.join(truth_dir, sub)):
+                continue
+            class_id = instrument_type(sub)
+            if class_id is None:
+                problems.append((
+                    os.path.join(name, "ground_truth", sub),
+                    f"unknown instrument folder (known types: {', '.join(FOLDER_TYPES)}); "
+                    f"its pixels are set to the ignore value {IGNORE_INDEX}",
+                ))
+            instruments.append((os.path.join(truth_dir, sub), class_id))
+        for frame_name in frame_names:
+            frame_path = os.path.join(folder, "left_frames", frame_name)
+            masks = [(os.path.join(sub, frame_name), class_id) for sub, class_id in instruments]
+            frames.append(RawFrame(
+                sequence=sequence_name(number),
+                frame=os.path.splitext(frame_name)[0],
+                sources=(frame_path, *(p for p, _ in masks if os.path.isfile(p))),
+                load=lambda f=frame_path, m=masks: _load(f, m),
+            ))
+    return frames, problems
+
+
+def prepare_endovis2017(raw_dir: str, out_dir: str, check: bool = True, progress: bool = True) -> dict:
+    """Prepare EndoVis2017 (layout in the module docstring) into ``out_dir``; return the summary."""
+    raw_dir = os.path.abspath(str(raw_dir))
+    frames, problems = find_frames(raw_dir)
+    description = {
+        "name": "endovis2017",
+        "description": "EndoVis 2017 Robotic Instrument Segmentation, instrument types; frames cropped to "
+        "rows 28:1052, cols 320:1600; 4-fold cross-validation by dataset (fold0 = training/validation).",
+        "classes": {str(i): name for i, name in enumerate(CLASS_NAMES, start=1)},
+        "ignore_index": IGNORE_INDEX,
+    }
+    settings = {"crop": [CROP_ROWS, CROP_COLS], "types": FOLDER_TYPES, "overlap": "later folder wins"}
+    return run_preparation(
+        out_dir, PREPARER, description, frames, fold_splits(), raw_dir, settings=settings,
+        frame_size=(CROP_ROWS[1] - CROP_ROWS[0], CROP_COLS[1] - CROP_COLS[0]), problems=problems,
+        check=check, progress=progress,
+    )
