@@ -7,6 +7,10 @@
     surgical-sam benchmark [--batch_size 32 --num_classes 7 --num_tokens 2 --frame_size 1024,1280
                             --steps 3 --encoder_frames 2 --device cpu|cuda|auto]
     surgical-sam demo [--epochs N] [--bundle_root DIR] [--fresh]
+    surgical-sam prepare_endovis2017 --raw_dir R --out_dir O [--nocheck]
+    surgical-sam prepare_endovis2018 --raw_dir R --out_dir O [--labels_dir L --numbering auto|2018|2017 --nocheck]
+    surgical-sam prepare_cholecseg8k --raw_dir R --out_dir O [--val_videos video12,video20 --nocheck]
+    surgical-sam prepare_custom --config C.yaml --out_dir O [--nocheck]
 
 Also ``python -m scripts.cli ...`` (from the bundle folder, or anywhere once the repo is installed).
 Every command is a plain function of this module, so Python code and tests can call it directly;
@@ -397,6 +401,95 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     return results
 
 
+# -------------------------------------------------------------------------------------------- prepare_*
+def _prepare(function, out_dir: Any, **kwargs) -> dict:
+    """Run a preparation function of scripts.data.prepare; its DatasetErrors become user errors."""
+    from scripts.data.layout import DatasetError
+
+    if out_dir is None or out_dir == "":
+        raise _fail("--out_dir is required.")
+    try:
+        return function(out_dir=str(Path(str(out_dir)).expanduser()), **kwargs)
+    except DatasetError as error:
+        raise _fail(str(error)) from None
+
+
+def prepare_endovis2017(raw_dir: str, out_dir: str, check: bool = True) -> dict:
+    """Prepare raw EndoVis2017 (instrument_dataset_K/...) into the bundle layout with 4 folds.
+
+    Args:
+        raw_dir: the folder holding instrument_dataset_1 ... instrument_dataset_8.
+        out_dir: the prepared dataset folder (empty, new, or an earlier run's: re-runs resume).
+        check: read the result back with check_dataset.
+
+    Splits: fold0_training, fold0_validation ... fold3_validation, and training/validation = fold 0.
+    Raw layout: see scripts.data.prepare.endovis2017.
+    """
+    from scripts.data.prepare.endovis2017 import prepare_endovis2017 as run
+
+    folder = _existing_dir(raw_dir, "raw_dir")
+    return _prepare(run, out_dir, raw_dir=str(folder), check=bool(check))
+
+
+def prepare_endovis2018(
+    raw_dir: str, out_dir: str, labels_dir: str | None = None, numbering: str = "auto", check: bool = True
+) -> dict:
+    """Prepare EndoVis2018 frames with ISINet instrument-type labels into the bundle layout.
+
+    Args:
+        raw_dir: the folder holding seq_N/left_frames (and ISINet's seq_N/instrument_labels).
+        out_dir: the prepared dataset folder.
+        labels_dir: labels kept apart: L/seq_N/<frame>.png type label maps (0..7) or ISINet instance masks.
+        numbering: class ids of ISINet instance masks: 2018 (1..7 as the bundle's table), 2017
+            (ISINet's 2017-compatible ids 1..9) or auto (2017 for instrument_labels_2017 folders).
+        check: read the result back with check_dataset.
+
+    Splits: validation = seq 2, 5, 9, 15; training = the other 11. Raw layout: see
+    scripts.data.prepare.endovis2018.
+    """
+    from scripts.data.prepare.endovis2018 import NUMBERINGS
+    from scripts.data.prepare.endovis2018 import prepare_endovis2018 as run
+
+    folder = _existing_dir(raw_dir, "raw_dir")
+    labels = None if labels_dir in (None, "") else str(_existing_dir(labels_dir, "labels_dir"))
+    if str(numbering) not in NUMBERINGS:
+        raise _fail(f"--numbering must be one of {', '.join(NUMBERINGS)}, got {numbering!r}.")
+    return _prepare(run, out_dir, raw_dir=str(folder), labels_dir=labels, numbering=str(numbering), check=bool(check))
+
+
+def prepare_cholecseg8k(raw_dir: str, out_dir: str, val_videos: Any = None, check: bool = True) -> dict:
+    """Prepare CholecSeg8k (videoNN/videoNN_XXXXX/frame_K_endo*.png) into the bundle layout.
+
+    Args:
+        raw_dir: the folder holding video01 ... video55.
+        out_dir: the prepared dataset folder.
+        val_videos: validation videos, comma separated (video12,video20 or 12,20); default
+            video12, video20, video48, video55.
+        check: read the result back with check_dataset.
+    """
+    from scripts.data.prepare.cholecseg8k import prepare_cholecseg8k as run
+
+    folder = _existing_dir(raw_dir, "raw_dir")
+    videos = None if val_videos in (None, "") else _names(val_videos)
+    return _prepare(run, out_dir, raw_dir=str(folder), val_videos=videos, check=bool(check))
+
+
+def prepare_custom(config: str, out_dir: str, check: bool = True) -> dict:
+    """Prepare a folder of frames and PNG label maps described by a YAML file (see scripts.data.prepare.custom).
+
+    Args:
+        config: YAML with frames_dir, labels_dir, classes {1: name, ...} and optionally ignore_index,
+            validation_sequences or validation_fraction, resize [H, W], name.
+        out_dir: the prepared dataset folder.
+        check: read the result back with check_dataset.
+    """
+    from scripts.data.prepare.custom import prepare_custom as run
+
+    if config is None or config == "":
+        raise _fail("--config is required.")
+    return _prepare(run, out_dir, config_path=str(Path(str(config)).expanduser()), check=bool(check))
+
+
 # ------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "make_demo_data": make_demo_data,
@@ -404,6 +497,10 @@ COMMANDS = {
     "score": score,
     "benchmark": benchmark,
     "demo": demo,
+    "prepare_endovis2017": prepare_endovis2017,
+    "prepare_endovis2018": prepare_endovis2018,
+    "prepare_cholecseg8k": prepare_cholecseg8k,
+    "prepare_custom": prepare_custom,
 }
 
 

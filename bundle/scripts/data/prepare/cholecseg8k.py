@@ -19,7 +19,8 @@ native size (H, W) (480, 854 in the release); all frames must share the size of 
 (others are skipped and reported).
 
 Split by video: ``validation`` = the videos of ``val_videos`` (default :data:`DEFAULT_VAL_VIDEOS`,
-4 of the 17 videos, our fixed choice), ``training`` = all other videos.
+4 of the 17 videos, our fixed choice; those of them the raw folder holds), ``training`` = all
+other videos.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
     SkipFrame,
+    check_out_dir,
     layout_error,
     natural_key,
     run_preparation,
@@ -162,9 +164,18 @@ def prepare_cholecseg8k(
         val_videos: videos of the validation split (``video12`` or ``12``); default
             :data:`DEFAULT_VAL_VIDEOS`.
     """
+    check_out_dir(str(out_dir), PREPARER)  # before reading anything: a refused out_dir is said first
     raw_dir = os.path.abspath(str(raw_dir))
     clips, frames = find_frames(raw_dir)
-    held_out = [video_name(v) for v in (DEFAULT_VAL_VIDEOS if val_videos is None else val_videos)]
+    if val_videos is None:  # the default list, as far as the raw folder holds it (e.g. a subset of the videos)
+        held_out = [v for v in DEFAULT_VAL_VIDEOS if v in clips]
+        if not held_out:
+            raise DatasetError(
+                f"none of the default validation videos ({', '.join(DEFAULT_VAL_VIDEOS)}) is in --raw_dir {raw_dir} "
+                f"(it holds {', '.join(clips)}): choose them with --val_videos."
+            )
+    else:
+        held_out = [video_name(v) for v in val_videos]
     absent = [v for v in held_out if v not in clips]
     if absent:
         raise DatasetError(

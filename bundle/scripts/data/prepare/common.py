@@ -215,6 +215,13 @@ def _remove_frame_outputs(out_dir: str, sequence: str, frame: str) -> None:
             os.remove(path)
 
 
+def _same_bytes(first: str, second: str) -> bool:
+    if not os.path.isfile(second) or os.path.getsize(first) != os.path.getsize(second):
+        return False
+    with open(first, "rb") as a, open(second, "rb") as b:
+        return a.read() == b.read()
+
+
 def _write_frame_atomically(out_dir: str, raw: RawFrame, loaded: LoadedFrame, num_classes: int) -> dict:
     """write_sample into the staging folder, then move each file into place; return the entry."""
     staging = os.path.join(out_dir, STAGING_DIR)
@@ -226,9 +233,11 @@ def _write_frame_atomically(out_dir: str, raw: RawFrame, loaded: LoadedFrame, nu
         for name in names:
             new_files.append(os.path.relpath(os.path.join(folder, name), staging))
     for relative in sorted(new_files):
-        target = os.path.join(out_dir, relative)
+        source, target = os.path.join(staging, relative), os.path.join(out_dir, relative)
+        if _same_bytes(source, target):
+            continue  # an identical file stays untouched (its modification time too)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.replace(os.path.join(staging, relative), target)
+        os.replace(source, target)
     kept = {os.path.normpath(os.path.join(out_dir, r)) for r in new_files}
     for path in old_binaries:  # masks of classes the frame no longer has
         if os.path.normpath(path) not in kept:
@@ -419,10 +428,22 @@ def run_preparation(
     }
     atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     _write_description_if_changed(out_dir, final)  # last: its presence marks a finished preparation
-    if check:
-        check_dataset(out_dir, splits=list(split_sequences))
+    if check:  # splits that together hold every frame once or so: each frame is read back, not once per split
+        check_dataset(out_dir, splits=_covering_splits({split: final[split] for split in split_sequences}))
     print(format_summary(summary, out_dir, written, reused))
     return {**summary, "written": written, "reused": reused}
+
+
+def _covering_splits(entries: Mapping[str, list[dict]]) -> list[str]:
+    """A few splits that together list every frame (greedy: the split adding most frames first)."""
+    keys = {split: {(e["sequence"], e["frame"]) for e in items} for split, items in entries.items()}
+    remaining = set().union(*keys.values()) if keys else set()
+    chosen: list[str] = []
+    while remaining:
+        best = max(keys, key=lambda split: len(remaining & keys[split]))
+        chosen.append(best)
+        remaining -= keys[best]
+    return chosen
 
 
 def _class_counts(records: Sequence[dict], names: Mapping[int, str], ignore_index: int) -> dict:

@@ -34,11 +34,19 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from scripts.data.layout import DEFAULT_IGNORE_INDEX, DatasetError, _open_image, name_files, read_frame
+from scripts.data.layout import (
+    DEFAULT_IGNORE_INDEX,
+    DatasetError,
+    _open_image,
+    name_files,
+    read_frame,
+    validate_description,
+)
 from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
     SkipFrame,
+    check_out_dir,
     layout_error,
     natural_key,
     run_preparation,
@@ -100,6 +108,7 @@ def read_config(path: str) -> dict:
             raise DatasetError(f"--config {path}: resize must be [height, width] in pixels, got {resize!r}.")
         config["resize"] = [int(v) for v in resize]
     config.setdefault("ignore_index", DEFAULT_IGNORE_INDEX)
+    validate_description({"classes": config["classes"], "ignore_index": config["ignore_index"]}, source=f"--config {path}")
     return config
 
 
@@ -186,6 +195,7 @@ def validation_sequences(sequences: list[str], config: Mapping) -> list[str]:
 
 def prepare_custom(config_path: str, out_dir: str, check: bool = True, progress: bool = True) -> dict:
     """Prepare the frames and label maps a YAML config describes (see the module docstring)."""
+    check_out_dir(str(out_dir), PREPARER)  # before reading anything: a refused out_dir is said first
     config = read_config(str(config_path))
     sequences = find_sequences(config["frames_dir"], config["labels_dir"])
     num_classes = len(config["classes"])

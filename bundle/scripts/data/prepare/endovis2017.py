@@ -43,6 +43,7 @@ from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
     SkipFrame,
+    check_out_dir,
     layout_error,
     natural_key,
     png_files,
@@ -206,6 +207,7 @@ def find_frames(raw_dir: str) -> tuple[list[RawFrame], list[tuple[str, str]]]:
 
 def prepare_endovis2017(raw_dir: str, out_dir: str, check: bool = True, progress: bool = True) -> dict:
     """Prepare EndoVis2017 (layout in the module docstring) into ``out_dir``; return the summary."""
+    check_out_dir(str(out_dir), PREPARER)  # before reading anything: a refused out_dir is said first
     raw_dir = os.path.abspath(str(raw_dir))
     frames, problems = find_frames(raw_dir)
     description = {

@@ -53,6 +53,7 @@ from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
     SkipFrame,
+    check_out_dir,
     layout_error,
     natural_key,
     png_files,
@@ -273,6 +274,7 @@ def prepare_endovis2018(
     progress: bool = True,
 ) -> dict:
     """Prepare EndoVis2018 with instrument-type labels (layout in the module docstring); return the summary."""
+    check_out_dir(str(out_dir), PREPARER)  # before reading anything: a refused out_dir is said first
     raw_dir = os.path.abspath(str(raw_dir))
     labels_dir = None if labels_dir in (None, "") else os.path.abspath(str(labels_dir))
     frames, problems = find_frames(raw_dir, labels_dir, numbering)
