@@ -6,6 +6,7 @@ few frames only) and the prepared outputs are checked pixel for pixel against ha
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -27,8 +28,8 @@ from scripts.data.prepare.endovis2018 import prepare_endovis2018
 def write_image(path: Path, array) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array, dtype=np.uint8)
-    Image.fromarray(array, mode={2: "L", 3: "RGB"}[array.ndim] if array.ndim == 2 or array.shape[2] == 3
-                    else "RGBA").save(path)
+    mode = "L" if array.ndim == 2 else {3: "RGB", 4: "RGBA"}[array.shape[2]]
+    Image.fromarray(array, mode=mode).save(path, compress_level=1)  # fast: the raw files are fabricated
 
 
 def read(path: Path) -> np.ndarray:
@@ -53,7 +54,9 @@ def skipped_reasons(summary: dict) -> dict[str, str]:
 RAW_2017 = (1080, 1920)
 
 
+@functools.lru_cache(maxsize=None)
 def raw_frame_2017(number: int) -> np.ndarray:
+    """A raw 1080x1920 frame that differs at every pixel of the crop window (read-only: cached)."""
     rows, cols = np.mgrid[: RAW_2017[0], : RAW_2017[1]]
     return np.stack([rows % 251, cols % 253, np.full(RAW_2017, number * 20)], axis=-1).astype(np.uint8)
 
@@ -293,6 +296,9 @@ def test_endovis2018_label_maps(tmp_path):
     write_image(labels / "seq_1" / "frame000.png", type_map)
     write_image(labels / "seq_1" / "frame001.png", mask_2018((0, 1), (0, 1), 9))  # 9 is no class
     write_image(labels / "seq_5" / "frame000.png", mask_2018((0, 1), (0, 2), 5))  # seq_5 frame001 has no label
+    write_image(raw / "seq_9" / "left_frames" / "frame000.png", frame_2018(3))  # an empty labels folder
+    (labels / "seq_9").mkdir()
+    write_image(raw / "seq_12" / "left_frames" / "frame000.png", frame_2018(3))  # no labels folder at all
     out = tmp_path / "out"
     summary = prepare_endovis2018(str(raw), str(out), labels_dir=str(labels), progress=False)
     np.testing.assert_array_equal(read(out / "labels" / "seq_1" / "frame000.png"), type_map)
@@ -301,6 +307,9 @@ def test_endovis2018_label_maps(tmp_path):
     reasons = skipped_reasons(summary)
     assert "unexpected label values [9]" in reasons[str(labels / "seq_1" / "frame001.png")]
     assert "missing" in reasons[str(labels / "seq_5" / "frame001.png")]
+    assert "missing" in reasons[str(labels / "seq_9" / "frame000.png")]
+    assert "no labels for seq_12" in reasons[str(raw / "seq_12")]
+    assert len(reasons) == 4
 
 
 def test_endovis2018_bad_raw_folders(tmp_path):
@@ -530,6 +539,9 @@ def test_custom_sizes_fraction_and_errors(tmp_path):
     label = read(tmp_path / "out" / "labels" / "case_1" / "img_0.png")
     assert set(np.unique(label).tolist()) <= {0, 1, 250}  # nearest neighbour: no blended ids
     np.testing.assert_array_equal(label[:2, :2], np.ones((2, 2)))
+    write_image(tmp_path / "frames" / "case_1" / "img_0.jpg", np.zeros((8, 10, 3)))
+    with pytest.raises(DatasetError, match="same output frame\\(s\\) case_1/img_0 "):
+        prepare_custom(str(config), str(tmp_path / "out"))
     for text, message in (("frames_dir: f\n", "lacks labels_dir, classes"),
                           ("frames_dir: f\nlabels_dir: l\nclasses: {1: a}\ncolour: red\n", "unknown key"),
                           ("frames_dir: nowhere\nlabels_dir: labels\nclasses: {1: a}\n", "does not exist"),

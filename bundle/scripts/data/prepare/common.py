@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -300,6 +301,12 @@ def run_preparation(
     os.makedirs(out_dir, exist_ok=True)
     shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
 
+    repeated = sorted(key for key, count in Counter(raw.key for raw in frames).items() if count > 1)
+    if repeated:
+        raise DatasetError(
+            f"{preparer}: several raw files would become the same output frame(s) {name_files(repeated)} (e.g. "
+            "frame.png and frame.jpg in one sequence): keep one file per frame name."
+        )
     split_sequences = {name: set(sequences) for name, sequences in splits.items()}
     in_some_split = set().union(*split_sequences.values()) if split_sequences else set()
     skipped: list[dict] = [{"file": str(f), "reason": r} for f, r in problems]

@@ -249,7 +249,9 @@ def find_frames(raw_dir: str, labels_dir: str | None = None, numbering: str = "a
                 problems.append((os.path.join(label_dir, name), f"class {raw_class} ({numbers} numbering) is not in the "
                                  f"class table; its pixels are set to the ignore value {IGNORE_INDEX}"))
             instances[stem].append((os.path.join(label_dir, name), class_id))
-        use_instances = bool(instance_names) or labels_dir is None or not (set(names) & set(frame_names))
+        # ISINet's instrument_labels/ folder: instance masks (none in a frame: no instrument). A --labels_dir
+        # folder without instance masks is read as label maps, so a frame without one is reported, not emptied.
+        use_instances = bool(instance_names) or os.path.basename(label_dir) in INSTANCE_FOLDERS
         for frame_name in frame_names:
             stem = os.path.splitext(frame_name)[0]
             frame_path = os.path.join(sequence_dir, "left_frames", frame_name)
