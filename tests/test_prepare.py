@@ -462,11 +462,27 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare_cholecseg8k(str(raw), str(out), progress=False)
     assert not (out / "dataset.json").exists()  # unfinished: no dataset.json
+    assert len(json.loads((out / common.STATE_FILE).read_text())["frames"]) == 3
     monkeypatch.setattr(cholec, "_load", real_load)
     resumed = prepare_cholecseg8k(str(raw), str(out), progress=False)
     assert (resumed["written"], resumed["reused"]) == (3, 3)
     clean_files = {k: v[0] for k, v in files_of(clean).items()}
     assert {k: v[0] for k, v in files_of(out).items()} == clean_files
+    # a finished dataset whose re-run (for a changed source) is interrupted is marked unfinished again
+    os.utime(raw / "video01" / "video01_00080" / "frame_80_endo.png", ns=(1, 1))
+    os.utime(raw / "video12" / "video12_15750" / "frame_81_endo.png", ns=(1, 1))
+    calls.clear()
+    monkeypatch.setattr(cholec, "_load", interrupted)
+    monkeypatch.setattr(common, "STATE_SAVE_INTERVAL", 25)
+    calls.extend(["earlier"] * 2)  # so the 2nd changed frame is the 4th call, which raises
+    with pytest.raises(KeyboardInterrupt):
+        prepare_cholecseg8k(str(raw), str(out), progress=False)
+    assert not (out / "dataset.json").exists()
+    monkeypatch.setattr(cholec, "_load", real_load)
+    again = prepare_cholecseg8k(str(raw), str(out), progress=False)
+    assert (again["written"], again["reused"]) == (2, 4)  # the state was not saved: both are redone
+    assert {k: v[0] for k, v in files_of(out).items() if k != common.STATE_FILE} == {
+        k: v for k, v in clean_files.items() if k != common.STATE_FILE}
 
 
 def test_out_dir_with_other_content_is_refused(tmp_path):

@@ -369,6 +369,8 @@ def run_preparation(
             tqdm.write(f"skipped {raw.key}: {reason}")
             continue
         size = frame_shape
+        if written == 0 and os.path.isfile(os.path.join(out_dir, DESCRIPTION_FILE)):
+            os.remove(os.path.join(out_dir, DESCRIPTION_FILE))  # the folder changes: unfinished until the end
         _write_frame_atomically(out_dir, raw, loaded, num_classes)
         counts = np.bincount(loaded.label_map.ravel(), minlength=256)
         state_frames[raw.key] = {
