@@ -143,6 +143,9 @@ def test_endovis2017_crop_and_type_merge(endovis2017):
 def test_endovis2017_folds_and_description(endovis2017):
     _, out, _, _ = endovis2017
     description = read_dataset_description(out)
+    assert set(fold_splits()) == {f"fold{i}_{s}" for i in range(4) for s in ("training", "validation")} | {
+        "training", "validation"}
+    assert set(fold_splits()) <= set(description)
     assert description["classes"] == {"1": "Bipolar Forceps", "2": "Prograsp Forceps", "3": "Large Needle Driver",
                                       "4": "Vessel Sealer", "5": "Grasping Retractor",
                                       "6": "Monopolar Curved Scissors", "7": "Other"}
@@ -278,7 +281,8 @@ def test_endovis2018_isinet_instance_masks(tmp_path):
     assert summary["sequences"] == {"training": ["seq_1"], "validation": ["seq_2"]}
     assert summary["notes"] == {"frames with overlaps": 1, "overlap pixels": 50 * 50,
                                 "pixels of instances outside the class table": 200}
-    assert summary["pixels_per_class"]["Monopolar Curved Scissors"] == 100 * 100 + 100 * 100  # seq_1 (wins its overlap) and seq_2
+    # seq_1 (it wins its overlap) and seq_2
+    assert summary["pixels_per_class"]["Monopolar Curved Scissors"] == 100 * 100 + 100 * 100
     reasons = skipped_reasons(summary)
     assert any("instance mask of no frame" in r for f, r in reasons.items() if f.endswith("frame009_class2_inst0.png"))
     assert any("class 5 (2017 numbering)" in r for f, r in reasons.items() if f.endswith("frame000_class5_inst0.png"))

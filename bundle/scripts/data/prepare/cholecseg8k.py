@@ -122,8 +122,10 @@ def find_frames(raw_dir: str) -> tuple[dict[str, list[str]], list[RawFrame]]:
     """Clip folders per video and the raw frames."""
     if not os.path.isdir(raw_dir):
         raise layout_error(f"--raw_dir {raw_dir} does not exist.", EXPECTED_LAYOUT)
-    videos = sorted((n for n in os.listdir(raw_dir) if VIDEO_PATTERN.match(n) and os.path.isdir(os.path.join(raw_dir, n))),
-                    key=natural_key)
+    videos = sorted(
+        (n for n in os.listdir(raw_dir) if VIDEO_PATTERN.match(n) and os.path.isdir(os.path.join(raw_dir, n))),
+        key=natural_key,
+    )
     if not videos:
         raise layout_error(f"--raw_dir {raw_dir} holds no videoNN folder.", EXPECTED_LAYOUT)
     clips: dict[str, list[str]] = {}

@@ -289,6 +289,12 @@ def run_preparation(
     """
     out_dir = str(out_dir)
     validate_description({**description, "frame_size": None}, source="the dataset description")
+    repeated = sorted(key for key, count in Counter(raw.key for raw in frames).items() if count > 1)
+    if repeated:
+        raise DatasetError(
+            f"{preparer}: several raw files would become the same output frame(s) {name_files(repeated)} (e.g. "
+            "frame.png and frame.jpg in one sequence): keep one file per frame name."
+        )
     num_classes = len(description["classes"])
     ignore_index = int(description.get("ignore_index", 255))
     previous = check_out_dir(out_dir, preparer)
@@ -301,12 +307,6 @@ def run_preparation(
     os.makedirs(out_dir, exist_ok=True)
     shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
 
-    repeated = sorted(key for key, count in Counter(raw.key for raw in frames).items() if count > 1)
-    if repeated:
-        raise DatasetError(
-            f"{preparer}: several raw files would become the same output frame(s) {name_files(repeated)} (e.g. "
-            "frame.png and frame.jpg in one sequence): keep one file per frame name."
-        )
     split_sequences = {name: set(sequences) for name, sequences in splits.items()}
     in_some_split = set().union(*split_sequences.values()) if split_sequences else set()
     skipped: list[dict] = [{"file": str(f), "reason": r} for f, r in problems]
@@ -394,7 +394,9 @@ def run_preparation(
     save_state()
     if not state_frames:
         shown = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:5])
-        raise DatasetError(f"no usable frame was found for {preparer} ({len(skipped)} skipped{': ' + shown if shown else ''}).")
+        raise DatasetError(
+            f"no usable frame was found for {preparer} ({len(skipped)} skipped{': ' + shown if shown else ''})."
+        )
 
     class_ids = sorted(int(k) for k in description["classes"])
     names = {class_id: description["classes"][str(class_id)] for class_id in class_ids}
@@ -409,15 +411,7 @@ def run_preparation(
                 f"split '{split}' of {preparer} has no usable frame (its sequences: "
                 f"{name_files(sorted(sequences, key=natural_key)) or 'none'}): check the raw folder and the split."
             )
-        final[split] = [
-            {
-                "image": f"{IMAGES_DIR}/{key.rsplit('/', 1)[0]}/{key.rsplit('/', 1)[1]}.png",
-                "label": f"{LABELS_DIR}/{key.rsplit('/', 1)[0]}/{key.rsplit('/', 1)[1]}.png",
-                "sequence": key.rsplit("/", 1)[0],
-                "frame": key.rsplit("/", 1)[1],
-            }
-            for key in keys
-        ]
+        final[split] = [_entry(*key.rsplit("/", 1)) for key in keys]
         summary_splits[split] = _class_counts([state_frames[k] for k in keys], names, ignore_index)
     summary = {
         "preparer": preparer,
@@ -441,6 +435,12 @@ def run_preparation(
         check_dataset(out_dir, splits=_covering_splits({split: final[split] for split in split_sequences}))
     print(format_summary(summary, out_dir, written, reused))
     return {**summary, "written": written, "reused": reused}
+
+
+def _entry(sequence: str, frame: str) -> dict:
+    """The dataset.json entry of a frame (as write_sample returns it)."""
+    return {"image": f"{IMAGES_DIR}/{sequence}/{frame}.png", "label": f"{LABELS_DIR}/{sequence}/{frame}.png",
+            "sequence": sequence, "frame": frame}
 
 
 def _covering_splits(entries: Mapping[str, list[dict]]) -> list[str]:

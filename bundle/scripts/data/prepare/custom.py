@@ -108,7 +108,9 @@ def read_config(path: str) -> dict:
             raise DatasetError(f"--config {path}: resize must be [height, width] in pixels, got {resize!r}.")
         config["resize"] = [int(v) for v in resize]
     config.setdefault("ignore_index", DEFAULT_IGNORE_INDEX)
-    validate_description({"classes": config["classes"], "ignore_index": config["ignore_index"]}, source=f"--config {path}")
+    validate_description(
+        {"classes": config["classes"], "ignore_index": config["ignore_index"]}, source=f"--config {path}"
+    )
     return config
 
 

@@ -86,7 +86,8 @@ INSTANCE_PATTERN = re.compile(r"^(?P<head>.+)_class(?P<class_id>\d+)_inst(?P<ins
 EXPECTED_LAYOUT = """\
   <raw_dir>/seq_N/left_frames/frameNNN.png   (1280x1024 RGB; seq_N may be inside a release folder)
   labels, either ISINet instance masks
-    <raw_dir>/seq_N/instrument_labels/<frame>_class<c>_inst<k>.png   (or instrument_labels_2017/, or --labels_dir L/seq_N/)
+    <raw_dir>/seq_N/instrument_labels/<frame>_class<c>_inst<k>.png
+    (or seq_N/instrument_labels_2017/, or --labels_dir L with L/seq_N/<frame>_class<c>_inst<k>.png)
   or instrument-type label maps (--labels_dir L)
     <L>/seq_N/frameNNN.png   (grey: 0 background, 1..7 types, 255 ignored)"""
 
@@ -169,7 +170,9 @@ def _load_label_map(frame_path: str, label_path: str) -> LoadedFrame:
     allowed = set(range(len(CLASS_NAMES) + 1)) | {IGNORE_INDEX}
     unexpected = sorted(set(np.unique(values).tolist()) - allowed)
     if unexpected:
-        raise SkipFrame(label_path, f"unexpected label values {unexpected} (allowed: 0..{len(CLASS_NAMES)}, {IGNORE_INDEX})")
+        raise SkipFrame(
+            label_path, f"unexpected label values {unexpected} (allowed: 0..{len(CLASS_NAMES)}, {IGNORE_INDEX})"
+        )
     if values.shape != FRAME_SIZE:
         raise SkipFrame(label_path, f"label map is {values.shape[0]}x{values.shape[1]}, expected "
                         f"{FRAME_SIZE[0]}x{FRAME_SIZE[1]}")
@@ -246,8 +249,11 @@ def find_frames(raw_dir: str, labels_dir: str | None = None, numbering: str = "a
             if class_id is not None and not 1 <= class_id <= len(CLASS_NAMES):
                 class_id = None
             if class_id is None:
-                problems.append((os.path.join(label_dir, name), f"class {raw_class} ({numbers} numbering) is not in the "
-                                 f"class table; its pixels are set to the ignore value {IGNORE_INDEX}"))
+                problems.append((
+                    os.path.join(label_dir, name),
+                    f"class {raw_class} ({numbers} numbering) is not in the class table; its pixels are set to the "
+                    f"ignore value {IGNORE_INDEX}",
+                ))
             instances[stem].append((os.path.join(label_dir, name), class_id))
         # ISINet's instrument_labels/ folder: instance masks (none in a frame: no instrument). A --labels_dir
         # folder without instance masks is read as label maps, so a frame without one is reported, not emptied.
