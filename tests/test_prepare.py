@@ -115,6 +115,8 @@ def endovis2017(tmp_path_factory):
     expected["seq_7"] = np.zeros(RAW_2017, np.uint8)
     dataset(8, {"Bipolar_Forceps_labels": {"frame000.png": box((600, 650), (600, 650), 10)}})
     expected["seq_8"] = box((600, 650), (600, 650), 1)
+    # 9: a test dataset without ground truth: reported, not read
+    write_image(raw / "instrument_dataset_9" / "left_frames" / "frame000.png", np.zeros((2, 2, 3)))
 
     out = tmp_path_factory.mktemp("out2017") / "endovis2017"
     summary = prepare_endovis2017(str(raw), str(out), progress=False)
@@ -161,8 +163,8 @@ def test_endovis2017_folds_and_description(endovis2017):
                                             "sequence": "seq_1", "frame": "frame000"}
 
 
-def test_endovis2017_summary(endovis2017, capsys):
-    _, out, expected, summary = endovis2017
+def test_endovis2017_summary(endovis2017):
+    raw, out, _, summary = endovis2017
     written = summary_of(out)
     assert {k: v for k, v in summary.items() if k not in ("written", "reused")} == written
     assert written["frames"] == 8 and summary["written"] == 8
@@ -184,7 +186,8 @@ def test_endovis2017_summary(endovis2017, capsys):
     wrong_size = [r for f, r in reasons.items() if f.endswith(os.path.join("instrument_dataset_4", "left_frames",
                                                                            "frame001.png"))]
     assert wrong_size and "1080x1900" in wrong_size[0]
-    assert len(reasons) == 3
+    assert reasons[str(raw / "instrument_dataset_9")] == "no ground_truth folder"
+    assert len(reasons) == 4
 
 
 def test_endovis2017_rerun_rewrites_nothing(endovis2017):
@@ -213,6 +216,9 @@ def test_endovis2017_bad_raw_folders(tmp_path):
     (tmp_path / "flat" / "instrument_dataset_1" / "frames").mkdir(parents=True)
     with pytest.raises(DatasetError, match="no left_frames"):
         prepare_endovis2017(str(tmp_path / "flat"), str(tmp_path / "out"))
+    write_image(tmp_path / "test_set" / "instrument_dataset_9" / "left_frames" / "frame000.png", np.zeros((2, 2, 3)))
+    with pytest.raises(DatasetError, match="has a ground_truth folder(.|\n)*Expected layout"):
+        prepare_endovis2017(str(tmp_path / "test_set"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -254,9 +260,10 @@ def test_endovis2018_isinet_instance_masks(tmp_path):
     # seq_3 (training): a mask with a value that is neither 1 nor 255
     write_image(raw / "seq_3" / "left_frames" / "frame000.png", frame_2018(30))
     write_image(raw / "seq_3" / "instrument_labels" / "frame000_class2_inst0.png", mask_2018((0, 5), (0, 5), 7))
-    # seq_17 has no split
+    # seq_17 has no split; seq_16 (training) has no labels
     write_image(raw / "seq_17" / "left_frames" / "frame000.png", frame_2018(40))
     (raw / "seq_17" / "instrument_labels").mkdir()
+    write_image(raw / "seq_16" / "left_frames" / "frame000.png", frame_2018(40))
 
     out = tmp_path / "out"
     summary = prepare_endovis2018(str(raw), str(out), progress=False)
@@ -288,6 +295,7 @@ def test_endovis2018_isinet_instance_masks(tmp_path):
     assert any("class 5 (2017 numbering)" in r for f, r in reasons.items() if f.endswith("frame000_class5_inst0.png"))
     assert any("unexpected mask values [7]" in r for f, r in reasons.items() if "seq_3" in f)
     assert reasons["seq_17/frame000"] == "sequence seq_17 is in no split"
+    assert "no instrument_labels/ folder" in reasons[str(raw / "seq_16")]
 
 
 def test_endovis2018_label_maps(tmp_path):
@@ -321,7 +329,7 @@ def test_endovis2018_bad_raw_folders(tmp_path):
     with pytest.raises(DatasetError, match="has no left_frames(.|\n)*Expected layout"):
         prepare_endovis2018(str(tmp_path / "raw"), str(tmp_path / "out"))
     write_image(tmp_path / "raw" / "seq_1" / "left_frames" / "frame000.png", np.zeros((4, 4, 3)))
-    with pytest.raises(DatasetError, match="no instrument_labels/ folder"):
+    with pytest.raises(DatasetError, match="no sequence .* has labels .*no instrument_labels/ folder"):
         prepare_endovis2018(str(tmp_path / "raw"), str(tmp_path / "out"))
     with pytest.raises(DatasetError, match="holds no seq_N folder"):
         prepare_endovis2018(str(tmp_path / "raw" / "seq_1"), str(tmp_path / "out"))

@@ -177,10 +177,11 @@ def find_frames(raw_dir: str) -> tuple[list[RawFrame], list[tuple[str, str]]]:
         folder = os.path.join(raw_dir, name)
         frame_names = png_files(os.path.join(folder, "left_frames"))
         truth_dir = os.path.join(folder, "ground_truth")
-        if not frame_names or not os.path.isdir(truth_dir):
-            raise layout_error(
-                f"{folder} has no left_frames/*.png or no ground_truth folder.", EXPECTED_LAYOUT
-            )
+        if not frame_names:
+            raise layout_error(f"{folder} has no left_frames/*.png.", EXPECTED_LAYOUT)
+        if not os.path.isdir(truth_dir):  # e.g. a test dataset without labels: reported, the others are prepared
+            problems.append((folder, "no ground_truth folder"))
+            continue
         instruments = []
         for sub in sorted(os.listdir(truth_dir), key=natural_key):
             if not os.path.isdir(os.path.join(truth_dir, sub)):
@@ -202,6 +203,8 @@ def find_frames(raw_dir: str) -> tuple[list[RawFrame], list[tuple[str, str]]]:
                 sources=(frame_path, *(p for p, _ in masks if os.path.isfile(p))),
                 load=lambda f=frame_path, m=masks: _load(f, m),
             ))
+    if not frames:
+        raise layout_error(f"no instrument_dataset_K of --raw_dir {raw_dir} has a ground_truth folder.", EXPECTED_LAYOUT)
     return frames, problems
 
 

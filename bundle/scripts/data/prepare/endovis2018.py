@@ -226,11 +226,9 @@ def find_frames(raw_dir: str, labels_dir: str | None = None, numbering: str = "a
             label_dir = _instance_folder(label_dir) or label_dir
         else:
             label_dir = _instance_folder(sequence_dir)
-            if label_dir is None:
-                raise layout_error(
-                    f"{sequence_dir} has no instrument_labels/ folder of ISINet instance masks (pass --labels_dir "
-                    "for labels kept elsewhere).", EXPECTED_LAYOUT,
-                )
+            if label_dir is None:  # e.g. a test sequence without labels: reported, the others are prepared
+                problems.append((sequence_dir, "no instrument_labels/ folder of ISINet instance masks"))
+                continue
         names = png_files(label_dir)
         stems = {os.path.splitext(n)[0] for n in frame_names}
         instance_names = [n for n in names if INSTANCE_PATTERN.match(n)]
@@ -270,6 +268,11 @@ def find_frames(raw_dir: str, labels_dir: str | None = None, numbering: str = "a
                 sources = (frame_path, label_path) if os.path.isfile(label_path) else (frame_path,)
                 frames.append(RawFrame(sequence, stem, sources,
                                        lambda f=frame_path, lab=label_path: _load_label_map(f, lab)))
+    if not frames:
+        raise layout_error(
+            f"no sequence of --raw_dir {raw_dir} has labels ({'; '.join(f'{p}: {r}' for p, r in problems[:3])}); "
+            "pass --labels_dir for labels kept elsewhere.", EXPECTED_LAYOUT,
+        )
     return frames, problems
 
 
