@@ -98,16 +98,20 @@ def endovis2017(tmp_path_factory):
     full = box((500, 600), (1000, 1100), 3)
     full[700:710, 700:720] = 255
     expected["seq_2"] = full
-    # 3: 'Other' at the bottom edge (rows 1040:1052 survive the crop); frame001's mask holds 40
+    # 3: 'Other' at the bottom edge (rows 1040:1052 survive the crop); 'Other' masks are not part-coded
     dataset(3, {"Other_labels": {"frame000.png": box((1040, 1080), (0, 1920), 10),
-                                 "frame001.png": box((10, 20), (10, 20), 40)}}, frames=("frame000.png", "frame001.png"))
+                                 "frame001.png": box((30, 40), (330, 340), 255)}}, frames=("frame000.png", "frame001.png"))
     expected["seq_3"] = box((1040, 1080), (0, 1920), 7)
+    expected["seq_3/frame001"] = box((30, 40), (330, 340), 7)
     # 4: vessel sealer; frame001 is 1080x1900
     dataset(4, {"Vessel_Sealer_labels": {"frame000.png": box((300, 400), (300, 400), 10),
                                          "frame001.png": box((300, 400), (300, 400), 10)}})
     write_image(raw / "instrument_dataset_4" / "left_frames" / "frame001.png", raw_frame_2017(4)[:, :1900])
     expected["seq_4"] = box((300, 400), (300, 400), 4)
-    dataset(5, {"Grasping_Retractor_labels": {"frame000.png": box((800, 900), (1500, 1700), 20)}})
+    # 5: a retractor; frame001's (part-coded) mask holds 40
+    dataset(5, {"Grasping_Retractor_labels": {"frame000.png": box((800, 900), (1500, 1700), 20),
+                                              "frame001.png": box((10, 20), (10, 20), 40)}},
+            frames=("frame000.png", "frame001.png"))
     expected["seq_5"] = box((800, 900), (1500, 1700), 5)
     dataset(6, {"Monopolar_Curved_Scissors_labels": {"frame000.png": box((28, 29), (320, 321), 30)}})
     expected["seq_6"] = box((28, 29), (320, 321), 6)
@@ -132,13 +136,15 @@ def test_endovis2017_crop_and_type_merge(endovis2017):
         np.testing.assert_array_equal(image, raw_frame_2017(number)[28:1052, 320:1600])
         label = read(out / "labels" / sequence / "frame000.png")
         np.testing.assert_array_equal(label, expected[sequence][28:1052, 320:1600])
+    np.testing.assert_array_equal(read(out / "labels" / "seq_3" / "frame001.png"),
+                                  expected["seq_3/frame001"][28:1052, 320:1600])
     label = read(out / "labels" / "seq_6" / "frame000.png")
     assert label[0, 0] == 6 and label.sum() == 6  # raw pixel (28, 320) is the crop's corner
     binary = read(out / "binary_annotations" / "seq_1" / "frame000_class2.png")
     np.testing.assert_array_equal(binary, (expected["seq_1"][28:1052, 320:1600] == 2) * 255)
     assert sorted(p.name for p in (out / "binary_annotations" / "seq_1").iterdir()) == [
         "frame000_class1.png", "frame000_class2.png"]
-    assert not (out / "images" / "seq_3" / "frame001.png").exists()
+    assert not (out / "images" / "seq_5" / "frame001.png").exists()
     check_dataset(out)  # training / validation (= fold 0) hold every frame
 
 
@@ -154,11 +160,12 @@ def test_endovis2017_folds_and_description(endovis2017):
     assert description["frame_size"] == [1024, 1280] and description["ignore_index"] == 255
     folds = {0: [1, 3], 1: [2, 5], 2: [4, 8], 3: [6, 7]}
     for fold, validation in folds.items():
-        sequences = lambda split: [entry["sequence"] for entry in description[split]]  # noqa: E731
+        sequences = lambda split: sorted({entry["sequence"] for entry in description[split]})  # noqa: E731
         assert sequences(f"fold{fold}_validation") == [f"seq_{n}" for n in validation]
         assert sequences(f"fold{fold}_training") == [f"seq_{n}" for n in range(1, 9) if n not in validation]
     assert description["training"] == description["fold0_training"]
     assert description["validation"] == description["fold0_validation"]
+    assert [e["frame"] for e in description["validation"]] == ["frame000", "frame000", "frame001"]
     assert description["validation"][0] == {"image": "images/seq_1/frame000.png", "label": "labels/seq_1/frame000.png",
                                             "sequence": "seq_1", "frame": "frame000"}
 
@@ -167,12 +174,12 @@ def test_endovis2017_summary(endovis2017):
     raw, out, _, summary = endovis2017
     written = summary_of(out)
     assert {k: v for k, v in summary.items() if k not in ("written", "reused")} == written
-    assert written["frames"] == 8 and summary["written"] == 8
-    assert written["frames_per_split"]["fold0_validation"] == 2 and written["frames_per_split"]["fold0_training"] == 6
+    assert written["frames"] == 9 and summary["written"] == 9
+    assert written["frames_per_split"]["fold0_validation"] == 3 and written["frames_per_split"]["fold0_training"] == 6
     assert written["frames_per_class"] == {"Bipolar Forceps": 2, "Prograsp Forceps": 1, "Large Needle Driver": 1,
                                            "Vessel Sealer": 1, "Grasping Retractor": 1,
-                                           "Monopolar Curved Scissors": 1, "Other": 1}
-    assert written["pixels_per_class"]["Other"] == 12 * 1280
+                                           "Monopolar Curved Scissors": 1, "Other": 2}
+    assert written["pixels_per_class"]["Other"] == 12 * 1280 + 100
     assert written["pixels_per_class"]["Large Needle Driver"] == 100 * 100
     assert written["pixels_per_class"]["Prograsp Forceps"] == 100 * 200  # the rows above the crop are gone
     assert written["ignored_pixels"] == 200
@@ -181,7 +188,7 @@ def test_endovis2017_summary(endovis2017):
     reasons = skipped_reasons(written)
     assert "unknown instrument folder" in reasons[os.path.join("instrument_dataset_2", "ground_truth",
                                                                "Mystery_Tool_labels")]
-    bad_mask = [r for f, r in reasons.items() if f.endswith(os.path.join("Other_labels", "frame001.png"))]
+    bad_mask = [r for f, r in reasons.items() if f.endswith(os.path.join("Grasping_Retractor_labels", "frame001.png"))]
     assert bad_mask and "unexpected mask values [40]" in bad_mask[0]
     wrong_size = [r for f, r in reasons.items() if f.endswith(os.path.join("instrument_dataset_4", "left_frames",
                                                                            "frame001.png"))]
@@ -194,7 +201,7 @@ def test_endovis2017_rerun_rewrites_nothing(endovis2017):
     raw, out, _, _ = endovis2017
     before = files_of(out)
     again = prepare_endovis2017(str(raw), str(out), progress=False)
-    assert again["written"] == 0 and again["reused"] == 8
+    assert again["written"] == 0 and again["reused"] == 9
     assert files_of(out) == before
 
 

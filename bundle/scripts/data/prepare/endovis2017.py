@@ -23,7 +23,8 @@ Output (the layout of :mod:`scripts.data.layout`):
   one) is reported and its pixels are set to the ignore value 255 (counted as
   ``pixels of unknown instrument folders``), never guessed;
 * a frame with a part mask holding values other than 0/10/20/30, a missing mask, or a frame or
-  mask of another size than 1920x1080 is skipped and reported by name.
+  mask of another size than 1920x1080 is skipped and reported by name. 'Other' masks (and those
+  of unknown folders) are not part-coded: any value > 0 marks the object.
 
 Splits (dataset.json; the training configs rely on these names): the 4 folds by dataset number,
 ``fold0_validation`` [1, 3], ``fold1_validation`` [2, 5], ``fold2_validation`` [4, 8],
@@ -71,6 +72,8 @@ FOLDER_TYPES = {
     "Monopolar_Curved_Scissors": 6,
     "Other": 7,
 }
+#: The 'Other' class: its masks mark the whole object (not part-coded), any value > 0.
+OTHER_CLASS = 7
 #: Raw frame size (H, W) and the crop to the 1024x1280 camera image: rows, columns.
 RAW_SIZE = (1080, 1920)
 CROP_ROWS = (28, 1052)
@@ -117,8 +120,9 @@ def crop(array: np.ndarray) -> np.ndarray:
     return array[CROP_ROWS[0] : CROP_ROWS[1], CROP_COLS[0] : CROP_COLS[1]]
 
 
-def read_part_mask(path: str) -> np.ndarray:
-    """A part mask as (H, W) uint8; SkipFrame when unreadable or holding values other than 0/10/20/30."""
+def read_part_mask(path: str, part_coded: bool = True) -> np.ndarray:
+    """A mask as (H, W) uint8; SkipFrame when unreadable, of another size or (``part_coded``) holding
+    values other than 0/10/20/30. 'Other' masks are not part-coded: any value > 0 is the instrument."""
     try:
         image = _open_image(path, "part mask")
     except DatasetError as error:
@@ -128,7 +132,7 @@ def read_part_mask(path: str) -> np.ndarray:
         values = values[..., :3].max(axis=2)
     if values.shape != RAW_SIZE:
         raise SkipFrame(path, f"mask is {values.shape[0]}x{values.shape[1]}, expected {RAW_SIZE[0]}x{RAW_SIZE[1]}")
-    unexpected = sorted(set(np.unique(values).tolist()) - set(PART_VALUES))
+    unexpected = sorted(set(np.unique(values).tolist()) - set(PART_VALUES)) if part_coded else []
     if unexpected:
         raise SkipFrame(path, f"unexpected mask values {unexpected} (part masks hold {list(PART_VALUES)})")
     return values.astype(np.uint8)
@@ -148,7 +152,7 @@ def _load(frame_path: str, masks: list[tuple[str, int | None]]) -> LoadedFrame:
     for mask_path, class_id in masks:  # sorted by folder name: the later folder wins an overlap
         if not os.path.isfile(mask_path):
             raise SkipFrame(mask_path, "missing: every instrument folder needs a mask for each frame")
-        instrument = read_part_mask(mask_path) > 0
+        instrument = read_part_mask(mask_path, part_coded=class_id not in (None, OTHER_CLASS)) > 0
         overlap += int(np.count_nonzero(instrument & (label_map > 0)))
         label_map[instrument] = IGNORE_INDEX if class_id is None else class_id
         unknown += int(np.count_nonzero(instrument)) if class_id is None else 0
