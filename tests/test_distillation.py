@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import logging
 import math
+import os
+import shutil
 
 import pytest
 import torch
+from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
+from monai.bundle import ConfigWorkflow
+from monai.bundle.properties import MetaProperties
 
+from scripts.distillation import check_distill_inputs
 from scripts.losses import DistillationSAMLoss
 from scripts.networks.batched_mask_decoder import decode_masks
 from scripts.networks.distillation_adapter import default_tap_blocks, tapped_encoder_forward
@@ -346,3 +355,110 @@ def test_ce_and_dice_hand_computed():
         ignoring(pred, torch.tensor([[[0, 7]]]))
     with pytest.raises(ValueError, match="does not match"):
         ignoring(pred, torch.zeros(1, 3, 3, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------ workflows
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
+TRAIN_DISTILL, EVALUATE_DISTILL, INFERENCE_DISTILL, DEMO, DEMO_INFERENCE = (
+    os.path.join(CONFIGS, f"{name}.yaml")
+    for name in ("train_distill", "evaluate_distill", "inference_distill", "demo", "demo_inference")
+)
+METADATA = os.path.join(CONFIGS, "metadata.json")
+META_FILE = METADATA if os.path.isfile(METADATA) else None
+
+
+@pytest.fixture
+def restore_root_logging():
+    """ConfigWorkflow applies the bundle's logging.conf to the root logger: undo it after the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def allowed_missing() -> set[str]:
+    return set() if META_FILE else {k for k, v in MetaProperties.items() if v.get("required")}
+
+
+def distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint, **extra) -> dict:
+    cache_dir = tmp_path / "cache"  # a private copy: the demo's initialize re-checks the cache
+    shutil.copytree(small_cache_dir, cache_dir)
+    return {
+        "dataset_dir": str(small_demo_dir), "cache_dir": str(cache_dir), "sam_checkpoint": str(small_sam_checkpoint),
+        "output_dir": str(tmp_path / "run" / "eval"), "ckpt_dir": str(tmp_path / "run" / "models"),
+        "frame_size": list(SMALL_DEMO["frame_size"]), "augmentation_versions": SMALL_CACHE_VERSIONS,
+        "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")},
+        **extra,
+    }
+
+
+def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
+                                          small_sam_checkpoint):
+    overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint)
+    workflow = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO], workflow_type="train", meta_file=META_FILE,
+                              logging_file=None, **overrides)
+    workflow.initialize()
+    missing = workflow.check_properties()
+    assert not (set(missing or []) - allowed_missing()), f"missing or wrong train properties: {missing}"
+    assert isinstance(workflow.network_def, DistillationSAM)
+    assert isinstance(workflow.parser.get_parsed_content("optimizer"), torch.optim.AdamW)
+    assert workflow.parser.get_parsed_content("validate#best_model_saver#key_metric_filename") == "distill_model.pt"
+    sample = workflow.train_dataset[0]
+    assert sample["image"].shape == (3, *SMALL_DEMO["frame_size"]) and sample["label"].shape == (1, *SMALL_DEMO["frame_size"])
+
+
+def test_infer_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_sam_checkpoint):
+    workflow = ConfigWorkflow(
+        config_file=[INFERENCE_DISTILL, DEMO_INFERENCE], workflow_type="infer", meta_file=META_FILE, logging_file=None,
+        dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
+        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]),
+    )
+    workflow.initialize()
+    missing = workflow.check_properties()
+    assert not (set(missing or []) - allowed_missing()), f"missing or wrong infer properties: {missing}"
+    assert isinstance(workflow.network_def, DistillationSAM)
+
+
+@pytest.mark.slow
+def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
+                                                    small_sam_checkpoint):
+    overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint,
+                                  num_epochs=1, batch_size=4)
+    train = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO], workflow_type="train", meta_file=META_FILE,
+                           logging_file=None, **overrides)
+    train.initialize()
+    train.run()
+    train.finalize()
+    model_file = os.path.join(overrides["ckpt_dir"], "distill_model.pt")
+    saved = torch.load(model_file, map_location="cpu", weights_only=True)
+    assert saved and not any(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")) for k in saved)
+
+    evaluate = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO, EVALUATE_DISTILL], workflow_type=None,
+                              meta_file=META_FILE, logging_file=None, run_id="evaluating", **overrides)
+    evaluate.initialize()
+    evaluate.run()
+    evaluate.finalize()
+    with open(os.path.join(overrides["output_dir"], "auto", "metrics.json")) as handle:
+        metrics = json.load(handle)
+    assert metrics["protocol"] == "auto" and metrics["method"] == "distillation_sam"
+    assert metrics["num_frames"] == SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]
+
+    infer = ConfigWorkflow(
+        config_file=[INFERENCE_DISTILL, DEMO_INFERENCE], workflow_type="infer", meta_file=META_FILE, logging_file=None,
+        dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
+        output_dir=str(tmp_path / "out"), model_file=model_file, frame_size=list(SMALL_DEMO["frame_size"]),
+    )
+    infer.initialize()
+    infer.run()
+    infer.finalize()
+    assert len(glob.glob(str(tmp_path / "out" / "**" / "*_seg.png"), recursive=True)) == 12
+
+
+def test_check_distill_inputs_names_every_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)dataset: no prepared dataset.*SAM weights.*model: "):
+        check_distill_inputs(str(tmp_path), "vit_b", str(tmp_path / "sam_vit_b_01ec64.pth"),
+                             str(tmp_path / "distill_model.pt"), job="evaluate")
