@@ -30,6 +30,14 @@ then the frozen decoder on the same image embedding. Its 4 decoder mask tokens a
 are the distillation targets of the student's 4 mask tokens and dense prompt (one teacher per frame;
 class identity is learnt by the class head from the cross-entropy). A frame without instruments has
 the empty-mask teacher (not-a-point tokens, an all -10 mask).
+
+Trainable parameters (vit_b, taps 4/8/12, C = 7, defaults): 16,151,048; the paper reports 13.8M
+"including PVT-tiny". PVT-tiny without its ImageNet head is 12,715,264 on its own, which leaves the
+paper ~1.1M for everything else; the paper's adapter layout is not published. Ours: PVT 12,715,264;
+lateral 1x1 convs 263,168; fusion conv 262,400; tap projections 3 x (LayerNorm + 768->256) 595,200;
+3 tap cross-attention blocks 1,582,848 and the query block 527,616 (MLP width 512; ``adapter_mlp_dim=256``
+saves 0.53M); dense output 66,304; queries 4,096; sparse norm 512; class head 133,640.
+For the tiny test SAM (96-wide taps, 2 taps): 15,077,252 for C = 3.
 """
 
 from __future__ import annotations
