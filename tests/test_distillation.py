@@ -408,7 +408,8 @@ def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small
     assert isinstance(workflow.parser.get_parsed_content("optimizer"), torch.optim.AdamW)
     assert workflow.parser.get_parsed_content("validate#best_model_saver#key_metric_filename") == "distill_model.pt"
     sample = workflow.train_dataset[0]
-    assert sample["image"].shape == (3, *SMALL_DEMO["frame_size"]) and sample["label"].shape == (1, *SMALL_DEMO["frame_size"])
+    frame_size = tuple(SMALL_DEMO["frame_size"])
+    assert sample["image"].shape == (3, *frame_size) and sample["label"].shape == (1, *frame_size)
 
 
 def test_infer_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_sam_checkpoint):

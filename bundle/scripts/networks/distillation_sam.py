@@ -148,7 +148,9 @@ class DistillationSAM(nn.Module):
         self.image_size = variant.image_size
         self.grid_size = (variant.grid_size, variant.grid_size)
         self.embed_dim = variant.prompt_embed_dim
-        self.taps = tuple(int(k) for k in taps) if taps is not None else default_tap_blocks(variant.encoder_depth, num_taps)
+        if taps is None:
+            taps = default_tap_blocks(variant.encoder_depth, num_taps)
+        self.taps = tuple(int(k) for k in taps)
         if not self.taps or any(not 1 <= k <= variant.encoder_depth for k in self.taps):
             raise ValueError(f"taps must be 1-based blocks in 1..{variant.encoder_depth} for {sam_variant}, got {taps}")
         self.combine = combine
@@ -204,7 +206,8 @@ class DistillationSAM(nn.Module):
                 f"DistillationSAM checkpoint does not fit this network: {len(missing)} missing keys {missing[:4]}, "
                 f"{len(unexpected)} unexpected keys {unexpected[:4]}, {len(wrong_shape)} keys of another shape "
                 f"{wrong_shape[:4]}. A checkpoint of another method or configuration (num_classes, sam_variant, "
-                "taps, num_queries, PVT sizes) or saved under another key (e.g. 'module.') was given; nothing was loaded."
+                "taps, num_queries, PVT sizes) or saved under another key (e.g. 'module.') was given; "
+                "nothing was loaded."
             )
         return super().load_state_dict(given, strict=False, assign=assign)
 

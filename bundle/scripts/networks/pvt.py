@@ -241,7 +241,9 @@ class PyramidVisionTransformer(nn.Module):
         loaded in that case.
         """
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"PVT checkpoint not found: {path} (expected an ImageNet PVT v1 file, e.g. pvt_tiny.pth)")
+            raise FileNotFoundError(
+                f"PVT checkpoint not found: {path} (expected an ImageNet PVT v1 file, e.g. pvt_tiny.pth)"
+            )
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises several types for a foreign or truncated file
