@@ -15,7 +15,7 @@ from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
 from monai.bundle import ConfigWorkflow
 from monai.bundle.properties import MetaProperties
 
-from scripts.distillation import check_distill_inputs
+from scripts.distillation import FrameLabelDataset, SemanticInferer, check_distill_inputs
 from scripts.losses import DistillationSAMLoss
 from scripts.networks.batched_mask_decoder import decode_masks
 from scripts.networks.distillation_adapter import default_tap_blocks, tapped_encoder_forward
@@ -463,3 +463,25 @@ def test_check_distill_inputs_names_every_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)dataset: no prepared dataset.*SAM weights.*model: "):
         check_distill_inputs(str(tmp_path), "vit_b", str(tmp_path / "sam_vit_b_01ec64.pth"),
                              str(tmp_path / "distill_model.pt"), job="evaluate")
+
+
+def test_frame_dataset_augments_by_epoch_and_inferer_output(small_demo_dir):
+    dataset = FrameLabelDataset(small_demo_dir, "training", num_classes=7, augmentation_versions=2)
+    plain = dataset[0]
+    assert plain["image"].dtype == torch.float32 and plain["label"].dtype == torch.long
+    dataset.set_epoch(1)  # odd epoch: version 1 (flips), drawn per frame
+    assert dataset.version == 1
+    assert all(dataset[i]["image"].shape == plain["image"].shape for i in range(len(dataset)))
+    dataset.set_epoch(2)
+    assert dataset.version == 0 and torch.equal(dataset[0]["image"], plain["image"])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, frames):
+            return {"label_map": torch.ones(frames.shape[0], *frames.shape[-2:], dtype=torch.long)}
+
+    frames = torch.zeros(2, 3, 4, 5)
+    out = SemanticInferer()(frames, Fixed(), gt_label=torch.zeros(2, 1, 4, 5))
+    assert out["label_map"].shape == (2, 1, 4, 5) and out["has_entry"].tolist() == [True, True]
+    assert SemanticInferer(output="label_map")(frames, Fixed()).shape == (2, 1, 4, 5)
+    with pytest.raises(ValueError, match="output must be"):
+        SemanticInferer(output="probabilities")
