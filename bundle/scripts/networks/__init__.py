@@ -1,1 +1,2 @@
-"""Network parts: SAM backbone builders, the SurgicalSAM prompt encoder and model."""
+"""Network parts: SAM backbone builders, the SurgicalSAM prompt encoder and model, Distillation-SAM's
+PVT, adapter, teacher prompts and model."""

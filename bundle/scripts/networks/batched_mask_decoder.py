@@ -21,6 +21,7 @@ def decode_masks(
     dense_prompt_embeddings: torch.Tensor,
     multimask_output: bool = False,
     return_mask_tokens: bool = False,
+    all_mask_outputs: bool = False,
 ):
     """
     Args:
@@ -31,9 +32,12 @@ def decode_masks(
         dense_prompt_embeddings: (B, d, h, w).
         multimask_output: the 3 multimask outputs (True) or the single one (False), as SAM.
         return_mask_tokens: also return the decoder's mask-token outputs (B, 1 + 3, d).
+        all_mask_outputs: return the masks and IoU predictions of all 1 + 3 mask tokens (K = 4,
+            token order as the decoder's), overriding ``multimask_output`` (Distillation-SAM).
 
     Returns:
-        low-res mask logits (B, K, 4h, 4w) and IoU predictions (B, K), K = 3 or 1
+        low-res mask logits (B, K, 4h, 4w) and IoU predictions (B, K), K = 3 or 1 (4 with
+        ``all_mask_outputs``)
         [, mask tokens (B, num_mask_tokens, d)].
     """
     batch = image_embeddings.shape[0]
@@ -58,7 +62,10 @@ def decode_masks(
     )
     iou_pred = mask_decoder.iou_prediction_head(iou_token_out)
 
-    mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+    if all_mask_outputs:
+        mask_slice = slice(None)
+    else:
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
     if return_mask_tokens:
         return masks[:, mask_slice], iou_pred[:, mask_slice], mask_tokens_out
     return masks[:, mask_slice], iou_pred[:, mask_slice]
