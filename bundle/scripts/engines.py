@@ -201,8 +201,11 @@ def format_metrics_table(result: dict) -> str:
 # ------------------------------------------------------------------------------------------ input checks
 def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
                           config_hint: str = "bundle/configs/train.yaml", job: str = "train",
-                          extra_problems: list[str] | None = None) -> None:
-    """Fail at once, naming every missing input and the command that makes it."""
+                          extra_problems: list[str] | None = None, splits: list[str] | None = None) -> None:
+    """Fail at once, naming every missing input and the command that makes it.
+
+    ``splits``: the dataset.json splits the run reads (train_split, val_split); each must be in the cache.
+    """
     from .data.embedding_cache import EmbeddingCache, cache_identity
     from .networks.sam_backbone import _how_to_get
 
@@ -217,7 +220,9 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
                         "or pass --sam_checkpoint PATH.")
     if not problems:
         try:
-            EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
+            cache = EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
+            for split in splits or []:
+                cache.versions(split)
         except (FileNotFoundError, RuntimeError) as error:
             problems.append(f"embeddings: {error}".replace("<the same config files as this run>", config_hint))
     if problems:
@@ -225,10 +230,11 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
 
 
 def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
-                            model_file: str) -> None:
+                            model_file: str, splits: list[str] | None = None) -> None:
     """As :func:`check_training_inputs`, and the trained model must exist."""
     extra = []
     if not os.path.isfile(model_file):
         extra.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
                      "--config_file bundle/configs/train.yaml ...) or pass --model_file PATH.")
-    check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra)
+    check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra,
+                          splits=splits)
