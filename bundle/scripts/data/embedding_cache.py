@@ -338,7 +338,13 @@ def _identity_diff(found: dict | None, expected: dict) -> str:
 
 
 class EmbeddingCache:
-    """A checked, complete cache on disk (see the module docstring)."""
+    """A checked, complete cache on disk (see the module docstring).
+
+    The interface the datasets use (also implemented by ``original_layout.OriginalLayoutReader``):
+    ``cache_dir``, ``class_names``, ``image_size``, ``grid_size``, ``versions(split)``,
+    ``entries(split, version)`` (dicts with ``key``, ``classes``, ``grid_classes``, ``frame_size``) and
+    ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``.
+    """
 
     def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True) -> None:
         self.cache_dir = cache_dir
@@ -364,6 +370,16 @@ class EmbeddingCache:
     @property
     def class_names(self) -> list[str]:
         return list(self.manifest["dataset"]["class_names"])
+
+    @property
+    def image_size(self) -> int:
+        """S, the side of SAM's square input the embeddings were made at."""
+        return int(self.manifest["identity"]["image_size"])
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of the embedding grid."""
+        return tuple(self.manifest["identity"]["grid_size"])
 
     def versions(self, split: str) -> list[int]:
         if split not in self.manifest["splits"]:
@@ -419,8 +435,8 @@ class CachedPromptDataset(Dataset):
                              f"({cache.class_names})")
         self.absent_prompts_per_frame = absent_prompts_per_frame
         self.num_versions = max(cache.versions(split))
-        identity = cache.manifest["identity"]
-        self.image_size, self.grid_size = identity["image_size"], tuple(identity["grid_size"])
+        # any reader with this interface works: EmbeddingCache, original_layout.OriginalLayoutReader
+        self.image_size, self.grid_size = cache.image_size, tuple(cache.grid_size)
         self.set_epoch(0)
         if not self.samples:
             raise ValueError(f"the {split!r} split of {cache.cache_dir} has no frame with an instrument to train on")
