@@ -162,3 +162,14 @@ def test_missing_files(tmp_path, original_file):
         convert_original_checkpoint(src, str(tmp_path / "m.pt"), sam_checkpoint=str(tmp_path / "none.pth"))
     with pytest.raises(SystemExit, match="original SurgicalSAM checkpoint not found"):
         convert_original_checkpoint(str(tmp_path / "none.pth"), str(tmp_path / "m.pt"), str(tmp_path / "x"))
+
+
+def test_convert_from_the_command_line(tmp_path, original_file, small_sam_checkpoint):
+    from scripts.cli import main
+
+    src, trained = original_file
+    dst = tmp_path / "model.pt"
+    main(["convert_original_checkpoint", "--src", src, "--dst", str(dst), "--sam_checkpoint", small_sam_checkpoint,
+          "--num_classes", "3", "--num_tokens", "2"])
+    state = torch.load(dst, map_location="cpu", weights_only=True)["model"]
+    torch.testing.assert_close(state["prototypes.class_embeddings.weight"], trained.prototypes.class_embeddings.weight)

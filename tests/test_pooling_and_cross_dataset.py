@@ -159,3 +159,18 @@ def test_cross_dataset_metric_over_shared_classes(tmp_path):
     assert result["challenge_iou"] == 50.0 and result["mc_iou"] == 50.0 and result["miou"] == 50.0
     with pytest.raises(ValueError, match="256 entries"):
         FrameBatch(label_lut=[0, 1])
+
+
+def test_pool_metrics_from_the_command_line(tmp_path, capsys):
+    from scripts.cli import main
+
+    files = []
+    for i, pairs in enumerate((FOLD0, FOLD1)):
+        evaluate(pairs, tmp_path / f"fold{i}" / "oracle" / "metrics.json", protocol="oracle")
+        files.append(str(tmp_path / f"fold{i}" / "oracle" / "metrics.json"))
+    output = tmp_path / "pooled.json"
+    main(["pool_metrics", "--inputs", ",".join(files), "--output", str(output)])
+    pooled = json.loads(output.read_text())
+    assert pooled["protocol"] == "oracle" and pooled["num_frames"] == 4
+    assert pooled["miou"] == pytest.approx(100 * 4 / 7)
+    assert "pooled metrics written" in capsys.readouterr().out

@@ -138,8 +138,8 @@ class OriginalLayoutReader:
         """Fail at once when a folder the splits need is missing (every one named)."""
         missing = []
         for split in splits:
-            info = self._splits[split] if split in self._splits else None
-            self.versions(split)
+            self.versions(split)  # unknown split: its own error
+            info = self._splits[split]
             for version in info["versions"]:
                 folder = info["folder"](version)
                 for sub in (self.features_dir, MASKS_DIR):
@@ -213,7 +213,7 @@ class OriginalLayoutReader:
         return entries
 
     def _entry(self, sequence: str, frame: str, feature_path: str, masks: dict[int, str], folder: str) -> dict:
-        label = self._label_map(masks, feature_path, folder, sequence, frame) if masks else None
+        label = self._label_map(masks, folder, sequence, frame) if masks else None
         frame_size = list(label.shape) if label is not None else self._image_size(folder, sequence, frame)
         classes = [c for c in sorted(masks) if label is not None and (label == c).any()]
         grid_classes = []
@@ -235,7 +235,7 @@ class OriginalLayoutReader:
             "size is unknown; add the image (or remove the features file)"
         )
 
-    def _label_map(self, masks: dict[int, str], feature_path: str, folder: str, sequence: str, frame: str) -> np.ndarray:
+    def _label_map(self, masks: dict[int, str], folder: str, sequence: str, frame: str) -> np.ndarray:
         """Binary masks {class: path} -> (H, W) uint8 label map; overlaps -> ignore_index."""
         label, count, shape = None, None, None
         for class_id, path in sorted(masks.items()):
@@ -277,7 +277,7 @@ class OriginalLayoutReader:
         masks = {int(c): p for c, p in entry["masks"].items()}
         if masks:
             sequence, frame = entry["key"].rsplit("/", 1)
-            label = self._label_map(masks, entry["embedding"], entry["image_folder"], sequence, frame)
+            label = self._label_map(masks, entry["image_folder"], sequence, frame)
         else:
             label = np.zeros(entry["frame_size"], dtype=np.uint8)
         return embedding, torch.from_numpy(label.astype(np.int64))
