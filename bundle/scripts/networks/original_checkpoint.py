@@ -86,7 +86,7 @@ def original_to_bundle_state_dict(
         source: the file name, for messages.
 
     Returns:
-        (bundle state dict, {"num_classes": C, "num_tokens": n, "grid_size": [h, w] or h*w, "embed_dim": d}).
+        (bundle state dict, {"num_classes": C, "num_tokens": n, "grid_positions": h*w, "embed_dim": d}).
 
     Raises:
         OriginalCheckpointError: a missing part or key, an unexpected key, a wrong shape, or C / n
