@@ -46,3 +46,25 @@ def small_cache_dir(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
     precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
                           augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
     return cache_dir
+
+
+def bundle_copy_ignore(bundle_root: str):
+    """``shutil.copytree`` ignore for copying the bundle without its generated data, eval output and weights.
+
+    Only the TOP-LEVEL data/ and eval/ folders are left out: ``ignore_patterns("data")`` would also drop
+    bundle/scripts/data, and the copy would then import that package from wherever else ``scripts`` is
+    installed (an editable install of another checkout), testing other code than this one.
+    """
+    import os
+    import shutil
+
+    patterns = shutil.ignore_patterns("*.pt", "*.pth", "__pycache__")
+    top = os.path.abspath(bundle_root)
+
+    def ignore(folder, names):
+        ignored = set(patterns(folder, names))
+        if os.path.abspath(folder) == top:
+            ignored |= {"data", "eval"} & set(names)
+        return ignored
+
+    return ignore

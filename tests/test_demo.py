@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import bundle_copy_ignore
 
 from scripts import BUNDLE_ROOT
 
@@ -26,7 +27,7 @@ from scripts import BUNDLE_ROOT
 @pytest.mark.slow
 def test_demo_from_a_fresh_bundle_copy(tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(BUNDLE_ROOT, bundle, ignore=shutil.ignore_patterns("data", "eval", "*.pt", "*.pth", "__pycache__"))
+    shutil.copytree(BUNDLE_ROOT, bundle, ignore=bundle_copy_ignore(BUNDLE_ROOT))
     result = subprocess.run(
         [sys.executable, "-m", "scripts.cli", "demo"], cwd=bundle, capture_output=True, text=True, timeout=1800,
     )

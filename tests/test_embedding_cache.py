@@ -81,10 +81,11 @@ def test_versions_per_split(cache, small_cache_dir):
                         "validation": SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]}
     for split, versions in (("training", range(SMALL_CACHE_VERSIONS + 1)), ("validation", [0])):
         for version in versions:
-            files = glob.glob(os.path.join(small_cache_dir, split, f"v{version:02d}", "*", "*.npy"))
+            files = {os.path.join(small_cache_dir, e["embedding"]) for e in cache.entries(split, version)}
+            assert all(os.path.isfile(f) for f in files)
             assert len(files) == frames_per_split[split], (split, version)
             assert len(cache.entries(split, version)) == frames_per_split[split]
-    assert not os.path.exists(os.path.join(small_cache_dir, "validation", "v01"))
+    assert not any("validation" in path for path in cache_files(small_cache_dir))  # entries have no split
     with pytest.raises(StaleCacheError, match="no version 1"):
         cache.entries("validation", 1)
 
@@ -203,7 +204,7 @@ def test_precompute_again_re_encodes_changed_frames(tmp_path, small_demo_dir, sm
     precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
     after = cache_files(cache_dir)
     changed = {k for k in after if after[k] != before.get(k)}
-    assert changed == {os.path.join("validation", "v00", item["key"] + ".npy")}
+    assert changed == {os.path.join("entries", "v00", item["key"] + ".npy")}
     cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
     entry = next(e for e in cache.entries("validation") if e["key"] == item["key"])
     embedding, _ = cache.load(entry)
@@ -407,3 +408,91 @@ def test_precompute_checks_the_dataset_first(tmp_path, small_demo_dir, small_sam
     assert os.path.basename(first["label" if damage == "label_value" else "image"]) in message
     assert ("9" in message) if damage == "label_value" else ("32x40" in message or "(32, 40)" in message or "32, 40" in message)
     assert not glob.glob(os.path.join(cache_dir, "**", "*.npy"), recursive=True)
+
+
+# ------------------------------------------------------------------------------- entries shared by splits
+def add_fold_splits(dataset_dir: str) -> tuple[list[str], list[str]]:
+    """Add ``fold1_training`` (validation + the first training sequence) and ``fold1_validation`` (the
+    second training sequence) to dataset.json, as a cross-validation preparation does. -> their keys."""
+    path = os.path.join(dataset_dir, "dataset.json")
+    with open(path) as handle:
+        description = json.load(handle)
+    sequences = sorted({item["sequence"] for item in description["training"]})
+    description["fold1_training"] = description["validation"] + [
+        item for item in description["training"] if item["sequence"] == sequences[0]]
+    description["fold1_validation"] = [item for item in description["training"] if item["sequence"] == sequences[1]]
+    with open(path, "w") as handle:
+        json.dump(description, handle)
+    return ([f"{i['sequence']}/{i['frame']}" for i in description["fold1_training"]],
+            [f"{i['sequence']}/{i['frame']}" for i in description["fold1_validation"]])
+
+
+def test_new_splits_reuse_the_entries_of_other_splits(tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint):
+    data = str(tmp_path / "data")
+    shutil.copytree(small_demo_dir, data)
+    fold_training, fold_validation = add_fold_splits(data)
+    cache_dir = str(tmp_path / "cache")
+    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("training", "validation"),
+                          augmentation_versions=1, seed=666)
+    before = cache_files(cache_dir)
+    # training v0 + v1 (8 frames each) + validation v0 (4 frames): one file per (version, frame)
+    assert len(before) == 8 + 8 + 4
+    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("fold1_training", "fold1_validation"),
+                          augmentation_versions=1, seed=666)
+    after = cache_files(cache_dir)
+    # new: version 1 of the 4 former validation frames, now training frames; nothing else encoded again
+    new = sorted(set(after) - set(before))
+    assert new == sorted(os.path.join("entries", "v01", key + ".npy") for key in fold_training
+                         if key not in fold_training[4:])
+    assert all(after[k] == before[k] for k in before)
+    cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
+    assert cache.versions("fold1_training") == [0, 1]  # *_training splits are augmented by default
+    assert cache.versions("fold1_validation") == [0]
+    assert cache.versions("training") == [0, 1] and cache.versions("validation") == [0]  # earlier splits kept
+    assert [e["key"] for e in cache.entries("fold1_validation")] == fold_validation
+    shared = {e["key"]: e for e in cache.entries("training")}
+    for entry in cache.entries("fold1_validation"):
+        assert entry["embedding"] == shared[entry["key"]]["embedding"]
+    assert len(CachedFrameDataset(cache, "fold1_validation")) == 4
+
+
+def test_new_split_does_not_reuse_an_entry_of_a_changed_frame(tmp_path, small_demo_dir, small_sam_checkpoint):
+    data = str(tmp_path / "data")
+    shutil.copytree(small_demo_dir, data)
+    add_fold_splits(data)
+    cache_dir = str(tmp_path / "cache")
+    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    item = load_datalist(data, "validation")[0]
+    Image.fromarray(255 - read_frame(item["image"])).save(item["image"])
+    before = cache_files(cache_dir)
+    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("fold1_training",),
+                          augmented_splits=())
+    after = cache_files(cache_dir)
+    changed = {k for k in before if after[k] != before[k]}
+    assert changed == {os.path.join("entries", "v00", item["key"] + ".npy")}
+    cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
+    cache.entries("fold1_training")  # fresh
+    with pytest.raises(StaleCacheError, match="changed or vanished"):
+        cache.entries("validation")  # its index still records the old frame: precompute it again
+
+
+def test_old_format_cache_is_stale(tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint):
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(small_cache_dir, cache_dir)
+    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    manifest["identity"]["format_version"] = 1
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest, handle)
+    with pytest.raises(StaleCacheError, match="format 1 but this bundle reads format 2") as error:
+        EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
+    assert PRECOMPUTE in str(error.value)
+    with pytest.raises(StaleCacheError, match="format 1"):
+        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+
+
+def test_augmented_splits_must_be_precomputed(tmp_path, small_demo_dir, small_sam_checkpoint):
+    with pytest.raises(ValueError, match="augmented_splits"):
+        precompute_embeddings(small_demo_dir, str(tmp_path / "c"), "tiny", small_sam_checkpoint,
+                              splits=("validation",), augmented_splits=("training",))

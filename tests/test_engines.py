@@ -403,6 +403,15 @@ def test_check_training_inputs_stale_cache(tmp_path, small_demo_dir, small_cache
 
 def test_check_training_inputs_ok(small_demo_dir, small_sam_checkpoint, small_cache_dir):
     check_training_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir)
+    check_training_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir,
+                          splits=["training", "validation"])
+
+
+def test_check_training_inputs_split_not_in_cache(small_demo_dir, small_sam_checkpoint, small_cache_dir):
+    with pytest.raises(FileNotFoundError, match="no 'fold2_training' split") as error:
+        check_training_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir,
+                              splits=["fold2_training", "validation"])
+    assert "monai.bundle run precompute" in str(error.value)
 
 
 def test_check_evaluation_inputs_missing_model(tmp_path, small_demo_dir, small_sam_checkpoint, small_cache_dir):

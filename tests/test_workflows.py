@@ -18,7 +18,7 @@ import zipfile
 import pytest
 import torch
 import yaml
-from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
+from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO, bundle_copy_ignore
 from monai.bundle import ConfigWorkflow
 from monai.bundle.properties import MetaProperties
 
@@ -124,7 +124,7 @@ def test_copied_bundle_runs_from_its_own_folder(tmp_path):
     """The bundle folder alone (no repo around it) resolves its own scripts and bundle_root."""
     copy = tmp_path / "bundle_copy"
     shutil.copytree(os.path.join(REPO_ROOT, "bundle"), copy,
-                    ignore=shutil.ignore_patterns("data", "eval", "*.pt", "*.pth", "__pycache__"))
+                    ignore=bundle_copy_ignore(os.path.join(REPO_ROOT, "bundle")))
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml",
                "--dataset_dir", str(tmp_path / "no_data")]
     result = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=120)

@@ -11,6 +11,10 @@
     surgical-sam prepare_endovis2018 --raw_dir R --out_dir O [--labels_dir L --numbering auto|2018|2017 --nocheck]
     surgical-sam prepare_cholecseg8k --raw_dir R --out_dir O [--val_videos video12,video20 --nocheck]
     surgical-sam prepare_custom --config C.yaml --out_dir O [--nocheck]
+    surgical-sam convert_original_checkpoint --src ckpt.pth --dst bundle/models/model.pt
+                       [--sam_checkpoint bundle/models/sam_vit_h_4b8939.pth --num_classes 7 --num_tokens 2]
+    surgical-sam pool_metrics --inputs fold0/oracle/metrics.json,fold1/oracle/metrics.json,...
+                       [--output pooled.json]
 
 Also ``python -m scripts.cli ...`` (from the bundle folder, or anywhere once the repo is installed).
 Every command is a plain function of this module, so Python code and tests can call it directly;
@@ -27,7 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMANDS", "benchmark", "demo", "main", "make_demo_data", "make_sam_checkpoint", "score"]
+__all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "main", "make_demo_data",
+           "make_sam_checkpoint", "pool_metrics", "prepare_cholecseg8k", "prepare_custom", "prepare_endovis2017",
+           "prepare_endovis2018", "score"]
 
 PROG = "surgical-sam"
 PROTOCOLS = ("oracle", "auto")
@@ -490,6 +496,75 @@ def prepare_custom(config: str, out_dir: str, check: bool = True) -> dict:
     return _prepare(run, out_dir, config_path=str(Path(str(config)).expanduser()), check=bool(check))
 
 
+# ------------------------------------------------------------------- original checkpoints and pooled folds
+def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str | None = None, num_classes: Any = None,
+                                num_tokens: Any = None) -> dict:
+    """Convert a checkpoint of the original SurgicalSAM code into the bundle's models/model.pt.
+
+    Args:
+        src: the original checkpoint (dict of prototype_prompt_encoder_state_dict, sam_decoder_state_dict,
+            prototypes_state_dict).
+        dst: where to write ``{"model": state_dict}`` (e.g. bundle/models/model.pt).
+        sam_checkpoint: the SAM checkpoint the model was trained with; its frozen prompt encoder
+            (positional encoding) is copied in. Default: the bundle's models/sam_vit_h_4b8939.pth.
+        num_classes, num_tokens: what the run's config expects; checked against the checkpoint's shapes.
+
+    Returns:
+        the inferred num_classes, num_tokens, grid positions and embedding size.
+    """
+    from scripts import BUNDLE_ROOT
+    from scripts.networks.original_checkpoint import OriginalCheckpointError
+    from scripts.networks.original_checkpoint import convert_original_checkpoint as convert
+
+    if not src or not dst:
+        raise _fail("--src (the original checkpoint) and --dst (e.g. bundle/models/model.pt) are required.")
+    if sam_checkpoint is None:
+        sam_checkpoint = os.path.join(BUNDLE_ROOT, "models", "sam_vit_h_4b8939.pth")
+    classes = None if num_classes is None else _positive_int(num_classes, "num_classes")
+    tokens = None if num_tokens is None else _positive_int(num_tokens, "num_tokens")
+    try:
+        info = convert(str(src), str(dst), str(sam_checkpoint), classes, tokens)
+    except FileNotFoundError as error:
+        hint = " (the SAM weights: pass --sam_checkpoint PATH)" if "SAM" in str(error) else ""
+        raise _fail(f"{error}{hint}") from None
+    except OriginalCheckpointError as error:
+        raise _fail(str(error)) from None
+    print(f"converted {src} -> {dst}: num_classes {info['num_classes']}, num_tokens {info['num_tokens']}; "
+          "set the same num_classes / num_tokens (and class_names) in the config that loads it.")
+    return info
+
+
+def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dict:
+    """Pool the evaluations of several folds (EndoVis2017 4-fold cross-validation, SPEC 7).
+
+    Pooled numbers run over all frames of all folds (per-frame lists concatenated, cumulative I/U summed),
+    not a mean of the per-fold numbers. Each input is a metrics.json with the frame_stats.json that
+    evaluation writes beside it (or that frame_stats.json itself).
+
+    Args:
+        inputs: comma-separated paths.
+        output: where to write the pooled metrics (JSON); "" to write nothing.
+    """
+    from scripts.engines import format_pooled_table
+    from scripts.metrics import _json_safe, pool_frame_statistics
+
+    paths = [p.strip() for p in inputs.split(",")] if isinstance(inputs, str) else [str(p) for p in (inputs or [])]
+    paths = [p for p in paths if p]
+    if not paths:
+        raise _fail("--inputs needs the metrics.json of each fold, comma separated.")
+    try:
+        result = pool_frame_statistics(paths)
+    except (FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    print(format_pooled_table(result))
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as handle:
+            json.dump(_json_safe(result), handle, indent=2)
+        print(f"pooled metrics written to {os.path.abspath(output)}")
+    return result
+
+
 # ------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "make_demo_data": make_demo_data,
@@ -501,6 +576,8 @@ COMMANDS = {
     "prepare_endovis2018": prepare_endovis2018,
     "prepare_cholecseg8k": prepare_cholecseg8k,
     "prepare_custom": prepare_custom,
+    "convert_original_checkpoint": convert_original_checkpoint,
+    "pool_metrics": pool_metrics,
 }
 
 

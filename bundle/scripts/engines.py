@@ -42,14 +42,23 @@ class FrameBatch(PrepareBatch):
     """Validation batch of whole frames -> (inputs, label, (), {"gt_label": label}).
 
     The ground truth goes to the inferer, which uses it only under the ``oracle`` protocol.
+    ``label_lut`` (256 entries) maps the dataset's label values to the model's (cross-dataset
+    evaluation, see ``scripts.class_mapping``); None leaves them as they are.
     """
 
-    def __init__(self, image_key: str = "image_embeddings", label_key: str = "label") -> None:
-        self.image_key, self.label_key = image_key, label_key
+    def __init__(self, image_key: str = "image_embeddings", label_key: str = "label",
+                 label_lut: list[int] | None = None) -> None:
+        self.image_key, self.label_key, self.label_lut = image_key, label_key, label_lut
+        if label_lut is not None and len(label_lut) != 256:
+            raise ValueError(f"label_lut must have 256 entries (one per uint8 label value), got {len(label_lut)}")
 
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
         inputs = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
         label = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.label_lut is not None:
+            from .class_mapping import remap_labels
+
+            label = remap_labels(label, self.label_lut)
         return inputs, label, (), {"gt_label": label}
 
 
@@ -155,6 +164,9 @@ class TrainingState:
 class MetricsReport:
     """When an evaluator completes: write ``metrics.json`` and print a table of the metrics.
 
+    Beside it, ``frame_stats.json`` holds the per-frame statistics (N frames x C classes x [I, U, pred
+    has class, GT has class] and has_entry) that ``surgical-sam pool_metrics`` pools folds from.
+
     Args:
         output_file: where to write; the folder is created.
         protocol: the prompting protocol the numbers were measured under (written beside them).
@@ -179,7 +191,15 @@ class MetricsReport:
 
     def __call__(self, engine: Engine) -> None:
         result = self.report(engine.state.metrics)
-        os.makedirs(os.path.dirname(os.path.abspath(self.output_file)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(self.output_file))
+        os.makedirs(folder, exist_ok=True)
+        frame_stats = getattr(engine.state, "endovis_frame_statistics", None)
+        if frame_stats is not None:
+            from .metrics import FRAME_STATS_FILE
+
+            result["frame_stats_file"] = FRAME_STATS_FILE
+            with open(os.path.join(folder, FRAME_STATS_FILE), "w") as handle:
+                json.dump({**frame_stats, "protocol": self.protocol}, handle)
         with open(self.output_file, "w") as handle:
             json.dump(result, handle, indent=2)
         print(format_metrics_table(result))
@@ -198,11 +218,34 @@ def format_metrics_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_pooled_table(pooled: dict) -> str:
+    """Per-input rows and the pooled row of :func:`scripts.metrics.pool_frame_statistics`, then the pooled
+    class IoUs."""
+    def fmt(value):
+        return "   n/a" if value is None or value != value else f"{value:6.2f}"
+
+    keys = MetricsReport.METRIC_KEYS
+    lines = [f"protocol: {pooled.get('protocol')}   pooled over {len(pooled.get('per_input', {}))} evaluations",
+             f"  {'':<40}" + "".join(f"{k:>14}" for k in keys) + f"{'frames':>8}"]
+    for path, metrics in (pooled.get("per_input") or {}).items():
+        label = path if len(path) <= 40 else "..." + path[-37:]
+        lines.append(f"  {label:<40}" + "".join(f"{fmt(metrics.get(k)):>14}" for k in keys)
+                     + f"{metrics.get('num_frames', ''):>8}")
+    lines.append(f"  {'pooled':<40}" + "".join(f"{fmt(pooled.get(k)):>14}" for k in keys)
+                 + f"{pooled.get('num_frames', ''):>8}")
+    for name, value in (pooled.get("class_iou") or {}).items():
+        lines.append(f"    IoU {name:<28}{fmt(value)}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ input checks
 def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
                           config_hint: str = "bundle/configs/train.yaml", job: str = "train",
-                          extra_problems: list[str] | None = None) -> None:
-    """Fail at once, naming every missing input and the command that makes it."""
+                          extra_problems: list[str] | None = None, splits: list[str] | None = None) -> None:
+    """Fail at once, naming every missing input and the command that makes it.
+
+    ``splits``: the dataset.json splits the run reads (train_split, val_split); each must be in the cache.
+    """
     from .data.embedding_cache import EmbeddingCache, cache_identity
     from .networks.sam_backbone import _how_to_get
 
@@ -217,7 +260,9 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
                         "or pass --sam_checkpoint PATH.")
     if not problems:
         try:
-            EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
+            cache = EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
+            for split in splits or []:
+                cache.versions(split)
         except (FileNotFoundError, RuntimeError) as error:
             problems.append(f"embeddings: {error}".replace("<the same config files as this run>", config_hint))
     if problems:
@@ -225,10 +270,11 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
 
 
 def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
-                            model_file: str) -> None:
+                            model_file: str, splits: list[str] | None = None) -> None:
     """As :func:`check_training_inputs`, and the trained model must exist."""
     extra = []
     if not os.path.isfile(model_file):
         extra.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
                      "--config_file bundle/configs/train.yaml ...) or pass --model_file PATH.")
-    check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra)
+    check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra,
+                          splits=splits)

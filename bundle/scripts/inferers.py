@@ -32,10 +32,19 @@ class ClassPromptInferer(Inferer):
         pairs_per_pass: (frame, class) pairs decoded together.
         output: ``dict`` (for evaluators: label map, entries, qualities) or ``label_map`` (a tensor,
             for inference and MONAI Label).
+        prompt_classes: class ids (1..C) that may be prompted, under both protocols; None: all.
+            Cross-dataset evaluation prompts only the classes both datasets share.
     """
 
     def __init__(self, num_classes: int, protocol: str = "auto", min_mask_fraction: float = 0.0,
-                 pairs_per_pass: int = 32, output: str = "dict") -> None:
+                 pairs_per_pass: int = 32, output: str = "dict", prompt_classes: list[int] | None = None) -> None:
+        self.allowed = torch.ones(num_classes, dtype=torch.bool)
+        if prompt_classes is not None:
+            bad = [c for c in prompt_classes if not 1 <= int(c) <= num_classes]
+            if bad or not len(prompt_classes):
+                raise ValueError(f"prompt_classes must be a non-empty list of ids in 1..{num_classes}, got {prompt_classes}")
+            self.allowed = torch.zeros(num_classes, dtype=torch.bool)
+            self.allowed[[int(c) - 1 for c in prompt_classes]] = True
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if output not in ("dict", "label_map"):
@@ -47,13 +56,14 @@ class ClassPromptInferer(Inferer):
 
     def classes_to_prompt(self, batch: int, gt_label: torch.Tensor | None, device) -> torch.Tensor:
         """-> (B, C) bool."""
+        allowed = self.allowed.to(device)[None]
         if self.protocol == "auto":
-            return torch.ones(batch, self.num_classes, dtype=torch.bool, device=device)
+            return allowed.expand(batch, -1).clone()
         if gt_label is None:
             raise ValueError("the oracle protocol needs the ground-truth label map (gt_label)")
         labels = gt_label.reshape(batch, -1).to(device)
         class_values = torch.arange(1, self.num_classes + 1, device=device)
-        return (labels[:, None, :] == class_values[None, :, None]).any(-1)
+        return (labels[:, None, :] == class_values[None, :, None]).any(-1) & allowed
 
     def __call__(self, inputs: torch.Tensor, network, gt_label: torch.Tensor | None = None):
         """

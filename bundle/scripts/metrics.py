@@ -34,6 +34,9 @@ __all__ = [
     "score_label_map_folders",
     "read_label_map",
     "METRIC_KEYS",
+    "frame_statistics_record",
+    "read_frame_statistics",
+    "pool_frame_statistics",
 ]
 
 # Columns of the per-frame statistics table returned by :func:`frame_statistics`.
@@ -41,6 +44,9 @@ INTERSECTION, UNION, PRED_HAS_CLASS, GT_HAS_CLASS = range(4)
 NUM_STATISTICS = 4
 METRIC_KEYS = ("challenge_iou", "iou", "mc_iou", "miou", "class_iou", "num_frames")
 PROTOCOLS = ("auto", "oracle")
+#: File beside metrics.json holding the per-frame statistics that folds are pooled from.
+FRAME_STATS_FILE = "frame_stats.json"
+FRAME_STATS_FORMAT = 1
 
 
 def merge_class_masks(masks: torch.Tensor, class_ids: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
@@ -313,12 +319,21 @@ class EndoVisMetric(Metric):
         stats = rows[:, :-1].reshape(-1, self.num_classes, NUM_STATISTICS)
         return endovis_metrics(stats, self.class_names, rows[:, -1] > 0)
 
+    def frame_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame statistics gathered so far: (N, C, 4) float64 and has_entry (N,) bool."""
+        rows = self._gathered_rows()
+        return rows[:, :-1].reshape(-1, self.num_classes, NUM_STATISTICS), rows[:, -1] > 0
+
     def completed(self, engine: Engine, name: str) -> None:
         result = self.compute()
         for key, value in result.items():
             engine.state.metrics[key] = value
         if name not in result:
             engine.state.metrics[name] = result
+        # The per-frame table, for MetricsReport to write (pooling folds needs it). Not in state.metrics:
+        # StatsHandler would print it.
+        stats, has_entry = self.frame_statistics()
+        engine.state.endovis_frame_statistics = frame_statistics_record(stats, has_entry, self.class_names)
 
 
 def read_label_map(path: str | Path) -> np.ndarray:
@@ -421,4 +436,93 @@ def score_label_map_folders(
         output_path = Path(output_file)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         output_path.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
+    return result
+
+
+# ------------------------------------------------------------------------------------------- pooling
+def frame_statistics_record(
+    stats: torch.Tensor, has_entry: torch.Tensor | Sequence[bool], class_names: Sequence[str], protocol: str | None = None
+) -> dict[str, Any]:
+    """The per-frame statistics as a JSON-able dict (the content of ``frame_stats.json``).
+
+    Args:
+        stats: (N, C, 4) from :func:`frame_statistics` (intersection, union, pred has class, GT has class).
+        has_entry: (N,) bool.
+        class_names: C names.
+        protocol: recorded beside (pooling refuses to mix protocols).
+    """
+    stats = torch.as_tensor(stats, dtype=torch.float64).cpu()
+    entries = [bool(x) for x in torch.as_tensor(has_entry).reshape(-1).tolist()]
+    if stats.ndim != 3 or stats.shape[1:] != (len(class_names), NUM_STATISTICS) or len(entries) != stats.shape[0]:
+        raise ValueError(f"stats {tuple(stats.shape)} and has_entry ({len(entries)}) do not fit {len(class_names)} classes")
+    return {
+        "format": FRAME_STATS_FORMAT,
+        "protocol": protocol,
+        "class_names": list(class_names),
+        "columns": ["intersection", "union", "pred_has_class", "gt_has_class"],
+        "has_entry": entries,
+        # pixel counts are integers: stored as such, exact in JSON
+        "stats": [[[int(v) for v in row] for row in frame] for frame in stats.tolist()],
+    }
+
+
+def read_frame_statistics(path: str | Path) -> dict[str, Any]:
+    """Read a ``frame_stats.json`` (or find it beside a ``metrics.json``) -> its record, ``stats`` as a tensor.
+
+    Raises:
+        FileNotFoundError: neither the file nor a frame_stats.json beside the given metrics.json exists.
+        ValueError: not a frame statistics file, or inconsistent shapes.
+    """
+    path = Path(path)
+    if path.name != FRAME_STATS_FILE and path.suffix == ".json":
+        beside = path.parent / FRAME_STATS_FILE
+        if not beside.is_file():
+            raise FileNotFoundError(
+                f"{path}: no {FRAME_STATS_FILE} beside it; pooling needs the per-frame statistics that evaluation "
+                "writes since this version of the bundle: evaluate that fold again."
+            )
+        path = beside
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass the metrics.json (or frame_stats.json) of each evaluated fold.")
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or record.get("format") != FRAME_STATS_FORMAT or "stats" not in record:
+        raise ValueError(f"{path} is not a frame statistics file (format {FRAME_STATS_FORMAT}) written by evaluation.")
+    names = list(record["class_names"])
+    stats = torch.tensor(record["stats"], dtype=torch.float64).reshape(-1, len(names), NUM_STATISTICS)
+    if stats.shape[0] != len(record["has_entry"]):
+        raise ValueError(f"{path}: {stats.shape[0]} frames of statistics but {len(record['has_entry'])} has_entry flags.")
+    return {**record, "stats": stats, "path": str(path)}
+
+
+def pool_frame_statistics(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """EndoVis metrics over several evaluations (e.g. the four EndoVis2017 folds) pooled, SPEC 7.
+
+    Pooling concatenates the frames: the per-frame IoU and Challenge IoU lists, the per-class lists and the
+    cumulative intersection and union sums run over all frames of all inputs, exactly as if one evaluation
+    had seen them all. It is NOT the mean of the per-fold numbers (folds differ in frame count).
+
+    Returns:
+        the dict of :func:`endovis_metrics` plus ``protocol``, ``inputs`` (the files read) and ``per_input``
+        (each input's own metrics, for the table).
+
+    Raises:
+        ValueError: no input, or inputs of other class names or protocols.
+    """
+    if not paths:
+        raise ValueError("no input to pool: pass the metrics.json of each fold.")
+    records = [read_frame_statistics(p) for p in paths]
+    names, protocol = records[0]["class_names"], records[0].get("protocol")
+    for record in records[1:]:
+        if record["class_names"] != names:
+            raise ValueError(f"cannot pool {record['path']}: its classes {record['class_names']} differ from {names} "
+                             f"of {records[0]['path']}.")
+        if record.get("protocol") != protocol:
+            raise ValueError(f"cannot pool {record['path']} ({record.get('protocol')} protocol) with "
+                             f"{records[0]['path']} ({protocol} protocol): pool each protocol separately.")
+    stats = torch.cat([r["stats"] for r in records])
+    has_entry = [flag for r in records for flag in r["has_entry"]]
+    result = endovis_metrics(stats, names, has_entry)
+    result["protocol"] = protocol
+    result["inputs"] = [r["path"] for r in records]
+    result["per_input"] = {r["path"]: endovis_metrics(r["stats"], names, r["has_entry"]) for r in records}
     return result

@@ -3,10 +3,16 @@
 SurgicalSAM trains with the image encoder frozen, so its embeddings are computed once by the
 ``precompute`` workflow and read back by training and validation. Layout under ``cache_dir``::
 
-    manifest.json                              identity (encoder, checkpoint md5, input size, ...)
-    index/<split>_v<NN>.json                   one entry per frame: files, classes present, sources
-    <split>/v<NN>/<sequence>/<frame>.npy       float16 (d, h, w) embedding
-    <split>/v<NN>/<sequence>/<frame>_label.png the label map after the version's augmentation
+    manifest.json                                identity (encoder, checkpoint md5, input size, ...)
+    index/<split>_v<NN>.json                     one entry per frame: files, classes present, sources
+    entries/v<NN>/<sequence>/<frame>.npy         float16 (d, h, w) embedding
+    entries/v<NN>/<sequence>/<frame>_label.png   the label map after the version's augmentation
+
+Entry files are keyed by (version, sequence/frame) only, not by split: a frame listed in several splits
+(the four EndoVis2017 folds list every sequence in three training splits and one validation split) is
+encoded once, and precomputing a new split reuses every entry already there. Indexes stay per split.
+The training splits (``augmented_splits``) get versions 0..K, the others version 0. Format 1 (entries
+under ``<split>/v<NN>/``) is not read: such a cache raises :class:`StaleCacheError` asking for a rebuild.
 
 A cache is used only when its identity equals the one the run expects and no source frame or label
 changed since; otherwise :class:`StaleCacheError` says what differs and the command that rebuilds it.
@@ -15,6 +21,7 @@ Precompute writes every file atomically and skips what is already there, so a ki
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -33,7 +40,9 @@ from .layout import check_dataset, class_names, load_datalist, read_dataset_desc
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+#: Folder of the entry files (format 2), shared by all splits.
+ENTRIES_DIR = "entries"
 MANIFEST_NAME = "manifest.json"
 PRECOMPUTE_COMMAND = (
     "python -m monai.bundle run precompute --config_file <the same config files as this run> "
@@ -104,8 +113,9 @@ def _index_path(cache_dir: str, split: str, version: int) -> str:
     return os.path.join(cache_dir, "index", f"{split}_v{version:02d}.json")
 
 
-def _entry_paths(cache_dir: str, split: str, version: int, key: str) -> tuple[str, str]:
-    stem = os.path.join(cache_dir, split, f"v{version:02d}", key)
+def _entry_paths(cache_dir: str, version: int, key: str) -> tuple[str, str]:
+    """Embedding and label files of frame ``key`` ("<sequence>/<frame>") in one version, any split."""
+    stem = os.path.join(cache_dir, ENTRIES_DIR, f"v{version:02d}", key)
     return f"{stem}.npy", f"{stem}_label.png"
 
 
@@ -140,6 +150,7 @@ def precompute_embeddings(
     sam_checkpoint: str | None,
     splits: Sequence[str] = ("training", "validation"),
     augmentation_versions: int = 0,
+    augmented_splits: Sequence[str] | None = None,
     batch_size: int = 4,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
@@ -147,7 +158,10 @@ def precompute_embeddings(
 ) -> dict:
     """Run the frozen encoder once per (frame, version) and store float16 embeddings with a manifest.
 
-    The training split gets versions 0..``augmentation_versions``, other splits version 0 only.
+    The splits in ``augmented_splits`` (default: those named ``training`` or ``*_training``, e.g.
+    ``fold2_training``) get versions 0..``augmentation_versions``, other splits version 0 only. Entries
+    are shared by splits: a frame already encoded for another split is not encoded again, and the
+    splits precomputed before stay in the manifest.
     An existing cache of another identity is never overwritten: that raises :class:`StaleCacheError`.
     Returns the manifest.
     """
@@ -156,9 +170,12 @@ def precompute_embeddings(
     ignore_index = int(description.get("ignore_index", 255))
     identity = cache_identity(sam_variant, sam_checkpoint)
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    existing: dict = {}
     if os.path.isfile(manifest_path):
         with open(manifest_path) as handle:
             existing = json.load(handle)
+        _check_format(existing, cache_dir, "nothing was overwritten: choose a new cache_dir or delete that folder, "
+                                           "then run precompute again.")
         if existing.get("identity") != identity:
             raise StaleCacheError(
                 f"{cache_dir} holds embeddings of another encoder or input ({_identity_diff(existing.get('identity'), identity)}); "
@@ -179,9 +196,12 @@ def precompute_embeddings(
     # before any embedding is written.
     summary = check_dataset(dataset_dir, splits)
     logger.info("precompute: dataset checked: %s frames of %s", summary["frames"], summary["frame_size"])
-    plan = {
-        split: list(range(augmentation_versions + 1)) if split == "training" else [0] for split in splits
-    }
+    if augmented_splits is None:
+        augmented_splits = [s for s in splits if s == "training" or s.endswith("_training")]
+    unknown = sorted(set(augmented_splits) - set(splits))
+    if unknown:
+        raise ValueError(f"augmented_splits {unknown} are not among the splits to precompute {list(splits)}")
+    plan = {split: list(range(augmentation_versions + 1)) if split in augmented_splits else [0] for split in splits}
     datalists = {split: load_datalist(dataset_dir, split) for split in splits}
     spec = get_variant(sam_variant)
     entry_bytes = spec.prompt_embed_dim * spec.grid_size**2 * 2
@@ -194,7 +214,8 @@ def precompute_embeddings(
     manifest = {
         "identity": identity,
         "dataset": {"dataset_dir": os.path.abspath(dataset_dir), "class_names": names, "ignore_index": ignore_index},
-        "splits": plan,
+        # Splits indexed by earlier runs stay usable: their entries are shared, their indexes kept.
+        "splits": {**existing.get("splits", {}), **plan},
         "augmentation_seed": seed,
         "complete": False,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -207,8 +228,11 @@ def precompute_embeddings(
             _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split])
             todo = [
                 (item, version) for item in datalists[split]
-                if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, split, version, item["key"]))
+                if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, version, item["key"]))
             ]
+            if len(todo) < len(datalists[split]):
+                logger.info("precompute %s v%02d: %d of %d frames already encoded (shared with other splits or an "
+                            "earlier run)", split, version, len(datalists[split]) - len(todo), len(datalists[split]))
             if todo:
                 if encoder is None:
                     encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
@@ -222,22 +246,25 @@ def precompute_embeddings(
 
 
 def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, datalist: list[dict]) -> None:
-    """Delete cached entries whose frame or label changed since they were encoded, so they are redone."""
-    index_path = _index_path(cache_dir, split, version)
-    if not os.path.isfile(index_path):
-        return
-    with open(index_path) as handle:
-        recorded = {entry["key"]: entry["sources"] for entry in json.load(handle)["entries"]}
+    """Delete cached entries whose frame or label changed since they were encoded, so they are redone.
+
+    Entries are shared by splits, so the sources recorded by the index of ANY split of this version count:
+    a split precomputed for the first time must not pick up an entry encoded from an older frame.
+    """
+    recorded: dict[str, list[dict]] = {}
+    for index_path in sorted(glob.glob(os.path.join(cache_dir, "index", f"*_v{version:02d}.json"))):
+        with open(index_path) as handle:
+            for entry in json.load(handle)["entries"]:
+                recorded.setdefault(entry["key"], []).append(entry["sources"])
     changed = []
     for item in datalist:
-        sources = recorded.get(item["key"])
-        if sources is None:
-            continue
         current = {"image": [item["image"], *_source_stamp(item["image"])],
                    "label": [item["label"], *_source_stamp(item["label"])]}
-        if sources != current:
+        # An index written after the entry was (re-)encoded records the current stamps: then it is up to date.
+        seen = recorded.get(item["key"], [])
+        if seen and current not in seen:
             changed.append(item["key"])
-            for path in _entry_paths(cache_dir, split, version, item["key"]):
+            for path in _entry_paths(cache_dir, version, item["key"]):
                 if os.path.isfile(path):
                     os.remove(path)
     if changed:
@@ -256,7 +283,7 @@ def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_ind
         embeddings = encoder(frames_to_sam_input(batch["image"].to(device), image_size)).half().cpu().numpy()
         for row, index in enumerate(batch["index"].tolist()):
             item, version = todo[index]
-            embedding_path, label_path = _entry_paths(cache_dir, split, version, item["key"])
+            embedding_path, label_path = _entry_paths(cache_dir, version, item["key"])
             os.makedirs(os.path.dirname(embedding_path), exist_ok=True)
             with open(f"{embedding_path}.tmp", "wb") as handle:
                 np.save(handle, embeddings[row])
@@ -270,7 +297,7 @@ def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_ind
 def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num_classes) -> None:
     entries = []
     for item in datalist:
-        embedding_path, label_path = _entry_paths(cache_dir, split, version, item["key"])
+        embedding_path, label_path = _entry_paths(cache_dir, version, item["key"])
         label = np.asarray(Image.open(label_path))
         present = [c for c in range(1, num_classes + 1) if (label == c).any()]
         grid_present = []
@@ -292,6 +319,17 @@ def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num
 
 
 # -------------------------------------------------------------------------------------------- reading
+def _check_format(manifest: dict, cache_dir: str, what_to_do: str) -> None:
+    """StaleCacheError when the cache was written in another layout than :data:`CACHE_FORMAT_VERSION`."""
+    found = (manifest.get("identity") or {}).get("format_version")
+    if found != CACHE_FORMAT_VERSION:
+        raise StaleCacheError(
+            f"the embedding cache at {cache_dir} has format {found} but this bundle reads format "
+            f"{CACHE_FORMAT_VERSION} (format 2 shares entry files between splits under '{ENTRIES_DIR}/'): it was "
+            f"made by an older version of the bundle and is not used; {what_to_do}"
+        )
+
+
 def _identity_diff(found: dict | None, expected: dict) -> str:
     if not found:
         return "no identity recorded"
@@ -300,7 +338,13 @@ def _identity_diff(found: dict | None, expected: dict) -> str:
 
 
 class EmbeddingCache:
-    """A checked, complete cache on disk (see the module docstring)."""
+    """A checked, complete cache on disk (see the module docstring).
+
+    The interface the datasets use (also implemented by ``original_layout.OriginalLayoutReader``):
+    ``cache_dir``, ``class_names``, ``image_size``, ``grid_size``, ``versions(split)``,
+    ``entries(split, version)`` (dicts with ``key``, ``classes``, ``grid_classes``, ``frame_size``) and
+    ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``.
+    """
 
     def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True) -> None:
         self.cache_dir = cache_dir
@@ -309,6 +353,8 @@ class EmbeddingCache:
             raise FileNotFoundError(f"no embedding cache at {cache_dir}: make it with {PRECOMPUTE_COMMAND}")
         with open(manifest_path) as handle:
             self.manifest = json.load(handle)
+        _check_format(self.manifest, cache_dir, f"delete that folder (or choose a new cache_dir) and rebuild it with "
+                                                f"{PRECOMPUTE_COMMAND}")
         if self.manifest.get("identity") != identity:
             raise StaleCacheError(
                 f"the embedding cache at {cache_dir} was made for other inputs than this run "
@@ -324,6 +370,16 @@ class EmbeddingCache:
     @property
     def class_names(self) -> list[str]:
         return list(self.manifest["dataset"]["class_names"])
+
+    @property
+    def image_size(self) -> int:
+        """S, the side of SAM's square input the embeddings were made at."""
+        return int(self.manifest["identity"]["image_size"])
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of the embedding grid."""
+        return tuple(self.manifest["identity"]["grid_size"])
 
     def versions(self, split: str) -> list[int]:
         if split not in self.manifest["splits"]:
@@ -379,8 +435,8 @@ class CachedPromptDataset(Dataset):
                              f"({cache.class_names})")
         self.absent_prompts_per_frame = absent_prompts_per_frame
         self.num_versions = max(cache.versions(split))
-        identity = cache.manifest["identity"]
-        self.image_size, self.grid_size = identity["image_size"], tuple(identity["grid_size"])
+        # any reader with this interface works: EmbeddingCache, original_layout.OriginalLayoutReader
+        self.image_size, self.grid_size = cache.image_size, tuple(cache.grid_size)
         self.set_epoch(0)
         if not self.samples:
             raise ValueError(f"the {split!r} split of {cache.cache_dir} has no frame with an instrument to train on")
