@@ -36,21 +36,13 @@ from scripts.data.layout import (
     write_dataset_description,
     write_sample,
 )
+# EndoVis2018 instrument types (ids 1..7), used as demo class names when C <= 7.
+from scripts.data.prepare.endovis2018 import CLASS_NAMES as ENDOVIS2018_CLASSES
 
 #: Version of the drawing code; a change regenerates demo folders made by an older version.
 GENERATOR_VERSION = "2"
 GENERATOR_NAME = "surgical-sam-demo"
 PREVIEW_FILE = "preview.png"
-#: EndoVis2018 instrument types (ids 1..7), used as demo class names when C <= 7.
-ENDOVIS2018_CLASSES = (
-    "Bipolar Forceps",
-    "Prograsp Forceps",
-    "Large Needle Driver",
-    "Monopolar Curved Scissors",
-    "Ultrasound Probe",
-    "Suction Instrument",
-    "Clip Applier",
-)
 #: Entries a folder made by the demo holds; anything else means it is not (only) demo data.
 DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR})
 

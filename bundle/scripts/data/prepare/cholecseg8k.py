@@ -31,14 +31,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from scripts.data.layout import DatasetError, _open_image, read_frame
+from scripts.data.layout import DatasetError
 from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
     SkipFrame,
     check_out_dir,
+    check_size,
     layout_error,
     natural_key,
+    open_raw_image,
+    read_raw_frame,
     run_preparation,
 )
 
@@ -89,22 +92,12 @@ def colour_to_label(mask: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
 
 
 def _load(frame_path: str, mask_path: str) -> LoadedFrame:
-    try:
-        image = read_frame(frame_path)
-    except DatasetError as error:
-        raise SkipFrame(frame_path, str(error)) from None
-    if not os.path.isfile(mask_path):
-        raise SkipFrame(mask_path, "missing: every frame needs its colour mask")
-    try:
-        mask = _open_image(mask_path, "colour mask")
-    except DatasetError as error:
-        raise SkipFrame(mask_path, str(error)) from None
+    image = read_raw_frame(frame_path)
+    mask = open_raw_image(mask_path, "colour mask", missing="every frame needs its colour mask")
     if mask.mode not in ("RGB", "RGBA"):
         raise SkipFrame(mask_path, f"colour mask has image mode {mask.mode!r}, expected RGB or RGBA")
     colours = np.asarray(mask)[..., :3]
-    if colours.shape[:2] != image.shape[:2]:
-        raise SkipFrame(mask_path, f"mask is {colours.shape[0]}x{colours.shape[1]}, its frame "
-                        f"{image.shape[0]}x{image.shape[1]}")
+    check_size(mask_path, "mask", colours.shape, image.shape, relation="its frame")
     label_map, unknown = colour_to_label(colours)
     notes = {f"unknown colour {colour} (pixels)": count for colour, count in unknown.items()}
     return LoadedFrame(image, label_map, notes)

@@ -40,8 +40,10 @@ from scripts.data.layout import (
     IMAGES_DIR,
     LABELS_DIR,
     DatasetError,
+    _open_image,
     check_dataset,
     name_files,
+    read_frame,
     validate_description,
     write_dataset_description,
     write_sample,
@@ -151,6 +153,69 @@ def atomic_write_json(path: str, data: object) -> bool:
         handle.write(text)
     os.replace(temporary, path)
     return True
+
+
+def read_raw_frame(path: str) -> np.ndarray:
+    """:func:`~scripts.data.layout.read_frame` of a raw frame; SkipFrame (naming the file) when unusable."""
+    try:
+        return read_frame(path)
+    except DatasetError as error:
+        raise SkipFrame(path, str(error)) from None
+
+
+def open_raw_image(path: str, what: str, missing: str | None = None):
+    """Open a raw mask or label file (a PIL image); SkipFrame naming the file when it cannot be used.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message of an unreadable file (e.g. "label map").
+        missing: when given, a missing file is reported as "missing: <missing>" (e.g. "every frame
+            needs its label map"); when None, the existence is not checked here.
+    """
+    if missing is not None and not os.path.isfile(path):
+        raise SkipFrame(path, f"missing: {missing}")
+    try:
+        return _open_image(path, what)
+    except DatasetError as error:
+        raise SkipFrame(path, str(error)) from None
+
+
+def check_size(path: str, what: str, shape: Sequence[int], size: Sequence[int], relation: str = "expected") -> None:
+    """SkipFrame "<what> is HxW, <relation> HxW" when ``shape[:2]`` is not ``size`` (H, W).
+
+    ``relation`` names the required size in the message: "expected" for a fixed size, "its frame"
+    when it is the size of the frame the file belongs to.
+    """
+    if tuple(shape[:2]) != tuple(size[:2]):
+        raise SkipFrame(path, f"{what} is {shape[0]}x{shape[1]}, {relation} {size[0]}x{size[1]}")
+
+
+def read_grey_label_map(
+    path: str,
+    num_classes: int,
+    ignore_index: int,
+    size: Sequence[int],
+    missing: str,
+    relation: str = "expected",
+    grey_hint: str = "",
+) -> np.ndarray:
+    """A raw grey label map (0 background, 1..C, ``ignore_index``) as (H, W) uint8.
+
+    Checked in this order, each failure a SkipFrame naming the file: it exists (``missing`` says
+    why it is needed), it can be read, it has one channel (``grey_hint`` is added to the message,
+    e.g. which values are meant), its values are 0..C or ``ignore_index``, it is ``size`` (H, W)
+    (``relation`` as in :func:`check_size`).
+    """
+    values = np.asarray(open_raw_image(path, "label map", missing=missing))
+    if values.ndim != 2:
+        hint = f" {grey_hint}" if grey_hint else ""
+        raise SkipFrame(path, f"label map has {values.shape[2]} channels: label maps must be grey class ids{hint}")
+    allowed = set(range(num_classes + 1)) | {ignore_index}
+    unexpected = sorted(set(np.unique(values).tolist()) - allowed)
+    if unexpected:
+        raise SkipFrame(path, f"unexpected label values {unexpected} (allowed: 0..{num_classes}, {ignore_index})")
+    check_size(path, "label map", values.shape, size, relation)
+    return values.astype(np.uint8)
 
 
 def layout_error(message: str, expected_layout: str) -> DatasetError:

@@ -34,21 +34,15 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from scripts.data.layout import (
-    DEFAULT_IGNORE_INDEX,
-    DatasetError,
-    _open_image,
-    name_files,
-    read_frame,
-    validate_description,
-)
+from scripts.data.layout import DEFAULT_IGNORE_INDEX, DatasetError, name_files, validate_description
 from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
-    SkipFrame,
     check_out_dir,
     layout_error,
     natural_key,
+    read_grey_label_map,
+    read_raw_frame,
     run_preparation,
 )
 
@@ -146,27 +140,11 @@ def _image_size(path: str) -> tuple[int, int] | None:
 
 
 def _load(frame_path: str, label_path: str, num_classes: int, ignore_index: int, resize) -> LoadedFrame:
-    try:
-        image = read_frame(frame_path)
-    except DatasetError as error:
-        raise SkipFrame(frame_path, str(error)) from None
-    if not os.path.isfile(label_path):
-        raise SkipFrame(label_path, "missing: every frame needs a label map of the same name (.png)")
-    try:
-        label = _open_image(label_path, "label map")
-    except DatasetError as error:
-        raise SkipFrame(label_path, str(error)) from None
-    values = np.asarray(label)
-    if values.ndim != 2:
-        raise SkipFrame(label_path, f"label map has {values.shape[2]} channels: label maps must be grey class ids")
-    allowed = set(range(num_classes + 1)) | {ignore_index}
-    unexpected = sorted(set(np.unique(values).tolist()) - allowed)
-    if unexpected:
-        raise SkipFrame(label_path, f"unexpected label values {unexpected} (allowed: 0..{num_classes}, {ignore_index})")
-    if values.shape != image.shape[:2]:
-        raise SkipFrame(label_path, f"label map is {values.shape[0]}x{values.shape[1]}, its frame "
-                        f"{image.shape[0]}x{image.shape[1]}")
-    values = values.astype(np.uint8)
+    image = read_raw_frame(frame_path)
+    values = read_grey_label_map(
+        label_path, num_classes, ignore_index, image.shape[:2],
+        missing="every frame needs a label map of the same name (.png)", relation="its frame",
+    )
     if resize is not None and tuple(resize) != image.shape[:2]:
         height, width = resize
         image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))

@@ -39,15 +39,17 @@ import re
 
 import numpy as np
 
-from scripts.data.layout import DatasetError, _open_image, read_frame
 from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
     SkipFrame,
     check_out_dir,
+    check_size,
     layout_error,
     natural_key,
+    open_raw_image,
     png_files,
+    read_raw_frame,
     run_preparation,
 )
 
@@ -123,15 +125,10 @@ def crop(array: np.ndarray) -> np.ndarray:
 def read_part_mask(path: str, part_coded: bool = True) -> np.ndarray:
     """A mask as (H, W) uint8; SkipFrame when unreadable, of another size or (``part_coded``) holding
     values other than 0/10/20/30. 'Other' masks are not part-coded: any value > 0 is the instrument."""
-    try:
-        image = _open_image(path, "part mask")
-    except DatasetError as error:
-        raise SkipFrame(path, str(error)) from None
-    values = np.asarray(image)
+    values = np.asarray(open_raw_image(path, "part mask"))
     if values.ndim == 3:  # a mask saved as RGB: the grey value is in every channel
         values = values[..., :3].max(axis=2)
-    if values.shape != RAW_SIZE:
-        raise SkipFrame(path, f"mask is {values.shape[0]}x{values.shape[1]}, expected {RAW_SIZE[0]}x{RAW_SIZE[1]}")
+    check_size(path, "mask", values.shape, RAW_SIZE)
     unexpected = sorted(set(np.unique(values).tolist()) - set(PART_VALUES)) if part_coded else []
     if unexpected:
         raise SkipFrame(path, f"unexpected mask values {unexpected} (part masks hold {list(PART_VALUES)})")
@@ -139,14 +136,8 @@ def read_part_mask(path: str, part_coded: bool = True) -> np.ndarray:
 
 
 def _load(frame_path: str, masks: list[tuple[str, int | None]]) -> LoadedFrame:
-    try:
-        image = read_frame(frame_path)
-    except DatasetError as error:
-        raise SkipFrame(frame_path, str(error)) from None
-    if image.shape[:2] != RAW_SIZE:
-        raise SkipFrame(
-            frame_path, f"frame is {image.shape[0]}x{image.shape[1]}, expected {RAW_SIZE[0]}x{RAW_SIZE[1]}"
-        )
+    image = read_raw_frame(frame_path)
+    check_size(frame_path, "frame", image.shape, RAW_SIZE)
     label_map = np.zeros(RAW_SIZE, dtype=np.uint8)
     overlap = unknown = 0
     for mask_path, class_id in masks:  # sorted by folder name: the later folder wins an overlap

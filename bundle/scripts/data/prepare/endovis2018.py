@@ -48,15 +48,19 @@ import re
 
 import numpy as np
 
-from scripts.data.layout import DatasetError, _open_image, read_frame
+from scripts.data.layout import DatasetError
 from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
     SkipFrame,
     check_out_dir,
+    check_size,
     layout_error,
     natural_key,
+    open_raw_image,
     png_files,
+    read_grey_label_map,
+    read_raw_frame,
     run_preparation,
 )
 
@@ -116,28 +120,20 @@ def find_sequences(root: str) -> dict[str, str]:
 
 
 def _binary_instance(path: str) -> np.ndarray:
-    try:
-        values = np.asarray(_open_image(path, "instance mask"))
-    except DatasetError as error:
-        raise SkipFrame(path, str(error)) from None
+    values = np.asarray(open_raw_image(path, "instance mask"))
     if values.ndim == 3:
         values = values[..., :3].max(axis=2)
         values = np.where(values > 0, 255, 0)
     unexpected = sorted(set(np.unique(values).tolist()) - {0, 1, 255})
     if unexpected:
         raise SkipFrame(path, f"unexpected mask values {unexpected} (instance masks hold 0 and 1 or 255)")
-    if values.shape != FRAME_SIZE:
-        raise SkipFrame(path, f"mask is {values.shape[0]}x{values.shape[1]}, expected {FRAME_SIZE[0]}x{FRAME_SIZE[1]}")
+    check_size(path, "mask", values.shape, FRAME_SIZE)
     return values > 0
 
 
 def _read_frame(path: str) -> np.ndarray:
-    try:
-        image = read_frame(path)
-    except DatasetError as error:
-        raise SkipFrame(path, str(error)) from None
-    if image.shape[:2] != FRAME_SIZE:
-        raise SkipFrame(path, f"frame is {image.shape[0]}x{image.shape[1]}, expected {FRAME_SIZE[0]}x{FRAME_SIZE[1]}")
+    image = read_raw_frame(path)
+    check_size(path, "frame", image.shape, FRAME_SIZE)
     return image
 
 
@@ -157,26 +153,11 @@ def _load_instances(frame_path: str, instances: list[tuple[str, int | None]]) ->
 
 def _load_label_map(frame_path: str, label_path: str) -> LoadedFrame:
     image = _read_frame(frame_path)
-    if not os.path.isfile(label_path):
-        raise SkipFrame(label_path, "missing: every frame needs its label map")
-    try:
-        label = _open_image(label_path, "label map")
-    except DatasetError as error:
-        raise SkipFrame(label_path, str(error)) from None
-    values = np.asarray(label)
-    if values.ndim != 2:
-        raise SkipFrame(label_path, f"label map has {values.shape[2]} channels: label maps must be grey class ids "
-                        "0..7 (the challenge's colour part/organ labels are not instrument types)")
-    allowed = set(range(len(CLASS_NAMES) + 1)) | {IGNORE_INDEX}
-    unexpected = sorted(set(np.unique(values).tolist()) - allowed)
-    if unexpected:
-        raise SkipFrame(
-            label_path, f"unexpected label values {unexpected} (allowed: 0..{len(CLASS_NAMES)}, {IGNORE_INDEX})"
-        )
-    if values.shape != FRAME_SIZE:
-        raise SkipFrame(label_path, f"label map is {values.shape[0]}x{values.shape[1]}, expected "
-                        f"{FRAME_SIZE[0]}x{FRAME_SIZE[1]}")
-    return LoadedFrame(image, values.astype(np.uint8))
+    label_map = read_grey_label_map(
+        label_path, len(CLASS_NAMES), IGNORE_INDEX, FRAME_SIZE, missing="every frame needs its label map",
+        grey_hint=f"0..{len(CLASS_NAMES)} (the challenge's colour part/organ labels are not instrument types)",
+    )
+    return LoadedFrame(image, label_map)
 
 
 def _instance_folder(sequence_dir: str) -> str | None:
