@@ -1,6 +1,9 @@
-"""Shared fixtures. Keep this minimal: test modules own their helpers."""
+"""Shared fixtures and helpers. Keep this minimal: a helper only one test module uses stays in that module."""
 
 from __future__ import annotations
+
+import logging
+import os
 
 import pytest
 
@@ -68,3 +71,45 @@ def bundle_copy_ignore(bundle_root: str):
         return ignored
 
     return ignore
+
+
+# ------------------------------------------------------------------------------ bundle workflows
+BUNDLE_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
+_METADATA = os.path.join(BUNDLE_CONFIGS, "metadata.json")
+#: The bundle's metadata.json, or None where the checkout has none.
+META_FILE = _METADATA if os.path.isfile(_METADATA) else None
+
+
+@pytest.fixture
+def restore_root_logging():
+    """ConfigWorkflow applies the bundle's logging.conf to the root logger: undo it after the test.
+
+    A module whose every test needs it says ``pytestmark = pytest.mark.usefixtures("restore_root_logging")``."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def allowed_missing() -> set[str]:
+    """Properties check_properties may report: without a metadata.json the meta properties (version,
+    monai_version, ...) are missing by definition."""
+    from monai.bundle.properties import MetaProperties
+
+    return set() if META_FILE else {k for k, v in MetaProperties.items() if v.get("required")}
+
+
+def checked_workflow(config_files, workflow_type: str, **overrides):
+    """A ConfigWorkflow of ``config_files`` (the bundle's metadata, no logging file, ``overrides``),
+    initialised, after asserting that check_properties finds every required ``workflow_type`` property."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=list(config_files), workflow_type=workflow_type, meta_file=META_FILE,
+                              logging_file=None, **overrides)
+    workflow.initialize()
+    missing = workflow.check_properties()
+    assert not (set(missing or []) - allowed_missing()), f"missing or wrong {workflow_type} properties: {missing}"
+    return workflow

@@ -5,14 +5,12 @@ properties, and a short train + evaluate run on a tiny original layout."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 
 import pytest
-from conftest import SMALL_DEMO
+from conftest import META_FILE, SMALL_DEMO, checked_workflow
 from monai.bundle import ConfigParser, ConfigWorkflow
-from monai.bundle.properties import MetaProperties
 from test_original_layout import FRAME as LAYOUT_FRAME
 from test_original_layout import NAMES as LAYOUT_NAMES
 from test_original_layout import make_2018
@@ -22,25 +20,10 @@ CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
 TRAIN, EVALUATE, E2018, E2017, CHOLEC, ORIGINAL, CROSS = (
     os.path.join(CONFIGS, f"{name}.yaml")
     for name in ("train", "evaluate", "endovis2018", "endovis2017", "cholecseg8k", "original_layout", "cross_dataset"))
-METADATA = os.path.join(CONFIGS, "metadata.json")
-META_FILE = METADATA if os.path.isfile(METADATA) else None
 E2017_NAMES = ["Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver", "Vessel Sealer", "Grasping Retractor",
                "Monopolar Curved Scissors", "Other"]
 
-
-@pytest.fixture(autouse=True)
-def restore_root_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
-def allowed_missing() -> set[str]:
-    return set() if META_FILE else {k for k, v in MetaProperties.items() if v.get("required")}
+pytestmark = pytest.mark.usefixtures("restore_root_logging")  # ConfigWorkflow reconfigures the root logger
 
 
 def parsed(files, **overrides) -> ConfigParser:
@@ -116,13 +99,9 @@ def small_overrides(tmp_path, sam_checkpoint, **extra):
 
 def test_endovis2017_fold_workflow_properties(tmp_path, fold_data, small_sam_checkpoint):
     data, cache = fold_data
-    workflow = ConfigWorkflow(config_file=[TRAIN, E2017], workflow_type="train", meta_file=META_FILE,
-                              logging_file=None, fold=2, dataset_dir=data, cache_dir=cache,
-                              frame_size=list(SMALL_DEMO["frame_size"]),
-                              **small_overrides(tmp_path, small_sam_checkpoint))
-    workflow.initialize()
-    missing = workflow.check_properties()
-    assert not (set(missing or []) - allowed_missing()), f"missing or wrong train properties: {missing}"
+    workflow = checked_workflow([TRAIN, E2017], "train", fold=2, dataset_dir=data, cache_dir=cache,
+                                frame_size=list(SMALL_DEMO["frame_size"]),
+                                **small_overrides(tmp_path, small_sam_checkpoint))
     assert workflow.train_dataset.split == "fold2_training"
     keys = {e["key"] for e in workflow.parser.get_parsed_content("validate#dataset").entries}
     assert keys == {e["key"] for e in workflow.parser.get_parsed_content("embedding_cache").entries("fold2_validation")}
@@ -138,12 +117,8 @@ def test_cholecseg8k_workflow_properties(tmp_path, small_sam_checkpoint):
                              val_sequences=1, frames_per_sequence=3)
     cache = str(tmp_path / "cache")
     precompute_embeddings(data, cache, "tiny", small_sam_checkpoint, augmentation_versions=1)
-    workflow = ConfigWorkflow(config_file=[TRAIN, CHOLEC], workflow_type="train", meta_file=META_FILE,
-                              logging_file=None, dataset_dir=data, cache_dir=cache, frame_size=[48, 80],
-                              **small_overrides(tmp_path, small_sam_checkpoint))
-    workflow.initialize()
-    missing = workflow.check_properties()
-    assert not (set(missing or []) - allowed_missing()), f"missing or wrong train properties: {missing}"
+    workflow = checked_workflow([TRAIN, CHOLEC], "train", dataset_dir=data, cache_dir=cache, frame_size=[48, 80],
+                                **small_overrides(tmp_path, small_sam_checkpoint))
     assert workflow.parser.get_parsed_content("network").num_classes == 12
 
 
@@ -171,11 +146,7 @@ def test_original_layout_train_and_evaluate(tmp_path, small_sam_checkpoint):
     common = dict(data_root=str(tmp_path / "data"), class_names=LAYOUT_NAMES, frame_size=list(LAYOUT_FRAME),
                   ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), num_epochs=1,
                   **small_overrides(tmp_path, small_sam_checkpoint))
-    train = ConfigWorkflow(config_file=[TRAIN, E2018, ORIGINAL], workflow_type="train", meta_file=META_FILE,
-                           logging_file=None, **common)
-    train.initialize()
-    missing = train.check_properties()
-    assert not (set(missing or []) - allowed_missing()), f"missing or wrong train properties: {missing}"
+    train = checked_workflow([TRAIN, E2018, ORIGINAL], "train", **common)
     train.run()
     train.finalize()
     assert os.path.isfile(tmp_path / "models" / "model.pt")

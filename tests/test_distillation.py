@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import math
 import os
 import shutil
 
 import pytest
 import torch
-from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
+from conftest import META_FILE, SMALL_CACHE_VERSIONS, SMALL_DEMO, checked_workflow
 from monai.bundle import ConfigWorkflow
-from monai.bundle.properties import MetaProperties
 
 from scripts.distillation import FrameLabelDataset, SemanticInferer, check_distill_inputs
 from scripts.losses import DistillationSAMLoss
@@ -364,24 +362,6 @@ TRAIN_DISTILL, EVALUATE_DISTILL, INFERENCE_DISTILL, DEMO, DEMO_INFERENCE = (
     os.path.join(CONFIGS, f"{name}.yaml")
     for name in ("train_distill", "evaluate_distill", "inference_distill", "demo", "demo_inference")
 )
-METADATA = os.path.join(CONFIGS, "metadata.json")
-META_FILE = METADATA if os.path.isfile(METADATA) else None
-
-
-@pytest.fixture
-def restore_root_logging():
-    """ConfigWorkflow applies the bundle's logging.conf to the root logger: undo it after the test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
-def allowed_missing() -> set[str]:
-    return set() if META_FILE else {k for k, v in MetaProperties.items() if v.get("required")}
 
 
 def distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint, **extra) -> dict:
@@ -399,11 +379,7 @@ def distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_check
 def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
                                           small_sam_checkpoint):
     overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint)
-    workflow = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO], workflow_type="train", meta_file=META_FILE,
-                              logging_file=None, **overrides)
-    workflow.initialize()
-    missing = workflow.check_properties()
-    assert not (set(missing or []) - allowed_missing()), f"missing or wrong train properties: {missing}"
+    workflow = checked_workflow([TRAIN_DISTILL, DEMO], "train", **overrides)
     assert isinstance(workflow.network_def, DistillationSAM)
     assert isinstance(workflow.parser.get_parsed_content("optimizer"), torch.optim.AdamW)
     assert workflow.parser.get_parsed_content("validate#best_model_saver#key_metric_filename") == "distill_model.pt"
@@ -413,14 +389,11 @@ def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small
 
 
 def test_infer_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_sam_checkpoint):
-    workflow = ConfigWorkflow(
-        config_file=[INFERENCE_DISTILL, DEMO_INFERENCE], workflow_type="infer", meta_file=META_FILE, logging_file=None,
+    workflow = checked_workflow(
+        [INFERENCE_DISTILL, DEMO_INFERENCE], "infer",
         dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
         output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]),
     )
-    workflow.initialize()
-    missing = workflow.check_properties()
-    assert not (set(missing or []) - allowed_missing()), f"missing or wrong infer properties: {missing}"
     assert isinstance(workflow.network_def, DistillationSAM)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import math
 import os
 import shutil
@@ -18,28 +17,15 @@ import zipfile
 import pytest
 import torch
 import yaml
-from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO, bundle_copy_ignore
+from conftest import META_FILE, SMALL_CACHE_VERSIONS, SMALL_DEMO, bundle_copy_ignore, checked_workflow
 from monai.bundle import ConfigWorkflow
-from monai.bundle.properties import MetaProperties
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
 TRAIN, DEMO, EVALUATE = (os.path.join(CONFIGS, f"{name}.yaml") for name in ("train", "demo", "evaluate"))
 INFERENCE, DEMO_INFERENCE = os.path.join(CONFIGS, "inference.yaml"), os.path.join(CONFIGS, "demo_inference.yaml")
-METADATA = os.path.join(CONFIGS, "metadata.json")
-META_FILE = METADATA if os.path.isfile(METADATA) else None
 
-
-@pytest.fixture(autouse=True)
-def restore_root_logging():
-    """ConfigWorkflow applies the bundle's logging.conf to the root logger: undo it after each test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logging")  # ConfigWorkflow reconfigures the root logger
 
 
 def demo_overrides(dataset_dir, cache_dir, sam_checkpoint, out_dir, **extra) -> dict:
@@ -65,18 +51,9 @@ def prepared(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint):
             "out_dir": tmp_path / "run"}
 
 
-def allowed_missing() -> set[str]:
-    # Without a metadata.json the meta properties (version, monai_version, ...) are missing by definition.
-    return set() if META_FILE else {k for k, v in MetaProperties.items() if v.get("required")}
-
-
 # -------------------------------------------------------------------------------------- properties
 def test_train_workflow_properties(prepared):
-    workflow = ConfigWorkflow(config_file=[TRAIN, DEMO], workflow_type="train", meta_file=META_FILE,
-                              logging_file=None, **demo_overrides(**prepared))
-    workflow.initialize()
-    missing = workflow.check_properties()
-    assert not (set(missing or []) - allowed_missing()), f"missing or wrong train properties: {missing}"
+    workflow = checked_workflow([TRAIN, DEMO], "train", **demo_overrides(**prepared))
     with open(DEMO) as handle:
         assert workflow.max_epochs == yaml.safe_load(handle)["num_epochs"]
     assert len(workflow.train_dataset) > 0
@@ -91,14 +68,11 @@ def test_train_workflow_properties(prepared):
 @pytest.mark.skipif(not os.path.isfile(INFERENCE), reason="bundle/configs/inference.yaml does not exist")
 def test_infer_workflow_properties(tmp_path, small_demo_dir, small_sam_checkpoint):
     config_files = [INFERENCE] + ([DEMO_INFERENCE] if os.path.isfile(DEMO_INFERENCE) else [])
-    workflow = ConfigWorkflow(
-        config_file=config_files, workflow_type="infer", meta_file=META_FILE, logging_file=None,
+    workflow = checked_workflow(
+        config_files, "infer",
         dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
         output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]),
     )
-    workflow.initialize()
-    missing = workflow.check_properties()
-    assert not (set(missing or []) - allowed_missing()), f"missing or wrong infer properties: {missing}"
     assert len(workflow.dataset) == 12  # every frame of the small demo
 
 
