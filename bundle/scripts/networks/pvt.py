@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .state_dict_check import state_dict_mismatch
+
 __all__ = ["PyramidVisionTransformer", "PVT_TINY", "IGNORED_PRETRAINED_KEYS"]
 
 #: PVT-tiny sizes (the constructor's defaults).
@@ -251,23 +253,8 @@ class PyramidVisionTransformer(nn.Module):
         if not isinstance(raw, Mapping):
             raise ValueError(f"PVT checkpoint {path} holds a {type(raw).__name__}, not a state dict")
         state_dict = self.convert_release_state_dict(raw)
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        wrong_shape = sorted(
-            k for k in set(expected) & set(state_dict)
-            if tuple(getattr(state_dict[k], "shape", ())) != tuple(expected[k].shape)
-        )
-        if missing or unexpected or wrong_shape:
-            details = []
-            if missing:
-                details.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-            if unexpected:
-                details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-            if wrong_shape:
-                k = wrong_shape[0]
-                details.append(f"{len(wrong_shape)} keys of another shape (e.g. {k}: "
-                               f"{tuple(state_dict[k].shape)} in the file, {tuple(expected[k].shape)} here)")
+        details = state_dict_mismatch(state_dict, self.state_dict())
+        if details:
             raise ValueError(
                 f"PVT checkpoint {path} does not fit this PVT (embed dims {self.embed_dims}): {'; '.join(details)}. "
                 "Expected the PVT v1 release layout (patch_embed1.proj.weight, pos_embed1, block1.0.attn.q.weight, "

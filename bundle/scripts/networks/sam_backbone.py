@@ -23,6 +23,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from .state_dict_check import state_dict_mismatch
+
 logger = logging.getLogger(__name__)
 
 SAM_DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -188,25 +190,9 @@ def load_sam_checkpoint(sam: nn.Module, path: str, variant: str, check_md5: bool
         state_dict = state_dict["model"]
     if not isinstance(state_dict, dict):
         raise ValueError(f"SAM checkpoint {path} holds a {type(state_dict).__name__}, not a state dict.")
-    expected = sam.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(
-        k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or wrong_shape:
+    details = state_dict_mismatch(state_dict, sam.state_dict(), expected_as=f"for {variant}")
+    if details:
         guess = guess_variant(state_dict)
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if wrong_shape:
-            k = wrong_shape[0]
-            details.append(
-                f"{len(wrong_shape)} keys of another shape (e.g. {k}: {tuple(state_dict[k].shape)} "
-                f"in the file, {tuple(expected[k].shape)} for {variant})"
-            )
         hint = f" The file looks like SAM {guess}: set sam_variant to {guess!r}." if guess and guess != variant else ""
         raise ValueError(
             f"SAM checkpoint {path} does not match the {variant!r} variant: {'; '.join(details)}.{hint} "

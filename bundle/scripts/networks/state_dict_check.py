@@ -1,0 +1,40 @@
+"""Comparing a checkpoint's state dict with a module's, for loaders that refuse a file that does not fit.
+
+Shared by :meth:`~scripts.networks.pvt.PyramidVisionTransformer.load_pretrained` and
+:func:`~scripts.networks.sam_backbone.load_sam_checkpoint`, so both describe a mismatch alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def state_dict_mismatch(state_dict: Mapping, expected: Mapping, expected_as: str = "here") -> list[str]:
+    """What keeps ``state_dict`` (from a file) from loading strictly into a module with ``expected``.
+
+    Args:
+        state_dict: the file's state dict.
+        expected: the module's ``state_dict()``.
+        expected_as: how the message names the expected shape, e.g. "here" or "for vit_b".
+
+    Returns:
+        one phrase per kind of problem, e.g. "2 missing keys (e.g. [...])", "1 unexpected keys (e.g.
+        [...])", "3 keys of another shape (e.g. k: (1, 2) in the file, (2, 2) here)"; [] when it fits.
+    """
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(
+        k for k in set(expected) & set(state_dict)
+        if tuple(getattr(state_dict[k], "shape", ())) != tuple(expected[k].shape)
+    )
+    details = []
+    if missing:
+        details.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    if wrong_shape:
+        k = wrong_shape[0]
+        details.append(f"{len(wrong_shape)} keys of another shape (e.g. {k}: "
+                       f"{tuple(getattr(state_dict[k], 'shape', ()))} in the file, {tuple(expected[k].shape)} "
+                       f"{expected_as})")
+    return details
