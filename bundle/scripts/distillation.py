@@ -99,17 +99,14 @@ def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoi
     """Fail at once, naming every missing input (dataset, SAM weights, trained model) and how to make it."""
     import os
 
-    from .networks.sam_backbone import _how_to_get
+    from .engines import missing_sam_weights, raise_input_problems
 
     problems = []
     if dataset_dir is not None and not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
         problems.append(f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the "
                         "model card) or pass --dataset_dir; for the demo merge bundle/configs/demo.yaml.")
-    if sam_checkpoint is not None and not os.path.isfile(sam_checkpoint):
-        problems.append(f"SAM weights: {sam_checkpoint} not found. {_how_to_get(sam_variant, sam_checkpoint)}; "
-                        "or pass --sam_checkpoint PATH.")
+    problems += missing_sam_weights(sam_variant, sam_checkpoint)
     if model_file is not None and not os.path.isfile(model_file):
         problems.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
                         "--config_file bundle/configs/train_distill.yaml ...) or pass --model_file PATH.")
-    if problems:
-        raise FileNotFoundError(f"cannot {job}:\n  - " + "\n  - ".join(problems))
+    raise_input_problems(problems, job)

@@ -239,6 +239,23 @@ def format_pooled_table(pooled: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ input checks
+def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[str]:
+    """The input-check problem of a SAM weights file that does not exist, with how to get it; [] when it
+    exists or no path is given."""
+    from .networks.sam_backbone import _how_to_get
+
+    if sam_checkpoint is None or os.path.isfile(sam_checkpoint):
+        return []
+    return [f"SAM weights: {sam_checkpoint} not found. {_how_to_get(sam_variant, sam_checkpoint)}; "
+            "or pass --sam_checkpoint PATH."]
+
+
+def raise_input_problems(problems: list[str], job: str) -> None:
+    """FileNotFoundError "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
+    if problems:
+        raise FileNotFoundError(f"cannot {job}:\n  - " + "\n  - ".join(problems))
+
+
 def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
                           config_hint: str = "bundle/configs/train.yaml", job: str = "train",
                           extra_problems: list[str] | None = None, splits: list[str] | None = None) -> None:
@@ -247,7 +264,6 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
     ``splits``: the dataset.json splits the run reads (train_split, val_split); each must be in the cache.
     """
     from .data.embedding_cache import EmbeddingCache, cache_identity
-    from .networks.sam_backbone import _how_to_get
 
     problems = list(extra_problems or [])
     if not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
@@ -255,9 +271,7 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
             f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the model card) "
             f"or pass --dataset_dir; for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`."
         )
-    if sam_checkpoint is not None and not os.path.isfile(sam_checkpoint):
-        problems.append(f"SAM weights: {sam_checkpoint} not found. {_how_to_get(sam_variant, sam_checkpoint)}; "
-                        "or pass --sam_checkpoint PATH.")
+    problems += missing_sam_weights(sam_variant, sam_checkpoint)
     if not problems:
         try:
             cache = EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
@@ -265,8 +279,7 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
                 cache.versions(split)
         except (FileNotFoundError, RuntimeError) as error:
             problems.append(f"embeddings: {error}".replace("<the same config files as this run>", config_hint))
-    if problems:
-        raise FileNotFoundError(f"cannot {job}:\n  - " + "\n  - ".join(problems))
+    raise_input_problems(problems, job)
 
 
 def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,

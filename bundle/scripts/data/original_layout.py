@@ -296,7 +296,7 @@ def check_original_layout_inputs(reader: OriginalLayoutReader, splits: Sequence[
     ``frame_size`` (the config's) must equal the size of the validation frames (read from their masks or
     images), since the network returns its logits at that size.
     """
-    from ..networks.sam_backbone import _how_to_get
+    from ..engines import missing_sam_weights, raise_input_problems
 
     problems = []
     try:
@@ -314,11 +314,8 @@ def check_original_layout_inputs(reader: OriginalLayoutReader, splits: Sequence[
                 if found != [int(x) for x in frame_size]:
                     problems.append(f"frame size: the {split!r} frames are {found} but frame_size is {list(frame_size)}:"
                                     f" pass --frame_size \"{found}\"")
-    if sam_checkpoint is not None and not os.path.isfile(sam_checkpoint):
-        problems.append(f"SAM weights: {sam_checkpoint} not found. {_how_to_get(sam_variant, sam_checkpoint)}; "
-                        "or pass --sam_checkpoint PATH.")
+    problems += missing_sam_weights(sam_variant, sam_checkpoint)
     if model_file is not None and not os.path.isfile(model_file):
         problems.append(f"model: {model_file} not found. Train first, convert an original checkpoint "
                         "(surgical-sam convert_original_checkpoint) or pass --model_file PATH.")
-    if problems:
-        raise FileNotFoundError("cannot run on the original layout:\n  - " + "\n  - ".join(problems))
+    raise_input_problems(problems, "run on the original layout")
