@@ -218,6 +218,31 @@ def read_grey_label_map(
     return values.astype(np.uint8)
 
 
+def paint_masks(
+    size: Sequence[int], masks: Iterable[tuple[np.ndarray, int | None]], ignore_index: int, unknown_note: str
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Paint binary masks into one label map, in order: a later mask wins where masks overlap.
+
+    Args:
+        size: (H, W) of the label map; pixels of no mask are background (0).
+        masks: (boolean (H, W) mask, class id) pairs, read one at a time; class id None (a class
+            outside the table) paints ``ignore_index``.
+        ignore_index: the label of unlabelled pixels.
+        unknown_note: name of the note that counts the pixels of masks with class id None.
+
+    Returns:
+        the (H, W) uint8 label map and its notes: ``overlap pixels`` (pixels painted over),
+        ``frames with overlaps`` (0 or 1) and ``unknown_note``.
+    """
+    label_map = np.zeros(tuple(size), dtype=np.uint8)
+    overlap = unknown = 0
+    for mask, class_id in masks:
+        overlap += int(np.count_nonzero(mask & (label_map > 0)))
+        label_map[mask] = ignore_index if class_id is None else class_id
+        unknown += int(np.count_nonzero(mask)) if class_id is None else 0
+    return label_map, {"overlap pixels": overlap, "frames with overlaps": int(overlap > 0), unknown_note: unknown}
+
+
 def layout_error(message: str, expected_layout: str) -> DatasetError:
     """A DatasetError about a raw folder that also shows the layout the command expects."""
     return DatasetError(f"{message}\nExpected layout:\n{expected_layout.rstrip()}")

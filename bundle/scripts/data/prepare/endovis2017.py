@@ -48,6 +48,7 @@ from scripts.data.prepare.common import (
     layout_error,
     natural_key,
     open_raw_image,
+    paint_masks,
     png_files,
     read_raw_frame,
     run_preparation,
@@ -123,9 +124,11 @@ def crop(array: np.ndarray) -> np.ndarray:
 
 
 def read_part_mask(path: str, part_coded: bool = True) -> np.ndarray:
-    """A mask as (H, W) uint8; SkipFrame when unreadable, of another size or (``part_coded``) holding
+    """A mask as (H, W) uint8; SkipFrame when missing, unreadable, of another size or (``part_coded``) holding
     values other than 0/10/20/30. 'Other' masks are not part-coded: any value > 0 is the instrument."""
-    values = np.asarray(open_raw_image(path, "part mask"))
+    values = np.asarray(
+        open_raw_image(path, "part mask", missing="every instrument folder needs a mask for each frame")
+    )
     if values.ndim == 3:  # a mask saved as RGB: the grey value is in every channel
         values = values[..., :3].max(axis=2)
     check_size(path, "mask", values.shape, RAW_SIZE)
@@ -138,17 +141,10 @@ def read_part_mask(path: str, part_coded: bool = True) -> np.ndarray:
 def _load(frame_path: str, masks: list[tuple[str, int | None]]) -> LoadedFrame:
     image = read_raw_frame(frame_path)
     check_size(frame_path, "frame", image.shape, RAW_SIZE)
-    label_map = np.zeros(RAW_SIZE, dtype=np.uint8)
-    overlap = unknown = 0
-    for mask_path, class_id in masks:  # sorted by folder name: the later folder wins an overlap
-        if not os.path.isfile(mask_path):
-            raise SkipFrame(mask_path, "missing: every instrument folder needs a mask for each frame")
-        instrument = read_part_mask(mask_path, part_coded=class_id not in (None, OTHER_CLASS)) > 0
-        overlap += int(np.count_nonzero(instrument & (label_map > 0)))
-        label_map[instrument] = IGNORE_INDEX if class_id is None else class_id
-        unknown += int(np.count_nonzero(instrument)) if class_id is None else 0
-    notes = {"overlap pixels": overlap, "frames with overlaps": int(overlap > 0),
-             "pixels of unknown instrument folders": unknown}
+    # masks are sorted by folder name: the later folder wins an overlap
+    instruments = ((read_part_mask(path, part_coded=class_id not in (None, OTHER_CLASS)) > 0, class_id)
+                   for path, class_id in masks)
+    label_map, notes = paint_masks(RAW_SIZE, instruments, IGNORE_INDEX, "pixels of unknown instrument folders")
     return LoadedFrame(crop(image), crop(label_map), notes)
 
 

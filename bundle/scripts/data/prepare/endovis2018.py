@@ -58,6 +58,7 @@ from scripts.data.prepare.common import (
     layout_error,
     natural_key,
     open_raw_image,
+    paint_masks,
     png_files,
     read_grey_label_map,
     read_raw_frame,
@@ -139,15 +140,8 @@ def _read_frame(path: str) -> np.ndarray:
 
 def _load_instances(frame_path: str, instances: list[tuple[str, int | None]]) -> LoadedFrame:
     image = _read_frame(frame_path)
-    label_map = np.zeros(FRAME_SIZE, dtype=np.uint8)
-    overlap = unknown = 0
-    for path, class_id in instances:
-        mask = _binary_instance(path)
-        overlap += int(np.count_nonzero(mask & (label_map > 0)))
-        label_map[mask] = IGNORE_INDEX if class_id is None else class_id
-        unknown += int(np.count_nonzero(mask)) if class_id is None else 0
-    notes = {"overlap pixels": overlap, "frames with overlaps": int(overlap > 0),
-             "pixels of instances outside the class table": unknown}
+    masks = ((_binary_instance(path), class_id) for path, class_id in instances)  # the later instance wins
+    label_map, notes = paint_masks(FRAME_SIZE, masks, IGNORE_INDEX, "pixels of instances outside the class table")
     return LoadedFrame(image, label_map, notes)
 
 
