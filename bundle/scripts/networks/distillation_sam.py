@@ -46,6 +46,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .batched_mask_decoder import decode_masks
@@ -113,6 +114,10 @@ class DistillationSAM(nn.Module):
         teacher_strategy, teacher_num_points, teacher_num_negative_points: sparse teacher prompts
             (see :mod:`.teacher_prompts`).
         ignore_index: label value excluded from the teacher's foreground (None: none).
+        pvt_input_size: side of the (square) image the PVT sees: the SAM input (B, 3, S, S) resized
+            (bilinear, antialiased) to (B, 3, P, P); None = S, the SAM input itself. A smaller P makes
+            the adapter cheaper where the frames are smaller than S (the demo's 128x160 frames are
+            upsampled to 256 for SAM); it does not change the shapes of any weight.
 
     Like SurgicalSAM, :meth:`state_dict` leaves the frozen SAM parts out and :meth:`load_state_dict`
     is strict about every other key.
@@ -135,6 +140,7 @@ class DistillationSAM(nn.Module):
         teacher_num_points: int = 1,
         teacher_num_negative_points: int = 0,
         ignore_index: int | None = None,
+        pvt_input_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -158,6 +164,10 @@ class DistillationSAM(nn.Module):
         self.teacher_num_points = teacher_num_points
         self.teacher_num_negative_points = teacher_num_negative_points
         self.ignore_index = ignore_index
+        if pvt_input_size is not None and int(pvt_input_size) < 32:
+            raise ValueError(f"pvt_input_size must be None (the SAM input size) or at least 32 (the PVT downsamples "
+                             f"by 32), got {pvt_input_size}")
+        self.pvt_input_size = None if pvt_input_size is None else int(pvt_input_size)
 
         self.image_encoder = sam.image_encoder.requires_grad_(False)
         self.prompt_encoder = sam.prompt_encoder.requires_grad_(False)
@@ -212,23 +222,52 @@ class DistillationSAM(nn.Module):
         return super().load_state_dict(given, strict=False, assign=assign)
 
     # -------------------------------------------------------------------------------------- forward
-    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Frames (B, 3, H, W) 0..255 -> SAM input (B, 3, S, S), embedding (B, d, h, w), taps [(B, h, w, C_vit)]."""
+    def encode(self, frames: torch.Tensor, embedding: torch.Tensor | None = None,
+               taps: Sequence[torch.Tensor] | torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Frames (B, 3, H, W) 0..255 -> SAM input (B, 3, S, S), embedding (B, d, h, w), taps [(B, h, w, C_vit)].
+
+        ``embedding`` and ``taps`` (a list of (B, h, w, C_vit) or one (B, n_taps, h, w, C_vit) tensor, e.g.
+        from the tap cache) skip the frozen encoder; they must be what it gives for these frames.
+        """
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"expected frames of shape (B, 3, H, W) (RGB, 0..255), got {tuple(frames.shape)}")
         sam_input = frames_to_sam_input(frames, self.image_size, self.pixel_mean, self.pixel_std)
-        with torch.no_grad():
-            embedding, taps = tapped_encoder_forward(self.image_encoder, sam_input, self.taps)
-        return sam_input, embedding, taps
+        if (embedding is None) != (taps is None):
+            raise ValueError("give both the cached embedding and the cached taps, or neither")
+        if embedding is None:
+            with torch.no_grad():
+                embedding, taps = tapped_encoder_forward(self.image_encoder, sam_input, self.taps)
+            return sam_input, embedding, taps
+        if isinstance(taps, torch.Tensor):
+            taps = list(taps.unbind(1))
+        expected = (frames.shape[0], self.embed_dim, *self.grid_size)
+        if tuple(embedding.shape) != expected:
+            raise ValueError(f"cached embedding of shape {tuple(embedding.shape)}, expected {expected}: the cache was "
+                             "made by another SAM variant")
+        if len(taps) != len(self.taps):
+            raise ValueError(f"got {len(taps)} cached taps, this network taps blocks {self.taps}: rebuild the tap "
+                             "cache for these taps (precompute)")
+        return sam_input, embedding.to(sam_input.dtype), [t.to(sam_input.dtype) for t in taps]
+
+    def adapter_input(self, sam_input: torch.Tensor) -> torch.Tensor:
+        """SAM input (B, 3, S, S) -> the PVT's input (B, 3, P, P) (``pvt_input_size``; P = S: unchanged)."""
+        if self.pvt_input_size is None or self.pvt_input_size == sam_input.shape[-1]:
+            return sam_input
+        size = (self.pvt_input_size, self.pvt_input_size)
+        return F.interpolate(sam_input, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def forward(self, frames: torch.Tensor, label: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, embedding: torch.Tensor | None = None,
+                taps: Sequence[torch.Tensor] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """
         Args:
             frames: (B, 3, H, W) RGB on the 0..255 scale.
             label: optional GT label maps (B, H, W) or (B, 1, H, W); when given, the teacher's outputs
                 are added (training), computed on the same image embedding.
             generator: random source of the teacher's point prompts.
+            embedding, taps: the frozen encoder's outputs for these frames from the tap cache
+                ((B, d, h, w) and (B, n_taps, h, w, C_vit) or a list of (B, h, w, C_vit)); None: run it.
 
         Returns:
             dict: ``semantic_logits`` (B, C+1, H, W), ``semantic_low_res`` (B, C+1, 4h, 4w),
@@ -236,9 +275,9 @@ class DistillationSAM(nn.Module):
             ``mask_tokens`` (B, 4, d), ``dense`` (B, d, h, w), ``sparse`` (B, Q, d); with ``label`` also
             ``teacher_mask_tokens`` (B, 4, d) and ``teacher_dense`` (B, d, h, w).
         """
-        sam_input, embedding, taps = self.encode(frames)
+        sam_input, embedding, taps = self.encode(frames, embedding, taps)
         image_pe = self.prompt_encoder.get_dense_pe()
-        dense, sparse = self.adapter(sam_input, taps, image_pe)
+        dense, sparse = self.adapter(self.adapter_input(sam_input), taps, image_pe)
         mask_logits, _, mask_tokens = decode_masks(
             self.mask_decoder, embedding, image_pe, sparse, dense, return_mask_tokens=True, all_mask_outputs=True
         )
