@@ -5,7 +5,8 @@
     surgical-sam score --pred_dir P --gt_dir G [--dataset_dir D | --class_names a,b,c]
                        [--protocol auto|oracle] [--output_file metrics.json] [--ignore_index 255]
     surgical-sam benchmark [--batch_size 32 --num_classes 7 --num_tokens 2 --frame_size 1024,1280
-                            --steps 3 --encoder_frames 2 --device cpu|cuda|auto]
+                            --steps 3 --encoder_frames 2 --device cpu|cuda|auto
+                            --distill_batch_size 2 --distill_sam_variant V --distill_frame_size H,W]
     surgical-sam demo [--epochs N] [--bundle_root DIR] [--fresh]
     surgical-sam demo_distill [--epochs N] [--bundle_root DIR] [--fresh] [--cache_taps true|false]
     surgical-sam prepare_endovis2017 --raw_dir R --out_dir O [--nocheck]
@@ -264,6 +265,9 @@ def benchmark(
     device: str = "auto",
     inference_frames: int = 8,
     sam_variant: str = "vit_b",
+    distill_batch_size: int = 2,
+    distill_sam_variant: str | None = None,
+    distill_frame_size: Any = None,
 ) -> dict:
     """Training and inference speed, peak memory and cache size (see scripts.benchmark.run_benchmark).
 
@@ -277,12 +281,16 @@ def benchmark(
         device: cpu, cuda or auto (cuda when available).
         inference_frames: frames per inference call from cached embeddings.
         sam_variant: SAM sizes of the prompt side and encoder (vit_b; its prompt side equals vit_h's).
+        distill_batch_size: Distillation-SAM frames per training step, without and with the tap cache (0 skips).
+        distill_sam_variant: SAM variant of the Distillation-SAM part (default: --sam_variant).
+        distill_frame_size: H,W of the Distillation-SAM part (default: --frame_size).
     """
     from scripts.benchmark import format_benchmark_table, run_benchmark
     from scripts.networks.sam_backbone import SAM_VARIANTS
 
-    if sam_variant not in SAM_VARIANTS:
-        raise _fail(f"unknown --sam_variant {sam_variant!r}: choose one of {', '.join(sorted(SAM_VARIANTS))}.")
+    for flag, value in (("sam_variant", sam_variant), ("distill_sam_variant", distill_sam_variant)):
+        if value not in (None, "") and value not in SAM_VARIANTS:
+            raise _fail(f"unknown --{flag} {value!r}: choose one of {', '.join(sorted(SAM_VARIANTS))}.")
     if str(device) not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise _fail(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}.")
     if str(device).startswith("cuda"):
@@ -301,6 +309,10 @@ def benchmark(
         inference_frames=_positive_int(inference_frames, "inference_frames"),
         sam_variant=sam_variant,
         verbose=True,
+        distill_batch_size=_positive_int(distill_batch_size, "distill_batch_size", minimum=0),
+        distill_sam_variant=None if distill_sam_variant in (None, "") else str(distill_sam_variant),
+        distill_frame_size=None if distill_frame_size in (None, "") else _int_pair(distill_frame_size,
+                                                                                     "distill_frame_size"),
     )
     print(format_benchmark_table(result))
     return result
