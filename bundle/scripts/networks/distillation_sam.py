@@ -118,6 +118,11 @@ class DistillationSAM(nn.Module):
             (bilinear, antialiased) to (B, 3, P, P); None = S, the SAM input itself. A smaller P makes
             the adapter cheaper where the frames are smaller than S (the demo's 128x160 frames are
             upsampled to 256 for SAM); it does not change the shapes of any weight.
+        logit_scale: None (the paper's semantic logits, as they are) or the initial value of a learnable
+            scale s > 0 (one parameter, stored as log s) that multiplies the semantic logits. A bundle
+            option for a frozen decoder whose mask logits are small: the demo's random-weight tiny SAM
+            gives |mask logits| < 0.4 whatever the prompt, so unscaled semantic logits cannot express
+            a confident pixel and the cross-entropy stays near log(C + 1).
 
     Like SurgicalSAM, :meth:`state_dict` leaves the frozen SAM parts out and :meth:`load_state_dict`
     is strict about every other key.
@@ -141,6 +146,7 @@ class DistillationSAM(nn.Module):
         teacher_num_negative_points: int = 0,
         ignore_index: int | None = None,
         pvt_input_size: int | None = None,
+        logit_scale: float | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -177,6 +183,9 @@ class DistillationSAM(nn.Module):
             num_queries=num_queries, mlp_dim=adapter_mlp_dim, pvt=pvt,
         )
         self.class_head = ClassHead(num_classes, self.embed_dim, class_head_hidden_dim)
+        if logit_scale is not None and not float(logit_scale) > 0:
+            raise ValueError(f"logit_scale must be None or a positive initial scale, got {logit_scale}")
+        self.log_logit_scale = None if logit_scale is None else nn.Parameter(torch.tensor(float(logit_scale)).log())
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD), persistent=False)
         self.train(False)
@@ -283,6 +292,8 @@ class DistillationSAM(nn.Module):
         )
         class_logits = self.class_head(mask_tokens)
         low_res = semantic_logits(mask_logits, class_logits, self.combine)
+        if self.log_logit_scale is not None:
+            low_res = low_res * self.log_logit_scale.exp()
         full = low_res_logits_to_frame(low_res, self.image_size, frames.shape[-2:])
         out = {
             "semantic_logits": full,
