@@ -79,8 +79,8 @@ def test_cached_taps_equal_live_encoder(tap_cache_dir, small_demo_dir, small_sam
         assert torch.equal(frame, torch.from_numpy(image.transpose(2, 0, 1).copy()).float())  # lossless frame
         assert torch.equal(label, torch.from_numpy(expected_label.astype(np.int64)))
         with torch.no_grad():
-            live_embedding, live_taps = tapped_encoder_forward(encoder, frames_to_sam_input(frame[None], TINY.image_size),
-                                                               TAPS)
+            sam_input = frames_to_sam_input(frame[None], TINY.image_size)
+            live_embedding, live_taps = tapped_encoder_forward(encoder, sam_input, TAPS)
         torch.testing.assert_close(embedding, live_embedding[0], rtol=1e-3, atol=1e-2)  # float16 rounding
         torch.testing.assert_close(taps, torch.stack(live_taps, 1)[0], rtol=1e-3, atol=1e-2)
 

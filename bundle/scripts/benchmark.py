@@ -422,7 +422,8 @@ def format_benchmark_table(result: dict[str, Any]) -> str:
             f"  {'   speed-up of the tap cache (reads not counted)':<58}{distill['cache_speedup']:>13.2f}x",
             f"  {'   tap cache read per entry, float16 .npy -> float32 (s)':<58}"
             f"{distill['cache']['read_s_per_entry']:>14.4f}",
-            f"  {'   tap cache per (frame, version): arrays (bytes)':<58}{distill['cache']['array_bytes_per_entry']:>14,d}",
+            f"  {'   tap cache per (frame, version): arrays (bytes)':<58}"
+            f"{distill['cache']['array_bytes_per_entry']:>14,d}",
             f"  {'   the two .npy files with headers (bytes)':<58}{distill['cache']['npy_bytes_per_entry']:>14,d}",
             f"  {'   + the augmented frame PNG and label PNG (at most H*W*4 bytes)':<58}{h * w * 4:>14,d}",
         ]

@@ -95,8 +95,8 @@ class CachedTapDataset(Dataset):
 
     def __init__(self, cache: EmbeddingCache, split: str, num_classes: int | None = None) -> None:
         if "taps" not in cache.manifest["identity"]:
-            raise ValueError(f"{cache.cache_dir} is an embedding cache without encoder taps; Distillation-SAM needs a tap "
-                             "cache (python -m monai.bundle run precompute --config_file <train_distill.yaml ...>)")
+            raise ValueError(f"{cache.cache_dir} is an embedding cache without encoder taps; Distillation-SAM needs "
+                             "a tap cache (python -m monai.bundle run precompute --config_file <train_distill.yaml ...>)")
         if num_classes is not None and num_classes != len(cache.class_names):
             raise ValueError(f"num_classes={num_classes} but the cached dataset has {len(cache.class_names)} classes "
                              f"({cache.class_names})")

@@ -110,7 +110,8 @@ def cache_identity(sam_variant: str, sam_checkpoint: str | None, taps: Sequence[
     if taps is not None:
         blocks = [int(k) for k in taps]
         if not blocks or any(not 1 <= k <= spec.encoder_depth for k in blocks):
-            raise ValueError(f"taps must be 1-based blocks in 1..{spec.encoder_depth} for {sam_variant}, got {list(taps)}")
+            raise ValueError(f"taps must be 1-based blocks in 1..{spec.encoder_depth} for {sam_variant}, "
+                             f"got {list(taps)}")
         identity.update({"taps": blocks, "tap_dim": spec.encoder_embed_dim, "contents": "embedding+taps+frame"})
     return identity
 
