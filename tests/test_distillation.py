@@ -452,12 +452,12 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
     assert metrics["protocol"] == "auto" and metrics["method"] == "distillation_sam"
     assert metrics["num_frames"] == SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]
 
-    # the demo model has demo PVT sizes: inference needs the same pvt / pvt_input_size
+    # the demo model has demo adapter settings: inference needs the same pvt / pvt_input_size / logit_scale
     infer = ConfigWorkflow(
         config_file=[INFERENCE_DISTILL, DEMO_INFERENCE], workflow_type="infer", meta_file=META_FILE, logging_file=None,
         dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
         output_dir=str(tmp_path / "out"), model_file=model_file, frame_size=list(SMALL_DEMO["frame_size"]),
-        pvt={"embed_dims": [32, 64, 160, 256]}, pvt_input_size=128,
+        pvt={"embed_dims": [32, 64, 160, 256]}, pvt_input_size=128, logit_scale=10.0,
     )
     infer.initialize()
     infer.run()

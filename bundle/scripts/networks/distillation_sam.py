@@ -225,8 +225,8 @@ class DistillationSAM(nn.Module):
                 f"DistillationSAM checkpoint does not fit this network: {len(missing)} missing keys {missing[:4]}, "
                 f"{len(unexpected)} unexpected keys {unexpected[:4]}, {len(wrong_shape)} keys of another shape "
                 f"{wrong_shape[:4]}. A checkpoint of another method or configuration (num_classes, sam_variant, "
-                "taps, num_queries, PVT sizes) or saved under another key (e.g. 'module.') was given; "
-                "nothing was loaded."
+                "taps, num_queries, PVT sizes, logit_scale on or off) or saved under another key (e.g. 'module.') "
+                "was given; nothing was loaded."
             )
         return super().load_state_dict(given, strict=False, assign=assign)
 
