@@ -116,5 +116,10 @@ def test_run_benchmark_tiny():
     assert all(v > 0 for v in result["memory"]["peak_rss_mb"].values())
     assert result["cache"]["embedding_npy_bytes"] == 256 * 16 * 16 * 2 + 128
     assert result["cache"]["label_png_bytes"] > 0
+    distill = result["distill"]
+    assert distill["sam_variant"] == "tiny" and distill["taps"] == [1, 2] and distill["frame_size"] == [64, 80]
+    assert distill["raw_frames"]["samples_per_s"] > 0 and distill["tap_cache"]["samples_per_s"] > 0
+    assert distill["cache"]["array_bytes_per_entry"] == 256 * 16 * 16 * 2 + 2 * 16 * 16 * 96 * 2
+    assert distill["cache"]["npy_bytes_per_entry"] == distill["cache"]["array_bytes_per_entry"] + 2 * 128
     table = format_benchmark_table(result)
-    assert "speed-up" in table and "label PNG" in table
+    assert "speed-up" in table and "label PNG" in table and "tap cache" in table

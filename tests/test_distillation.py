@@ -358,9 +358,9 @@ def test_ce_and_dice_hand_computed():
 # ------------------------------------------------------------------------------------------ workflows
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
-TRAIN_DISTILL, EVALUATE_DISTILL, INFERENCE_DISTILL, DEMO, DEMO_INFERENCE = (
+TRAIN_DISTILL, EVALUATE_DISTILL, INFERENCE_DISTILL, DEMO, DEMO_INFERENCE, DEMO_DISTILL = (
     os.path.join(CONFIGS, f"{name}.yaml")
-    for name in ("train_distill", "evaluate_distill", "inference_distill", "demo", "demo_inference")
+    for name in ("train_distill", "evaluate_distill", "inference_distill", "demo", "demo_inference", "demo_distill")
 )
 
 
@@ -398,20 +398,24 @@ def test_infer_distill_workflow_properties(tmp_path, restore_root_logging, small
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cache_taps", [True, False])
 def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
-                                                    small_sam_checkpoint):
+                                                    small_sam_checkpoint, cache_taps):
+    """demo_distill.yaml end to end on the small demo data: tap cache (made in initialize) or raw frames."""
     overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint,
-                                  num_epochs=1, batch_size=4)
-    train = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO], workflow_type="train", meta_file=META_FILE,
+                                  num_epochs=1, batch_size=4, cache_taps=cache_taps,
+                                  tap_cache_dir=str(tmp_path / "tap_cache"))
+    train = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO_DISTILL], workflow_type="train", meta_file=META_FILE,
                            logging_file=None, **overrides)
     train.initialize()
     train.run()
     train.finalize()
+    assert os.path.isfile(tmp_path / "tap_cache" / "manifest.json") == cache_taps
     model_file = os.path.join(overrides["ckpt_dir"], "distill_model.pt")
     saved = torch.load(model_file, map_location="cpu", weights_only=True)
     assert saved and not any(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")) for k in saved)
 
-    evaluate = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO, EVALUATE_DISTILL], workflow_type=None,
+    evaluate = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO_DISTILL, EVALUATE_DISTILL], workflow_type=None,
                               meta_file=META_FILE, logging_file=None, run_id="evaluating", **overrides)
     evaluate.initialize()
     evaluate.run()
@@ -421,10 +425,12 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
     assert metrics["protocol"] == "auto" and metrics["method"] == "distillation_sam"
     assert metrics["num_frames"] == SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]
 
+    # the demo model has demo adapter settings: inference needs the same pvt / pvt_input_size / logit_scale
     infer = ConfigWorkflow(
         config_file=[INFERENCE_DISTILL, DEMO_INFERENCE], workflow_type="infer", meta_file=META_FILE, logging_file=None,
         dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
         output_dir=str(tmp_path / "out"), model_file=model_file, frame_size=list(SMALL_DEMO["frame_size"]),
+        pvt={"embed_dims": [32, 64, 160, 256]}, pvt_input_size=128, logit_scale=10.0,
     )
     infer.initialize()
     infer.run()
@@ -458,3 +464,20 @@ def test_frame_dataset_augments_by_epoch_and_inferer_output(small_demo_dir):
     assert SemanticInferer(output="label_map")(frames, Fixed()).shape == (2, 1, 4, 5)
     with pytest.raises(ValueError, match="output must be"):
         SemanticInferer(output="probabilities")
+
+
+def test_logit_scale_and_pvt_input_size(tiny_sam_checkpoint):
+    frames, _ = frames_and_labels()
+    base = tiny_model(tiny_sam_checkpoint)
+    scaled = tiny_model(tiny_sam_checkpoint, logit_scale=10.0)
+    assert "log_logit_scale" in scaled.state_dict() and "log_logit_scale" not in base.state_dict()
+    scaled.load_state_dict({**base.state_dict(), "log_logit_scale": scaled.state_dict()["log_logit_scale"]})
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(frames)["semantic_low_res"], 10.0 * base(frames)["semantic_low_res"])
+    small = tiny_model(tiny_sam_checkpoint, pvt_input_size=128)
+    assert small.adapter_input(torch.zeros(2, 3, TINY.image_size, TINY.image_size)).shape == (2, 3, 128, 128)
+    assert small(frames)["semantic_logits"].shape == (2, NUM_CLASSES + 1, *FRAME_SIZE)
+    with pytest.raises(ValueError, match="pvt_input_size"):
+        tiny_model(pvt_input_size=16)
+    with pytest.raises(ValueError, match="logit_scale"):
+        tiny_model(logit_scale=0.0)

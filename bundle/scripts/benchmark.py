@@ -9,7 +9,13 @@ One run measures, on random data and random weights (speed does not depend on th
 2. inference frames/s from cached embeddings, every class prompted (the auto protocol);
 3. inference frames/s from raw frames through the frozen image encoder;
 4. the process's peak resident memory after each part (and the CUDA peak on a GPU);
-5. the bytes a frame takes in the embedding cache (float16 ``.npy``) and its label PNG.
+5. the bytes a frame takes in the embedding cache (float16 ``.npy``) and its label PNG;
+6. Distillation-SAM (``distill_batch_size`` > 0): training samples/s of a full step (forward with the
+   teacher, DistillationSAMLoss, backward, AdamW) from raw frames (the frozen encoder runs in every
+   step) and from the tap cache (embedding and taps given; the PVT still runs on the frame), the
+   seconds to read one tap-cache entry from disk (float16 ``.npy`` -> float32), and the tap cache's
+   bytes per (frame, version). Its SAM variant, batch and frame size are separate settings
+   (``distill_*``): a vit_b-sized adapter at 1024 x 1280 is slow on a CPU.
 
 The prompt side (prototypes, class prompt encoder, mask decoder) is the same for every SAM variant
 (d = 256 on a 64x64 grid), so ``vit_b`` without a checkpoint stands in for ``vit_h`` in parts 1-2;
@@ -31,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .losses import SurgicalSAMLoss
+from .losses import DistillationSAMLoss, SurgicalSAMLoss
 from .networks.sam_backbone import get_variant
 from .networks.sam_geometry import low_res_logits_to_frame, masks_to_embedding_grid
 from .networks.surgical_sam import SurgicalSAM
@@ -130,6 +136,66 @@ def _cache_sizes(embed_dim: int, grid: int, frame_hw: Sequence[int]) -> dict[str
         }
 
 
+def _tap_cache_entry_files(identity: dict, folder: str) -> tuple[str, str]:
+    """Write one tap-cache entry's arrays as the cache does (float16 .npy); -> (embedding path, taps path)."""
+    grid_h, grid_w = identity["grid_size"]
+    paths = (os.path.join(folder, "frame.npy"), os.path.join(folder, "frame_taps.npy"))
+    with open(paths[0], "wb") as handle:
+        np.save(handle, np.zeros((identity["embed_dim"], grid_h, grid_w), dtype=np.float16))
+    with open(paths[1], "wb") as handle:
+        np.save(handle, np.zeros((len(identity["taps"]), grid_h, grid_w, identity["tap_dim"]), dtype=np.float16))
+    return paths
+
+
+def _distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, device, seed, say) -> dict[str, Any]:
+    """Part 6: Distillation-SAM training samples/s without and with the tap cache; tap cache bytes per entry."""
+    from .data.embedding_cache import cache_identity, entry_bytes
+    from .networks.distillation_sam import DistillationSAM
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    frames = (torch.rand(batch, 3, *frame_hw, generator=generator) * 255).to(device)
+    label = torch.zeros(batch, 1, *frame_hw, dtype=torch.long)
+    for row in range(batch):  # one instrument-like rectangle per frame, class 1..C
+        label[row, 0, frame_hw[0] // 4 : frame_hw[0] // 2, frame_hw[1] // 4 : frame_hw[1] // 2] = row % num_classes + 1
+    label = label.to(device)
+    torch.manual_seed(seed)
+    model = DistillationSAM(num_classes, frame_hw, sam_variant=sam_variant, sam_checkpoint=None, pvt=pvt).to(device)
+    model.train()
+    with torch.no_grad():
+        _, embedding, taps = model.encode(frames)
+        taps = torch.stack(taps, 1)
+    loss_fn = DistillationSAMLoss(ignore_index=255)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+    out: dict[str, Any] = {"sam_variant": sam_variant, "batch_size": batch, "frame_size": list(frame_hw),
+                           "taps": list(model.taps), "trainable_parameters": model.trainable_parameter_counts()["total"]}
+    for name, cached in (("raw_frames", {}), ("tap_cache", {"embedding": embedding, "taps": taps})):
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(frames, label=label, **cached), label)
+            loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+
+        say(f"Distillation-SAM training ({name}, {sam_variant}, batch {batch}): warm-up, then {steps} step(s)")
+        step()
+        seconds, _ = _timed(step, device, steps)
+        out[name] = {"s_per_step": seconds, "samples_per_s": batch / seconds}
+    out["cache_speedup"] = out["raw_frames"]["s_per_step"] / out["tap_cache"]["s_per_step"]
+    identity = cache_identity(sam_variant, None, model.taps)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = _tap_cache_entry_files(identity, folder)
+        npy_bytes = sum(os.path.getsize(p) for p in paths)
+        start = time.perf_counter()
+        for _ in range(steps):
+            for path in paths:
+                torch.from_numpy(np.load(path).astype(np.float32))
+        read_seconds = (time.perf_counter() - start) / steps
+    out["cache"] = {"array_bytes_per_entry": entry_bytes(identity), "npy_bytes_per_entry": npy_bytes,
+                    "read_s_per_entry": read_seconds}
+    del model, optimizer, frames, embedding, taps
+    return out
+
+
 # ------------------------------------------------------------------------------------------ benchmark
 def run_benchmark(
     batch_size: int = 32,
@@ -143,6 +209,10 @@ def run_benchmark(
     sam_variant: str = "vit_b",
     seed: int = 0,
     verbose: bool = False,
+    distill_batch_size: int = 2,
+    distill_sam_variant: str | None = None,
+    distill_frame_size: Sequence[int] | None = None,
+    distill_pvt: dict | None = None,
 ) -> dict[str, Any]:
     """Measure training/inference speed, peak memory and cache size; see the module docstring.
 
@@ -159,11 +229,16 @@ def run_benchmark(
             ``tiny`` for quick tests: 256 x 16 x 16).
         seed: seed of the random weights and data.
         verbose: print progress lines.
+        distill_batch_size: frames per Distillation-SAM training step in part 6 (0 skips part 6).
+        distill_sam_variant: SAM variant of part 6 (None: ``sam_variant``; default taps).
+        distill_frame_size: (H, W) of part 6's frames (None: ``frame_size``).
+        distill_pvt: PVT keyword arguments of part 6 (None: PVT-tiny).
 
     Returns:
         dict with ``settings``, ``train`` (per path: s/step, samples/s, warm-up loss; the speed-up),
         ``inference_cached``, ``inference_encoder`` (frames/s; None when skipped), ``memory``
-        (peak RSS MiB after each part; CUDA peak MiB per part on a GPU) and ``cache``.
+        (peak RSS MiB after each part; CUDA peak MiB per part on a GPU), ``cache`` and ``distill``
+        (None when skipped).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -272,6 +347,16 @@ def run_benchmark(
 
     # ------------------------------------------------------------------------------- 5. cache size
     result["cache"] = _cache_sizes(embed_dim, grid, frame_hw)
+
+    # ---------------------------------------------------------------------- 6. Distillation-SAM
+    result["distill"] = None
+    if distill_batch_size > 0:
+        result["distill"] = _distill_benchmark(
+            int(distill_batch_size), num_classes, distill_sam_variant or sam_variant,
+            tuple(distill_frame_size or frame_hw), distill_pvt, steps, device, seed, say,
+        )
+        result["memory"]["peak_rss_mb"]["distill"] = _peak_rss_mb()
+        result["memory"]["cuda_peak_mb"]["distill"] = cuda_peak_mb()
     if not on_cuda:
         result["memory"]["cuda_peak_mb"] = None
     return result
@@ -322,4 +407,24 @@ def format_benchmark_table(result: dict[str, Any]) -> str:
         f"  {'   of which header (bytes)':<58}{cache['embedding_npy_bytes'] - cache['embedding_raw_bytes']:>14,d}",
         f"  {'   label PNG of a demo-like label map (bytes)':<58}{cache['label_png_bytes']:>14,d}",
     ]
+    distill = result.get("distill")
+    if distill is None:
+        lines.append(f"  {'6. Distillation-SAM training':<58}{'skipped':>14}")
+    else:
+        h, w = distill["frame_size"]
+        lines += [
+            f"  6. Distillation-SAM on SAM {distill['sam_variant']} (taps {distill['taps']}, "
+            f"{distill['trainable_parameters']:,d} trainable), batch {distill['batch_size']}, frame {h}x{w}",
+            f"  {'   training from raw frames (encoder each step)  samples/s':<58}"
+            f"{distill['raw_frames']['samples_per_s']:>14.3f}",
+            f"  {'   training from the tap cache                   samples/s':<58}"
+            f"{distill['tap_cache']['samples_per_s']:>14.3f}",
+            f"  {'   speed-up of the tap cache (reads not counted)':<58}{distill['cache_speedup']:>13.2f}x",
+            f"  {'   tap cache read per entry, float16 .npy -> float32 (s)':<58}"
+            f"{distill['cache']['read_s_per_entry']:>14.4f}",
+            f"  {'   tap cache per (frame, version): arrays (bytes)':<58}"
+            f"{distill['cache']['array_bytes_per_entry']:>14,d}",
+            f"  {'   the two .npy files with headers (bytes)':<58}{distill['cache']['npy_bytes_per_entry']:>14,d}",
+            f"  {'   + the augmented frame PNG and label PNG (at most H*W*4 bytes)':<58}{h * w * 4:>14,d}",
+        ]
     return "\n".join(lines)

@@ -5,8 +5,10 @@
     surgical-sam score --pred_dir P --gt_dir G [--dataset_dir D | --class_names a,b,c]
                        [--protocol auto|oracle] [--output_file metrics.json] [--ignore_index 255]
     surgical-sam benchmark [--batch_size 32 --num_classes 7 --num_tokens 2 --frame_size 1024,1280
-                            --steps 3 --encoder_frames 2 --device cpu|cuda|auto]
+                            --steps 3 --encoder_frames 2 --device cpu|cuda|auto
+                            --distill_batch_size 2 --distill_sam_variant V --distill_frame_size H,W]
     surgical-sam demo [--epochs N] [--bundle_root DIR] [--fresh]
+    surgical-sam demo_distill [--epochs N] [--bundle_root DIR] [--fresh] [--cache_taps true|false]
     surgical-sam prepare_endovis2017 --raw_dir R --out_dir O [--nocheck]
     surgical-sam prepare_endovis2018 --raw_dir R --out_dir O [--labels_dir L --numbering auto|2018|2017 --nocheck]
     surgical-sam prepare_cholecseg8k --raw_dir R --out_dir O [--val_videos video12,video20 --nocheck]
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "main", "make_demo_data",
+__all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "demo_distill", "main", "make_demo_data",
            "make_sam_checkpoint", "pool_metrics", "prepare_cholecseg8k", "prepare_custom", "prepare_endovis2017",
            "prepare_endovis2018", "score"]
 
@@ -269,6 +271,9 @@ def benchmark(
     device: str = "auto",
     inference_frames: int = 8,
     sam_variant: str = "vit_b",
+    distill_batch_size: int = 2,
+    distill_sam_variant: str | None = None,
+    distill_frame_size: Any = None,
 ) -> dict:
     """Training and inference speed, peak memory and cache size (see scripts.benchmark.run_benchmark).
 
@@ -282,12 +287,16 @@ def benchmark(
         device: cpu, cuda or auto (cuda when available).
         inference_frames: frames per inference call from cached embeddings.
         sam_variant: SAM sizes of the prompt side and encoder (vit_b; its prompt side equals vit_h's).
+        distill_batch_size: Distillation-SAM frames per training step, without and with the tap cache (0 skips).
+        distill_sam_variant: SAM variant of the Distillation-SAM part (default: --sam_variant).
+        distill_frame_size: H,W of the Distillation-SAM part (default: --frame_size).
     """
     from scripts.benchmark import format_benchmark_table, run_benchmark
     from scripts.networks.sam_backbone import SAM_VARIANTS
 
-    if sam_variant not in SAM_VARIANTS:
-        raise _fail(f"unknown --sam_variant {sam_variant!r}: choose one of {', '.join(sorted(SAM_VARIANTS))}.")
+    for flag, value in (("sam_variant", sam_variant), ("distill_sam_variant", distill_sam_variant)):
+        if value not in (None, "") and value not in SAM_VARIANTS:
+            raise _fail(f"unknown --{flag} {value!r}: choose one of {', '.join(sorted(SAM_VARIANTS))}.")
     if str(device) not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise _fail(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}.")
     if str(device).startswith("cuda"):
@@ -306,6 +315,10 @@ def benchmark(
         inference_frames=_positive_int(inference_frames, "inference_frames"),
         sam_variant=sam_variant,
         verbose=True,
+        distill_batch_size=_positive_int(distill_batch_size, "distill_batch_size", minimum=0),
+        distill_sam_variant=None if distill_sam_variant in (None, "") else str(distill_sam_variant),
+        distill_frame_size=None if distill_frame_size in (None, "") else _int_pair(distill_frame_size,
+                                                                                     "distill_frame_size"),
     )
     print(format_benchmark_table(result))
     return result
@@ -405,6 +418,72 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     print(summary)
     results["summary"] = summary
     return results
+
+
+def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fresh: bool = False,
+                 cache_taps: bool | None = None) -> dict:
+    """Distillation-SAM on the demo data: train, then evaluate (auto protocol: it needs no class prompt).
+
+    Equivalent to
+    ``python -m monai.bundle run training --config_file "['<bundle>/configs/train_distill.yaml','<bundle>/configs/demo_distill.yaml']"``
+    followed by ``run evaluating`` with ``evaluate_distill.yaml`` merged on top. The demo data, the
+    random-weight SAM and (with the tap cache on, demo_distill.yaml's default) the tap cache are made on
+    first use.
+
+    Args:
+        epochs: training epochs (default: demo_distill.yaml's num_epochs).
+        bundle_root: the bundle folder (holding configs/); default: the installed bundle.
+        fresh: start training from scratch instead of resuming the demo's last training state.
+        cache_taps: read the encoder's embedding and taps from the tap cache (default: demo_distill.yaml's).
+
+    Returns:
+        {"auto": metrics, "summary": the summary line}.
+    """
+    import scripts
+    from scripts.data.embedding_cache import CacheSpaceError, StaleCacheError
+    from scripts.data.layout import DatasetError
+    from scripts.engines import format_metrics_table
+
+    root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
+    configs = root / "configs"
+    needed = [configs / name for name in ("train_distill.yaml", "demo_distill.yaml", "evaluate_distill.yaml")]
+    absent = [str(p) for p in needed if not p.is_file()]
+    if absent:
+        raise _fail(f"--bundle_root {root} is not a bundle folder: missing {', '.join(absent)}.")
+    overrides: dict[str, Any] = {"bundle_root": str(root)}
+    if epochs is not None:
+        overrides["num_epochs"] = _positive_int(epochs, "epochs")
+    if fresh:
+        overrides["resume"] = False
+    if cache_taps is not None:
+        if not isinstance(cache_taps, bool):
+            raise _fail(f"--cache_taps must be true or false, got {cache_taps!r}.")
+        overrides["cache_taps"] = cache_taps
+    train_files = [str(needed[0]), str(needed[1])]
+    try:
+        print(f"demo_distill: training ({' + '.join(Path(f).name for f in train_files)}, bundle {root})", flush=True)
+        _run_workflow(_workflow(train_files, "train", "training", **overrides))
+        print("demo_distill: evaluating, protocol auto", flush=True)
+        workflow = _workflow(train_files + [str(needed[2])], None, "evaluating", **overrides)
+        _run_workflow(workflow)
+        metrics_file = workflow.parser.get_parsed_content("metrics_file")
+        with open(metrics_file) as handle:
+            result = json.load(handle)
+    except (FileNotFoundError, DatasetError, StaleCacheError, CacheSpaceError) as error:
+        raise _fail(str(error)) from None
+    result["metrics_file"] = str(metrics_file)
+
+    def fmt(value) -> str:
+        return "n/a" if value is None or value != value else f"{value:.1f}"
+
+    print()
+    print(format_metrics_table(result))
+    print(f"  (written to {metrics_file})")
+    print()
+    summary = (f"demo_distill: auto Challenge IoU {fmt(result.get('challenge_iou'))}, IoU {fmt(result.get('iou'))}, "
+               f"mcIoU {fmt(result.get('mc_iou'))} (held-out demo frames)")
+    print(summary)
+    return {"auto": result, "summary": summary}
 
 
 # -------------------------------------------------------------------------------------------- prepare_*
@@ -572,6 +651,7 @@ COMMANDS = {
     "score": score,
     "benchmark": benchmark,
     "demo": demo,
+    "demo_distill": demo_distill,
     "prepare_endovis2017": prepare_endovis2017,
     "prepare_endovis2018": prepare_endovis2018,
     "prepare_cholecseg8k": prepare_cholecseg8k,

@@ -1,8 +1,11 @@
 """Glue between Distillation-SAM and MONAI's engines: frame datasets, batch preparation, inferer.
 
-Distillation-SAM trains on raw frames (its adapter sees the image and the SAM encoder's intermediate
-tokens, which the embedding cache does not hold), so these read frames and label maps from a prepared
-dataset (``dataset.json``, see ``scripts.data.layout``). Caching the tapped tokens is a later step.
+Distillation-SAM's adapter sees the image and the SAM encoder's intermediate tokens ("taps"). Without
+a cache, training reads frames and label maps from a prepared dataset (``dataset.json``, see
+``scripts.data.layout``) and runs the frozen encoder in every step (:class:`FrameLabelDataset`). With the
+tap cache (``cache_taps: true``; ``scripts.data.embedding_cache`` with ``taps=``), the encoder's
+embedding and taps of each (frame, augmentation version) are read from disk with the augmented frame
+(:class:`CachedTapDataset`), and the encoder does not run. :func:`distillation_dataset` picks one.
 """
 
 from __future__ import annotations
@@ -14,9 +17,24 @@ from monai.inferers import Inferer
 from torch.utils.data import Dataset
 
 from .data.augmentation import augment_frame, version_for_epoch
+from .data.embedding_cache import EmbeddingCache
 from .data.layout import DEFAULT_IGNORE_INDEX, load_datalist, read_frame, read_label_map
 
-__all__ = ["FrameLabelDataset", "DistillationBatch", "SemanticInferer", "check_distill_inputs"]
+__all__ = ["FrameLabelDataset", "CachedTapDataset", "distillation_dataset", "tap_blocks", "DistillationBatch",
+           "SemanticInferer", "check_distill_inputs"]
+
+#: keys of the cached encoder outputs a batch may carry; passed to ``DistillationSAM.forward``.
+CACHED_KEYS = ("embedding", "taps")
+
+
+def tap_blocks(sam_variant: str, taps=None, num_taps: int = 3) -> list[int]:
+    """The 1-based ViT blocks a ``DistillationSAM`` with these settings taps (``taps`` None: evenly spaced)."""
+    from .networks.distillation_adapter import default_tap_blocks
+    from .networks.sam_backbone import get_variant
+
+    if taps is None:
+        return list(default_tap_blocks(get_variant(sam_variant).encoder_depth, num_taps))
+    return [int(k) for k in taps]
 
 
 class FrameLabelDataset(Dataset):
@@ -61,13 +79,80 @@ class FrameLabelDataset(Dataset):
         }
 
 
+class CachedTapDataset(Dataset):
+    """Frames of one split from a tap cache: ``image`` (3, H, W) float32 0..255 (the augmented frame), ``label``
+    (1, H, W) long, ``embedding`` (d, h, w) float32, ``taps`` (n_taps, h, w, C_vit) float32, ``key``.
+
+    The training split follows the same augmentation schedule as :class:`FrameLabelDataset`
+    (``version_for_epoch`` over the versions the cache holds; ``set_epoch`` each epoch); other splits
+    read version 0.
+
+    Args:
+        cache: an :class:`~.data.embedding_cache.EmbeddingCache` whose identity has taps.
+        split: ``training`` / ``validation`` / ...
+        num_classes: C; must equal the cached dataset's.
+    """
+
+    def __init__(self, cache: EmbeddingCache, split: str, num_classes: int | None = None) -> None:
+        if "taps" not in cache.manifest["identity"]:
+            raise ValueError(f"{cache.cache_dir} is an embedding cache without encoder taps; Distillation-SAM needs "
+                             "a tap cache (python -m monai.bundle run precompute --config_file <train_distill.yaml ...>)")
+        if num_classes is not None and num_classes != len(cache.class_names):
+            raise ValueError(f"num_classes={num_classes} but the cached dataset has {len(cache.class_names)} classes "
+                             f"({cache.class_names})")
+        self.cache, self.split = cache, split
+        self.num_versions = max(cache.versions(split))
+        self.set_epoch(0)
+        if not self.entries:
+            raise ValueError(f"the {split!r} split of {cache.cache_dir} is empty")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.version = version_for_epoch(epoch, self.num_versions)
+        self.entries = self.cache.entries(self.split, self.version)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        embedding, label = self.cache.load(entry)
+        taps, image = self.cache.load_taps(entry)
+        return {"image": image, "label": label[None], "embedding": embedding, "taps": taps, "key": entry["key"]}
+
+
+def distillation_dataset(dataset_dir: str, split: str, num_classes: int, augmentation_versions: int = 0,
+                         seed: int = 666, ignore_index: int = DEFAULT_IGNORE_INDEX, tap_cache_dir: str | None = None,
+                         tap_cache_identity: dict | None = None) -> Dataset:
+    """:class:`CachedTapDataset` of ``tap_cache_dir`` (checked against ``tap_cache_identity``: a cache of
+    another encoder, checkpoint, taps or input size raises ``StaleCacheError``), or, when it is None,
+    :class:`FrameLabelDataset` of ``dataset_dir`` (augmentation on the fly, encoder in every step)."""
+    if tap_cache_dir is None:
+        return FrameLabelDataset(dataset_dir, split, num_classes, augmentation_versions, seed, ignore_index)
+    if tap_cache_identity is None:
+        raise ValueError("tap_cache_identity is needed with tap_cache_dir (cache_identity(variant, checkpoint, taps))")
+    return CachedTapDataset(EmbeddingCache(tap_cache_dir, tap_cache_identity), split, num_classes)
+
+
 class DistillationBatch(PrepareBatch):
-    """Batch -> (frames, label (B, 1, H, W), (), {"label": label}): the network gets the label for its teacher."""
+    """Batch -> (frames, label (B, 1, H, W), (), kwargs) for ``DistillationSAM``.
+
+    kwargs: ``label`` (for the teacher) when ``teacher_label`` (training), and the cached ``embedding``
+    (B, d, h, w) and ``taps`` (B, n_taps, h, w, C_vit) when the batch has them (tap cache). For
+    validation (``teacher_label=False``) the kwargs go to :class:`SemanticInferer`.
+    """
+
+    def __init__(self, teacher_label: bool = True) -> None:
+        self.teacher_label = teacher_label
 
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
-        frames = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
-        label = batchdata["label"].to(device=device, non_blocking=non_blocking, **kwargs)
-        return frames, label, (), {"label": label}
+        def move(key):
+            return batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs)
+
+        frames, label = move("image"), move("label")
+        extra = {key: move(key) for key in CACHED_KEYS if key in batchdata}
+        if self.teacher_label:
+            extra["label"] = label
+        return frames, label, (), extra
 
 
 class SemanticInferer(Inferer):
@@ -86,8 +171,10 @@ class SemanticInferer(Inferer):
         self.output = output
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
-        """inputs: frames (B, 3, H, W) 0..255; extra arguments (e.g. ``gt_label``) are not used."""
-        label_map = network(inputs)["label_map"].unsqueeze(1)
+        """inputs: frames (B, 3, H, W) 0..255; ``embedding`` / ``taps`` from the tap cache go to the network;
+        other extra arguments (e.g. ``gt_label``) are not used."""
+        cached = {key: kwargs[key] for key in CACHED_KEYS if kwargs.get(key) is not None}
+        label_map = network(inputs, **cached)["label_map"].unsqueeze(1)
         if self.output == "label_map":
             return label_map
         return {"label_map": label_map,
@@ -95,8 +182,9 @@ class SemanticInferer(Inferer):
 
 
 def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoint: str | None,
-                         model_file: str | None = None, job: str = "train") -> None:
-    """Fail at once, naming every missing input (dataset, SAM weights, trained model) and how to make it."""
+                         model_file: str | None = None, job: str = "train", tap_cache_dir: str | None = None) -> None:
+    """Fail at once, naming every missing input (dataset, SAM weights, tap cache when used, trained model)
+    and how to make it."""
     import os
 
     from .engines import missing_sam_weights, raise_input_problems
@@ -106,6 +194,9 @@ def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoi
         problems.append(f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the "
                         "model card) or pass --dataset_dir; for the demo merge bundle/configs/demo.yaml.")
     problems += missing_sam_weights(sam_variant, sam_checkpoint)
+    if tap_cache_dir is not None and not os.path.isfile(os.path.join(tap_cache_dir, "manifest.json")):
+        problems.append(f"tap cache: none at {tap_cache_dir} (cache_taps is on). Make it with python -m monai.bundle "
+                        "run precompute --config_file <the same config files>, or pass --cache_taps false.")
     if model_file is not None and not os.path.isfile(model_file):
         problems.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
                         "--config_file bundle/configs/train_distill.yaml ...) or pass --model_file PATH.")

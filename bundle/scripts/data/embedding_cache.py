@@ -14,6 +14,15 @@ encoded once, and precomputing a new split reuses every entry already there. Ind
 The training splits (``augmented_splits``) get versions 0..K, the others version 0. Format 1 (entries
 under ``<split>/v<NN>/``) is not read: such a cache raises :class:`StaleCacheError` asking for a rebuild.
 
+A *tap cache* (Distillation-SAM, ``taps=`` given) is the same cache with two more files per entry,
+and the tap blocks in its identity::
+
+    <split>/v<NN>/<sequence>/<frame>_taps.npy  float16 (n_taps, h, w, C_vit) encoder tokens after the tap blocks
+    <split>/v<NN>/<sequence>/<frame>_frame.png the frame after the version's augmentation (uint8 RGB; the
+                                               adapter's PVT still runs on it)
+
+Before anything is written, precompute states the disk use (bytes per entry x frames x versions) and
+refuses when it does not fit in the free space of the cache's disk (:class:`CacheSpaceError`).
 A cache is used only when its identity equals the one the run expects and no source frame or label
 changed since; otherwise :class:`StaleCacheError` says what differs and the command that rebuilds it.
 Precompute writes every file atomically and skips what is already there, so a killed run resumes.
@@ -25,6 +34,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 
@@ -54,6 +64,14 @@ class StaleCacheError(RuntimeError):
     """The cache on disk was made for other inputs than this run's, or is incomplete."""
 
 
+class CacheSpaceError(OSError):
+    """The cache would not fit in the free space of its disk."""
+
+
+#: precompute warns when the cache would take more than this fraction of the free space.
+SPACE_WARN_FRACTION = 0.8
+
+
 # ------------------------------------------------------------------------------------------ identity
 def checkpoint_fingerprint(path: str | None) -> str:
     """md5 of the SAM checkpoint, memoised beside it in ``<path>.md5`` keyed by size and mtime."""
@@ -80,10 +98,14 @@ def checkpoint_fingerprint(path: str | None) -> str:
     return digest
 
 
-def cache_identity(sam_variant: str, sam_checkpoint: str | None) -> dict:
-    """What an embedding depends on; a cache is reused only when this matches exactly."""
+def cache_identity(sam_variant: str, sam_checkpoint: str | None, taps: Sequence[int] | None = None) -> dict:
+    """What an embedding depends on; a cache is reused only when this matches exactly.
+
+    ``taps`` (1-based ViT blocks, Distillation-SAM) makes it a tap cache's identity: the blocks, in
+    order, and the tokens' width are part of it, so a cache of other taps is refused.
+    """
     spec = get_variant(sam_variant)
-    return {
+    identity = {
         "format_version": CACHE_FORMAT_VERSION,
         "sam_variant": sam_variant,
         "sam_checkpoint_md5": checkpoint_fingerprint(sam_checkpoint),
@@ -94,6 +116,42 @@ def cache_identity(sam_variant: str, sam_checkpoint: str | None) -> dict:
         "pixel_std": list(SAM_PIXEL_STD),
         "dtype": "float16",
     }
+    if taps is not None:
+        blocks = [int(k) for k in taps]
+        if not blocks or any(not 1 <= k <= spec.encoder_depth for k in blocks):
+            raise ValueError(f"taps must be 1-based blocks in 1..{spec.encoder_depth} for {sam_variant}, "
+                             f"got {list(taps)}")
+        identity.update({"taps": blocks, "tap_dim": spec.encoder_embed_dim, "contents": "embedding+taps+frame"})
+    return identity
+
+
+def entry_bytes(identity: dict) -> int:
+    """Bytes of the float16 arrays of one cache entry (embedding, and the taps of a tap cache), without
+    the small ``.npy`` headers and the PNGs."""
+    grid_h, grid_w = identity["grid_size"]
+    size = identity["embed_dim"] * grid_h * grid_w * 2
+    if "taps" in identity:
+        size += len(identity["taps"]) * grid_h * grid_w * identity["tap_dim"] * 2
+    return size
+
+
+def check_disk_space(cache_dir: str, needed_bytes: int, what: str) -> int:
+    """Refuse (:class:`CacheSpaceError`) when ``needed_bytes`` do not fit in the free space of the disk that
+    holds (or will hold) ``cache_dir``; warn above ``SPACE_WARN_FRACTION`` of it. Returns the free bytes."""
+    folder = os.path.abspath(cache_dir)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > free:
+        raise CacheSpaceError(
+            f"{what} needs about {needed_bytes / 2**30:.2f} GiB but the disk of {cache_dir} has {free / 2**30:.2f} GiB "
+            "free; nothing was written. Point cache_dir at a larger disk, or make the cache smaller (fewer "
+            "augmentation_versions; for the tap cache fewer taps), or train without it (cache_taps: false)."
+        )
+    if needed_bytes > SPACE_WARN_FRACTION * free:
+        logger.warning("%s will take %.2f GiB of the %.2f GiB free on the disk of %s", what, needed_bytes / 2**30,
+                       free / 2**30, cache_dir)
+    return free
 
 
 def _source_stamp(path: str) -> list[int]:
@@ -113,10 +171,12 @@ def _index_path(cache_dir: str, split: str, version: int) -> str:
     return os.path.join(cache_dir, "index", f"{split}_v{version:02d}.json")
 
 
-def _entry_paths(cache_dir: str, version: int, key: str) -> tuple[str, str]:
-    """Embedding and label files of frame ``key`` ("<sequence>/<frame>") in one version, any split."""
+def _entry_paths(cache_dir: str, version: int, key: str, with_taps: bool = False) -> tuple[str, ...]:
+    """(embedding .npy, label .png[, taps .npy, frame .png]) of frame ``key`` ("<sequence>/<frame>") in one
+    version, shared by all splits; the embedding is written last."""
     stem = os.path.join(cache_dir, ENTRIES_DIR, f"v{version:02d}", key)
-    return f"{stem}.npy", f"{stem}_label.png"
+    paths = (f"{stem}.npy", f"{stem}_label.png")
+    return paths + (f"{stem}_taps.npy", f"{stem}_frame.png") if with_taps else paths
 
 
 # ---------------------------------------------------------------------------------------- precompute
@@ -155,6 +215,7 @@ def precompute_embeddings(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     seed: int = 666,
+    taps: Sequence[int] | None = None,
 ) -> dict:
     """Run the frozen encoder once per (frame, version) and store float16 embeddings with a manifest.
 
@@ -163,12 +224,16 @@ def precompute_embeddings(
     are shared by splits: a frame already encoded for another split is not encoded again, and the
     splits precomputed before stay in the manifest.
     An existing cache of another identity is never overwritten: that raises :class:`StaleCacheError`.
-    Returns the manifest.
+    ``taps`` (1-based ViT blocks) makes a tap cache (Distillation-SAM): also the tokens after those
+    blocks and the augmented frame. The disk use is logged first and checked against the free space
+    (:class:`CacheSpaceError`). Returns the manifest.
     """
     description = read_dataset_description(dataset_dir)
     names = class_names(description)
     ignore_index = int(description.get("ignore_index", 255))
-    identity = cache_identity(sam_variant, sam_checkpoint)
+    identity = cache_identity(sam_variant, sam_checkpoint, taps)
+    with_taps = taps is not None
+    what = "the tap cache" if with_taps else "the embedding cache"
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
     existing: dict = {}
     if os.path.isfile(manifest_path):
@@ -204,13 +269,23 @@ def precompute_embeddings(
     plan = {split: list(range(augmentation_versions + 1)) if split in augmented_splits else [0] for split in splits}
     datalists = {split: load_datalist(dataset_dir, split) for split in splits}
     spec = get_variant(sam_variant)
-    entry_bytes = spec.prompt_embed_dim * spec.grid_size**2 * 2
+    per_entry = entry_bytes(identity)
+    frame_hw = summary["frame_size"] if isinstance(summary["frame_size"], (list, tuple)) else None
+    if frame_hw and len(frame_hw) == 2:  # PNGs: at most the raw pixels (label 1 byte, frame 3 bytes per pixel)
+        per_entry += int(frame_hw[0]) * int(frame_hw[1]) * (4 if with_taps else 1)
     total_entries = sum(len(datalists[s]) * len(plan[s]) for s in splits)
+    # entries are shared by splits: a (version, frame) listed by two splits is written once
+    missing_entries = len({
+        (version, item["key"]) for split in splits for version in plan[split] for item in datalists[split]
+        if not os.path.isfile(_entry_paths(cache_dir, version, item["key"], with_taps)[0])
+    })
     logger.info(
-        "precompute: %d frames x versions -> %d embeddings of %.2f MiB each, about %.2f GiB in %s",
-        sum(len(v) for v in datalists.values()), total_entries, entry_bytes / 2**20,
-        total_entries * entry_bytes / 2**30, cache_dir,
+        "precompute: %s: %d bytes per entry x %d entries (%s) = %.2f GiB in %s; %d entries to write",
+        what, per_entry, total_entries,
+        ", ".join(f"{s}: {len(datalists[s])} frames x {len(plan[s])} versions" for s in splits),
+        total_entries * per_entry / 2**30, cache_dir, missing_entries,
     )
+    check_disk_space(cache_dir, missing_entries * per_entry, what)
     manifest = {
         "identity": identity,
         "dataset": {"dataset_dir": os.path.abspath(dataset_dir), "class_names": names, "ignore_index": ignore_index},
@@ -225,10 +300,10 @@ def precompute_embeddings(
     encoder = None
     for split in splits:
         for version in plan[split]:
-            _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split])
+            _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split], with_taps)
             todo = [
                 (item, version) for item in datalists[split]
-                if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, version, item["key"]))
+                if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, version, item["key"], with_taps))
             ]
             if len(todo) < len(datalists[split]):
                 logger.info("precompute %s v%02d: %d of %d frames already encoded (shared with other splits or an "
@@ -237,15 +312,17 @@ def precompute_embeddings(
                 if encoder is None:
                     encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
                 _encode(encoder, todo, cache_dir, split, spec.image_size, len(names), ignore_index, seed,
-                        batch_size, num_workers, device)
-            _write_index(cache_dir, split, version, datalists[split], spec.image_size, spec.grid_size, len(names))
+                        batch_size, num_workers, device, taps)
+            _write_index(cache_dir, split, version, datalists[split], spec.image_size, spec.grid_size, len(names),
+                         with_taps)
     manifest["complete"] = True
     _atomic_write_json(manifest_path, manifest)
     logger.info("precompute: cache complete at %s", cache_dir)
     return manifest
 
 
-def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, datalist: list[dict]) -> None:
+def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, datalist: list[dict],
+                                     with_taps: bool = False) -> None:
     """Delete cached entries whose frame or label changed since they were encoded, so they are redone.
 
     Entries are shared by splits, so the sources recorded by the index of ANY split of this version count:
@@ -264,7 +341,7 @@ def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, d
         seen = recorded.get(item["key"], [])
         if seen and current not in seen:
             changed.append(item["key"])
-            for path in _entry_paths(cache_dir, version, item["key"]):
+            for path in _entry_paths(cache_dir, version, item["key"], with_taps):
                 if os.path.isfile(path):
                     os.remove(path)
     if changed:
@@ -272,32 +349,54 @@ def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, d
                     split, version, len(changed), changed[:3])
 
 
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(f"{path}.tmp", "wb") as handle:
+        np.save(handle, array)
+    os.replace(f"{path}.tmp", path)
+
+
+def _save_png(path: str, array: np.ndarray) -> None:
+    Image.fromarray(array).save(f"{path}.tmp.png")
+    os.replace(f"{path}.tmp.png", path)
+
+
 @torch.no_grad()
-def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_index, seed, batch_size, num_workers, device):
+def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_index, seed, batch_size, num_workers,
+            device, taps=None):
+    """Encode the (frame, version) pairs of ``todo``; with ``taps`` also store the tapped tokens and the frame."""
+    from ..networks.distillation_adapter import tapped_encoder_forward
+
     loader = DataLoader(
         _FrameVersionDataset(todo, num_classes, ignore_index, seed), batch_size=batch_size, num_workers=num_workers
     )
     done = 0
     for batch in loader:
         sizes = {tuple(batch["image"].shape[-2:])}
-        embeddings = encoder(frames_to_sam_input(batch["image"].to(device), image_size)).half().cpu().numpy()
+        sam_input = frames_to_sam_input(batch["image"].to(device), image_size)
+        if taps is None:
+            embeddings, tapped = encoder(sam_input), None
+        else:
+            embeddings, tapped = tapped_encoder_forward(encoder, sam_input, taps)
+            tapped = torch.stack(tapped, dim=1).half().cpu().numpy()  # (B, n_taps, h, w, C_vit)
+        embeddings = embeddings.half().cpu().numpy()
         for row, index in enumerate(batch["index"].tolist()):
             item, version = todo[index]
-            embedding_path, label_path = _entry_paths(cache_dir, version, item["key"])
-            os.makedirs(os.path.dirname(embedding_path), exist_ok=True)
-            with open(f"{embedding_path}.tmp", "wb") as handle:
-                np.save(handle, embeddings[row])
-            Image.fromarray(batch["label"][row].numpy()).save(f"{label_path}.tmp.png")
-            os.replace(f"{label_path}.tmp.png", label_path)
-            os.replace(f"{embedding_path}.tmp", embedding_path)  # the embedding last: it marks the entry done
+            paths = _entry_paths(cache_dir, version, item["key"], taps is not None)
+            os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+            _save_png(paths[1], batch["label"][row].numpy())
+            if tapped is not None:
+                _save_npy(paths[2], tapped[row])
+                _save_png(paths[3], batch["image"][row].permute(1, 2, 0).numpy())
+            _save_npy(paths[0], embeddings[row])  # the embedding last: it marks the entry done
         done += len(batch["index"])
         logger.info("precompute %s: %d/%d (frame size %s)", split, done, len(todo), sizes.pop())
 
 
-def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num_classes) -> None:
+def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num_classes, with_taps=False) -> None:
     entries = []
     for item in datalist:
-        embedding_path, label_path = _entry_paths(cache_dir, version, item["key"])
+        paths = _entry_paths(cache_dir, version, item["key"], with_taps)
+        embedding_path, label_path = paths[:2]
         label = np.asarray(Image.open(label_path))
         present = [c for c in range(1, num_classes + 1) if (label == c).any()]
         grid_present = []
@@ -305,10 +404,13 @@ def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num
             masks = torch.from_numpy(np.stack([label == c for c in present]))
             on_grid = masks_to_embedding_grid(masks, image_size, (grid_size, grid_size)).flatten(1).any(1)
             grid_present = [c for c, on in zip(present, on_grid.tolist()) if on]
+        extra = {"taps": os.path.relpath(paths[2], cache_dir), "frame": os.path.relpath(paths[3], cache_dir)} \
+            if with_taps else {}
         entries.append({
             "key": item["key"],
             "embedding": os.path.relpath(embedding_path, cache_dir),
             "label": os.path.relpath(label_path, cache_dir),
+            **extra,
             "classes": present,
             "grid_classes": grid_present,
             "frame_size": list(label.shape),
@@ -412,6 +514,15 @@ class EmbeddingCache:
         embedding = torch.from_numpy(np.load(os.path.join(self.cache_dir, entry["embedding"])).astype(np.float32))
         label = torch.from_numpy(np.asarray(Image.open(os.path.join(self.cache_dir, entry["label"]))).astype(np.int64))
         return embedding, label
+
+    def load_taps(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tap cache only -> taps (n_taps, h, w, C_vit) float32 and the augmented frame (3, H, W) float32 0..255."""
+        if "taps" not in entry:
+            raise StaleCacheError(f"the cache at {self.cache_dir} holds no encoder taps (a SurgicalSAM embedding "
+                                  f"cache?): make a tap cache with {PRECOMPUTE_COMMAND}")
+        taps = torch.from_numpy(np.load(os.path.join(self.cache_dir, entry["taps"])).astype(np.float32))
+        frame = np.asarray(Image.open(os.path.join(self.cache_dir, entry["frame"])).convert("RGB"))
+        return taps, torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1))).float()
 
 
 class CachedPromptDataset(Dataset):

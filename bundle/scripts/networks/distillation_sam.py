@@ -46,6 +46,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .batched_mask_decoder import decode_masks
@@ -113,6 +114,15 @@ class DistillationSAM(nn.Module):
         teacher_strategy, teacher_num_points, teacher_num_negative_points: sparse teacher prompts
             (see :mod:`.teacher_prompts`).
         ignore_index: label value excluded from the teacher's foreground (None: none).
+        pvt_input_size: side of the (square) image the PVT sees: the SAM input (B, 3, S, S) resized
+            (bilinear, antialiased) to (B, 3, P, P); None = S, the SAM input itself. A smaller P makes
+            the adapter cheaper where the frames are smaller than S (the demo's 128x160 frames are
+            upsampled to 256 for SAM); it does not change the shapes of any weight.
+        logit_scale: None (the paper's semantic logits, as they are) or the initial value of a learnable
+            scale s > 0 (one parameter, stored as log s) that multiplies the semantic logits. A bundle
+            option for a frozen decoder whose mask logits are small: the demo's random-weight tiny SAM
+            gives |mask logits| < 0.4 whatever the prompt, so unscaled semantic logits cannot express
+            a confident pixel and the cross-entropy stays near log(C + 1).
 
     Like SurgicalSAM, :meth:`state_dict` leaves the frozen SAM parts out and :meth:`load_state_dict`
     is strict about every other key.
@@ -135,6 +145,8 @@ class DistillationSAM(nn.Module):
         teacher_num_points: int = 1,
         teacher_num_negative_points: int = 0,
         ignore_index: int | None = None,
+        pvt_input_size: int | None = None,
+        logit_scale: float | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -158,6 +170,10 @@ class DistillationSAM(nn.Module):
         self.teacher_num_points = teacher_num_points
         self.teacher_num_negative_points = teacher_num_negative_points
         self.ignore_index = ignore_index
+        if pvt_input_size is not None and int(pvt_input_size) < 32:
+            raise ValueError(f"pvt_input_size must be None (the SAM input size) or at least 32 (the PVT downsamples "
+                             f"by 32), got {pvt_input_size}")
+        self.pvt_input_size = None if pvt_input_size is None else int(pvt_input_size)
 
         self.image_encoder = sam.image_encoder.requires_grad_(False)
         self.prompt_encoder = sam.prompt_encoder.requires_grad_(False)
@@ -167,6 +183,9 @@ class DistillationSAM(nn.Module):
             num_queries=num_queries, mlp_dim=adapter_mlp_dim, pvt=pvt,
         )
         self.class_head = ClassHead(num_classes, self.embed_dim, class_head_hidden_dim)
+        if logit_scale is not None and not float(logit_scale) > 0:
+            raise ValueError(f"logit_scale must be None or a positive initial scale, got {logit_scale}")
+        self.log_logit_scale = None if logit_scale is None else nn.Parameter(torch.tensor(float(logit_scale)).log())
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD), persistent=False)
         self.train(False)
@@ -206,29 +225,58 @@ class DistillationSAM(nn.Module):
                 f"DistillationSAM checkpoint does not fit this network: {len(missing)} missing keys {missing[:4]}, "
                 f"{len(unexpected)} unexpected keys {unexpected[:4]}, {len(wrong_shape)} keys of another shape "
                 f"{wrong_shape[:4]}. A checkpoint of another method or configuration (num_classes, sam_variant, "
-                "taps, num_queries, PVT sizes) or saved under another key (e.g. 'module.') was given; "
-                "nothing was loaded."
+                "taps, num_queries, PVT sizes, logit_scale on or off) or saved under another key (e.g. 'module.') "
+                "was given; nothing was loaded."
             )
         return super().load_state_dict(given, strict=False, assign=assign)
 
     # -------------------------------------------------------------------------------------- forward
-    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Frames (B, 3, H, W) 0..255 -> SAM input (B, 3, S, S), embedding (B, d, h, w), taps [(B, h, w, C_vit)]."""
+    def encode(self, frames: torch.Tensor, embedding: torch.Tensor | None = None,
+               taps: Sequence[torch.Tensor] | torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Frames (B, 3, H, W) 0..255 -> SAM input (B, 3, S, S), embedding (B, d, h, w), taps [(B, h, w, C_vit)].
+
+        ``embedding`` and ``taps`` (a list of (B, h, w, C_vit) or one (B, n_taps, h, w, C_vit) tensor, e.g.
+        from the tap cache) skip the frozen encoder; they must be what it gives for these frames.
+        """
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"expected frames of shape (B, 3, H, W) (RGB, 0..255), got {tuple(frames.shape)}")
         sam_input = frames_to_sam_input(frames, self.image_size, self.pixel_mean, self.pixel_std)
-        with torch.no_grad():
-            embedding, taps = tapped_encoder_forward(self.image_encoder, sam_input, self.taps)
-        return sam_input, embedding, taps
+        if (embedding is None) != (taps is None):
+            raise ValueError("give both the cached embedding and the cached taps, or neither")
+        if embedding is None:
+            with torch.no_grad():
+                embedding, taps = tapped_encoder_forward(self.image_encoder, sam_input, self.taps)
+            return sam_input, embedding, taps
+        if isinstance(taps, torch.Tensor):
+            taps = list(taps.unbind(1))
+        expected = (frames.shape[0], self.embed_dim, *self.grid_size)
+        if tuple(embedding.shape) != expected:
+            raise ValueError(f"cached embedding of shape {tuple(embedding.shape)}, expected {expected}: the cache was "
+                             "made by another SAM variant")
+        if len(taps) != len(self.taps):
+            raise ValueError(f"got {len(taps)} cached taps, this network taps blocks {self.taps}: rebuild the tap "
+                             "cache for these taps (precompute)")
+        return sam_input, embedding.to(sam_input.dtype), [t.to(sam_input.dtype) for t in taps]
+
+    def adapter_input(self, sam_input: torch.Tensor) -> torch.Tensor:
+        """SAM input (B, 3, S, S) -> the PVT's input (B, 3, P, P) (``pvt_input_size``; P = S: unchanged)."""
+        if self.pvt_input_size is None or self.pvt_input_size == sam_input.shape[-1]:
+            return sam_input
+        size = (self.pvt_input_size, self.pvt_input_size)
+        return F.interpolate(sam_input, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def forward(self, frames: torch.Tensor, label: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None, embedding: torch.Tensor | None = None,
+                taps: Sequence[torch.Tensor] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """
         Args:
             frames: (B, 3, H, W) RGB on the 0..255 scale.
             label: optional GT label maps (B, H, W) or (B, 1, H, W); when given, the teacher's outputs
                 are added (training), computed on the same image embedding.
             generator: random source of the teacher's point prompts.
+            embedding, taps: the frozen encoder's outputs for these frames from the tap cache
+                ((B, d, h, w) and (B, n_taps, h, w, C_vit) or a list of (B, h, w, C_vit)); None: run it.
 
         Returns:
             dict: ``semantic_logits`` (B, C+1, H, W), ``semantic_low_res`` (B, C+1, 4h, 4w),
@@ -236,14 +284,16 @@ class DistillationSAM(nn.Module):
             ``mask_tokens`` (B, 4, d), ``dense`` (B, d, h, w), ``sparse`` (B, Q, d); with ``label`` also
             ``teacher_mask_tokens`` (B, 4, d) and ``teacher_dense`` (B, d, h, w).
         """
-        sam_input, embedding, taps = self.encode(frames)
+        sam_input, embedding, taps = self.encode(frames, embedding, taps)
         image_pe = self.prompt_encoder.get_dense_pe()
-        dense, sparse = self.adapter(sam_input, taps, image_pe)
+        dense, sparse = self.adapter(self.adapter_input(sam_input), taps, image_pe)
         mask_logits, _, mask_tokens = decode_masks(
             self.mask_decoder, embedding, image_pe, sparse, dense, return_mask_tokens=True, all_mask_outputs=True
         )
         class_logits = self.class_head(mask_tokens)
         low_res = semantic_logits(mask_logits, class_logits, self.combine)
+        if self.log_logit_scale is not None:
+            low_res = low_res * self.log_logit_scale.exp()
         full = low_res_logits_to_frame(low_res, self.image_size, frames.shape[-2:])
         out = {
             "semantic_logits": full,
