@@ -16,20 +16,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import bundle_copy_ignore
 
 from scripts import BUNDLE_ROOT
-
-
-def ignore_outputs(folder: str, names: list[str]) -> set[str]:
-    """What a fresh copy leaves out: the bundle's own data/ and eval/ (not scripts/data/), weights, caches."""
-    top = os.path.samefile(folder, BUNDLE_ROOT)
-    return {n for n in names if (top and n in ("data", "eval")) or n.endswith((".pt", ".pth")) or n == "__pycache__"}
 
 
 @pytest.mark.slow
 def test_demo_distill_from_a_fresh_bundle_copy(tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(BUNDLE_ROOT, bundle, ignore=ignore_outputs)
+    shutil.copytree(BUNDLE_ROOT, bundle, ignore=bundle_copy_ignore(BUNDLE_ROOT))
     result = subprocess.run(
         [sys.executable, "-m", "scripts.cli", "demo_distill", "--epochs", "6"], cwd=bundle, capture_output=True,
         text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
