@@ -1,7 +1,8 @@
 """MONAI transforms for inference on a folder of frames: reading frames, writing label maps.
 
 ``LoadFramed`` reads with the same reader as training (grey and RGBA frames become RGB) and keeps
-the file name in the tensor's metadata; ``SaveLabelMapd`` writes, per frame, the PNG label map
+the file name in the tensor's metadata; ``LabelMaskd`` makes the (H, W) uint8 mask that ends
+postprocessing (MONAI Label writes it as a 2D PNG); ``SaveLabelMapd`` writes, per frame, the PNG label map
 (values 0..C), a colour overlay and, on request, a NIfTI file (nibabel).
 """
 
@@ -44,6 +45,29 @@ class LoadFramed(MapTransform):
             path = str(result[key])
             frame = torch.from_numpy(np.ascontiguousarray(read_frame(path))).permute(2, 0, 1).float()
             result[key] = MetaTensor(frame, meta={"filename_or_obj": path, "spatial_shape": list(frame.shape[1:])})
+        return result
+
+
+class LabelMaskd(MapTransform):
+    """Predicted label map (..., H, W) -> a (H, W) uint8 mask, the form MONAI Label writes as a 2D PNG.
+
+    The last transform of ``postprocessing`` in inference.yaml: MONAI Label's BundleInferTask writes
+    what postprocessing leaves under ``pred``. Leading singleton axes (batch, channel) are dropped; a
+    map holding more than one frame, or values outside 0..255, is an error rather than a silent cast.
+    """
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        result = dict(data)
+        for key in self.key_iterator(result):
+            value = torch.as_tensor(result[key]).detach()
+            if value.ndim < 2 or any(int(s) != 1 for s in value.shape[:-2]):
+                raise ValueError(f"{key}: expected one label map (..., H, W) with singleton leading axes, "
+                                 f"got shape {tuple(value.shape)}")
+            value = value.reshape(value.shape[-2:])
+            if value.numel() and (int(value.min()) < 0 or int(value.max()) > 255):
+                raise ValueError(f"{key}: label values must be in 0..255 for a uint8 mask, got "
+                                 f"{int(value.min())}..{int(value.max())}")
+            result[key] = value.to(torch.uint8).cpu()
         return result
 
 
