@@ -1,0 +1,345 @@
+"""What MONAI Label needs from this bundle beyond inference.yaml: training on datastore frames, and packing.
+
+MONAI Label's ``BundleTrainTask`` (0.8.5) runs the id ``run`` of ``configs/train.json`` (else ``train.yaml``)
+with ``train#dataset#data`` and ``validate#dataset#data`` replaced by datalists of
+``{"image": frame file, "label": label map file}`` from its datastore, ``train#trainer#max_epochs``,
+``device``, and a ``CheckpointLoader`` of ``models/model.pt`` prepended to ``train#handlers``. It never
+runs ``initialize``. The bundle's own training reads a precomputed embedding cache instead, so the
+MONAI Label overlay (``configs/monailabel_train.yaml``) swaps the datasets for the ones here:
+
+- :class:`FrameEmbedder` runs the frozen SAM image encoder on each datastore frame once and keeps the
+  embedding (in memory and, with ``cache_dir``, on disk keyed by the frame's content and the encoder's
+  identity), so a second training request re-encodes only new frames;
+- :class:`DatalistPromptDataset` / :class:`DatalistFrameDataset` are the (frame, class) training samples
+  and the whole-frame validation items, the same items as the cache datasets give;
+- :class:`OptionalValidationHandler` skips validation when the validation datalist is empty (MONAI Label
+  sends an empty one with ``val_split`` 0 or few labels) and :class:`FinalModelSaver` then writes the
+  final model to ``models/model.pt`` (with validation the best checkpoint goes there as usual).
+
+:func:`make_monailabel_bundle` copies the bundle into a MONAI Label app's ``model/<name>/`` folder and
+writes ``configs/train.json`` (train.yaml + monailabel_train.yaml + overlays, merged) and
+``configs/inference.json`` (inference.yaml + overlays), which MONAI Label reads before the YAML files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import ValidationHandler
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
+from .networks.sam_geometry import frames_to_sam_input, masks_to_embedding_grid
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MONAILABEL_TRAIN_OVERLAY = "monailabel_train.yaml"
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_item(item: object, index: int) -> tuple[str, str]:
+    if not isinstance(item, Mapping) or "image" not in item or "label" not in item:
+        raise DatasetError(f"datalist item {index} must be a dict with 'image' and 'label' files, got {item!r}")
+    image, label = str(item["image"]), str(item["label"])
+    for path in (image, label):
+        if not os.path.isfile(path):
+            raise DatasetError(f"datalist item {index}: file {path} does not exist")
+    return image, label
+
+
+class FrameEmbedder:
+    """Datastore frames and label maps -> (SAM embedding (d, h, w) float16, label map (H, W) uint8).
+
+    Frames of another size than ``frame_size`` (the size the network's logits come back at when it is fed
+    embeddings) are resized to it, the frame bilinearly and the label map by nearest neighbour.
+
+    Args:
+        sam_variant, sam_checkpoint: the frozen encoder (the network's own SAM).
+        frame_size: (H, W).
+        num_classes: C; label values must be 0..C or ``ignore_index``.
+        device: where the encoder runs.
+        cache_dir: folder for embeddings on disk (None: memory only).
+    """
+
+    def __init__(self, sam_variant: str, sam_checkpoint: str | None, frame_size: Sequence[int], num_classes: int,
+                 device: str | torch.device = "cpu", cache_dir: str | None = None,
+                 ignore_index: int = DEFAULT_IGNORE_INDEX) -> None:
+        from .data.embedding_cache import cache_identity
+
+        self.sam_variant, self.sam_checkpoint = sam_variant, sam_checkpoint
+        self.frame_size = (int(frame_size[0]), int(frame_size[1]))
+        self.num_classes, self.ignore_index = int(num_classes), int(ignore_index)
+        self.device = torch.device(device)
+        identity = dict(cache_identity(sam_variant, sam_checkpoint), frame_size=list(self.frame_size))
+        self.identity_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.cache_dir = os.path.join(cache_dir, self.identity_key) if cache_dir else None
+        self._memory: dict[str, torch.Tensor] = {}
+        self._encoder = None
+        self._image_size = None
+
+    def _encoder_and_size(self):
+        if self._encoder is None:
+            from .networks.sam_backbone import build_sam
+
+            sam = build_sam(self.sam_variant, checkpoint=self.sam_checkpoint)
+            self._encoder = sam.image_encoder.to(self.device).eval().requires_grad_(False)
+            self._image_size = sam.image_encoder.img_size
+        return self._encoder, self._image_size
+
+    def release(self) -> None:
+        """Drop the encoder (its memory); it is rebuilt on the next new frame."""
+        self._encoder = None
+
+    def load_pair(self, image_path: str, label_path: str) -> tuple[np.ndarray, np.ndarray]:
+        """The frame (H, W, 3) uint8 and label map (H, W) uint8 at ``frame_size``."""
+        frame = read_frame(image_path)
+        label = read_label_map(label_path, self.num_classes, self.ignore_index)
+        if frame.shape[:2] != label.shape:
+            raise DatasetError(f"frame {image_path} is {frame.shape[:2]} but its label map {label_path} is {label.shape}")
+        height, width = self.frame_size
+        if frame.shape[:2] != (height, width):
+            frame = np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
+        return frame, label
+
+    def embedding(self, image_path: str, frame: np.ndarray) -> torch.Tensor:
+        """The SAM embedding of ``frame`` (already at frame size), from memory, disk or the encoder."""
+        key = _file_digest(image_path)
+        if key in self._memory:
+            return self._memory[key]
+        disk = os.path.join(self.cache_dir, key + ".npy") if self.cache_dir else None
+        if disk and os.path.isfile(disk):
+            embedding = torch.from_numpy(np.load(disk))
+        else:
+            encoder, image_size = self._encoder_and_size()
+            tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float().to(self.device)
+            with torch.no_grad():
+                embedding = encoder(frames_to_sam_input(tensor, image_size))[0].half().cpu()
+            if disk:
+                os.makedirs(self.cache_dir, exist_ok=True)
+                np.save(disk + ".tmp.npy", embedding.numpy())
+                os.replace(disk + ".tmp.npy", disk)
+        self._memory[key] = embedding
+        return embedding
+
+    def items(self, data: Sequence[Mapping]) -> list[dict]:
+        """Every datalist item -> ``{"image_embeddings", "label" (H, W) uint8 tensor, "key"}``."""
+        result = []
+        for index, item in enumerate(data):
+            image_path, label_path = _check_item(item, index)
+            frame, label = self.load_pair(image_path, label_path)
+            result.append({"image_embeddings": self.embedding(image_path, frame),
+                           "label": torch.from_numpy(np.ascontiguousarray(label)),
+                           "key": os.path.splitext(os.path.basename(image_path))[0]})
+        logger.info("MONAI Label datalist: %d frames embedded (%s)", len(result), self.sam_variant)
+        return result
+
+
+class DatalistPromptDataset(Dataset):
+    """Training samples from a datalist: one (frame, class) pair per class present on the embedding grid.
+
+    Items as :class:`scripts.data.embedding_cache.CachedPromptDataset`: ``image_embeddings`` (d, h, w),
+    ``mask`` (1, H, W) float, ``grid_mask`` (h, w) bool, ``class_id`` () long. ``absent_prompts_per_frame``
+    adds prompts of absent classes with an empty target (redrawn per epoch by :meth:`set_epoch`).
+    """
+
+    def __init__(self, data: Sequence[Mapping], embedder: FrameEmbedder, num_classes: int,
+                 absent_prompts_per_frame: int = 0, seed: int = 666) -> None:
+        if not data:
+            raise DatasetError("no labelled frames to train on: save label maps for some frames first "
+                               "(MONAI Label: PUT /datastore/label?image=ID)")
+        self.num_classes, self.absent_prompts_per_frame, self.seed = int(num_classes), int(absent_prompts_per_frame), seed
+        self.frames = embedder.items(data)
+        embedder.release()
+        from .networks.sam_backbone import get_variant
+
+        variant = get_variant(embedder.sam_variant)
+        self.image_size, self.grid_size = variant.image_size, (variant.grid_size, variant.grid_size)
+        for frame in self.frames:
+            label = frame["label"].long()
+            present = [c for c in range(1, self.num_classes + 1) if bool((label == c).any())]
+            grid = masks_to_embedding_grid(torch.stack([(label == c) for c in present]), self.image_size,
+                                           self.grid_size) if present else torch.zeros(0)
+            frame["classes"] = present
+            frame["grid_classes"] = [c for c, g in zip(present, grid) if bool(g.any())]
+        self.set_epoch(0)
+        if not any(frame["grid_classes"] for frame in self.frames):
+            raise DatasetError(f"none of the {len(self.frames)} labelled frames shows an instrument (label values "
+                               f"1..{self.num_classes}) large enough to train on")
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        self.samples: list[tuple[int, int]] = []
+        for index, frame in enumerate(self.frames):
+            self.samples += [(index, c) for c in frame["grid_classes"]]
+            absent = [c for c in range(1, self.num_classes + 1) if c not in frame["classes"]]
+            if absent and self.absent_prompts_per_frame:
+                chosen = rng.choice(absent, size=min(self.absent_prompts_per_frame, len(absent)), replace=False)
+                self.samples += [(index, int(c)) for c in chosen]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        frame_index, class_id = self.samples[index]
+        frame = self.frames[frame_index]
+        mask = (frame["label"].long() == class_id).float()
+        grid_mask = masks_to_embedding_grid(mask[None], self.image_size, self.grid_size)[0]
+        return {"image_embeddings": frame["image_embeddings"].float(), "mask": mask[None], "grid_mask": grid_mask,
+                "class_id": torch.tensor(class_id)}
+
+
+class DatalistFrameDataset(Dataset):
+    """Whole frames from a datalist, for validation: ``image_embeddings``, ``label`` (1, H, W) long. May be empty."""
+
+    def __init__(self, data: Sequence[Mapping] | None, embedder: FrameEmbedder) -> None:
+        self.frames = embedder.items(data or [])
+        embedder.release()
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> dict:
+        frame = self.frames[index]
+        return {"image_embeddings": frame["image_embeddings"].float(), "label": frame["label"].long()[None],
+                "key": frame["key"]}
+
+
+class OptionalValidationHandler(ValidationHandler):
+    """MONAI's ValidationHandler, skipped when the validator has nothing to validate on."""
+
+    def __call__(self, engine: Engine) -> None:
+        loader = getattr(self.validator, "data_loader", None)
+        if loader is not None and len(loader) == 0:
+            logger.info("no validation frames: validation skipped (the final model is kept)")
+            return
+        super().__call__(engine)
+
+
+class FinalModelSaver:
+    """At the end of training, write the network to ``path`` when no validation picked a best model.
+
+    Same file format as the bundle's best-model saver (``CheckpointSaver`` with ``save_dict={"model": net}``
+    writes the bare state dict), so MONAI Label and the bundle read both alike.
+    """
+
+    def __init__(self, network: torch.nn.Module, path: str, validator: Engine | None = None) -> None:
+        self.network, self.path, self.validator = network, path, validator
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        validated = self.validator is not None and getattr(self.validator.state, "best_metric_epoch", -1) not in (-1, None)
+        if validated:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        model = getattr(self.network, "module", self.network)
+        tmp = self.path + ".tmp"
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, self.path)
+        logger.info("no validation ran: the final model was written to %s", self.path)
+
+
+# --------------------------------------------------------------------------------------------- packing
+def _read_merged(config_files: Sequence[str], settings: Mapping) -> dict:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    for key, value in settings.items():
+        parser[key] = value
+    return parser.config
+
+
+def load_model_state(path: str) -> dict:
+    """The state dict in a bundle ``model.pt``: the file itself or its ``"model"`` entry (as MONAI Label reads it)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: its 'model' entry is a {type(state).__name__}, not a state dict")
+    return state
+
+
+def make_monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoint: str | None = None,
+                           settings: Mapping | None = None, train_overlays: Sequence[str] = (),
+                           inference_overlays: Sequence[str] = (), check_model: bool = True,
+                           bundle_root: str = BUNDLE_ROOT) -> str:
+    """Copy the bundle to ``out_dir`` (a MONAI Label app's ``model/<name>``) ready for MONAI Label.
+
+    Args:
+        out_dir: the new bundle folder (must not exist, or be empty).
+        model_file: a SurgicalSAM ``model.pt`` to serve (copied to ``models/model.pt``); None copies
+            the bundle's own ``models/model.pt`` when there is one.
+        sam_checkpoint: the SAM weights (copied into ``models/``; the configs point there).
+        settings: config ids set in both configs, e.g. ``{"sam_variant": "tiny", "frame_size": [64, 80]}``.
+        train_overlays, inference_overlays: more config files merged (after monailabel_train.yaml for training).
+        check_model: build the network and load ``model_file`` into it (strict), so that a checkpoint of
+            another configuration or under another key fails here rather than at the first request.
+
+    Returns:
+        ``out_dir``.
+    """
+    settings = dict(settings or {})
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty: give a new folder for the MONAI Label bundle")
+    configs = os.path.join(bundle_root, "configs")
+    os.makedirs(os.path.join(out_dir, "models"), exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("configs", "scripts", "docs"):
+        if os.path.isdir(os.path.join(bundle_root, folder)):
+            shutil.copytree(os.path.join(bundle_root, folder), os.path.join(out_dir, folder), ignore=ignore)
+    if sam_checkpoint is not None:
+        if not os.path.isfile(sam_checkpoint):
+            raise FileNotFoundError(f"SAM checkpoint {sam_checkpoint} does not exist")
+        name = os.path.basename(sam_checkpoint)
+        shutil.copyfile(sam_checkpoint, os.path.join(out_dir, "models", name))
+        settings["sam_checkpoint"] = f"$@ckpt_dir + '/{name}'"
+    model_file = model_file or os.path.join(bundle_root, "models", "model.pt")
+    inference = _read_merged([os.path.join(configs, "inference.yaml"), *inference_overlays], settings)
+    train = _read_merged([os.path.join(configs, "train.yaml"), os.path.join(configs, MONAILABEL_TRAIN_OVERLAY),
+                          *train_overlays], settings)
+    for name, config in (("inference.json", inference), ("train.json", train)):
+        with open(os.path.join(out_dir, "configs", name), "w") as handle:
+            json.dump(config, handle, indent=2)
+    if os.path.isfile(model_file):
+        if check_model:
+            check_model_file(out_dir, model_file)
+        shutil.copyfile(model_file, os.path.join(out_dir, "models", "model.pt"))
+    else:
+        logger.warning("no model file (%s): MONAI Label lists no inference model until models/model.pt exists", model_file)
+    return out_dir
+
+
+def check_model_file(bundle_dir: str, model_file: str) -> None:
+    """Build the network of ``bundle_dir``'s inference.json and load ``model_file`` into it (strict)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle_dir, "configs", "inference.json"))
+    parser["bundle_root"] = bundle_dir
+    parser["device"] = "cpu"
+    network = parser.get_parsed_content("network_def")
+    try:
+        network.load_state_dict(load_model_state(model_file))
+    except RuntimeError as error:
+        raise ValueError(f"{model_file} does not fit the network of {bundle_dir}: {error}") from error
