@@ -95,6 +95,19 @@ def get_variant(variant: str) -> SamVariant:
     return SAM_VARIANTS[variant]
 
 
+def build_mask_decoder(variant: str = "vit_h") -> nn.Module:
+    """SAM's mask decoder of the given variant (random weights), as :func:`build_sam` builds it."""
+    modeling = import_sam_modeling()
+    spec = get_variant(variant)
+    return modeling.MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=spec.prompt_embed_dim, mlp_dim=2048, num_heads=8),
+        transformer_dim=spec.prompt_embed_dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+
+
 def build_sam(variant: str = "vit_h", checkpoint: str | None = None, check_md5: bool = True) -> nn.Module:
     """Build segment-anything's ``Sam`` of the given variant; load ``checkpoint`` when given.
 
@@ -124,15 +137,7 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, check_md5: 
             input_image_size=(spec.image_size, spec.image_size),
             mask_in_chans=16,
         ),
-        mask_decoder=modeling.MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=modeling.TwoWayTransformer(
-                depth=2, embedding_dim=spec.prompt_embed_dim, mlp_dim=2048, num_heads=8
-            ),
-            transformer_dim=spec.prompt_embed_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
+        mask_decoder=build_mask_decoder(variant),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )

@@ -1,0 +1,207 @@
+"""The bundle's MONAI Label side without MONAI Label: the 2D mask postprocessing, SAM's own point/box path,
+the MONAI Label bundle folder and training as BundleTrainTask runs it (train.json, its overrides)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import monai.bundle
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scripts.data.transforms import LabelMaskd
+from scripts.monailabel_support import load_model_state, make_monailabel_bundle
+from scripts.networks.sam_prompting import PromptError, SamPointPrompter, check_prompts
+from scripts.networks.surgical_sam import SurgicalSAM
+
+FRAME = (64, 80)
+TINY = {"sam_variant": "tiny", "frame_size": list(FRAME)}
+
+pytestmark = pytest.mark.usefixtures("restore_root_logging")
+
+
+# ------------------------------------------------------------------------------------------ LabelMaskd
+def test_label_mask_is_2d_uint8():
+    out = LabelMaskd(keys="pred")({"pred": torch.full((1, 1, 5, 7), 3, dtype=torch.long)})["pred"]
+    assert out.shape == (5, 7) and out.dtype == torch.uint8 and int(out.max()) == 3
+
+
+@pytest.mark.parametrize("pred, message", [
+    (torch.zeros(2, 1, 5, 7), "singleton"),
+    (torch.zeros(7), "singleton"),
+    (torch.full((1, 5, 7), 300), "0..255"),
+])
+def test_label_mask_refuses_what_is_not_one_map(pred, message):
+    with pytest.raises(ValueError, match=message):
+        LabelMaskd(keys="pred")({"pred": pred})
+
+
+# ------------------------------------------------------------------------------- SAM's point/box path
+@pytest.fixture
+def tiny_network(small_sam_checkpoint):
+    return SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()
+
+
+@pytest.mark.parametrize("prompts", [
+    {"foreground": [[10, 20]]},
+    {"foreground": [[10, 20], [30, 40]], "background": [[70, 5]]},
+    {"box": [5, 6, 50, 60]},
+    {"foreground": [[12, 30]], "box": [0, 0, 40, 63]},
+])
+def test_point_prompts_match_segment_anything(tiny_network, small_sam_checkpoint, prompts):
+    """Our path (network's encoder + SAM prompt encoder + the checkpoint's own decoder) gives the logits
+    segment-anything's Sam.forward gives for the same frame and prompts."""
+    from scripts.networks.sam_backbone import build_sam
+    from scripts.networks.sam_geometry import resized_shape
+
+    torch.manual_seed(0)
+    frames = torch.rand(1, 3, *FRAME) * 255
+    logits, _ = SamPointPrompter(tiny_network, "tiny", small_sam_checkpoint)(frames, **prompts)
+
+    sam = build_sam("tiny", small_sam_checkpoint)
+    size = sam.image_encoder.img_size
+    new_hw = resized_shape(FRAME, size)
+    image = F.interpolate(frames, size=new_hw, mode="bilinear", align_corners=False, antialias=True)[0]
+    scale = torch.tensor([new_hw[1] / FRAME[1], new_hw[0] / FRAME[0]])
+    item = {"image": image, "original_size": FRAME}
+    fg, bg = prompts.get("foreground", []), prompts.get("background", [])
+    if fg or bg:
+        item["point_coords"] = (torch.tensor(fg + bg, dtype=torch.float32) * scale)[None]
+        item["point_labels"] = torch.tensor([1] * len(fg) + [0] * len(bg))[None]
+    if "box" in prompts:
+        item["boxes"] = (torch.tensor(prompts["box"], dtype=torch.float32).reshape(2, 2) * scale).reshape(1, 4)
+    multimask = "box" not in prompts and len(fg + bg) == 1
+    with torch.no_grad():
+        out = sam([item], multimask_output=multimask)[0]
+    best = int(out["iou_predictions"][0].argmax())
+    expected = sam.postprocess_masks(out["low_res_logits"][:, best:best + 1], new_hw, FRAME)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ({}, "at least one"),
+    ({"foreground": [[80, 10]]}, "outside the frame"),
+    ({"background": [[-1, 10]]}, "outside the frame"),
+    ({"foreground": [[1]]}, "not \\[x, y\\]"),
+    ({"foreground": [["a", 2]]}, "not \\[x, y\\]"),
+    ({"box": [10, 10, 5, 20]}, "x0 < x1"),
+    ({"box": [0, 0, 81, 10]}, "x0 < x1"),
+    ({"box": [0, 0, 10]}, "\\[x0, y0, x1, y1\\]"),
+])
+def test_bad_prompts_are_refused(prompts, message):
+    with pytest.raises(PromptError, match=message):
+        check_prompts(FRAME, **prompts)
+
+
+# --------------------------------------------------------------------------- MONAI Label bundle folder
+def _messages(error: BaseException) -> str:
+    """The messages of an exception and its causes (config expressions wrap the original error)."""
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return " | ".join(parts)
+
+
+def _datalist(demo_dir, split_glob):
+    images = sorted(glob.glob(os.path.join(demo_dir, "images", split_glob, "*.png")))
+    return [{"image": p, "label": p.replace(os.sep + "images" + os.sep, os.sep + "labels" + os.sep)} for p in images]
+
+
+def _run_like_bundle_train_task(bundle_dir, train, val, epochs=1, load=True):
+    """What MONAI Label 0.8.5's BundleTrainTask does (single GPU): train.json, id `run`, no initialize,
+    these overrides, a CheckpointLoader of models/model.pt (strict=False) at the front of train#handlers."""
+    configs = os.path.join(bundle_dir, "configs")
+    parser = monai.bundle.ConfigParser()
+    parser.read_config(os.path.join(configs, "train.json"))
+    handlers = parser.get("train#handlers")
+    if load:
+        handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": os.path.join(bundle_dir, "models", "model.pt"),
+                            "load_dict": {"model": "$@network"}, "strict": False})
+    monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=os.path.join(configs, "metadata.json"),
+                     config_file=os.path.join(configs, "train.json"),
+                     **{"bundle_root": bundle_dir, "train#trainer#max_epochs": epochs, "train#dataset#data": train,
+                        "device": "cpu", "train#handlers": handlers, "validate#dataset#data": val})
+
+
+@pytest.fixture
+def label_bundle(tmp_path, small_sam_checkpoint):
+    network = SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint)
+    model = str(tmp_path / "model0.pt")
+    torch.save(network.state_dict(), model)
+    out = make_monailabel_bundle(str(tmp_path / "app" / "model" / "surgicalsam"), model_file=model,
+                                 sam_checkpoint=small_sam_checkpoint, settings=TINY)
+    return out, model
+
+
+def test_bundle_folder_has_what_monailabel_reads(label_bundle):
+    out, _ = label_bundle
+    for name in ("configs/inference.json", "configs/train.json", "configs/metadata.json", "models/model.pt",
+                 "models/sam_tiny.pth", "scripts/__init__.py"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    inference = json.load(open(os.path.join(out, "configs", "inference.json")))
+    for key in ("network_def", "preprocessing", "postprocessing", "inferer"):
+        assert key in inference
+    assert inference["sam_variant"] == "tiny" and inference["frame_size"] == list(FRAME)
+    assert inference["postprocessing"]["transforms"][-1]["_target_"].endswith("LabelMaskd")
+    metadata = json.load(open(os.path.join(out, "configs", "metadata.json")))
+    assert next(iter(metadata["network_data_format"]["inputs"])) == "image"
+    assert next(iter(metadata["network_data_format"]["outputs"])) == "pred"
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "module"])
+def test_bundle_refuses_a_model_it_cannot_load(tmp_path, small_sam_checkpoint, wrap):
+    state = SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint).state_dict()
+    bad = {"state_dict": state} if wrap == "state_dict" else {"module." + k: v for k, v in state.items()}
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        make_monailabel_bundle(str(tmp_path / "out"), model_file=str(tmp_path / "bad.pt"),
+                               sam_checkpoint=small_sam_checkpoint, settings=TINY)
+
+
+def test_monailabel_loading_cannot_give_random_weights(small_sam_checkpoint):
+    """MONAI Label loads checkpoint.get('model', checkpoint) with strict=False: the network refuses anyway."""
+    network = SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint, with_image_encoder=True)
+    saved = SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint).state_dict()
+    for checkpoint in ({"state_dict": saved}, {"network": saved}, {k[:-1]: v for k, v in saved.items()}):
+        with pytest.raises(RuntimeError, match="does not fit"):
+            network.load_state_dict(checkpoint.get("model", checkpoint), strict=False)
+    network.load_state_dict({"model": saved}.get("model"), strict=False)  # the bundle's own format loads
+
+
+@pytest.mark.slow
+def test_training_as_bundle_train_task_runs_it(label_bundle, small_demo_dir):
+    out, model0 = label_bundle
+    model_file = os.path.join(out, "models", "model.pt")
+    before = load_model_state(model_file)
+    # no validation split (MONAI Label's val_split 0 or few labels): the final model is saved
+    _run_like_bundle_train_task(out, _datalist(small_demo_dir, "seq_1"), [])
+    after = load_model_state(model_file)
+    assert set(after) == set(before)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "model.pt was not updated"
+    assert glob.glob(os.path.join(out, "eval", "monailabel_embeddings", "*", "*.npy")), "embeddings not kept"
+    # with a validation split the best checkpoint (same format) replaces it
+    mtime = os.path.getmtime(model_file)
+    _run_like_bundle_train_task(out, _datalist(small_demo_dir, "seq_1"), _datalist(small_demo_dir, "seq_3")[:2])
+    assert os.path.getmtime(model_file) > mtime
+    assert set(load_model_state(model_file)) == set(before)
+
+
+@pytest.mark.slow
+def test_training_refuses_a_model_under_another_key(label_bundle, small_demo_dir):
+    out, _ = label_bundle
+    model_file = os.path.join(out, "models", "model.pt")
+    torch.save({"state_dict": load_model_state(model_file)}, model_file)
+    with pytest.raises(Exception) as raised:
+        _run_like_bundle_train_task(out, _datalist(small_demo_dir, "seq_1"), [])
+    assert "does not fit" in _messages(raised.value)
+
+
+def test_training_without_labels_says_so(label_bundle):
+    out, _ = label_bundle
+    with pytest.raises(Exception) as raised:
+        _run_like_bundle_train_task(out, [], [], load=False)
+    assert "no labelled frames" in _messages(raised.value)
