@@ -1,8 +1,8 @@
 """MONAI transforms for inference on a folder of frames: reading frames, writing label maps.
 
 ``LoadFramed`` reads with the same reader as training (grey and RGBA frames become RGB) and keeps
-the file name in the tensor's metadata; ``LabelMaskd`` makes the (H, W) uint8 mask that ends
-postprocessing (MONAI Label writes it as a 2D PNG); ``SaveLabelMapd`` writes, per frame, the PNG label map
+the file name in the tensor's metadata; ``LabelMaskd`` makes the 2D uint8 mask that ends
+postprocessing (MONAI Label writes it as a 2D PNG; in MONAI's (x, y) order, see there); ``SaveLabelMapd`` writes, per frame, the PNG label map
 (values 0..C), a colour overlay and, on request, a NIfTI file (nibabel).
 """
 
@@ -49,12 +49,24 @@ class LoadFramed(MapTransform):
 
 
 class LabelMaskd(MapTransform):
-    """Predicted label map (..., H, W) -> a (H, W) uint8 mask, the form MONAI Label writes as a 2D PNG.
+    """Predicted label map (..., H, W) -> one 2D uint8 mask, the form MONAI Label writes as a 2D PNG.
 
-    The last transform of ``postprocessing`` in inference.yaml: MONAI Label's BundleInferTask writes
-    what postprocessing leaves under ``pred``. Leading singleton axes (batch, channel) are dropped; a
-    map holding more than one frame, or values outside 0..255, is an error rather than a silent cast.
+    The last transform of ``postprocessing`` in inference.yaml: MONAI Label's BundleInferTask writes what
+    postprocessing leaves under ``pred``. Leading singleton axes (batch, channel) are dropped; a map holding
+    more than one frame, or values outside 0..255, is an error rather than a silent cast.
+
+    Args:
+        keys: the prediction key.
+        xy_order: return the mask as (W, H), MONAI's (x, y) axis order for 2D images. MONAI Label 0.8.5's
+            writer transposes the array before writing (it expects MONAI's order, as its image loaders give),
+            so a (H, W) mask would come back as a transposed PNG. The frame's ``spatial_shape`` metadata
+            (``image_key``) is stated in the same order, so MONAI Label's ``Restored`` sees no size change.
+        image_key: the frame, whose metadata is updated with ``xy_order``.
     """
+
+    def __init__(self, keys, xy_order: bool = False, image_key: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.xy_order, self.image_key = xy_order, image_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         result = dict(data)
@@ -67,7 +79,14 @@ class LabelMaskd(MapTransform):
             if value.numel() and (int(value.min()) < 0 or int(value.max()) > 255):
                 raise ValueError(f"{key}: label values must be in 0..255 for a uint8 mask, got "
                                  f"{int(value.min())}..{int(value.max())}")
-            result[key] = value.to(torch.uint8).cpu()
+            value = value.to(torch.uint8).cpu()
+            if self.xy_order:
+                height, width = value.shape
+                value = value.t().contiguous()
+                image = result.get(self.image_key)
+                if hasattr(image, "meta"):
+                    image.meta["spatial_shape"] = [width, height]
+            result[key] = value
         return result
 
 
@@ -81,13 +100,14 @@ class SaveLabelMapd(MapTransform):
         image_key: where the frame and its file name are.
         write_overlay: also write ``<stem>_overlay.png``, the frame tinted by class.
         write_nifti: also write ``<stem>_seg.nii.gz`` (uint8, (H, W) as the first two axes, identity affine).
+        xy_order: the prediction comes as (W, H) (``LabelMaskd(xy_order=True)``); it is transposed back.
     """
 
     def __init__(self, keys, output_dir: str, input_dir: str | None = None, image_key: str = "image",
-                 write_overlay: bool = True, write_nifti: bool = False) -> None:
+                 write_overlay: bool = True, write_nifti: bool = False, xy_order: bool = False) -> None:
         super().__init__(keys)
         self.output_dir, self.input_dir, self.image_key = output_dir, input_dir, image_key
-        self.write_overlay, self.write_nifti = write_overlay, write_nifti
+        self.write_overlay, self.write_nifti, self.xy_order = write_overlay, write_nifti, xy_order
 
     def _stem(self, image) -> str:
         source = str(getattr(image, "meta", {}).get("filename_or_obj", "frame"))
@@ -104,6 +124,8 @@ class SaveLabelMapd(MapTransform):
         os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
         for key in self.key_iterator(result):
             label_map = torch.as_tensor(result[key]).detach().cpu().numpy().reshape(result[key].shape[-2:])
+            if self.xy_order:
+                label_map = label_map.T
             label_map = label_map.astype(np.uint8)
             Image.fromarray(label_map).save(f"{stem}_seg.png")
             if self.write_overlay and image is not None:
