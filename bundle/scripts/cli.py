@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "demo_distill", "main", "make_demo_data",
-           "make_sam_checkpoint", "pool_metrics", "prepare_cholecseg8k", "prepare_custom", "prepare_endovis2017",
+           "make_sam_checkpoint", "monailabel_bundle", "pool_metrics", "prepare_cholecseg8k", "prepare_custom", "prepare_endovis2017",
            "prepare_endovis2018", "score"]
 
 PROG = "surgical-sam"
@@ -644,6 +644,55 @@ def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dic
     return result
 
 
+# ------------------------------------------------------------------------------------------- MONAI Label
+def monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoint: str | None = None,
+                      sam_variant: str | None = None, frame_size: Any = None, num_tokens: Any = None,
+                      train_overlays: Any = None, inference_overlays: Any = None) -> str:
+    """Make the bundle folder a MONAI Label app serves: ``<app>/model/<name>``.
+
+    Copies configs/scripts/docs, the model (``models/model.pt``, checked to load into the network) and the
+    SAM checkpoint, and writes configs/inference.json (inference.yaml + overlays) and configs/train.json
+    (train.yaml + monailabel_train.yaml + overlays), which MONAI Label reads before the YAML files.
+
+    Args:
+        out_dir: the new folder, e.g. monailabel_app/model/surgicalsam.
+        model_file: SurgicalSAM weights (default: the bundle's models/model.pt).
+        sam_checkpoint: SAM weights (default: the config's, bundle/models/sam_vit_h_4b8939.pth).
+        sam_variant, frame_size (H,W), num_tokens: set in both configs when given.
+        train_overlays, inference_overlays: comma-separated config files merged on top (e.g. a dataset overlay).
+    """
+    from scripts import BUNDLE_ROOT
+    from scripts.monailabel_support import make_monailabel_bundle
+
+    if not out_dir:
+        raise _fail("give the output folder, e.g. monailabel_app/model/surgicalsam")
+    settings: dict = {}
+    if sam_variant is not None:
+        settings["sam_variant"] = str(sam_variant)
+    if frame_size is not None:
+        settings["frame_size"] = list(_int_pair(frame_size, "frame_size"))
+    if num_tokens is not None:
+        settings["num_tokens"] = _positive_int(num_tokens, "num_tokens")
+    if sam_checkpoint is None:
+        sam_checkpoint = os.path.join(BUNDLE_ROOT, "models", "sam_vit_h_4b8939.pth")
+    overlays = {}
+    for name, value in (("train", train_overlays), ("inference", inference_overlays)):
+        overlays[name] = [str(p) for p in (value.split(",") if isinstance(value, str) else (value or [])) if str(p)]
+        for path in overlays[name]:
+            if not os.path.isfile(path):
+                raise _fail(f"--{name}_overlays: {path} does not exist")
+    try:
+        out = make_monailabel_bundle(str(out_dir), model_file=model_file, sam_checkpoint=str(sam_checkpoint),
+                                     settings=settings, train_overlays=overlays["train"],
+                                     inference_overlays=overlays["inference"])
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        raise _fail(str(error)) from None
+    print(f"MONAI Label bundle written to {out}; start the server with\n"
+          f"  monailabel start_server --app {os.path.dirname(os.path.dirname(os.path.abspath(out)))} --studies FRAMES "
+          "--host 127.0.0.1 --port 8000")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "make_demo_data": make_demo_data,
@@ -658,6 +707,7 @@ COMMANDS = {
     "prepare_custom": prepare_custom,
     "convert_original_checkpoint": convert_original_checkpoint,
     "pool_metrics": pool_metrics,
+    "monailabel_bundle": monailabel_bundle,
 }
 
 

@@ -1,0 +1,96 @@
+"""SurgicalSAM MONAI Label app: class-prompt, click/box and automatic segmentation of endoscopic frames.
+
+Start (see README.md in this folder):
+    surgical-sam monailabel_bundle monailabel_app/model/surgicalsam --model_file MODEL.pt --sam_checkpoint SAM.pth
+    monailabel start_server --app monailabel_app --studies FRAMES --host 127.0.0.1 --port 8000
+
+Config (``--conf KEY VALUE``): ``bundle`` the bundle folder (default ``<app>/model/surgicalsam``);
+``preload`` true loads the network at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.tasks.train.bundle import BundleTrainTask
+
+from lib.datastore import CheckedLocalDatastore
+from lib.infers import SAMPrompt, SurgicalSAMAuto, SurgicalSAMClass, share_network
+
+logger = logging.getLogger(__name__)
+
+#: Infer model names -> what they do (GET /info/ lists them).
+MODELS = {
+    "surgicalsam": "automatic: every instrument type prompted, the ones found are kept",
+    "surgicalsam_class": "class prompt: the mask of one instrument type (params class_name or class_id)",
+    "sam_prompt": "SAM clicks/box: params foreground [[x, y], ...], background [[x, y], ...], box [x0, y0, x1, y1]",
+}
+
+
+class SurgicalSAMApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.bundle = os.path.abspath(conf.get("bundle") or os.path.join(app_dir, "model", "surgicalsam"))
+        for name in ("configs/inference.json", "configs/train.json", "models/model.pt"):
+            if not os.path.isfile(os.path.join(self.bundle, name)):
+                raise FileNotFoundError(
+                    f"{os.path.join(self.bundle, name)} is missing: make the bundle folder first with "
+                    f"`surgical-sam monailabel_bundle {self.bundle} --model_file MODEL.pt --sam_checkpoint SAM.pth`")
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="SurgicalSAM",
+                         description="Surgical instrument segmentation of endoscopic frames (SurgicalSAM + SAM prompts)",
+                         version="0.1.0")
+
+    def init_datastore(self):
+        import json
+
+        with open(os.path.join(self.bundle, "configs", "metadata.json")) as handle:
+            channels = json.load(handle)["network_data_format"]["outputs"]["pred"]["channel_def"]
+        return CheckedLocalDatastore(self.studies, num_classes=len(channels) - 1,
+                                     extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                     auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                     read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def init_infers(self) -> dict[str, InferTask]:
+        auto = SurgicalSAMAuto(self.bundle, self.conf, type="segmentation")
+        if not auto.is_valid():
+            raise RuntimeError(f"the bundle at {self.bundle} is not a valid MONAI Label bundle (see the log)")
+        infers = {"surgicalsam": auto,
+                  "surgicalsam_class": share_network(SurgicalSAMClass(self.bundle, self.conf, type="segmentation"), auto),
+                  "sam_prompt": share_network(SAMPrompt(self.bundle, self.conf), auto)}
+        for name, task in infers.items():
+            task.description = f"{MODELS[name]}. {task.description or ''}".strip()
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        task = BundleTrainTask(self.bundle, self.conf)
+        return {"surgicalsam": task} if task.is_valid() else {}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer, with user errors answered 4xx and a message (the stock app answers 500)."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; models: {sorted(self._infers)}")
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise HTTPException(status_code=400, detail="give an image id (?image=ID) or upload a frame (file=...)")
+        if not os.path.exists(image) and image not in (datastore or self.datastore()).list_images():
+            raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        try:
+            return super().infer(request, datastore)
+        except HTTPException:
+            raise
+        except ValueError as error:  # unreadable frame, bad prompt, bad parameter
+            raise HTTPException(status_code=400, detail=f"{type(error).__name__}: {error}") from error
+        except RuntimeError as error:  # e.g. models/model.pt does not fit the network
+            raise HTTPException(status_code=500, detail=f"{type(error).__name__}: {error}") from error
