@@ -1,0 +1,385 @@
+"""Real MONAI Label 0.8.5 servers on 127.0.0.1 with a tiny model: the stock monaibundle app serving the
+bundle, and the bundle's own app (class prompt, SAM clicks/box, automatic).
+
+MONAI Label lives in its own environment (tools/setup_monailabel.sh; its torch is the registry's build, the
+one its torchvision loads with). Its python is $MONAILABEL_PYTHON, else .venv-monailabel/bin/python at the
+repository root. Without it these tests FAIL, saying how to make it; they are skipped only when
+MONAILABEL_ABSENT=1 says MONAI Label is deliberately not installed (CI never sets it).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAME = (64, 80)
+TINY = {"sam_variant": "tiny", "frame_size": list(FRAME)}
+PNG = {"result_extension": ".png", "result_dtype": "uint8", "device": "cpu"}
+START_TIMEOUT_S, REQUEST_TIMEOUT_S, TRAIN_TIMEOUT_S = 180, 120, 300
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_root_logging")]
+
+
+def monailabel_python() -> str:
+    """The MONAI Label environment's python; fails (never skips silently) unless MONAILABEL_ABSENT=1."""
+    path = os.environ.get("MONAILABEL_PYTHON") or os.path.join(REPO, ".venv-monailabel", "bin", "python")
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return path
+    if os.environ.get("MONAILABEL_ABSENT") == "1":
+        pytest.skip("MONAILABEL_ABSENT=1: MONAI Label deliberately not installed")
+    pytest.fail(f"no MONAI Label environment at {path}: run tools/setup_monailabel.sh (or set MONAILABEL_PYTHON; "
+                "MONAILABEL_ABSENT=1 skips these tests on purpose)")
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+def _multipart(fields: dict, files: dict) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = io.BytesIO()
+    for name, value in fields.items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, content) in files.items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                   "Content-Type: application/octet-stream\r\n\r\n".encode())
+        body.write(content + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def request(url: str, method: str = "GET", fields: dict | None = None, files: dict | None = None,
+            json_body: dict | None = None) -> tuple[int, bytes]:
+    """(status, body); HTTP errors are returned, not raised. Bounded by REQUEST_TIMEOUT_S."""
+    data, headers = None, {}
+    if fields is not None or files is not None:
+        data, content_type = _multipart(fields or {}, files or {})
+        headers["Content-Type"] = content_type
+    elif json_body is not None:
+        data, headers["Content-Type"] = json.dumps(json_body).encode(), "application/json"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+class Server:
+    def __init__(self, python: str, app: str, studies: str, conf: dict, log: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url, self.log = f"http://127.0.0.1:{self.port}", log
+        command = [python, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies,
+                   "--host", "127.0.0.1", "--port", str(self.port)]
+        for key, value in conf.items():
+            command += ["--conf", key, value]
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.update(OMP_NUM_THREADS="1", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+        self.process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                                        cwd=os.path.dirname(app), start_new_session=True)
+        deadline = time.time() + START_TIMEOUT_S
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                pytest.fail(f"MONAI Label server exited ({self.process.returncode}):\n{self.log_tail()}")
+            try:
+                if request(self.url + "/info/")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        self.stop()
+        pytest.fail(f"MONAI Label server did not answer within {START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        with open(self.log, errors="replace") as handle:
+            return handle.read()[-chars:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the server and its training subprocesses
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(15)
+
+    def alive(self) -> bool:
+        return request(self.url + "/info/")[0] == 200
+
+    def infer(self, model: str, image: str | None = "seq1_00000", params: dict | None = None, file: bytes | None = None):
+        query = f"output=image" + (f"&image={image}" if image else "")
+        files = {"file": ("frame.png", file)} if file is not None else None
+        return request(f"{self.url}/infer/{model}?{query}", "POST", fields={"params": json.dumps({**PNG, **(params or {})})},
+                       files=files)
+
+    def put_label(self, image: str, content: bytes):
+        return request(f"{self.url}/datastore/label?image={image}&tag=final", "PUT",
+                       files={"label": ("label.png", content)})
+
+    def train(self, model: str = "surgicalsam", **params) -> dict:
+        status, body = request(f"{self.url}/train/{model}", "POST",
+                               json_body={"max_epochs": 1, "device": "cpu", "val_split": 0.0, **params})
+        assert status == 200, body
+        deadline = time.time() + TRAIN_TIMEOUT_S
+        while time.time() < deadline:
+            status, body = request(f"{self.url}/train/?check_if_running=false")
+            task = json.loads(body)
+            if task.get("status") in ("DONE", "ERROR"):
+                return task
+            time.sleep(2)
+        pytest.fail(f"training did not finish within {TRAIN_TIMEOUT_S} s:\n{self.log_tail()}")
+
+
+def png_array(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
+    """Studies (the small demo frames, flat), the tiny SAM and a random-but-seeded SurgicalSAM model.pt."""
+    from scripts.networks.surgical_sam import SurgicalSAM
+
+    python = monailabel_python()
+    root = tmp_path_factory.mktemp("monailabel")
+    torch.manual_seed(1)
+    model = str(root / "model0.pt")
+    torch.save(SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint).state_dict(), model)
+    frames = {}
+    for path in sorted(glob.glob(os.path.join(small_demo_dir, "images", "*", "*.png"))):
+        name = f"{os.path.basename(os.path.dirname(path)).replace('_', '')}_{os.path.basename(path)[:-4]}"
+        frames[name] = (path, path.replace(os.sep + "images" + os.sep, os.sep + "labels" + os.sep))
+    return {"python": python, "root": root, "model": model, "sam": small_sam_checkpoint, "frames": frames}
+
+
+def _studies(setup, name):
+    studies = setup["root"] / name
+    studies.mkdir()
+    for image_id, (image, _) in setup["frames"].items():
+        shutil.copyfile(image, studies / f"{image_id}.png")
+    return str(studies)
+
+
+def _expected_auto(setup, model_file, image_id, class_id=None):
+    """The bundle's own label map for a frame (the same network and model file, in this process)."""
+    from scripts.data.layout import read_frame
+    from scripts.inferers import ClassPromptInferer
+    from scripts.monailabel_support import load_model_state
+    from scripts.networks.surgical_sam import SurgicalSAM
+
+    network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
+    network.load_state_dict(load_model_state(model_file))
+    frame = torch.from_numpy(read_frame(setup["frames"][image_id][0])).permute(2, 0, 1)[None].float()
+    if class_id is None:
+        inferer = ClassPromptInferer(7, "auto", 0.01, output="label_map")
+    else:
+        inferer = ClassPromptInferer(7, "auto", 0.0, output="label_map", prompt_classes=[class_id])
+    with torch.no_grad():
+        return inferer(frame, network)[0, 0].numpy().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def stock(setup):
+    """The monaibundle sample app shipped in the monailabel package, with the bundle in its model/ folder."""
+    from scripts.monailabel_support import make_monailabel_bundle
+
+    sample = subprocess.run([setup["python"], "-c", "import os, sys; print(os.path.join(sys.prefix, 'monailabel', "
+                             "'sample-apps', 'monaibundle'))"], capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.isfile(os.path.join(sample, "main.py")), f"no monaibundle sample app at {sample}"
+    app = str(setup["root"] / "stock_app")
+    shutil.copytree(sample, app)
+    bundle = make_monailabel_bundle(os.path.join(app, "model", "surgicalsam"), model_file=setup["model"],
+                                    sam_checkpoint=setup["sam"], settings=TINY)
+    server = Server(setup["python"], app, _studies(setup, "stock_studies"),
+                    {"models": "surgicalsam", "zoo_source": "github", "sam2": "false"}, str(setup["root"] / "stock.log"))
+    yield server, bundle
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def own(setup):
+    """The bundle's own app (monailabel_app/), its bundle folder made by make_monailabel_bundle."""
+    from scripts.monailabel_support import make_monailabel_bundle
+
+    app = str(setup["root"] / "own_app")
+    shutil.copytree(os.path.join(REPO, "monailabel_app"), app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    bundle = make_monailabel_bundle(os.path.join(app, "model", "surgicalsam"), model_file=setup["model"],
+                                    sam_checkpoint=setup["sam"], settings=TINY)
+    server = Server(setup["python"], app, _studies(setup, "own_studies"), {}, str(setup["root"] / "own.log"))
+    yield server, bundle
+    server.stop()
+
+
+# ------------------------------------------------------------------------------------------- stock app
+def test_stock_info_lists_instrument_labels(stock):
+    server, _ = stock
+    info = json.loads(request(server.url + "/info/")[1])
+    model = info["models"]["surgicalsam"]
+    assert model["labels"] == {"bipolar forceps": 1, "prograsp forceps": 2, "large needle driver": 3,
+                               "monopolar curved scissors": 4, "ultrasound probe": 5, "suction instrument": 6,
+                               "clip applier": 7}
+    assert model["dimension"] == 2
+    assert "surgicalsam" in info["trainers"]
+
+
+def test_stock_infer_returns_the_bundles_label_map(stock, setup):
+    server, bundle = stock
+    status, body = server.infer("surgicalsam")
+    assert status == 200, body[:500]
+    mask = png_array(body)
+    assert mask.shape == FRAME and mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, _expected_auto(setup, os.path.join(bundle, "models", "model.pt"), "seq1_00000"))
+
+
+def test_stock_wrong_checkpoint_key_fails_instead_of_random_weights(stock):
+    """MONAI Label loads with strict=False; a model.pt under another key must not serve random weights."""
+    server, bundle = stock
+    model_file = os.path.join(bundle, "models", "model.pt")
+    good = open(model_file, "rb").read()
+    state = torch.load(model_file, weights_only=True)
+    try:
+        torch.save({"state_dict": state}, model_file)  # MONAI Label reloads when the file's mtime changes
+        status, body = server.infer("surgicalsam")
+        assert status >= 500, "a model.pt under another key was served"
+        deadline = time.time() + 10  # the traceback reaches the log file a little later
+        while "does not fit" not in server.log_tail(40000) and time.time() < deadline:
+            time.sleep(0.5)
+        assert "does not fit" in server.log_tail(40000)
+    finally:
+        with open(model_file, "wb") as handle:
+            handle.write(good)
+    assert server.infer("surgicalsam")[0] == 200
+
+
+def test_stock_malformed_requests_fail_and_the_server_keeps_serving(stock):
+    server, _ = stock
+    # MONAI Label's stock app answers these with a bare 500 (its endpoints map no exception to 4xx)
+    assert server.infer("nosuch")[0] >= 400
+    assert server.infer("surgicalsam", image="nosuch")[0] >= 400
+    assert server.infer("surgicalsam", image=None, file=b"not a png")[0] >= 400
+    assert server.alive()
+    assert server.infer("surgicalsam")[0] == 200
+
+
+def test_stock_label_then_train_updates_the_model(stock, setup):
+    server, bundle = stock
+    for image_id in ("seq1_00000", "seq1_00001", "seq1_00002", "seq1_00003"):
+        status, body = server.put_label(image_id, open(setup["frames"][image_id][1], "rb").read())
+        assert status == 200, body
+    model_file = os.path.join(bundle, "models", "model.pt")
+    before = torch.load(model_file, weights_only=True)
+    task = server.train()
+    assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
+    after = torch.load(model_file, weights_only=True)
+    assert set(after) == set(before) and any(not torch.equal(before[k], after[k]) for k in before)
+    status, body = server.infer("surgicalsam")
+    assert status == 200
+    np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000"))
+
+
+# --------------------------------------------------------------------------------------------- own app
+def test_own_info_lists_models_and_labels(own):
+    server, _ = own
+    info = json.loads(request(server.url + "/info/")[1])
+    assert set(info["models"]) == {"surgicalsam", "surgicalsam_class", "sam_prompt"}
+    assert info["models"]["surgicalsam_class"]["labels"]["prograsp forceps"] == 2
+    assert "surgicalsam" in info["trainers"]
+
+
+def test_own_auto_and_class_prompt(own, setup):
+    server, bundle = own
+    model_file = os.path.join(bundle, "models", "model.pt")
+    status, body = server.infer("surgicalsam")
+    assert status == 200
+    np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000"))
+    for params, class_id in (({"class_name": "Prograsp Forceps"}, 2), ({"class_id": 5}, 5)):
+        status, body = server.infer("surgicalsam_class", params=params)
+        assert status == 200, body[:300]
+        mask = png_array(body)
+        assert set(np.unique(mask)) <= {0, class_id}
+        np.testing.assert_array_equal(mask, _expected_auto(setup, model_file, "seq1_00000", class_id))
+
+
+def test_own_sam_clicks_and_box(own, setup):
+    from scripts.data.layout import read_frame
+    from scripts.networks.sam_prompting import SamPointPrompter
+    from scripts.networks.surgical_sam import SurgicalSAM
+
+    server, bundle = own
+    network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
+    prompter = SamPointPrompter(network, "tiny", setup["sam"])
+    frame = torch.from_numpy(read_frame(setup["frames"]["seq1_00000"][0])).permute(2, 0, 1)[None].float()
+    cases = [({"foreground": [[10, 20]], "background": [[70, 50]], "class_id": 3}, 3),
+             ({"box": [5, 5, 60, 50]}, 1),
+             ({"foreground": [[30, 30]], "box": [0, 0, 79, 63], "class_name": "clip applier"}, 7)]
+    for params, value in cases:
+        status, body = server.infer("sam_prompt", params=params)
+        assert status == 200, body[:300]
+        mask = png_array(body)
+        assert mask.shape == FRAME and set(np.unique(mask)) <= {0, value}
+        prompts = {k: v for k, v in params.items() if k in ("foreground", "background", "box")}
+        logits, _ = prompter(frame, **prompts)
+        np.testing.assert_array_equal(mask, (logits[0, 0] > 0).numpy().astype(np.uint8) * value)
+
+
+def test_own_malformed_requests_get_4xx_with_a_message(own, setup):
+    server, _ = own
+    frame = np.asarray(Image.open(setup["frames"]["seq1_00000"][0]))
+    label = open(setup["frames"]["seq1_00000"][1], "rb").read()
+    cases = [
+        (server.infer("nosuch"), 404, "unknown model"),
+        (server.infer("surgicalsam", image="nosuch"), 404, "not in the datastore"),
+        (server.infer("sam_prompt", params={"foreground": [[80, 10]]}), 400, "outside the frame"),
+        (server.infer("sam_prompt", params={"box": [50, 5, 10, 20]}), 400, "x0 < x1"),
+        (server.infer("sam_prompt", params={}), 400, "at least one"),
+        (server.infer("surgicalsam_class", params={"class_name": "scalpel"}), 400, "unknown class_name"),
+        (server.infer("surgicalsam_class", params={}), 400, "class_name"),
+        (server.infer("surgicalsam", image=None, file=b"not a png"), 400, "cannot read frame"),
+        (server.put_label("seq1_00001", b"not a png"), 400, "not a readable image"),
+        (server.put_label("seq1_00001", png_bytes(frame)), 400, "mode 'RGB'"),
+        (server.put_label("seq1_00001", png_bytes(np.zeros((10, 10), np.uint8))), 400, "differs from the frame"),
+        (server.put_label("seq1_00001", png_bytes(np.full(FRAME, 9, np.uint8))), 400, "outside 0..7"),
+        (server.put_label("nosuch", label), 404, "not in the datastore"),
+    ]
+    for (status, body), expected, message in cases:
+        assert status == expected, (expected, message, status, body[:300])
+        assert message in json.loads(body)["detail"], body
+    assert server.alive()
+    status, body = server.infer("surgicalsam", image=None, file=png_bytes(frame))  # an upload that is fine
+    assert status == 200 and png_array(body).shape == FRAME
+
+
+def test_own_label_then_train(own, setup):
+    server, bundle = own
+    for image_id in ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000"):
+        status, body = server.put_label(image_id, open(setup["frames"][image_id][1], "rb").read())
+        assert status == 200, body
+    model_file = os.path.join(bundle, "models", "model.pt")
+    before = torch.load(model_file, weights_only=True)
+    task = server.train(val_split=0.25)  # 3 training frames, 1 validation frame: the best model is saved
+    assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
+    after = torch.load(model_file, weights_only=True)
+    assert set(after) == set(before) and any(not torch.equal(before[k], after[k]) for k in before)
+    assert server.infer("sam_prompt", params={"box": [5, 5, 60, 50]})[0] == 200
