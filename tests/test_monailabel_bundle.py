@@ -29,6 +29,31 @@ def test_label_mask_is_2d_uint8():
     assert out.shape == (5, 7) and out.dtype == torch.uint8 and int(out.max()) == 3
 
 
+def test_label_mask_in_monai_xy_order_for_monailabel():
+    """MONAI Label's writer transposes (MONAI's (x, y) order): the mask goes (W, H) and the frame's
+    spatial_shape is stated alike, so MONAI Label's Restored sees no size change; the writer transposes back."""
+    from monai.data import MetaTensor
+
+    label_map = torch.arange(35).reshape(1, 1, 5, 7) % 8
+    image = MetaTensor(torch.zeros(3, 5, 7), meta={"spatial_shape": [5, 7]})
+    out = LabelMaskd(keys="pred", xy_order=True)({"pred": label_map, "image": image})
+    assert out["pred"].shape == (7, 5)
+    torch.testing.assert_close(out["pred"].t(), label_map[0, 0].to(torch.uint8))
+    assert list(out["image"].meta["spatial_shape"]) == [7, 5]
+
+
+def test_bundle_writer_transposes_back(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from scripts.data.transforms import SaveLabelMapd
+
+    label_map = (torch.arange(35).reshape(5, 7) % 8).to(torch.uint8)
+    SaveLabelMapd(keys="pred", output_dir=str(tmp_path), write_overlay=False, xy_order=True)(
+        {"pred": label_map.t(), "image": None})
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "frame_seg.png")), label_map.numpy())
+
+
 @pytest.mark.parametrize("pred, message", [
     (torch.zeros(2, 1, 5, 7), "singleton"),
     (torch.zeros(7), "singleton"),
@@ -135,6 +160,21 @@ def label_bundle(tmp_path, small_sam_checkpoint):
     out = make_monailabel_bundle(str(tmp_path / "app" / "model" / "surgicalsam"), model_file=model,
                                  sam_checkpoint=small_sam_checkpoint, settings=TINY)
     return out, model
+
+
+def test_cli_makes_the_bundle_folder(tmp_path, small_sam_checkpoint, capsys):
+    from scripts.cli import main
+
+    model = str(tmp_path / "model.pt")
+    torch.save(SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint).state_dict(), model)
+    out = str(tmp_path / "app" / "model" / "surgicalsam")
+    main(["monailabel_bundle", out, "--model_file", model, "--sam_checkpoint", small_sam_checkpoint,
+          "--sam_variant", "tiny", "--frame_size", "64,80"])
+    assert "monailabel start_server" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "configs", "train.json")))["frame_size"] == list(FRAME)
+    with pytest.raises(SystemExit, match="not empty"):
+        main(["monailabel_bundle", out, "--model_file", model, "--sam_checkpoint", small_sam_checkpoint,
+              "--sam_variant", "tiny", "--frame_size", "64,80"])
 
 
 def test_bundle_folder_has_what_monailabel_reads(label_bundle):
