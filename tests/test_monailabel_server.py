@@ -179,6 +179,8 @@ def _studies(setup, name):
     studies.mkdir()
     for image_id, (image, _) in setup["frames"].items():
         shutil.copyfile(image, studies / f"{image_id}.png")
+    # one JPG frame: results must still come back as PNG label maps
+    Image.open(setup["frames"]["seq1_00000"][0]).save(studies / "jpgframe.jpg", quality=95)
     return str(studies)
 
 
@@ -251,6 +253,17 @@ def test_stock_infer_returns_the_bundles_label_map(stock, setup):
     mask = png_array(body)
     assert mask.shape == FRAME and mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, _expected_auto(setup, os.path.join(bundle, "models", "model.pt"), "seq1_00000"))
+
+
+def test_stock_jpg_frame_gives_a_png_label_map(stock):
+    """No result_extension in the request: the bundle's displayable_configs make it PNG, not the frame's JPG."""
+    server, _ = stock
+    status, body = request(f"{server.url}/infer/surgicalsam?image=jpgframe&output=image", "POST",
+                           fields={"params": json.dumps({"device": "cpu"})})
+    assert status == 200, body[:300]
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    mask = png_array(body)
+    assert mask.shape == FRAME and mask.dtype == np.uint8
 
 
 def test_stock_wrong_checkpoint_key_fails_instead_of_random_weights(stock):
