@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import re
 import zipfile
@@ -81,6 +82,34 @@ class AugmentationVersionHandler:
         self.dataset.set_epoch(engine.state.epoch - 1)
         logger.info("epoch %d: augmentation version %d, %d samples", engine.state.epoch,
                     self.dataset.version, len(self.dataset))
+
+
+class EpochDistributedSampler(torch.utils.data.DistributedSampler):
+    """``DistributedSampler`` for a dataset whose length changes from epoch to epoch.
+
+    The training dataset rebuilds its (frame, class) samples at each epoch (``AugmentationVersionHandler``:
+    another augmentation version, other classes on the embedding grid). torch's sampler fixes its length
+    when built; this one recomputes it whenever it is iterated, so each of the ``num_replicas`` ranks gets
+    ``ceil(len(dataset) / num_replicas)`` samples of the current epoch (padded by repeating, as torch does)
+    and every rank runs the same number of iterations. MONAI's engines call :meth:`set_epoch` at each epoch
+    start (a new shuffle per epoch, the same on every rank).
+    """
+
+    def _resize(self) -> None:
+        size = len(self.dataset)
+        if self.drop_last and size % self.num_replicas:
+            self.num_samples = size // self.num_replicas
+        else:
+            self.num_samples = math.ceil(size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        self._resize()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._resize()
+        return self.num_samples
 
 
 class BestModelState:
@@ -190,6 +219,8 @@ class MetricsReport:
         return result
 
     def __call__(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:  # the metrics are gathered across ranks: rank 0 writes them
+            return
         result = self.report(engine.state.metrics)
         folder = os.path.dirname(os.path.abspath(self.output_file))
         os.makedirs(folder, exist_ok=True)
