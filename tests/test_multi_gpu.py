@@ -129,3 +129,20 @@ def test_two_processes_train_the_demo_and_precompute_like_one(tmp_path):
                 content.pop("created", None)
                 content.get("dataset", {}).pop("dataset_dir", None)
             assert left == right, path
+
+
+def test_metrics_report_writes_on_rank_zero_only(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import scripts.engines as engines
+
+    metrics = {"challenge_iou": 50.0, "iou": 50.0, "mc_iou": 40.0, "miou": 45.0, "class_iou": {}, "num_frames": 2}
+    engine = SimpleNamespace(state=SimpleNamespace(metrics=metrics))
+    output_file = tmp_path / "auto" / "metrics.json"
+    report = engines.MetricsReport(str(output_file), protocol="auto")
+    monkeypatch.setattr(engines.idist, "get_rank", lambda: 1)
+    report(engine)
+    assert not output_file.exists()
+    monkeypatch.setattr(engines.idist, "get_rank", lambda: 0)
+    report(engine)
+    assert json.loads(output_file.read_text())["challenge_iou"] == 50.0
