@@ -146,3 +146,15 @@ def test_metrics_report_writes_on_rank_zero_only(tmp_path, monkeypatch):
     monkeypatch.setattr(engines.idist, "get_rank", lambda: 0)
     report(engine)
     assert json.loads(output_file.read_text())["challenge_iou"] == 50.0
+
+
+def test_overlay_without_torchrun_fails_clearly(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO_ROOT, "bundle"))
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str([TRAIN, MULTI_GPU]),
+               "--dataset_dir", str(tmp_path / "none")]
+    result = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True, timeout=120, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "started by torchrun" in output and "RANK" in output, output[-3000:]

@@ -269,6 +269,32 @@ def format_pooled_table(pooled: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------- distributed
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_distributed(backend: str) -> None:
+    """``init_process_group`` from torchrun's environment (multi_gpu_train.yaml's initialize), with a clear error
+    when the process was not started by torchrun or there are more processes on this node than GPUs."""
+    if torch.distributed.is_initialized():
+        return
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"multi_gpu_train.yaml runs one process per GPU started by torchrun, but {', '.join(missing)} "
+            "is not set: start it with `torchrun --standalone --nproc_per_node N -m monai.bundle run training "
+            "--config_file \"[..., 'configs/multi_gpu_train.yaml']\"`, or leave multi_gpu_train.yaml out for one process."
+        )
+    if backend == "nccl" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"process LOCAL_RANK={os.environ['LOCAL_RANK']} has no GPU of its own: this node has "
+            f"{torch.cuda.device_count()} GPU(s); start at most that many processes (--nproc_per_node)."
+        )
+    torch.distributed.init_process_group(backend=backend)
+    logger.info("process group initialised: rank %d of %d (%s)", torch.distributed.get_rank(),
+                torch.distributed.get_world_size(), backend)
+
+
 # ------------------------------------------------------------------------------------------ input checks
 def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[str]:
     """The input-check problem of a SAM weights file that does not exist, with how to get it; [] when it
