@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "demo_distill", "main", "make_demo_data",
-           "make_sam_checkpoint", "pack", "pool_metrics", "prepare_cholecseg8k", "prepare_custom", "prepare_endovis2017",
-           "prepare_endovis2018", "score"]
+           "make_sam_checkpoint", "pack", "pool_metrics", "prepare_cholecseg8k", "prepare_custom",
+           "prepare_endovis2017", "prepare_endovis2018", "score"]
 
 PROG = "surgical-sam"
 PROTOCOLS = ("oracle", "auto")

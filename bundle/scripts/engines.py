@@ -283,7 +283,8 @@ def init_distributed(backend: str) -> None:
         raise RuntimeError(
             f"multi_gpu_train.yaml runs one process per GPU started by torchrun, but {', '.join(missing)} "
             "is not set: start it with `torchrun --standalone --nproc_per_node N -m monai.bundle run training "
-            "--config_file \"[..., 'configs/multi_gpu_train.yaml']\"`, or leave multi_gpu_train.yaml out for one process."
+            "--config_file \"[..., 'configs/multi_gpu_train.yaml']\"`, or leave multi_gpu_train.yaml out for one "
+            "process."
         )
     if backend == "nccl" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
         raise RuntimeError(

@@ -337,7 +337,8 @@ def precompute_embeddings(
     _barrier(world)  # every rank has listed what is missing before any rank writes
     share = todo[rank::world]
     if world > 1:
-        logger.info("precompute: rank %d of %d encodes %d of the %d missing entries", rank, world, len(share), len(todo))
+        logger.info("precompute: rank %d of %d encodes %d of the %d missing entries", rank, world, len(share),
+                    len(todo))
     if share:
         encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
         _encode(encoder, share, cache_dir, "+".join(splits), spec.image_size, len(names), ignore_index, seed,
