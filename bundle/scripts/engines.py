@@ -70,7 +70,17 @@ def endovis_metric_inputs(output: dict) -> tuple:
 
 # ---------------------------------------------------------------------------------------------- handlers
 class AugmentationVersionHandler:
-    """At each epoch start, tell the training dataset the epoch (it picks the augmentation version)."""
+    """At each epoch start, tell the training dataset the epoch (it picks the augmentation version).
+
+    A version can hold more or fewer (frame, class) samples than the previous one (a crop or rotation
+    drops an instrument), while ignite fixes the epoch length at the first epoch's and would carry a
+    half-used loader iterator into the next epoch; worse, torch's ``RandomSampler`` sizes the tail of a
+    running permutation by the dataset's *current* length, so even an iterator that looked used up can
+    yield indices of the old sample list. So the engine gets a fresh iterator over the new list at every
+    epoch start: an epoch always reads its own version, for the fixed number of iterations (a shorter list
+    is started again, a longer one is cut). ignite made one iterator per epoch already; only when it is
+    made changes (at the epoch start instead of at the epoch's first batch).
+    """
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
@@ -80,6 +90,8 @@ class AugmentationVersionHandler:
 
     def __call__(self, engine: Engine) -> None:
         self.dataset.set_epoch(engine.state.epoch - 1)
+        if engine.state.dataloader is not None:
+            engine.set_data(engine.state.dataloader)
         logger.info("epoch %d: augmentation version %d, %d samples", engine.state.epoch,
                     self.dataset.version, len(self.dataset))
 
