@@ -326,6 +326,39 @@ def test_augmentation_version_handler():
     assert dataset.epochs == [0, 1, 2]  # 0-based epochs
 
 
+
+def test_augmentation_version_handler_survives_a_sample_list_that_changes_length():
+    """An augmented version can hold more or fewer (frame, class) samples than version 0 (a crop drops an
+    instrument): every epoch must read its own sample list, never indices drawn for the previous one."""
+    import torch
+
+    class Versions(torch.utils.data.Dataset):
+        lengths = [6, 3, 8, 2]
+        version = 0
+
+        def set_epoch(self, epoch):
+            self.version = epoch
+            self.samples = [(epoch, i) for i in range(self.lengths[epoch])]
+
+        def __len__(self):
+            return len(self.samples)
+
+        def __getitem__(self, index):
+            return torch.tensor(self.samples[index])  # IndexError if the index belongs to another epoch's list
+
+    dataset = Versions()
+    dataset.set_epoch(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=True)
+    seen = []
+    engine = Engine(lambda engine, batch: seen.append((engine.state.epoch, tuple(batch[0].tolist()))))
+    AugmentationVersionHandler(dataset).attach(engine)
+    engine.run(loader, max_epochs=4)
+    for epoch in range(1, 5):
+        batches = [sample for e, sample in seen if e == epoch]
+        assert len(batches) == 6  # the epoch length is fixed by the first epoch
+        assert {version for version, _ in batches} == {epoch - 1}  # only the current version's samples
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 def test_metrics_report_writes_json(tmp_path, capsys):
     output_file = tmp_path / "eval" / "metrics_auto.json"

@@ -17,6 +17,7 @@
                        [--sam_checkpoint bundle/models/sam_vit_h_4b8939.pth --num_classes 7 --num_tokens 2]
     surgical-sam pool_metrics --inputs fold0/oracle/metrics.json,fold1/oracle/metrics.json,...
                        [--output pooled.json]
+    surgical-sam pack --out_dir DIR [--bundle_root DIR]
 
 Also ``python -m scripts.cli ...`` (from the bundle folder, or anywhere once the repo is installed).
 Every command is a plain function of this module, so Python code and tests can call it directly;
@@ -34,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "demo_distill", "main", "make_demo_data",
-           "make_sam_checkpoint", "monailabel_bundle", "pool_metrics", "prepare_cholecseg8k", "prepare_custom", "prepare_endovis2017",
-           "prepare_endovis2018", "score"]
+           "make_sam_checkpoint", "monailabel_bundle", "pack", "pool_metrics", "prepare_cholecseg8k",
+           "prepare_custom", "prepare_endovis2017", "prepare_endovis2018", "score"]
 
 PROG = "surgical-sam"
 PROTOCOLS = ("oracle", "auto")
@@ -693,6 +694,87 @@ def monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoin
     return out
 
 
+# ------------------------------------------------------------------------------------------------- pack
+#: What a packed bundle holds (paths relative to the bundle folder); everything else (data/, eval/, embedding
+#: caches, SAM weights, model.ts, __pycache__) stays out.
+PACKED_FOLDERS = ("configs", "scripts", "docs")
+PACKED_FILES = ("large_files.yml", "LICENSE", "models/model.pt")
+#: Never packed, even inside the folders above.
+UNPACKED_SUFFIXES = (".pyc", ".pyo", ".pth", ".md5", ".tmp")
+
+
+def bundle_name(metadata: dict) -> str:
+    """The bundle's folder name: metadata.json's ``name`` in lower case, runs of other characters as '_'
+    ("SurgicalSAM surgical instrument segmentation" -> "surgicalsam_surgical_instrument_segmentation")."""
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "_", str(metadata.get("name", "")).lower()).strip("_")
+    if not slug:
+        raise _fail("metadata.json has no usable 'name' to name the bundle after.")
+    return slug
+
+
+def packed_files(root: Path) -> list[str]:
+    """Paths (relative, '/'-separated, sorted) of the files :func:`pack` puts in the zip."""
+    found = [name for name in PACKED_FILES if (root / name).is_file()]
+    for folder in PACKED_FOLDERS:
+        for path in sorted((root / folder).rglob("*")):
+            relative = path.relative_to(root)
+            if path.is_file() and "__pycache__" not in relative.parts and not path.name.endswith(UNPACKED_SUFFIXES):
+                found.append(relative.as_posix())
+    return sorted(found)
+
+
+def pack(out_dir: str, bundle_root: str | None = None) -> str:
+    """Pack the bundle into ``<out_dir>/<name>_v<version>.zip`` with one top-level folder ``<name>``.
+
+    Name (:func:`bundle_name`) and version come from ``configs/metadata.json``. The zip holds configs/, scripts/,
+    docs/, large_files.yml and, when present, the trained ``models/model.pt``; not the data, evaluation output,
+    embedding caches or SAM weights (``download_large_files`` fetches those). Unpack it with
+    ``python -m monai.bundle download --name NAME --version VERSION --url file://<zip> --bundle_dir DIR``.
+    Returns the zip's path.
+    """
+    import zipfile
+
+    import scripts
+
+    root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
+    meta_file = root / "configs" / "metadata.json"
+    if not meta_file.is_file():
+        raise _fail(f"--bundle_root {root} is not a bundle folder: {meta_file} not found.")
+    try:
+        with open(meta_file) as handle:
+            metadata = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise _fail(f"{meta_file} is not valid JSON: {error}") from None
+    version = str(metadata.get("version", "")).strip()
+    if not version:
+        raise _fail(f"{meta_file} has no 'version'.")
+    name = bundle_name(metadata)
+    missing = [folder for folder in ("configs", "scripts") if not (root / folder).is_dir()]
+    if missing:
+        raise _fail(f"--bundle_root {root} is not a bundle folder: missing {', '.join(missing)}/.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise _fail(f"cannot create --out_dir {out_dir}: {error}") from None
+    target = Path(out_dir).resolve() / f"{name}_v{version}.zip"
+    if root in target.parents:
+        raise _fail(f"--out_dir {out_dir} is inside the bundle {root}: choose a folder outside it.")
+    files = packed_files(root)
+    partial = target.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for relative in files:
+            archive.write(root / relative, f"{name}/{relative}")
+    os.replace(partial, target)
+    has_model = "models/model.pt" in files
+    print(f"packed {len(files)} files of {root} into {target} ({target.stat().st_size / 2**20:.1f} MiB"
+          f"{', with models/model.pt' if has_model else ', no trained models/model.pt'})")
+    print(f"unpack with: python -m monai.bundle download --name {name} --version {version} --url file://{target} "
+          "--bundle_dir DIR")
+    return str(target)
+
+
 # ------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "make_demo_data": make_demo_data,
@@ -708,6 +790,7 @@ COMMANDS = {
     "convert_original_checkpoint": convert_original_checkpoint,
     "pool_metrics": pool_metrics,
     "monailabel_bundle": monailabel_bundle,
+    "pack": pack,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import re
 import zipfile
@@ -69,7 +70,17 @@ def endovis_metric_inputs(output: dict) -> tuple:
 
 # ---------------------------------------------------------------------------------------------- handlers
 class AugmentationVersionHandler:
-    """At each epoch start, tell the training dataset the epoch (it picks the augmentation version)."""
+    """At each epoch start, tell the training dataset the epoch (it picks the augmentation version).
+
+    A version can hold more or fewer (frame, class) samples than the previous one (a crop or rotation
+    drops an instrument), while ignite fixes the epoch length at the first epoch's and would carry a
+    half-used loader iterator into the next epoch; worse, torch's ``RandomSampler`` sizes the tail of a
+    running permutation by the dataset's *current* length, so even an iterator that looked used up can
+    yield indices of the old sample list. So the engine gets a fresh iterator over the new list at every
+    epoch start: an epoch always reads its own version, for the fixed number of iterations (a shorter list
+    is started again, a longer one is cut). ignite made one iterator per epoch already; only when it is
+    made changes (at the epoch start instead of at the epoch's first batch).
+    """
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
@@ -79,8 +90,38 @@ class AugmentationVersionHandler:
 
     def __call__(self, engine: Engine) -> None:
         self.dataset.set_epoch(engine.state.epoch - 1)
+        if engine.state.dataloader is not None:
+            engine.set_data(engine.state.dataloader)
         logger.info("epoch %d: augmentation version %d, %d samples", engine.state.epoch,
                     self.dataset.version, len(self.dataset))
+
+
+class EpochDistributedSampler(torch.utils.data.DistributedSampler):
+    """``DistributedSampler`` for a dataset whose length changes from epoch to epoch.
+
+    The training dataset rebuilds its (frame, class) samples at each epoch (``AugmentationVersionHandler``:
+    another augmentation version, other classes on the embedding grid). torch's sampler fixes its length
+    when built; this one recomputes it whenever it is iterated, so each of the ``num_replicas`` ranks gets
+    ``ceil(len(dataset) / num_replicas)`` samples of the current epoch (padded by repeating, as torch does)
+    and every rank runs the same number of iterations. MONAI's engines call :meth:`set_epoch` at each epoch
+    start (a new shuffle per epoch, the same on every rank).
+    """
+
+    def _resize(self) -> None:
+        size = len(self.dataset)
+        if self.drop_last and size % self.num_replicas:
+            self.num_samples = size // self.num_replicas
+        else:
+            self.num_samples = math.ceil(size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        self._resize()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._resize()
+        return self.num_samples
 
 
 class BestModelState:
@@ -190,6 +231,8 @@ class MetricsReport:
         return result
 
     def __call__(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:  # the metrics are gathered across ranks: rank 0 writes them
+            return
         result = self.report(engine.state.metrics)
         folder = os.path.dirname(os.path.abspath(self.output_file))
         os.makedirs(folder, exist_ok=True)
@@ -236,6 +279,33 @@ def format_pooled_table(pooled: dict) -> str:
     for name, value in (pooled.get("class_iou") or {}).items():
         lines.append(f"    IoU {name:<28}{fmt(value)}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- distributed
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_distributed(backend: str) -> None:
+    """``init_process_group`` from torchrun's environment (multi_gpu_train.yaml's initialize), with a clear error
+    when the process was not started by torchrun or there are more processes on this node than GPUs."""
+    if torch.distributed.is_initialized():
+        return
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"multi_gpu_train.yaml runs one process per GPU started by torchrun, but {', '.join(missing)} "
+            "is not set: start it with `torchrun --standalone --nproc_per_node N -m monai.bundle run training "
+            "--config_file \"[..., 'configs/multi_gpu_train.yaml']\"`, or leave multi_gpu_train.yaml out for one "
+            "process."
+        )
+    if backend == "nccl" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"process LOCAL_RANK={os.environ['LOCAL_RANK']} has no GPU of its own: this node has "
+            f"{torch.cuda.device_count()} GPU(s); start at most that many processes (--nproc_per_node)."
+        )
+    torch.distributed.init_process_group(backend=backend)
+    logger.info("process group initialised: rank %d of %d (%s)", torch.distributed.get_rank(),
+                torch.distributed.get_world_size(), backend)
 
 
 # ------------------------------------------------------------------------------------------ input checks

@@ -154,6 +154,18 @@ def check_disk_space(cache_dir: str, needed_bytes: int, what: str) -> int:
     return free
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def _source_stamp(path: str) -> list[int]:
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]
@@ -227,6 +239,9 @@ def precompute_embeddings(
     ``taps`` (1-based ViT blocks) makes a tap cache (Distillation-SAM): also the tokens after those
     blocks and the augmented frame. The disk use is logged first and checked against the free space
     (:class:`CacheSpaceError`). Returns the manifest.
+    Under ``torch.distributed`` (every rank calls it, e.g. multi_gpu_train.yaml's ``prepare_cache``) the missing
+    entries are split across the ranks; rank 0 writes the manifest and the indexes after a barrier, and no rank
+    returns before the cache is complete.
     """
     description = read_dataset_description(dataset_dir)
     names = class_names(description)
@@ -295,28 +310,49 @@ def precompute_embeddings(
         "complete": False,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    _atomic_write_json(manifest_path, manifest)
-
-    encoder = None
+    # Under torch.distributed (multi_gpu_train.yaml) every rank encodes its share of the missing entries;
+    # rank 0 alone writes the manifest, drops changed entries and writes the indexes, between barriers.
+    rank, world = distributed_rank_world()
+    _barrier(world)  # every rank has read the old manifest before rank 0 replaces it
+    if rank == 0:
+        _atomic_write_json(manifest_path, manifest)
+        for split in splits:
+            for version in plan[split]:
+                _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split], with_taps)
+    _barrier(world)
+    todo, listed = [], set()  # unique (frame, version) pairs to encode, in plan order (entries are shared by splits)
     for split in splits:
         for version in plan[split]:
-            _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split], with_taps)
-            todo = [
+            pending = [
                 (item, version) for item in datalists[split]
                 if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, version, item["key"], with_taps))
             ]
-            if len(todo) < len(datalists[split]):
+            if len(pending) < len(datalists[split]):
                 logger.info("precompute %s v%02d: %d of %d frames already encoded (shared with other splits or an "
-                            "earlier run)", split, version, len(datalists[split]) - len(todo), len(datalists[split]))
-            if todo:
-                if encoder is None:
-                    encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
-                _encode(encoder, todo, cache_dir, split, spec.image_size, len(names), ignore_index, seed,
-                        batch_size, num_workers, device, taps)
-            _write_index(cache_dir, split, version, datalists[split], spec.image_size, spec.grid_size, len(names),
-                         with_taps)
-    manifest["complete"] = True
-    _atomic_write_json(manifest_path, manifest)
+                            "earlier run)", split, version, len(datalists[split]) - len(pending), len(datalists[split]))
+            for item, version_ in pending:
+                if (version_, item["key"]) not in listed:
+                    listed.add((version_, item["key"]))
+                    todo.append((item, version_))
+    _barrier(world)  # every rank has listed what is missing before any rank writes
+    share = todo[rank::world]
+    if world > 1:
+        logger.info("precompute: rank %d of %d encodes %d of the %d missing entries", rank, world, len(share),
+                    len(todo))
+    if share:
+        encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
+        _encode(encoder, share, cache_dir, "+".join(splits), spec.image_size, len(names), ignore_index, seed,
+                batch_size, num_workers, device, taps)
+        del encoder
+    _barrier(world)  # every entry is written
+    if rank == 0:
+        for split in splits:
+            for version in plan[split]:
+                _write_index(cache_dir, split, version, datalists[split], spec.image_size, spec.grid_size, len(names),
+                             with_taps)
+        manifest["complete"] = True
+        _atomic_write_json(manifest_path, manifest)
+    _barrier(world)  # no rank reads the cache before it is complete
     logger.info("precompute: cache complete at %s", cache_dir)
     return manifest
 

@@ -39,13 +39,14 @@ from PIL import Image
 from ..networks.sam_backbone import get_variant
 from ..networks.sam_geometry import masks_to_embedding_grid
 from .layout import DatasetError, name_files
+from .prepare.endovis2017 import FOLDS as ENDOVIS_2017_FOLD_SEQUENCES
 
 logger = logging.getLogger(__name__)
 
 ENDOVIS_2018, ENDOVIS_2017 = "endovis_2018", "endovis_2017"
 LAYOUTS = (ENDOVIS_2018, ENDOVIS_2017)
 #: EndoVis2017 cross-validation folds: validation sequences of each fold (by dataset number, SPEC 8).
-ENDOVIS_2017_FOLDS = {0: (1, 3), 1: (2, 5), 2: (4, 8), 3: (6, 7)}
+ENDOVIS_2017_FOLDS = dict(enumerate(ENDOVIS_2017_FOLD_SEQUENCES))
 ENDOVIS_2017_SEQUENCES = tuple(range(1, 9))
 MASKS_DIR = "binary_annotations"
 IMAGES_DIR = "images"
