@@ -352,6 +352,23 @@ def _run_workflow(workflow) -> None:
         workflow.finalize()
 
 
+def _demo_setup(bundle_root: str | None, config_names: Sequence[str], epochs: Any, fresh: bool):
+    """The bundle folder, its config files (checked to exist) and the workflow overrides of a demo command."""
+    import scripts
+
+    root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
+    needed = [root / "configs" / name for name in config_names]
+    absent = [str(p) for p in needed if not p.is_file()]
+    if absent:
+        raise _fail(f"--bundle_root {root} is not a bundle folder: missing {', '.join(absent)}.")
+    overrides: dict[str, Any] = {"bundle_root": str(root)}
+    if epochs is not None:
+        overrides["num_epochs"] = _positive_int(epochs, "epochs")
+    if fresh:
+        overrides["resume"] = False
+    return root, needed, overrides
+
+
 def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool = False) -> dict:
     """The README's main job on the demo data: train, then evaluate under both protocols.
 
@@ -369,22 +386,11 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     Returns:
         {"oracle": metrics, "auto": metrics, "summary": the summary line}.
     """
-    import scripts
     from scripts.data.embedding_cache import StaleCacheError
     from scripts.data.layout import DatasetError
     from scripts.engines import format_metrics_table
 
-    root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
-    configs = root / "configs"
-    needed = [configs / name for name in ("train.yaml", "demo.yaml", "evaluate.yaml")]
-    absent = [str(p) for p in needed if not p.is_file()]
-    if absent:
-        raise _fail(f"--bundle_root {root} is not a bundle folder: missing {', '.join(absent)}.")
-    overrides: dict[str, Any] = {"bundle_root": str(root)}
-    if epochs is not None:
-        overrides["num_epochs"] = _positive_int(epochs, "epochs")
-    if fresh:
-        overrides["resume"] = False
+    root, needed, overrides = _demo_setup(bundle_root, ("train.yaml", "demo.yaml", "evaluate.yaml"), epochs, fresh)
     train_files = [str(needed[0]), str(needed[1])]
     eval_files = train_files + [str(needed[2])]
 
@@ -440,22 +446,13 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
     Returns:
         {"auto": metrics, "summary": the summary line}.
     """
-    import scripts
     from scripts.data.embedding_cache import CacheSpaceError, StaleCacheError
     from scripts.data.layout import DatasetError
     from scripts.engines import format_metrics_table
 
-    root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
-    configs = root / "configs"
-    needed = [configs / name for name in ("train_distill.yaml", "demo_distill.yaml", "evaluate_distill.yaml")]
-    absent = [str(p) for p in needed if not p.is_file()]
-    if absent:
-        raise _fail(f"--bundle_root {root} is not a bundle folder: missing {', '.join(absent)}.")
-    overrides: dict[str, Any] = {"bundle_root": str(root)}
-    if epochs is not None:
-        overrides["num_epochs"] = _positive_int(epochs, "epochs")
-    if fresh:
-        overrides["resume"] = False
+    root, needed, overrides = _demo_setup(
+        bundle_root, ("train_distill.yaml", "demo_distill.yaml", "evaluate_distill.yaml"), epochs, fresh
+    )
     if cache_taps is not None:
         if not isinstance(cache_taps, bool):
             raise _fail(f"--cache_taps must be true or false, got {cache_taps!r}.")

@@ -37,6 +37,7 @@ from monai.handlers import ValidationHandler
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .data.embedding_cache import prompt_samples
 from .data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
 from .networks.sam_geometry import frames_to_sam_input, masks_to_embedding_grid
 
@@ -185,14 +186,8 @@ class DatalistPromptDataset(Dataset):
                                f"1..{self.num_classes}) large enough to train on")
 
     def set_epoch(self, epoch: int) -> None:
-        rng = np.random.default_rng([self.seed, epoch])
-        self.samples: list[tuple[int, int]] = []
-        for index, frame in enumerate(self.frames):
-            self.samples += [(index, c) for c in frame["grid_classes"]]
-            absent = [c for c in range(1, self.num_classes + 1) if c not in frame["classes"]]
-            if absent and self.absent_prompts_per_frame:
-                chosen = rng.choice(absent, size=min(self.absent_prompts_per_frame, len(absent)), replace=False)
-                self.samples += [(index, int(c)) for c in chosen]
+        self.samples = prompt_samples(self.frames, self.num_classes, self.absent_prompts_per_frame,
+                                      np.random.default_rng([self.seed, epoch]))
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -561,6 +561,23 @@ class EmbeddingCache:
         return taps, torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1))).float()
 
 
+def prompt_samples(frames: Sequence[dict], num_classes: int, absent_prompts_per_frame: int,
+                   rng: np.random.Generator) -> list[tuple[int, int]]:
+    """The (frame index, class) training samples of one epoch.
+
+    One sample per class of ``frame["grid_classes"]`` (present and still on the embedding grid), plus
+    ``absent_prompts_per_frame`` classes drawn from those absent from ``frame["classes"]`` (empty target).
+    """
+    samples: list[tuple[int, int]] = []
+    for index, frame in enumerate(frames):
+        samples += [(index, c) for c in frame["grid_classes"]]
+        absent = [c for c in range(1, num_classes + 1) if c not in frame["classes"]]
+        if absent and absent_prompts_per_frame:
+            chosen = rng.choice(absent, size=min(absent_prompts_per_frame, len(absent)), replace=False)
+            samples += [(index, int(c)) for c in chosen]
+    return samples
+
+
 class CachedPromptDataset(Dataset):
     """Training samples from the cache: one (frame, class) pair per class present in the frame.
 
@@ -592,15 +609,9 @@ class CachedPromptDataset(Dataset):
         """Choose the version for this 0-based epoch and rebuild the sample list."""
         self.epoch = epoch
         self.version = version_for_epoch(epoch, self.num_versions)
-        rng = np.random.default_rng([self.seed, epoch])
         self.entries = self.cache.entries(self.split, self.version)
-        self.samples: list[tuple[int, int]] = []
-        for index, entry in enumerate(self.entries):
-            self.samples += [(index, c) for c in entry["grid_classes"]]
-            absent = [c for c in range(1, self.num_classes + 1) if c not in entry["classes"]]
-            if absent and self.absent_prompts_per_frame:
-                chosen = rng.choice(absent, size=min(self.absent_prompts_per_frame, len(absent)), replace=False)
-                self.samples += [(index, int(c)) for c in chosen]
+        self.samples = prompt_samples(self.entries, self.num_classes, self.absent_prompts_per_frame,
+                                      np.random.default_rng([self.seed, epoch]))
 
     def __len__(self) -> int:
         return len(self.samples)
