@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from .state_dict_check import read_checkpoint_dict
+
 logger = logging.getLogger(__name__)
 
 PROMPT_ENCODER_KEY = "prototype_prompt_encoder_state_dict"
@@ -49,13 +51,7 @@ class OriginalCheckpointError(ValueError):
 def _load(path: str, what: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a truncated or foreign file
-        raise OriginalCheckpointError(f"{what} {path} could not be read ({type(error).__name__}: {error})") from error
-    if not isinstance(content, dict):
-        raise OriginalCheckpointError(f"{what} {path} holds a {type(content).__name__}, not a dict")
-    return content
+    return read_checkpoint_dict(path, what, OriginalCheckpointError)
 
 
 def _describe_foreign(content: dict) -> str:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .state_dict_check import state_dict_mismatch
+from .state_dict_check import read_checkpoint_dict, state_dict_mismatch
 
 __all__ = ["PyramidVisionTransformer", "PVT_TINY", "IGNORED_PRETRAINED_KEYS"]
 
@@ -246,12 +246,7 @@ class PyramidVisionTransformer(nn.Module):
             raise FileNotFoundError(
                 f"PVT checkpoint not found: {path} (expected an ImageNet PVT v1 file, e.g. pvt_tiny.pth)"
             )
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for a foreign or truncated file
-            raise ValueError(f"PVT checkpoint {path} could not be read ({type(error).__name__}: {error})") from error
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"PVT checkpoint {path} holds a {type(raw).__name__}, not a state dict")
+        raw = read_checkpoint_dict(path, "PVT checkpoint", expected="a state dict")
         state_dict = self.convert_release_state_dict(raw)
         details = state_dict_mismatch(state_dict, self.state_dict())
         if details:

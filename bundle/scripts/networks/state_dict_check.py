@@ -1,12 +1,31 @@
 """Comparing a checkpoint's state dict with a module's, for loaders that refuse a file that does not fit.
 
-Shared by :meth:`~scripts.networks.pvt.PyramidVisionTransformer.load_pretrained` and
-:func:`~scripts.networks.sam_backbone.load_sam_checkpoint`, so both describe a mismatch alike.
+Shared by :meth:`~scripts.networks.pvt.PyramidVisionTransformer.load_pretrained`,
+:func:`~scripts.networks.sam_backbone.load_sam_checkpoint` and the original-checkpoint conversion, so
+they read a file and describe a mismatch alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+import torch
+
+
+def read_checkpoint_dict(path: str, what: str, error: type[Exception] = ValueError, hint: str = "",
+                         expected: str = "a dict") -> dict:
+    """``torch.load`` (weights only, on CPU) a file that must hold a dict.
+
+    Raises ``error`` naming ``what`` and ``path`` (and appending ``hint``) when the file cannot be read or
+    holds something else; the caller checks beforehand that the file exists (its message says what to get).
+    """
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as cause:  # torch raises several types for a truncated or foreign file
+        raise error(f"{what} {path} could not be read ({type(cause).__name__}: {cause}){hint}") from cause
+    if not isinstance(content, Mapping):
+        raise error(f"{what} {path} holds a {type(content).__name__}, not {expected}{hint}")
+    return content
 
 
 def state_dict_mismatch(state_dict: Mapping, expected: Mapping, expected_as: str = "here") -> list[str]:
