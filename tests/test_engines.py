@@ -15,6 +15,7 @@ from torch import nn
 from scripts.engines import (
     AugmentationVersionHandler,
     FrameBatch,
+    GradientNormClipping,
     MetricsReport,
     PromptedSampleBatch,
     TrainingState,
@@ -357,6 +358,39 @@ def test_augmentation_version_handler_survives_a_sample_list_that_changes_length
         batches = [sample for e, sample in seen if e == epoch]
         assert len(batches) == 6  # the epoch length is fixed by the first epoch
         assert {version for version, _ in batches} == {epoch - 1}  # only the current version's samples
+
+
+def _one_sgd_step(max_norm, accumulation_steps=1):
+    """One SGD step (lr 1) of w . x with w = 0 and x = (3, 4): the gradient is (3, 4), of norm 5."""
+    network = nn.Linear(2, 1, bias=False)
+    nn.init.zeros_(network.weight)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": torch.tensor([[3.0, 4.0]]),
+                                                                      "label": torch.zeros(1, 1)}],
+        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=1.0),
+        loss_function=lambda pred, label: pred.sum(), accumulation_steps=accumulation_steps,
+    )
+    clipping = GradientNormClipping(max_norm)
+    clipping.attach(trainer)
+    trainer.run()
+    return network.weight.detach().flatten().tolist(), clipping
+
+
+def test_gradient_norm_clipping_scales_the_step():
+    weight, clipping = _one_sgd_step(max_norm=1.0)
+    assert weight == pytest.approx([-0.6, -0.8])  # (3, 4) / 5
+    assert clipping.last_norm == pytest.approx(5.0)  # the norm before clipping
+
+
+def test_gradient_norm_clipping_leaves_small_gradients_and_can_be_off():
+    assert _one_sgd_step(max_norm=10.0)[0] == pytest.approx([-3.0, -4.0])
+    weight, clipping = _one_sgd_step(max_norm=None)
+    assert weight == pytest.approx([-3.0, -4.0]) and clipping.last_norm is None  # not attached
+
+
+def test_gradient_norm_clipping_refuses_accumulation():
+    with pytest.raises(ValueError, match="gradient accumulation"):
+        _one_sgd_step(max_norm=1.0, accumulation_steps=2)
 
 
 # ----------------------------------------------------------------------------------------------- metrics

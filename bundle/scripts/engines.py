@@ -96,6 +96,42 @@ class AugmentationVersionHandler:
                     self.dataset.version, len(self.dataset))
 
 
+class GradientNormClipping:
+    """Clip the gradients' global norm to ``max_norm`` between ``loss.backward()`` and the optimizer step.
+
+    Attached to MONAI's ``IterationEvents.BACKWARD_COMPLETED``; with AMP the gradients are unscaled
+    first (``GradScaler.unscale_``), as torch's recipe for clipping under a scaler says. Only the
+    parameters the optimizer updates are clipped. Not for gradient accumulation (the norm of a partial
+    sum means nothing): attaching to a trainer with ``accumulation_steps > 1`` raises.
+
+    Args:
+        max_norm: largest allowed global norm of the gradients; ``None`` or ``0`` disables clipping.
+        norm_type: the p of the p-norm.
+    """
+
+    def __init__(self, max_norm: float | None, norm_type: float = 2.0) -> None:
+        self.max_norm = float(max_norm) if max_norm else None
+        self.norm_type = float(norm_type)
+        self.last_norm: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        if self.max_norm is None:
+            return
+        if getattr(engine, "accumulation_steps", 1) > 1:
+            raise ValueError("GradientNormClipping does not support gradient accumulation: set "
+                             "accumulation_steps to 1 or disable clipping (max_norm null)")
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if getattr(engine, "scaler", None) is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
+        self.last_norm = float(norm)
+
+
 class EpochDistributedSampler(torch.utils.data.DistributedSampler):
     """``DistributedSampler`` for a dataset whose length changes from epoch to epoch.
 
