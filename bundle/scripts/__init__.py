@@ -8,4 +8,4 @@ from pathlib import Path
 #: Folder of the bundle (the one holding configs/, models/, scripts/, docs/).
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
