@@ -296,17 +296,24 @@ def test_stock_malformed_requests_fail_and_the_server_keeps_serving(stock):
     assert server.infer("surgicalsam")[0] == 200
 
 
-def test_stock_label_then_train_updates_the_model(stock, setup):
-    server, bundle = stock
-    for image_id in ("seq1_00000", "seq1_00001", "seq1_00002", "seq1_00003"):
+def label_then_train(server, bundle, setup, image_ids, **train_params) -> str:
+    """Save the GT label of each frame through /datastore, run /train, and check that it changed
+    models/model.pt (same keys, other values). Returns that file's path."""
+    for image_id in image_ids:
         status, body = server.put_label(image_id, open(setup["frames"][image_id][1], "rb").read())
         assert status == 200, body
     model_file = os.path.join(bundle, "models", "model.pt")
     before = torch.load(model_file, weights_only=True)
-    task = server.train()
+    task = server.train(**train_params)
     assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
     after = torch.load(model_file, weights_only=True)
     assert set(after) == set(before) and any(not torch.equal(before[k], after[k]) for k in before)
+    return model_file
+
+
+def test_stock_label_then_train_updates_the_model(stock, setup):
+    server, bundle = stock
+    model_file = label_then_train(server, bundle, setup, ("seq1_00000", "seq1_00001", "seq1_00002", "seq1_00003"))
     status, body = server.infer("surgicalsam")
     assert status == 200
     np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000"))
@@ -386,13 +393,6 @@ def test_own_malformed_requests_get_4xx_with_a_message(own, setup):
 
 def test_own_label_then_train(own, setup):
     server, bundle = own
-    for image_id in ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000"):
-        status, body = server.put_label(image_id, open(setup["frames"][image_id][1], "rb").read())
-        assert status == 200, body
-    model_file = os.path.join(bundle, "models", "model.pt")
-    before = torch.load(model_file, weights_only=True)
-    task = server.train(val_split=0.25)  # 3 training frames, 1 validation frame: the best model is saved
-    assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
-    after = torch.load(model_file, weights_only=True)
-    assert set(after) == set(before) and any(not torch.equal(before[k], after[k]) for k in before)
+    # 3 training frames, 1 validation frame: the best model is saved
+    label_then_train(server, bundle, setup, ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000"), val_split=0.25)
     assert server.infer("sam_prompt", params={"box": [5, 5, 60, 50]})[0] == 200

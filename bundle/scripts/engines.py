@@ -112,7 +112,12 @@ class GradientNormClipping:
     def __init__(self, max_norm: float | None, norm_type: float = 2.0) -> None:
         self.max_norm = float(max_norm) if max_norm else None
         self.norm_type = float(norm_type)
-        self.last_norm: float | None = None
+        self._last_norm: torch.Tensor | None = None
+
+    @property
+    def last_norm(self) -> float | None:
+        """The norm of the last step's gradients before clipping (None before the first step)."""
+        return None if self._last_norm is None else float(self._last_norm)
 
     def attach(self, engine: Engine) -> None:
         from monai.engines.utils import IterationEvents
@@ -128,8 +133,8 @@ class GradientNormClipping:
         if getattr(engine, "scaler", None) is not None:
             engine.scaler.unscale_(engine.optimizer)
         params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
-        self.last_norm = float(norm)
+        # kept as a tensor: reading it every step would wait for the device
+        self._last_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
 
 
 class EpochDistributedSampler(torch.utils.data.DistributedSampler):

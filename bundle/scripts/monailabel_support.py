@@ -37,7 +37,7 @@ from monai.handlers import ValidationHandler
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .data.embedding_cache import prompt_samples
+from .data.embedding_cache import prompt_sample, prompt_samples
 from .data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
 from .networks.sam_geometry import frames_to_sam_input, masks_to_embedding_grid
 
@@ -195,10 +195,7 @@ class DatalistPromptDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         frame_index, class_id = self.samples[index]
         frame = self.frames[frame_index]
-        mask = (frame["label"].long() == class_id).float()
-        grid_mask = masks_to_embedding_grid(mask[None], self.image_size, self.grid_size)[0]
-        return {"image_embeddings": frame["image_embeddings"].float(), "mask": mask[None], "grid_mask": grid_mask,
-                "class_id": torch.tensor(class_id)}
+        return prompt_sample(frame["image_embeddings"], frame["label"], class_id, self.image_size, self.grid_size)
 
 
 class DatalistFrameDataset(Dataset):

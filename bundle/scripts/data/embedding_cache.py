@@ -578,6 +578,25 @@ def prompt_samples(frames: Sequence[dict], num_classes: int, absent_prompts_per_
     return samples
 
 
+def prompt_sample(image_embeddings: torch.Tensor, label: torch.Tensor, class_id: int, image_size: int,
+                  grid_size: Sequence[int]) -> dict:
+    """One training item of a (frame, class) sample, what ``PromptedSampleBatch`` batches.
+
+    Args:
+        image_embeddings: (d, h, w) the frame's embeddings.
+        label: (H, W) the frame's label map.
+        class_id: the prompted class, 1..C (a class absent from ``label`` gives an empty target).
+
+    Returns:
+        ``image_embeddings`` (d, h, w) float, ``mask`` (1, H, W) float, ``grid_mask`` (h, w) bool,
+        ``class_id`` () long.
+    """
+    mask = (label.long() == class_id).float()
+    grid_mask = masks_to_embedding_grid(mask[None], image_size, grid_size)[0]
+    return {"image_embeddings": image_embeddings.float(), "mask": mask[None], "grid_mask": grid_mask,
+            "class_id": torch.tensor(class_id)}
+
+
 class CachedPromptDataset(Dataset):
     """Training samples from the cache: one (frame, class) pair per class present in the frame.
 
@@ -619,10 +638,7 @@ class CachedPromptDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         entry_index, class_id = self.samples[index]
         embedding, label = self.cache.load(self.entries[entry_index])
-        mask = (label == class_id).float()
-        grid_mask = masks_to_embedding_grid(mask[None], self.image_size, self.grid_size)[0]
-        return {"image_embeddings": embedding, "mask": mask[None], "grid_mask": grid_mask,
-                "class_id": torch.tensor(class_id)}
+        return prompt_sample(embedding, label, class_id, self.image_size, self.grid_size)
 
 
 class CachedFrameDataset(Dataset):
