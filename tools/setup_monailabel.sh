@@ -5,24 +5,41 @@
 # registry's own torch build, not the local CPU wheel torch==2.13.0 the main venv uses. monailabel 0.8.5
 # also needs three pins to start (pydicom 2.4.4, dicomweb-client 0.59.1, pynetdicom 2.0.2).
 #
-# Measured here (2 cores): 187 distributions, 3.62 GB of wheels (torch's CUDA build and its nvidia-* wheels
-# are most of it), 5 min 15 s for the whole script, 8.2 GB on disk.
+# Versions come from the repository's lock file, constraints.txt, like the main venv's, with the lines marked
+# "monailabel-env:" there replacing the main pins of torch (this venv takes the registry build that its
+# torchvision loads with) and numpy (monailabel's numpymaxflow and pydicom-seg need numpy<2).
+#
+# Idempotent: a venv made from the same lock file, script and checkout is left as it is (a stamp file in
+# the venv records them), so the README's test command can call this every time; anything else remakes it.
+# Measured: see the model card's "MONAI Label" section (time, wheels, disk).
 #
 # Usage: tools/setup_monailabel.sh [VENV_DIR]     (default: .venv-monailabel at the repo root)
 # The tests find this venv's python at .venv-monailabel/bin/python or at $MONAILABEL_PYTHON.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV="${1:-.venv-monailabel}"
-TORCH_VERSION="${MONAILABEL_TORCH_VERSION:-2.14.1}"
-TORCHVISION_VERSION="${MONAILABEL_TORCHVISION_VERSION:-0.29.1}"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="$(realpath -m "${1:-$REPO/.venv-monailabel}")"   # a path given relative to where it is called from
+cd "$REPO"
 
+stamp="$(cat constraints.txt tools/setup_monailabel.sh | sha256sum | cut -d' ' -f1) repo=${REPO}"
+if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.surgical-sam-stamp" ] && [ "$(cat "$VENV/.surgical-sam-stamp")" = "$stamp" ]; then
+    echo "MONAI Label environment $VENV is up to date (constraints.txt unchanged)"
+    exit 0
+fi
+
+rm -rf "$VENV"
 python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-# One resolve: torch and torchvision from the registry (a matching pair), monailabel with the pins,
-# and this repository (the bundle's `scripts` package plus monai, segment-anything, ...).
+# The lock file with this venv's own pins in place of the main ones.
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+overrides="$(sed -n 's/^# monailabel-env: //p' constraints.txt)"
+grep -v -E "^($(echo "$overrides" | sed 's/==.*//' | paste -sd'|'))==" constraints.txt >"$constraints"
+echo "$overrides" >>"$constraints"
 # PIP_FIND_LINKS is emptied so the local CPU wheel in a find-links folder cannot be picked.
-PIP_FIND_LINKS="" "$VENV/bin/python" -m pip install --quiet --no-input \
-    "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
-    "monailabel==0.8.5" "pydicom==2.4.4" "dicomweb-client==0.59.1" "pynetdicom==2.0.2" \
-    -e ".[test]"
+export PIP_FIND_LINKS=""
+"$VENV/bin/python" -m pip install --quiet --no-input -c "$constraints" pip
+# One resolve: torch and torchvision from the registry (a matching pair), monailabel with the three pins it
+# needs to start, and this repository (the bundle's `scripts` package plus monai, segment-anything, ...).
+"$VENV/bin/python" -m pip install --quiet --no-input -c "$constraints" \
+    torch torchvision monailabel pydicom dicomweb-client pynetdicom -e ".[test]"
 "$VENV/bin/python" -c "import torch, torchvision, monailabel, monai, scripts; print('monailabel', monailabel.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'monai', monai.__version__)"
+echo "$stamp" >"$VENV/.surgical-sam-stamp"

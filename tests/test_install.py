@@ -1,0 +1,105 @@
+"""A newcomer's path (the README's first two commands on a fresh machine): one lock file, constraints.txt,
+that every install command uses; metadata.json's versions are the locked ones; the README's test command is
+exactly what .ci/run runs, and it makes the MONAI Label environment itself (or finds it up to date)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tomllib
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCK_FILE = os.path.join(REPO_ROOT, "constraints.txt")
+
+
+def read(*parts: str) -> str:
+    with open(os.path.join(REPO_ROOT, *parts)) as handle:
+        return handle.read()
+
+
+def canonical(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): case and runs of ``-_.`` do not matter."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked_versions() -> dict[str, str]:
+    """``{canonical name: version}`` of every ``name==version`` line of constraints.txt."""
+    pins = {}
+    for line in read("constraints.txt").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line)
+        assert match, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+        assert canonical(match[1]) not in pins, f"constraints.txt pins {match[1]} twice"
+        pins[canonical(match[1])] = match[2]
+    return pins
+
+
+def readme_commands() -> list[str]:
+    """The README's bash code blocks, in order (the first two are the newcomer's commands)."""
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", read("README.md"), re.S)]
+
+
+def requirement_name(requirement: str) -> str:
+    return canonical(re.match(r"[A-Za-z0-9._-]+", requirement)[0])
+
+
+def test_lock_pins_every_dependency_of_the_project():
+    project = tomllib.loads(read("pyproject.toml"))["project"]
+    wanted = [*project["dependencies"], *[r for extra in project["optional-dependencies"].values() for r in extra]]
+    pins = locked_versions()
+    missing = sorted({requirement_name(r) for r in wanted} - set(pins))
+    assert not missing, f"constraints.txt does not lock {missing}: add name==version lines for them"
+    # the MONAI Label environment's own packages are locked too (tools/setup_monailabel.sh installs with the file)
+    assert {"monailabel", "torchvision", "pydicom", "dicomweb-client", "pynetdicom", "pip"} <= set(pins)
+
+
+def test_metadata_versions_are_the_locked_ones():
+    metadata = json.loads(read("bundle", "configs", "metadata.json"))
+    pins = locked_versions()
+    assert metadata["monai_version"] == pins["monai"]
+    assert metadata["pytorch_version"] == pins["torch"]
+    assert metadata["numpy_version"] == pins["numpy"]
+    packages = metadata["required_packages_version"]
+    expected = {"segment-anything", "pytorch-ignite", "nibabel", "pillow", "fire", "pyyaml", "tqdm", "tensorboard"}
+    assert expected <= set(packages)
+    for package, version in packages.items():
+        assert pins.get(canonical(package)) == version, f"metadata.json says {package} {version}, constraints.txt {pins.get(canonical(package))}"
+
+
+def test_every_install_command_uses_the_lock():
+    setup, tests = readme_commands()[:2]
+    installs = [part.strip() for part in setup.split("&&") if "pip install" in part]
+    assert installs and all("-c constraints.txt" in part for part in installs), setup
+    assert "torch==2.13.0" in installs[0], "the CPU torch wheel goes in first, so nothing resolves a CUDA build"
+    ci = read(".ci", "run")
+    for line in ci.splitlines():
+        if "pip install" in line:
+            assert "-c constraints.txt" in line, line
+    assert "-c \"$constraints\"" in read("tools", "setup_monailabel.sh") and "constraints.txt" in read("tools", "setup_monailabel.sh")
+
+
+def test_ci_runs_exactly_the_readme_test_command_which_makes_the_monailabel_venv():
+    _, tests = readme_commands()[:2]
+    ci_lines = [line.strip() for line in read(".ci", "run").splitlines() if line.strip() and not line.startswith("#")]
+    assert ci_lines[-1] == tests, "the last line of .ci/run must be the README's test command, letter for letter"
+    assert "tools/setup_monailabel.sh" in tests and tests.endswith("python -m pytest -q")
+
+
+def test_monailabel_setup_finds_the_environment_it_made_up_to_date():
+    """The README's test command ran tools/setup_monailabel.sh before pytest; a second call must keep that
+    environment (same lock, same script, same checkout) and return at once instead of remaking 3.6 GB."""
+    venv = os.path.join(REPO_ROOT, ".venv-monailabel")
+    if not os.path.isfile(os.path.join(venv, ".surgical-sam-stamp")):
+        if os.environ.get("MONAILABEL_ABSENT") == "1" or os.environ.get("MONAILABEL_PYTHON"):
+            pytest.skip("no MONAI Label environment made by tools/setup_monailabel.sh in this checkout")
+        pytest.fail("no .venv-monailabel made by tools/setup_monailabel.sh: run the README's test command")
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "setup_monailabel.sh")],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
