@@ -423,12 +423,14 @@ def check_dataset(dataset_dir: str | os.PathLike, splits: Sequence[str] = DEFAUL
         summary["frames"][split] = len(datalist)
         summary["pixels_per_class"][split] = {name: int(pixels[i + 1]) for i, name in enumerate(names)}
         summary["frames_per_class"][split] = {name: int(frames[i + 1]) for i, name in enumerate(names)}
+    # Every kind of problem is gathered and reported together, one section per kind, in one DatasetError.
+    sections: list[str] = []
     if problems:
         shown = "\n  ".join(problems[:MAX_NAMED_FILES])
         more = f"\n  and {len(problems) - MAX_NAMED_FILES} more" if len(problems) > MAX_NAMED_FILES else ""
-        raise DatasetError(f"{len(problems)} file(s) of {dataset_dir} cannot be used:\n  {shown}{more}")
+        sections.append(f"{len(problems)} file(s) cannot be used:\n  {shown}{more}")
     if pair_mismatches:
-        raise DatasetError(
+        sections.append(
             f"{len(pair_mismatches)} label map(s) differ in size from their frame: {name_files(pair_mismatches)}; "
             "a label map must have the size of its frame."
         )
@@ -437,17 +439,23 @@ def check_dataset(dataset_dir: str | os.PathLike, splits: Sequence[str] = DEFAUL
             f"{height}x{width}: {len(files)} frame(s), e.g. {files[0]}"
             for (height, width), files in sorted(frames_by_size.items(), key=lambda kv: -len(kv[1]))
         )
-        raise DatasetError(
-            f"the frames of {dataset_dir} have {len(frames_by_size)} different sizes ({sizes}): the bundle trains on "
-            "one frame size, so the preparation step must resize or crop all frames (and label maps) to one size."
+        sections.append(
+            f"the frames have {len(frames_by_size)} different sizes ({sizes}): the bundle trains on one frame size, "
+            "so the preparation step must resize or crop all frames (and label maps) to one size."
         )
+    expected = description.get("frame_size")
+    if len(frames_by_size) == 1 and expected is not None and list(expected) != list(next(iter(frames_by_size))):
+        height, width = next(iter(frames_by_size))
+        sections.append(
+            f"the frames are {height}x{width} but dataset.json says frame_size {expected}: correct 'frame_size' in "
+            "dataset.json or re-run the preparation step."
+        )
+    if sections:
+        if len(sections) == 1:
+            raise DatasetError(f"{dataset_dir}: {sections[0]}")
+        raise DatasetError(f"{dataset_dir} has {len(sections)} kind(s) of problem:\n" + "\n".join(
+            f"- {section}" for section in sections))
     if frames_by_size:
         (frame_size,) = frames_by_size
-        expected = description.get("frame_size")
-        if expected is not None and list(expected) != list(frame_size):
-            raise DatasetError(
-                f"the frames of {dataset_dir} are {frame_size[0]}x{frame_size[1]} but dataset.json says frame_size "
-                f"{expected}: correct 'frame_size' in dataset.json or re-run the preparation step."
-            )
         summary["frame_size"] = list(frame_size)
     return summary

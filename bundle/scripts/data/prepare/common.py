@@ -5,7 +5,8 @@ one as a :class:`RawFrame` (its sources and a ``load`` function returning the fr
 map) and hands them to :func:`run_preparation`, which
 
 * refuses an ``out_dir`` that holds anything but a dataset made by the same command
-  (:func:`check_out_dir`): user data is never overwritten or deleted;
+  (:func:`check_out_dir`) and the embedding caches ``precompute`` put there: user data is never
+  overwritten or deleted, a cache is kept as it is;
 * writes every frame in the layout of :mod:`scripts.data.layout` through
   :func:`~scripts.data.layout.write_sample`, first into a staging folder inside ``out_dir`` and then
   moved into place file by file with ``os.replace`` (atomic: a file is either the old or the new one);
@@ -249,6 +250,39 @@ def layout_error(message: str, expected_layout: str) -> DatasetError:
 
 
 # ------------------------------------------------------------------------------------------ out_dir
+#: Depth below a top-level folder of out_dir at which an embedding cache's manifest is looked for
+#: (train.yaml's default cache_dir is <dataset_dir>/embedding_cache/<sam_variant>).
+CACHE_SEARCH_DEPTH = 2
+
+
+def is_embedding_cache_folder(path: str, depth: int = CACHE_SEARCH_DEPTH) -> bool:
+    """Whether ``path`` is (or holds, ``depth`` folders down) an embedding or tap cache made by ``precompute``.
+
+    The default cache_dir lies inside the dataset folder, so a prepared dataset holds one after
+    ``run precompute``; a re-run of the preparation keeps it as it is (and never reads or writes it).
+    A cache is recognised by its manifest.json with an ``identity``.
+    """
+    if not os.path.isdir(path):
+        return False
+    manifest = os.path.join(path, "manifest.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest, encoding="utf-8") as handle:
+                return isinstance(json.load(handle).get("identity"), dict)
+        except (OSError, ValueError, AttributeError):
+            return False
+    if depth <= 0:
+        return False
+    try:
+        children = [os.path.join(path, name) for name in os.listdir(path)]
+    except OSError:
+        return False
+    folders = [child for child in children if os.path.isdir(child)]
+    return bool(folders) and len(folders) == len(children) and all(
+        is_embedding_cache_folder(child, depth - 1) for child in folders
+    )
+
+
 def check_out_dir(out_dir: str, preparer: str) -> dict | None:
     """Make sure ``out_dir`` may be written by ``preparer``; return its previous state (or None).
 
@@ -263,7 +297,7 @@ def check_out_dir(out_dir: str, preparer: str) -> dict | None:
     entries = sorted(os.listdir(out_dir))
     if not entries:
         return None
-    foreign = [e for e in entries if e not in OUTPUT_ENTRIES]
+    foreign = [e for e in entries if e not in OUTPUT_ENTRIES and not is_embedding_cache_folder(os.path.join(out_dir, e))]
     state_path = os.path.join(out_dir, STATE_FILE)
     state = None
     if os.path.isfile(state_path):
