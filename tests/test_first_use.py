@@ -112,3 +112,37 @@ def test_precompute_reports_every_kind_of_bad_label_at_once(tmp_path, small_demo
     assert "'RGB'" in message and rgb["label"] in message
     assert "differ in size from their frame" in message and small["label"] in message
     assert not cache_dir.exists() or not glob.glob(str(cache_dir / "**" / "*.npy"), recursive=True)
+
+
+# ------------------------------------------------------------------ item 8: messages in the bundle's words
+@pytest.mark.parametrize("content", [b"\x80\x02random bytes that are no checkpoint" * 40, b"hello world\n" * 50])
+def test_a_random_file_as_sam_checkpoint_gets_the_bundles_advice(tmp_path, content):
+    from scripts.networks.sam_backbone import build_sam
+    from scripts.networks.sam_prompting import load_sam_mask_decoder
+
+    path = tmp_path / "not_sam.pth"
+    path.write_bytes(content)
+    for load in (lambda: build_sam("tiny", str(path)), lambda: load_sam_mask_decoder("tiny", str(path))):
+        with pytest.raises(ValueError) as error:
+            load()
+        message = str(error.value)
+        assert str(path) in message and "not a PyTorch weights file" in message
+        assert "weights_only" not in message and "will likely succeed" not in message
+        assert "--sam_checkpoint" in message
+
+
+def test_a_cache_of_another_checkpoint_is_a_stale_cache(tmp_path, small_demo_dir, small_cache_dir):
+    from scripts.engines import check_evaluation_inputs, check_training_inputs
+    from scripts.networks.sam_backbone import save_random_sam_checkpoint
+
+    other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1)
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"")
+    for check in (lambda: check_training_inputs(small_demo_dir, "tiny", other, small_cache_dir),
+                  lambda: check_evaluation_inputs(small_demo_dir, "tiny", other, small_cache_dir, str(model))):
+        with pytest.raises(StaleCacheError) as error:
+            check()
+        assert not isinstance(error.value, FileNotFoundError)
+        message = str(error.value)
+        assert "sam_checkpoint_md5" in message and "--cache_dir NEW_FOLDER" in message
+        assert "monai.bundle run precompute" in message

@@ -361,10 +361,10 @@ def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[st
             "or pass --sam_checkpoint PATH."]
 
 
-def raise_input_problems(problems: list[str], job: str) -> None:
-    """FileNotFoundError "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
+def raise_input_problems(problems: list[str], job: str, error: type[Exception] = FileNotFoundError) -> None:
+    """``error`` "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
     if problems:
-        raise FileNotFoundError(f"cannot {job}:\n  - " + "\n  - ".join(problems))
+        raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))
 
 
 def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
@@ -374,9 +374,10 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
 
     ``splits``: the dataset.json splits the run reads (train_split, val_split); each must be in the cache.
     """
-    from .data.embedding_cache import EmbeddingCache, cache_identity
+    from .data.embedding_cache import EmbeddingCache, StaleCacheError, cache_identity
 
     problems = list(extra_problems or [])
+    error: type[Exception] = FileNotFoundError
     if not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
         problems.append(
             f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the model card) "
@@ -384,13 +385,20 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
         )
     problems += missing_sam_weights(sam_variant, sam_checkpoint)
     if not problems:
+        cache = None
         try:
             cache = EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
-            for split in splits or []:
+        except StaleCacheError as cause:  # there, but made for other inputs (or unfinished): nothing is missing
+            problems.append(f"embeddings: {cause}".replace("<the same config files as this run>", config_hint))
+            error = StaleCacheError
+        except (FileNotFoundError, RuntimeError) as cause:
+            problems.append(f"embeddings: {cause}".replace("<the same config files as this run>", config_hint))
+        try:
+            for split in (splits or []) if cache is not None else []:
                 cache.versions(split)
-        except (FileNotFoundError, RuntimeError) as error:
-            problems.append(f"embeddings: {error}".replace("<the same config files as this run>", config_hint))
-    raise_input_problems(problems, job)
+        except (FileNotFoundError, RuntimeError) as cause:  # a split never precomputed: missing
+            problems.append(f"embeddings: {cause}".replace("<the same config files as this run>", config_hint))
+    raise_input_problems(problems, job, error)
 
 
 def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
