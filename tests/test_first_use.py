@@ -146,3 +146,32 @@ def test_a_cache_of_another_checkpoint_is_a_stale_cache(tmp_path, small_demo_dir
         message = str(error.value)
         assert "sam_checkpoint_md5" in message and "--cache_dir NEW_FOLDER" in message
         assert "monai.bundle run precompute" in message
+
+
+# ------------------------------------------------------------------ item 6: bundle_root of the configs run
+def test_bundle_root_is_the_bundle_whose_configs_run(tmp_path):
+    """A second copy of the bundle run while ``scripts`` comes from the first (an editable install of another
+    checkout, here PYTHONPATH): models, data and outputs are the second copy's."""
+    import subprocess
+    import sys
+
+    from conftest import bundle_copy_ignore
+
+    copy = tmp_path / "second_clone" / "bundle"
+    shutil.copytree(BUNDLE, copy, ignore=bundle_copy_ignore(str(BUNDLE)))
+    env = {**os.environ, "PYTHONPATH": str(BUNDLE)}  # the first checkout's code comes first
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+               str(copy / "configs" / "train.yaml"), "--dataset_dir", str(tmp_path / "no_data"),
+               "--class_names", "['a']", "--frame_size", "[8, 8]"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "cannot train" in output, output[-3000:]
+    assert str(copy / "models" / "sam_vit_h_4b8939.pth") in output, output[-3000:]
+    assert str(BUNDLE / "models" / "sam_vit_h_4b8939.pth") not in output
+    assert "with the code (scripts/) of" in output  # the mix of two checkouts is said
+
+
+def test_bundle_root_outside_a_workflow_is_the_code_folder():
+    import scripts
+
+    assert scripts.run_bundle_root() == scripts.BUNDLE_ROOT
