@@ -175,3 +175,101 @@ def test_bundle_root_outside_a_workflow_is_the_code_folder():
     import scripts
 
     assert scripts.run_bundle_root() == scripts.BUNDLE_ROOT
+
+
+# ------------------------------------------------------------------ items 5 and 9: inference on a folder of frames
+INFERENCE_CONFIGS = [str(BUNDLE / "configs" / "inference.yaml"), str(BUNDLE / "configs" / "demo_inference.yaml")]
+
+
+@pytest.fixture
+def demo_model(tmp_path, tiny_sam_checkpoint):
+    import torch
+
+    from scripts.networks.surgical_sam import SurgicalSAM
+
+    torch.manual_seed(1)
+    path = str(tmp_path / "model.pt")
+    torch.save(SurgicalSAM(7, 2, (64, 80), "tiny", tiny_sam_checkpoint).state_dict(), path)
+    return path
+
+
+def run_inference(frames_dir, output_dir, model_file, sam_checkpoint, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=INFERENCE_CONFIGS, workflow_type="infer", logging_file=None,
+                              meta_file=str(BUNDLE / "configs" / "metadata.json"), dataset_dir=str(frames_dir),
+                              output_dir=str(output_dir), model_file=model_file, sam_checkpoint=sam_checkpoint,
+                              device="cpu", **overrides)
+    workflow.initialize()
+    workflow.run()
+
+
+def test_inference_writes_every_readable_frame_and_names_the_bad_ones(tmp_path, demo_model, tiny_sam_checkpoint):
+    from scripts.engines import UnreadableFramesError
+
+    rng = np.random.default_rng(0)
+    frames = tmp_path / "frames"
+    for name in ("a.png", "c.png", "e.png"):
+        write_image(frames / name, rng.integers(0, 255, (64, 80, 3)))
+    (frames / "b.png").write_bytes((frames / "a.png").read_bytes()[:70])  # truncated
+    (frames / "d.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as error:
+        run_inference(frames, out, demo_model, tiny_sam_checkpoint)
+    cause = error.value
+    while cause is not None and not isinstance(cause, UnreadableFramesError):  # MONAI wraps it in its expression's
+        cause = cause.__cause__
+    assert cause is not None, error.value
+    assert sorted(p.name for p in out.glob("*_seg.png")) == ["a_seg.png", "c_seg.png", "e_seg.png"]
+    message = str(cause)
+    assert "2 of 5 frame(s)" in message and str(frames / "b.png") in message and str(frames / "d.jpg") in message
+    assert "dataset.json" not in message and "move it out of the frame folder" in message
+
+
+def test_inference_exits_non_zero_after_writing_the_other_frames(tmp_path, demo_model, tiny_sam_checkpoint):
+    import subprocess
+    import sys
+
+    frames = tmp_path / "frames"
+    write_image(frames / "good.png", np.zeros((64, 80, 3)))
+    (frames / "bad.png").write_text("not an image")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE_CONFIGS),
+               "--dataset_dir", str(frames), "--output_dir", str(tmp_path / "out"), "--model_file", demo_model,
+               "--sam_checkpoint", tiny_sam_checkpoint, "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(BUNDLE)})
+    assert result.returncode != 0
+    assert "1 of 2 frame(s)" in result.stderr + result.stdout and str(frames / "bad.png") in result.stderr
+    assert (tmp_path / "out" / "good_seg.png").is_file()
+
+
+def test_inference_frame_crop_segments_only_the_window(tmp_path, demo_model, tiny_sam_checkpoint):
+    """frame_crop: the window alone is segmented, as the frame cropped beforehand would be; the label map keeps
+    the raw frame's size with background outside the window."""
+    rng = np.random.default_rng(3)
+    raw = np.zeros((80, 100, 3), np.uint8)  # black borders around a 64x80 camera image
+    window = rng.integers(0, 255, (64, 80, 3)).astype(np.uint8)
+    raw[6:70, 12:92] = window
+    write_image(tmp_path / "raw" / "f.png", raw)
+    write_image(tmp_path / "cropped" / "f.png", window)
+    run_inference(tmp_path / "raw", tmp_path / "out_raw", demo_model, tiny_sam_checkpoint,
+                  frame_crop=[[6, 70], [12, 92]])
+    run_inference(tmp_path / "cropped", tmp_path / "out_cropped", demo_model, tiny_sam_checkpoint)
+    full = np.asarray(Image.open(tmp_path / "out_raw" / "f_seg.png"))
+    expected = np.asarray(Image.open(tmp_path / "out_cropped" / "f_seg.png"))
+    assert full.shape == (80, 100)
+    np.testing.assert_array_equal(full[6:70, 12:92], expected)
+    assert not full[:6].any() and not full[70:].any() and not full[:, :12].any() and not full[:, 92:].any()
+    assert expected.any()  # the comparison is about a non-empty map
+    overlay = np.asarray(Image.open(tmp_path / "out_raw" / "f_overlay.png"))
+    assert overlay.shape == (80, 100, 3)
+
+
+def test_frame_crop_setting_errors(tmp_path):
+    from scripts.data.transforms import LoadFramed, frame_crop_box
+
+    with pytest.raises(ValueError, match="frame_crop"):
+        frame_crop_box([28, 1052, 320, 1600])
+    write_image(tmp_path / "small.png", np.zeros((10, 10, 3)))
+    with pytest.raises(DatasetError, match="smaller than frame_crop"):
+        LoadFramed("image", crop=[[0, 20], [0, 5]])({"image": str(tmp_path / "small.png")})

@@ -410,3 +410,58 @@ def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: 
                      "--config_file bundle/configs/train.yaml ...) or pass --model_file PATH.")
     check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra,
                           splits=splits)
+
+
+# ------------------------------------------------------------------------------- inference past bad frames
+class UnreadableFramesError(RuntimeError):
+    """Some frames of an inference run could not be read (every other frame was segmented and written)."""
+
+
+class UnreadableFrames:
+    """Inference on a folder of frames that does not stop at an unreadable frame.
+
+    Both the evaluator's ``iteration_update`` and one of its handlers (inference.yaml). Items that
+    ``scripts.data.transforms.FrameDataset`` marked ``unreadable`` skip the network, postprocessing and
+    writer; when the run completes, every skipped frame is named with why, and
+    :class:`UnreadableFramesError` ends the run (a non-zero exit of ``monai.bundle run``).
+
+    Args:
+        frames_dir: the frame folder (for the message).
+        output_dir: where the other frames were written (for the message).
+    """
+
+    def __init__(self, frames_dir: str, output_dir: str) -> None:
+        self.frames_dir, self.output_dir = frames_dir, output_dir
+        self.skipped: list[str] = []
+        self.seen = 0
+
+    def __call__(self, engine: Engine, batchdata: dict):
+        reasons = batchdata.get("unreadable", []) if isinstance(batchdata, dict) else []
+        reasons = [reasons] if isinstance(reasons, str) else list(reasons)
+        self.seen += max(1, len(reasons))
+        bad = [reason for reason in reasons if reason]
+        if bad:
+            if len(bad) != len(reasons):
+                raise ValueError("UnreadableFrames needs batch_size 1: a batch mixed readable and unreadable frames")
+            self.skipped += bad
+            for reason in bad:
+                logger.error("skipped: %s", reason)
+            return {}
+        return engine._iteration(engine, batchdata)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.COMPLETED, self.report)
+
+    def _reset(self, engine: Engine) -> None:
+        self.skipped, self.seen = [], 0
+
+    def report(self, engine: Engine | None = None) -> None:
+        if not self.skipped:
+            return
+        raise UnreadableFramesError(
+            f"{len(self.skipped)} of {self.seen} frame(s) in {self.frames_dir} could not be read and were not "
+            f"segmented; every other frame was written to {self.output_dir}:\n  - " + "\n  - ".join(self.skipped)
+            + "\nReplace each file named above with an 8-bit RGB or grey PNG/JPEG (or move it out of the frame folder) "
+            "and run the same command again."
+        )

@@ -256,8 +256,12 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
-    """Open and fully decode an image; DatasetError naming the file when it cannot be read."""
+#: What to do about an unreadable file of a prepared dataset.
+DATASET_FILE_ADVICE = "re-export it or remove it from dataset.json"
+
+
+def _open_image(path: str | os.PathLike, what: str, advice: str = DATASET_FILE_ADVICE) -> Image.Image:
+    """Open and fully decode an image; DatasetError naming the file (and ``advice``) when it cannot be read."""
     if not os.path.isfile(path):
         raise DatasetError(f"{what} {path} does not exist.")
     try:
@@ -266,21 +270,22 @@ def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(
             f"cannot read {what} {path} ({type(error).__name__}: {error}): the file is corrupt or not an image; "
-            "re-export it or remove it from dataset.json."
+            f"{advice}."
         ) from None
     return image
 
 
-def read_frame(path: str | os.PathLike) -> np.ndarray:
+def read_frame(path: str | os.PathLike, advice: str = DATASET_FILE_ADVICE) -> np.ndarray:
     """Read an RGB frame as a uint8 array (H, W, 3).
 
     Grayscale (L), grayscale+alpha (LA), RGBA and palette (P) images are converted to RGB (alpha
-    dropped), with a warning naming the file the first time each mode is met.
+    dropped), with a warning naming the file the first time each mode is met. ``advice`` ends the
+    message of an unreadable file (a frame of a prepared dataset by default).
 
     Raises:
         DatasetError: the file is unreadable or corrupt, or has another mode (16-bit, float, CMYK...).
     """
-    image = _open_image(path, "frame")
+    image = _open_image(path, "frame", advice)
     mode = image.mode
     if mode in _CONVERTED_FRAME_MODES:
         if mode not in _warned_frame_modes:
