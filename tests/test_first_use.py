@@ -273,3 +273,63 @@ def test_frame_crop_setting_errors(tmp_path):
     write_image(tmp_path / "small.png", np.zeros((10, 10, 3)))
     with pytest.raises(DatasetError, match="smaller than frame_crop"):
         LoadFramed("image", crop=[[0, 20], [0, 5]])({"image": str(tmp_path / "small.png")})
+
+
+# ------------------------------------------------------------------ item 4: a partial EndoVis2017 download
+def make_endovis2017_raw(raw: Path, numbers) -> None:
+    """instrument_dataset_K (K in ``numbers``), one 1080x1920 frame each with a shaft of one instrument."""
+    for number in numbers:
+        folder = raw / f"instrument_dataset_{number}"
+        frame = np.zeros((1080, 1920, 3), np.uint8)
+        frame[..., 2] = number * 20
+        (folder / "left_frames").mkdir(parents=True)
+        Image.fromarray(frame).save(folder / "left_frames" / "frame000.png", compress_level=1)
+        mask = np.zeros((1080, 1920), np.uint8)
+        mask[300:400, 400:600] = 10
+        (folder / "ground_truth" / "Bipolar_Forceps_labels").mkdir(parents=True)
+        Image.fromarray(mask).save(folder / "ground_truth" / "Bipolar_Forceps_labels" / "frame000.png",
+                                   compress_level=1)
+
+
+def test_partial_endovis2017_download_is_prepared_with_the_folds_it_allows(tmp_path, capsys):
+    from scripts.data.layout import available_splits, read_dataset_description
+    from scripts.data.prepare.endovis2017 import prepare_endovis2017
+
+    make_endovis2017_raw(tmp_path / "raw", (1, 2, 4))
+    out = tmp_path / "endovis2017"
+    summary = prepare_endovis2017(str(tmp_path / "raw"), str(out), progress=False)
+    description = read_dataset_description(out)
+    sequences = {split: sorted({e["sequence"] for e in description[split]})
+                 for split in available_splits(description)}
+    assert sequences == {
+        "fold0_training": ["seq_2", "seq_4"], "fold0_validation": ["seq_1"],
+        "fold1_training": ["seq_1", "seq_4"], "fold1_validation": ["seq_2"],
+        "fold2_training": ["seq_1", "seq_2"], "fold2_validation": ["seq_4"],
+        "training": ["seq_2", "seq_4"], "validation": ["seq_1"],
+    }
+    assert set(description["incomplete_folds"]) == {"fold0", "fold1", "fold2"}
+    assert "instrument_dataset_3 (validation)" in description["incomplete_folds"]["fold0"]
+    assert set(description["left_out_splits"]) == {"fold3_training", "fold3_validation"}
+    assert "instrument_dataset_6, instrument_dataset_7" in description["left_out_splits"]["fold3_validation"]
+    assert summary["incomplete_folds"] == description["incomplete_folds"]
+    printed = capsys.readouterr().out
+    assert "fold3_validation not written" in printed and "fold0 is incomplete" in printed
+    with pytest.raises(DatasetError, match="could not make it: none of its validation datasets"):
+        load_datalist(str(out), "fold3_validation")
+    # the rest of the download arrives: the same command completes the folder
+    make_endovis2017_raw(tmp_path / "raw", (3, 5, 6, 7, 8))
+    summary = prepare_endovis2017(str(tmp_path / "raw"), str(out), progress=False)
+    description = read_dataset_description(out)
+    assert summary["written"] == 5 and summary["reused"] == 3
+    assert "incomplete_folds" not in description and "left_out_splits" not in description
+    assert len(description["fold3_validation"]) == 2
+
+
+def test_endovis2017_download_without_a_whole_fold_is_refused_before_writing(tmp_path):
+    from scripts.data.prepare.endovis2017 import prepare_endovis2017
+
+    make_endovis2017_raw(tmp_path / "raw", (1,))
+    with pytest.raises(DatasetError, match="no fold can be made") as error:
+        prepare_endovis2017(str(tmp_path / "raw"), str(tmp_path / "out"), progress=False)
+    assert "instrument_dataset_1 only" in str(error.value)
+    assert not (tmp_path / "out").exists()

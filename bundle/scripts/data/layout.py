@@ -213,8 +213,11 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
     source = os.path.join(dataset_dir, DESCRIPTION_FILE)
     splits = available_splits(description)
     if split not in splits:
+        why = (description.get("left_out_splits") or {}).get(split) if isinstance(
+            description.get("left_out_splits"), dict) else None
+        reason = f" (the preparation could not make it: {why})" if why else ""
         raise DatasetError(
-            f"{source} has no split '{split}': available splits are {splits or 'none'}; "
+            f"{source} has no split '{split}'{reason}: available splits are {splits or 'none'}; "
             "choose one of them or add the split to the file."
         )
     entries = description[split]

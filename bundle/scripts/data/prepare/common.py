@@ -384,6 +384,8 @@ def run_preparation(
     problems: Sequence[tuple[str, str]] = (),
     check: bool = True,
     progress: bool = True,
+    left_out_splits: Mapping[str, str] | None = None,
+    optional_splits: bool = False,
 ) -> dict:
     """Prepare ``frames`` into ``out_dir``; write the summary and dataset.json; return the summary.
 
@@ -403,6 +405,10 @@ def run_preparation(
         problems: (file, reason) pairs the command found before loading (e.g. unknown folders).
         check: read the result back with check_dataset at the end.
         progress: show a tqdm progress bar.
+        left_out_splits: split name -> why the command could not make it (e.g. an EndoVis2017 fold whose
+            datasets are not in the download); recorded in dataset.json and the summary (``left_out_splits``).
+        optional_splits: a split that ends up without a usable frame is left out (and recorded with why)
+            instead of failing the preparation; at least one split must remain.
 
     Returns:
         the summary (also written to ``<out_dir>/preparation_summary.json``) plus ``written`` and
@@ -528,8 +534,14 @@ def run_preparation(
     kept = sorted(state_frames, key=order.__getitem__)
     final = {**description, "frame_size": list(size)}
     summary_splits: dict[str, dict] = {}
-    for split, sequences in split_sequences.items():
+    left_out = dict(left_out_splits or {})
+    for split, sequences in list(split_sequences.items()):
         keys = [key for key in kept if key.rsplit("/", 1)[0] in sequences]
+        if not keys and optional_splits:
+            left_out[split] = (f"no usable frame in its sequences "
+                               f"{name_files(sorted(sequences, key=natural_key)) or 'none'}")
+            del split_sequences[split]
+            continue
         if not keys:
             raise DatasetError(
                 f"split '{split}' of {preparer} has no usable frame (its sequences: "
@@ -537,6 +549,10 @@ def run_preparation(
             )
         final[split] = [_entry(*key.rsplit("/", 1)) for key in keys]
         summary_splits[split] = _class_counts([state_frames[k] for k in keys], names, ignore_index)
+    if not split_sequences:
+        raise DatasetError(f"no split of {preparer} can be made: " + "; ".join(f"{k}: {v}" for k, v in left_out.items()))
+    if left_out:
+        final["left_out_splits"] = left_out
     summary = {
         "preparer": preparer,
         "frame_size": list(size),
@@ -552,6 +568,7 @@ def run_preparation(
         "per_split": summary_splits,
         "notes": _sum_notes(state_frames[k] for k in kept),
         "skipped": skipped,
+        **({"left_out_splits": left_out} if left_out else {}),
     }
     atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     _write_description_if_changed(out_dir, final)  # last: its presence marks a finished preparation
@@ -642,5 +659,7 @@ def format_summary(summary: Mapping, out_dir: str, written: int, reused: int) ->
             lines.append(f"    {item['file']}: {item['reason']}")
         if len(summary["skipped"]) > 20:
             lines.append(f"    ... and {len(summary['skipped']) - 20} more (see {SUMMARY_FILE})")
+    for split, reason in summary.get("left_out_splits", {}).items():
+        lines.append(f"  split {split} not written: {reason}")
     lines.append(f"  summary written to {os.path.join(out_dir, SUMMARY_FILE)}")
     return "\n".join(lines)
