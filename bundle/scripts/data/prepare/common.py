@@ -386,6 +386,7 @@ def run_preparation(
     progress: bool = True,
     left_out_splits: Mapping[str, str] | None = None,
     optional_splits: bool = False,
+    extra_summary: Mapping | None = None,
 ) -> dict:
     """Prepare ``frames`` into ``out_dir``; write the summary and dataset.json; return the summary.
 
@@ -409,6 +410,7 @@ def run_preparation(
             datasets are not in the download); recorded in dataset.json and the summary (``left_out_splits``).
         optional_splits: a split that ends up without a usable frame is left out (and recorded with why)
             instead of failing the preparation; at least one split must remain.
+        extra_summary: more entries of the summary (e.g. ``incomplete_folds``).
 
     Returns:
         the summary (also written to ``<out_dir>/preparation_summary.json``) plus ``written`` and
@@ -569,6 +571,7 @@ def run_preparation(
         "notes": _sum_notes(state_frames[k] for k in kept),
         "skipped": skipped,
         **({"left_out_splits": left_out} if left_out else {}),
+        **dict(extra_summary or {}),
     }
     atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     _write_description_if_changed(out_dir, final)  # last: its presence marks a finished preparation

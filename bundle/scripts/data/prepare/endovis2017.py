@@ -268,7 +268,8 @@ def prepare_endovis2017(raw_dir: str, out_dir: str, check: bool = True, progress
         out_dir, PREPARER, description, frames, splits, raw_dir, settings=settings,
         frame_size=(CROP_ROWS[1] - CROP_ROWS[0], CROP_COLS[1] - CROP_COLS[0]), problems=problems,
         check=check, progress=progress, left_out_splits=left_out, optional_splits=True,
+        extra_summary={"incomplete_folds": incomplete} if incomplete else None,
     )
     for fold, reason in incomplete.items():
         print(f"  {fold} is incomplete: {reason}")
-    return {**summary, "incomplete_folds": incomplete}
+    return summary
