@@ -188,6 +188,73 @@ def class_names(description: dict) -> list[str]:
     return [classes[key] for key in sorted(classes, key=int)]
 
 
+_description_class_names = class_names  # for functions whose argument is named class_names
+
+#: The settings of a training or evaluation run that dataset.json states (its one source).
+DATASET_FACTS = ("class_names", "frame_size")
+
+
+def dataset_fact(dataset_dir: str | os.PathLike, name: str):
+    """``class_names`` (list of C names, ordered by id) or ``frame_size`` ([H, W]) of ``<dataset_dir>/dataset.json``.
+
+    train.yaml's default of these settings: the dataset says them once and training, evaluation and the
+    embedding cache all read them from there. A config or command line may still set them; then
+    :func:`dataset_fact_problems` compares the two before any work.
+
+    Raises:
+        DatasetError: no dataset.json (the message says how to make one or set the value), or it has no
+            ``frame_size``.
+    """
+    if name not in DATASET_FACTS:
+        raise ValueError(f"unknown dataset fact {name!r}: one of {', '.join(DATASET_FACTS)}")
+    path = os.path.join(str(dataset_dir), DESCRIPTION_FILE)
+    if not os.path.isfile(path):
+        raise DatasetError(
+            f"{name} comes from the dataset's {DESCRIPTION_FILE}, but {path} does not exist: prepare the dataset "
+            f"(`surgical-sam prepare_* ... --out_dir {dataset_dir}`, see the model card) or pass --dataset_dir; "
+            f"for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`. Without a dataset "
+            f"(e.g. the original release's features) set --{name} in the config or on the command line."
+        )
+    description = read_dataset_description(dataset_dir)
+    if name == "class_names":
+        return class_names(description)
+    if description.get("frame_size") is None:
+        raise DatasetError(f"{path} has no frame_size: add \"frame_size\": [H, W] (the size of every frame) or pass "
+                           "--frame_size \"[H, W]\".")
+    return [int(v) for v in description["frame_size"]]
+
+
+def dataset_fact_problems(dataset_dir: str | os.PathLike, class_names: Sequence[str] | None = None,
+                          frame_size: Sequence[int] | None = None) -> list[str]:
+    """How the run's ``class_names`` / ``frame_size`` disagree with dataset.json, one line each; [] when they
+    agree (None: not compared). Class names are compared by id and name, not by count."""
+    description = read_dataset_description(dataset_dir)
+    source = os.path.join(str(dataset_dir), DESCRIPTION_FILE)
+    problems = []
+    if class_names is not None:
+        found = _description_class_names(description)
+        given = [str(n) for n in class_names]
+        if given != found:
+            differing = [f"{i}: {g!r} vs {f!r}" for i, (g, f) in enumerate(zip(given, found), start=1) if g != f]
+            detail = f"class ids {'; '.join(differing[:4])}" if differing else ""
+            if len(given) != len(found):
+                detail = (detail + "; " if detail else "") + f"{len(given)} classes vs {len(found)}"
+            problems.append(
+                f"class_names: the run's {given} disagree with {source}, which has {found} ({detail}). Leave "
+                "class_names out of the command line and overlays to use the dataset's, or use the overlay that "
+                "matches this dataset (e.g. endovis2017.yaml for EndoVis2017 data)."
+            )
+    if frame_size is not None and description.get("frame_size") is not None:
+        found_size = [int(v) for v in description["frame_size"]]
+        given_size = [int(v) for v in frame_size]
+        if given_size != found_size:
+            problems.append(
+                f"frame_size: the run's {given_size} disagrees with {source}, which has {found_size}. Leave "
+                f"frame_size out to use the dataset's, or pass --frame_size \"{found_size}\"."
+            )
+    return problems
+
+
 def available_splits(description: dict) -> list[str]:
     """Keys of ``description`` holding a list of samples (dicts), e.g. ["training", "validation"]."""
     return [
