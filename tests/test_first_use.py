@@ -419,3 +419,57 @@ def test_a_cache_of_other_class_names_is_stale(tmp_path, own_data, small_sam_che
     error = expression_error(workflow.run)
     assert isinstance(error, StaleCacheError), error
     assert "['Grasper', 'Hook']" in str(error) and "--cache_dir NEW_FOLDER" in str(error)
+
+
+def test_frame_crop_in_the_monailabel_seam(tmp_path):
+    """What MONAI Label's BundleInferTask runs (preprocessing, then postprocessing on the inferer's label map)
+    with a crop overlay: the frame is cropped and the returned mask has the whole frame's size, (W, H)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    overlay = tmp_path / "crop.yaml"
+    overlay.write_text("frame_crop: [[2, 10], [3, 15]]\n")
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "inference.yaml"), str(overlay)])
+    write_image(tmp_path / "f.png", np.full((12, 20, 3), 9))
+    data = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "f.png")})
+    assert tuple(data["image"].shape) == (3, 8, 12)
+    data["pred"] = torch.full((1, 8, 12), 3, dtype=torch.long)
+    mask = parser.get_parsed_content("postprocessing")(data)["pred"]
+    assert tuple(mask.shape) == (20, 12)  # (W, H), MONAI's order for 2D images
+    expected = np.zeros((12, 20), np.uint8)
+    expected[2:10, 3:15] = 3
+    np.testing.assert_array_equal(mask.numpy().T, expected)
+
+
+# ------------------------------------------------------------------ item 10: the docs' commands
+def test_docs_give_the_newcomers_commands():
+    card = (BUNDLE / "docs" / "README.md").read_text()
+    table = card[card.index("## Commands"):card.index("### Dataset overlays")]
+    assert ("`python -m monai.bundle run --config_file \"['bundle/configs/inference.yaml',"
+            "'bundle/configs/demo_inference.yaml']\" --dataset_dir FRAMES`") in table
+    own = card[card.index("**Your own data**"):card.index("**Cross-dataset**")]
+    for command in ("surgical-sam prepare_custom --config raw/classes.yaml --out_dir data/mine",
+                    "run precompute --config_file bundle/configs/train.yaml --dataset_dir data/mine",
+                    "run training   --config_file bundle/configs/train.yaml --dataset_dir data/mine",
+                    "run evaluating", "--class_names \"['Grasper','Hook']\"", "--frame_size \"[480, 640]\""):
+        assert command in own, command
+    for key in ("frames_dir: frames", "labels_dir: labels", "classes: {1: Grasper, 2: Hook}"):
+        assert key in own
+
+
+@pytest.mark.parametrize("command", ["prepare_endovis2017", "prepare_endovis2018", "prepare_cholecseg8k",
+                                     "prepare_custom"])
+def test_prepare_help_shows_the_raw_layout(command):
+    import importlib
+    import subprocess
+    import sys
+
+    module = importlib.import_module(f"scripts.data.prepare.{command.split('_', 1)[1]}")
+    result = subprocess.run([sys.executable, "-m", "scripts.cli", command, "--help"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(BUNDLE), "PAGER": "cat"})
+    shown = result.stdout + result.stderr
+    for line in module.EXPECTED_LAYOUT.splitlines():
+        assert line.strip() in shown, (line, shown[:2000])
+    if command == "prepare_custom":
+        assert "classes: {1: Grasper, 2: Hook}" in shown
