@@ -499,7 +499,7 @@ class EmbeddingCache:
                 f"({_identity_diff(self.manifest.get('identity'), identity)}): it is not used, and precompute "
                 f"never overwrites it. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and make the cache for "
                 f"this run's encoder with {PRECOMPUTE_COMMAND.split(' (')[0]} --cache_dir NEW_FOLDER; or point "
-                "--cache_dir at a cache made for this sam_variant and sam_checkpoint."
+                "--cache_dir at a cache made for this run's encoder and weights."
             )
         if not self.manifest.get("complete"):
             raise StaleCacheError(f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "
