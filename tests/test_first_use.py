@@ -397,7 +397,8 @@ def test_a_setting_that_disagrees_with_dataset_json_fails_before_any_work(tmp_pa
     error = expression_error(workflow.run)
     assert isinstance(error, DatasetError), error
     message = str(error)
-    assert "class_names" in message and "['Grasper', 'Hook']" in message and "1: 'Bipolar Forceps' vs 'Grasper'" in message
+    assert "class_names" in message and "['Grasper', 'Hook']" in message
+    assert "1: 'Bipolar Forceps' vs 'Grasper'" in message
     assert "frame_size" in message and "[1024, 1280]" in message and "[16, 20]" in message
     assert not (tmp_path / "bundle").exists()  # nothing was trained or written
     # same count, other names: found by name, not by count

@@ -82,8 +82,9 @@ class LoadFramed(MapTransform):
                 row0, row1, col0, col1 = self.crop
                 if array.shape[0] < row1 or array.shape[1] < col1:
                     raise DatasetError(
-                        f"frame {path} is {array.shape[0]}x{array.shape[1]}, smaller than frame_crop rows {row0}:{row1}, "
-                        f"columns {col0}:{col1}: set frame_crop to fit these frames, or null for whole frames")
+                        f"frame {path} is {array.shape[0]}x{array.shape[1]}, smaller than frame_crop rows "
+                        f"{row0}:{row1}, columns {col0}:{col1}: set frame_crop to fit these frames, or null for "
+                        "whole frames")
                 array = array[row0:row1, col0:col1]
             frame = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
             result[key] = MetaTensor(frame, meta={"filename_or_obj": path, "spatial_shape": list(frame.shape[1:]),

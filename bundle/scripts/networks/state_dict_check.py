@@ -24,8 +24,8 @@ def describe_load_failure(cause: BaseException) -> str:
         detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
         detail = detail.split(" Check the documentation", 1)[0].split(" Please use `torch.serialization", 1)[0]
         if detail.startswith("Unsupported global"):
-            return (f"it holds Python objects other than tensors ({detail.rstrip('.')}); the bundle reads weights only: "
-                    "save the state dict alone, torch.save(model.state_dict(), path)")
+            return (f"it holds Python objects other than tensors ({detail.rstrip('.')}); the bundle reads weights "
+                    "only: save the state dict alone, torch.save(model.state_dict(), path)")
         return f"it is not a PyTorch weights file, or it is damaged (the unpickler found: {detail.rstrip('.')})"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"it is not a PyTorch weights file, or it is damaged ({type(cause).__name__}: {first})"

@@ -297,7 +297,8 @@ def check_out_dir(out_dir: str, preparer: str) -> dict | None:
     entries = sorted(os.listdir(out_dir))
     if not entries:
         return None
-    foreign = [e for e in entries if e not in OUTPUT_ENTRIES and not is_embedding_cache_folder(os.path.join(out_dir, e))]
+    foreign = [e for e in entries
+               if e not in OUTPUT_ENTRIES and not is_embedding_cache_folder(os.path.join(out_dir, e))]
     state_path = os.path.join(out_dir, STATE_FILE)
     state = None
     if os.path.isfile(state_path):
@@ -552,7 +553,8 @@ def run_preparation(
         final[split] = [_entry(*key.rsplit("/", 1)) for key in keys]
         summary_splits[split] = _class_counts([state_frames[k] for k in keys], names, ignore_index)
     if not split_sequences:
-        raise DatasetError(f"no split of {preparer} can be made: " + "; ".join(f"{k}: {v}" for k, v in left_out.items()))
+        reasons = "; ".join(f"{k}: {v}" for k, v in left_out.items())
+        raise DatasetError(f"no split of {preparer} can be made: {reasons}")
     if left_out:
         final["left_out_splits"] = left_out
     summary = {

@@ -134,7 +134,8 @@ def available_folds(present: set[int], folds=FOLDS) -> tuple[dict[str, list[str]
     for index in range(len(folds)):
         parts = {part: every[f"fold{index}_{part}"] for part in ("training", "validation")}
         missing = {part: [s for s in seqs if int(s.split("_")[1]) not in present] for part, seqs in parts.items()}
-        names = {part: ", ".join(f"instrument_dataset_{s.split('_')[1]}" for s in seqs) for part, seqs in missing.items()}
+        names = {part: ", ".join(f"instrument_dataset_{s.split('_')[1]}" for s in seqs)
+                 for part, seqs in missing.items()}
         if any(len(missing[part]) == len(parts[part]) for part in parts):
             empty = [part for part in parts if len(missing[part]) == len(parts[part])]
             reason = "; ".join(f"none of its {part} datasets ({names[part]}) is in the raw folder" for part in empty)
