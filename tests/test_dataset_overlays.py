@@ -83,6 +83,8 @@ def fold_data(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
     description["fold2_training"] = description["validation"] + [
         i for i in description["training"] if i["sequence"] == sequences[0]]
     description["fold2_validation"] = [i for i in description["training"] if i["sequence"] == sequences[1]]
+    # EndoVis2017 data for the EndoVis2017 overlay: its class names are checked against dataset.json's by name
+    description["classes"] = {str(i): name for i, name in enumerate(E2017_NAMES, start=1)}
     with open(os.path.join(data, "dataset.json"), "w") as handle:
         json.dump(description, handle)
     cache = str(root / "cache")

@@ -24,6 +24,7 @@ from scripts.engines import (
     endovis_metric_inputs,
     format_metrics_table,
 )
+from scripts.data.embedding_cache import StaleCacheError
 from scripts.inferers import ClassPromptInferer
 
 NUM_CLASSES = 3
@@ -464,8 +465,9 @@ def test_check_training_inputs_stale_cache(tmp_path, small_demo_dir, small_cache
     from scripts.networks.sam_backbone import save_random_sam_checkpoint
 
     other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1)
-    with pytest.raises(FileNotFoundError, match="sam_checkpoint_md5"):
+    with pytest.raises(StaleCacheError, match="sam_checkpoint_md5") as error:
         check_training_inputs(small_demo_dir, "tiny", other, small_cache_dir)
+    assert "--cache_dir NEW_FOLDER" in str(error.value) and "monai.bundle run precompute" in str(error.value)
 
 
 def test_check_training_inputs_ok(small_demo_dir, small_sam_checkpoint, small_cache_dir):

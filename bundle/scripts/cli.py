@@ -573,6 +573,34 @@ def prepare_custom(config: str, out_dir: str, check: bool = True) -> dict:
     return _prepare(run, out_dir, config_path=str(Path(str(config)).expanduser()), check=bool(check))
 
 
+CUSTOM_CONFIG_EXAMPLE = """\
+  frames_dir: frames                 # required (paths relative to the YAML file)
+  labels_dir: labels                 # required
+  classes: {1: Grasper, 2: Hook}     # required: ids 1..C -> names (0 is background)
+  validation_sequences: [case_3]     # or validation_fraction: 0.2 (default)
+  ignore_index: 255                  # optional; resize: [480, 640] and name: my_data optional"""
+
+
+def _document_raw_layouts() -> None:
+    """Put the raw layout each ``prepare_*`` command expects into its docstring, shown by ``--help`` (taken from
+    the preparation modules, so help and error messages say the same)."""
+    from scripts.data.prepare import cholecseg8k, custom, endovis2017, endovis2018
+
+    extra = {
+        prepare_endovis2017: endovis2017.EXPECTED_LAYOUT,
+        prepare_endovis2018: endovis2018.EXPECTED_LAYOUT,
+        prepare_cholecseg8k: cholecseg8k.EXPECTED_LAYOUT,
+        prepare_custom: custom.EXPECTED_LAYOUT + "\n\nThe YAML (--config):\n" + CUSTOM_CONFIG_EXAMPLE,
+    }
+    for function, layout in extra.items():
+        summary, _, rest = (function.__doc__ or "").partition("\n\n")
+        layout = "\n".join("    " + line for line in layout.splitlines())
+        function.__doc__ = f"{summary}\n\n    Raw layout expected:\n{layout}\n\n{rest}"
+
+
+_document_raw_layouts()
+
+
 # ------------------------------------------------------------------- original checkpoints and pooled folds
 def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str | None = None, num_classes: Any = None,
                                 num_tokens: Any = None) -> dict:

@@ -361,10 +361,10 @@ def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[st
             "or pass --sam_checkpoint PATH."]
 
 
-def raise_input_problems(problems: list[str], job: str) -> None:
-    """FileNotFoundError "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
+def raise_input_problems(problems: list[str], job: str, error: type[Exception] = FileNotFoundError) -> None:
+    """``error`` "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
     if problems:
-        raise FileNotFoundError(f"cannot {job}:\n  - " + "\n  - ".join(problems))
+        raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))
 
 
 def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
@@ -373,24 +373,68 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
     """Fail at once, naming every missing input and the command that makes it.
 
     ``splits``: the dataset.json splits the run reads (train_split, val_split); each must be in the cache.
-    """
-    from .data.embedding_cache import EmbeddingCache, cache_identity
+    The settings dataset.json states are compared next, by :func:`check_dataset_facts` (they are read from
+    dataset.json, so they need it to exist first).
 
-    problems = list(extra_problems or [])
+    Raises:
+        FileNotFoundError: something is missing (the dataset, the SAM weights, the cache or a split of it).
+        StaleCacheError: nothing is missing but the cache was made for other inputs.
+    """
+    from .data.embedding_cache import EmbeddingCache, StaleCacheError, cache_identity
+
+    hint = "<the same config files as this run>"
+    missing = list(extra_problems or [])  # FileNotFoundError: something to make or fetch
+    stale: list[str] = []  # StaleCacheError: the cache is there but made for other inputs
     if not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
-        problems.append(
+        missing.append(
             f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the model card) "
             f"or pass --dataset_dir; for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`."
         )
-    problems += missing_sam_weights(sam_variant, sam_checkpoint)
-    if not problems:
+    missing += missing_sam_weights(sam_variant, sam_checkpoint)
+    if not missing:
+        cache = None
         try:
             cache = EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
-            for split in splits or []:
+        except StaleCacheError as cause:  # there, but made for other inputs (or unfinished)
+            stale.append(f"embeddings: {cause}".replace(hint, config_hint))
+        except (FileNotFoundError, RuntimeError) as cause:
+            missing.append(f"embeddings: {cause}".replace(hint, config_hint))
+        try:
+            for split in (splits or []) if cache is not None else []:
                 cache.versions(split)
-        except (FileNotFoundError, RuntimeError) as error:
-            problems.append(f"embeddings: {error}".replace("<the same config files as this run>", config_hint))
-    raise_input_problems(problems, job)
+        except (FileNotFoundError, RuntimeError) as cause:  # a split never precomputed: missing
+            missing.append(f"embeddings: {cause}".replace(hint, config_hint))
+    raise_input_problems(missing + stale, job, FileNotFoundError if missing else StaleCacheError)
+
+
+def check_dataset_facts(dataset_dir: str, facts: dict, cache_dir: str | None = None, job: str = "train",
+                        config_hint: str = "bundle/configs/train.yaml") -> None:
+    """Fail before any work when the run's ``class_names`` / ``frame_size`` disagree with dataset.json.
+
+    ``facts``: train.yaml's ``dataset_facts_checked`` (a value None is not compared). Class names are compared
+    by id and name, also with the classes the embedding cache at ``cache_dir`` was made for. Runs after
+    :func:`check_training_inputs` (these settings are read from dataset.json, so it exists by then).
+
+    Raises:
+        DatasetError: a setting disagrees with dataset.json (every disagreement named, with the value found).
+        StaleCacheError: the settings agree but the cache was made for other class names.
+    """
+    from .data.embedding_cache import MANIFEST_NAME, StaleCacheError
+    from .data.layout import DatasetError, dataset_fact_problems
+
+    facts = {k: v for k, v in (facts or {}).items() if v is not None}
+    raise_input_problems(dataset_fact_problems(dataset_dir, **facts), job, DatasetError)
+    names = facts.get("class_names")
+    manifest = os.path.join(cache_dir, MANIFEST_NAME) if cache_dir else None
+    if names is not None and manifest and os.path.isfile(manifest):
+        with open(manifest) as handle:
+            cached = (json.load(handle).get("dataset") or {}).get("class_names")
+        if cached is not None and list(cached) != [str(n) for n in names]:
+            raise_input_problems([
+                f"embeddings: the cache at {cache_dir} was made for the classes {cached}, not the run's class_names "
+                f"{list(names)}: it is not used. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and run "
+                f"precompute (python -m monai.bundle run precompute --config_file {config_hint} ...)."], job,
+                StaleCacheError)
 
 
 def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
@@ -402,3 +446,58 @@ def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: 
                      "--config_file bundle/configs/train.yaml ...) or pass --model_file PATH.")
     check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra,
                           splits=splits)
+
+
+# ------------------------------------------------------------------------------- inference past bad frames
+class UnreadableFramesError(RuntimeError):
+    """Some frames of an inference run could not be read (every other frame was segmented and written)."""
+
+
+class UnreadableFrames:
+    """Inference on a folder of frames that does not stop at an unreadable frame.
+
+    Both the evaluator's ``iteration_update`` and one of its handlers (inference.yaml). Items that
+    ``scripts.data.transforms.FrameDataset`` marked ``unreadable`` skip the network, postprocessing and
+    writer; when the run completes, every skipped frame is named with why, and
+    :class:`UnreadableFramesError` ends the run (a non-zero exit of ``monai.bundle run``).
+
+    Args:
+        frames_dir: the frame folder (for the message).
+        output_dir: where the other frames were written (for the message).
+    """
+
+    def __init__(self, frames_dir: str, output_dir: str) -> None:
+        self.frames_dir, self.output_dir = frames_dir, output_dir
+        self.skipped: list[str] = []
+        self.seen = 0
+
+    def __call__(self, engine: Engine, batchdata: dict):
+        reasons = batchdata.get("unreadable", []) if isinstance(batchdata, dict) else []
+        reasons = [reasons] if isinstance(reasons, str) else list(reasons)
+        self.seen += max(1, len(reasons))
+        bad = [reason for reason in reasons if reason]
+        if bad:
+            if len(bad) != len(reasons):
+                raise ValueError("UnreadableFrames needs batch_size 1: a batch mixed readable and unreadable frames")
+            self.skipped += bad
+            for reason in bad:
+                logger.error("skipped: %s", reason)
+            return {}
+        return engine._iteration(engine, batchdata)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.COMPLETED, self.report)
+
+    def _reset(self, engine: Engine) -> None:
+        self.skipped, self.seen = [], 0
+
+    def report(self, engine: Engine | None = None) -> None:
+        if not self.skipped:
+            return
+        raise UnreadableFramesError(
+            f"{len(self.skipped)} of {self.seen} frame(s) in {self.frames_dir} could not be read and were not "
+            f"segmented; every other frame was written to {self.output_dir}:\n  - " + "\n  - ".join(self.skipped)
+            + "\nReplace each file named above with an 8-bit RGB or grey PNG/JPEG (or move it out of the frame folder) "
+            "and run the same command again."
+        )

@@ -263,9 +263,10 @@ def _read_merged(config_files: Sequence[str], settings: Mapping) -> dict:
 
 def load_model_state(path: str) -> dict:
     """The state dict in a bundle ``model.pt``: the file itself or its ``"model"`` entry (as MONAI Label reads it)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+    from .networks.state_dict_check import read_checkpoint_dict
+
+    checkpoint = read_checkpoint_dict(path, "model file", expected="a state dict",
+                                      hint="; pass the trained SurgicalSAM weights (models/model.pt) as --model_file")
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: its 'model' entry is a {type(state).__name__}, not a state dict")

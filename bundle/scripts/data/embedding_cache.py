@@ -496,8 +496,10 @@ class EmbeddingCache:
         if self.manifest.get("identity") != identity:
             raise StaleCacheError(
                 f"the embedding cache at {cache_dir} was made for other inputs than this run "
-                f"({_identity_diff(self.manifest.get('identity'), identity)}): it is not used. Rebuild it with "
-                f"{PRECOMPUTE_COMMAND}, or point cache_dir at a cache made for this configuration."
+                f"({_identity_diff(self.manifest.get('identity'), identity)}): it is not used, and precompute "
+                f"never overwrites it. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and make the cache for "
+                f"this run's encoder with {PRECOMPUTE_COMMAND.split(' (')[0]} --cache_dir NEW_FOLDER; or point "
+                "--cache_dir at a cache made for this run's encoder and weights."
             )
         if not self.manifest.get("complete"):
             raise StaleCacheError(f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "

@@ -188,6 +188,73 @@ def class_names(description: dict) -> list[str]:
     return [classes[key] for key in sorted(classes, key=int)]
 
 
+_description_class_names = class_names  # for functions whose argument is named class_names
+
+#: The settings of a training or evaluation run that dataset.json states (its one source).
+DATASET_FACTS = ("class_names", "frame_size")
+
+
+def dataset_fact(dataset_dir: str | os.PathLike, name: str):
+    """``class_names`` (list of C names, ordered by id) or ``frame_size`` ([H, W]) of ``<dataset_dir>/dataset.json``.
+
+    train.yaml's default of these settings: the dataset says them once and training, evaluation and the
+    embedding cache all read them from there. A config or command line may still set them; then
+    :func:`dataset_fact_problems` compares the two before any work.
+
+    Raises:
+        DatasetError: no dataset.json (the message says how to make one or set the value), or it has no
+            ``frame_size``.
+    """
+    if name not in DATASET_FACTS:
+        raise ValueError(f"unknown dataset fact {name!r}: one of {', '.join(DATASET_FACTS)}")
+    path = os.path.join(str(dataset_dir), DESCRIPTION_FILE)
+    if not os.path.isfile(path):
+        raise DatasetError(
+            f"{name} comes from the dataset's {DESCRIPTION_FILE}, but {path} does not exist: prepare the dataset "
+            f"(`surgical-sam prepare_* ... --out_dir {dataset_dir}`, see the model card) or pass --dataset_dir; "
+            f"for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`. Without a dataset "
+            f"(e.g. the original release's features) set --{name} in the config or on the command line."
+        )
+    description = read_dataset_description(dataset_dir)
+    if name == "class_names":
+        return class_names(description)
+    if description.get("frame_size") is None:
+        raise DatasetError(f"{path} has no frame_size: add \"frame_size\": [H, W] (the size of every frame) or pass "
+                           "--frame_size \"[H, W]\".")
+    return [int(v) for v in description["frame_size"]]
+
+
+def dataset_fact_problems(dataset_dir: str | os.PathLike, class_names: Sequence[str] | None = None,
+                          frame_size: Sequence[int] | None = None) -> list[str]:
+    """How the run's ``class_names`` / ``frame_size`` disagree with dataset.json, one line each; [] when they
+    agree (None: not compared). Class names are compared by id and name, not by count."""
+    description = read_dataset_description(dataset_dir)
+    source = os.path.join(str(dataset_dir), DESCRIPTION_FILE)
+    problems = []
+    if class_names is not None:
+        found = _description_class_names(description)
+        given = [str(n) for n in class_names]
+        if given != found:
+            differing = [f"{i}: {g!r} vs {f!r}" for i, (g, f) in enumerate(zip(given, found), start=1) if g != f]
+            detail = f"class ids {'; '.join(differing[:4])}" if differing else ""
+            if len(given) != len(found):
+                detail = (detail + "; " if detail else "") + f"{len(given)} classes vs {len(found)}"
+            problems.append(
+                f"class_names: the run's {given} disagree with {source}, which has {found} ({detail}). Leave "
+                "class_names out of the command line and overlays to use the dataset's, or use the overlay that "
+                "matches this dataset (e.g. endovis2017.yaml for EndoVis2017 data)."
+            )
+    if frame_size is not None and description.get("frame_size") is not None:
+        found_size = [int(v) for v in description["frame_size"]]
+        given_size = [int(v) for v in frame_size]
+        if given_size != found_size:
+            problems.append(
+                f"frame_size: the run's {given_size} disagrees with {source}, which has {found_size}. Leave "
+                f"frame_size out to use the dataset's, or pass --frame_size \"{found_size}\"."
+            )
+    return problems
+
+
 def available_splits(description: dict) -> list[str]:
     """Keys of ``description`` holding a list of samples (dicts), e.g. ["training", "validation"]."""
     return [
@@ -213,8 +280,11 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
     source = os.path.join(dataset_dir, DESCRIPTION_FILE)
     splits = available_splits(description)
     if split not in splits:
+        why = (description.get("left_out_splits") or {}).get(split) if isinstance(
+            description.get("left_out_splits"), dict) else None
+        reason = f" (the preparation could not make it: {why})" if why else ""
         raise DatasetError(
-            f"{source} has no split '{split}': available splits are {splits or 'none'}; "
+            f"{source} has no split '{split}'{reason}: available splits are {splits or 'none'}; "
             "choose one of them or add the split to the file."
         )
     entries = description[split]
@@ -256,8 +326,12 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
-    """Open and fully decode an image; DatasetError naming the file when it cannot be read."""
+#: What to do about an unreadable file of a prepared dataset.
+DATASET_FILE_ADVICE = "re-export it or remove it from dataset.json"
+
+
+def _open_image(path: str | os.PathLike, what: str, advice: str = DATASET_FILE_ADVICE) -> Image.Image:
+    """Open and fully decode an image; DatasetError naming the file (and ``advice``) when it cannot be read."""
     if not os.path.isfile(path):
         raise DatasetError(f"{what} {path} does not exist.")
     try:
@@ -266,21 +340,22 @@ def _open_image(path: str | os.PathLike, what: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(
             f"cannot read {what} {path} ({type(error).__name__}: {error}): the file is corrupt or not an image; "
-            "re-export it or remove it from dataset.json."
+            f"{advice}."
         ) from None
     return image
 
 
-def read_frame(path: str | os.PathLike) -> np.ndarray:
+def read_frame(path: str | os.PathLike, advice: str = DATASET_FILE_ADVICE) -> np.ndarray:
     """Read an RGB frame as a uint8 array (H, W, 3).
 
     Grayscale (L), grayscale+alpha (LA), RGBA and palette (P) images are converted to RGB (alpha
-    dropped), with a warning naming the file the first time each mode is met.
+    dropped), with a warning naming the file the first time each mode is met. ``advice`` ends the
+    message of an unreadable file (a frame of a prepared dataset by default).
 
     Raises:
         DatasetError: the file is unreadable or corrupt, or has another mode (16-bit, float, CMYK...).
     """
-    image = _open_image(path, "frame")
+    image = _open_image(path, "frame", advice)
     mode = image.mode
     if mode in _CONVERTED_FRAME_MODES:
         if mode not in _warned_frame_modes:
@@ -423,12 +498,14 @@ def check_dataset(dataset_dir: str | os.PathLike, splits: Sequence[str] = DEFAUL
         summary["frames"][split] = len(datalist)
         summary["pixels_per_class"][split] = {name: int(pixels[i + 1]) for i, name in enumerate(names)}
         summary["frames_per_class"][split] = {name: int(frames[i + 1]) for i, name in enumerate(names)}
+    # Every kind of problem is gathered and reported together, one section per kind, in one DatasetError.
+    sections: list[str] = []
     if problems:
         shown = "\n  ".join(problems[:MAX_NAMED_FILES])
         more = f"\n  and {len(problems) - MAX_NAMED_FILES} more" if len(problems) > MAX_NAMED_FILES else ""
-        raise DatasetError(f"{len(problems)} file(s) of {dataset_dir} cannot be used:\n  {shown}{more}")
+        sections.append(f"{len(problems)} file(s) cannot be used:\n  {shown}{more}")
     if pair_mismatches:
-        raise DatasetError(
+        sections.append(
             f"{len(pair_mismatches)} label map(s) differ in size from their frame: {name_files(pair_mismatches)}; "
             "a label map must have the size of its frame."
         )
@@ -437,17 +514,23 @@ def check_dataset(dataset_dir: str | os.PathLike, splits: Sequence[str] = DEFAUL
             f"{height}x{width}: {len(files)} frame(s), e.g. {files[0]}"
             for (height, width), files in sorted(frames_by_size.items(), key=lambda kv: -len(kv[1]))
         )
-        raise DatasetError(
-            f"the frames of {dataset_dir} have {len(frames_by_size)} different sizes ({sizes}): the bundle trains on "
-            "one frame size, so the preparation step must resize or crop all frames (and label maps) to one size."
+        sections.append(
+            f"the frames have {len(frames_by_size)} different sizes ({sizes}): the bundle trains on one frame size, "
+            "so the preparation step must resize or crop all frames (and label maps) to one size."
         )
+    expected = description.get("frame_size")
+    if len(frames_by_size) == 1 and expected is not None and list(expected) != list(next(iter(frames_by_size))):
+        height, width = next(iter(frames_by_size))
+        sections.append(
+            f"the frames are {height}x{width} but dataset.json says frame_size {expected}: correct 'frame_size' in "
+            "dataset.json or re-run the preparation step."
+        )
+    if sections:
+        if len(sections) == 1:
+            raise DatasetError(f"{dataset_dir}: {sections[0]}")
+        raise DatasetError(f"{dataset_dir} has {len(sections)} kind(s) of problem:\n" + "\n".join(
+            f"- {section}" for section in sections))
     if frames_by_size:
         (frame_size,) = frames_by_size
-        expected = description.get("frame_size")
-        if expected is not None and list(expected) != list(frame_size):
-            raise DatasetError(
-                f"the frames of {dataset_dir} are {frame_size[0]}x{frame_size[1]} but dataset.json says frame_size "
-                f"{expected}: correct 'frame_size' in dataset.json or re-run the preparation step."
-            )
         summary["frame_size"] = list(frame_size)
     return summary

@@ -1,7 +1,9 @@
 """MONAI transforms for inference on a folder of frames: reading frames, writing label maps.
 
-``LoadFramed`` reads with the same reader as training (grey and RGBA frames become RGB) and keeps
-the file name in the tensor's metadata; ``LabelMaskd`` makes the 2D uint8 mask that ends
+``LoadFramed`` reads with the same reader as training (grey and RGBA frames become RGB), optionally
+crops (``frame_crop``: the preparation's crop; ``UncropLabeld`` puts the label map back at the frame's
+size) and keeps the file name in the tensor's metadata; ``FrameDataset`` marks an unreadable frame
+instead of stopping the run; ``LabelMaskd`` makes the 2D uint8 mask that ends
 postprocessing (MONAI Label writes it as a 2D PNG; in MONAI's (x, y) order, see there); ``SaveLabelMapd`` writes, per frame, the PNG label map
 (values 0..C), a colour overlay and, on request, a NIfTI file (nibabel).
 """
@@ -13,7 +15,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
@@ -36,16 +38,116 @@ def list_frames(folder: str, extensions: Sequence[str] = FRAME_EXTENSIONS) -> li
     return [{"image": path} for path in frames]
 
 
+#: What to do about an unreadable frame of a folder of frames (there is no dataset.json to fix).
+FRAME_FOLDER_ADVICE = "replace it with an 8-bit RGB or grey PNG/JPEG, or move it out of the frame folder"
+
+
+def frame_crop_box(crop) -> tuple[int, int, int, int] | None:
+    """``[[row0, row1], [col0, col1]]`` (the preparation's crop, e.g. prepare_endovis2017's) -> (row0, row1, col0,
+    col1); None for no crop. ValueError naming the setting when it is malformed."""
+    if crop is None:
+        return None
+    try:
+        (row0, row1), (col0, col1) = ((int(a), int(b)) for a, b in crop)
+    except (TypeError, ValueError):
+        raise ValueError(f"frame_crop must be [[row0, row1], [col0, col1]] (e.g. [[28, 1052], [320, 1600]]) or null, "
+                         f"got {crop!r}") from None
+    if not (0 <= row0 < row1 and 0 <= col0 < col1):
+        raise ValueError(f"frame_crop {crop!r}: need 0 <= row0 < row1 and 0 <= col0 < col1")
+    return row0, row1, col0, col1
+
+
 class LoadFramed(MapTransform):
-    """Path -> frame (3, H, W) float32 on the 0..255 scale, a MetaTensor with ``filename_or_obj``."""
+    """Path -> frame (3, H, W) float32 on the 0..255 scale, a MetaTensor with ``filename_or_obj``.
+
+    Args:
+        keys: the frame path key.
+        crop: ``[[row0, row1], [col0, col1]]``: segment only that window of every frame (the black borders of
+            raw EndoVis2017 frames stay out, as in the preparation); the frame is then (3, row1 - row0,
+            col1 - col0) and its metadata keeps ``original_spatial_shape`` [H, W] for :class:`UncropLabeld`.
+            None: the whole frame.
+    """
+
+    def __init__(self, keys, crop=None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.crop = frame_crop_box(crop)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         result = dict(data)
         for key in self.key_iterator(result):
             path = str(result[key])
-            frame = torch.from_numpy(np.ascontiguousarray(read_frame(path))).permute(2, 0, 1).float()
-            result[key] = MetaTensor(frame, meta={"filename_or_obj": path, "spatial_shape": list(frame.shape[1:])})
+            array = read_frame(path, advice=FRAME_FOLDER_ADVICE)
+            original = list(array.shape[:2])
+            if self.crop is not None:
+                row0, row1, col0, col1 = self.crop
+                if array.shape[0] < row1 or array.shape[1] < col1:
+                    raise DatasetError(
+                        f"frame {path} is {array.shape[0]}x{array.shape[1]}, smaller than frame_crop rows "
+                        f"{row0}:{row1}, columns {col0}:{col1}: set frame_crop to fit these frames, or null for "
+                        "whole frames")
+                array = array[row0:row1, col0:col1]
+            frame = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+            result[key] = MetaTensor(frame, meta={"filename_or_obj": path, "spatial_shape": list(frame.shape[1:]),
+                                                  "original_spatial_shape": original})
         return result
+
+
+class UncropLabeld(MapTransform):
+    """Predicted label map (..., h, w) of a cropped frame -> (..., H, W) of the whole frame, 0 (background)
+    outside the crop; nothing to do without a crop. Runs before :class:`LabelMaskd` in postprocessing.
+
+    Args:
+        keys: the prediction key.
+        crop: the same ``[[row0, row1], [col0, col1]]`` as :class:`LoadFramed`'s.
+        image_key: the frame, whose ``original_spatial_shape`` metadata gives (H, W).
+    """
+
+    def __init__(self, keys, crop=None, image_key: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.crop, self.image_key = frame_crop_box(crop), image_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        result = dict(data)
+        if self.crop is None:
+            return result
+        row0, row1, col0, col1 = self.crop
+        image = result.get(self.image_key)
+        shape = getattr(image, "meta", {}).get("original_spatial_shape")
+        if shape is None:
+            raise ValueError(f"{self.image_key} has no original_spatial_shape metadata: load frames with "
+                             "LoadFramed(crop=...)")
+        height, width = (int(v) for v in shape)
+        for key in self.key_iterator(result):
+            value = torch.as_tensor(result[key])
+            if tuple(value.shape[-2:]) != (row1 - row0, col1 - col0):
+                raise ValueError(f"{key} is {tuple(value.shape[-2:])}, not the crop's {(row1 - row0, col1 - col0)}")
+            full = torch.zeros((*value.shape[:-2], height, width), dtype=value.dtype, device=value.device)
+            full[..., row0:row1, col0:col1] = value
+            result[key] = full
+        return result
+
+
+class FrameDataset(Dataset):
+    """MONAI ``Dataset`` of a folder of frames that does not stop at an unreadable one.
+
+    Each item gets ``unreadable``: "" for a frame that loaded, else "<file>: <why>" and ``image`` an empty
+    (3, 0, 0) tensor; ``scripts.engines.UnreadableFrames`` skips those items, reports them by name at the end
+    and fails the run, after every other frame is written.
+    """
+
+    def _transform(self, index: int):
+        try:
+            item = dict(super()._transform(index))
+        except Exception as error:  # MONAI wraps a transform's error in "applying transform ..." RuntimeErrors
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, DatasetError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            path = self.data[index].get("image") if isinstance(self.data[index], Mapping) else self.data[index]
+            return {"image": torch.zeros(3, 0, 0), "unreadable": str(cause), "image_path": str(path)}
+        item["unreadable"] = ""
+        return item
 
 
 class LabelMaskd(MapTransform):
@@ -130,6 +232,8 @@ class SaveLabelMapd(MapTransform):
             Image.fromarray(label_map).save(f"{stem}_seg.png")
             if self.write_overlay and image is not None:
                 frame = torch.as_tensor(image).detach().cpu().permute(1, 2, 0).numpy().clip(0, 255).astype(np.uint8)
+                if frame.shape[:2] != label_map.shape:  # a cropped frame (frame_crop): the overlay shows the whole one
+                    frame = read_frame(str(image.meta["filename_or_obj"]), advice=FRAME_FOLDER_ADVICE)
                 Image.fromarray(overlay(frame, label_map)).save(f"{stem}_overlay.png")
             if self.write_nifti:
                 import nibabel as nib

@@ -23,7 +23,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .state_dict_check import state_dict_mismatch
+from .state_dict_check import describe_load_failure, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +188,8 @@ def load_sam_checkpoint(sam: nn.Module, path: str, variant: str, check_md5: bool
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a truncated or foreign file
         raise ValueError(
-            f"SAM checkpoint {path} could not be read ({type(error).__name__}: {error}). "
-            f"To fix: {_how_to_get(variant, path)}."
+            f"SAM checkpoint {path} could not be read: {describe_load_failure(error)}. "
+            f"To fix: {_how_to_get(variant, path)} (or pass --sam_checkpoint PATH)."
         ) from error
     if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]

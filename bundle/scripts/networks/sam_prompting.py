@@ -15,7 +15,7 @@ from torch import nn
 
 from .sam_backbone import build_mask_decoder, get_variant
 from .sam_geometry import low_res_logits_to_frame, resized_shape
-from .state_dict_check import state_dict_mismatch
+from .state_dict_check import read_checkpoint_dict, state_dict_mismatch
 
 DECODER_PREFIX = "mask_decoder."
 
@@ -26,11 +26,10 @@ class PromptError(ValueError):
 
 def load_sam_mask_decoder(sam_variant: str, sam_checkpoint: str) -> nn.Module:
     """The mask decoder of a SAM checkpoint (strict: every ``mask_decoder.*`` key, right shapes)."""
-    state = torch.load(sam_checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+    state = dict(read_checkpoint_dict(sam_checkpoint, "SAM checkpoint", expected="a state dict",
+                                      hint="; pass the SAM weights file as --sam_checkpoint PATH"))
+    if isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"SAM checkpoint {sam_checkpoint} holds a {type(state).__name__}, not a state dict")
     decoder = build_mask_decoder(sam_variant)
     sub = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
     details = state_dict_mismatch(sub, decoder.state_dict(), expected_as=f"for {sam_variant}")

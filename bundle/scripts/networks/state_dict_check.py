@@ -12,6 +12,25 @@ from collections.abc import Mapping
 import torch
 
 
+def describe_load_failure(cause: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in the bundle's words.
+
+    torch's own message for a file its weights-only unpickler refuses advises re-running with
+    ``weights_only=False``: wrong advice for a file that is no checkpoint at all (random bytes, a text file)
+    and unsafe advice for one from elsewhere. Only the unpickler's finding is kept.
+    """
+    text = str(cause)
+    if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
+        detail = detail.split(" Check the documentation", 1)[0].split(" Please use `torch.serialization", 1)[0]
+        if detail.startswith("Unsupported global"):
+            return (f"it holds Python objects other than tensors ({detail.rstrip('.')}); the bundle reads weights "
+                    "only: save the state dict alone, torch.save(model.state_dict(), path)")
+        return f"it is not a PyTorch weights file, or it is damaged (the unpickler found: {detail.rstrip('.')})"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"it is not a PyTorch weights file, or it is damaged ({type(cause).__name__}: {first})"
+
+
 def read_checkpoint_dict(path: str, what: str, error: type[Exception] = ValueError, hint: str = "",
                          expected: str = "a dict") -> dict:
     """``torch.load`` (weights only, on CPU) a file that must hold a dict.
@@ -22,7 +41,7 @@ def read_checkpoint_dict(path: str, what: str, error: type[Exception] = ValueErr
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as cause:  # torch raises several types for a truncated or foreign file
-        raise error(f"{what} {path} could not be read ({type(cause).__name__}: {cause}){hint}") from cause
+        raise error(f"{what} {path} could not be read: {describe_load_failure(cause)}{hint}") from cause
     if not isinstance(content, Mapping):
         raise error(f"{what} {path} holds a {type(content).__name__}, not {expected}{hint}")
     return content

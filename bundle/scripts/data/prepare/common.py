@@ -5,7 +5,8 @@ one as a :class:`RawFrame` (its sources and a ``load`` function returning the fr
 map) and hands them to :func:`run_preparation`, which
 
 * refuses an ``out_dir`` that holds anything but a dataset made by the same command
-  (:func:`check_out_dir`): user data is never overwritten or deleted;
+  (:func:`check_out_dir`) and the embedding caches ``precompute`` put there: user data is never
+  overwritten or deleted, a cache is kept as it is;
 * writes every frame in the layout of :mod:`scripts.data.layout` through
   :func:`~scripts.data.layout.write_sample`, first into a staging folder inside ``out_dir`` and then
   moved into place file by file with ``os.replace`` (atomic: a file is either the old or the new one);
@@ -249,6 +250,39 @@ def layout_error(message: str, expected_layout: str) -> DatasetError:
 
 
 # ------------------------------------------------------------------------------------------ out_dir
+#: Depth below a top-level folder of out_dir at which an embedding cache's manifest is looked for
+#: (train.yaml's default cache_dir is <dataset_dir>/embedding_cache/<sam_variant>).
+CACHE_SEARCH_DEPTH = 2
+
+
+def is_embedding_cache_folder(path: str, depth: int = CACHE_SEARCH_DEPTH) -> bool:
+    """Whether ``path`` is (or holds, ``depth`` folders down) an embedding or tap cache made by ``precompute``.
+
+    The default cache_dir lies inside the dataset folder, so a prepared dataset holds one after
+    ``run precompute``; a re-run of the preparation keeps it as it is (and never reads or writes it).
+    A cache is recognised by its manifest.json with an ``identity``.
+    """
+    if not os.path.isdir(path):
+        return False
+    manifest = os.path.join(path, "manifest.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest, encoding="utf-8") as handle:
+                return isinstance(json.load(handle).get("identity"), dict)
+        except (OSError, ValueError, AttributeError):
+            return False
+    if depth <= 0:
+        return False
+    try:
+        children = [os.path.join(path, name) for name in os.listdir(path)]
+    except OSError:
+        return False
+    folders = [child for child in children if os.path.isdir(child)]
+    return bool(folders) and len(folders) == len(children) and all(
+        is_embedding_cache_folder(child, depth - 1) for child in folders
+    )
+
+
 def check_out_dir(out_dir: str, preparer: str) -> dict | None:
     """Make sure ``out_dir`` may be written by ``preparer``; return its previous state (or None).
 
@@ -263,7 +297,8 @@ def check_out_dir(out_dir: str, preparer: str) -> dict | None:
     entries = sorted(os.listdir(out_dir))
     if not entries:
         return None
-    foreign = [e for e in entries if e not in OUTPUT_ENTRIES]
+    foreign = [e for e in entries
+               if e not in OUTPUT_ENTRIES and not is_embedding_cache_folder(os.path.join(out_dir, e))]
     state_path = os.path.join(out_dir, STATE_FILE)
     state = None
     if os.path.isfile(state_path):
@@ -350,6 +385,9 @@ def run_preparation(
     problems: Sequence[tuple[str, str]] = (),
     check: bool = True,
     progress: bool = True,
+    left_out_splits: Mapping[str, str] | None = None,
+    optional_splits: bool = False,
+    extra_summary: Mapping | None = None,
 ) -> dict:
     """Prepare ``frames`` into ``out_dir``; write the summary and dataset.json; return the summary.
 
@@ -369,6 +407,11 @@ def run_preparation(
         problems: (file, reason) pairs the command found before loading (e.g. unknown folders).
         check: read the result back with check_dataset at the end.
         progress: show a tqdm progress bar.
+        left_out_splits: split name -> why the command could not make it (e.g. an EndoVis2017 fold whose
+            datasets are not in the download); recorded in dataset.json and the summary (``left_out_splits``).
+        optional_splits: a split that ends up without a usable frame is left out (and recorded with why)
+            instead of failing the preparation; at least one split must remain.
+        extra_summary: more entries of the summary (e.g. ``incomplete_folds``).
 
     Returns:
         the summary (also written to ``<out_dir>/preparation_summary.json``) plus ``written`` and
@@ -494,8 +537,14 @@ def run_preparation(
     kept = sorted(state_frames, key=order.__getitem__)
     final = {**description, "frame_size": list(size)}
     summary_splits: dict[str, dict] = {}
-    for split, sequences in split_sequences.items():
+    left_out = dict(left_out_splits or {})
+    for split, sequences in list(split_sequences.items()):
         keys = [key for key in kept if key.rsplit("/", 1)[0] in sequences]
+        if not keys and optional_splits:
+            left_out[split] = (f"no usable frame in its sequences "
+                               f"{name_files(sorted(sequences, key=natural_key)) or 'none'}")
+            del split_sequences[split]
+            continue
         if not keys:
             raise DatasetError(
                 f"split '{split}' of {preparer} has no usable frame (its sequences: "
@@ -503,6 +552,11 @@ def run_preparation(
             )
         final[split] = [_entry(*key.rsplit("/", 1)) for key in keys]
         summary_splits[split] = _class_counts([state_frames[k] for k in keys], names, ignore_index)
+    if not split_sequences:
+        reasons = "; ".join(f"{k}: {v}" for k, v in left_out.items())
+        raise DatasetError(f"no split of {preparer} can be made: {reasons}")
+    if left_out:
+        final["left_out_splits"] = left_out
     summary = {
         "preparer": preparer,
         "frame_size": list(size),
@@ -518,6 +572,8 @@ def run_preparation(
         "per_split": summary_splits,
         "notes": _sum_notes(state_frames[k] for k in kept),
         "skipped": skipped,
+        **({"left_out_splits": left_out} if left_out else {}),
+        **dict(extra_summary or {}),
     }
     atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     _write_description_if_changed(out_dir, final)  # last: its presence marks a finished preparation
@@ -608,5 +664,7 @@ def format_summary(summary: Mapping, out_dir: str, written: int, reused: int) ->
             lines.append(f"    {item['file']}: {item['reason']}")
         if len(summary["skipped"]) > 20:
             lines.append(f"    ... and {len(summary['skipped']) - 20} more (see {SUMMARY_FILE})")
+    for split, reason in summary.get("left_out_splits", {}).items():
+        lines.append(f"  split {split} not written: {reason}")
     lines.append(f"  summary written to {os.path.join(out_dir, SUMMARY_FILE)}")
     return "\n".join(lines)

@@ -30,6 +30,11 @@ Splits (dataset.json; the training configs rely on these names): the 4 folds by 
 ``fold0_validation`` [1, 3], ``fold1_validation`` [2, 5], ``fold2_validation`` [4, 8],
 ``fold3_validation`` [6, 7]; ``foldN_training`` holds the other six datasets; ``training`` and
 ``validation`` repeat fold 0.
+
+A partial download (fewer than the eight datasets) is prepared as it is: a fold is written when at least
+one of its validation and one of its training datasets are there, and recorded as incomplete
+(``incomplete_folds`` in dataset.json and the summary, with the missing datasets) when some are not;
+a fold that cannot be made is left out (``left_out_splits``, with why).
 """
 
 from __future__ import annotations
@@ -109,6 +114,45 @@ def fold_splits(folds=FOLDS) -> dict[str, list[str]]:
     splits["training"] = list(splits["fold0_training"])
     splits["validation"] = list(splits["fold0_validation"])
     return splits
+
+
+def available_folds(present: set[int], folds=FOLDS) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str]]:
+    """The splits that can be made from the datasets ``present`` (a partial download), and what is not whole.
+
+    A fold is made when it has at least one of its validation datasets and one of its training datasets;
+    it is *incomplete* when some of them are missing (its numbers are then not the challenge's fold).
+
+    Returns:
+        (splits as :func:`fold_splits` gives them, only the folds that can be made; split -> why it was
+        left out; fold name -> why it is incomplete). ``training`` / ``validation`` repeat fold 0 when it
+        can be made.
+    """
+    every = fold_splits(folds)
+    splits: dict[str, list[str]] = {}
+    left_out: dict[str, str] = {}
+    incomplete: dict[str, str] = {}
+    for index in range(len(folds)):
+        parts = {part: every[f"fold{index}_{part}"] for part in ("training", "validation")}
+        missing = {part: [s for s in seqs if int(s.split("_")[1]) not in present] for part, seqs in parts.items()}
+        names = {part: ", ".join(f"instrument_dataset_{s.split('_')[1]}" for s in seqs)
+                 for part, seqs in missing.items()}
+        if any(len(missing[part]) == len(parts[part]) for part in parts):
+            empty = [part for part in parts if len(missing[part]) == len(parts[part])]
+            reason = "; ".join(f"none of its {part} datasets ({names[part]}) is in the raw folder" for part in empty)
+            for part in parts:
+                left_out[f"fold{index}_{part}"] = reason
+            if index == 0:
+                left_out["training"] = left_out["validation"] = f"fold 0 cannot be made: {reason}"
+            continue
+        for part, seqs in parts.items():
+            splits[f"fold{index}_{part}"] = [s for s in seqs if s not in missing[part]]
+        lacking = [f"{names[part]} ({part})" for part in parts if missing[part]]
+        if lacking:
+            incomplete[f"fold{index}"] = (f"made without {'; '.join(lacking)}: not in the raw folder, so its scores "
+                                          "are not comparable with the challenge's fold")
+        if index == 0:
+            splits["training"], splits["validation"] = list(splits["fold0_training"]), list(splits["fold0_validation"])
+    return splits, left_out, incomplete
 
 
 def instrument_type(folder_name: str) -> int | None:
@@ -212,8 +256,21 @@ def prepare_endovis2017(raw_dir: str, out_dir: str, check: bool = True, progress
         "ignore_index": IGNORE_INDEX,
     }
     settings = {"crop": [CROP_ROWS, CROP_COLS], "types": FOLDER_TYPES, "overlap": "later folder wins"}
-    return run_preparation(
-        out_dir, PREPARER, description, frames, fold_splits(), raw_dir, settings=settings,
+    present = {int(raw.sequence.split("_")[1]) for raw in frames}
+    splits, left_out, incomplete = available_folds(present)
+    if not splits:
+        raise layout_error(
+            f"--raw_dir {raw_dir} holds instrument_dataset_{', '.join(str(n) for n in sorted(present))} only: no "
+            f"fold can be made ({'; '.join(f'{k}: {v}' for k, v in left_out.items() if k.endswith('_validation'))}). "
+            "Every fold needs one of its validation and one of its training datasets.", EXPECTED_LAYOUT)
+    if incomplete:
+        description["incomplete_folds"] = incomplete
+    summary = run_preparation(
+        out_dir, PREPARER, description, frames, splits, raw_dir, settings=settings,
         frame_size=(CROP_ROWS[1] - CROP_ROWS[0], CROP_COLS[1] - CROP_COLS[0]), problems=problems,
-        check=check, progress=progress,
+        check=check, progress=progress, left_out_splits=left_out, optional_splits=True,
+        extra_summary={"incomplete_folds": incomplete} if incomplete else None,
     )
+    for fold, reason in incomplete.items():
+        print(f"  {fold} is incomplete: {reason}")
+    return summary
