@@ -17,7 +17,7 @@
                        [--sam_checkpoint bundle/models/sam_vit_h_4b8939.pth --num_classes 7 --num_tokens 2]
     surgical-sam pool_metrics --inputs fold0/oracle/metrics.json,fold1/oracle/metrics.json,...
                        [--output pooled.json]
-    surgical-sam pack --out_dir DIR [--bundle_root DIR]
+    surgical-sam pack --out_dir DIR [--bundle_root DIR] [--with_onnx]
 
 Also ``python -m scripts.cli ...`` (from the bundle folder, or anywhere once the repo is installed).
 Every command is a plain function of this module, so Python code and tests can call it directly;
@@ -760,6 +760,10 @@ def pack(out_dir: str, bundle_root: str | None = None, with_onnx: bool = False) 
     if root in target.parents:
         raise _fail(f"--out_dir {out_dir} is inside the bundle {root}: choose a folder outside it.")
     files = packed_files(root)
+    if isinstance(with_onnx, str) and with_onnx.lower() in ("true", "false"):
+        with_onnx = with_onnx.lower() == "true"
+    if not isinstance(with_onnx, bool):
+        raise _fail(f"--with_onnx must be true or false, got {with_onnx!r}.")
     if with_onnx:
         from scripts.onnx_backend import packed_onnx_files
 

@@ -133,7 +133,7 @@ def evaluate_temporal(network, dataset_dir: str, rules: dict, split: str = "vali
             image_path = item["image"] if os.path.isabs(item["image"]) else os.path.join(dataset_dir, item["image"])
             label_path = item["label"] if os.path.isabs(item["label"]) else os.path.join(dataset_dir, item["label"])
             frame = torch.from_numpy(read_frame(image_path)).permute(2, 0, 1)[None].float()
-            gt = torch.as_tensor(read_label_map(label_path)).long()
+            gt = torch.as_tensor(read_label_map(label_path, num_classes, ignore_index)).long()
             with torch.no_grad():
                 logits, quality = network.predict_classes(frame, torch.ones(1, num_classes, dtype=torch.bool),
                                                           pairs_per_pass=pairs_per_pass)
