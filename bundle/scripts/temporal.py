@@ -75,11 +75,17 @@ class TemporalPresence:
         return {"on_fraction": self.on_fraction, "off_fraction": self.off_fraction, "min_run": self.min_run}
 
 
+def classes_shown(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label map (H, W), values 0..C -> (C,) bool, the classes it shows."""
+    counts = torch.bincount(torch.as_tensor(label_map).flatten().long().cpu(), minlength=num_classes + 1)
+    return counts[1:num_classes + 1] > 0
+
+
 def class_switches(label_maps: Sequence[torch.Tensor], num_classes: int) -> int:
     """Times a class appears in or vanishes from consecutive label maps (each (H, W), values 0..C)."""
     switches, previous = 0, None
     for label_map in label_maps:
-        present = torch.bincount(torch.as_tensor(label_map).flatten().long(), minlength=num_classes + 1)[1:num_classes + 1] > 0
+        present = classes_shown(label_map, num_classes)
         if previous is not None:
             switches += int((present != previous).sum())
         previous = present
@@ -142,7 +148,7 @@ def evaluate_temporal(network, dataset_dir: str, rules: dict, split: str = "vali
                 present = rule(masks)[0]
                 label_map = merge_class_masks(masks[0][present], class_ids[present], quality[0][present])
                 stats[name].append(frame_statistics(label_map, gt, num_classes, ignore_index))
-                shown = torch.bincount(label_map.flatten(), minlength=num_classes + 1)[1:] > 0
+                shown = classes_shown(label_map, num_classes)
                 if previous[name] is not None:
                     switches[name] += int((shown != previous[name]).sum())
                 previous[name] = shown
