@@ -17,7 +17,7 @@
                        [--sam_checkpoint bundle/models/sam_vit_h_4b8939.pth --num_classes 7 --num_tokens 2]
     surgical-sam pool_metrics --inputs fold0/oracle/metrics.json,fold1/oracle/metrics.json,...
                        [--output pooled.json]
-    surgical-sam pack --out_dir DIR [--bundle_root DIR]
+    surgical-sam pack --out_dir DIR [--bundle_root DIR] [--with_onnx]
 
 Also ``python -m scripts.cli ...`` (from the bundle folder, or anywhere once the repo is installed).
 Every command is a plain function of this module, so Python code and tests can call it directly;
@@ -750,12 +750,13 @@ def packed_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def pack(out_dir: str, bundle_root: str | None = None) -> str:
+def pack(out_dir: str, bundle_root: str | None = None, with_onnx: bool = False) -> str:
     """Pack the bundle into ``<out_dir>/<name>_v<version>.zip`` with one top-level folder ``<name>``.
 
     Name (:func:`bundle_name`) and version come from ``configs/metadata.json``. The zip holds configs/, scripts/,
     docs/, large_files.yml and, when present, the trained ``models/model.pt``; not the data, evaluation output,
-    embedding caches or SAM weights (``download_large_files`` fetches those). Unpack it with
+    embedding caches or SAM weights (``download_large_files`` fetches those). ``with_onnx``: also the ONNX
+    export in ``models/onnx`` (``run export_onnx``; metadata.json's ``onnx_export`` describes it). Unpack it with
     ``python -m monai.bundle download --name NAME --version VERSION --url file://<zip> --bundle_dir DIR``.
     Returns the zip's path.
     """
@@ -787,6 +788,17 @@ def pack(out_dir: str, bundle_root: str | None = None) -> str:
     if root in target.parents:
         raise _fail(f"--out_dir {out_dir} is inside the bundle {root}: choose a folder outside it.")
     files = packed_files(root)
+    if isinstance(with_onnx, str) and with_onnx.lower() in ("true", "false"):
+        with_onnx = with_onnx.lower() == "true"
+    if not isinstance(with_onnx, bool):
+        raise _fail(f"--with_onnx must be true or false, got {with_onnx!r}.")
+    if with_onnx:
+        from scripts.onnx_backend import packed_onnx_files
+
+        try:
+            files += [Path(p).relative_to(root).as_posix() for p in packed_onnx_files(str(root / "models" / "onnx"))]
+        except (OSError, ValueError) as error:
+            raise _fail(f"--with_onnx: {error}") from None
     partial = target.with_suffix(".zip.tmp")
     with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for relative in files:
@@ -794,7 +806,8 @@ def pack(out_dir: str, bundle_root: str | None = None) -> str:
     os.replace(partial, target)
     has_model = "models/model.pt" in files
     print(f"packed {len(files)} files of {root} into {target} ({target.stat().st_size / 2**20:.1f} MiB"
-          f"{', with models/model.pt' if has_model else ', no trained models/model.pt'})")
+          f"{', with models/model.pt' if has_model else ', no trained models/model.pt'}"
+          f"{', with the ONNX graphs' if with_onnx else ''})")
     print(f"unpack with: python -m monai.bundle download --name {name} --version {version} --url file://{target} "
           "--bundle_dir DIR")
     return str(target)

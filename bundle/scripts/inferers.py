@@ -65,23 +65,25 @@ class ClassPromptInferer(Inferer):
         class_values = torch.arange(1, self.num_classes + 1, device=device)
         return (labels[:, None, :] == class_values[None, :, None]).any(-1) & allowed
 
-    def __call__(self, inputs: torch.Tensor, network, gt_label: torch.Tensor | None = None):
+    def __call__(self, inputs: torch.Tensor, network, gt_label: torch.Tensor | None = None, temporal=None):
         """
         Args:
             inputs: frames (B, 3, H, W) or image embeddings (B, d, h, w).
             network: a model with ``predict_classes(inputs, class_mask) -> logits (B,C,H,W), quality (B,C)``.
             gt_label: (B, 1, H, W) ground truth, needed by the oracle protocol only.
+            temporal: for B consecutive frames of a video, a ``scripts.temporal.TemporalPresence`` that
+                decides presence over the sequence instead of ``min_mask_fraction`` frame by frame.
 
         Returns:
             ``label_map`` (B, 1, H, W) long; with ``output='dict'`` a dict of it, ``has_entry`` (B,),
-            ``present`` (B, C) and ``quality`` (B, C).
+            ``present`` (B, C), ``quality`` (B, C) and ``mask_pixels`` (B, C) (pixels with logit > 0).
         """
         model = getattr(network, "module", network)  # DistributedDataParallel
         prompt = self.classes_to_prompt(inputs.shape[0], gt_label, inputs.device)
         logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
         masks = logits > 0
         min_pixels = max(1, math.ceil(self.min_mask_fraction * masks.shape[-2] * masks.shape[-1]))
-        present = prompt & (masks.flatten(2).sum(-1) >= min_pixels)
+        present = prompt & (masks.flatten(2).sum(-1) >= min_pixels if temporal is None else temporal(masks))
         class_ids = torch.arange(1, self.num_classes + 1, device=logits.device)
         label_map = torch.stack(
             [merge_class_masks(masks[b][present[b]], class_ids[present[b]], quality[b][present[b]])
@@ -90,4 +92,5 @@ class ClassPromptInferer(Inferer):
         if self.output == "label_map":
             return label_map
         has_entry = prompt.any(1) if self.protocol == "oracle" else torch.ones_like(prompt[:, 0])
-        return {"label_map": label_map, "has_entry": has_entry, "present": present, "quality": quality}
+        return {"label_map": label_map, "has_entry": has_entry, "present": present, "quality": quality,
+                "mask_pixels": masks.flatten(2).sum(-1)}

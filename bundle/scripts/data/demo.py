@@ -44,7 +44,8 @@ GENERATOR_VERSION = "2"
 GENERATOR_NAME = "surgical-sam-demo"
 PREVIEW_FILE = "preview.png"
 #: Entries a folder made by the demo holds; anything else means it is not (only) demo data.
-DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR})
+#: (``videos`` holds the demo video that scripts.data.demo_video makes from these frames.)
+DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR, "videos"})
 
 #: Tip shapes, one per class in turn (class k gets TIP_SHAPES[(k - 1) % len]).
 TIP_SHAPES = ("fork", "jaw", "clamp", "blade", "probe", "ring", "clip", "hook")
