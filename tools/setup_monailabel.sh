@@ -9,21 +9,28 @@
 # "monailabel-env:" there replacing the main pins of torch (this venv takes the registry build that its
 # torchvision loads with) and numpy (monailabel's numpymaxflow and pydicom-seg need numpy<2).
 #
-# Idempotent: a venv made from the same lock file, script and checkout is left as it is (a stamp file in
+# Idempotent: a venv made from the same lock file, pyproject.toml, script and checkout is left as it is (a stamp file in
 # the venv records them), so the README's test command can call this every time; anything else remakes it.
 # Measured: see the model card's "MONAI Label" section (time, wheels, disk).
 #
-# Usage: tools/setup_monailabel.sh [VENV_DIR]     (default: .venv-monailabel at the repo root)
+# Usage: tools/setup_monailabel.sh [--check] [VENV_DIR]     (default: .venv-monailabel at the repo root)
+#        --check: only say whether VENV_DIR is up to date (exit 0) or would be remade (exit 1)
 # The tests find this venv's python at .venv-monailabel/bin/python or at $MONAILABEL_PYTHON.
 set -euo pipefail
+check_only=0
+if [ "${1:-}" = "--check" ]; then check_only=1; shift; fi
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$(realpath -m "${1:-$REPO/.venv-monailabel}")"   # a path given relative to where it is called from
 cd "$REPO"
 
-stamp="$(cat constraints.txt tools/setup_monailabel.sh | sha256sum | cut -d' ' -f1) repo=${REPO}"
+stamp="$(cat constraints.txt pyproject.toml tools/setup_monailabel.sh | sha256sum | cut -d' ' -f1) repo=${REPO}"
 if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.surgical-sam-stamp" ] && [ "$(cat "$VENV/.surgical-sam-stamp")" = "$stamp" ]; then
     echo "MONAI Label environment $VENV is up to date (constraints.txt unchanged)"
     exit 0
+fi
+if [ "$check_only" = 1 ]; then
+    echo "MONAI Label environment $VENV is missing or was made from another lock file, script or checkout"
+    exit 1
 fi
 
 rm -rf "$VENV"
