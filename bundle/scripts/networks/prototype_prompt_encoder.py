@@ -198,7 +198,8 @@ class ScaledPositionMix(torch.autograd.Function):
         device_type = features.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else features.dtype
         ctx.dtypes = (features.dtype, scale.dtype, weight.dtype, None if bias is None else bias.dtype)
-        features, scale, weight = features.to(dtype), scale.to(dtype), weight.to(dtype)
+        # contiguous: a permuted scale (an einsum's output) would make every W * s[b] a strided copy
+        features, scale, weight = (t.to(dtype).contiguous() for t in (features, scale, weight))
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return ScaledPositionMix._forward(ctx, features, scale, weight, bias)
@@ -242,9 +243,10 @@ class ScaledPositionMix(torch.autograd.Function):
                 torch.matmul(mixed.t(), grad_out[b], out=grad_features[b])
             if need_scale or need_weight:
                 grad_mixed = (grad_out[b] @ features[b].t()).view(classes, hidden, positions)  # (C, O, P)
+                # elementwise products and sums (an einsum here becomes h*w tiny batched products)
                 if need_scale:
-                    grad_scale[b] = torch.einsum("cop,op->cp", grad_mixed, weight)
+                    torch.sum(grad_mixed * weight.unsqueeze(0), dim=1, out=grad_scale[b])
                 if need_weight:
-                    grad_weight += torch.einsum("cop,cp->op", grad_mixed, scale[b])
+                    grad_weight += (grad_mixed * scale[b].unsqueeze(1)).sum(0)
         grad_bias = grad_out.sum(dim=(0, 2)).view(classes, hidden).sum(0) if (need_bias and ctx.has_bias) else None
         return grad_features, grad_scale, grad_weight, grad_bias
