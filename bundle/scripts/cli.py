@@ -275,6 +275,10 @@ def benchmark(
     distill_batch_size: int = 2,
     distill_sam_variant: str | None = None,
     distill_frame_size: Any = None,
+    quick: bool = False,
+    amp: bool = False,
+    compile: bool = False,
+    output_json: str | None = None,
 ) -> dict:
     """Training and inference speed, peak memory and cache size (see scripts.benchmark.run_benchmark).
 
@@ -291,6 +295,10 @@ def benchmark(
         distill_batch_size: Distillation-SAM frames per training step, without and with the tap cache (0 skips).
         distill_sam_variant: SAM variant of the Distillation-SAM part (default: --sam_variant).
         distill_frame_size: H,W of the Distillation-SAM part (default: --frame_size).
+        quick: batch 8, one timed step, 2 inference frames, 1 encoder frame, no Distillation-SAM part.
+        amp: also measure the bundle's path under bf16 autocast.
+        compile: run the bundle's training step through torch.compile.
+        output_json: write every figure to this JSON file.
     """
     from scripts.benchmark import format_benchmark_table, run_benchmark
     from scripts.networks.sam_backbone import SAM_VARIANTS
@@ -320,8 +328,19 @@ def benchmark(
         distill_sam_variant=None if distill_sam_variant in (None, "") else str(distill_sam_variant),
         distill_frame_size=None if distill_frame_size in (None, "") else _int_pair(distill_frame_size,
                                                                                      "distill_frame_size"),
+        quick=bool(quick),
+        amp=bool(amp),
+        compile=bool(compile),
     )
     print(format_benchmark_table(result))
+    if output_json:
+        import json
+
+        folder = os.path.dirname(os.path.abspath(str(output_json)))
+        os.makedirs(folder, exist_ok=True)
+        with open(str(output_json), "w") as handle:
+            json.dump(result, handle, indent=2)
+        print(f"figures written to {os.path.abspath(str(output_json))}")
     return result
 
 

@@ -209,6 +209,7 @@ class SurgicalSAM(nn.Module):
             pair_embeddings = embeddings[frames]
             dense, sparse = self.class_prompt_encoder.pair_prompts(pair_embeddings, scale[frames], tokens[frames], classes)
             low_res, pair_quality = self._decode_prompts(pair_embeddings, dense, sparse)
-            logits[frames, classes] = low_res_logits_to_frame(low_res, self.image_size, (frame_h, frame_w))[:, 0]
-            quality[frames, classes] = pair_quality
+            pair_logits = low_res_logits_to_frame(low_res, self.image_size, (frame_h, frame_w))[:, 0]
+            logits[frames, classes] = pair_logits.to(logits.dtype)  # float32 also under autocast
+            quality[frames, classes] = pair_quality.to(quality.dtype)
         return logits, quality
