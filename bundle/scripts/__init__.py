@@ -5,6 +5,8 @@ Configs under ``configs/`` refer to these modules as ``scripts.<module>``.
 
 from pathlib import Path
 
+from . import process_settings  # noqa: F401  (standard library only; configs call scripts.process_settings)
+
 #: Folder of the bundle (the one holding configs/, models/, scripts/, docs/).
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 

@@ -819,6 +819,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``surgical-sam`` (and ``python -m scripts.cli``)."""
     import fire
 
+    from scripts.process_settings import apply_process_settings
+
+    apply_process_settings()
+
     fire.Fire(COMMANDS, command=None if argv is None else list(argv), name=PROG, serialize=_quiet)
 
 

@@ -14,7 +14,8 @@ peak of one step. Every entry point users run calls it once: ``initialize`` of t
 evaluate configs, the ``surgical-sam`` command and the MONAI Label app. Where the C library is not glibc
 (macOS, musl) nothing is changed and the returned settings say so.
 
-The model card's "Speed and memory" section measures what each setting contributes.
+The model card's "Speed and memory" section measures what each setting contributes. The module needs
+nothing but the standard library until it is called (the MONAI Label app loads it by its file path).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
-
-import torch
 
 __all__ = ["MALLOPT_SETTINGS", "apply_process_settings", "current_process_settings"]
 
@@ -66,6 +65,8 @@ def apply_process_settings(allocator: bool = True) -> dict:
         ``torch_interop_threads`` (torch's defaults, one intra-op thread per physical core, are kept:
         the benchmark measured no gain from other counts on the build machine).
     """
+    import torch
+
     global _applied
     if _applied is not None:
         return _applied
@@ -89,6 +90,8 @@ def apply_process_settings(allocator: bool = True) -> dict:
 
 def current_process_settings() -> dict:
     """The record of :func:`apply_process_settings` if it ran in this process, else torch's thread counts."""
+    import torch
+
     if _applied is not None:
         return _applied
     return {"allocator": "unchanged (apply_process_settings not called)", "torch_threads": torch.get_num_threads(),
