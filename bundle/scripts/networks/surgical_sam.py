@@ -131,7 +131,7 @@ class SurgicalSAM(nn.Module):
             raise ValueError(
                 f"expected frames (B, 3, H, W) or image embeddings (B, {self.embed_dim}, h, w), got {tuple(inputs.shape)}"
             )
-        return inputs.float(), self.frame_size
+        return inputs.to(self.prototypes.class_embeddings.weight.dtype), self.frame_size  # the network's dtype
 
     def _check_class_ids(self, class_ids: torch.Tensor) -> None:
         """Class ids must be in 1..C; on an accelerator checked asynchronously (no wait for the device)."""
