@@ -6,7 +6,8 @@
                        [--protocol auto|oracle] [--output_file metrics.json] [--ignore_index 255]
     surgical-sam benchmark [--batch_size 32 --num_classes 7 --num_tokens 2 --frame_size 1024,1280
                             --steps 3 --encoder_frames 2 --device cpu|cuda|auto
-                            --distill_batch_size 2 --distill_sam_variant V --distill_frame_size H,W]
+                            --distill_batch_size 2 --distill_sam_variant V --distill_frame_size H,W
+                            --quick --amp --compile --output_json FILE]
     surgical-sam demo [--epochs N] [--bundle_root DIR] [--fresh]
     surgical-sam demo_distill [--epochs N] [--bundle_root DIR] [--fresh] [--cache_taps true|false]
     surgical-sam prepare_endovis2017 --raw_dir R --out_dir O [--nocheck]
