@@ -113,6 +113,7 @@ def test_run_benchmark_tiny():
     assert result["process_settings"] == paths["bundle"]["process_settings"]
     # same weights and data: the bundle's path and the copy of the original's give the same loss and step
     assert result["train_loss_abs_diff"] < 1e-5
+    assert result["data_batch_read_s"] > 0 and result["data_batch_read_share_of_step"] > 0
     assert result["train_param_max_abs_diff"] < 1e-3  # Adam's first step is lr * g / (|g| + eps): see the card
     assert result["train_param_max_abs_diff_out_of_the_box"] == 0.0  # the same operations in another process
     assert paths["bundle"]["inference_cached"]["label_map_shape"] == [1, 1, 64, 80]

@@ -313,6 +313,34 @@ def _model_and_data(cfg: dict, device: torch.device):
     return model, embeddings, targets, frames
 
 
+def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[int]) -> float:
+    """Seconds to read a training batch from the embedding cache as ``CachedPromptDataset`` does: per sample
+    the float16 ``.npy`` and the label PNG (``EmbeddingCache.load``), the sample's masks (``prompt_sample``),
+    then the collate (one process; the trainer's loader workers read ahead of the step)."""
+    from types import SimpleNamespace
+
+    from .data.embedding_cache import EmbeddingCache, prompt_sample
+    from .data.layout import write_label_map
+
+    variant = get_variant(cfg["sam_variant"])
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "frame.npy"), "wb") as handle:
+            np.save(handle, embedding.cpu().numpy().astype(np.float16))
+        label = np.zeros(tuple(label_hw), dtype=np.uint8)
+        label[: label_hw[0] // 2, : label_hw[1] // 2] = 1
+        write_label_map(os.path.join(folder, "label.png"), label)
+        cache = SimpleNamespace(cache_dir=folder)
+        entry = {"embedding": "frame.npy", "label": "label.png"}
+        start = time.perf_counter()
+        items = []
+        for _ in range(cfg["batch_size"]):
+            frame_embedding, frame_label = EmbeddingCache.load(cache, entry)
+            items.append(prompt_sample(frame_embedding, frame_label, 1, variant.image_size,
+                                       (variant.grid_size, variant.grid_size)))
+        torch.utils.data.default_collate(items)
+        return time.perf_counter() - start
+
+
 def _worker(cfg: dict) -> dict[str, Any]:
     """Parts 1, 2 and 4 for one path (``cfg["path"]``), in this process; parameters after the first step
     are written to ``cfg["params_file"]`` for the comparison between paths."""
@@ -345,6 +373,9 @@ def _worker(cfg: dict) -> dict[str, Any]:
     seconds, _ = _timed(step, device, cfg["steps"])
     out["train"] = {"s_per_step": seconds, "samples_per_s": cfg["batch_size"] / seconds}
     out["train_peak_rss_gib"] = _peak_rss_mb() / 1024
+    if path == "bundle":
+        read = _batch_read_seconds(cfg, embeddings[0], cfg["frame_size"])
+        out["data"] = {"batch_read_s": read, "batch_read_share_of_step": read / seconds}
     del optimizer
     model.eval()
     num_classes = cfg["num_classes"]
@@ -536,6 +567,8 @@ def run_benchmark(
         "train_peak_rss_gib_original": plain["train_peak_rss_gib"],
         "train_peak_rss_gib_original_equal_terms": equal["train_peak_rss_gib"],
         "train_loss_abs_diff": abs(bundle["first_loss"] - equal["first_loss"]),
+        "data_batch_read_s": bundle["data"]["batch_read_s"],
+        "data_batch_read_share_of_step": bundle["data"]["batch_read_share_of_step"],
         "process_settings": bundle["process_settings"],
         "paths": paths,
     })
@@ -620,6 +653,8 @@ def format_benchmark_table(result: dict[str, Any]) -> str:
             lines.append(row("   bf16 autocast, frames/s", f"{encoder['bf16_autocast']['frames_per_s']:.3f}"))
             lines.append(row("   bf16 autocast, max |embedding - fp32|",
                              f"{encoder['bf16_autocast']['max_abs_diff_from_fp32']:.2e}"))
+    lines.append(row(f"   data path: a batch of {s['batch_size']} read from the cache (s; share of a step)",
+                     f"{result['data_batch_read_s']:.3f}; {100 * result['data_batch_read_share_of_step']:.1f}%"))
     lines.append(row("4. peak RSS of the training step, this bundle (GiB)", f"{result['train_peak_rss_gib']:.2f}"))
     lines.append(row("   the original out of the box / on equal terms (GiB)",
                      f"{result['train_peak_rss_gib_original']:.2f} / {result['train_peak_rss_gib_original_equal_terms']:.2f}"))
