@@ -535,3 +535,16 @@ def test_gradients_reach_trainable_parts_only():
         assert decoder_grads[name] is not None and decoder_grads[name].abs().sum() > 0, name
     for part in (model.prompt_encoder, model.image_encoder, model.class_prompt_encoder.pn_cls_embeddings):
         assert all(p.grad is None for p in part.parameters())
+
+
+def test_prompt_encoder_takes_monai_metatensors():
+    """MONAI's transforms hand MetaTensors to the network (inference.yaml): the same prompts as plain tensors."""
+    from monai.data import MetaTensor
+
+    torch.manual_seed(8)
+    encoder = PrototypePromptEncoder(3, 2, (3, 5), embed_dim=8, dense_hidden_dim=4, sparse_hidden_dim=6)
+    image, prototypes, class_ids = torch.randn(2, 8, 3, 5), torch.randn(3, 8), torch.tensor([2, 3])
+    with torch.no_grad():
+        plain = encoder(image, prototypes, class_ids)
+        meta = encoder(MetaTensor(image), prototypes, class_ids)
+    assert torch.equal(torch.as_tensor(meta[0]), plain[0]) and torch.equal(torch.as_tensor(meta[1]), plain[1])

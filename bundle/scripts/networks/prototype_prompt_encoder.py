@@ -199,8 +199,9 @@ class ScaledPositionMix(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else features.dtype
         ctx.dtypes = (features.dtype, scale.dtype, weight.dtype, None if bias is None else bias.dtype)
         # contiguous: a permuted scale (an einsum's output) would make every W * s[b] a strided copy
-        features, scale, weight = (t.to(dtype).contiguous() for t in (features, scale, weight))
-        bias = None if bias is None else bias.to(dtype)
+        # plain tensors: a tensor subclass (MONAI's MetaTensor) has its own new_empty/out= rules
+        features, scale, weight = (t.as_subclass(torch.Tensor).to(dtype).contiguous() for t in (features, scale, weight))
+        bias = None if bias is None else bias.as_subclass(torch.Tensor).to(dtype)
         with torch.autocast(device_type, enabled=False):
             return ScaledPositionMix._forward(ctx, features, scale, weight, bias)
 
@@ -208,7 +209,7 @@ class ScaledPositionMix(torch.autograd.Function):
     def _forward(ctx, features, scale, weight, bias):
         batch, positions, dim = features.shape
         classes, hidden = scale.shape[1], weight.shape[0]
-        out = features.new_empty(batch, classes * hidden, dim)
+        out = torch.empty((batch, classes * hidden, dim), dtype=features.dtype, device=features.device)
         for b in range(batch):
             mixed = (weight.unsqueeze(0) * scale[b].unsqueeze(1)).reshape(classes * hidden, positions)
             torch.matmul(mixed, features[b], out=out[b])
