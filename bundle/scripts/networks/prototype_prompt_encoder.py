@@ -113,7 +113,11 @@ class PrototypePromptEncoder(nn.Module):
         batch, dim = image_embeddings.shape[:2]
         features = image_embeddings.flatten(2).transpose(1, 2)  # (B, h*w, d)
         weight = self.sparse_fc_1.weight[:, :, 0]  # (hidden, h*w)
-        hidden = ScaledPositionMix.apply(features, scale, weight, self.sparse_fc_1.bias)  # (B, C, hidden, d)
+        if torch.jit.is_tracing():  # TorchScript export cannot hold an autograd.Function: the same products, batched
+            mixed = weight.unsqueeze(0).unsqueeze(0) * scale.unsqueeze(2)  # (B, C, hidden, h*w)
+            hidden = mixed @ features.unsqueeze(1) + self.sparse_fc_1.bias.view(1, 1, -1, 1)
+        else:
+            hidden = ScaledPositionMix.apply(features, scale, weight, self.sparse_fc_1.bias)  # (B, C, hidden, d)
         hidden = self.relu(hidden).reshape(batch * self.num_classes, -1, dim)
         tokens = self.sparse_fc_2(hidden)  # (B*C, n, d)
         return tokens.reshape(batch, self.num_classes, self.num_tokens, dim)
