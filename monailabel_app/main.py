@@ -36,9 +36,25 @@ MODELS = {
 }
 
 
+def apply_bundle_process_settings(bundle: str) -> None:
+    """The bundle's process settings (scripts/process_settings.py: glibc allocator), loaded by file path so
+    that the bundle's ``scripts`` package is not imported here."""
+    import importlib.util
+
+    path = os.path.join(bundle, "scripts", "process_settings.py")
+    if not os.path.isfile(path):
+        logger.warning("%s is missing: the bundle's process settings are not applied", path)
+        return
+    spec = importlib.util.spec_from_file_location("surgicalsam_process_settings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    logger.info("process settings: %s", module.apply_process_settings())
+
+
 class SurgicalSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.bundle = os.path.abspath(conf.get("bundle") or os.path.join(app_dir, "model", "surgicalsam"))
+        apply_bundle_process_settings(self.bundle)
         for name in ("configs/inference.json", "configs/train.json", "models/model.pt"):
             if not os.path.isfile(os.path.join(self.bundle, name)):
                 raise FileNotFoundError(

@@ -97,23 +97,27 @@ def test_main_runs_a_command(tmp_path, capsys):
 
 
 def test_run_benchmark_tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread avoids thread contention on a busy machine
-    try:
-        result = run_benchmark(batch_size=2, num_classes=3, num_tokens=2, frame_size=(64, 80), steps=1,
-                               encoder_frames=1, inference_frames=1, device="cpu", sam_variant="tiny")
-    finally:
-        torch.set_num_threads(threads)
+    result = run_benchmark(batch_size=2, num_classes=3, num_tokens=2, frame_size=(64, 80), steps=1,
+                           encoder_frames=1, inference_frames=1, device="cpu", sam_variant="tiny")
     assert result["settings"]["embedding_shape"] == [256, 16, 16]
-    for path in ("batched", "loop"):
-        assert result["train"][path]["samples_per_s"] > 0
-    assert result["train"]["speedup"] > 0
-    # same weights and data: the batched call and the original's loop give the same loss
-    assert result["train"]["warmup_loss_difference"] < 1e-4
-    assert result["inference_cached"]["frames_per_s"] > 0
-    assert result["inference_cached"]["logits_shape"] == [1, 3, 64, 80]
-    assert result["inference_encoder"]["frames_per_s"] > 0
-    assert all(v > 0 for v in result["memory"]["peak_rss_mb"].values())
+    for key in ("train_samples_per_s", "train_samples_per_s_original", "train_samples_per_s_original_equal_terms",
+                "train_speedup", "train_speedup_equal_terms", "infer_masks_per_s", "infer_masks_per_s_original",
+                "infer_masks_per_s_original_equal_terms", "infer_speedup", "infer_speedup_equal_terms",
+                "train_peak_rss_gib", "encoder_frames_per_s"):
+        assert result[key] > 0, key
+    assert result["device"] == "cpu" and result["threads"] >= 1 and result["torch_version"] == torch.__version__
+    # each path in its own process: the original out of the box without the bundle's settings, the others with
+    paths = result["paths"]
+    assert "not called" in paths["original_out_of_the_box"]["process_settings"]["allocator"]
+    assert paths["original_equal_terms"]["process_settings"] == paths["bundle"]["process_settings"]
+    assert result["process_settings"] == paths["bundle"]["process_settings"]
+    # same weights and data: the bundle's path and the copy of the original's give the same loss and step
+    assert result["train_loss_abs_diff"] < 1e-5
+    assert result["data_batch_read_s"] > 0 and result["data_batch_read_share_of_step"] > 0
+    assert result["train_param_max_abs_diff"] < 1e-3  # Adam's first step is lr * g / (|g| + eps): see the card
+    assert result["train_param_max_abs_diff_out_of_the_box"] == 0.0  # the same operations in another process
+    assert paths["bundle"]["inference_cached"]["label_map_shape"] == [1, 1, 64, 80]
+    assert paths["original_equal_terms"]["inference_cached"]["label_map_shape"] == [1, 64, 80]
     assert result["cache"]["embedding_npy_bytes"] == 256 * 16 * 16 * 2 + 128
     assert result["cache"]["label_png_bytes"] > 0
     distill = result["distill"]
@@ -122,4 +126,54 @@ def test_run_benchmark_tiny():
     assert distill["cache"]["array_bytes_per_entry"] == 256 * 16 * 16 * 2 + 2 * 16 * 16 * 96 * 2
     assert distill["cache"]["npy_bytes_per_entry"] == distill["cache"]["array_bytes_per_entry"] + 2 * 128
     table = format_benchmark_table(result)
-    assert "speed-up" in table and "label PNG" in table and "tap cache" in table
+    assert "speed-up over the original on equal terms" in table and "label PNG" in table and "tap cache" in table
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_bundle_training_step_equals_the_original_operations(batch):
+    """The bundle's step (fast prompt encoder, batched decoder, weighted loss) and the benchmark's copy of
+    the original's (stacked features, per-sample decoder calls, its Dice and NTXent): the same loss, the
+    same gradients and, after one Adam step, the same parameters (float64, so rounding does not hide a
+    difference behind Adam's division by |g| + eps)."""
+    from scripts import benchmark as bm
+    from scripts.losses import SurgicalSAMLoss, class_embeddings_from_masks
+
+    cfg = dict(batch_size=batch, num_classes=3, num_tokens=2, frame_size=[48, 72], inference_frames=1,
+               sam_variant="tiny", seed=0)
+    runs = []
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the network, the data and the optimizer in float64
+    try:
+        for path in ("original", "bundle"):
+            runs.append(_one_step(bm, cfg, path, SurgicalSAMLoss, class_embeddings_from_masks))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    (loss0, grads0, params0), (loss1, grads1, params1) = runs
+    assert params0["mask_decoder.iou_token.weight"].dtype == torch.float64
+    assert abs(loss0 - loss1) <= 1e-5 * abs(loss0)
+    assert set(grads0) == set(grads1)
+    for name in grads0:
+        scale = max(float(grads0[name].abs().max()), 1e-12)
+        assert float((grads0[name] - grads1[name]).abs().max()) / scale <= 1e-4, name
+    assert max(float((params0[k] - params1[k]).abs().max()) for k in params0) <= 1e-5
+
+
+def _one_step(bm, cfg, path, loss_cls, class_embeddings_from_masks):
+    """One training step of ``path`` (original / bundle) from the benchmark's weights and data."""
+    model, embeddings, targets, _ = bm._model_and_data(cfg, torch.device("cpu"))
+    model.train()
+    # segment-anything makes the dense positional encoding's grid in float32: the same constant, in float64
+    layer = model.prompt_encoder.pe_layer
+    gaussian = layer.positional_encoding_gaussian_matrix
+    layer.positional_encoding_gaussian_matrix = gaussian.float()
+    dense_pe = model.prompt_encoder.get_dense_pe().double()
+    layer.positional_encoding_gaussian_matrix = gaussian
+    model.prompt_encoder.get_dense_pe = lambda: dense_pe
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
+    if path == "original":
+        class_embeddings, _ = class_embeddings_from_masks(embeddings, targets["grid_mask"])
+        loss = bm.original_training_step(model, optimizer, embeddings, targets, class_embeddings)
+    else:
+        loss = float(bm.bundle_training_step(model, optimizer, loss_cls(), embeddings, targets))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss, grads, {k: v.clone() for k, v in model.state_dict().items()}

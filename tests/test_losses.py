@@ -249,3 +249,38 @@ def test_total_loss_all_absent_is_only_bce():
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     total.backward()
     assert torch.all(pred["prototypes"].grad == 0)
+
+
+def indexed_surgical_sam_loss(pred, target, absent_weight=1.0):
+    """The loss with the absent and invalid samples indexed out (data-dependent shapes), as before the
+    weighted form that never waits for the device."""
+    logits, mask = pred["logits"], target["mask"]
+    has_target = mask.flatten(1).sum(1) > 0
+    total = surgical_sam_dice_loss()(logits[has_target], mask[has_target]) if has_target.any() else 0.0
+    pooled, valid = class_embeddings_from_masks(pred["image_embeddings"], target["grid_mask"])
+    if valid.any():
+        total = total + PrototypeContrastiveLoss(0.07)(pred["prototypes"], pooled[valid], target["class_id"][valid])
+    if (~has_target).any():
+        bce = F.binary_cross_entropy_with_logits(logits[~has_target], torch.zeros_like(logits[~has_target]),
+                                                 reduction="none")
+        total = total + absent_weight * bce.flatten(1).mean(1).mean()
+    return total
+
+
+@pytest.mark.parametrize("absent", [[], [1, 3], [0]])
+def test_weighted_loss_equals_the_indexed_one_with_gradients(absent):
+    generator = torch.Generator().manual_seed(7)
+    masks = (torch.rand(5 if absent != [0] else 1, 1, 16, 16, generator=generator) > 0.5).float()
+    masks[absent] = 0
+    results = []
+    for loss_fn in (SurgicalSAMLoss(), indexed_surgical_sam_loss):
+        pred, target = make_batch(masks.clone())
+        pred["image_embeddings"].requires_grad_()
+        loss = loss_fn(pred, target)
+        loss.backward()
+        grads = [pred[k].grad for k in ("logits", "image_embeddings", "prototypes")]
+        # no valid sample: the indexed loss leaves no gradient, the weighted one a zero gradient
+        results.append([loss.detach()] + [torch.zeros_like(pred[k]) if g is None else g for k, g in
+                                          zip(("logits", "image_embeddings", "prototypes"), grads)])
+    for fast, plain in zip(*results):
+        assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-7)

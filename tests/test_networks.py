@@ -167,6 +167,92 @@ def test_prototype_prompt_encoder_matches_reference_on_any_grid(grid):
     assert torch.allclose(sparse, expected_sparse, atol=1e-5)
 
 
+def plain_prompt_encoder(encoder, image, prototypes, class_ids):
+    """The prompt encoder as SPEC 3 writes it: the (B, C, h*w, d) class-activated tensor, the Conv1d
+    modules themselves on it, the prompted class's slice for the dense prompt."""
+    batch, dim, height, width = image.shape
+    features = image.flatten(2).transpose(1, 2)  # (B, h*w, d)
+    similarity = torch.einsum("bpd,cd->bcp", features, prototypes).unsqueeze(-1)
+    activated = features.unsqueeze(1) + features.unsqueeze(1) * similarity  # (B, C, h*w, d)
+    index = class_ids.long() - 1
+    prompted = activated[torch.arange(batch), index].transpose(1, 2).reshape(batch, dim, height, width)
+    dense = encoder.dense_fc_2(encoder.relu(encoder.dense_fc_1(prompted)))
+    tokens = activated.reshape(batch * encoder.num_classes, height * width, dim)
+    tokens = encoder.sparse_fc_2(encoder.relu(encoder.sparse_fc_1(tokens)))
+    tokens = tokens.reshape(batch, encoder.num_classes, encoder.num_tokens, dim)
+    is_prompted = nn.functional.one_hot(index, encoder.num_classes).to(tokens.dtype)[..., None, None]
+    tokens = tokens + is_prompted * encoder.pn_cls_embeddings[1].weight + (1 - is_prompted) * encoder.pn_cls_embeddings[0].weight
+    return dense, tokens.reshape(batch, -1, dim)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("grid,num_classes,batch", [((3, 5), 3, 4), ((7, 7), 1, 1), ((4, 6), 7, 1), ((5, 3), 2, 3)])
+def test_prompt_encoder_without_the_activated_tensor_equals_the_plain_one(grid, num_classes, batch):
+    """Fast path (ScaledPositionMix, dense prompt from the prompted class only) = plain path, forward
+    and gradients of every input and parameter, on odd grids, C = 1 and batch 1."""
+    torch.manual_seed(3)
+    dim = 16
+    encoder = PrototypePromptEncoder(num_classes, 2, grid, embed_dim=dim, dense_hidden_dim=6, sparse_hidden_dim=5)
+    with torch.no_grad():
+        for embedding in encoder.pn_cls_embeddings:
+            embedding.weight.normal_()
+    image = (0.5 * torch.randn(batch, dim, *grid, dtype=torch.float64)).requires_grad_()
+    prototypes = (0.5 * torch.randn(num_classes, dim, dtype=torch.float64)).requires_grad_()
+    class_ids = torch.randint(1, num_classes + 1, (batch,))
+    encoder = encoder.double()
+    weights = torch.randn(batch, dim, *grid, dtype=torch.float64), torch.randn(batch, num_classes * 2, dim, dtype=torch.float64)
+    results = []
+    for forward in (encoder, lambda *args: plain_prompt_encoder(encoder, *args)):
+        encoder.zero_grad()
+        image.grad = prototypes.grad = None
+        dense, sparse = forward(image, prototypes, class_ids)
+        ((dense * weights[0]).sum() + (sparse * weights[1]).sum()).backward()
+        grads = {name: p.grad.clone() for name, p in encoder.named_parameters() if p.requires_grad}
+        results.append((dense.detach(), sparse.detach(), image.grad.clone(), prototypes.grad.clone(), grads))
+    fast, plain = results
+    assert relative_error(fast[0], plain[0]) <= 1e-5 and relative_error(fast[1], plain[1]) <= 1e-5
+    assert relative_error(fast[2], plain[2]) <= 1e-4 and relative_error(fast[3], plain[3]) <= 1e-4
+    assert set(fast[4]) == set(plain[4]) and len(fast[4]) == 8
+    for name in plain[4]:
+        assert relative_error(fast[4][name], plain[4][name]) <= 1e-4, name
+    # and in float32, the dtype training runs in
+    encoder = encoder.float()
+    with torch.no_grad():
+        fast32 = encoder(image.float(), prototypes.float(), class_ids)
+        plain32 = plain_prompt_encoder(encoder, image.float(), prototypes.float(), class_ids)
+    assert relative_error(fast32[0], plain32[0]) <= 1e-5 and relative_error(fast32[1], plain32[1]) <= 1e-5
+
+
+def test_frame_prompts_then_pair_prompts_equal_forward():
+    """The automatic protocol's shared per-frame prompts give forward's prompts for any (frame, class) pair."""
+    torch.manual_seed(5)
+    encoder = PrototypePromptEncoder(3, 2, (3, 5), embed_dim=8, dense_hidden_dim=4, sparse_hidden_dim=6)
+    image, prototypes = torch.randn(2, 8, 3, 5), torch.randn(3, 8)
+    frames, classes = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 2, 0, 1, 2])
+    with torch.no_grad():
+        scale, tokens = encoder.frame_prompts(image, prototypes)
+        dense, sparse = encoder.pair_prompts(image[frames], scale[frames], tokens[frames], classes)
+        expected = plain_prompt_encoder(encoder, image[frames], prototypes, classes + 1)
+    assert relative_error(dense, expected[0]) <= 1e-5 and relative_error(sparse, expected[1]) <= 1e-5
+
+
+@pytest.mark.skipif(not hasattr(torch, "autocast"), reason="needs torch.autocast")
+def test_prompt_encoder_under_bf16_autocast_is_close_to_float32():
+    torch.manual_seed(6)
+    encoder = PrototypePromptEncoder(3, 2, (4, 4), embed_dim=16, dense_hidden_dim=8, sparse_hidden_dim=8)
+    image, prototypes, class_ids = torch.randn(2, 16, 4, 4, requires_grad=True), torch.randn(3, 16), torch.tensor([1, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense, sparse = encoder(image, prototypes, class_ids)
+    (dense.float().sum() + sparse.float().sum()).backward()
+    expected = plain_prompt_encoder(encoder, image.detach(), prototypes, class_ids)
+    assert image.grad.dtype == torch.float32 and encoder.sparse_fc_1.weight.grad.dtype == torch.float32
+    assert relative_error(sparse.float(), expected[1]) < 0.05 and relative_error(dense.float(), expected[0]) < 0.05
+
+
 def test_prompt_encoder_rejects_other_grid():
     encoder = PrototypePromptEncoder(2, 1, (2, 3), embed_dim=4)
     with pytest.raises(ValueError, match="grid_size"):
@@ -449,3 +535,16 @@ def test_gradients_reach_trainable_parts_only():
         assert decoder_grads[name] is not None and decoder_grads[name].abs().sum() > 0, name
     for part in (model.prompt_encoder, model.image_encoder, model.class_prompt_encoder.pn_cls_embeddings):
         assert all(p.grad is None for p in part.parameters())
+
+
+def test_prompt_encoder_takes_monai_metatensors():
+    """MONAI's transforms hand MetaTensors to the network (inference.yaml): the same prompts as plain tensors."""
+    from monai.data import MetaTensor
+
+    torch.manual_seed(8)
+    encoder = PrototypePromptEncoder(3, 2, (3, 5), embed_dim=8, dense_hidden_dim=4, sparse_hidden_dim=6)
+    image, prototypes, class_ids = torch.randn(2, 8, 3, 5), torch.randn(3, 8), torch.tensor([2, 3])
+    with torch.no_grad():
+        plain = encoder(image, prototypes, class_ids)
+        meta = encoder(MetaTensor(image), prototypes, class_ids)
+    assert torch.equal(torch.as_tensor(meta[0]), plain[0]) and torch.equal(torch.as_tensor(meta[1]), plain[1])

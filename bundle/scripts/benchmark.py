@@ -2,29 +2,30 @@
 
 One run measures, on random data and random weights (speed does not depend on the values):
 
-1. training samples/s of a full step (forward, SurgicalSAMLoss on full-frame logits, backward, Adam)
-   on cached embeddings, for this bundle's batched decoder call and for the original SurgicalSAM's
-   per-sample loop over SAM's ``MaskDecoder`` (prototype prompt encoder on the whole batch, as the
-   original; then one decoder call and one postprocess per sample), and the speed-up;
-2. inference frames/s from cached embeddings, every class prompted (the auto protocol);
-3. inference frames/s from raw frames through the frozen image encoder;
-4. the process's peak resident memory after each part (and the CUDA peak on a GPU);
+1. training samples/s of a full step (forward, full-frame Dice + PCL, backward, Adam) on cached
+   embeddings, for this bundle's path and for a faithful copy of the original SurgicalSAM's operations
+   (:func:`original_forward`: its prompt encoder with the per-class features stacked and cloned, one SAM
+   ``MaskDecoder`` call and one postprocess per sample, its Dice, its NTXent contrastive loss), with the
+   loss and the parameters after one step compared between the two;
+2. inference from cached embeddings, every class prompted and the label map merged (the automatic
+   protocol), in masks/s, for both;
+3. precompute frames/s of the frozen image encoder (fp32; bf16 autocast beside it);
+4. the peak resident memory of each part;
 5. the bytes a frame takes in the embedding cache (float16 ``.npy``) and its label PNG;
-6. Distillation-SAM (``distill_batch_size`` > 0): training samples/s of a full step (forward with the
-   teacher, DistillationSAMLoss, backward, AdamW) from raw frames (the frozen encoder runs in every
-   step) and from the tap cache (embedding and taps given; the PVT still runs on the frame), the
-   seconds to read one tap-cache entry from disk (float16 ``.npy`` -> float32), and the tap cache's
-   bytes per (frame, version). Its SAM variant, batch and frame size are separate settings
-   (``distill_*``): a vit_b-sized adapter at 1024 x 1280 is slow on a CPU.
+6. Distillation-SAM (``distill_batch_size`` > 0): training samples/s from raw frames and from the tap
+   cache, the tap cache's read time and bytes per entry.
+
+Parts 1-4 run in their own processes, so each has its own peak memory and process settings:
+the original *out of the box* (a plain environment, glibc's default allocator), the original *on equal
+terms* (the process settings of :mod:`scripts.process_settings`, which the bundle applies to itself)
+and the bundle's path as users get it. The speed-ups are the ratios of figures of one run.
 
 The prompt side (prototypes, class prompt encoder, mask decoder) is the same for every SAM variant
 (d = 256 on a 64x64 grid), so ``vit_b`` without a checkpoint stands in for ``vit_h`` in parts 1-2;
 part 3 does depend on the encoder and is measured with the variant asked for.
 """
-
 from __future__ import annotations
 
-import copy
 import os
 import platform
 import resource
@@ -87,34 +88,131 @@ def _random_targets(
     return {"mask": masks.to(device), "grid_mask": grid_mask.to(device), "class_id": class_ids.to(device)}
 
 
-def _original_loop_forward(model: SurgicalSAM, embeddings: torch.Tensor, class_ids: torch.Tensor) -> dict:
-    """The original SurgicalSAM's forward: class prompts for the batch, then SAM's decoder once per sample."""
+# ------------------------------------------------------------------- the original's operations
+def original_prompt_encoder(encoder, features: torch.Tensor, prototypes: torch.Tensor, class_ids: torch.Tensor):
+    """The original SurgicalSAM's prototype-based prompt encoder, operation for operation, on this bundle's
+    weights (``PrototypePromptEncoder``): the features stacked once per class, the class-activated tensor
+    (B, C, h*w, d) and its clone for the sparse path, the prompted class picked with a one-hot mask.
+
+    Args:
+        encoder: a ``PrototypePromptEncoder`` (its weights only are used).
+        features: (B, h*w, d) flattened image embeddings; prototypes: (C, d); class_ids: (B,) in 1..C.
+
+    Returns:
+        dense (B, d, h, w) and sparse (B, C*n, d) prompt embeddings.
+    """
+    height, width = encoder.grid_size
+    num_classes = encoder.num_classes
+    class_prompts = torch.stack([prototypes.unsqueeze(-1) for _ in range(features.shape[0])], dim=0)  # (B, C, d, 1)
+    features = torch.stack([features for _ in range(num_classes)], dim=1)  # (B, C, h*w, d)
+    similarity = torch.matmul(features, class_prompts)  # (B, C, h*w, 1)
+    features = features + features * similarity
+    features_sparse = features.clone()
+    one_hot = torch.nn.functional.one_hot(class_ids - 1, num_classes)
+    prompted = features[one_hot == 1]  # (B, h*w, d)
+    prompted = prompted.reshape(-1, height, width, prompted.shape[-1]).permute(0, 3, 1, 2)
+    dense = encoder.dense_fc_2(encoder.relu(encoder.dense_fc_1(prompted)))
+    features_sparse = features_sparse.reshape(-1, height * width, features_sparse.shape[-1])
+    sparse = encoder.sparse_fc_2(encoder.relu(encoder.sparse_fc_1(features_sparse)))
+    sparse = sparse.reshape(-1, num_classes, *sparse.shape[1:])
+    positive = encoder.pn_cls_embeddings[1].weight.unsqueeze(0).unsqueeze(0) * one_hot.unsqueeze(-1).unsqueeze(-1)
+    negative = encoder.pn_cls_embeddings[0].weight.unsqueeze(0).unsqueeze(0) * (1 - one_hot).unsqueeze(-1).unsqueeze(-1)
+    sparse = sparse + positive.detach() + negative.detach()
+    return dense, sparse.reshape(sparse.shape[0], -1, sparse.shape[-1])
+
+
+def original_forward(model: SurgicalSAM, embeddings: torch.Tensor, class_ids: torch.Tensor) -> tuple:
+    """The original's forward: prompts for the batch, then per sample one decoder call and one postprocess.
+
+    Returns:
+        logits (B, 1, H, W) at frame size and the prototypes (C, d).
+    """
     prototypes = model.prototypes()
-    dense, sparse = model.class_prompt_encoder(embeddings, prototypes, class_ids)
-    image_pe = model.prompt_encoder.get_dense_pe()
+    features = embeddings.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
+    dense, sparse = original_prompt_encoder(model.class_prompt_encoder, features, prototypes, class_ids)
     logits = []
     for index in range(embeddings.shape[0]):
         low_res, _quality = model.mask_decoder(
             image_embeddings=embeddings[index : index + 1],
-            image_pe=image_pe,
+            image_pe=model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse[index : index + 1],
             dense_prompt_embeddings=dense[index : index + 1],
             multimask_output=False,
         )
         logits.append(low_res_logits_to_frame(low_res, model.image_size, model.frame_size))
-    return {"logits": torch.cat(logits), "image_embeddings": embeddings, "prototypes": prototypes}
+    return torch.cat(logits), prototypes
 
 
-def _training_step(model, forward, loss_fn, optimizer, embeddings, targets) -> float:
+def original_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The original's Dice: per sample 2 sum(p t) / ((sum p^2 + 1e-3) + (sum t^2 + 1e-3)), 1 - mean."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    dice = 2 * (p * t).sum(1) / ((p * p).sum(1) + 1e-3 + ((t * t).sum(1) + 1e-3))
+    return 1 - dice.mean()
+
+
+def original_ntxent_loss(prototypes: torch.Tensor, class_embeddings: torch.Tensor, class_ids: torch.Tensor,
+                         temperature: float = 0.07) -> torch.Tensor:
+    """The original's contrastive loss, NTXent with the prototypes (labels 1..C) as anchors and the
+    samples' class embeddings as references: for each (prototype c, sample b of class c) pair,
+    -log(exp(s/t) / (exp(s/t) + sum over samples b' of another class of exp(s(c, b')/t))), mean over pairs.
+    """
+    cosine = torch.nn.functional.normalize(prototypes, dim=1) @ torch.nn.functional.normalize(class_embeddings, dim=1).t()
+    scaled = cosine / temperature  # (C, B)
+    anchor_labels = torch.arange(1, prototypes.shape[0] + 1, device=prototypes.device)
+    positive_pairs = anchor_labels[:, None] == class_ids[None, :]  # (C, B)
+    largest = scaled.detach().amax(dim=1, keepdim=True)  # subtracted for stability, as NTXent implementations do
+    exp = torch.exp(scaled - largest)
+    negatives = (exp * ~positive_pairs).sum(dim=1, keepdim=True)  # (C, 1)
+    per_pair = -torch.log(exp / (exp + negatives))
+    return per_pair[positive_pairs].mean()
+
+
+def original_training_step(model, optimizer, embeddings, targets, class_embeddings) -> float:
+    """One training step of the original: forward, Dice + NTXent, backward, Adam step; -> the loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(forward(model, embeddings, targets["class_id"]), targets)
+    logits, prototypes = original_forward(model, embeddings, targets["class_id"])
+    loss = original_dice_loss(logits, targets["mask"]) + original_ntxent_loss(
+        prototypes, class_embeddings, targets["class_id"])
     loss.backward()
     optimizer.step()
     return float(loss.detach())
 
 
-def _batched_forward(model: SurgicalSAM, embeddings: torch.Tensor, class_ids: torch.Tensor) -> dict:
-    return model(embeddings, class_ids)
+def original_merge(masks: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """The original's label map of one frame: each prompted class's mask (logit > 0) painted in class order."""
+    label_map = torch.zeros(masks.shape[-2:], dtype=torch.long, device=masks.device)
+    for mask, class_id in zip(masks, class_ids):
+        label_map[mask] = class_id
+    return label_map
+
+
+def original_inference(model: SurgicalSAM, embeddings: torch.Tensor, pairs_per_batch: int) -> torch.Tensor:
+    """The original's automatic inference: every (frame, class) pair through :func:`original_forward`
+    in batches, then the label map of each frame. -> (B, H, W) long."""
+    frames, classes = torch.meshgrid(torch.arange(embeddings.shape[0]), torch.arange(1, model.num_classes + 1),
+                                     indexing="ij")
+    frames, classes = frames.reshape(-1), classes.reshape(-1)
+    masks = []
+    for start in range(0, frames.numel(), pairs_per_batch):
+        batch = slice(start, start + pairs_per_batch)
+        logits, _ = original_forward(model, embeddings[frames[batch]], classes[batch].to(embeddings.device))
+        masks.append(logits[:, 0] > 0)
+    masks = torch.cat(masks).reshape(embeddings.shape[0], model.num_classes, *masks[0].shape[-2:])
+    class_ids = torch.arange(1, model.num_classes + 1)
+    return torch.stack([original_merge(frame_masks, class_ids) for frame_masks in masks])
+
+
+# ----------------------------------------------------------------------------------- the bundle's
+def bundle_training_step(model, optimizer, loss_fn, embeddings, targets, autocast: bool = False) -> torch.Tensor:
+    """One training step as the bundle's trainer runs it; -> the loss as a tensor (no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(embeddings.device.type, dtype=torch.bfloat16, enabled=autocast):
+        output = model(embeddings, targets["class_id"])
+    loss = loss_fn({k: v.float() for k, v in output.items()}, targets)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def _cache_sizes(embed_dim: int, grid: int, frame_hw: Sequence[int]) -> dict[str, int]:
@@ -196,6 +294,163 @@ def _distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, de
     return out
 
 
+# ---------------------------------------------------------------------------------- worker process
+WORKER_MARK = "SURGICAL_SAM_BENCHMARK_RESULT "
+PATHS = ("original_out_of_the_box", "original_equal_terms", "bundle")
+
+
+def _model_and_data(cfg: dict, device: torch.device):
+    variant = get_variant(cfg["sam_variant"])
+    grid = variant.grid_size
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    embeddings = torch.randn(cfg["batch_size"], variant.prompt_embed_dim, grid, grid, generator=generator).to(device)
+    targets = _random_targets(generator, cfg["batch_size"], cfg["num_classes"], cfg["frame_size"],
+                              variant.image_size, (grid, grid), device)
+    frames = torch.randn(cfg["inference_frames"], variant.prompt_embed_dim, grid, grid, generator=generator).to(device)
+    torch.manual_seed(cfg["seed"])
+    model = SurgicalSAM(cfg["num_classes"], cfg["num_tokens"], cfg["frame_size"], sam_variant=cfg["sam_variant"],
+                        sam_checkpoint=None, with_image_encoder=False).to(device)
+    return model, embeddings, targets, frames
+
+
+def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[int]) -> float:
+    """Seconds to read a training batch from the embedding cache as ``CachedPromptDataset`` does: per sample
+    the float16 ``.npy`` and the label PNG (``EmbeddingCache.load``), the sample's masks (``prompt_sample``),
+    then the collate (one process; the trainer's loader workers read ahead of the step)."""
+    from types import SimpleNamespace
+
+    from .data.embedding_cache import EmbeddingCache, prompt_sample
+    from .data.layout import write_label_map
+
+    variant = get_variant(cfg["sam_variant"])
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "frame.npy"), "wb") as handle:
+            np.save(handle, embedding.cpu().numpy().astype(np.float16))
+        label = np.zeros(tuple(label_hw), dtype=np.uint8)
+        label[: label_hw[0] // 2, : label_hw[1] // 2] = 1
+        write_label_map(os.path.join(folder, "label.png"), label)
+        cache = SimpleNamespace(cache_dir=folder)
+        entry = {"embedding": "frame.npy", "label": "label.png"}
+        start = time.perf_counter()
+        items = []
+        for _ in range(cfg["batch_size"]):
+            frame_embedding, frame_label = EmbeddingCache.load(cache, entry)
+            items.append(prompt_sample(frame_embedding, frame_label, 1, variant.image_size,
+                                       (variant.grid_size, variant.grid_size)))
+        torch.utils.data.default_collate(items)
+        return time.perf_counter() - start
+
+
+def _worker(cfg: dict) -> dict[str, Any]:
+    """Parts 1, 2 and 4 for one path (``cfg["path"]``), in this process; parameters after the first step
+    are written to ``cfg["params_file"]`` for the comparison between paths."""
+    from .losses import class_embeddings_from_masks
+    from .process_settings import apply_process_settings, current_process_settings
+
+    path = cfg["path"]
+    if path != "original_out_of_the_box":
+        apply_process_settings()
+    device = torch.device(cfg["device"])
+    model, embeddings, targets, frames = _model_and_data(cfg, device)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
+    if path == "bundle":
+        loss_fn = SurgicalSAMLoss()
+        network = torch.compile(model) if cfg.get("compile") else model
+
+        def step():
+            return bundle_training_step(network, optimizer, loss_fn, embeddings, targets, cfg.get("amp", False))
+    else:
+        # the original loads the class embeddings with each sample: data, not part of the step
+        class_embeddings, _valid = class_embeddings_from_masks(embeddings, targets["grid_mask"])
+
+        def step():
+            return original_training_step(model, optimizer, embeddings, targets, class_embeddings)
+
+    out: dict[str, Any] = {"path": path, "process_settings": current_process_settings()}
+    out["first_loss"] = float(step())  # warm-up, also the step whose loss and parameters are compared
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg["params_file"])
+    seconds, _ = _timed(step, device, cfg["steps"])
+    out["train"] = {"s_per_step": seconds, "samples_per_s": cfg["batch_size"] / seconds}
+    out["train_peak_rss_gib"] = _peak_rss_mb() / 1024
+    if path == "bundle":
+        read = _batch_read_seconds(cfg, embeddings[0], cfg["frame_size"])
+        out["data"] = {"batch_read_s": read, "batch_read_share_of_step": read / seconds}
+    del optimizer
+    model.eval()
+    num_classes = cfg["num_classes"]
+    with torch.no_grad():
+        if path == "bundle":
+            from .inferers import ClassPromptInferer
+
+            inferer = ClassPromptInferer(num_classes, protocol="auto", output="label_map")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.get("amp", False)):
+                infer = lambda: inferer(frames, model)  # noqa: E731
+                infer()  # warm-up
+                seconds, label_map = _timed(infer, device, cfg["steps"])
+        else:
+            def infer():
+                return original_inference(model, frames, cfg["batch_size"])
+
+            infer()
+            seconds, label_map = _timed(infer, device, cfg["steps"])
+    masks = cfg["inference_frames"] * num_classes
+    out["inference_cached"] = {"s_per_call": seconds, "masks_per_s": masks / seconds,
+                               "frames_per_s": cfg["inference_frames"] / seconds,
+                               "label_map_shape": list(label_map.shape)}
+    out["peak_rss_gib"] = _peak_rss_mb() / 1024
+    return out
+
+
+def _encoder_worker(cfg: dict) -> dict[str, Any]:
+    """Part 3: precompute frames/s of the frozen image encoder, fp32 and (not quick) bf16 autocast."""
+    from .process_settings import apply_process_settings
+
+    apply_process_settings()
+    device = torch.device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    model = SurgicalSAM(cfg["num_classes"], cfg["num_tokens"], cfg["frame_size"], sam_variant=cfg["sam_variant"],
+                        sam_checkpoint=None, with_image_encoder=True).to(device).eval()
+    raw = (torch.rand(cfg["encoder_frames"], 3, *cfg["frame_size"], generator=torch.Generator().manual_seed(1)) * 255)
+    raw = raw.to(device)
+    out: dict[str, Any] = {}
+    settings = [("fp32", False)] + ([] if cfg["quick"] else [("bf16_autocast", True)])
+    reference = None
+    for name, autocast in settings:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            model.embed_frames(raw[:1])  # warm-up
+            seconds, embedding = _timed(lambda: model.embed_frames(raw), device, 1)
+        embedding = embedding.float()
+        out[name] = {"frames_per_s": cfg["encoder_frames"] / seconds, "s_per_frame": seconds / cfg["encoder_frames"]}
+        if reference is None:
+            reference = embedding
+        else:
+            out[name]["max_abs_diff_from_fp32"] = float((embedding - reference).abs().max())
+    out["peak_rss_gib"] = _peak_rss_mb() / 1024
+    return out
+
+
+def _run_worker(kind: str, cfg: dict, plain: bool, say) -> dict[str, Any]:
+    """Run ``python -m scripts.benchmark KIND CONFIG`` in a fresh process; ``plain``: an environment without
+    allocator variables (the original as it runs out of the box)."""
+    import json
+    import subprocess
+
+    env = dict(os.environ)
+    if plain:
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    bundle_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([bundle_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    say(f"{kind} {cfg.get('path', '')}: a fresh process")
+    done = subprocess.run([sys.executable, "-m", "scripts.benchmark", kind, json.dumps(cfg)], env=env,
+                          capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith(WORKER_MARK):
+            return json.loads(line[len(WORKER_MARK):])
+    raise RuntimeError(f"benchmark worker {kind} {cfg.get('path', '')} failed (exit {done.returncode}):\n"
+                       f"{done.stderr[-4000:]}")
+
+
 # ------------------------------------------------------------------------------------------ benchmark
 def run_benchmark(
     batch_size: int = 32,
@@ -213,11 +468,14 @@ def run_benchmark(
     distill_sam_variant: str | None = None,
     distill_frame_size: Sequence[int] | None = None,
     distill_pvt: dict | None = None,
+    quick: bool = False,
+    amp: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Measure training/inference speed, peak memory and cache size; see the module docstring.
 
     Args:
-        batch_size: training batch of (frame, class) samples.
+        batch_size: training batch of (frame, class) samples (also the original's inference batch of pairs).
         num_classes: C.
         num_tokens: n, sparse tokens per class.
         frame_size: (H, W) of the frames; logits and the Dice loss are at this size.
@@ -233,16 +491,24 @@ def run_benchmark(
         distill_sam_variant: SAM variant of part 6 (None: ``sam_variant``; default taps).
         distill_frame_size: (H, W) of part 6's frames (None: ``frame_size``).
         distill_pvt: PVT keyword arguments of part 6 (None: PVT-tiny).
+        quick: batch 8, one timed step, 2 inference frames, 1 encoder frame (fp32 only), no part 6.
+        amp: also measure the bundle's path under bf16 autocast (``*_amp`` keys).
+        compile: run the bundle's training step through ``torch.compile``.
 
     Returns:
-        dict with ``settings``, ``train`` (per path: s/step, samples/s, warm-up loss; the speed-up),
-        ``inference_cached``, ``inference_encoder`` (frames/s; None when skipped), ``memory``
-        (peak RSS MiB after each part; CUDA peak MiB per part on a GPU), ``cache`` and ``distill``
-        (None when skipped).
+        dict with the flat keys of the issue's acceptance (``train_samples_per_s``,
+        ``train_samples_per_s_original``, ``train_samples_per_s_original_equal_terms``, ``train_speedup``,
+        ``train_speedup_equal_terms``, ``infer_masks_per_s`` and its ``_original`` / ``_original_equal_terms``
+        / speed-ups, ``train_peak_rss_gib``, ``train_loss_abs_diff``, ``train_param_max_abs_diff``,
+        ``encoder_frames_per_s``, ``device``, ``threads``, ``torch_version``, ``process_settings``) and the
+        details: ``settings``, ``paths`` (each worker's record), ``encoder``, ``cache``, ``distill``.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if quick:
+        batch_size, steps, inference_frames, encoder_frames = 8, 1, 2, min(int(encoder_frames), 1)
+        distill_batch_size = 0
     steps = max(1, int(steps))
     frame_hw = (int(frame_size[0]), int(frame_size[1]))
     variant = get_variant(sam_variant)
@@ -253,97 +519,70 @@ def run_benchmark(
         if verbose:
             print(f"[benchmark] {message}", flush=True)
 
-    def cuda_peak_mb() -> float | None:
-        if not on_cuda:
-            return None
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak
-
+    cfg = {"batch_size": int(batch_size), "num_classes": int(num_classes), "num_tokens": int(num_tokens),
+           "frame_size": list(frame_hw), "steps": steps, "inference_frames": int(inference_frames),
+           "encoder_frames": int(encoder_frames), "device": str(device), "sam_variant": sam_variant, "seed": seed,
+           "quick": bool(quick), "compile": bool(compile)}
     result: dict[str, Any] = {
-        "settings": {
-            "batch_size": int(batch_size),
-            "num_classes": int(num_classes),
-            "num_tokens": int(num_tokens),
-            "frame_size": list(frame_hw),
-            "embedding_shape": [embed_dim, grid, grid],
-            "sam_variant": sam_variant,
-            "steps": steps,
-            "inference_frames": int(inference_frames),
-            "encoder_frames": int(encoder_frames),
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-            "torch_version": torch.__version__,
-        },
-        "memory": {"peak_rss_mb": {}, "cuda_peak_mb": {}},
+        "settings": {**cfg, "embedding_shape": [embed_dim, grid, grid], "amp": bool(amp),
+                     "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or platform.machine()},
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
     }
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    result["memory"]["peak_rss_mb"]["start"] = _peak_rss_mb()
+    start = time.perf_counter()
+    paths: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        runs = [(name, {}) for name in PATHS] + ([("bundle_amp", {"amp": True})] if amp else [])
+        for name, extra in runs:
+            path = "bundle" if name.startswith("bundle") else name
+            params_file = os.path.join(folder, f"{name}.pt")
+            paths[name] = _run_worker("worker", {**cfg, **extra, "path": path, "params_file": params_file},
+                                      plain=name == "original_out_of_the_box", say=say)
+            paths[name]["params"] = torch.load(params_file)
+        reference = paths["original_equal_terms"]
 
-    # ---------------------------------------------------------------- 1. training step, batched vs loop
-    generator = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(batch_size, embed_dim, grid, grid, generator=generator).to(device)
-    targets = _random_targets(generator, batch_size, num_classes, frame_hw, variant.image_size, (grid, grid), device)
-    torch.manual_seed(seed)
-    base = SurgicalSAM(num_classes, num_tokens, frame_hw, sam_variant=sam_variant, sam_checkpoint=None,
-                       with_image_encoder=False)
-    train: dict[str, Any] = {}
-    for name, forward in (("batched", _batched_forward), ("loop", _original_loop_forward)):
-        model = copy.deepcopy(base).to(device).train()  # both paths start from the same weights
-        loss_fn = SurgicalSAMLoss()
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
-        say(f"training step ({name}): warm-up")
-        warmup_loss = _training_step(model, forward, loss_fn, optimizer, embeddings, targets)
-        say(f"training step ({name}): {steps} timed step(s)")
-        seconds, _ = _timed(lambda: _training_step(model, forward, loss_fn, optimizer, embeddings, targets),
-                            device, steps)
-        train[name] = {"s_per_step": seconds, "samples_per_s": batch_size / seconds, "warmup_loss": warmup_loss}
-        del model, optimizer
-    train["speedup"] = train["loop"]["s_per_step"] / train["batched"]["s_per_step"]
-    # same weights, same data: the two paths must give the same first loss
-    train["warmup_loss_difference"] = abs(train["batched"]["warmup_loss"] - train["loop"]["warmup_loss"])
-    result["train"] = train
-    result["memory"]["peak_rss_mb"]["train"] = _peak_rss_mb()
-    result["memory"]["cuda_peak_mb"]["train"] = cuda_peak_mb()
-    del embeddings, targets
+        def param_diff(name: str) -> float:
+            return max(float((paths[name]["params"][k] - v).abs().max()) for k, v in reference["params"].items())
 
-    # ------------------------------------------------------------ 2. inference from cached embeddings
-    model = base.to(device).eval()
-    frames = torch.randn(inference_frames, embed_dim, grid, grid, generator=generator).to(device)
-    every_class = torch.ones(inference_frames, num_classes, dtype=torch.bool, device=device)
-    with torch.no_grad():
-        say(f"inference from cached embeddings: warm-up, then {steps} call(s) of {inference_frames} frame(s)")
-        model.predict_classes(frames[:1], every_class[:1])
-        seconds, (logits, _quality) = _timed(lambda: model.predict_classes(frames, every_class), device, steps)
-    result["inference_cached"] = {
-        "s_per_frame": seconds / inference_frames,
-        "frames_per_s": inference_frames / seconds,
-        "pairs_per_frame": num_classes,
-        "logits_shape": list(logits.shape),
-    }
-    del logits, frames, model, base
-    result["memory"]["peak_rss_mb"]["inference_cached"] = _peak_rss_mb()
-    result["memory"]["cuda_peak_mb"]["inference_cached"] = cuda_peak_mb()
+        result["train_param_max_abs_diff"] = param_diff("bundle")
+        result["train_param_max_abs_diff_out_of_the_box"] = param_diff("original_out_of_the_box")
+        if amp:
+            result["train_param_max_abs_diff_amp"] = param_diff("bundle_amp")
+        for record in paths.values():
+            del record["params"]
+    bundle, plain, equal = paths["bundle"], paths["original_out_of_the_box"], paths["original_equal_terms"]
+    result.update({
+        "train_samples_per_s": bundle["train"]["samples_per_s"],
+        "train_samples_per_s_original": plain["train"]["samples_per_s"],
+        "train_samples_per_s_original_equal_terms": equal["train"]["samples_per_s"],
+        "train_speedup": bundle["train"]["samples_per_s"] / plain["train"]["samples_per_s"],
+        "train_speedup_equal_terms": bundle["train"]["samples_per_s"] / equal["train"]["samples_per_s"],
+        "infer_masks_per_s": bundle["inference_cached"]["masks_per_s"],
+        "infer_masks_per_s_original": plain["inference_cached"]["masks_per_s"],
+        "infer_masks_per_s_original_equal_terms": equal["inference_cached"]["masks_per_s"],
+        "infer_speedup": bundle["inference_cached"]["masks_per_s"] / plain["inference_cached"]["masks_per_s"],
+        "infer_speedup_equal_terms": bundle["inference_cached"]["masks_per_s"] / equal["inference_cached"]["masks_per_s"],
+        "train_peak_rss_gib": bundle["train_peak_rss_gib"],
+        "train_peak_rss_gib_original": plain["train_peak_rss_gib"],
+        "train_peak_rss_gib_original_equal_terms": equal["train_peak_rss_gib"],
+        "train_loss_abs_diff": abs(bundle["first_loss"] - equal["first_loss"]),
+        "data_batch_read_s": bundle["data"]["batch_read_s"],
+        "data_batch_read_share_of_step": bundle["data"]["batch_read_share_of_step"],
+        "process_settings": bundle["process_settings"],
+        "paths": paths,
+    })
+    if amp:
+        result["train_samples_per_s_amp"] = paths["bundle_amp"]["train"]["samples_per_s"]
+        result["infer_masks_per_s_amp"] = paths["bundle_amp"]["inference_cached"]["masks_per_s"]
+        result["train_loss_abs_diff_amp"] = abs(paths["bundle_amp"]["first_loss"] - equal["first_loss"])
 
-    # ------------------------------------------------------------------ 3. inference with the encoder
-    result["inference_encoder"] = None
+    # ------------------------------------------------------------------ 3. the image encoder
+    result["encoder"] = None
+    result["encoder_frames_per_s"] = None
     if encoder_frames > 0:
-        torch.manual_seed(seed)
-        model = SurgicalSAM(num_classes, num_tokens, frame_hw, sam_variant=sam_variant, sam_checkpoint=None,
-                            with_image_encoder=True).to(device).eval()
-        raw = (torch.rand(encoder_frames, 3, *frame_hw, generator=generator) * 255).to(device)
-        every_class = torch.ones(encoder_frames, num_classes, dtype=torch.bool, device=device)
-        with torch.no_grad():
-            say("inference with the image encoder: warm-up on 1 frame")
-            model.predict_classes(raw[:1], every_class[:1])
-            say(f"inference with the image encoder: {encoder_frames} frame(s)")
-            seconds, _ = _timed(lambda: model.predict_classes(raw, every_class), device, 1)
-        result["inference_encoder"] = {"s_per_frame": seconds / encoder_frames, "frames_per_s": encoder_frames / seconds}
-        del model, raw
-        result["memory"]["peak_rss_mb"]["inference_encoder"] = _peak_rss_mb()
-        result["memory"]["cuda_peak_mb"]["inference_encoder"] = cuda_peak_mb()
+        result["encoder"] = _run_worker("encoder", cfg, plain=False, say=say)
+        result["encoder_frames_per_s"] = result["encoder"]["fp32"]["frames_per_s"]
 
     # ------------------------------------------------------------------------------- 5. cache size
     result["cache"] = _cache_sizes(embed_dim, grid, frame_hw)
@@ -351,14 +590,15 @@ def run_benchmark(
     # ---------------------------------------------------------------------- 6. Distillation-SAM
     result["distill"] = None
     if distill_batch_size > 0:
+        from .process_settings import apply_process_settings
+
+        apply_process_settings()
         result["distill"] = _distill_benchmark(
             int(distill_batch_size), num_classes, distill_sam_variant or sam_variant,
             tuple(distill_frame_size or frame_hw), distill_pvt, steps, device, seed, say,
         )
-        result["memory"]["peak_rss_mb"]["distill"] = _peak_rss_mb()
-        result["memory"]["cuda_peak_mb"]["distill"] = cuda_peak_mb()
-    if not on_cuda:
-        result["memory"]["cuda_peak_mb"] = None
+        result["distill"]["peak_rss_gib"] = _peak_rss_mb() / 1024
+    result["seconds"] = time.perf_counter() - start
     return result
 
 
@@ -366,65 +606,94 @@ def run_benchmark(
 def format_benchmark_table(result: dict[str, Any]) -> str:
     """A plain-text report of :func:`run_benchmark`'s result."""
     s = result["settings"]
-    train = result["train"]
     d, h, w = s["embedding_shape"]
+    paths = result["paths"]
+
+    def row(label: str, value: str) -> str:
+        return f"  {label:<62}{value:>14}"
+
     lines = [
         "SurgicalSAM benchmark",
         f"  batch {s['batch_size']}, C={s['num_classes']}, n={s['num_tokens']}, frame {s['frame_size'][0]}x"
         f"{s['frame_size'][1]}, embeddings {d}x{h}x{w}, device {s['device']} ({s['device_name']}), "
-        f"torch {s['torch_version']} with {s['torch_threads']} thread(s), {s['steps']} timed step(s) after a warm-up",
-        f"  network: SurgicalSAM on SAM {s['sam_variant']} sizes, random weights; parts 1-2 run without the image "
-        f"encoder, on cached-embedding-sized inputs" + (" (the prompt side is identical for vit_h)" if h == 64 else ""),
+        f"torch {result['torch_version']} with {result['threads']} thread(s), {s['steps']} timed step(s) after a "
+        f"warm-up{' (--quick)' if s['quick'] else ''}",
+        f"  network: SurgicalSAM on SAM {s['sam_variant']} sizes, random weights; parts 1-2 on cached-embedding-"
+        f"sized inputs" + (" (the prompt side is identical for vit_h)" if h == 64 else ""),
+        f"  process settings of the bundle: {result['process_settings']['allocator']}",
         "",
-        f"  {'measurement':<58}{'value':>14}",
-        f"  {'-' * 72}",
-        f"  {'1. training, batched decoder call      samples/s':<58}{train['batched']['samples_per_s']:>14.2f}",
-        f"  {'   (s per step of ' + str(s['batch_size']) + ')':<58}{train['batched']['s_per_step']:>14.3f}",
-        f"  {'   training, per-sample loop (original) samples/s':<58}{train['loop']['samples_per_s']:>14.2f}",
-        f"  {'   (s per step of ' + str(s['batch_size']) + ')':<58}{train['loop']['s_per_step']:>14.3f}",
-        f"  {'   speed-up of the batched call':<58}{train['speedup']:>13.2f}x",
-        f"  {'   |loss batched - loss loop| at the warm-up step':<58}{train['warmup_loss_difference']:>14.2e}",
+        row("measurement", "value"),
+        f"  {'-' * 76}",
+        row("1. training samples/s, this bundle", f"{result['train_samples_per_s']:.2f}"),
+        row("   the original, out of the box (plain environment)", f"{result['train_samples_per_s_original']:.2f}"),
+        row("   the original on equal terms (the bundle's process settings)",
+            f"{result['train_samples_per_s_original_equal_terms']:.2f}"),
+        row("   speed-up over the original out of the box", f"{result['train_speedup']:.2f}x"),
+        row("   speed-up over the original on equal terms", f"{result['train_speedup_equal_terms']:.2f}x"),
+        row("   |loss - original's loss| at the first step", f"{result['train_loss_abs_diff']:.2e}"),
+        row("   max |parameter - original's| after the first step", f"{result['train_param_max_abs_diff']:.2e}"),
+        row("2. inference from cached embeddings, all C prompted, masks/s", f"{result['infer_masks_per_s']:.2f}"),
+        row("   the original, out of the box", f"{result['infer_masks_per_s_original']:.2f}"),
+        row("   the original on equal terms", f"{result['infer_masks_per_s_original_equal_terms']:.2f}"),
+        row("   speed-up over the original out of the box", f"{result['infer_speedup']:.2f}x"),
+        row("   speed-up over the original on equal terms", f"{result['infer_speedup_equal_terms']:.2f}x"),
     ]
-    cached = result["inference_cached"]
-    lines.append(
-        f"  {'2. inference from cached embeddings, all C prompted  fr/s':<58}{cached['frames_per_s']:>14.2f}"
-    )
-    encoder = result.get("inference_encoder")
+    if "train_samples_per_s_amp" in result:
+        lines += [row("   bf16 autocast: training samples/s", f"{result['train_samples_per_s_amp']:.2f}"),
+                  row("   bf16 autocast: inference masks/s", f"{result['infer_masks_per_s_amp']:.2f}"),
+                  row("   bf16 autocast: |loss - fp32 original's| at the first step",
+                      f"{result['train_loss_abs_diff_amp']:.2e}")]
+    encoder = result.get("encoder")
     if encoder is None:
-        lines.append(f"  {'3. inference with the image encoder               fr/s':<58}{'skipped':>14}")
+        lines.append(row("3. precompute with the image encoder, frames/s", "skipped"))
     else:
-        lines.append(f"  {'3. inference with the image encoder (' + s['sam_variant'] + ')':<52}{'fr/s':<6}"
-                     f"{encoder['frames_per_s']:>14.3f}")
-        lines.append(f"  {'   (s per frame, ' + str(s['encoder_frames']) + ' frame(s))':<58}{encoder['s_per_frame']:>14.2f}")
-    for part, value in result["memory"]["peak_rss_mb"].items():
-        lines.append(f"  {'4. peak RSS after ' + part + ' (MiB, process so far)':<58}{value:>14.0f}")
-    for part, value in (result["memory"].get("cuda_peak_mb") or {}).items():
-        if value is not None:
-            lines.append(f"  {'   CUDA max allocated in ' + part + ' (MiB)':<58}{value:>14.0f}")
+        lines.append(row(f"3. precompute with the image encoder ({s['sam_variant']}, fp32), frames/s",
+                         f"{encoder['fp32']['frames_per_s']:.3f}"))
+        if "bf16_autocast" in encoder:
+            lines.append(row("   bf16 autocast, frames/s", f"{encoder['bf16_autocast']['frames_per_s']:.3f}"))
+            lines.append(row("   bf16 autocast, max |embedding - fp32|",
+                             f"{encoder['bf16_autocast']['max_abs_diff_from_fp32']:.2e}"))
+    lines.append(row(f"   data path: a batch of {s['batch_size']} read from the cache (s; share of a step)",
+                     f"{result['data_batch_read_s']:.3f}; {100 * result['data_batch_read_share_of_step']:.1f}%"))
+    lines.append(row("4. peak RSS of the training step, this bundle (GiB)", f"{result['train_peak_rss_gib']:.2f}"))
+    lines.append(row("   the original out of the box / on equal terms (GiB)",
+                     f"{result['train_peak_rss_gib_original']:.2f} / {result['train_peak_rss_gib_original_equal_terms']:.2f}"))
+    if encoder is not None:
+        lines.append(row("   peak RSS of the encoder part (GiB)", f"{encoder['peak_rss_gib']:.2f}"))
     cache = result["cache"]
     lines += [
-        f"  {'5. cache per frame: embedding .npy (float16, bytes)':<58}{cache['embedding_npy_bytes']:>14,d}",
-        f"  {'   of which header (bytes)':<58}{cache['embedding_npy_bytes'] - cache['embedding_raw_bytes']:>14,d}",
-        f"  {'   label PNG of a demo-like label map (bytes)':<58}{cache['label_png_bytes']:>14,d}",
+        row("5. cache per frame: embedding .npy (float16, bytes)", f"{cache['embedding_npy_bytes']:,d}"),
+        row("   of which header (bytes)", f"{cache['embedding_npy_bytes'] - cache['embedding_raw_bytes']:,d}"),
+        row("   label PNG of a demo-like label map (bytes)", f"{cache['label_png_bytes']:,d}"),
     ]
     distill = result.get("distill")
     if distill is None:
-        lines.append(f"  {'6. Distillation-SAM training':<58}{'skipped':>14}")
+        lines.append(row("6. Distillation-SAM training", "skipped"))
     else:
         h, w = distill["frame_size"]
         lines += [
             f"  6. Distillation-SAM on SAM {distill['sam_variant']} (taps {distill['taps']}, "
             f"{distill['trainable_parameters']:,d} trainable), batch {distill['batch_size']}, frame {h}x{w}",
-            f"  {'   training from raw frames (encoder each step)  samples/s':<58}"
-            f"{distill['raw_frames']['samples_per_s']:>14.3f}",
-            f"  {'   training from the tap cache                   samples/s':<58}"
-            f"{distill['tap_cache']['samples_per_s']:>14.3f}",
-            f"  {'   speed-up of the tap cache (reads not counted)':<58}{distill['cache_speedup']:>13.2f}x",
-            f"  {'   tap cache read per entry, float16 .npy -> float32 (s)':<58}"
-            f"{distill['cache']['read_s_per_entry']:>14.4f}",
-            f"  {'   tap cache per (frame, version): arrays (bytes)':<58}"
-            f"{distill['cache']['array_bytes_per_entry']:>14,d}",
-            f"  {'   the two .npy files with headers (bytes)':<58}{distill['cache']['npy_bytes_per_entry']:>14,d}",
-            f"  {'   + the augmented frame PNG and label PNG (at most H*W*4 bytes)':<58}{h * w * 4:>14,d}",
+            row("   training from raw frames (encoder each step), samples/s", f"{distill['raw_frames']['samples_per_s']:.3f}"),
+            row("   training from the tap cache, samples/s", f"{distill['tap_cache']['samples_per_s']:.3f}"),
+            row("   speed-up of the tap cache (reads not counted)", f"{distill['cache_speedup']:.2f}x"),
+            row("   tap cache read per entry, float16 .npy -> float32 (s)", f"{distill['cache']['read_s_per_entry']:.4f}"),
+            row("   tap cache per (frame, version): arrays (bytes)", f"{distill['cache']['array_bytes_per_entry']:,d}"),
+            row("   the two .npy files with headers (bytes)", f"{distill['cache']['npy_bytes_per_entry']:,d}"),
+            row("   + the augmented frame PNG and label PNG (at most H*W*4 bytes)", f"{h * w * 4:,d}"),
         ]
+    lines.append(f"  ({result['seconds']:.0f} s in all; paths: {', '.join(paths)})")
     return "\n".join(lines)
+
+
+def _main(argv: Sequence[str]) -> None:
+    """``python -m scripts.benchmark worker|encoder CONFIG_JSON``: one worker of :func:`run_benchmark`."""
+    import json
+
+    kind, cfg = argv[0], json.loads(argv[1])
+    record = {"worker": _worker, "encoder": _encoder_worker}[kind](cfg)
+    print(WORKER_MARK + json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

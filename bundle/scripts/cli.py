@@ -6,7 +6,8 @@
                        [--protocol auto|oracle] [--output_file metrics.json] [--ignore_index 255]
     surgical-sam benchmark [--batch_size 32 --num_classes 7 --num_tokens 2 --frame_size 1024,1280
                             --steps 3 --encoder_frames 2 --device cpu|cuda|auto
-                            --distill_batch_size 2 --distill_sam_variant V --distill_frame_size H,W]
+                            --distill_batch_size 2 --distill_sam_variant V --distill_frame_size H,W
+                            --quick --amp --compile --output_json FILE]
     surgical-sam demo [--epochs N] [--bundle_root DIR] [--fresh]
     surgical-sam demo_distill [--epochs N] [--bundle_root DIR] [--fresh] [--cache_taps true|false]
     surgical-sam prepare_endovis2017 --raw_dir R --out_dir O [--nocheck]
@@ -275,6 +276,10 @@ def benchmark(
     distill_batch_size: int = 2,
     distill_sam_variant: str | None = None,
     distill_frame_size: Any = None,
+    quick: bool = False,
+    amp: bool = False,
+    compile: bool = False,
+    output_json: str | None = None,
 ) -> dict:
     """Training and inference speed, peak memory and cache size (see scripts.benchmark.run_benchmark).
 
@@ -291,6 +296,10 @@ def benchmark(
         distill_batch_size: Distillation-SAM frames per training step, without and with the tap cache (0 skips).
         distill_sam_variant: SAM variant of the Distillation-SAM part (default: --sam_variant).
         distill_frame_size: H,W of the Distillation-SAM part (default: --frame_size).
+        quick: batch 8, one timed step, 2 inference frames, 1 encoder frame, no Distillation-SAM part.
+        amp: also measure the bundle's path under bf16 autocast.
+        compile: run the bundle's training step through torch.compile.
+        output_json: write every figure to this JSON file.
     """
     from scripts.benchmark import format_benchmark_table, run_benchmark
     from scripts.networks.sam_backbone import SAM_VARIANTS
@@ -320,8 +329,19 @@ def benchmark(
         distill_sam_variant=None if distill_sam_variant in (None, "") else str(distill_sam_variant),
         distill_frame_size=None if distill_frame_size in (None, "") else _int_pair(distill_frame_size,
                                                                                      "distill_frame_size"),
+        quick=bool(quick),
+        amp=bool(amp),
+        compile=bool(compile),
     )
     print(format_benchmark_table(result))
+    if output_json:
+        import json
+
+        folder = os.path.dirname(os.path.abspath(str(output_json)))
+        os.makedirs(folder, exist_ok=True)
+        with open(str(output_json), "w") as handle:
+            json.dump(result, handle, indent=2)
+        print(f"figures written to {os.path.abspath(str(output_json))}")
     return result
 
 
@@ -840,6 +860,10 @@ def _quiet(result: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``surgical-sam`` (and ``python -m scripts.cli``)."""
     import fire
+
+    from scripts.process_settings import apply_process_settings
+
+    apply_process_settings()
 
     fire.Fire(COMMANDS, command=None if argv is None else list(argv), name=PROG, serialize=_quiet)
 

@@ -20,6 +20,32 @@ from .metrics import merge_class_masks
 PROTOCOLS = ("oracle", "auto")
 
 
+def autocast(device_type: str, enabled: bool):
+    """Mixed precision of the ``amp`` option: bf16 autocast on CPU and CUDA (bf16 needs no GradScaler)."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bool(enabled))
+
+
+def _to_float32(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    return value
+
+
+class AutocastInferer(Inferer):
+    """Call the network, under bf16 autocast when ``amp`` is on; floating outputs come back as float32
+    (so the loss runs in float32). ``amp=False``: MONAI's ``SimpleInferer``, unchanged numbers."""
+
+    def __init__(self, amp: bool = False) -> None:
+        self.amp = bool(amp)
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        with autocast(inputs.device.type, self.amp):
+            output = network(inputs, *args, **kwargs)
+        return _to_float32(output) if self.amp else output
+
+
 class ClassPromptInferer(Inferer):
     """Prompt a SurgicalSAM-like network (``predict_classes``) and merge its masks by quality.
 
@@ -34,10 +60,13 @@ class ClassPromptInferer(Inferer):
             for inference and MONAI Label).
         prompt_classes: class ids (1..C) that may be prompted, under both protocols; None: all.
             Cross-dataset evaluation prompts only the classes both datasets share.
+        amp: run the network under bf16 autocast (logits and qualities come back as float32).
     """
 
     def __init__(self, num_classes: int, protocol: str = "auto", min_mask_fraction: float = 0.0,
-                 pairs_per_pass: int = 32, output: str = "dict", prompt_classes: list[int] | None = None) -> None:
+                 pairs_per_pass: int = 32, output: str = "dict", prompt_classes: list[int] | None = None,
+                 amp: bool = False) -> None:
+        self.amp = bool(amp)
         self.allowed = torch.ones(num_classes, dtype=torch.bool)
         if prompt_classes is not None:
             bad = [c for c in prompt_classes if not 1 <= int(c) <= num_classes]
@@ -80,7 +109,9 @@ class ClassPromptInferer(Inferer):
         """
         model = getattr(network, "module", network)  # DistributedDataParallel
         prompt = self.classes_to_prompt(inputs.shape[0], gt_label, inputs.device)
-        logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
+        with autocast(inputs.device.type, self.amp):
+            logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
+        logits, quality = logits.float(), quality.float()
         masks = logits > 0
         min_pixels = max(1, math.ceil(self.min_mask_fraction * masks.shape[-2] * masks.shape[-1]))
         present = prompt & (masks.flatten(2).sum(-1) >= min_pixels if temporal is None else temporal(masks))

@@ -34,7 +34,7 @@ __all__ = [
 DICE_DENOMINATOR_EPS = 1e-3
 
 
-def surgical_sam_dice_loss() -> DiceLoss:
+def surgical_sam_dice_loss(reduction: str = "mean") -> DiceLoss:
     """Return the SurgicalSAM Dice loss as a :class:`monai.losses.DiceLoss`.
 
     For every sample ``b`` with ``p = sigmoid(logits_b)`` and binary target ``t``::
@@ -48,7 +48,7 @@ def surgical_sam_dice_loss() -> DiceLoss:
     ``mean`` reduction is the mean over the batch.
 
     The returned loss takes ``logits`` (B, 1, H, W) and ``target`` (B, 1, H, W) with values in {0, 1}
-    and returns a scalar.
+    and returns a scalar (``reduction="none"``: the per-sample losses, (B, 1, 1, 1)).
     """
     return DiceLoss(
         include_background=True,
@@ -57,7 +57,7 @@ def surgical_sam_dice_loss() -> DiceLoss:
         smooth_nr=0.0,
         smooth_dr=2 * DICE_DENOMINATOR_EPS,
         batch=False,
-        reduction="mean",
+        reduction=reduction,
     )
 
 
@@ -95,6 +95,17 @@ def class_embeddings_from_masks(
 def _graph_zero(*tensors: torch.Tensor) -> torch.Tensor:
     """A scalar 0 that stays connected to the graph of ``tensors`` (finite even for huge entries)."""
     return sum((tensor * 0).sum() for tensor in tensors)
+
+
+def _check_range(class_ids: torch.Tensor, num_classes: int, name: str, used: torch.Tensor) -> None:
+    """The ``used`` (bool, like ``class_ids``) class ids must be in 1..C: a ValueError on the CPU, an
+    asynchronous assert on an accelerator (no wait for the device)."""
+    in_range = ((class_ids >= 1) & (class_ids <= num_classes)) | ~used
+    if class_ids.device.type == "cpu":
+        if not bool(in_range.all()):
+            raise ValueError(f"{name} must lie in 1..{num_classes}, got {class_ids[used].tolist()}.")
+    else:
+        torch._assert_async(in_range.all(), f"{name} must lie in 1..{num_classes}")
 
 
 def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
@@ -154,18 +165,15 @@ class PrototypeContrastiveLoss(nn.Module):
             raise ValueError(
                 f"class_ids must be (B,) with B={class_embeddings.shape[0]}, got {tuple(class_ids.shape)}."
             )
-        zero = _graph_zero(prototypes, class_embeddings)
-        if valid is not None:
-            valid = valid.reshape(-1).to(torch.bool)
-            class_embeddings = class_embeddings[valid]
-            class_ids = class_ids[valid]
-        if class_ids.numel() == 0:
-            return zero
         num_classes = prototypes.shape[0]
-        if int(class_ids.min()) < 1 or int(class_ids.max()) > num_classes:
-            raise ValueError(f"class_ids must lie in 1..{num_classes}, got {class_ids.tolist()}.")
-
-        prototype_rows = class_ids.long() - 1
+        class_ids = class_ids.long()
+        # Invalid samples are masked out instead of indexed out: the same numbers without a
+        # data-dependent shape, so the step never waits for the device. Their ids are never read.
+        if valid is None:
+            valid = torch.ones_like(class_ids, dtype=torch.bool)
+        valid = valid.reshape(-1).to(torch.bool)
+        _check_range(class_ids, num_classes, "class_ids", valid)
+        prototype_rows = (class_ids - 1).clamp(0, num_classes - 1)
         # similarity[c, b] = s(c + 1, b): (C, B)
         similarity = _unit_rows(prototypes) @ _unit_rows(class_embeddings).t()
         # scaled[b, b'] = s(y_b, b') / t: (B, B)
@@ -173,9 +181,10 @@ class PrototypeContrastiveLoss(nn.Module):
         positive = scaled.diagonal()
         same_class = class_ids[:, None] == class_ids[None, :]
         is_self = torch.eye(class_ids.shape[0], dtype=torch.bool, device=class_ids.device)
-        in_denominator = is_self | ~same_class
+        in_denominator = is_self | (~same_class & valid[None, :])
         log_denominator = torch.logsumexp(scaled.masked_fill(~in_denominator, float("-inf")), dim=1)
-        return (log_denominator - positive).mean()
+        weights = valid.to(scaled.dtype)
+        return ((log_denominator - positive) * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 class SurgicalSAMLoss(nn.Module):
@@ -211,7 +220,7 @@ class SurgicalSAMLoss(nn.Module):
         self.dice_weight = float(dice_weight)
         self.pcl_weight = float(pcl_weight)
         self.absent_weight = float(absent_weight)
-        self.dice = surgical_sam_dice_loss()
+        self.dice = surgical_sam_dice_loss(reduction="none")
         self.pcl = PrototypeContrastiveLoss(temperature=temperature)
 
     def forward(self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -229,24 +238,22 @@ class SurgicalSAMLoss(nn.Module):
         mask = target["mask"].to(logits.dtype)
         if mask.shape != logits.shape:
             raise ValueError(f"target mask shape {tuple(mask.shape)} differs from logits shape {tuple(logits.shape)}.")
-        has_target = mask.flatten(1).sum(dim=1) > 0
-
-        present_logits = logits[has_target]
-        if present_logits.shape[0] > 0:
-            dice = self.dice(present_logits, mask[has_target])
-        else:
-            dice = _graph_zero(logits)
+        # Samples are weighted instead of indexed (the same numbers, no data-dependent shapes, so the
+        # step never waits for the device): Dice over the samples with a target, BCE over the others.
+        has_target = (mask.flatten(1).sum(dim=1) > 0).to(logits.dtype)  # (B,)
+        per_sample_dice = self.dice(logits, mask).reshape(-1)  # (B,)
+        dice = (per_sample_dice * has_target).sum() / has_target.sum().clamp_min(1.0)
 
         class_embeddings, valid = class_embeddings_from_masks(pred["image_embeddings"], target["grid_mask"])
         pcl = self.pcl(pred["prototypes"], class_embeddings, target["class_id"], valid)
 
         total = self.dice_weight * dice + self.pcl_weight * pcl
-        absent_logits = logits[~has_target]
-        if absent_logits.shape[0] > 0:
-            per_pixel = F.binary_cross_entropy_with_logits(
-                absent_logits, torch.zeros_like(absent_logits), reduction="none"
-            )
-            total = total + self.absent_weight * per_pixel.flatten(1).mean(dim=1).mean()
+        absent = 1.0 - has_target
+        # on the CPU, asking whether any sample is absent costs nothing and skips a full-frame pass
+        if self.absent_weight and (logits.device.type != "cpu" or bool(absent.any())):
+            per_pixel = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+            per_sample = per_pixel.flatten(1).mean(dim=1)
+            total = total + self.absent_weight * (per_sample * absent).sum() / absent.sum().clamp_min(1.0)
         return total
 
 

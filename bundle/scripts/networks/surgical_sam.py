@@ -131,17 +131,30 @@ class SurgicalSAM(nn.Module):
             raise ValueError(
                 f"expected frames (B, 3, H, W) or image embeddings (B, {self.embed_dim}, h, w), got {tuple(inputs.shape)}"
             )
-        return inputs.float(), self.frame_size
+        return inputs.to(self.prototypes.class_embeddings.weight.dtype), self.frame_size  # the network's dtype
 
-    def decode(self, image_embeddings: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (B, d, h, w) and prompted classes (B,) in 1..C -> low-res logits (B, 1, 4h, 4w), quality (B,)."""
-        if class_ids.numel() and (int(class_ids.min()) < 1 or int(class_ids.max()) > self.num_classes):
-            raise ValueError(f"class ids must be in 1..{self.num_classes}, got {class_ids.tolist()}")
-        dense, sparse = self.class_prompt_encoder(image_embeddings, self.prototypes(), class_ids)
+    def _check_class_ids(self, class_ids: torch.Tensor) -> None:
+        """Class ids must be in 1..C; on an accelerator checked asynchronously (no wait for the device)."""
+        if not class_ids.numel():
+            return
+        if class_ids.device.type == "cpu":
+            if int(class_ids.min()) < 1 or int(class_ids.max()) > self.num_classes:
+                raise ValueError(f"class ids must be in 1..{self.num_classes}, got {class_ids.tolist()}")
+        else:
+            torch._assert_async(((class_ids >= 1) & (class_ids <= self.num_classes)).all(),
+                                f"class ids must be in 1..{self.num_classes}")
+
+    def _decode_prompts(self, image_embeddings, dense, sparse) -> tuple[torch.Tensor, torch.Tensor]:
         low_res, quality = decode_masks(
             self.mask_decoder, image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, False
         )
         return low_res, quality[:, 0]
+
+    def decode(self, image_embeddings: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, d, h, w) and prompted classes (B,) in 1..C -> low-res logits (B, 1, 4h, 4w), quality (B,)."""
+        self._check_class_ids(class_ids)
+        dense, sparse = self.class_prompt_encoder(image_embeddings, self.prototypes(), class_ids)
+        return self._decode_prompts(image_embeddings, dense, sparse)
 
     def forward(self, inputs: torch.Tensor, class_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """
@@ -180,14 +193,23 @@ class SurgicalSAM(nn.Module):
         """
         embeddings, (frame_h, frame_w) = self._to_embeddings(inputs)
         batch = embeddings.shape[0]
+        if tuple(class_mask.shape) != (batch, self.num_classes):
+            raise ValueError(f"class_mask must be (B, C) = {(batch, self.num_classes)}, got {tuple(class_mask.shape)}")
         class_mask = class_mask.to(embeddings.device).bool()
         logits = embeddings.new_full((batch, self.num_classes, frame_h, frame_w), float("-inf"))
         quality = embeddings.new_full((batch, self.num_classes), float("-inf"))
         frame_index, class_index = class_mask.nonzero(as_tuple=True)
+        if not frame_index.numel():
+            return logits, quality
+        # the class-activated scales and class tokens of a frame serve every class prompted on it
+        scale, tokens = self.class_prompt_encoder.frame_prompts(embeddings, self.prototypes())
         for start in range(0, frame_index.numel(), pairs_per_pass):
             frames = frame_index[start : start + pairs_per_pass]
             classes = class_index[start : start + pairs_per_pass]
-            low_res, pair_quality = self.decode(embeddings[frames], classes + 1)
-            logits[frames, classes] = low_res_logits_to_frame(low_res, self.image_size, (frame_h, frame_w))[:, 0]
-            quality[frames, classes] = pair_quality
+            pair_embeddings = embeddings[frames]
+            dense, sparse = self.class_prompt_encoder.pair_prompts(pair_embeddings, scale[frames], tokens[frames], classes)
+            low_res, pair_quality = self._decode_prompts(pair_embeddings, dense, sparse)
+            pair_logits = low_res_logits_to_frame(low_res, self.image_size, (frame_h, frame_w))[:, 0]
+            logits[frames, classes] = pair_logits.to(logits.dtype)  # float32 also under autocast
+            quality[frames, classes] = pair_quality.to(quality.dtype)
         return logits, quality

@@ -1,0 +1,74 @@
+"""The bundle's process settings (scripts.process_settings): applied by every entry point, and in effect."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from scripts import BUNDLE_ROOT
+
+# In a fresh process: free a 256 MiB block and see whether the resident memory goes back to the kernel.
+PROBE = textwrap.dedent("""
+    import ctypes, sys
+    sys.path.insert(0, {bundle!r})
+    if {apply}:
+        from scripts.process_settings import apply_process_settings
+        print(apply_process_settings()["allocator"])
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+    size = 256 * 2**20
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    before = rss()
+    libc.free(ctypes.c_void_p(block))
+    print("RETURNED", (before - rss()) / size)
+""")
+
+
+def probe(apply: bool) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", PROBE.format(bundle=BUNDLE_ROOT, apply=apply)], env=env,
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.split("RETURNED")[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_freed_memory_stays_with_the_process_only_with_the_settings():
+    assert probe(apply=False) > 0.9  # glibc's default: a large block is unmapped at free
+    assert probe(apply=True) < 0.1  # the bundle's settings: kept for the next step
+
+
+def test_apply_is_idempotent_and_recorded():
+    from scripts.process_settings import apply_process_settings, current_process_settings
+
+    first = apply_process_settings()
+    assert apply_process_settings() is first and current_process_settings() is first
+    assert first["torch_threads"] >= 1
+    if sys.platform.startswith("linux"):
+        assert first["allocator"]["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1,
+                                                 "M_TOP_PAD": 64 * 2**20}
+
+
+@pytest.mark.parametrize("config", ["train.yaml", "inference.yaml", "train_distill.yaml", "inference_distill.yaml",
+                                    "demo_distill.yaml", "multi_gpu_train.yaml"])
+def test_every_config_with_an_initialize_applies_the_settings_first(config):
+    with open(os.path.join(BUNDLE_ROOT, "configs", config)) as handle:
+        initialize = yaml.safe_load(handle)["initialize"]
+    assert initialize[0] == "$scripts.process_settings.apply_process_settings()"
+
+
+def test_the_cli_and_the_monailabel_app_apply_the_settings():
+    import inspect
+
+    from scripts import cli
+
+    assert "apply_process_settings()" in inspect.getsource(cli.main)
+    app = open(os.path.join(os.path.dirname(BUNDLE_ROOT), "monailabel_app", "main.py")).read()
+    assert "apply_bundle_process_settings(self.bundle)" in app
