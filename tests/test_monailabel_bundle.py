@@ -139,7 +139,7 @@ def _datalist(demo_dir, split_glob):
 def _run_like_bundle_train_task(bundle_dir, train, val, epochs=1, load=True, **settings):
     """What MONAI Label 0.8.5's BundleTrainTask does (single GPU): train.json, id `run`, no initialize,
     these overrides, a CheckpointLoader of models/model.pt (strict=False) at the front of train#handlers,
-    and the request's values of `displayable_configs` (``settings``, over the defaults)."""
+    and the request's values of `monailabel_settings` (``settings``, over the defaults)."""
     configs = os.path.join(bundle_dir, "configs")
     parser = monai.bundle.ConfigParser()
     parser.read_config(os.path.join(configs, "train.json"))
@@ -147,12 +147,12 @@ def _run_like_bundle_train_task(bundle_dir, train, val, epochs=1, load=True, **s
     if load:
         handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": os.path.join(bundle_dir, "models", "model.pt"),
                             "load_dict": {"model": "$@network"}, "strict": False})
-    displayable = {**parser.get("displayable_configs"), **settings}
+    displayable = {**parser.get("monailabel_settings"), **settings}
     monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=os.path.join(configs, "metadata.json"),
                      config_file=os.path.join(configs, "train.json"),
                      **{"bundle_root": bundle_dir, "train#trainer#max_epochs": epochs, "train#dataset#data": train,
                         "device": "cpu", "train#handlers": handlers, "validate#dataset#data": val,
-                        "displayable_configs": displayable})
+                        "monailabel_settings": displayable})
 
 
 @pytest.fixture
