@@ -144,6 +144,8 @@ def _run_like_bundle_train_task(bundle_dir, train, val, epochs=1, load=True, **s
     parser = monai.bundle.ConfigParser()
     parser.read_config(os.path.join(configs, "train.json"))
     handlers = parser.get("train#handlers")
+    # BundleTrainTask looks for its CheckpointLoader with handler.get("_target_"): every entry is a dict
+    assert all(isinstance(handler, dict) for handler in handlers), handlers
     if load:
         handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": os.path.join(bundle_dir, "models", "model.pt"),
                             "load_dict": {"model": "$@network"}, "strict": False})

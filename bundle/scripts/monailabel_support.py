@@ -13,8 +13,10 @@ MONAI Label overlay (``configs/monailabel_train.yaml``) swaps the datasets for t
 - :class:`DatalistPromptDataset` / :class:`DatalistFrameDataset` are the (frame, class) training samples
   and the whole-frame validation items, the same items as the cache datasets give;
 - :class:`OptionalValidationHandler` skips validation when the validation datalist is empty (MONAI Label
-  sends an empty one with ``val_split`` 0 or few labels) and :class:`FinalModelSaver` then writes the
-  final model to ``models/model.pt`` (with validation the best checkpoint goes there as usual).
+  sends an empty one with ``val_split`` 0 or few labels);
+- :class:`ServedModelGuard` makes fine-tuning keep the served model unless a checkpoint beats it on the
+  validation frames (automatic protocol), stops early, writes the final model when there was no validation
+  only if asked (:class:`FinalModelSaver`), and says what happened.
 
 :func:`make_monailabel_bundle` copies the bundle into a MONAI Label app's ``model/<name>/`` folder and
 writes ``configs/train.json`` (train.yaml + monailabel_train.yaml + overlays, merged) and
@@ -268,21 +270,25 @@ class ServedModelGuard:
     0) and becomes the evaluator's best metric, so the best-model saver (MONAI's ``CheckpointSaver`` with
     ``save_key_metric``, which saves only on a strictly better score) overwrites the served model only with a
     checkpoint that beats it on the validation frames. Also stops training (MONAI's ``EarlyStopHandler`` on
-    the validator) after ``patience`` validations without a better score, and at the end writes
-    ``result_file`` (JSON) and logs one line: whether the served model was replaced, the scores, the epochs.
+    the validator) after ``patience`` validations without a better score. At the end, when no validation
+    ran, a :class:`FinalModelSaver` writes the final model to ``path`` only if ``replace_unvalidated``; then
+    ``result_file`` (JSON) is written and one line logged: whether the served model was replaced, the scores,
+    the epochs. (One handler for both, because MONAI Label's BundleTrainTask reads ``train#handlers`` as a
+    list of component dicts and inserts its loader at the front, so handlers cannot refer to each other.)
 
     Args:
         validator: the evaluator (its ``key_metric_name``, ``best_metric``, ``best_metric_epoch``).
         result_file: where the summary goes.
+        network, path: the network and the served model file (``models/model.pt``).
         patience: validations without improvement before stopping; 0 or None: no early stopping.
-        final_saver: the :class:`FinalModelSaver` (whether it wrote an unvalidated final model).
+        replace_unvalidated: with no validation frames, serve the final model anyway.
     """
 
-    def __init__(self, validator: Engine, result_file: str, patience: int | None = 3,
-                 final_saver: FinalModelSaver | None = None) -> None:
+    def __init__(self, validator: Engine, result_file: str, network: torch.nn.Module, path: str,
+                 patience: int | None = 3, replace_unvalidated: bool = False) -> None:
         self.validator, self.result_file = validator, result_file
         self.patience = int(patience) if patience else 0
-        self.final_saver = final_saver
+        self.final_saver = FinalModelSaver(network, path, validator, replace_unvalidated)
         self.baseline: float | None = None
 
     def _validation_frames(self) -> list[str]:
@@ -294,6 +300,7 @@ class ServedModelGuard:
         from monai.handlers import EarlyStopHandler
 
         engine.add_event_handler(Events.STARTED, self._record_baseline)
+        engine.add_event_handler(Events.COMPLETED, self.final_saver)
         engine.add_event_handler(Events.COMPLETED, self._report)
         if self.patience and self._validation_frames():
             EarlyStopHandler(patience=self.patience, score_function=self._score, trainer=engine,
@@ -320,7 +327,7 @@ class ServedModelGuard:
             result["reason"] = (f"epoch {best_epoch} scored {result['best']:.4f} > {self.baseline:.4f}" if best_epoch > 0
                                 else f"no epoch scored above the served model's {self.baseline:.4f}")
         else:
-            written = bool(self.final_saver is not None and self.final_saver.written)
+            written = self.final_saver.written
             result.update(served_model="replaced" if written else "kept",
                           reason="no validation frames: " + ("the final model was served (replace_unvalidated true)"
                                                              if written else "nothing says a new model is better "
