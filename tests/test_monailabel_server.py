@@ -579,11 +579,28 @@ def test_own_review_page_in_a_browser(own, setup, tmp_path):
     assert (on_screen == in_label).mean() > 0.98, (on_screen.sum(), in_label.sum())
 
 
+def test_own_info_answers_while_inferences_run(own, setup, capsys):
+    """tools/monailabel_load.py, bounded (4 requests sequential, then 4 clients): inference runs off the
+    server's event loop, so /info/ keeps answering during the 4-way run (more answers than inferences; with
+    inference on the event loop each /info/ waits for an inference to end). Prints the figures."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("monailabel_load", os.path.join(REPO, "tools", "monailabel_load.py"))
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    server, _ = own
+    figures = load.measure(server.url, "seq1_00000", requests=4, clients=4, timeout=REQUEST_TIMEOUT_S)
+    with capsys.disabled():
+        print("\nload figures:", json.dumps(figures))
+    assert figures["sequential"]["n"] == 4 and figures["4_way"]["n"] == 4
+    assert figures["info_during_inference"]["n"] > 4, figures
+
+
 def _train_result(task: dict) -> dict:
-    """The train task's result: the JSON line MONAI Label prints last in the status details."""
+    """The train task's result: the JSON MONAI Label logs last in the status details ("... Result: {...}")."""
     for line in reversed(task.get("details", [])):
-        if line.startswith("{") and "served_model" in line:
-            return json.loads(line)
+        if "{" in line and '"served_model"' in line:
+            return json.loads(line[line.index("{"):])
     pytest.fail("no result line in the train status:\n" + "\n".join(task.get("details", [])))
 
 
