@@ -637,8 +637,12 @@ def test_own_training_never_makes_the_served_model_worse(own, setup):
     assert (result["served_model"] == "kept") == unchanged
     iou_before = _auto_iou_of_state(setup, before, validation, tau)
     iou_after = _auto_iou(setup, model_file, validation, tau)
-    assert result["baseline"] == pytest.approx(iou_before, abs=1e-4)
-    assert iou_after >= iou_before - 1e-6, (iou_before, iou_after, result)
+    # Challenge IoU in percent; the training's validation runs on the half-precision embeddings it caches,
+    # this check on the frames themselves (float32): they agree to a few hundredths of a point
+    assert result["baseline"] == pytest.approx(iou_before, abs=0.05)
+    assert iou_after >= iou_before - 0.05, (iou_before, iou_after, result)
+    if result["served_model"] == "replaced":
+        assert result["best"] > result["baseline"] and result["best_epoch"] > 0
 
 
 def _auto_iou_of_state(setup, state, image_ids, min_mask_fraction):
