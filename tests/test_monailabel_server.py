@@ -604,13 +604,14 @@ def _train_result(task: dict) -> dict:
     pytest.fail("no result line in the train status:\n" + "\n".join(task.get("details", [])))
 
 
-def _auto_iou(setup, model_file, image_ids, min_mask_fraction):
+def _auto_iou(setup, model_file, image_ids, min_mask_fraction, studies):
+    """Challenge IoU (percent) of ``model_file`` on frames against their labels in the datastore."""
     from scripts.metrics import EndoVisMetric
 
     metric = EndoVisMetric(7)
     for image_id in image_ids:
         pred = _expected_auto(setup, model_file, image_id, min_mask_fraction=min_mask_fraction)
-        gt = np.asarray(Image.open(setup["frames"][image_id][1]))
+        gt = np.asarray(Image.open(glob.glob(os.path.join(studies, "labels", "final", image_id + ".*"))[0]))
         metric.update((torch.from_numpy(pred)[None].long(), torch.from_numpy(gt)[None].long()))
     return float(metric.compute()["challenge_iou"])
 
@@ -631,12 +632,14 @@ def test_own_training_never_makes_the_served_model_worse(own, setup):
     result = _train_result(task)
     assert result["settings"]["learning_rate"] == 1e-3 and result["settings"]["early_stopping_patience"] == 2
     validation = result["validation_frames"]
-    assert validation and set(validation) <= set(labelled)
+    objects = json.loads(request(f"{server.url}/datastore/?output=all")[1])["objects"]
+    assert validation and set(validation) <= {k for k, v in objects.items() if "final" in (v.get("labels") or {})}
     after = torch.load(model_file, weights_only=True)
     unchanged = all(torch.equal(before[k], after[k]) for k in before)
     assert (result["served_model"] == "kept") == unchanged
-    iou_before = _auto_iou_of_state(setup, before, validation, tau)
-    iou_after = _auto_iou(setup, model_file, validation, tau)
+    studies = server_studies(server)
+    iou_before = _auto_iou_of_state(setup, before, validation, tau, studies)
+    iou_after = _auto_iou(setup, model_file, validation, tau, studies)
     # Challenge IoU in percent; the training's validation runs on the half-precision embeddings it caches,
     # this check on the frames themselves (float32): they agree to a few hundredths of a point
     assert result["baseline"] == pytest.approx(iou_before, abs=0.05)
@@ -645,10 +648,10 @@ def test_own_training_never_makes_the_served_model_worse(own, setup):
         assert result["best"] > result["baseline"] and result["best_epoch"] > 0
 
 
-def _auto_iou_of_state(setup, state, image_ids, min_mask_fraction):
+def _auto_iou_of_state(setup, state, image_ids, min_mask_fraction, studies):
     path = str(setup["root"] / f"state_{uuid.uuid4().hex}.pt")
     torch.save(state, path)
-    return _auto_iou(setup, path, image_ids, min_mask_fraction)
+    return _auto_iou(setup, path, image_ids, min_mask_fraction, studies)
 
 
 def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
