@@ -5,7 +5,8 @@ Start (see README.md in this folder):
     monailabel start_server --app monailabel_app --studies FRAMES --host 127.0.0.1 --port 8000
 
 Config (``--conf KEY VALUE``): ``bundle`` the bundle folder (default ``<app>/model/surgicalsam``);
-``preload`` true loads the network at start.
+``preload`` true loads the network at start; ``threads`` torch's intra-op threads (default: half the CPU
+cores, at least 1; see README.md "Responsiveness").
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
-from monailabel.tasks.train.bundle import BundleTrainTask
 
+from lib.activelearning import MostUncertain, SurgicalSAMUncertainty, UncertaintyScoring
+from lib.batch import PerFrameBatchInfer
 from lib.datastore import CheckedLocalDatastore
 from lib.infers import SAMPrompt, SurgicalSAMAuto, SurgicalSAMClass, share_network
+from lib.server import install, server_app
+from lib.trainers import SurgicalSAMTrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,12 @@ class SurgicalSAMApp(MONAILabelApp):
                 raise FileNotFoundError(
                     f"{os.path.join(self.bundle, name)} is missing: make the bundle folder first with "
                     f"`surgical-sam monailabel_bundle {self.bundle} --model_file MODEL.pt --sam_checkpoint SAM.pth`")
+        import torch
+
+        threads = conf.get("threads") or max(1, (os.cpu_count() or 2) // 2)
+        if not str(threads).isdigit() or int(threads) < 1:
+            raise ValueError(f"--conf threads must be a whole number >= 1, got {threads!r}")
+        torch.set_num_threads(int(threads))
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="SurgicalSAM",
                          description="Surgical instrument segmentation of endoscopic frames (SurgicalSAM + SAM prompts)",
                          version="0.1.0")
@@ -83,14 +93,27 @@ class SurgicalSAMApp(MONAILabelApp):
                   "sam_prompt": share_network(SAMPrompt(self.bundle, self.conf), auto)}
         for name, task in infers.items():
             task.description = f"{MODELS[name]}. {task.description or ''}".strip()
+        self._uncertainty = share_network(SurgicalSAMUncertainty(self.bundle, self.conf, type="segmentation"), auto)
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        task = BundleTrainTask(self.bundle, self.conf)
+        task = SurgicalSAMTrainTask(self.bundle, self.conf)
         return {"surgicalsam": task} if task.is_valid() else {}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return {"most_uncertain": MostUncertain(self._uncertainty), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self):
+        return {"surgicalsam_uncertainty": UncertaintyScoring(self._uncertainty)}
+
+    def init_batch_infer(self):
+        return PerFrameBatchInfer()
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        fastapi_app = server_app()
+        if fastapi_app is not None:
+            install(fastapi_app)
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with user errors answered 4xx and a message (the stock app answers 500)."""

@@ -130,3 +130,26 @@ def test_autocast_inferer_is_the_plain_call_without_amp_and_float32_with_it():
         assert ((mixed["logits"] > 0) == (plain["logits"] > 0)).float().mean() > 0.9
         label_map = ClassPromptInferer(3, protocol="auto", output="label_map", amp=True)(image, model)
         assert label_map.shape == (2, 1, 64, 80) and label_map.dtype == torch.long
+
+
+def test_uncertainty_margin_is_zero_on_the_presence_threshold(small_sam_checkpoint):
+    """ClassPromptInferer.uncertainty: the presence margin of each class is |pixels - min_pixels| / min_pixels,
+    a threshold set to one class's mask size gives that frame margin 0, and the classes it calls present
+    and their lowest quality are those of the automatic protocol itself."""
+    from scripts.inferers import ClassPromptInferer
+
+    torch.manual_seed(0)
+    network = SurgicalSAM(7, 2, (64, 80), "tiny", small_sam_checkpoint, with_image_encoder=True).eval()
+    frames = torch.rand(2, 3, 64, 80) * 255
+    with torch.no_grad():
+        pixels = ClassPromptInferer(7, "auto", 0.0).uncertainty(frames, network)["pixels"]
+        target = int(pixels[0][pixels[0] > 0].min()) if (pixels[0] > 0).any() else 1
+        inferer = ClassPromptInferer(7, "auto", (target - 0.5) / (64 * 80))
+        found = inferer.uncertainty(frames, network)
+        protocol = inferer(frames, network)
+    assert int(found["min_pixels"]) == target
+    margins = (found["pixels"] - target).abs().float() / target
+    torch.testing.assert_close(found["presence_margin"], margins.min(1).values)
+    assert float(found["presence_margin"][0]) == 0.0
+    quality = protocol["quality"].float().masked_fill(~protocol["present"], math.inf).min(1).values
+    torch.testing.assert_close(found["min_quality"], quality)

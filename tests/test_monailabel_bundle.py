@@ -136,20 +136,25 @@ def _datalist(demo_dir, split_glob):
     return [{"image": p, "label": p.replace(os.sep + "images" + os.sep, os.sep + "labels" + os.sep)} for p in images]
 
 
-def _run_like_bundle_train_task(bundle_dir, train, val, epochs=1, load=True):
+def _run_like_bundle_train_task(bundle_dir, train, val, epochs=1, load=True, **settings):
     """What MONAI Label 0.8.5's BundleTrainTask does (single GPU): train.json, id `run`, no initialize,
-    these overrides, a CheckpointLoader of models/model.pt (strict=False) at the front of train#handlers."""
+    these overrides, a CheckpointLoader of models/model.pt (strict=False) at the front of train#handlers,
+    and the request's values of `monailabel_settings` (``settings``, over the defaults)."""
     configs = os.path.join(bundle_dir, "configs")
     parser = monai.bundle.ConfigParser()
     parser.read_config(os.path.join(configs, "train.json"))
     handlers = parser.get("train#handlers")
+    # BundleTrainTask looks for its CheckpointLoader with handler.get("_target_"): every entry is a dict
+    assert all(isinstance(handler, dict) for handler in handlers), handlers
     if load:
         handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": os.path.join(bundle_dir, "models", "model.pt"),
                             "load_dict": {"model": "$@network"}, "strict": False})
+    displayable = {**parser.get("monailabel_settings"), **settings}
     monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=os.path.join(configs, "metadata.json"),
                      config_file=os.path.join(configs, "train.json"),
                      **{"bundle_root": bundle_dir, "train#trainer#max_epochs": epochs, "train#dataset#data": train,
-                        "device": "cpu", "train#handlers": handlers, "validate#dataset#data": val})
+                        "device": "cpu", "train#handlers": handlers, "validate#dataset#data": val,
+                        "monailabel_settings": displayable})
 
 
 @pytest.fixture
@@ -217,17 +222,64 @@ def test_training_as_bundle_train_task_runs_it(label_bundle, small_demo_dir):
     out, model0 = label_bundle
     model_file = os.path.join(out, "models", "model.pt")
     before = load_model_state(model_file)
-    # no validation split (MONAI Label's val_split 0 or few labels): the final model is saved
+    # no validation split (MONAI Label's val_split 0 or few labels): the served model is kept by default...
     _run_like_bundle_train_task(out, _datalist(small_demo_dir, "seq_1"), [])
+    kept = load_model_state(model_file)
+    assert all(torch.equal(before[k], kept[k]) for k in before), "an unvalidated model replaced the served one"
+    assert json.load(open(os.path.join(out, "eval", "monailabel_train_result.json")))["served_model"] == "kept"
+    # ... and replaced by the final model when the request says replace_unvalidated
+    _run_like_bundle_train_task(out, _datalist(small_demo_dir, "seq_1"), [], replace_unvalidated=True)
     after = load_model_state(model_file)
     assert set(after) == set(before)
     assert any(not torch.equal(before[k], after[k]) for k in before), "model.pt was not updated"
     assert glob.glob(os.path.join(out, "eval", "monailabel_embeddings", "*", "*.npy")), "embeddings not kept"
-    # with a validation split the best checkpoint (same format) replaces it
-    mtime = os.path.getmtime(model_file)
+    # with a validation split the served model is scored first; a checkpoint replaces it only if better
     _run_like_bundle_train_task(out, _datalist(small_demo_dir, "seq_1"), _datalist(small_demo_dir, "seq_3")[:2])
-    assert os.path.getmtime(model_file) > mtime
     assert set(load_model_state(model_file)) == set(before)
+
+
+def _auto_iou(bundle_dir, datalist, sam_checkpoint) -> float:
+    """Challenge IoU of the bundle's models/model.pt on ``datalist`` under the automatic protocol, on the
+    frames' embeddings as the training's validation computes them."""
+    from scripts.inferers import ClassPromptInferer
+    from scripts.metrics import EndoVisMetric
+    from scripts.monailabel_support import DatalistFrameDataset, FrameEmbedder
+
+    network = SurgicalSAM(7, 2, FRAME, "tiny", sam_checkpoint).eval()
+    network.load_state_dict(load_model_state(os.path.join(bundle_dir, "models", "model.pt")))
+    frames = DatalistFrameDataset(datalist, FrameEmbedder("tiny", sam_checkpoint, FRAME, 7))
+    metric, inferer = EndoVisMetric(7), ClassPromptInferer(7, "auto", 0.01, output="label_map")
+    for item in frames:
+        with torch.no_grad():
+            metric.update((inferer(item["image_embeddings"][None], network), item["label"][None]))
+    return float(metric.compute()["challenge_iou"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("learning_rate", [1e-3, 1.0])
+def test_fine_tuning_never_serves_a_worse_model(label_bundle, small_demo_dir, small_sam_checkpoint, learning_rate):
+    """The served model is scored on the validation frames first (automatic protocol); a checkpoint replaces
+    it only when it scores higher there, and the result file says which happened. lr 1.0 wrecks the
+    network: the served model must come through unchanged."""
+    out, _ = label_bundle
+    model_file = os.path.join(out, "models", "model.pt")
+    train, val = _datalist(small_demo_dir, "seq_1"), _datalist(small_demo_dir, "seq_3")[:3]
+    before, iou_before = load_model_state(model_file), _auto_iou(out, val, small_sam_checkpoint)
+    _run_like_bundle_train_task(out, train, val, epochs=4, learning_rate=learning_rate, early_stopping_patience=2)
+    result = json.load(open(os.path.join(out, "eval", "monailabel_train_result.json")))
+    assert result["validation_frames"] == [os.path.basename(v["image"])[:-4] for v in val]
+    assert result["baseline"] == pytest.approx(iou_before, abs=1e-6)
+    after, iou_after = load_model_state(model_file), _auto_iou(out, val, small_sam_checkpoint)
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    if result["served_model"] == "kept":
+        assert unchanged and result["best"] == pytest.approx(result["baseline"]) and result["best_epoch"] == 0
+    else:
+        assert result["served_model"] == "replaced" and not unchanged and result["best_epoch"] > 0
+        assert result["best"] > result["baseline"]
+        assert iou_after == pytest.approx(result["best"], abs=1e-6)
+    assert iou_after >= iou_before
+    # early stopping: at most `patience` validations without a better score after the best one
+    assert result["epochs_run"] <= max(result["best_epoch"], 0) + 2
 
 
 @pytest.mark.slow

@@ -83,7 +83,7 @@ class Server:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        self.url, self.log = f"http://127.0.0.1:{self.port}", log
+        self.url, self.log, self.studies = f"http://127.0.0.1:{self.port}", log, studies
         command = [python, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies,
                    "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in conf.items():
@@ -128,6 +128,9 @@ class Server:
         return request(f"{self.url}/infer/{model}?{query}", "POST", fields={"params": json.dumps({**PNG, **(params or {})})},
                        files=files)
 
+    def put_image(self, image: str, content: bytes):
+        return request(f"{self.url}/datastore/image?image={image}", "PUT", files={"file": ("frame.png", content)})
+
     def put_label(self, image: str, content: bytes):
         return request(f"{self.url}/datastore/label?image={image}&tag=final", "PUT",
                        files={"label": ("label.png", content)})
@@ -144,6 +147,18 @@ class Server:
                 return task
             time.sleep(2)
         pytest.fail(f"training did not finish within {TRAIN_TIMEOUT_S} s:\n{self.log_tail()}")
+
+
+def wait_for_no_task(server: Server, method: str) -> None:
+    deadline = time.time() + TRAIN_TIMEOUT_S
+    while request(f"{server.url}/{method}/?check_if_running=true")[0] == 200:
+        if time.time() > deadline:
+            pytest.fail(f"a {method} task still runs after {TRAIN_TIMEOUT_S} s")
+        time.sleep(1)
+
+
+def server_studies(server: Server) -> str:
+    return json.loads(request(server.url + "/info/")[1])["datastore"].get("studies") or server.studies
 
 
 def png_array(content: bytes) -> np.ndarray:
@@ -184,7 +199,22 @@ def _studies(setup, name):
     return str(studies)
 
 
-def _expected_auto(setup, model_file, image_id, class_id=None):
+def _network(setup, model_file):
+    from scripts.monailabel_support import load_model_state
+    from scripts.networks.surgical_sam import SurgicalSAM
+
+    network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
+    network.load_state_dict(load_model_state(model_file))
+    return network
+
+
+def _frame_tensor(path):
+    from scripts.data.layout import read_frame
+
+    return torch.from_numpy(read_frame(path)).permute(2, 0, 1)[None].float()
+
+
+def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction=0.01):
     """The bundle's own label map for a frame (the same network and model file, in this process)."""
     from scripts.data.layout import read_frame
     from scripts.inferers import ClassPromptInferer
@@ -195,7 +225,7 @@ def _expected_auto(setup, model_file, image_id, class_id=None):
     network.load_state_dict(load_model_state(model_file))
     frame = torch.from_numpy(read_frame(setup["frames"][image_id][0])).permute(2, 0, 1)[None].float()
     if class_id is None:
-        inferer = ClassPromptInferer(7, "auto", 0.01, output="label_map")
+        inferer = ClassPromptInferer(7, "auto", min_mask_fraction, output="label_map")
     else:
         inferer = ClassPromptInferer(7, "auto", 0.0, output="label_map", prompt_classes=[class_id])
     with torch.no_grad():
@@ -220,16 +250,44 @@ def stock(setup):
     server.stop()
 
 
+def _ambiguous_frame(setup, studies):
+    """A (frame, presence threshold) pair that puts one class of that frame exactly on the automatic
+    protocol's presence threshold (its mask has exactly min_pixels pixels) while no other frame has a class
+    mask of that size: the deliberately ambiguous frame of the served model."""
+    from scripts.inferers import ClassPromptInferer
+
+    network, inferer = _network(setup, setup["model"]), ClassPromptInferer(7, "auto", 0.0)
+    counts = {}
+    for path in sorted(glob.glob(os.path.join(studies, "*.*"))):
+        with torch.no_grad():
+            counts[os.path.splitext(os.path.basename(path))[0]] = inferer.uncertainty(_frame_tensor(path), network)["pixels"][0].tolist()
+    every = [c for frame in counts.values() for c in frame]
+    area = FRAME[0] * FRAME[1]
+    for image_id in sorted(counts):
+        if not image_id.startswith("seq"):
+            continue
+        for count in counts[image_id]:
+            if area // 100 <= count <= area // 4 and every.count(count) == 1:
+                return image_id, (count - 0.5) / area
+    pytest.fail(f"no frame has a class mask of a size no other frame has: {counts}")
+
+
 @pytest.fixture(scope="module")
 def own(setup):
-    """The bundle's own app (monailabel_app/), its bundle folder made by make_monailabel_bundle."""
+    """The bundle's own app (monailabel_app/), its bundle folder made by make_monailabel_bundle; its presence
+    threshold puts one frame exactly on the threshold (setup["ambiguous"]), and one frame file is corrupt."""
     from scripts.monailabel_support import make_monailabel_bundle
 
     app = str(setup["root"] / "own_app")
     shutil.copytree(os.path.join(REPO, "monailabel_app"), app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    studies = _studies(setup, "own_studies")
+    setup["ambiguous"], setup["own_min_mask_fraction"] = _ambiguous_frame(setup, studies)
     bundle = make_monailabel_bundle(os.path.join(app, "model", "surgicalsam"), model_file=setup["model"],
-                                    sam_checkpoint=setup["sam"], settings=TINY)
-    server = Server(setup["python"], app, _studies(setup, "own_studies"), {}, str(setup["root"] / "own.log"))
+                                    sam_checkpoint=setup["sam"],
+                                    settings={**TINY, "min_mask_fraction": setup["own_min_mask_fraction"]})
+    with open(os.path.join(studies, "broken.png"), "wb") as handle:  # on disk, not through the datastore's PUT
+        handle.write(b"\x89PNG\r\n\x1a\n this is not a frame")
+    server = Server(setup["python"], app, studies, {"threads": "1"}, str(setup["root"] / "own.log"))
     yield server, bundle
     server.stop()
 
@@ -311,9 +369,22 @@ def label_then_train(server, bundle, setup, image_ids, **train_params) -> str:
     return model_file
 
 
-def test_stock_label_then_train_updates_the_model(stock, setup):
+def test_stock_label_then_train_guards_the_served_model(stock, setup):
+    """The stock app runs the bundle's fine-tuning overlay with its defaults: the served model is scored on
+    the validation frames first and replaced only by a better checkpoint; the status log says which."""
     server, bundle = stock
-    model_file = label_then_train(server, bundle, setup, ("seq1_00000", "seq1_00001", "seq1_00002", "seq1_00003"))
+    image_ids = ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000")
+    for image_id in image_ids:
+        assert server.put_label(image_id, open(setup["frames"][image_id][1], "rb").read())[0] == 200
+    model_file = os.path.join(bundle, "models", "model.pt")
+    before = torch.load(model_file, weights_only=True)
+    task = server.train(max_epochs=2, val_split=0.5)
+    assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
+    said = [line for line in task["details"] if "served model REPLACED" in line or "served model KEPT" in line]
+    assert said, "\n".join(task["details"])
+    after = torch.load(model_file, weights_only=True)
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    assert unchanged == ("served model KEPT" in said[-1]), said
     status, body = server.infer("surgicalsam")
     assert status == 200
     np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000"))
@@ -333,7 +404,8 @@ def test_own_auto_and_class_prompt(own, setup):
     model_file = os.path.join(bundle, "models", "model.pt")
     status, body = server.infer("surgicalsam")
     assert status == 200
-    np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000"))
+    np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000",
+                                                                  min_mask_fraction=setup["own_min_mask_fraction"]))
     for params, class_id in (({"class_name": "Prograsp Forceps"}, 2), ({"class_id": 5}, 5)):
         status, body = server.infer("surgicalsam_class", params=params)
         assert status == 200, body[:300]
@@ -382,6 +454,13 @@ def test_own_malformed_requests_get_4xx_with_a_message(own, setup):
         (server.put_label("seq1_00001", png_bytes(np.zeros((10, 10), np.uint8))), 400, "differs from the frame"),
         (server.put_label("seq1_00001", png_bytes(np.full(FRAME, 9, np.uint8))), 400, "outside 0..7"),
         (server.put_label("nosuch", label), 404, "not in the datastore"),
+        (server.put_image("newframe", b"not a png"), 400, "cannot read frame"),
+        (request(f"{server.url}/infer/surgicalsam?image=seq1_00000&output=image", "POST",
+                 fields={"params": "{not json"}), 400, "params is not JSON"),
+        (request(f"{server.url}/infer/surgicalsam?output=image", "POST", fields={"params": "{}"}), 400,
+         "give an image id"),
+        (request(f"{server.url}/datastore/image?image=newframe", "PUT", fields={"params": "[1"},
+                 files={"file": ("f.png", png_bytes(frame))}), 400, "params is not JSON"),
     ]
     for (status, body), expected, message in cases:
         assert status == expected, (expected, message, status, body[:300])
@@ -389,10 +468,213 @@ def test_own_malformed_requests_get_4xx_with_a_message(own, setup):
     assert server.alive()
     status, body = server.infer("surgicalsam", image=None, file=png_bytes(frame))  # an upload that is fine
     assert status == 200 and png_array(body).shape == FRAME
+    images = json.loads(request(f"{server.url}/datastore/?output=all")[1])["objects"]
+    assert "newframe" not in images, "a refused image was listed"
+
+
+def test_own_most_uncertain_serves_the_ambiguous_frame_first(own, setup):
+    """The frame whose class mask sits exactly on the presence threshold (margin 0) is served first; the
+    scoring method scores every unlabelled frame (the corrupt one is reported, not fatal)."""
+    server, _ = own
+    ambiguous = setup["ambiguous"]
+    status, body = request(f"{server.url}/activelearning/most_uncertain", "POST", json_body={"device": "cpu"})
+    assert status == 200, body[:300]
+    served = json.loads(body)
+    assert served["id"] == ambiguous, served
+    assert served["surgicalsam_uncertainty"]["presence_margin"] == 0.0
+    # label it: the next frame served is another one, with a larger margin
+    assert server.put_label(ambiguous, open(setup["frames"][ambiguous][1], "rb").read())[0] == 200
+    following = json.loads(request(f"{server.url}/activelearning/most_uncertain", "POST", json_body={"device": "cpu"})[1])
+    assert following["id"] not in (ambiguous, "broken") and following["surgicalsam_uncertainty"]["presence_margin"] > 0
+    wait_for_no_task(server, "scoring")  # next_sample starts MONAI Label's automatic scoring in the background
+    status, body = request(f"{server.url}/scoring/surgicalsam_uncertainty?run_sync=true", "POST", json_body={"device": "cpu"})
+    assert status == 200, body[:300]
+    scored = json.loads(body)
+    assert set(scored["failed"]) == {"broken"} and "cannot read frame" in scored["failed"]["broken"]
+    assert scored["scored"] == len(setup["frames"]) + 1 - 1  # every unlabelled readable frame (+ the JPG, - the labelled)
+
+
+def test_own_batch_pre_annotation_on_cpu_reports_each_frame(own, setup):
+    """No multi_gpu in the request, no GPU: frames run on the CPU; the corrupt frame is reported, the others saved."""
+    server, bundle = own
+    status, body = request(f"{server.url}/batch/infer/surgicalsam?images=all&run_sync=true", "POST",
+                           json_body={"max_batch_size": 3, "label_tag": "original"})
+    assert status == 200, body[:500]
+    report = json.loads(body)
+    assert list(report["images"]) == ["broken", "jpgframe", "seq1_00000"]
+    assert report["images"]["broken"]["status"] == "error" and "cannot read frame" in report["images"]["broken"]["reason"]
+    assert report["failed"] == ["broken"] and report["ok"] == 2
+    saved = glob.glob(os.path.join(server_studies(server), "labels", "original", "seq1_00000.*"))
+    assert saved, "the pre-label was not saved"
+    np.testing.assert_array_equal(np.asarray(Image.open(saved[0])), _expected_auto(
+        setup, os.path.join(bundle, "models", "model.pt"), "seq1_00000", min_mask_fraction=setup["own_min_mask_fraction"]))
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def test_own_review_page_in_a_browser(own, setup, tmp_path):
+    """The review page in a real headless Chromium (Debian's, driven by Playwright): list the frames, open
+    one (its automatic pre-label is the label drawn), pick a class, drag a box, add SAM's mask, save; the
+    datastore holds exactly that label map, and a screenshot shows the change inside the box only."""
+    if not os.path.isfile(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+    from scripts.networks.sam_prompting import SamPointPrompter
+
+    server, bundle = own
+    image_id, class_id, box = "seq2_00003", 3, [5, 5, 60, 50]
+    model_file = os.path.join(bundle, "models", "model.pt")
+    auto = _expected_auto(setup, model_file, image_id, min_mask_fraction=setup["own_min_mask_fraction"])
+    prompter = SamPointPrompter(_network(setup, model_file), "tiny", setup["sam"])
+    with torch.no_grad():
+        sam = (prompter(_frame_tensor(setup["frames"][image_id][0]), box=box)[0][0, 0] > 0).numpy()
+    expected = np.where(sam, class_id, auto).astype(np.uint8)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(server.url + "/review/", timeout=60_000)
+            page.wait_for_function("document.getElementById('status').textContent.endsWith('frames')", timeout=60_000)
+            listed = page.eval_on_selector_all("#frames li", "items => items.map(i => i.dataset.id)")
+            assert image_id in listed and "seq1_00000" in listed
+            page.click(f"#frames li[data-id='{image_id}']")
+            page.wait_for_function(f"document.getElementById('status').textContent === '{image_id}: automatic pre-label'",
+                                   timeout=60_000)
+            shown = np.array(page.evaluate("Array.from(state.label)"), np.uint8).reshape(FRAME)
+            np.testing.assert_array_equal(shown, auto)
+            canvas = page.locator("#overlay").bounding_box()
+            scale = canvas["width"] / FRAME[1]
+            clip = {"x": round(canvas["x"]), "y": round(canvas["y"]), "width": round(FRAME[1] * scale),
+                    "height": round(FRAME[0] * scale)}
+            before = page.screenshot(path=str(tmp_path / "before.png"), clip=clip)
+            page.select_option("#class", str(class_id))
+            at = lambda x, y: (canvas["x"] + (x + 0.5) * scale, canvas["y"] + (y + 0.5) * scale)
+            page.mouse.move(*at(box[0], box[1]))
+            page.mouse.down()
+            page.mouse.move(*at(box[2], box[3]), steps=5)
+            page.mouse.up()
+            assert page.text_content("#prompts") == f"clicks: box {', '.join(map(str, box))}"
+            page.click("#sam")
+            page.wait_for_function("document.getElementById('status').textContent.includes('SAM mask added')", timeout=60_000)
+            np.testing.assert_array_equal(np.array(page.evaluate("Array.from(state.label)"), np.uint8).reshape(FRAME), expected)
+            after = page.screenshot(path=str(tmp_path / "after.png"), clip=clip)
+            page.screenshot(path=str(tmp_path / "page.png"))
+            page.click("#save")
+            page.wait_for_function(f"document.getElementById('status').textContent === '{image_id}: saved'", timeout=60_000)
+            assert not errors, errors
+        finally:
+            browser.close()
+    status, body = request(f"{server.url}/datastore/label?label={image_id}&tag=final")
+    assert status == 200
+    np.testing.assert_array_equal(png_array(body), expected)
+    # the screenshots differ exactly where the label map changed (each frame pixel is scale x scale on screen)
+    shot_before, shot_after = (np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).astype(int) for b in (before, after))
+    assert shot_before.shape == shot_after.shape and shot_before.shape[:2] == (round(FRAME[0] * scale), round(FRAME[1] * scale))
+    on_screen = np.abs(shot_before - shot_after).sum(-1) > 30
+    in_label = np.kron(expected != auto, np.ones((int(scale), int(scale)), bool))
+    assert in_label.any(), "SAM's mask changed nothing: the check would prove nothing"
+    assert (on_screen == in_label).mean() > 0.98, (on_screen.sum(), in_label.sum())
+
+
+def test_own_info_answers_while_inferences_run(own, setup, capsys):
+    """tools/monailabel_load.py, bounded (4 requests sequential, then 4 clients): inference runs off the
+    server's event loop, so /info/ keeps answering during the 4-way run (more answers than inferences; with
+    inference on the event loop each /info/ waits for an inference to end). Prints the figures."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("monailabel_load", os.path.join(REPO, "tools", "monailabel_load.py"))
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    server, _ = own
+    figures = load.measure(server.url, "seq1_00000", requests=4, clients=4, timeout=REQUEST_TIMEOUT_S)
+    with capsys.disabled():
+        print("\nload figures:", json.dumps(figures))
+    assert figures["sequential"]["n"] == 4 and figures["4_way"]["n"] == 4
+    assert figures["info_during_inference"]["n"] > 4, figures
+
+
+def _train_result(task: dict) -> dict:
+    """The train task's result: the JSON MONAI Label logs last in the status details ("... Result: {...}")."""
+    for line in reversed(task.get("details", [])):
+        if "{" in line and '"served_model"' in line:
+            return json.loads(line[line.index("{"):])
+    pytest.fail("no result line in the train status:\n" + "\n".join(task.get("details", [])))
+
+
+def _auto_iou(setup, model_file, image_ids, min_mask_fraction, studies):
+    """Challenge IoU (percent) of ``model_file`` on frames against their labels in the datastore."""
+    from scripts.metrics import EndoVisMetric
+
+    metric = EndoVisMetric(7)
+    for image_id in image_ids:
+        pred = _expected_auto(setup, model_file, image_id, min_mask_fraction=min_mask_fraction)
+        gt = np.asarray(Image.open(glob.glob(os.path.join(studies, "labels", "final", image_id + ".*"))[0]))
+        metric.update((torch.from_numpy(pred)[None].long(), torch.from_numpy(gt)[None].long()))
+    return float(metric.compute()["challenge_iou"])
+
+
+def test_own_training_never_makes_the_served_model_worse(own, setup):
+    """Label frames, train from the server with settings through the API: the served model is replaced only
+    when it scores higher on the validation frames (automatic protocol), and the status says which happened."""
+    server, bundle = own
+    model_file = os.path.join(bundle, "models", "model.pt")
+    labelled = ("seq1_00001", "seq1_00002", "seq2_00000", "seq2_00001", "seq3_00000", "seq3_00001")
+    for image_id in labelled:
+        assert server.put_label(image_id, open(setup["frames"][image_id][1], "rb").read())[0] == 200
+    tau = setup["own_min_mask_fraction"]
+    before = torch.load(model_file, weights_only=True)
+    task = server.train(max_epochs=3, val_split=0.5, learning_rate=1e-3, early_stopping_patience=2,
+                        absent_prompts_per_frame=1, gradient_clip_norm=1.0)
+    assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
+    result = _train_result(task)
+    assert result["settings"]["learning_rate"] == 1e-3 and result["settings"]["early_stopping_patience"] == 2
+    validation = result["validation_frames"]
+    objects = json.loads(request(f"{server.url}/datastore/?output=all")[1])["objects"]
+    assert validation and set(validation) <= {k for k, v in objects.items() if "final" in (v.get("labels") or {})}
+    after = torch.load(model_file, weights_only=True)
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    assert (result["served_model"] == "kept") == unchanged
+    studies = server_studies(server)
+    iou_before = _auto_iou_of_state(setup, before, validation, tau, studies)
+    iou_after = _auto_iou(setup, model_file, validation, tau, studies)
+    # Challenge IoU in percent; the training's validation runs on the half-precision embeddings it caches,
+    # this check on the frames themselves (float32): they agree to a few hundredths of a point
+    assert result["baseline"] == pytest.approx(iou_before, abs=0.05)
+    assert iou_after >= iou_before - 0.05, (iou_before, iou_after, result)
+    if result["served_model"] == "replaced":
+        assert result["best"] > result["baseline"] and result["best_epoch"] > 0
+
+
+def _auto_iou_of_state(setup, state, image_ids, min_mask_fraction, studies):
+    path = str(setup["root"] / f"state_{uuid.uuid4().hex}.pt")
+    torch.save(state, path)
+    return _auto_iou(setup, path, image_ids, min_mask_fraction, studies)
+
+
+def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
+    server, bundle = own
+    task = server.train(learning_rate="fast")
+    assert task["status"] == "ERROR" and "learning_rate must be a number" in task["details"][-1], task["details"][-5:]
+    # a label map edited on disk after it was saved no longer fits its frame: the status's last line says so
+    label_file = glob.glob(os.path.join(server_studies(server), "labels", "final", "seq1_00001.*"))[0]
+    good = open(label_file, "rb").read()
+    try:
+        with open(label_file, "wb") as handle:
+            handle.write(png_bytes(np.zeros((10, 10), np.uint8)))
+        task = server.train(val_split=0.0)
+        assert task["status"] == "ERROR"
+        assert "seq1_00001" in task["details"][-1] and "label map" in task["details"][-1], task["details"][-5:]
+    finally:
+        with open(label_file, "wb") as handle:
+            handle.write(good)
 
 
 def test_own_label_then_train(own, setup):
     server, bundle = own
-    # 3 training frames, 1 validation frame: the best model is saved
-    label_then_train(server, bundle, setup, ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000"), val_split=0.25)
+    # no validation frames: the final model replaces the served one only when the request says so
+    label_then_train(server, bundle, setup, ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000"), val_split=0.0,
+                     replace_unvalidated=True)
     assert server.infer("sam_prompt", params={"box": [5, 5, 60, 50]})[0] == 200

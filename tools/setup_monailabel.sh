@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The MONAI Label environment: a venv of its own, separate from the main (CPU-wheel) test venv.
 #
+# It also installs Debian's chromium when it is missing (as root), for the review page's browser test.
+#
 # Why separate: monailabel 0.8.5 imports torchvision, and the registry's torchvision only loads with the
 # registry's own torch build, not the local CPU wheel torch==2.13.0 the main venv uses. monailabel 0.8.5
 # also needs three pins to start (pydicom 2.4.4, dicomweb-client 0.59.1, pynetdicom 2.0.2).
@@ -22,6 +24,17 @@ if [ "${1:-}" = "--check" ]; then check_only=1; shift; fi
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$(realpath -m "${1:-$REPO/.venv-monailabel}")"   # a path given relative to where it is called from
 cd "$REPO"
+
+# The review page's browser test (tests/test_monailabel_server.py) drives Debian's chromium through
+# Playwright, which never downloads a browser of its own here: install the system package when it is missing.
+if [ "$check_only" = 0 ] && [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "warning: no chromium here; the review page's browser test needs it: run 'sudo apt-get install chromium'" \
+             "or set CHROMIUM to a Chromium binary" >&2
+    fi
+fi
 
 stamp="$(cat constraints.txt pyproject.toml tools/setup_monailabel.sh | sha256sum | cut -d' ' -f1) repo=${REPO}"
 if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.surgical-sam-stamp" ] && [ "$(cat "$VENV/.surgical-sam-stamp")" = "$stamp" ]; then

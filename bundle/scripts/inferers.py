@@ -83,6 +83,10 @@ class ClassPromptInferer(Inferer):
             raise ValueError(f"min_mask_fraction must be in [0, 1), got {min_mask_fraction}")
         self.min_mask_fraction, self.pairs_per_pass = float(min_mask_fraction), pairs_per_pass
 
+    def min_pixels(self, height: int, width: int) -> int:
+        """The smallest mask (pixels) of a class called present under the automatic protocol."""
+        return max(1, math.ceil(self.min_mask_fraction * height * width))
+
     def classes_to_prompt(self, batch: int, gt_label: torch.Tensor | None, device) -> torch.Tensor:
         """-> (B, C) bool."""
         allowed = self.allowed.to(device)[None]
@@ -113,7 +117,7 @@ class ClassPromptInferer(Inferer):
             logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
         logits, quality = logits.float(), quality.float()
         masks = logits > 0
-        min_pixels = max(1, math.ceil(self.min_mask_fraction * masks.shape[-2] * masks.shape[-1]))
+        min_pixels = self.min_pixels(*masks.shape[-2:])
         present = prompt & (masks.flatten(2).sum(-1) >= min_pixels if temporal is None else temporal(masks))
         class_ids = torch.arange(1, self.num_classes + 1, device=logits.device)
         label_map = torch.stack(
@@ -125,3 +129,31 @@ class ClassPromptInferer(Inferer):
         has_entry = prompt.any(1) if self.protocol == "oracle" else torch.ones_like(prompt[:, 0])
         return {"label_map": label_map, "has_entry": has_entry, "present": present, "quality": quality,
                 "mask_pixels": masks.flatten(2).sum(-1)}
+
+    def uncertainty(self, inputs: torch.Tensor, network) -> dict[str, torch.Tensor]:
+        """How close the automatic decision on each frame is to going the other way (for active learning).
+
+        Every allowed class is prompted. A class is called present when its mask has at least
+        ``min_pixels`` = ceil(``min_mask_fraction`` x frame area) pixels; its presence margin is
+        ``|pixels - min_pixels| / min_pixels`` (0: the mask sits exactly on the threshold, one pixel more
+        or less flips the class). The frame's margin is the smallest over its classes, and its quality the
+        lowest decoder quality (IoU head) among the classes called present (+inf when none is).
+
+        Args:
+            inputs: frames (B, 3, H, W) or image embeddings (B, d, h, w).
+            network: as in ``__call__``.
+
+        Returns:
+            ``presence_margin`` (B,), ``min_quality`` (B,), ``pixels`` (B, C) long, ``min_pixels`` () long.
+        """
+        model = getattr(network, "module", network)
+        prompt = self.allowed.to(inputs.device)[None].expand(inputs.shape[0], -1)
+        with autocast(inputs.device.type, self.amp):
+            logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
+        pixels = (logits > 0).flatten(2).sum(-1)
+        min_pixels = self.min_pixels(*logits.shape[-2:])
+        margin = ((pixels - min_pixels).abs().float() / min_pixels).masked_fill(~prompt, math.inf)
+        present = prompt & (pixels >= min_pixels)
+        min_quality = quality.float().masked_fill(~present, math.inf).min(1).values
+        return {"presence_margin": margin.min(1).values, "min_quality": min_quality, "pixels": pixels,
+                "min_pixels": torch.tensor(min_pixels)}

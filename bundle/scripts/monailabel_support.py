@@ -13,8 +13,10 @@ MONAI Label overlay (``configs/monailabel_train.yaml``) swaps the datasets for t
 - :class:`DatalistPromptDataset` / :class:`DatalistFrameDataset` are the (frame, class) training samples
   and the whole-frame validation items, the same items as the cache datasets give;
 - :class:`OptionalValidationHandler` skips validation when the validation datalist is empty (MONAI Label
-  sends an empty one with ``val_split`` 0 or few labels) and :class:`FinalModelSaver` then writes the
-  final model to ``models/model.pt`` (with validation the best checkpoint goes there as usual).
+  sends an empty one with ``val_split`` 0 or few labels);
+- :class:`ServedModelGuard` makes fine-tuning keep the served model unless a checkpoint beats it on the
+  validation frames (automatic protocol), stops early, writes the final model when there was no validation
+  only if asked (:class:`FinalModelSaver`), and says what happened.
 
 :func:`make_monailabel_bundle` copies the bundle into a MONAI Label app's ``model/<name>/`` folder and
 writes ``configs/train.json`` (train.yaml + monailabel_train.yaml + overlays, merged) and
@@ -186,6 +188,8 @@ class DatalistPromptDataset(Dataset):
                                f"1..{self.num_classes}) large enough to train on")
 
     def set_epoch(self, epoch: int) -> None:
+        # one "version" per epoch: datastore frames are not augmented, only the absent prompts are redrawn
+        self.version = int(epoch)
         self.samples = prompt_samples(self.frames, self.num_classes, self.absent_prompts_per_frame,
                                       np.random.default_rng([self.seed, epoch]))
 
@@ -226,14 +230,18 @@ class OptionalValidationHandler(ValidationHandler):
 
 
 class FinalModelSaver:
-    """At the end of training, write the network to ``path`` when no validation picked a best model.
+    """At the end of training, write the network to ``path`` when no validation picked a best model,
+    if ``replace_unvalidated`` allows it (else the served model is kept: nothing says the new one is better).
 
     Same file format as the bundle's best-model saver (``CheckpointSaver`` with ``save_dict={"model": net}``
     writes the bare state dict), so MONAI Label and the bundle read both alike.
     """
 
-    def __init__(self, network: torch.nn.Module, path: str, validator: Engine | None = None) -> None:
+    def __init__(self, network: torch.nn.Module, path: str, validator: Engine | None = None,
+                 replace_unvalidated: bool = True) -> None:
         self.network, self.path, self.validator = network, path, validator
+        self.replace_unvalidated = bool(replace_unvalidated)
+        self.written = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -242,12 +250,96 @@ class FinalModelSaver:
         validated = self.validator is not None and getattr(self.validator.state, "best_metric_epoch", -1) not in (-1, None)
         if validated:
             return
+        if not self.replace_unvalidated:
+            logger.info("no validation ran and replace_unvalidated is false: the served model %s is kept", self.path)
+            return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         model = getattr(self.network, "module", self.network)
         tmp = self.path + ".tmp"
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, self.path)
+        self.written = True
         logger.info("no validation ran: the final model was written to %s", self.path)
+
+
+class ServedModelGuard:
+    """Fine-tuning a served model on a few labels must not make it worse; this says whether it did.
+
+    Attach to the trainer AFTER the ``CheckpointLoader`` of the served model and after a
+    ``ValidationHandler`` with ``exec_at_start=True``: that first validation scores the served model (epoch
+    0) and becomes the evaluator's best metric, so the best-model saver (MONAI's ``CheckpointSaver`` with
+    ``save_key_metric``, which saves only on a strictly better score) overwrites the served model only with a
+    checkpoint that beats it on the validation frames. Also stops training (MONAI's ``EarlyStopHandler`` on
+    the validator) after ``patience`` validations without a better score. At the end, when no validation
+    ran, a :class:`FinalModelSaver` writes the final model to ``path`` only if ``replace_unvalidated``; then
+    ``result_file`` (JSON) is written and one line logged: whether the served model was replaced, the scores,
+    the epochs. (One handler for both, because MONAI Label's BundleTrainTask reads ``train#handlers`` as a
+    list of component dicts and inserts its loader at the front, so handlers cannot refer to each other.)
+
+    Args:
+        validator: the evaluator (its ``key_metric_name``, ``best_metric``, ``best_metric_epoch``).
+        result_file: where the summary goes.
+        network, path: the network and the served model file (``models/model.pt``).
+        patience: validations without improvement before stopping; 0 or None: no early stopping.
+        replace_unvalidated: with no validation frames, serve the final model anyway.
+    """
+
+    def __init__(self, validator: Engine, result_file: str, network: torch.nn.Module, path: str,
+                 patience: int | None = 3, replace_unvalidated: bool = False) -> None:
+        self.validator, self.result_file = validator, result_file
+        self.patience = int(patience) if patience else 0
+        self.final_saver = FinalModelSaver(network, path, validator, replace_unvalidated)
+        self.baseline: float | None = None
+
+    def _validation_frames(self) -> list[str]:
+        loader = getattr(self.validator, "data_loader", None)
+        frames = getattr(getattr(loader, "dataset", None), "frames", None) or []
+        return [frame["key"] for frame in frames]
+
+    def attach(self, engine: Engine) -> None:
+        from monai.handlers import EarlyStopHandler
+
+        engine.add_event_handler(Events.STARTED, self._record_baseline)
+        engine.add_event_handler(Events.COMPLETED, self.final_saver)
+        engine.add_event_handler(Events.COMPLETED, self._report)
+        if self.patience and self._validation_frames():
+            EarlyStopHandler(patience=self.patience, score_function=self._score, trainer=engine,
+                             epoch_level=True).attach(self.validator)
+
+    def _score(self, _engine: Engine) -> float:
+        return float(self.validator.state.metrics[self.validator.state.key_metric_name])
+
+    def _record_baseline(self, engine: Engine) -> None:
+        if getattr(self.validator.state, "best_metric_epoch", -1) == 0:
+            self.baseline = float(self.validator.state.best_metric)
+            logger.info("served model before fine-tuning: %s %.4f on %d validation frames",
+                        self.validator.state.key_metric_name, self.baseline, len(self._validation_frames()))
+
+    def summary(self, engine: Engine) -> dict:
+        frames = self._validation_frames()
+        best_epoch = getattr(self.validator.state, "best_metric_epoch", -1)
+        result = {"validation_frames": frames, "epochs_run": int(engine.state.epoch),
+                  "max_epochs": int(engine.state.max_epochs)}
+        if frames and self.baseline is not None:
+            result.update(metric=self.validator.state.key_metric_name, baseline=self.baseline,
+                          best=float(self.validator.state.best_metric), best_epoch=int(best_epoch),
+                          served_model="replaced" if best_epoch > 0 else "kept")
+            result["reason"] = (f"epoch {best_epoch} scored {result['best']:.4f} > {self.baseline:.4f}" if best_epoch > 0
+                                else f"no epoch scored above the served model's {self.baseline:.4f}")
+        else:
+            written = self.final_saver.written
+            result.update(served_model="replaced" if written else "kept",
+                          reason="no validation frames: " + ("the final model was served (replace_unvalidated true)"
+                                                             if written else "nothing says a new model is better "
+                                                             "(give val_split > 0, or replace_unvalidated true)"))
+        return result
+
+    def _report(self, engine: Engine) -> None:
+        result = self.summary(engine)
+        os.makedirs(os.path.dirname(os.path.abspath(self.result_file)), exist_ok=True)
+        with open(self.result_file, "w") as handle:
+            json.dump(result, handle, indent=2)
+        logger.info("served model %s: %s", result["served_model"].upper(), result["reason"])
 
 
 # --------------------------------------------------------------------------------------------- packing

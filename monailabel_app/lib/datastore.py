@@ -1,8 +1,9 @@
 """A local datastore that refuses label maps the bundle could not train on, with a 4xx and the reason.
 
-MONAI Label's LocalDatastore copies whatever file a PUT /datastore/label sends; a corrupt PNG or a colour
-mask would only fail later, inside a training run. Here a label must be a readable single-channel image of
-the frame's size with values 0..C (or the ignore value 255).
+MONAI Label's LocalDatastore copies whatever file a PUT /datastore/image or /datastore/label sends; a
+corrupt frame would be listed and handed out by next_sample, and a corrupt PNG or a colour mask would only
+fail later, inside a training run. Here a frame must be a readable image (PIL decodes it whole), and a
+label a readable single-channel image of the frame's size with values 0..C (or the ignore value 255).
 """
 
 from __future__ import annotations
@@ -18,10 +19,27 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 
 
+def frame_problem(path: str) -> str | None:
+    """Why ``path`` is not a frame the models can read (None when it is one): the bundle's own frame reader."""
+    from scripts.data.layout import DatasetError, read_frame
+
+    try:
+        read_frame(path)
+    except DatasetError as error:
+        return str(error).replace(path, "the upload")
+    return None
+
+
 class CheckedLocalDatastore(LocalDatastore):
     def __init__(self, *args, num_classes: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.num_classes = int(num_classes)
+
+    def add_image(self, image_id, image_filename, image_info):
+        problem = frame_problem(image_filename)
+        if problem:
+            raise HTTPException(status_code=400, detail=f"image {image_id or image_filename!r} refused: {problem}")
+        return super().add_image(image_id, image_filename, image_info)
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
         if image_id not in self.list_images():

@@ -1,0 +1,109 @@
+"""What the app changes in MONAI Label's web server (only in the server process, once the app is made).
+
+- ``POST /infer/<model>`` runs in a worker thread, one inference at a time (they share one network), instead
+  of on the server's event loop: MONAI Label 0.8.5 declares it ``async`` and runs the whole inference inside
+  it, so ``/info/``, the datastore and the review page waited behind every inference.
+- Malformed requests answer 400 with the reason instead of 500: a ``params`` form field that is not JSON
+  (any endpoint), and an inference request with neither an image id nor a file.
+- ``/review/`` serves the review page (``static/``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import sys
+import threading
+
+from fastapi import HTTPException
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+_inference_lock = threading.Lock()
+
+
+def server_app():
+    """MONAI Label's FastAPI app when this process is the server (None in training or scoring subprocesses)."""
+    module = sys.modules.get("monailabel.app")
+    return getattr(module, "app", None)
+
+
+def _check_params(kwargs: dict) -> None:
+    params = kwargs.get("params")
+    if isinstance(params, str) and params:
+        try:
+            value = json.loads(params)
+        except json.JSONDecodeError as error:
+            raise HTTPException(status_code=400, detail=f"params is not JSON ({error}): send a JSON object, "
+                                                        'e.g. params={"device": "cpu"}') from None
+        if not isinstance(value, dict):
+            raise HTTPException(status_code=400, detail=f"params must be a JSON object, got {type(value).__name__}")
+
+
+def _json_errors_are_400(endpoint):
+    if inspect.iscoroutinefunction(endpoint):
+        @functools.wraps(endpoint)
+        async def wrapped(*args, **kwargs):
+            _check_params(kwargs)
+            return await endpoint(*args, **kwargs)
+    else:
+        @functools.wraps(endpoint)
+        def wrapped(*args, **kwargs):
+            _check_params(kwargs)
+            return endpoint(*args, **kwargs)
+    return wrapped
+
+
+def _threaded_inference(endpoint):
+    from monailabel.endpoints.infer import run_inference
+    from starlette.concurrency import run_in_threadpool
+
+    @functools.wraps(endpoint)
+    async def wrapped(background_tasks, model, image="", session_id="", params="{}", file=None, label=None,
+                      output=None, user=None):
+        _check_params({"params": params})
+        if not file and not image and not session_id:
+            raise HTTPException(status_code=400, detail="give an image id (?image=ID) or upload a frame (file=...)")
+
+        def run():
+            with _inference_lock:
+                return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+        return await run_in_threadpool(run)
+
+    return wrapped
+
+
+#: MONAI Label 0.8.5 endpoints wrapped here: (module, endpoint function, path, method)
+WRAPPED = (("monailabel.endpoints.infer", "api_run_inference", "/infer/{model}", "POST"),
+           ("monailabel.endpoints.datastore", "api_add_image", "/datastore/image", "PUT"),
+           ("monailabel.endpoints.datastore", "api_add_image", "/datastore/", "PUT"),
+           ("monailabel.endpoints.datastore", "api_save_label", "/datastore/label", "PUT"))
+
+
+def install(fastapi_app) -> None:
+    """Put the wrapped endpoints in front of MONAI Label's (same paths, parameters and dependencies), and
+    mount the review page. (FastAPI serves included routers through their own route lists, so the routes
+    are added first in the app's list rather than swapped inside MONAI Label's routers.)"""
+    import importlib
+
+    from fastapi.routing import APIRoute
+    from fastapi.staticfiles import StaticFiles
+    from monailabel.config import settings
+
+    routes = fastapi_app.router.routes
+    if any(getattr(getattr(r, "endpoint", None), "_surgicalsam", False) for r in routes):
+        return
+    for module, name, path, method in reversed(WRAPPED):
+        original = getattr(importlib.import_module(module), name)
+        endpoint = _threaded_inference(original) if name == "api_run_inference" else _json_errors_are_400(original)
+        endpoint._surgicalsam = True
+        routes.insert(0, APIRoute(settings.MONAI_LABEL_API_STR + path, endpoint, methods=[method], name=f"surgicalsam_{name}",
+                                  include_in_schema=False))
+    if os.path.isdir(STATIC_DIR):
+        fastapi_app.mount("/review", StaticFiles(directory=STATIC_DIR, html=True), name="review")
+    logger.info("SurgicalSAM app: inference in a worker thread, 400 for malformed params, /review/ page")
