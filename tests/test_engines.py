@@ -139,6 +139,27 @@ def test_auto_min_mask_fraction(fake_network):
         ClassPromptInferer(NUM_CLASSES, min_mask_fraction=1.5)
 
 
+def test_oracle_keeps_small_masks_that_auto_drops():
+    # A 20x20 frame (400 pixels); the network's class-2 mask is 2 pixels = 0.5% of it, the same as the
+    # ground truth. Under the oracle every prompted mask is merged (IoU 1 here); under auto at 1% it
+    # is dropped as too small.
+    logits = torch.full((1, NUM_CLASSES, 20, 20), -5.0)
+    logits[0, 1, 3, 4:6] = 5.0
+    quality = torch.tensor([[0.5, 0.6, 0.7]])
+    gt = torch.zeros(1, 1, 20, 20, dtype=torch.long)
+    gt[0, 0, 3, 4:6] = 2
+    oracle = ClassPromptInferer(NUM_CLASSES, protocol="oracle", min_mask_fraction=0.01)
+    output = oracle(torch.zeros(1, 256, 4, 4), FakePromptable(logits, quality), gt_label=gt)
+    assert output["present"].tolist() == [[False, True, False]]
+    assert torch.equal(output["label_map"], gt)
+    auto = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.01)
+    output = auto(torch.zeros(1, 256, 4, 4), FakePromptable(logits, quality))
+    assert not output["present"].any() and not output["label_map"].any()
+    # the same mask passes at 0.5% under auto too: the threshold, not the protocol, dropped it
+    auto = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.005)
+    assert auto(torch.zeros(1, 256, 4, 4), FakePromptable(logits, quality))["present"].tolist() == [[False, True, False]]
+
+
 def test_label_map_merge_by_quality(fake_network):
     output = ClassPromptInferer(NUM_CLASSES, protocol="auto")(torch.zeros(3, 256, 4, 4), fake_network)
     label_map = output["label_map"]

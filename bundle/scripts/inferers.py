@@ -3,7 +3,8 @@
 Two protocols (SPEC 7), always labelled in the outputs:
 
 - ``oracle`` (the paper's): prompt only the classes present in the frame's ground truth; frames
-  without an instrument get no prompt and so no metric entry.
+  without an instrument get no prompt and so no metric entry. Every prompted mask (logit > 0) is
+  merged, however small, as the original SurgicalSAM evaluation does: no size threshold.
 - ``auto``: no ground truth; prompt every class, a class is present where its mask has at least
   ``min_mask_fraction`` of the frame's pixels; every frame has an entry.
 """
@@ -26,9 +27,9 @@ class ClassPromptInferer(Inferer):
     Args:
         num_classes: C.
         protocol: ``oracle`` or ``auto``.
-        min_mask_fraction: in ``auto``, the smallest mask (pixels with logit > 0), as a fraction of the
-            frame's area, that counts as the class being present (0: any pixel). Small spurious masks
-            of absent classes are the automatic protocol's main error.
+        min_mask_fraction: in ``auto`` only, the smallest mask (pixels with logit > 0), as a fraction of
+            the frame's area, that counts as the class being present (0: any pixel). Small spurious masks
+            of absent classes are the automatic protocol's main error. Ignored under ``oracle``.
         pairs_per_pass: (frame, class) pairs decoded together.
         output: ``dict`` (for evaluators: label map, entries, qualities) or ``label_map`` (a tensor,
             for inference and MONAI Label).
@@ -80,7 +81,8 @@ class ClassPromptInferer(Inferer):
         prompt = self.classes_to_prompt(inputs.shape[0], gt_label, inputs.device)
         logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
         masks = logits > 0
-        min_pixels = max(1, math.ceil(self.min_mask_fraction * masks.shape[-2] * masks.shape[-1]))
+        fraction = self.min_mask_fraction if self.protocol == "auto" else 0.0  # the oracle keeps every mask
+        min_pixels = max(1, math.ceil(fraction * masks.shape[-2] * masks.shape[-1]))
         present = prompt & (masks.flatten(2).sum(-1) >= min_pixels)
         class_ids = torch.arange(1, self.num_classes + 1, device=logits.device)
         label_map = torch.stack(
