@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..networks.sam_backbone import build_sam, file_md5, get_variant
 from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
-from .augmentation import augment_frame, version_for_epoch
+from .augmentation import augment_frame, check_augmentation_draws, version_for_epoch
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
 logger = logging.getLogger(__name__)
@@ -195,8 +195,10 @@ def _entry_paths(cache_dir: str, version: int, key: str, with_taps: bool = False
 class _FrameVersionDataset(Dataset):
     """(frame, version) pairs -> augmented frame (3, H, W) uint8 and label map (H, W) uint8."""
 
-    def __init__(self, items: list[tuple[dict, int]], num_classes: int, ignore_index: int, seed: int) -> None:
+    def __init__(self, items: list[tuple[dict, int]], num_classes: int, ignore_index: int, seed: int,
+                 draws: str = "original") -> None:
         self.items, self.num_classes, self.ignore_index, self.seed = items, num_classes, ignore_index, seed
+        self.draws = draws
 
     def __len__(self) -> int:
         return len(self.items)
@@ -207,7 +209,8 @@ class _FrameVersionDataset(Dataset):
         label = read_label_map(item["label"], self.num_classes, self.ignore_index)
         if image.shape[:2] != label.shape:
             raise ValueError(f"frame {item['image']} is {image.shape[:2]} but its label map is {label.shape}")
-        image, label = augment_frame(image, label, version, item["key"], seed=self.seed, ignore_index=self.ignore_index)
+        image, label = augment_frame(image, label, version, item["key"], seed=self.seed, ignore_index=self.ignore_index,
+                                     draws=self.draws)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
             "label": torch.from_numpy(np.ascontiguousarray(label)),
@@ -228,6 +231,7 @@ def precompute_embeddings(
     device: str | torch.device = "cpu",
     seed: int = 666,
     taps: Sequence[int] | None = None,
+    augmentation_draws: str = "original",
 ) -> dict:
     """Run the frozen encoder once per (frame, version) and store float16 embeddings with a manifest.
 
@@ -237,12 +241,15 @@ def precompute_embeddings(
     splits precomputed before stay in the manifest.
     An existing cache of another identity is never overwritten: that raises :class:`StaleCacheError`.
     ``taps`` (1-based ViT blocks) makes a tap cache (Distillation-SAM): also the tokens after those
-    blocks and the augmented frame. The disk use is logged first and checked against the free space
+    blocks and the augmented frame. ``augmentation_draws`` (``original``: each version's own transform with
+    probability 0.5, or ``always``; ``scripts.data.augmentation``) is recorded, and a cache of other draws
+    is refused as one of another seed is. The disk use is logged first and checked against the free space
     (:class:`CacheSpaceError`). Returns the manifest.
     Under ``torch.distributed`` (every rank calls it, e.g. multi_gpu_train.yaml's ``prepare_cache``) the missing
     entries are split across the ranks; rank 0 writes the manifest and the indexes after a barrier, and no rank
     returns before the cache is complete.
     """
+    check_augmentation_draws(augmentation_draws)
     description = read_dataset_description(dataset_dir)
     names = class_names(description)
     ignore_index = int(description.get("ignore_index", 255))
@@ -270,6 +277,13 @@ def precompute_embeddings(
         if existing.get("augmentation_seed", seed) != seed:
             raise StaleCacheError(
                 f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, not {seed}; "
+                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
+            )
+        # caches made before the draws were recorded applied every version's transform every time
+        found_draws = existing.get("augmentation_draws", "always-on (a cache of bundle 0.3 or older)")
+        if found_draws != augmentation_draws and any(max(v) > 0 for v in existing.get("splits", {}).values()):
+            raise StaleCacheError(
+                f"{cache_dir} holds augmentations with augmentation_draws {found_draws!r}, not {augmentation_draws!r}; "
                 "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
             )
     # Every file is read and checked first (label values, sizes): bad files are all named in one error
@@ -307,6 +321,7 @@ def precompute_embeddings(
         # Splits indexed by earlier runs stay usable: their entries are shared, their indexes kept.
         "splits": {**existing.get("splits", {}), **plan},
         "augmentation_seed": seed,
+        "augmentation_draws": augmentation_draws,
         "complete": False,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -342,7 +357,7 @@ def precompute_embeddings(
     if share:
         encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
         _encode(encoder, share, cache_dir, "+".join(splits), spec.image_size, len(names), ignore_index, seed,
-                batch_size, num_workers, device, taps)
+                batch_size, num_workers, device, taps, augmentation_draws)
         del encoder
     _barrier(world)  # every entry is written
     if rank == 0:
@@ -398,12 +413,13 @@ def _save_png(path: str, array: np.ndarray) -> None:
 
 @torch.no_grad()
 def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_index, seed, batch_size, num_workers,
-            device, taps=None):
+            device, taps=None, draws="original"):
     """Encode the (frame, version) pairs of ``todo``; with ``taps`` also store the tapped tokens and the frame."""
     from ..networks.distillation_adapter import tapped_encoder_forward
 
     loader = DataLoader(
-        _FrameVersionDataset(todo, num_classes, ignore_index, seed), batch_size=batch_size, num_workers=num_workers
+        _FrameVersionDataset(todo, num_classes, ignore_index, seed, draws), batch_size=batch_size,
+        num_workers=num_workers
     )
     done = 0
     for batch in loader:
