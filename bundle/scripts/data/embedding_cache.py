@@ -497,7 +497,9 @@ class EmbeddingCache:
     The interface the datasets use (also implemented by ``original_layout.OriginalLayoutReader``):
     ``cache_dir``, ``class_names``, ``image_size``, ``grid_size``, ``versions(split)``,
     ``entries(split, version)`` (dicts with ``key``, ``classes``, ``grid_classes``, ``frame_size``) and
-    ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``.
+    ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``; a reader that keeps one binary
+    mask per class also offers ``load_class_mask(entry, class_id) -> (embedding, mask (H, W) bool)``, which
+    training samples then use.
     """
 
     def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True) -> None:
@@ -595,19 +597,21 @@ def prompt_samples(frames: Sequence[dict], num_classes: int, absent_prompts_per_
 
 
 def prompt_sample(image_embeddings: torch.Tensor, label: torch.Tensor, class_id: int, image_size: int,
-                  grid_size: Sequence[int]) -> dict:
+                  grid_size: Sequence[int], class_mask: bool = False) -> dict:
     """One training item of a (frame, class) sample, what ``PromptedSampleBatch`` batches.
 
     Args:
         image_embeddings: (d, h, w) the frame's embeddings.
-        label: (H, W) the frame's label map.
+        label: (H, W) the frame's label map, or with ``class_mask=True`` the class's own binary mask.
         class_id: the prompted class, 1..C (a class absent from ``label`` gives an empty target).
+        class_mask: ``label`` is already the class's binary mask (the original layout keeps one per class,
+            and two classes' masks may overlap).
 
     Returns:
         ``image_embeddings`` (d, h, w) float, ``mask`` (1, H, W) float, ``grid_mask`` (h, w) bool,
         ``class_id`` () long.
     """
-    mask = (label.long() == class_id).float()
+    mask = (label != 0).float() if class_mask else (label.long() == class_id).float()
     grid_mask = masks_to_embedding_grid(mask[None], image_size, grid_size)[0]
     return {"image_embeddings": image_embeddings.float(), "mask": mask[None], "grid_mask": grid_mask,
             "class_id": torch.tensor(class_id)}
@@ -653,6 +657,10 @@ class CachedPromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         entry_index, class_id = self.samples[index]
+        load_class_mask = getattr(self.cache, "load_class_mask", None)
+        if load_class_mask is not None:  # a reader of one binary mask per class (original_layout)
+            embedding, mask = load_class_mask(self.entries[entry_index], class_id)
+            return prompt_sample(embedding, mask, class_id, self.image_size, self.grid_size, class_mask=True)
         embedding, label = self.cache.load(self.entries[entry_index])
         return prompt_sample(embedding, label, class_id, self.image_size, self.grid_size)
 
