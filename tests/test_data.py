@@ -511,16 +511,23 @@ def test_rotation_is_counter_clockwise_nearest_as_pil():
     assert found >= 3
 
 
-def test_colour_adjustments():
-    image = np.random.default_rng(5).uniform(0, 255, size=(3, 6, 7))
-    assert np.allclose(adjust_brightness(image, 1.0), image)
-    assert np.allclose(adjust_brightness(image, 0.5), image * 0.5)
-    assert adjust_brightness(image, 1.4).max() <= 255.0
-    flat = adjust_contrast(image, 0.0)
-    assert np.allclose(flat, flat.flat[0])  # contrast 0: the mean grey everywhere
-    grey = adjust_saturation(image, 0.0)
-    assert np.allclose(grey[0], grey[1]) and np.allclose(grey[1], grey[2])
-    assert np.allclose(adjust_saturation(grey, 1.4), grey)  # a grey image has no saturation to change
+def test_colour_adjustments_equal_pils_image_enhance():
+    # torchvision's ColorJitter on a PIL image (the original's) is PIL's ImageEnhance, in uint8 arithmetic.
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+    ours, pil = image.transpose(2, 0, 1).astype(np.float64), Image.fromarray(image)
+    for adjust, enhancer, factor in ((adjust_contrast, ImageEnhance.Contrast, 1.31), (adjust_brightness,
+                                     ImageEnhance.Brightness, 0.77), (adjust_saturation, ImageEnhance.Color, 1.18),
+                                     (adjust_brightness, ImageEnhance.Brightness, 1.4)):
+        ours, pil = adjust(ours, factor), enhancer(pil).enhance(factor)
+        assert np.array_equal(ours.transpose(1, 2, 0), np.asarray(pil))
+    assert np.array_equal(adjust_brightness(ours, 1.0), ours)
+    flat = adjust_contrast(ours, 0.0)
+    assert np.all(flat == flat.flat[0])  # contrast 0: the mean grey everywhere
+    grey = adjust_saturation(ours, 0.0)
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
 
 
 def test_invalid_versions():

@@ -12,7 +12,7 @@ epoch by epoch on one version (:func:`version_for_epoch`):
   - 21..30 only: rotate by ``30 U [U' > 0.5]`` degrees counter-clockwise about the centre (so a
     non-zero angle in a quarter of the draws where the rotation is applied), zero fill;
   - 31..40 only: colour jitter of brightness, contrast and saturation 0.4 (factors U[0.6, 1.4], in
-    random order).
+    random order), in PIL's uint8 arithmetic as torchvision's ``ColorJitter`` on a PIL image.
 
   With ``draws="original"`` (the default) each of scale-and-crop, rotation and colour jitter is
   applied with probability 0.5 within its versions, as the original does; ``draws="always"`` applies
@@ -61,8 +61,8 @@ MAX_ROTATION_DEGREES = 30.0
 COLOUR_JITTER_STRENGTH = (0.4, 0.4, 0.4)
 #: Default seed of the training recipe.
 DEFAULT_SEED = 666
-#: ITU-R 601 luma weights (R, G, B) used for grey values, as torchvision and PIL do.
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+#: ITU-R 601-2 luma weights (R, G, B) in PIL's 16-bit fixed point: grey = (R*19595 + G*38470 + B*7471 + 2**15) >> 16.
+LUMA_WEIGHTS_FIXED = (19595, 38470, 7471)
 
 
 def version_for_epoch(epoch: int, num_versions: int = NUM_VERSIONS) -> int:
@@ -86,26 +86,33 @@ def augmentation_rng(frame_key: str, version: int, seed: int = DEFAULT_SEED) -> 
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
+# Colour jitter as torchvision's ColorJitter does it on a PIL image (the original's): PIL's ImageEnhance
+# blends the image with a degenerate one in float32, ``degenerate + factor * (image - degenerate)``, and
+# truncates to uint8. These take and return channel-first (3, H, W) float arrays of integer values 0..255.
 def _grey(image: np.ndarray) -> np.ndarray:
-    """Grey values (..., H, W) of a channel-first RGB float image (3, H, W)."""
-    return sum(weight * image[channel] for channel, weight in enumerate(LUMA_WEIGHTS))
+    """PIL's grey (mode "L") values (H, W) of a (3, H, W) RGB image of integer values."""
+    channels = [image[c].astype(np.int64) * weight for c, weight in enumerate(LUMA_WEIGHTS_FIXED)]
+    return ((channels[0] + channels[1] + channels[2] + (1 << 15)) >> 16).astype(np.float64)
+
+
+def _blend(degenerate: np.ndarray, image: np.ndarray, factor: float) -> np.ndarray:
+    blended = (degenerate + np.float32(factor) * (image - degenerate)).astype(np.float32)
+    return np.clip(np.floor(blended), 0.0, 255.0).astype(np.float64)
 
 
 def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
-    """Scale a (3, H, W) float 0..255 image by ``factor`` (blend with black), clipped to 0..255."""
-    return np.clip(image * factor, 0.0, 255.0)
+    """Blend a (3, H, W) 0..255 image with black (PIL's ``ImageEnhance.Brightness``)."""
+    return _blend(np.zeros_like(image), image, factor)
 
 
 def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
-    """Blend a (3, H, W) float 0..255 image with its mean grey value, clipped to 0..255."""
-    mean = float(_grey(image).mean())
-    return np.clip(factor * image + (1.0 - factor) * mean, 0.0, 255.0)
+    """Blend a (3, H, W) 0..255 image with its mean grey value, rounded (PIL's ``ImageEnhance.Contrast``)."""
+    return _blend(np.full_like(image, int(_grey(image).mean() + 0.5)), image, factor)
 
 
 def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
-    """Blend a (3, H, W) float 0..255 image with its grey version, clipped to 0..255."""
-    grey = _grey(image)[None]
-    return np.clip(factor * image + (1.0 - factor) * grey, 0.0, 255.0)
+    """Blend a (3, H, W) 0..255 image with its grey version (PIL's ``ImageEnhance.Color``)."""
+    return _blend(np.broadcast_to(_grey(image)[None], image.shape), image, factor)
 
 
 def _check_version(version: int) -> int:
