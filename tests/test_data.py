@@ -17,12 +17,12 @@ from scripts.data.augmentation import (
     MAX_ROTATION_DEGREES,
     NUM_VERSIONS,
     SCALE_RANGE,
-    _resize_label,
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
     augment_frame,
     augmentation_rng,
+    resize_class_masks,
     version_for_epoch,
 )
 from scripts.data.demo import ensure_demo_dataset, make_demo_dataset
@@ -471,7 +471,7 @@ def test_scaled_masks_equal_pils_resize_of_each_class_mask():
     label[30:38, 40:48] = 255
     label[rng.integers(0, 40, 60), rng.integers(0, 52, 60)] = 6  # fragments
     for size in ((42, 54), (45, 58), (47, 62)):
-        out = _resize_label(torch.from_numpy(label[None]).float(), size)[0].numpy()
+        out = resize_class_masks(torch.from_numpy(label[None]).float(), size)[0].numpy()
         expected = {value: np.asarray(Image.fromarray((label == value).astype(np.uint8)).resize(size[::-1],
                                                                                               Image.BILINEAR)) == 1
                     for value in (1, 3, 6, 255)}

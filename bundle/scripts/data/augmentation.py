@@ -20,7 +20,7 @@ epoch by epoch on one version (:func:`version_for_epoch`):
 
 Interpolation, the original's (torchvision's defaults on PIL images): under scaling the image is
 bilinear and each class's 0/1 mask is bilinear as PIL does it on uint8 (along the width, rounded,
-then along the height, rounded: :func:`_resize_label` reproduces it exactly); under rotation image
+then along the height, rounded: :func:`resize_class_masks` reproduces it exactly); under rotation image
 and masks are nearest, zero fill. MONAI's ``Resize`` and ``Rotate`` do this on float arrays: the
 scaled image differs from PIL's fixed-point result by at most 1 grey level, and nearest rotation
 picks another neighbour at about 0.1% of the pixels (sampling ties); see the model card.
@@ -55,7 +55,7 @@ ROTATION_NONZERO_PROBABILITY = 0.5
 AUGMENTATION_DRAWS = ("original", "always")
 #: Scale factor range [low, high) of versions 11..20 (s = low + (high - low) U).
 SCALE_RANGE = (1.0, 1.2)
-#: Largest rotation angle in degrees of versions 21..30 (the angle is MAX_ROTATION_DEGREES * U[0, 1), counter-clockwise).
+#: Largest rotation angle in degrees of versions 21..30 (MAX_ROTATION_DEGREES * U[0, 1), counter-clockwise).
 MAX_ROTATION_DEGREES = 30.0
 #: Colour jitter strength of versions 31..40: factors U[1 - s, 1 + s] for brightness, contrast, saturation.
 COLOUR_JITTER_STRENGTH = (0.4, 0.4, 0.4)
@@ -128,7 +128,7 @@ def check_augmentation_draws(draws: str) -> str:
     return draws
 
 
-def _resize_label(label_cf: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_class_masks(label_cf: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Label map (1, H, W) float -> (1, h', w'), each value's binary mask resized as PIL resizes a 0/1 mask.
 
     PIL's bilinear resize runs along the width, rounds to uint8, then along the height and rounds
@@ -192,7 +192,7 @@ def augment_frame(
         scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * rng.random()
         scaled_size = (max(height, int(height * scale)), max(width, int(width * scale)))
         image_cf = Resize(scaled_size, mode="bilinear", align_corners=False)(image_cf)
-        label_cf = _resize_label(label_cf, scaled_size)
+        label_cf = resize_class_masks(label_cf, scaled_size)
         top = int(rng.integers(0, scaled_size[0] - height + 1))
         left = int(rng.integers(0, scaled_size[1] - width + 1))
         crop = SpatialCrop(roi_start=(top, left), roi_end=(top + height, left + width))
