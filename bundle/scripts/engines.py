@@ -69,7 +69,7 @@ def endovis_metric_inputs(output: dict) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
-def _keep_epoch_count_check_true(engine: Engine) -> None:
+def _epoch_length_that_cannot_end_the_run(engine: Engine) -> None:
     """After an epoch of its own length: an ``epoch_length`` for ignite's checks that cannot end the run early.
 
     ignite ends a run once ``iteration >= epoch_length * max_epochs`` as well as once ``epoch >= max_epochs``;
@@ -91,7 +91,7 @@ class AugmentationVersionHandler:
     drops an instrument). ignite fixes the epoch length at the first epoch's, and torch's ``RandomSampler``
     sizes the tail of a running permutation by the dataset's *current* length, so the engine gets a fresh
     iterator over the new list at every epoch start and ``epoch_length`` is set to the loader's length then.
-    At the epoch's end ``epoch_length`` is raised to the mean so far (see :func:`_keep_epoch_count_check_true`);
+    At the epoch's end ``epoch_length`` is raised to the mean so far (see :func:`_epoch_length_that_cannot_end_the_run`);
     ``TrainingState`` saves the epoch and iteration themselves, since ignite's resume would derive the epoch
     as ``iteration // epoch_length``.
     """
@@ -101,7 +101,7 @@ class AugmentationVersionHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, _keep_epoch_count_check_true)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, _epoch_length_that_cannot_end_the_run)
 
     def __call__(self, engine: Engine) -> None:
         self.dataset.set_epoch(engine.state.epoch - 1)
@@ -130,7 +130,7 @@ class EngineProgress:
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.state.epoch, self.engine.state.iteration = int(state["epoch"]), int(state["iteration"])
-        _keep_epoch_count_check_true(self.engine)
+        _epoch_length_that_cannot_end_the_run(self.engine)
 
 
 class GradientNormClipping:
