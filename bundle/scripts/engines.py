@@ -91,9 +91,9 @@ class AugmentationVersionHandler:
     drops an instrument). ignite fixes the epoch length at the first epoch's, and torch's ``RandomSampler``
     sizes the tail of a running permutation by the dataset's *current* length, so the engine gets a fresh
     iterator over the new list at every epoch start and ``epoch_length`` is set to the loader's length then.
-    At the epoch's end ``epoch_length`` is raised to the mean so far (see :func:`_epoch_length_that_cannot_end_the_run`);
-    ``TrainingState`` saves the epoch and iteration themselves, since ignite's resume would derive the epoch
-    as ``iteration // epoch_length``.
+    At the epoch's end ``epoch_length`` is raised to the mean so far
+    (:func:`_epoch_length_that_cannot_end_the_run`); ``TrainingState`` saves the epoch and iteration
+    themselves, since ignite's resume would derive the epoch as ``iteration // epoch_length``.
     """
 
     def __init__(self, dataset) -> None:
