@@ -73,10 +73,13 @@ def masks_to_embedding_grid(masks: torch.Tensor, image_size: int, grid_hw: Seque
     if (new_h, new_w) != (height, width):
         images = np.stack([np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
                            for image in images]) if len(images) else np.zeros((0, new_h, new_w), np.uint8)
-    values = (torch.from_numpy(images).float().unsqueeze(1) - SAM_PIXEL_MEAN[0]) / SAM_PIXEL_STD[0]
-    values = F.pad(values, (0, image_size - new_w, 0, image_size - new_h))
-    values = F.interpolate(values, size=tuple(int(s) for s in grid_hw), mode="bilinear", align_corners=False)
-    return (values.squeeze(1) > 0).to(masks.device)
+    # normalise and pad in NumPy float32 (the same IEEE operations as torch's; single-threaded, which is
+    # what a per-sample call in a loader worker wants)
+    values = (images.astype(np.float32) - np.float32(SAM_PIXEL_MEAN[0])) / np.float32(SAM_PIXEL_STD[0])
+    values = np.pad(values, ((0, 0), (0, image_size - new_h), (0, image_size - new_w)))
+    grid = F.interpolate(torch.from_numpy(values).unsqueeze(1), size=tuple(int(s) for s in grid_hw), mode="bilinear",
+                         align_corners=False)
+    return (grid.squeeze(1) > 0).to(masks.device)
 
 
 def masks_to_mask_input(masks: torch.Tensor, image_size: int, size_hw: Sequence[int]) -> torch.Tensor:
