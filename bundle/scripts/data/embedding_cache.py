@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..networks.sam_backbone import build_sam, file_md5, get_variant
 from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
-from .augmentation import augment_frame, check_augmentation_draws, version_for_epoch
+from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws, version_for_epoch
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
 logger = logging.getLogger(__name__)
@@ -279,9 +279,11 @@ def precompute_embeddings(
                 f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, not {seed}; "
                 "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
             )
-        # caches made before the draws were recorded applied every version's transform every time
+        # caches made before the draws were recorded applied every version's transform every time; versions
+        # 1..VERSIONS_PER_GROUP (flips only) are drawn the same way under either draws
         found_draws = existing.get("augmentation_draws", "always-on (a cache of bundle 0.3 or older)")
-        if found_draws != augmentation_draws and any(max(v) > 0 for v in existing.get("splits", {}).values()):
+        if found_draws != augmentation_draws and any(max(v) > VERSIONS_PER_GROUP
+                                                     for v in existing.get("splits", {}).values()):
             raise StaleCacheError(
                 f"{cache_dir} holds augmentations with augmentation_draws {found_draws!r}, not {augmentation_draws!r}; "
                 "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
