@@ -9,16 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from scripts.data import layout
 from scripts.data.augmentation import (
+    MAX_ROTATION_DEGREES,
     NUM_VERSIONS,
+    SCALE_RANGE,
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
     augment_frame,
     augmentation_rng,
+    resize_class_masks,
     version_for_epoch,
 )
 from scripts.data.demo import ensure_demo_dataset, make_demo_dataset
@@ -402,7 +406,7 @@ def test_colour_jitter_changes_colours_not_geometry():
     image, label = _frame_and_label()
     changed = 0
     for index in range(6):
-        out_image, out_label = augment_frame(image, label, 35, f"s/{index}")
+        out_image, out_label = augment_frame(image, label, 35, f"s/{index}", draws="always")
         assert any(np.array_equal(out_label, candidate)
                    for candidate in (label, label[::-1], label[:, ::-1], label[::-1, ::-1]))
         changed += not any(
@@ -412,16 +416,118 @@ def test_colour_jitter_changes_colours_not_geometry():
     assert changed == 6
 
 
-def test_colour_adjustments():
-    image = np.random.default_rng(5).uniform(0, 255, size=(3, 6, 7))
-    assert np.allclose(adjust_brightness(image, 1.0), image)
-    assert np.allclose(adjust_brightness(image, 0.5), image * 0.5)
-    assert adjust_brightness(image, 1.4).max() <= 255.0
-    flat = adjust_contrast(image, 0.0)
-    assert np.allclose(flat, flat.flat[0])  # contrast 0: the mean grey everywhere
-    grey = adjust_saturation(image, 0.0)
-    assert np.allclose(grey[0], grey[1]) and np.allclose(grey[1], grey[2])
-    assert np.allclose(adjust_saturation(grey, 1.4), grey)  # a grey image has no saturation to change
+def _flipped_copies(array: np.ndarray) -> list[np.ndarray]:
+    return [array, array[::-1], array[:, ::-1], array[::-1, ::-1]]
+
+
+def _replayed_draws(key: str, version: int, draws: str, frame_hw) -> bool | None:
+    """Whether the version's own transform changes the frame, from the draws replayed in the original's
+    order (scale gate, scale, crop top, crop left; h-flip, v-flip; rotation gate, angle, non-zero gate;
+    colour gate); None for a rotation too small to be sure it moves a pixel."""
+    rng = augmentation_rng(key, version)
+    always = draws == "always"
+    if 11 <= version <= 20:
+        if not (always or rng.random() < 0.5):
+            return False
+        scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * rng.random()
+        return int(frame_hw[0] * scale) > frame_hw[0] or int(frame_hw[1] * scale) > frame_hw[1]
+    rng.random(), rng.random()  # the flips
+    if not (always or rng.random() < 0.5):
+        return False
+    if 21 <= version <= 30:
+        degrees = MAX_ROTATION_DEGREES * rng.random()
+        kept = always or rng.random() < 0.5
+        return None if kept and degrees < 1 else kept
+    return True
+
+
+@pytest.mark.parametrize("draws", ["original", "always"])
+@pytest.mark.parametrize(("version", "original_rate"), [(15, 0.5), (25, 0.25), (35, 0.5)])
+def test_augmentation_draws_follow_the_original_probabilities(draws, version, original_rate):
+    # A transform other than a flip shows as an image that is none of the frame's four flipped copies.
+    image, label = _frame_and_label(size=(96, 128))
+    changed = []
+    for index in range(160):
+        key = f"seq_2/{index:05d}"
+        out_image, _ = augment_frame(image, label, version, key, draws=draws)
+        changed.append(not any(np.array_equal(out_image, c) for c in _flipped_copies(image)))
+        replayed = _replayed_draws(key, version, draws, image.shape[:2])
+        assert replayed is None or changed[-1] == replayed, key
+    rate = np.mean(changed)
+    if draws == "always":
+        assert rate > 0.9  # every draw applies it (scales below 1 + 1/96 leave a 96x128 frame as it is)
+    else:
+        assert abs(rate - original_rate) < 0.12  # 160 draws: about 3 standard deviations
+    with pytest.raises(ValueError, match="augmentation_draws"):
+        augment_frame(image, label, version, "s/0", draws="sometimes")
+
+
+def test_scaled_masks_equal_pils_resize_of_each_class_mask():
+    # The original resizes each class's 0/1 uint8 mask with PIL (torchvision's Resize on a PIL image).
+    rng = np.random.default_rng(4)
+    label = np.zeros((40, 52), dtype=np.uint8)
+    label[3:17, 5:30] = 1
+    label[20:23, 2:50] = 3
+    label[30:38, 40:48] = 255
+    label[rng.integers(0, 40, 60), rng.integers(0, 52, 60)] = 6  # fragments
+    for size in ((42, 54), (45, 58), (47, 62)):
+        out = resize_class_masks(torch.from_numpy(label[None]).float(), size)[0].numpy()
+        expected = {value: np.asarray(Image.fromarray((label == value).astype(np.uint8)).resize(size[::-1],
+                                                                                              Image.BILINEAR)) == 1
+                    for value in (1, 3, 6, 255)}
+        claims = sum(mask.astype(int) for mask in expected.values())
+        for value, mask in expected.items():
+            # where PIL's rounding leaves two class masks on (ties), the label map holds one of them
+            assert np.array_equal((out == value) & (claims == 1), mask & (claims == 1)), (size, value)
+            assert not ((out == value) & ~mask).any()
+        assert np.array_equal(out != 0, claims > 0)
+        assert (claims > 1).sum() <= 0.01 * (claims > 0).sum()
+
+
+def test_rotation_is_counter_clockwise_nearest_as_pil():
+    image, label = _frame_and_label(size=(96, 128))
+    label[40:60, 70:90] = 2
+    found = 0
+    for index in range(40):
+        key = f"r/{index}"
+        rng = augmentation_rng(key, 25)
+        horizontal, vertical = rng.random() < 0.5, rng.random() < 0.5
+        if not rng.random() < 0.5:
+            continue
+        degrees = MAX_ROTATION_DEGREES * rng.random()
+        if not rng.random() < 0.5 or degrees < 2:
+            continue
+        flipped_image, flipped_label = image, label
+        if horizontal:
+            flipped_image, flipped_label = flipped_image[:, ::-1], flipped_label[:, ::-1]
+        if vertical:
+            flipped_image, flipped_label = flipped_image[::-1], flipped_label[::-1]
+        out_image, out_label = augment_frame(image, label, 25, key)
+        pil_image = np.asarray(Image.fromarray(np.ascontiguousarray(flipped_image)).rotate(degrees, Image.NEAREST))
+        pil_label = np.asarray(Image.fromarray(np.ascontiguousarray(flipped_label)).rotate(degrees, Image.NEAREST))
+        assert (out_image == pil_image).all(-1).mean() > 0.99  # sampling ties pick another neighbour
+        assert (out_label == pil_label).mean() > 0.99
+        found += 1
+    assert found >= 3
+
+
+def test_colour_adjustments_equal_pils_image_enhance():
+    # torchvision's ColorJitter on a PIL image (the original's) is PIL's ImageEnhance, in uint8 arithmetic.
+    from PIL import ImageEnhance
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+    ours, pil = image.transpose(2, 0, 1).astype(np.float64), Image.fromarray(image)
+    for adjust, enhancer, factor in ((adjust_contrast, ImageEnhance.Contrast, 1.31), (adjust_brightness,
+                                     ImageEnhance.Brightness, 0.77), (adjust_saturation, ImageEnhance.Color, 1.18),
+                                     (adjust_brightness, ImageEnhance.Brightness, 1.4)):
+        ours, pil = adjust(ours, factor), enhancer(pil).enhance(factor)
+        assert np.array_equal(ours.transpose(1, 2, 0), np.asarray(pil))
+    assert np.array_equal(adjust_brightness(ours, 1.0), ours)
+    flat = adjust_contrast(ours, 0.0)
+    assert np.all(flat == flat.flat[0])  # contrast 0: the mean grey everywhere
+    grey = adjust_saturation(ours, 0.0)
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
 
 
 def test_invalid_versions():

@@ -189,6 +189,45 @@ def test_precompute_never_mixes_in_another_dataset(tmp_path, small_cache_dir, sm
     assert cache_files(cache_dir, "**/*") == files_before
 
 
+def test_precompute_refuses_a_cache_of_other_augmentation_draws(tmp_path, small_cache_dir, small_demo_dir,
+                                                               small_sam_checkpoint):
+    """The draws (original probabilities or always-on) are recorded; a cache of other draws, or one of a bundle
+    that did not record them (always-on), is not extended with entries of the new draws once it holds versions
+    past the flips-only ones (1..10), which both draw alike."""
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(small_cache_dir, cache_dir)
+    manifest_path = os.path.join(cache_dir, "manifest.json")
+
+    def edit_manifest(change):
+        with open(manifest_path) as handle:
+            manifest = json.load(handle)
+        change(manifest)
+        with open(manifest_path, "w") as handle:
+            json.dump(manifest, handle)
+
+    with open(manifest_path) as handle:
+        assert json.load(handle)["augmentation_draws"] == "original"
+    # versions 0..2 only (flips): always-on and original draws are the same, the cache is extended
+    precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
+                          augmentation_versions=SMALL_CACHE_VERSIONS, seed=666, augmentation_draws="always")
+    edit_manifest(lambda m: m.update(augmentation_draws="original"))
+    # a manifest listing version 11 (scale and crop): the draws differ there
+    edit_manifest(lambda m: m["splits"]["training"].append(11))
+    files_before = cache_files(cache_dir, "**/*")
+    with pytest.raises(StaleCacheError, match="augmentation_draws 'original', not 'always'"):
+        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
+                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=666, augmentation_draws="always")
+    assert cache_files(cache_dir, "**/*") == files_before
+    edit_manifest(lambda m: m.pop("augmentation_draws"))
+    files_before = cache_files(cache_dir, "**/*")
+    with pytest.raises(StaleCacheError, match="bundle 0.3 or older"):
+        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
+                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    assert cache_files(cache_dir, "**/*") == files_before
+    with pytest.raises(ValueError, match="augmentation_draws"):
+        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, augmentation_draws="often")
+
+
 def test_precompute_again_re_encodes_changed_frames(tmp_path, small_demo_dir, small_sam_checkpoint):
     data = str(tmp_path / "data")
     shutil.copytree(small_demo_dir, data)

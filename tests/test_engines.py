@@ -140,6 +140,27 @@ def test_auto_min_mask_fraction(fake_network):
         ClassPromptInferer(NUM_CLASSES, min_mask_fraction=1.5)
 
 
+def test_oracle_keeps_small_masks_that_auto_drops():
+    # A 20x20 frame (400 pixels); the network's class-2 mask is 2 pixels = 0.5% of it, the same as the
+    # ground truth. Under the oracle every prompted mask is merged (IoU 1 here); under auto at 1% it
+    # is dropped as too small.
+    logits = torch.full((1, NUM_CLASSES, 20, 20), -5.0)
+    logits[0, 1, 3, 4:6] = 5.0
+    quality = torch.tensor([[0.5, 0.6, 0.7]])
+    gt = torch.zeros(1, 1, 20, 20, dtype=torch.long)
+    gt[0, 0, 3, 4:6] = 2
+    oracle = ClassPromptInferer(NUM_CLASSES, protocol="oracle", min_mask_fraction=0.01)
+    output = oracle(torch.zeros(1, 256, 4, 4), FakePromptable(logits, quality), gt_label=gt)
+    assert output["present"].tolist() == [[False, True, False]]
+    assert torch.equal(output["label_map"], gt)
+    auto = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.01)
+    output = auto(torch.zeros(1, 256, 4, 4), FakePromptable(logits, quality))
+    assert not output["present"].any() and not output["label_map"].any()
+    # the same mask passes at 0.5% under auto too: the threshold, not the protocol, dropped it
+    auto = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.005)
+    assert auto(torch.zeros(1, 256, 4, 4), FakePromptable(logits, quality))["present"].tolist() == [[False, True, False]]
+
+
 def test_label_map_merge_by_quality(fake_network):
     output = ClassPromptInferer(NUM_CLASSES, protocol="auto")(torch.zeros(3, 256, 4, 4), fake_network)
     label_map = output["label_map"]
@@ -329,36 +350,89 @@ def test_augmentation_version_handler():
 
 
 
-def test_augmentation_version_handler_survives_a_sample_list_that_changes_length():
+class VersionedSamples(torch.utils.data.Dataset):
+    """A training set whose sample list changes length with the epoch (as augmentation versions do)."""
+
+    def __init__(self, lengths):
+        self.lengths, self.version = lengths, 0
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self.version = epoch
+        self.samples = [(epoch, i) for i in range(self.lengths[epoch % len(self.lengths)])]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        # IndexError if the index belongs to another epoch's list
+        epoch, i = self.samples[index]
+        return {"image": torch.tensor([float(epoch), float(i)]), "label": torch.zeros(1)}
+
+
+def test_augmentation_version_handler_epoch_length_follows_the_version():
     """An augmented version can hold more or fewer (frame, class) samples than version 0 (a crop drops an
-    instrument): every epoch must read its own sample list, never indices drawn for the previous one."""
-    import torch
-
-    class Versions(torch.utils.data.Dataset):
-        lengths = [6, 3, 8, 2]
-        version = 0
-
-        def set_epoch(self, epoch):
-            self.version = epoch
-            self.samples = [(epoch, i) for i in range(self.lengths[epoch])]
-
-        def __len__(self):
-            return len(self.samples)
-
-        def __getitem__(self, index):
-            return torch.tensor(self.samples[index])  # IndexError if the index belongs to another epoch's list
-
-    dataset = Versions()
-    dataset.set_epoch(0)
+    instrument): every epoch reads its own sample list, each sample once, as the original's loader rebuilt
+    every epoch does."""
+    lengths = [6, 3, 8, 2]
+    dataset = VersionedSamples(lengths)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=True)
     seen = []
-    engine = Engine(lambda engine, batch: seen.append((engine.state.epoch, tuple(batch[0].tolist()))))
+    engine = Engine(lambda engine, batch: seen.append((engine.state.epoch, tuple(batch["image"][0].int().tolist()))))
     AugmentationVersionHandler(dataset).attach(engine)
     engine.run(loader, max_epochs=4)
     for epoch in range(1, 5):
         batches = [sample for e, sample in seen if e == epoch]
-        assert len(batches) == 6  # the epoch length is fixed by the first epoch
-        assert {version for version, _ in batches} == {epoch - 1}  # only the current version's samples
+        assert sorted(batches) == [(epoch - 1, i) for i in range(lengths[epoch - 1])]  # each sample once
+    assert engine.state.epoch == 4 and engine.state.iteration == sum(lengths)
+
+
+def _versioned_trainer(checkpoint_dir, lengths, max_epochs, seen):
+    network = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
+    dataset = VersionedSamples(lengths)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=max_epochs,
+        train_data_loader=torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True),
+        network=network, optimizer=optimizer, loss_function=nn.MSELoss(),
+    )
+    AugmentationVersionHandler(dataset).attach(trainer)
+    TrainingState(str(checkpoint_dir), save_dict={"model": network, "optimizer": optimizer}).attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: seen.append(engine.state.epoch))
+    return trainer
+
+
+def test_variable_epoch_lengths_run_every_epoch_and_resume(tmp_path):
+    # the last epochs are short: ignite's own test iteration >= epoch_length * max_epochs, with the last
+    # epoch's length, would end the run after epoch 4 (32 >= 2 * 5); a resume would derive the epoch as
+    # iteration // epoch_length
+    lengths = [20, 20, 20, 4, 4, 4]  # samples; batches of 2: 10, 10, 10, 2, 2, 2
+    seen = []
+    trainer = _versioned_trainer(tmp_path / "state", lengths, 5, seen)
+    trainer.run()
+    assert trainer.state.epoch == 5 and trainer.state.iteration == 34
+    assert [seen.count(e) for e in range(1, 6)] == [10, 10, 10, 2, 2]
+    resumed_seen = []
+    resumed = _versioned_trainer(tmp_path / "state", lengths, 6, resumed_seen)
+    resumed.run()
+    assert resumed_seen == [6, 6]  # one more epoch, of its own length
+    assert resumed.state.epoch == 6 and resumed.state.iteration == 36
+    saved = torch.load(tmp_path / "state" / "checkpoint_epoch=6.pt", weights_only=True)
+    assert saved["trainer_progress"] == {"epoch": 6, "iteration": 36}
+
+
+def test_training_state_resumes_a_state_saved_without_progress(tmp_path):
+    """Training states of bundles before 0.4 (fixed epoch length) hold no progress entry: ignite's own
+    epoch is right for them."""
+    checkpoint_dir = tmp_path / "training_state"
+    make_trainer(checkpoint_dir, max_epochs=2, seed=0)[0].run()
+    path = checkpoint_dir / "checkpoint_epoch=2.pt"
+    state = torch.load(path, weights_only=True)
+    del state["trainer_progress"]
+    torch.save(state, path)
+    trainer, _, _, _, epochs = make_trainer(checkpoint_dir, max_epochs=3, seed=1)
+    trainer.run()
+    assert epochs == [3] and trainer.state.iteration == 9
 
 
 def _one_sgd_step(max_norm, accumulation_steps=1):

@@ -94,7 +94,31 @@ def test_entries_labels_and_transposed_features(endovis_2018):
     assert reader.frame_size == list(FRAME)
 
 
-def test_overlapping_masks_are_ignored(tmp_path, caplog):
+def test_training_samples_keep_each_class_own_mask(tmp_path):
+    """The original trains class c on its own binary mask: where two class masks overlap, each sample's
+    target keeps the shared pixels (a label map would have to give them to one class or to neither)."""
+    base = os.path.join(str(tmp_path), "endovis_2018")
+    one, three = box(0, 32, 0, 40), box(16, 48, 20, 60)  # 16 x 20 pixels on in both
+    for version in range(3):
+        write_frame(os.path.join(base, "train", str(version)), "seq1", "00000", {1: one, 3: three}, seed=version)
+    reader = reader_for(base)
+    entry = reader.entries("training", 0)[0]
+    assert entry["classes"] == [1, 3] and entry["grid_classes"] == [1, 3]
+    _, mask = reader.load_class_mask(entry, 3)
+    assert mask.dtype == torch.bool and torch.equal(mask, torch.from_numpy(three > 0))
+    _, absent = reader.load_class_mask(entry, 2)
+    assert absent.shape == FRAME and not absent.any()
+    dataset = CachedPromptDataset(reader, "training", num_classes=3)
+    items = {int(dataset[i]["class_id"]): dataset[i] for i in range(len(dataset))}
+    assert set(items) == {1, 3}
+    for class_id, mask in ((1, one), (3, three)):
+        assert torch.equal(items[class_id]["mask"][0], torch.from_numpy(mask > 0).float())
+        assert items[class_id]["mask"].sum() == (mask > 0).sum()  # the 320 shared pixels included
+    # the shared block is in both targets, not ignored in both
+    assert (items[1]["mask"][0, 16:32, 20:40] == 1).all() and (items[3]["mask"][0, 16:32, 20:40] == 1).all()
+
+
+def test_overlapping_masks_are_ignored_in_the_validation_label_map(tmp_path, caplog):
     folder = os.path.join(str(tmp_path), "endovis_2018", "val")
     write_frame(folder, "seq2", "00000", {1: box(0, 32, 0, 40), 3: box(16, 48, 20, 60)}, seed=0)
     reader = reader_for(os.path.join(str(tmp_path), "endovis_2018"))

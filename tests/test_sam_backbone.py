@@ -9,6 +9,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,7 @@ from scripts.networks.sam_geometry import (
     frames_to_sam_input,
     low_res_logits_to_frame,
     masks_to_embedding_grid,
+    masks_to_mask_input,
     resized_shape,
 )
 
@@ -279,7 +281,7 @@ def test_masks_to_embedding_grid_left_half():
 
 def test_masks_to_embedding_grid_threshold_is_half_the_centre_sample():
     # No resize or padding (the mask is already 1024x1024): cell (i, j) is the mean of the 2x2
-    # pixels at rows/cols 16 i + 7 and 16 i + 8; on from 0.5.
+    # pixels at rows/cols 16 i + 7 and 16 i + 8; on above 0.485.
     mask = torch.zeros(1, 1024, 1024)
     mask[0, :, 7] = 1  # half of the centre sample of every cell in grid column 0
     mask[0, 23, 23] = 1  # a quarter of the centre sample of cell (1, 1)
@@ -287,6 +289,62 @@ def test_masks_to_embedding_grid_threshold_is_half_the_centre_sample():
     expected = torch.zeros(64, 64, dtype=torch.bool)
     expected[:, 0] = True
     assert torch.equal(grid, expected)
+
+
+def test_masks_to_embedding_grid_fragmented_mask_by_hand():
+    # A 40x64 frame at image_size 64 is not resized; rows 40..63 are padding. Grid 4x4: cell (i, j)
+    # averages the normalised values at rows 16i+7, 16i+8 and cols 16j+7, 16j+8; a mask pixel gives
+    # (255 - 123.675) / 58.395 = +2.249, a background pixel -2.118, a padded one 0.
+    mask = torch.zeros(1, 40, 64, dtype=torch.uint8)
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    mask[0, :16, :16] = (rows + cols) % 2  # checkerboard: 2 of the 4 samples of cell (0, 0) -> on
+    mask[0, 7, 23] = 1  # 1 of 4 samples of cell (0, 1) -> off
+    mask[0, 23, 7] = mask[0, 24, 7] = mask[0, 23, 8] = 1  # 3 of 4 of cell (1, 0) -> on
+    mask[0, 30:, 40:] = 1  # a block whose cell (1, 2) samples (rows 23, 24) miss it -> off
+    # cells (2, j) sample row 39 (the last frame row) and row 40 (padding): padding weighs 0, so one
+    # mask pixel of the two valid samples is enough (2.249 - 2.118 > 0); a rule that counts padding as
+    # background would need two of the four
+    mask[0, 39, 7] = 1  # cell (2, 0): 1 of 2 valid samples -> on
+    # cell (2, 1): (39, 23) and (39, 24) are background: 0 of 2 -> off
+    # cell (2, 2): the block covers (39, 40) but not (39, 39): 1 of 2 -> on
+    # cell (2, 3): the block covers (39, 55) and (39, 56): 2 of 2 -> on
+    expected = torch.tensor([
+        [1, 0, 0, 0],
+        [1, 0, 0, 0],
+        [1, 0, 1, 1],
+        [0, 0, 0, 0],  # rows 55, 56: all padding
+    ], dtype=torch.bool)
+    assert torch.equal(masks_to_embedding_grid(mask, 64, (4, 4))[0], expected)
+
+
+def test_masks_to_embedding_grid_is_the_originals_preprocessing():
+    # The original's route, written out: the mask as channel 0 of an RGB uint8 0/255 image, PIL's
+    # bilinear resize of the longest side (segment-anything's ResizeLongestSide), SAM's normalisation,
+    # zero padding, bilinear to 64x64, > 0. On fragmented masks of a 1024x1280 frame.
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.zeros(3, 1024, 1280, dtype=torch.bool)
+    for index in range(3):
+        for _ in range(60):
+            top, left = torch.randint(0, 1000, (1,), generator=generator), torch.randint(0, 1260, (1,), generator=generator)
+            size = torch.randint(2, 40, (2,), generator=generator)
+            masks[index, top : top + size[0], left : left + size[1]] = True
+        masks[index] ^= torch.rand(1024, 1280, generator=generator) < 0.02 * index  # speckle
+    expected = []
+    for mask in masks:
+        rgb = np.zeros((1024, 1280, 3), dtype=np.uint8)
+        rgb[..., 0] = mask.numpy().astype(np.uint8) * 255
+        resized = np.asarray(Image.fromarray(rgb).resize((1024, 819), Image.BILINEAR))
+        values = (torch.from_numpy(resized).permute(2, 0, 1).float() - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)) \
+            / torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+        values = torch.nn.functional.pad(values, (0, 0, 0, 1024 - 819))[None]
+        expected.append(torch.nn.functional.interpolate(values, size=(64, 64), mode="bilinear")[0, 0] > 0)
+    grid = masks_to_embedding_grid(masks, 1024, (64, 64))
+    assert torch.equal(grid, torch.stack(expected))
+    # the non-antialiased, >= 0.5 rule of bundle 0.3 differs on such masks (the model card's figure)
+    older = masks_to_mask_input(masks, 1024, (64, 64))
+    assert (older != grid).any()
 
 
 def test_low_res_logits_to_frame_shape_and_constant():

@@ -134,8 +134,9 @@ def test_demo_training_then_evaluation(tmp_path, small_sam_checkpoint):
     assert training_state_files(output_dir) == ["checkpoint_epoch=2.pt"]
     state = torch.load(os.path.join(output_dir, "training_state", "checkpoint_epoch=2.pt"), map_location="cpu",
                        weights_only=False)
-    assert {"model", "optimizer", "trainer", "best_model"} <= set(state)
-    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]  # ignite saves iterations
+    assert {"model", "optimizer", "trainer", "best_model", "trainer_progress"} <= set(state)
+    # epochs follow their version's length: the progress records the epoch ignite would derive wrongly
+    assert state["trainer_progress"] == {"epoch": 2, "iteration": state["trainer"]["iteration"]}
     model = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True)
     assert not any(k.startswith("image_encoder.") for k in model)
 
@@ -195,5 +196,5 @@ def test_training_killed_and_resumed(tmp_path, small_demo_dir, small_cache_dir, 
     assert "epoch 3: augmentation version" in second_log
     state = torch.load(os.path.join(output_dir, "training_state", "checkpoint_epoch=3.pt"), map_location="cpu",
                        weights_only=False)
-    assert state["trainer"]["iteration"] == 3 * state["trainer"]["epoch_length"]
+    assert state["trainer_progress"] == {"epoch": 3, "iteration": state["trainer"]["iteration"]}
     assert os.path.isfile(os.path.join(overrides["ckpt_dir"], "model.pt"))

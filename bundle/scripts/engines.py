@@ -69,17 +69,31 @@ def endovis_metric_inputs(output: dict) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
-class AugmentationVersionHandler:
-    """At each epoch start, tell the training dataset the epoch (it picks the augmentation version).
+def _epoch_length_that_cannot_end_the_run(engine: Engine) -> None:
+    """After an epoch of its own length: an ``epoch_length`` for ignite's checks that cannot end the run early.
 
-    A version can hold more or fewer (frame, class) samples than the previous one (a crop or rotation
-    drops an instrument), while ignite fixes the epoch length at the first epoch's and would carry a
-    half-used loader iterator into the next epoch; worse, torch's ``RandomSampler`` sizes the tail of a
-    running permutation by the dataset's *current* length, so even an iterator that looked used up can
-    yield indices of the old sample list. So the engine gets a fresh iterator over the new list at every
-    epoch start: an epoch always reads its own version, for the fixed number of iterations (a shorter list
-    is started again, a longer one is cut). ignite made one iterator per epoch already; only when it is
-    made changes (at the epoch start instead of at the epoch's first batch).
+    ignite ends a run once ``iteration >= epoch_length * max_epochs`` as well as once ``epoch >= max_epochs``;
+    with epochs of different lengths the first test, made with the last epoch's length, could stop a run
+    whose last epochs were shorter. The mean length so far, rounded up, keeps it false until the epoch count
+    ends the run.
+    """
+    state = engine.state
+    if state.epoch and state.iteration:
+        state.epoch_length = max(int(state.epoch_length or 1), math.ceil(state.iteration / state.epoch))
+
+
+class AugmentationVersionHandler:
+    """At each epoch start, tell the training dataset the epoch (it picks the augmentation version) and run
+    the epoch over that version's samples: its length follows the version's number of samples.
+
+    The original SurgicalSAM rebuilds its loader every epoch, so an epoch reads each (frame, class) sample of
+    its version once; a version can hold more or fewer samples than the previous one (a crop or rotation
+    drops an instrument). ignite fixes the epoch length at the first epoch's, and torch's ``RandomSampler``
+    sizes the tail of a running permutation by the dataset's *current* length, so the engine gets a fresh
+    iterator over the new list at every epoch start and ``epoch_length`` is set to the loader's length then.
+    At the epoch's end ``epoch_length`` is raised to the mean so far
+    (:func:`_epoch_length_that_cannot_end_the_run`); ``TrainingState`` saves the epoch and iteration
+    themselves, since ignite's resume would derive the epoch as ``iteration // epoch_length``.
     """
 
     def __init__(self, dataset) -> None:
@@ -87,13 +101,36 @@ class AugmentationVersionHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, _epoch_length_that_cannot_end_the_run)
 
     def __call__(self, engine: Engine) -> None:
         self.dataset.set_epoch(engine.state.epoch - 1)
-        if engine.state.dataloader is not None:
-            engine.set_data(engine.state.dataloader)
+        loader = engine.state.dataloader
+        if loader is not None:
+            engine.set_data(loader)
+            if hasattr(loader, "__len__") and len(loader):
+                engine.state.epoch_length = len(loader)
         logger.info("epoch %d: augmentation version %d, %d samples", engine.state.epoch,
                     self.dataset.version, len(self.dataset))
+
+
+class EngineProgress:
+    """An engine's epoch and iteration, saved beside its state (``TrainingState`` adds it).
+
+    ignite saves the iteration and the epoch length and derives the epoch on loading as ``iteration //
+    epoch_length``, which is wrong once epochs differ in length (``AugmentationVersionHandler``); this
+    object, loaded after the engine, restores both as they were.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.engine.state.epoch), "iteration": int(self.engine.state.iteration)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.state.epoch, self.engine.state.iteration = int(state["epoch"]), int(state["iteration"])
+        _epoch_length_that_cannot_end_the_run(self.engine)
 
 
 class GradientNormClipping:
@@ -188,6 +225,10 @@ class BestModelState:
         self.best_model_saver.load_state_dict(state["saver"])
 
 
+#: Key of the ``EngineProgress`` in the training state.
+PROGRESS_KEY = "trainer_progress"
+
+
 class TrainingState:
     """Save the training state every epoch into ``checkpoint_dir`` and resume from it on start.
 
@@ -219,11 +260,17 @@ class TrainingState:
         return None
 
     def attach(self, engine: Engine) -> None:
-        state = {**self.save_dict, "trainer": engine}
+        # the progress after the trainer: it corrects the epoch ignite derives from a variable epoch length
+        state = {**self.save_dict, "trainer": engine, PROGRESS_KEY: EngineProgress(engine)}
         latest = self.latest_checkpoint() if self.resume else None
         if latest is not None:
             logger.info("resuming training from %s", latest)
-            CheckpointLoader(load_path=latest, load_dict=state, map_location="cpu").attach(engine)
+            load = state
+            if PROGRESS_KEY not in torch.load(latest, map_location="cpu", weights_only=True):
+                # saved by a bundle before 0.4, whose epochs all had the first one's length: ignite's own
+                # epoch = iteration // epoch_length is right for it
+                load = {k: v for k, v in state.items() if k != PROGRESS_KEY}
+            CheckpointLoader(load_path=latest, load_dict=load, map_location="cpu").attach(engine)
         # n_saved=None: ignite's own pruning deletes the previous file BEFORE writing the next one (in
         # place), so a kill in between would leave no complete state. Older files (also those of
         # earlier, killed runs) are removed below, once this epoch's file is written (handlers run in

@@ -3,7 +3,8 @@
 Two protocols (SPEC 7), always labelled in the outputs:
 
 - ``oracle`` (the paper's): prompt only the classes present in the frame's ground truth; frames
-  without an instrument get no prompt and so no metric entry.
+  without an instrument get no prompt and so no metric entry. Every prompted mask (logit > 0) is
+  merged, however small, as the original SurgicalSAM evaluation does: no size threshold.
 - ``auto``: no ground truth; prompt every class, a class is present where its mask has at least
   ``min_mask_fraction`` of the frame's pixels; every frame has an entry.
 """
@@ -52,9 +53,9 @@ class ClassPromptInferer(Inferer):
     Args:
         num_classes: C.
         protocol: ``oracle`` or ``auto``.
-        min_mask_fraction: in ``auto``, the smallest mask (pixels with logit > 0), as a fraction of the
-            frame's area, that counts as the class being present (0: any pixel). Small spurious masks
-            of absent classes are the automatic protocol's main error.
+        min_mask_fraction: in ``auto`` only, the smallest mask (pixels with logit > 0), as a fraction of
+            the frame's area, that counts as the class being present (0: any pixel). Small spurious masks
+            of absent classes are the automatic protocol's main error. Ignored under ``oracle``.
         pairs_per_pass: (frame, class) pairs decoded together.
         output: ``dict`` (for evaluators: label map, entries, qualities) or ``label_map`` (a tensor,
             for inference and MONAI Label).
@@ -117,8 +118,12 @@ class ClassPromptInferer(Inferer):
             logits, quality = model.predict_classes(inputs, prompt, pairs_per_pass=self.pairs_per_pass)
         logits, quality = logits.float(), quality.float()
         masks = logits > 0
-        min_pixels = self.min_pixels(*masks.shape[-2:])
-        present = prompt & (masks.flatten(2).sum(-1) >= min_pixels if temporal is None else temporal(masks))
+        if self.protocol == "oracle":  # every prompted mask with logit > 0 is merged, whatever its size
+            present = prompt & masks.flatten(2).any(-1)
+        elif temporal is None:
+            present = prompt & (masks.flatten(2).sum(-1) >= self.min_pixels(*masks.shape[-2:]))
+        else:
+            present = prompt & temporal(masks)
         class_ids = torch.arange(1, self.num_classes + 1, device=logits.device)
         label_map = torch.stack(
             [merge_class_masks(masks[b][present[b]], class_ids[present[b]], quality[b][present[b]])

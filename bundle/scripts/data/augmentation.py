@@ -4,11 +4,26 @@ The original precomputes SAM embeddings for 40 augmented versions of the trainin
 epoch by epoch on one version (:func:`version_for_epoch`):
 
 - version 0: the original frame;
-- versions 1..40: random horizontal and vertical flip (p = 0.5 each), and
-  - 11..20: also scale by U[1, 1.2) and crop back to the frame size at a random place,
-  - 21..30: also rotate by 30 * U[0, 1) degrees (image bilinear, label nearest, zero fill),
-  - 31..40: also colour jitter of brightness, contrast and saturation 0.4 (factors U[0.6, 1.4],
-    in random order).
+- versions 1..40, in this order (the original's ``tools/data_preprocess.py``):
+
+  - 11..20 only: scale by ``s = 1 + 0.2 U`` to ``(int(H s), int(W s))`` and crop back to H x W at a
+    random place;
+  - random horizontal and vertical flip (p = 0.5 each);
+  - 21..30 only: rotate by ``30 U [U' > 0.5]`` degrees counter-clockwise about the centre (so a
+    non-zero angle in a quarter of the draws where the rotation is applied), zero fill;
+  - 31..40 only: colour jitter of brightness, contrast and saturation 0.4 (factors U[0.6, 1.4], in
+    random order), in PIL's uint8 arithmetic as torchvision's ``ColorJitter`` on a PIL image.
+
+  With ``draws="original"`` (the default) each of scale-and-crop, rotation and colour jitter is
+  applied with probability 0.5 within its versions, as the original does; ``draws="always"`` applies
+  it every time (and the rotation angle is ``30 U``, never gated to 0).
+
+Interpolation, the original's (torchvision's defaults on PIL images): under scaling the image is
+bilinear and each class's 0/1 mask is bilinear as PIL does it on uint8 (along the width, rounded,
+then along the height, rounded: :func:`resize_class_masks` reproduces it exactly); under rotation image
+and masks are nearest, zero fill. MONAI's ``Resize`` and ``Rotate`` do this on float arrays: the
+scaled image differs from PIL's fixed-point result by at most 1 grey level, and nearest rotation
+picks another neighbour at about 0.1% of the pixels (sampling ties); see the model card.
 
 The original's seeds made every version one global transform (the whole set flipped at once).
 Here every (seed, frame key, version) gets its own random generator, seeded by a stable hash, so
@@ -31,16 +46,23 @@ NUM_VERSIONS = 40
 VERSIONS_PER_GROUP = 10
 #: Probability of each flip.
 FLIP_PROBABILITY = 0.5
-#: Scale factor range [low, high) of versions 11..20.
+#: Probability of a version's own transform (scale-and-crop, rotation or colour jitter) under the original's draws.
+TRANSFORM_PROBABILITY = 0.5
+#: Probability that a drawn rotation angle is kept (the original's ``[U' > 0.5]`` factor) under the original's draws.
+ROTATION_NONZERO_PROBABILITY = 0.5
+#: How often a version's own transform is applied: ``original`` (with TRANSFORM_PROBABILITY, the default) or
+#: ``always``.
+AUGMENTATION_DRAWS = ("original", "always")
+#: Scale factor range [low, high) of versions 11..20 (s = low + (high - low) U).
 SCALE_RANGE = (1.0, 1.2)
-#: Largest rotation angle in degrees of versions 21..30 (the angle is MAX_ROTATION_DEGREES * U[0, 1)).
+#: Largest rotation angle in degrees of versions 21..30 (MAX_ROTATION_DEGREES * U[0, 1), counter-clockwise).
 MAX_ROTATION_DEGREES = 30.0
 #: Colour jitter strength of versions 31..40: factors U[1 - s, 1 + s] for brightness, contrast, saturation.
 COLOUR_JITTER_STRENGTH = (0.4, 0.4, 0.4)
 #: Default seed of the training recipe.
 DEFAULT_SEED = 666
-#: ITU-R 601 luma weights (R, G, B) used for grey values, as torchvision and PIL do.
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+#: ITU-R 601-2 luma weights (R, G, B) in PIL's 16-bit fixed point: grey = (R*19595 + G*38470 + B*7471 + 2**15) >> 16.
+LUMA_WEIGHTS_FIXED = (19595, 38470, 7471)
 
 
 def version_for_epoch(epoch: int, num_versions: int = NUM_VERSIONS) -> int:
@@ -64,32 +86,64 @@ def augmentation_rng(frame_key: str, version: int, seed: int = DEFAULT_SEED) -> 
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
+# Colour jitter as torchvision's ColorJitter does it on a PIL image (the original's): PIL's ImageEnhance
+# blends the image with a degenerate one in float32, ``degenerate + factor * (image - degenerate)``, and
+# truncates to uint8. These take and return channel-first (3, H, W) float arrays of integer values 0..255.
 def _grey(image: np.ndarray) -> np.ndarray:
-    """Grey values (..., H, W) of a channel-first RGB float image (3, H, W)."""
-    return sum(weight * image[channel] for channel, weight in enumerate(LUMA_WEIGHTS))
+    """PIL's grey (mode "L") values (H, W) of a (3, H, W) RGB image of integer values."""
+    channels = [image[c].astype(np.int64) * weight for c, weight in enumerate(LUMA_WEIGHTS_FIXED)]
+    return ((channels[0] + channels[1] + channels[2] + (1 << 15)) >> 16).astype(np.float64)
+
+
+def _blend(degenerate: np.ndarray, image: np.ndarray, factor: float) -> np.ndarray:
+    blended = (degenerate + np.float32(factor) * (image - degenerate)).astype(np.float32)
+    return np.clip(np.floor(blended), 0.0, 255.0).astype(np.float64)
 
 
 def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
-    """Scale a (3, H, W) float 0..255 image by ``factor`` (blend with black), clipped to 0..255."""
-    return np.clip(image * factor, 0.0, 255.0)
+    """Blend a (3, H, W) 0..255 image with black (PIL's ``ImageEnhance.Brightness``)."""
+    return _blend(np.zeros_like(image), image, factor)
 
 
 def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
-    """Blend a (3, H, W) float 0..255 image with its mean grey value, clipped to 0..255."""
-    mean = float(_grey(image).mean())
-    return np.clip(factor * image + (1.0 - factor) * mean, 0.0, 255.0)
+    """Blend a (3, H, W) 0..255 image with its mean grey value, rounded (PIL's ``ImageEnhance.Contrast``)."""
+    return _blend(np.full_like(image, int(_grey(image).mean() + 0.5)), image, factor)
 
 
 def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
-    """Blend a (3, H, W) float 0..255 image with its grey version, clipped to 0..255."""
-    grey = _grey(image)[None]
-    return np.clip(factor * image + (1.0 - factor) * grey, 0.0, 255.0)
+    """Blend a (3, H, W) 0..255 image with its grey version (PIL's ``ImageEnhance.Color``)."""
+    return _blend(np.broadcast_to(_grey(image)[None], image.shape), image, factor)
 
 
 def _check_version(version: int) -> int:
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or not 0 <= version <= NUM_VERSIONS:
         raise ValueError(f"augmentation version must be an integer in 0..{NUM_VERSIONS}, got {version!r}.")
     return int(version)
+
+
+def check_augmentation_draws(draws: str) -> str:
+    """``draws`` itself, or a ValueError naming the choices."""
+    if draws not in AUGMENTATION_DRAWS:
+        raise ValueError(f"augmentation_draws must be one of {AUGMENTATION_DRAWS}, got {draws!r}")
+    return draws
+
+
+def resize_class_masks(label_cf: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Label map (1, H, W) float -> (1, h', w'), each value's binary mask resized as PIL resizes a 0/1 mask.
+
+    PIL's bilinear resize runs along the width, rounds to uint8, then along the height and rounds
+    again; on a 0/1 mask that is a bilinear pass along each axis kept where >= 0.5, which this
+    reproduces (the original resizes each class's mask so). The masks of one label map are disjoint;
+    a pixel two of them claim (a tie at exactly 0.5) gets the higher value.
+    """
+    along_width = Resize((label_cf.shape[-2], size[1]), mode="bilinear", align_corners=False)
+    along_height = Resize(size, mode="bilinear", align_corners=False)
+    out = torch.zeros((1, *size), dtype=label_cf.dtype)
+    for value in torch.unique(label_cf).tolist():
+        if value != 0:
+            mask = (along_width((label_cf == value).to(torch.float32)) >= 0.5).to(torch.float32)
+            out[along_height(mask) >= 0.5] = value
+    return out
 
 
 def augment_frame(
@@ -99,6 +153,7 @@ def augment_frame(
     frame_key: str,
     seed: int = DEFAULT_SEED,
     ignore_index: int = 255,
+    draws: str = "original",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Augmented ``version`` of one frame and its label map.
 
@@ -108,13 +163,15 @@ def augment_frame(
         version: 0 (identity, copies returned) .. 40; see the module docstring.
         frame_key: unique key of the frame ("<sequence>/<frame>"), part of the random seed.
         seed: global seed, part of the random seed.
-        ignore_index: label value of unlabelled pixels; kept as it is (labels are only moved by
-            nearest interpolation; pixels brought in by rotation become background 0).
+        ignore_index: label value of unlabelled pixels; moved as a class of its own (pixels brought in
+            by rotation become background 0).
+        draws: ``original`` (each version's own transform with probability 0.5) or ``always``.
 
     Returns:
         (image (H, W, 3) uint8, label (H, W) uint8) of the same size as the input.
     """
     version = _check_version(version)
+    check_augmentation_draws(draws)
     if image.ndim != 3 or image.shape[2] != 3 or label.shape != image.shape[:2]:
         raise ValueError(f"expected image (H, W, 3) and label (H, W) of the same size, got {image.shape} and {label.shape}.")
     if version == 0:
@@ -122,32 +179,41 @@ def augment_frame(
     height, width = label.shape
     rng = augmentation_rng(frame_key, version, seed)
     group = (version - 1) // VERSIONS_PER_GROUP  # 0 flips, 1 scale/crop, 2 rotation, 3 colour jitter
+    always = draws == "always"
+
+    def applied() -> bool:
+        return always or rng.random() < TRANSFORM_PROBABILITY
 
     # channel-first float tensors for MONAI's array transforms: image (3, H, W), label (1, H, W)
     image_cf = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
     label_cf = torch.as_tensor(np.ascontiguousarray(label[None]), dtype=torch.float32)
+
+    if group == 1 and applied():
+        scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * rng.random()
+        scaled_size = (max(height, int(height * scale)), max(width, int(width * scale)))
+        image_cf = Resize(scaled_size, mode="bilinear", align_corners=False)(image_cf)
+        label_cf = resize_class_masks(label_cf, scaled_size)
+        top = int(rng.integers(0, scaled_size[0] - height + 1))
+        left = int(rng.integers(0, scaled_size[1] - width + 1))
+        crop = SpatialCrop(roi_start=(top, left), roi_end=(top + height, left + width))
+        image_cf, label_cf = crop(image_cf), crop(label_cf)
 
     flips = [axis for axis in (1, 0) if rng.random() < FLIP_PROBABILITY]  # spatial axis 1 = horizontal, 0 = vertical
     if flips:
         flip = Flip(spatial_axis=flips)
         image_cf, label_cf = flip(image_cf), flip(label_cf)
 
-    if group == 1:
-        scale = rng.uniform(*SCALE_RANGE)
-        scaled_size = (max(height, round(height * scale)), max(width, round(width * scale)))
-        image_cf = Resize(scaled_size, mode="bilinear", align_corners=False)(image_cf)
-        label_cf = Resize(scaled_size, mode="nearest-exact")(label_cf)
-        top = int(rng.integers(0, scaled_size[0] - height + 1))
-        left = int(rng.integers(0, scaled_size[1] - width + 1))
-        crop = SpatialCrop(roi_start=(top, left), roi_end=(top + height, left + width))
-        image_cf, label_cf = crop(image_cf), crop(label_cf)
-    elif group == 2:
-        angle = math.radians(MAX_ROTATION_DEGREES * rng.random())
-        image_cf = Rotate(angle, keep_size=True, mode="bilinear", padding_mode="zeros")(image_cf)
-        label_cf = Rotate(angle, keep_size=True, mode="nearest", padding_mode="zeros")(label_cf)
+    if group == 2 and applied():
+        degrees = MAX_ROTATION_DEGREES * rng.random()
+        if not always and rng.random() >= ROTATION_NONZERO_PROBABILITY:
+            degrees = 0.0
+        if degrees:
+            # counter-clockwise as PIL's rotate (MONAI's positive angle turns the other way)
+            rotate = Rotate(-math.radians(degrees), keep_size=True, mode="nearest", padding_mode="zeros")
+            image_cf, label_cf = rotate(image_cf), rotate(label_cf)
 
     image_out = convert_to_numpy(image_cf, dtype=np.float64)
-    if group == 3:
+    if group == 3 and applied():
         factors = [rng.uniform(1.0 - strength, 1.0 + strength) for strength in COLOUR_JITTER_STRENGTH]
         adjustments = (adjust_brightness, adjust_contrast, adjust_saturation)
         for index in rng.permutation(len(adjustments)):

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..networks.sam_backbone import build_sam, file_md5, get_variant
 from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
-from .augmentation import augment_frame, version_for_epoch
+from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws, version_for_epoch
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
 logger = logging.getLogger(__name__)
@@ -195,8 +195,10 @@ def _entry_paths(cache_dir: str, version: int, key: str, with_taps: bool = False
 class _FrameVersionDataset(Dataset):
     """(frame, version) pairs -> augmented frame (3, H, W) uint8 and label map (H, W) uint8."""
 
-    def __init__(self, items: list[tuple[dict, int]], num_classes: int, ignore_index: int, seed: int) -> None:
+    def __init__(self, items: list[tuple[dict, int]], num_classes: int, ignore_index: int, seed: int,
+                 draws: str = "original") -> None:
         self.items, self.num_classes, self.ignore_index, self.seed = items, num_classes, ignore_index, seed
+        self.draws = draws
 
     def __len__(self) -> int:
         return len(self.items)
@@ -207,7 +209,8 @@ class _FrameVersionDataset(Dataset):
         label = read_label_map(item["label"], self.num_classes, self.ignore_index)
         if image.shape[:2] != label.shape:
             raise ValueError(f"frame {item['image']} is {image.shape[:2]} but its label map is {label.shape}")
-        image, label = augment_frame(image, label, version, item["key"], seed=self.seed, ignore_index=self.ignore_index)
+        image, label = augment_frame(image, label, version, item["key"], seed=self.seed, ignore_index=self.ignore_index,
+                                     draws=self.draws)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
             "label": torch.from_numpy(np.ascontiguousarray(label)),
@@ -228,6 +231,7 @@ def precompute_embeddings(
     device: str | torch.device = "cpu",
     seed: int = 666,
     taps: Sequence[int] | None = None,
+    augmentation_draws: str = "original",
 ) -> dict:
     """Run the frozen encoder once per (frame, version) and store float16 embeddings with a manifest.
 
@@ -237,12 +241,15 @@ def precompute_embeddings(
     splits precomputed before stay in the manifest.
     An existing cache of another identity is never overwritten: that raises :class:`StaleCacheError`.
     ``taps`` (1-based ViT blocks) makes a tap cache (Distillation-SAM): also the tokens after those
-    blocks and the augmented frame. The disk use is logged first and checked against the free space
+    blocks and the augmented frame. ``augmentation_draws`` (``original``: each version's own transform with
+    probability 0.5, or ``always``; ``scripts.data.augmentation``) is recorded, and a cache of other draws
+    is refused as one of another seed is. The disk use is logged first and checked against the free space
     (:class:`CacheSpaceError`). Returns the manifest.
     Under ``torch.distributed`` (every rank calls it, e.g. multi_gpu_train.yaml's ``prepare_cache``) the missing
     entries are split across the ranks; rank 0 writes the manifest and the indexes after a barrier, and no rank
     returns before the cache is complete.
     """
+    check_augmentation_draws(augmentation_draws)
     description = read_dataset_description(dataset_dir)
     names = class_names(description)
     ignore_index = int(description.get("ignore_index", 255))
@@ -270,6 +277,15 @@ def precompute_embeddings(
         if existing.get("augmentation_seed", seed) != seed:
             raise StaleCacheError(
                 f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, not {seed}; "
+                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
+            )
+        # caches made before the draws were recorded applied every version's transform every time; versions
+        # 1..VERSIONS_PER_GROUP (flips only) are drawn the same way under either draws
+        found_draws = existing.get("augmentation_draws", "always-on (a cache of bundle 0.3 or older)")
+        if found_draws != augmentation_draws and any(max(v) > VERSIONS_PER_GROUP
+                                                     for v in existing.get("splits", {}).values()):
+            raise StaleCacheError(
+                f"{cache_dir} holds augmentations with augmentation_draws {found_draws!r}, not {augmentation_draws!r}; "
                 "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
             )
     # Every file is read and checked first (label values, sizes): bad files are all named in one error
@@ -307,6 +323,7 @@ def precompute_embeddings(
         # Splits indexed by earlier runs stay usable: their entries are shared, their indexes kept.
         "splits": {**existing.get("splits", {}), **plan},
         "augmentation_seed": seed,
+        "augmentation_draws": augmentation_draws,
         "complete": False,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -342,7 +359,7 @@ def precompute_embeddings(
     if share:
         encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
         _encode(encoder, share, cache_dir, "+".join(splits), spec.image_size, len(names), ignore_index, seed,
-                batch_size, num_workers, device, taps)
+                batch_size, num_workers, device, taps, augmentation_draws)
         del encoder
     _barrier(world)  # every entry is written
     if rank == 0:
@@ -398,12 +415,13 @@ def _save_png(path: str, array: np.ndarray) -> None:
 
 @torch.no_grad()
 def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_index, seed, batch_size, num_workers,
-            device, taps=None):
+            device, taps=None, draws="original"):
     """Encode the (frame, version) pairs of ``todo``; with ``taps`` also store the tapped tokens and the frame."""
     from ..networks.distillation_adapter import tapped_encoder_forward
 
     loader = DataLoader(
-        _FrameVersionDataset(todo, num_classes, ignore_index, seed), batch_size=batch_size, num_workers=num_workers
+        _FrameVersionDataset(todo, num_classes, ignore_index, seed, draws), batch_size=batch_size,
+        num_workers=num_workers
     )
     done = 0
     for batch in loader:
@@ -481,7 +499,9 @@ class EmbeddingCache:
     The interface the datasets use (also implemented by ``original_layout.OriginalLayoutReader``):
     ``cache_dir``, ``class_names``, ``image_size``, ``grid_size``, ``versions(split)``,
     ``entries(split, version)`` (dicts with ``key``, ``classes``, ``grid_classes``, ``frame_size``) and
-    ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``.
+    ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``; a reader that keeps one binary
+    mask per class also offers ``load_class_mask(entry, class_id) -> (embedding, mask (H, W) bool)``, which
+    training samples then use.
     """
 
     def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True) -> None:
@@ -581,19 +601,21 @@ def prompt_samples(frames: Sequence[dict], num_classes: int, absent_prompts_per_
 
 
 def prompt_sample(image_embeddings: torch.Tensor, label: torch.Tensor, class_id: int, image_size: int,
-                  grid_size: Sequence[int]) -> dict:
+                  grid_size: Sequence[int], class_mask: bool = False) -> dict:
     """One training item of a (frame, class) sample, what ``PromptedSampleBatch`` batches.
 
     Args:
         image_embeddings: (d, h, w) the frame's embeddings.
-        label: (H, W) the frame's label map.
+        label: (H, W) the frame's label map, or with ``class_mask=True`` the class's own binary mask.
         class_id: the prompted class, 1..C (a class absent from ``label`` gives an empty target).
+        class_mask: ``label`` is already the class's binary mask (the original layout keeps one per class,
+            and two classes' masks may overlap).
 
     Returns:
         ``image_embeddings`` (d, h, w) float, ``mask`` (1, H, W) float, ``grid_mask`` (h, w) bool,
         ``class_id`` () long.
     """
-    mask = (label.long() == class_id).float()
+    mask = (label != 0).float() if class_mask else (label.long() == class_id).float()
     grid_mask = masks_to_embedding_grid(mask[None], image_size, grid_size)[0]
     return {"image_embeddings": image_embeddings.float(), "mask": mask[None], "grid_mask": grid_mask,
             "class_id": torch.tensor(class_id)}
@@ -639,6 +661,10 @@ class CachedPromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         entry_index, class_id = self.samples[index]
+        load_class_mask = getattr(self.cache, "load_class_mask", None)
+        if load_class_mask is not None:  # a reader of one binary mask per class (original_layout)
+            embedding, mask = load_class_mask(self.entries[entry_index], class_id)
+            return prompt_sample(embedding, mask, class_id, self.image_size, self.grid_size, class_mask=True)
         embedding, label = self.cache.load(self.entries[entry_index])
         return prompt_sample(embedding, label, class_id, self.image_size, self.grid_size)
 

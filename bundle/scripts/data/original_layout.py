@@ -19,10 +19,12 @@ under ``endovis_2017/train/<version>`` are accepted as well.)
 ``validation`` (for EndoVis2017 those of the chosen fold) and, for EndoVis2017, ``fold<k>_training`` /
 ``fold<k>_validation`` for k = 0..3.
 
-Label maps are built from the binary masks: 0 background, c where the mask of class c is on. Overlap
-rule (the masks carry no quality to decide by): a pixel on in two or more class masks is ambiguous and
-becomes ``ignore_index`` (255), counted by neither the loss's class masks nor the metrics; the original's
-masks come from one label map, so overlaps should not occur and each one is logged.
+A training sample (frame, class c) uses class c's own binary mask, as the original does
+(:meth:`OriginalLayoutReader.load_class_mask`), so masks that overlap (PIL's rounding of the scaled
+masks of an augmented version can leave a boundary pixel on in two) stay as they are. Validation
+needs one label map per frame: 0 background, c where the mask of class c is on; a pixel on in two or
+more class masks is ambiguous there (the masks carry no quality to decide by) and becomes
+``ignore_index`` (255), counted by no metric; each such frame is logged.
 """
 
 from __future__ import annotations
@@ -214,12 +216,12 @@ class OriginalLayoutReader:
         return entries
 
     def _entry(self, sequence: str, frame: str, feature_path: str, masks: dict[int, str], folder: str) -> dict:
-        label = self._label_map(masks, folder, sequence, frame) if masks else None
-        frame_size = list(label.shape) if label is not None else self._image_size(folder, sequence, frame)
-        classes = [c for c in sorted(masks) if label is not None and (label == c).any()]
+        own = self._class_masks(masks, sequence, frame) if masks else {}
+        frame_size = list(next(iter(own.values())).shape) if own else self._image_size(folder, sequence, frame)
+        classes = [c for c in sorted(own) if own[c].any()]
         grid_classes = []
         if classes:
-            on = masks_to_embedding_grid(torch.from_numpy(np.stack([label == c for c in classes])), self.image_size,
+            on = masks_to_embedding_grid(torch.from_numpy(np.stack([own[c] for c in classes])), self.image_size,
                                          self.grid_size).flatten(1).any(1)
             grid_classes = [c for c, keep in zip(classes, on.tolist()) if keep]
         return {"key": f"{sequence}/{frame}", "embedding": feature_path, "masks": {str(c): p for c, p in masks.items()},
@@ -236,18 +238,26 @@ class OriginalLayoutReader:
             "size is unknown; add the image (or remove the features file)"
         )
 
-    def _label_map(self, masks: dict[int, str], folder: str, sequence: str, frame: str) -> np.ndarray:
-        """Binary masks {class: path} -> (H, W) uint8 label map; overlaps -> ignore_index."""
-        label, count, shape = None, None, None
+    @staticmethod
+    def _class_masks(masks: dict[int, str], sequence: str, frame: str) -> dict[int, np.ndarray]:
+        """Binary masks {class: path} -> {class: (H, W) bool} (on above 127 of the 0/255 file), one size."""
+        out: dict[int, np.ndarray] = {}
         for class_id, path in sorted(masks.items()):
             with Image.open(path) as image:
                 mask = np.asarray(image.convert("L")) > 127
-            if label is None:
-                shape = mask.shape
-                label = np.zeros(shape, dtype=np.uint8)
-                count = np.zeros(shape, dtype=np.uint8)
-            elif mask.shape != shape:
-                raise OriginalLayoutError(f"{path} is {mask.shape} but the other masks of {sequence}/{frame} are {shape}")
+            if out and mask.shape != next(iter(out.values())).shape:
+                raise OriginalLayoutError(f"{path} is {mask.shape} but the other masks of {sequence}/{frame} are "
+                                          f"{next(iter(out.values())).shape}")
+            out[class_id] = mask
+        return out
+
+    def _label_map(self, masks: dict[int, str], folder: str, sequence: str, frame: str) -> np.ndarray:
+        """Binary masks {class: path} -> (H, W) uint8 label map (for validation); overlaps -> ignore_index."""
+        own = self._class_masks(masks, sequence, frame)
+        shape = next(iter(own.values())).shape
+        label = np.zeros(shape, dtype=np.uint8)
+        count = np.zeros(shape, dtype=np.uint8)
+        for class_id, mask in own.items():
             label[mask] = class_id
             count += mask
         overlap = count > 1
@@ -282,6 +292,17 @@ class OriginalLayoutReader:
         else:
             label = np.zeros(entry["frame_size"], dtype=np.uint8)
         return embedding, torch.from_numpy(label.astype(np.int64))
+
+    def load_class_mask(self, entry: dict, class_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> embedding (d, h, w) float32, class ``class_id``'s own mask (H, W) bool (all off where the frame
+        has no mask of that class): a training sample's target, overlaps with other classes kept."""
+        features = self._check_features(entry["embedding"])
+        embedding = torch.from_numpy(np.ascontiguousarray(np.transpose(features, (2, 0, 1))))
+        path = entry["masks"].get(str(int(class_id)))
+        if path is None:
+            return embedding, torch.zeros(tuple(entry["frame_size"]), dtype=torch.bool)
+        sequence, frame = entry["key"].rsplit("/", 1)
+        return embedding, torch.from_numpy(self._class_masks({int(class_id): path}, sequence, frame)[int(class_id)])
 
     @property
     def frame_size(self) -> list[int]:

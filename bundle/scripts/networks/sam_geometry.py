@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 #: ImageNet statistics SAM normalises with (0..255 scale).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -54,8 +56,38 @@ def frames_to_sam_input(
 def masks_to_embedding_grid(masks: torch.Tensor, image_size: int, grid_hw: Sequence[int]) -> torch.Tensor:
     """Binary masks (B, H, W) at frame size -> boolean masks (B, h, w) on the embedding grid.
 
-    As the original SurgicalSAM does it (SPEC 6): SAM's resize of the longest side to
-    ``image_size`` and zero padding, then bilinear down to the grid and a threshold at 0.5.
+    The original SurgicalSAM's rule for the class-embedding mask: the mask as a 0/255 uint8 image
+    goes through SAM's image preprocessing (the longest side resized to ``image_size`` by PIL's
+    antialiased bilinear resize, as segment-anything's ``ResizeLongestSide``; normalised with SAM's
+    red-channel mean and std; zero-padded bottom/right to ``image_size`` x ``image_size``), then
+    bilinear (``align_corners=False``) to ``grid_hw``, and a cell is on where the value is > 0.
+    A cell thus averages the resized mask at the samples it covers and is on above a covered
+    fraction of 123.675 / 255 = 0.485; padded samples are 0 after normalisation, so they weigh
+    nothing (neither on nor off). The resize runs on the CPU with PIL, exactly as the original's.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"expected masks of shape (B, H, W), got {tuple(masks.shape)}")
+    height, width = int(masks.shape[-2]), int(masks.shape[-1])
+    new_h, new_w = resized_shape((height, width), image_size)
+    images = ((masks.detach() != 0).to(torch.uint8) * 255).cpu().numpy()
+    if (new_h, new_w) != (height, width):
+        images = np.stack([np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+                           for image in images]) if len(images) else np.zeros((0, new_h, new_w), np.uint8)
+    # normalise and pad in NumPy float32 (the same IEEE operations as torch's; single-threaded, which is
+    # what a per-sample call in a loader worker wants)
+    values = (images.astype(np.float32) - np.float32(SAM_PIXEL_MEAN[0])) / np.float32(SAM_PIXEL_STD[0])
+    values = np.pad(values, ((0, 0), (0, image_size - new_h), (0, image_size - new_w)))
+    grid = F.interpolate(torch.from_numpy(values).unsqueeze(1), size=tuple(int(s) for s in grid_hw), mode="bilinear",
+                         align_corners=False)
+    return (grid.squeeze(1) > 0).to(masks.device)
+
+
+def masks_to_mask_input(masks: torch.Tensor, image_size: int, size_hw: Sequence[int]) -> torch.Tensor:
+    """Binary masks (B, H, W) at frame size -> boolean masks (B, h', w') at SAM's mask-input size.
+
+    Resize of the longest side to ``image_size`` (bilinear, no antialiasing) and zero padding, then
+    bilinear down to ``size_hw`` and a threshold at 0.5 (padding counts as outside). Distillation-SAM's
+    dense teacher prompt uses it; the class-embedding mask is :func:`masks_to_embedding_grid`.
     """
     if masks.ndim != 3:
         raise ValueError(f"expected masks of shape (B, H, W), got {tuple(masks.shape)}")
@@ -63,7 +95,7 @@ def masks_to_embedding_grid(masks: torch.Tensor, image_size: int, grid_hw: Seque
     new_h, new_w = resized_shape(masks.shape[-2:], image_size)
     masks = F.interpolate(masks, size=(new_h, new_w), mode="bilinear", align_corners=False)
     masks = F.pad(masks, (0, image_size - new_w, 0, image_size - new_h))
-    masks = F.interpolate(masks, size=tuple(int(s) for s in grid_hw), mode="bilinear", align_corners=False)
+    masks = F.interpolate(masks, size=tuple(int(s) for s in size_hw), mode="bilinear", align_corners=False)
     return masks.squeeze(1) >= 0.5
 
 

@@ -2,8 +2,8 @@
 
 For a binary ground-truth mask at frame size (H, W):
 
-* dense teacher: the mask brought to SAM's geometry (resize longest side to S, zero pad, as
-  :func:`~.sam_geometry.masks_to_embedding_grid`) at the mask-input size (4h, 4w), thresholded at 0.5,
+* dense teacher: the mask brought to SAM's geometry (resize longest side to S, zero pad:
+  :func:`~.sam_geometry.masks_to_mask_input`) at the mask-input size (4h, 4w), thresholded at 0.5,
   then +10 inside / -10 outside, given to the prompt encoder as ``masks=`` (its mask_downscaling path)
   -> (B, d, h, w).
 * sparse teacher, by ``strategy``:
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sam_geometry import masks_to_embedding_grid, resized_shape
+from .sam_geometry import masks_to_mask_input, resized_shape
 
 __all__ = ["STRATEGIES", "TeacherPrompts", "sample_teacher_prompts", "teacher_prompt_embeddings", "MASK_LOGIT"]
 
@@ -89,7 +89,7 @@ def sample_teacher_prompts(
     scale = torch.tensor([new_w / width, new_h / height], device=device)
 
     grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
-    inside = masks_to_embedding_grid(binary, image_size, (4 * grid_h, 4 * grid_w)).unsqueeze(1)
+    inside = masks_to_mask_input(binary, image_size, (4 * grid_h, 4 * grid_w)).unsqueeze(1)
     mask_input = torch.where(inside, MASK_LOGIT, -MASK_LOGIT).float()
 
     points = labels = boxes = None
