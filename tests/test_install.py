@@ -103,5 +103,5 @@ def test_monailabel_setup_finds_the_environment_it_made_up_to_date():
         pytest.fail("no .venv-monailabel made by tools/setup_monailabel.sh: run the README's test command")
     result = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "setup_monailabel.sh"), "--check"],
                             capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr + " (run tools/setup_monailabel.sh)"
     assert "up to date" in result.stdout
