@@ -14,7 +14,6 @@ geometry stays in torch (:mod:`scripts.networks.sam_geometry`), shared by both b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from .networks.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
+from .networks.sam_backbone import file_md5
 from .networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from .networks.surgical_sam import SurgicalSAM
 
@@ -54,14 +54,6 @@ def load_model_file(network: torch.nn.Module, model_file: str, map_location="cpu
     state = checkpoint["model"] if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) else checkpoint
     network.load_state_dict(state)
     return network
-
-
-def _md5(path: str) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_onnx(model: SurgicalSAM, out_dir: str, opset: int = DEFAULT_OPSET, sam_variant: str | None = None,
@@ -111,12 +103,12 @@ def export_onnx(model: SurgicalSAM, out_dir: str, opset: int = DEFAULT_OPSET, sa
         "pixel_std": list(SAM_PIXEL_STD),
         "graphs": {
             "image_encoder": {
-                "file": ENCODER_FILE, "md5": _md5(paths["image_encoder"]),
+                "file": ENCODER_FILE, "md5": file_md5(paths["image_encoder"]),
                 "inputs": {"sam_input": ["frames", 3, side, side]},
                 "outputs": {"image_embeddings": ["frames", dim, grid_h, grid_w]},
             },
             "class_decoder": {
-                "file": DECODER_FILE, "md5": _md5(paths["class_decoder"]),
+                "file": DECODER_FILE, "md5": file_md5(paths["class_decoder"]),
                 "inputs": {"image_embeddings": ["pairs", dim, grid_h, grid_w], "class_ids": ["pairs"]},
                 "outputs": {"low_res_logits": ["pairs", 1, low_res_side, low_res_side], "quality": ["pairs"]},
             },
@@ -259,7 +251,7 @@ def packed_onnx_files(onnx_dir: str) -> list[str]:
         path = os.path.join(onnx_dir, graph["file"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ONNX graph {path} ({name}) is missing: export again (run export_onnx)")
-        if _md5(path) != graph["md5"]:
+        if file_md5(path) != graph["md5"]:
             raise ValueError(f"ONNX graph {path} ({name}) differs from the one {MANIFEST_FILE} describes: export again")
         files.append(path)
     return files
