@@ -1,11 +1,11 @@
 """The README's main job, end to end: `surgical-sam demo` on a fresh copy of the bundle.
 
-Slow (about ten minutes on 2 CPU cores): it trains SurgicalSAM on the generated demo data from
+Slow (about twenty minutes on 2 CPU cores): it trains SurgicalSAM on the generated demo data from
 nothing (demo data, random tiny SAM, embedding cache all made on first use) and evaluates both
 protocols on the held-out demo videos.
 
 The run is deterministic for a given thread count and CPU; on the build machines (default threads) it
-reaches oracle Challenge IoU 76.4 and auto 76.4 (0.4.0; see the model card). The floor
+reaches oracle Challenge IoU 77.7 and auto 75.5 (0.4.0, fresh clone; see the model card). The floor
 asserted is the project's target for the demo, 70, and a change that stops the demo from learning
 (about 13 after one epoch) fails here.
 """
