@@ -115,7 +115,10 @@ def test_run_benchmark_tiny():
     assert result["train_loss_abs_diff"] < 1e-5
     assert result["data_batch_read_s"] > 0 and result["data_batch_read_share_of_step"] > 0
     assert result["train_param_max_abs_diff"] < 1e-3  # Adam's first step is lr * g / (|g| + eps): see the card
-    assert result["train_param_max_abs_diff_out_of_the_box"] == 0.0  # the same operations in another process
+    # the same operations in a process with the default allocator: buffers land at other addresses, and the
+    # vectorised reductions may then sum in another order (seen on CI: 9e-5 after Adam's sign-like first step)
+    assert result["train_loss_abs_diff_out_of_the_box"] < 1e-5
+    assert result["train_param_max_abs_diff_out_of_the_box"] < 1e-3
     assert paths["bundle"]["inference_cached"]["label_map_shape"] == [1, 1, 64, 80]
     assert paths["original_equal_terms"]["inference_cached"]["label_map_shape"] == [1, 64, 80]
     assert result["cache"]["embedding_npy_bytes"] == 256 * 16 * 16 * 2 + 128

@@ -567,6 +567,7 @@ def run_benchmark(
         "train_peak_rss_gib_original": plain["train_peak_rss_gib"],
         "train_peak_rss_gib_original_equal_terms": equal["train_peak_rss_gib"],
         "train_loss_abs_diff": abs(bundle["first_loss"] - equal["first_loss"]),
+        "train_loss_abs_diff_out_of_the_box": abs(plain["first_loss"] - equal["first_loss"]),
         "data_batch_read_s": bundle["data"]["batch_read_s"],
         "data_batch_read_share_of_step": bundle["data"]["batch_read_share_of_step"],
         "process_settings": bundle["process_settings"],
