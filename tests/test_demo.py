@@ -8,6 +8,11 @@ The run is deterministic for a given thread count and CPU; on the build machines
 reaches oracle Challenge IoU 77.7 and auto 75.5 (0.4.0, fresh clone; see the model card). The floor
 asserted is the project's target for the demo, 70, and a change that stops the demo from learning
 (about 13 after one epoch) fails here.
+
+The trained demo model then goes through the ONNX export and ONNX Runtime
+(:func:`check_onnx_on_demo_model`, which also runs on its own on any bundle folder holding a trained demo
+model, e.g. ``python -c "import sys; sys.path[:0] = ['tests', 'bundle']; import test_demo;
+test_demo.check_onnx_on_demo_model('bundle', '/tmp/onnx_check')"``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,36 @@ import pytest
 from conftest import bundle_copy_ignore
 
 from scripts import BUNDLE_ROOT
+
+
+def check_onnx_on_demo_model(bundle_dir, work_dir) -> dict:
+    """Export ``bundle_dir``'s trained demo model (``models/model.pt``) to ONNX in ``work_dir`` and check ONNX
+    Runtime against torch on the demo's held-out frames (all of its validation split, every class prompted,
+    automatic protocol, logits at the frame size): the checks of ``scripts.onnx_backend.agreement_failures``
+    (>= 99.9% equal label pixels, encoders equal to float32 rounding, logits within 1e-3 of torch or, where the
+    network amplifies float32 rounding beyond that, no further from the float64 evaluation of the same graphs
+    than twice torch's own float32 path). Returns compare_backends' figures."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.data.layout import read_frame
+    from scripts.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends, export_model_file
+
+    bundle_dir = os.path.abspath(str(bundle_dir))
+    parser = ConfigParser()
+    parser.read_config([os.path.join(bundle_dir, "configs", name) for name in ("inference.yaml", "demo_inference.yaml")])
+    parser["bundle_root"] = bundle_dir
+    parser["device"] = "$torch.device('cpu')"
+    network, inferer = parser.get_parsed_content("network_def"), parser.get_parsed_content("inferer")
+    onnx_dir = os.path.join(str(work_dir), "onnx")
+    export_model_file(network, parser.get_parsed_content("model_file"), onnx_dir, "tiny", parser["class_names"])
+    demo = os.path.join(bundle_dir, "data", "demo")
+    with open(os.path.join(demo, "dataset.json")) as handle:
+        held_out = [os.path.join(demo, item["image"]) for item in json.load(handle)["validation"]]
+    frames = torch.stack([torch.from_numpy(read_frame(path)).permute(2, 0, 1).float() for path in held_out])
+    result = compare_backends(network.eval(), OnnxSurgicalSAM(onnx_dir), frames, inferer, reference=True)
+    assert agreement_failures(result) == [], (agreement_failures(result), result)
+    return result
 
 
 @pytest.mark.slow
@@ -46,3 +81,4 @@ def test_demo_from_a_fresh_bundle_copy(tmp_path):
     assert metrics["oracle"]["iou"] == pytest.approx(metrics["oracle"]["challenge_iou"])  # true by construction
     assert metrics["auto"]["challenge_iou"] >= 50.0 and metrics["auto"]["num_frames"] == 48
     assert os.path.isfile(bundle / "models" / "model.pt")
+    check_onnx_on_demo_model(bundle, tmp_path / "onnx_check")

@@ -342,7 +342,7 @@ def test_onnx_export_is_two_graphs_with_dynamic_batch(onnx_export):
 
 
 def test_onnx_runtime_matches_torch(onnx_export, model_file, small_sam_checkpoint, small_demo_dir):
-    from scripts.onnx_backend import OnnxSurgicalSAM, compare_backends
+    from scripts.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends
 
     model = SurgicalSAM(7, 2, FRAME_SIZE, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()
     model.load_state_dict(torch.load(model_file, weights_only=True)["model"])
@@ -351,9 +351,29 @@ def test_onnx_runtime_matches_torch(onnx_export, model_file, small_sam_checkpoin
     inferer = ClassPromptInferer(7, "auto", 0.01, output="label_map")
     # a batch of 2 frames (14 pairs in one decoder call) and a frame of another size, same graphs
     for batch in (frames, torch.nn.functional.interpolate(frames[:1], size=(50, 96))):
-        result = compare_backends(model, onnx_model, batch, inferer)
+        result = compare_backends(model, onnx_model, batch, inferer, reference=True)
         assert result["max_abs_logit_difference"] < 1e-3 and result["max_abs_quality_difference"] < 1e-3
         assert result["equal_label_pixels"] >= 0.999
+        assert agreement_failures(result) == []
+        # the float64 reference: both float32 paths are near it, neither is it
+        assert 0 < result["torch_float64_max_error"] < 1e-3 and 0 < result["onnx_float64_max_error"] < 1e-3
+
+
+def test_onnx_agreement_checks_fail_on_another_network(onnx_export, small_sam_checkpoint, small_demo_dir):
+    """The export of one network against another torch network (an export that computes something else): the
+    logit, encoder and float64-reference checks all fail."""
+    from scripts.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends
+
+    torch.manual_seed(2)
+    other = SurgicalSAM(7, 2, FRAME_SIZE, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()
+    with torch.no_grad():
+        other.image_encoder.neck[-1].weight.mul_(1.001)  # the encoder's last LayerNorm2d scale, 0.1% off
+    frames = torch.stack([torch.from_numpy(f).permute(2, 0, 1).float() for f in demo_frames(small_demo_dir)[:1]])
+    result = compare_backends(other, OnnxSurgicalSAM(str(onnx_export / "onnx")), frames,
+                              ClassPromptInferer(7, "auto", 0.01, output="label_map"), reference=True)
+    failures = agreement_failures(result)
+    assert any(f.startswith("encoder") for f in failures), failures
+    assert any("float64" in f for f in failures), failures
 
 
 @pytest.mark.slow
