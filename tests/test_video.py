@@ -432,3 +432,23 @@ def test_demo_video_is_the_held_out_sequences(tmp_path, small_demo_dir):
     assert ensure_demo_video(str(demo)) == path  # made once
     with pytest.raises(Exception, match="no demo dataset"):
         ensure_demo_video(str(tmp_path / "empty"))
+
+
+def test_demo_video_command_writes_the_overlay_video(tmp_path, small_demo_dir, model_file, small_sam_checkpoint):
+    """The documented video demo command (inference + demo_inference + demo_video.yaml): it makes the demo video
+    and segments it into an overlay video of every held-out frame."""
+    demo = tmp_path / "demo"
+    shutil.copytree(small_demo_dir, demo)
+    out = tmp_path / "video"
+    workflow = ConfigWorkflow(config_file=INFERENCE + [os.path.join(CONFIGS, "demo_video.yaml")], workflow_type=None,
+                              run_id="video", meta_file=META_FILE, logging_file=None, demo_dir=str(demo),
+                              output_dir=str(out), model_file=model_file, sam_checkpoint=small_sam_checkpoint,
+                              frame_size=FRAME_SIZE, device="cpu")
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    held_out = SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["frames_written"] == held_out
+    assert len(list(open_sequence(str(out / "overlay.mp4")))) == held_out
+    assert label_maps(out).keys() == set(range(held_out))
