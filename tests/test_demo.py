@@ -44,7 +44,8 @@ def check_onnx_on_demo_model(bundle_dir, work_dir) -> dict:
 
     bundle_dir = os.path.abspath(str(bundle_dir))
     parser = ConfigParser()
-    parser.read_config([os.path.join(bundle_dir, "configs", name) for name in ("inference.yaml", "demo_inference.yaml")])
+    parser.read_config([os.path.join(bundle_dir, "configs", name)
+                        for name in ("inference.yaml", "demo_inference.yaml")])
     parser["bundle_root"] = bundle_dir
     parser["device"] = "$torch.device('cpu')"
     network, inferer = parser.get_parsed_content("network_def"), parser.get_parsed_content("inferer")

@@ -453,3 +453,26 @@ def test_demo_video_command_writes_the_overlay_video(tmp_path, small_demo_dir, m
     assert summary["complete"] and summary["frames_written"] == held_out
     assert len(list(open_sequence(str(out / "overlay.mp4")))) == held_out
     assert label_maps(out).keys() == set(range(held_out))
+
+
+def test_video_measures_commands_write_the_model_card_tables(tmp_path, onnx_export, small_demo_dir,
+                                                             small_sam_checkpoint):
+    """video_measures.yaml's `run temporal_table` and `run onnx_speed` (the model card's commands) on the small
+    demo's held-out split: every rule's measures, and both backends' speed and agreement from one run."""
+    configs = INFERENCE + [os.path.join(CONFIGS, "video_measures.yaml")]
+    common = dict(meta_file=META_FILE, logging_file=None, evaluation_dataset=small_demo_dir,
+                  measures_dir=str(tmp_path), model_file=str(onnx_export / "model.pt"),
+                  sam_checkpoint=small_sam_checkpoint, frame_size=FRAME_SIZE, device="cpu")
+    for run_id, overrides in (("temporal_table", {}), ("onnx_speed", {"onnx_dir": str(onnx_export / "onnx"),
+                                                                       "speed_frames": 2})):
+        workflow = ConfigWorkflow(config_file=configs, workflow_type=None, run_id=run_id, **common, **overrides)
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    held_out = SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]
+    temporal = json.loads((tmp_path / "temporal.json").read_text())["results"]
+    assert set(temporal) == {"frame_by_frame", "hysteresis", "min_run_3", "hysteresis_min_run_2"}
+    assert all(result["frames"] == held_out for result in temporal.values())
+    speed = json.loads((tmp_path / "onnx_speed.json").read_text())
+    assert speed["frames"] == 2 and set(speed["speed"]) == {"torch", "onnxruntime"}
+    assert speed["agreement"]["failures"] == [] and "onnx_float64_max_error" in speed["agreement"]

@@ -8,8 +8,9 @@ model they were made. :class:`OnnxSurgicalSAM` runs them with ONNX Runtime behin
 (:class:`~scripts.inferers.ClassPromptInferer`) runs on either backend unchanged. The frame <-> SAM-input
 geometry stays in torch (:mod:`scripts.networks.sam_geometry`), shared by both backends.
 
-:func:`compare_backends` checks the ONNX path against torch (logits, label maps) and
-:func:`benchmark_backends` times both on the same frames in one run.
+:func:`compare_backends` checks the ONNX path against torch (logits, embeddings, label maps) and, on request,
+both against :class:`Float64SurgicalSAM` (the same graphs in float64 under torch); :func:`agreement_failures`
+says which checks a comparison fails; :func:`benchmark_backends` times both on the same frames in one run.
 """
 
 from __future__ import annotations
@@ -318,10 +319,12 @@ def agreement_failures(result: dict, max_logit_difference: float = 1e-3, min_equ
                         f"{max_relative_embedding_difference:g} x max |embedding| {result['max_abs_embedding']:.2f}")
     if result["max_abs_logit_difference"] > max_logit_difference:
         if "onnx_float64_max_error" not in result:
-            failures.append(f"max |logit difference| {result['max_abs_logit_difference']:.2e} > {max_logit_difference:g}")
+            failures.append(f"max |logit difference| {result['max_abs_logit_difference']:.2e} > "
+                            f"{max_logit_difference:g}")
         else:
             for measure in ("max", "rms"):
-                onnx_error, torch_error = result[f"onnx_float64_{measure}_error"], result[f"torch_float64_{measure}_error"]
+                onnx_error = result[f"onnx_float64_{measure}_error"]
+                torch_error = result[f"torch_float64_{measure}_error"]
                 if onnx_error > max_error_ratio * torch_error:
                     failures.append(f"max |logit difference| {result['max_abs_logit_difference']:.2e} > "
                                     f"{max_logit_difference:g}, and the ONNX path's {measure} error from float64 "
@@ -398,7 +401,8 @@ def speed_report(network: SurgicalSAM, model_file: str | None, onnx_dir: str, fr
     speed = benchmark_backends({"torch": network, "onnxruntime": onnx_model}, frames, inferer, repeats=repeats)
     import onnxruntime
 
-    report = {"frames_dir": os.path.abspath(frames_dir), "frames": len(paths), "frame_size": list(frames.shape[-2:]), "threads": threads, "device": "cpu",
+    report = {"frames_dir": os.path.abspath(frames_dir), "frames": len(paths), "frame_size": list(frames.shape[-2:]),
+              "threads": threads, "device": "cpu",
               "torch_version": torch.__version__, "onnxruntime_version": onnxruntime.__version__,
               "speed": speed, "agreement": agreement}
     if output_file:
