@@ -35,7 +35,7 @@ def check_onnx_on_demo_model(bundle_dir, work_dir) -> dict:
     automatic protocol, logits at the frame size): the checks of ``scripts.onnx_backend.agreement_failures``
     (>= 99.9% equal label pixels, encoders equal to float32 rounding, logits within 1e-3 of torch or, where the
     network amplifies float32 rounding beyond that, no further from the float64 evaluation of the same graphs
-    than twice torch's own float32 path). Returns compare_backends' figures."""
+    than torch's own float32 path is, times 2 in RMS and 4 in max). Returns compare_backends' figures."""
     import torch
     from monai.bundle import ConfigParser
 

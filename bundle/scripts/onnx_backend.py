@@ -298,7 +298,8 @@ def compare_backends(model: SurgicalSAM, onnx_model: OnnxSurgicalSAM, frames: to
 
 
 def agreement_failures(result: dict, max_logit_difference: float = 1e-3, min_equal_label_pixels: float = 0.999,
-                       max_relative_embedding_difference: float = 1e-5, max_error_ratio: float = 2.0) -> list[str]:
+                       max_relative_embedding_difference: float = 1e-5,
+                       max_error_ratio: dict | None = None) -> list[str]:
     """What of :func:`compare_backends`'s ``result`` fails the checks of the ONNX export (empty: it passes).
 
     - equal label-map pixels >= ``min_equal_label_pixels``;
@@ -306,10 +307,12 @@ def agreement_failures(result: dict, max_logit_difference: float = 1e-3, min_equ
       x max |embedding| (a changed operator, e.g. GELU's tanh approximation or another LayerNorm eps, is
       orders of magnitude above);
     - logits: within ``max_logit_difference`` of torch, or, with the float64 reference, the ONNX path no
-      further from the float64 evaluation of the same graphs than ``max_error_ratio`` x torch's own float32
-      path (in max and in RMS): a network that amplifies float32 rounding beyond ``max_logit_difference``
+      further from the float64 evaluation of the same graphs than ``max_error_ratio[measure]`` x torch's own
+      float32 path, for the measures RMS (default 2) and max (default 4: one pixel's worst case moves more
+      between machines and trained models than the RMS does): a network that amplifies float32 rounding beyond ``max_logit_difference``
       cannot agree closer than both paths' own rounding errors, whichever kernels sum in which order.
     """
+    ratios = {"rms": 2.0, "max": 4.0, **(max_error_ratio or {})}
     failures = []
     if result["equal_label_pixels"] < min_equal_label_pixels:
         failures.append(f"equal label pixels {100 * result['equal_label_pixels']:.3f}% < "
@@ -325,10 +328,10 @@ def agreement_failures(result: dict, max_logit_difference: float = 1e-3, min_equ
             for measure in ("max", "rms"):
                 onnx_error = result[f"onnx_float64_{measure}_error"]
                 torch_error = result[f"torch_float64_{measure}_error"]
-                if onnx_error > max_error_ratio * torch_error:
+                if onnx_error > ratios[measure] * torch_error:
                     failures.append(f"max |logit difference| {result['max_abs_logit_difference']:.2e} > "
                                     f"{max_logit_difference:g}, and the ONNX path's {measure} error from float64 "
-                                    f"{onnx_error:.2e} > {max_error_ratio:g} x torch's {torch_error:.2e}")
+                                    f"{onnx_error:.2e} > {ratios[measure]:g} x torch's {torch_error:.2e}")
     return failures
 
 
