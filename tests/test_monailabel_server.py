@@ -350,6 +350,14 @@ def test_stock_malformed_requests_fail_and_the_server_keeps_serving(stock):
     assert server.infer("nosuch")[0] >= 400
     assert server.infer("surgicalsam", image="nosuch")[0] >= 400
     assert server.infer("surgicalsam", image=None, file=b"not a png")[0] >= 400
+    # These two are answered by MONAI Label's /infer endpoint itself (monailabel/endpoints/infer.py
+    # run_inference) before any app or bundle code runs, so only the bundle's own app turns them into 400
+    # (test_own_malformed_requests_get_4xx_with_a_message); the app README says so.
+    status, body = request(f"{server.url}/infer/surgicalsam?image=seq1_00000&output=image", "POST",
+                           fields={"params": "{not json"})
+    assert status == 500 and body == b"Internal Server Error", (status, body[:300])  # json.loads(params), unguarded
+    status, body = request(f"{server.url}/infer/surgicalsam?output=image", "POST", fields={"params": "{}"})
+    assert status == 500 and b"Neither Image nor File" in body, (status, body[:300])  # its own HTTPException(500)
     assert server.alive()
     assert server.infer("surgicalsam")[0] == 200
 
@@ -388,6 +396,31 @@ def test_stock_label_then_train_guards_the_served_model(stock, setup):
     status, body = server.infer("surgicalsam")
     assert status == 200
     np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000"))
+
+
+def test_stock_label_of_another_size_the_train_status_says_why(stock, setup):
+    """MONAI Label's stock datastore stores a label map of another size (its PUT runs no bundle code:
+    LocalDatastore.save_label copies the file); training then ends in ERROR, and the train status's last line
+    is the bundle's reason (frame, both sizes, what to do), not MONAI's "Failed to instantiate" wrapper."""
+    server, bundle = stock
+    image_id = "seq2_00000"
+    model_file = os.path.join(bundle, "models", "model.pt")
+    before = open(model_file, "rb").read()
+    status, body = server.put_label(image_id, png_bytes(np.zeros((10, 12), np.uint8)))
+    assert status == 200, body  # the stock app's limit: the bundle's own app answers 400 here
+    try:
+        task = server.train(val_split=0.0)
+        details = task.get("details", [])
+        assert task["status"] == "ERROR", details[-5:]
+        last = details[-1]
+        assert "TrainingDataRefused: the label map of frame seq2_00000 is 10x12 (height x width) but the frame " \
+               "is 64x80" in last, details[-5:]
+        assert "PUT /datastore/label?image=seq2_00000&tag=final" in last, last
+        assert not any("Failed to instantiate" in line for line in details), details
+        assert open(model_file, "rb").read() == before
+    finally:
+        status, body = request(f"{server.url}/datastore/label?id={image_id}&tag=final", "DELETE")
+        assert status == 200, body
 
 
 # --------------------------------------------------------------------------------------------- own app
