@@ -469,6 +469,58 @@ def test_own_sam_clicks_and_box(own, setup):
         np.testing.assert_array_equal(mask, (logits[0, 0] > 0).numpy().astype(np.uint8) * value)
 
 
+SAM_PROMPTS = [{"foreground": [[10, 20]]}, {"foreground": [[10, 20], [30, 40]], "background": [[70, 5]]},
+               {"box": [5, 6, 50, 60]}, {"foreground": [[12, 30]], "box": [0, 0, 40, 63]}]
+
+
+def _segment_anything_predictor(setup, frame_file, prompts, resize, out_dir):
+    """segment-anything's SamPredictor on the same SAM weights (tests/segment_anything_predictor.py, run in
+    the MONAI Label environment, which has the torchvision it imports) -> logits (H, W) per prompt."""
+    request_file, out_file = os.path.join(out_dir, f"request_{resize}.json"), os.path.join(out_dir, f"logits_{resize}.npz")
+    with open(request_file, "w") as handle:
+        json.dump({"variant": "tiny", "checkpoint": setup["sam"], "frame": frame_file, "prompts": prompts,
+                   "resize": resize}, handle)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PYTHONPATH=os.path.join(REPO, "bundle"), OMP_NUM_THREADS="1")
+    subprocess.run([setup["python"], os.path.join(REPO, "tests", "segment_anything_predictor.py"), request_file, out_file],
+                   check=True, env=env, timeout=REQUEST_TIMEOUT_S)
+    logits = np.load(out_file)
+    return [logits[f"logits_{i}"] for i in range(len(prompts))]
+
+
+def test_own_sam_prompt_agrees_with_segment_anythings_predictor(own, setup, tmp_path, capsys):
+    """The served sam_prompt and segment-anything's own SamPredictor, same SAM weights (a tiny SAM built from
+    segment-anything's classes: no official weights can be fetched here), same frame, clicks and box. They
+    differ only by how the frame is resized to SAM's input: handed the app's resize, the predictor gives the
+    app's logits (1e-4) and masks exactly; with its own (uint8, PIL), the masks agree to the printed IoU."""
+    from scripts.networks.sam_prompting import SamPointPrompter
+
+    server, bundle = own
+    frame_file = setup["frames"]["seq1_00000"][0]
+    prompter = SamPointPrompter(_network(setup, os.path.join(bundle, "models", "model.pt")), "tiny", setup["sam"])
+    own_resize = _segment_anything_predictor(setup, frame_file, SAM_PROMPTS, "predictor", str(tmp_path))
+    app_resize = _segment_anything_predictor(setup, frame_file, SAM_PROMPTS, "app", str(tmp_path))
+    figures = []
+    for prompts, reference, same_input in zip(SAM_PROMPTS, own_resize, app_resize):
+        status, body = server.infer("sam_prompt", params=prompts)
+        assert status == 200, body[:300]
+        served = png_array(body) > 0
+        with torch.no_grad():
+            logits = prompter(_frame_tensor(frame_file), **prompts)[0][0, 0].numpy()
+        np.testing.assert_array_equal(served, logits > 0)  # the served mask is these logits' (as test_own_sam_clicks_and_box)
+        np.testing.assert_allclose(logits, same_input, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(served, same_input > 0)
+        theirs = reference > 0
+        figures.append({"prompts": prompts, "mask_iou": round(float((served & theirs).sum() / (served | theirs).sum()), 4),
+                        "pixels_differing": int((served ^ theirs).sum()), "pixels": int(served.size),
+                        "max_logit_difference": round(float(np.abs(logits - reference).max()), 4),
+                        "logit_range": [round(float(reference.min()), 3), round(float(reference.max()), 3)]})
+    with capsys.disabled():
+        print("\nsam_prompt against SamPredictor (its own resize):", json.dumps(figures))
+    for figure in figures:
+        assert figure["mask_iou"] >= 0.98 and figure["max_logit_difference"] <= 0.01, figure
+
+
 def test_own_malformed_requests_get_4xx_with_a_message(own, setup):
     server, _ = own
     frame = np.asarray(Image.open(setup["frames"]["seq1_00000"][0]))
@@ -692,6 +744,7 @@ def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
     task = server.train(learning_rate="fast")
     assert task["status"] == "ERROR" and "learning_rate must be a number" in task["details"][-1], task["details"][-5:]
     # a label map edited on disk after it was saved no longer fits its frame: the status's last line says so
+    assert server.put_label("seq1_00001", open(setup["frames"]["seq1_00001"][1], "rb").read())[0] == 200
     label_file = glob.glob(os.path.join(server_studies(server), "labels", "final", "seq1_00001.*"))[0]
     good = open(label_file, "rb").read()
     try:
@@ -699,7 +752,9 @@ def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
             handle.write(png_bytes(np.zeros((10, 10), np.uint8)))
         task = server.train(val_split=0.0)
         assert task["status"] == "ERROR"
-        assert "seq1_00001" in task["details"][-1] and "label map" in task["details"][-1], task["details"][-5:]
+        last = task["details"][-1]
+        assert "training failed: TrainingDataRefused: the label map of frame seq1_00001 is 10x10 (height x width) " \
+               "but the frame is 64x80" in last and "PUT /datastore/label?image=seq1_00001&tag=final" in last, task["details"][-5:]
     finally:
         with open(label_file, "wb") as handle:
             handle.write(good)
