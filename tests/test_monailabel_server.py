@@ -675,10 +675,14 @@ def test_own_info_answers_while_inferences_run(own, setup, capsys):
     spec.loader.exec_module(load)
     server, _ = own
     figures = load.measure(server.url, "seq1_00000", requests=4, clients=4, timeout=REQUEST_TIMEOUT_S)
+    wait_for_no_task(server, "scoring")  # an earlier next_sample's background scoring would hold the scoring slot
+    figures["endpoints"] = load.measure_endpoints(server.url, "seq1_00000", repeats=3, timeout=REQUEST_TIMEOUT_S)
+    wait_for_no_task(server, "scoring")  # the background scoring the last next_sample started
     with capsys.disabled():
         print("\nload figures:", json.dumps(figures))
     assert figures["sequential"]["n"] == 4 and figures["4_way"]["n"] == 4
     assert figures["info_during_inference"]["n"] > 4, figures
+    assert set(figures["endpoints"]) == set(load.endpoint_requests(server.url, "seq1_00000"))  # each answered 200
 
 
 def _train_result(task: dict) -> dict:
