@@ -1,6 +1,6 @@
 """Does a /train from a running SurgicalSAM MONAI Label app make the served model worse on held-out frames?
 
-Labels the first N training frames of a prepared dataset through the server (PUT /datastore/label), scores
+Labels the first N training frames (or the ones named) of a prepared dataset through the server (PUT /datastore/label), scores
 the served ``models/model.pt`` on the dataset's validation frames (never labelled, never trained on) under
 the automatic protocol, runs one POST /train/surgicalsam, and scores the model the server serves then.
 Prints one JSON object: Challenge IoU before and after, the wrong extra classes (a class found in a frame
@@ -120,9 +120,18 @@ def held_out_scores(bundle: str, model_file: str, dataset_dir: str, device: str 
             "frames": len(items)}
 
 
-def check(url: str, bundle: str, dataset_dir: str, label_frames: int, settings: dict, train_timeout: float) -> dict:
+def check(url: str, bundle: str, dataset_dir: str, label_frames: int, settings: dict, train_timeout: float,
+          label_ids: list[str] | None = None) -> dict:
     model_file = os.path.join(bundle, "models", "model.pt")
-    labelled = _items(dataset_dir, "training")[:label_frames]
+    training = _items(dataset_dir, "training")
+    if label_ids:
+        by_id = {_image_id(item): item for item in training}
+        unknown = [i for i in label_ids if i not in by_id]
+        if unknown:
+            raise ValueError(f"not training frames of {dataset_dir}: {unknown} (ids are <sequence>_<frame>)")
+        labelled = [by_id[i] for i in label_ids]
+    else:
+        labelled = training[:label_frames]
     for item in labelled:
         put_label(url, _image_id(item), os.path.join(dataset_dir, item["label"]))
     before = held_out_scores(bundle, model_file, dataset_dir)
@@ -144,7 +153,8 @@ def main(argv=None) -> None:
     parser.add_argument("--make_studies", help="copy the training frames into this folder (the datastore) and stop")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--bundle", help="the bundle folder the server serves (its models/model.pt is read)")
-    parser.add_argument("--label_frames", type=int, default=4)
+    parser.add_argument("--label_frames", type=int, default=4, help="label the first N training frames")
+    parser.add_argument("--labels", help="or label these image ids (comma-separated <sequence>_<frame>)")
     parser.add_argument("--train", default="{}", help="JSON body of POST /train/surgicalsam (device cpu unless given)")
     parser.add_argument("--train_timeout", type=float, default=1800.0)
     args = parser.parse_args(argv)
@@ -153,8 +163,9 @@ def main(argv=None) -> None:
         return
     if not args.bundle:
         parser.error("--bundle is needed (the served bundle folder)")
+    label_ids = [i.strip() for i in args.labels.split(",") if i.strip()] if args.labels else None
     print(json.dumps(check(args.url, args.bundle, args.dataset_dir, args.label_frames, json.loads(args.train),
-                           args.train_timeout), indent=2))
+                           args.train_timeout, label_ids), indent=2))
 
 
 if __name__ == "__main__":
