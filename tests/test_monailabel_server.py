@@ -358,6 +358,10 @@ def test_stock_malformed_requests_fail_and_the_server_keeps_serving(stock):
     assert status == 500 and body == b"Internal Server Error", (status, body[:300])  # json.loads(params), unguarded
     status, body = request(f"{server.url}/infer/surgicalsam?output=image", "POST", fields={"params": "{}"})
     assert status == 500 and b"Neither Image nor File" in body, (status, body[:300])  # its own HTTPException(500)
+    # a corrupt frame PUT to the stock datastore is stored and listed (LocalDatastore.add_image copies the file)
+    assert server.put_image("corruptframe", b"not a png")[0] == 200
+    assert "corruptframe" in json.loads(request(f"{server.url}/datastore/?output=all")[1])["objects"]
+    assert request(f"{server.url}/datastore/image?id=corruptframe", "DELETE")[0] == 200
     assert server.alive()
     assert server.infer("surgicalsam")[0] == 200
 
