@@ -293,7 +293,30 @@ def test_training_refuses_a_model_under_another_key(label_bundle, small_demo_dir
 
 
 def test_training_without_labels_says_so(label_bundle):
+    from scripts.monailabel_support import TrainingDataRefused
+
     out, _ = label_bundle
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(TrainingDataRefused, match="no labelled frames"):
         _run_like_bundle_train_task(out, [], [], load=False)
-    assert "no labelled frames" in _messages(raised.value)
+
+
+def test_a_label_of_another_size_is_refused_unwrapped(label_bundle, small_demo_dir, tmp_path):
+    """Not wrapped in MONAI's "Failed to instantiate component" (MONAI Label's train status shows only the
+    last lines of the traceback): the error itself names the frame, both sizes and what to do."""
+    import numpy as np
+    from PIL import Image
+
+    from scripts.monailabel_support import TrainingDataRefused
+
+    out, _ = label_bundle
+    data = _datalist(small_demo_dir, "seq_1")
+    os.makedirs(tmp_path / "final")
+    data[1]["label"] = str(tmp_path / "final" / (os.path.basename(data[1]["image"])))
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(data[1]["label"])
+    with pytest.raises(TrainingDataRefused) as raised:
+        _run_like_bundle_train_task(out, data, [], load=False)
+    image_id = os.path.basename(data[1]["image"])[:-4]
+    message = str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert f"label map of frame {image_id} is 10x12 (height x width) but the frame is 64x80" in message
+    assert f"PUT /datastore/label?image={image_id}&tag=final" in message, message

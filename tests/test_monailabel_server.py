@@ -350,6 +350,18 @@ def test_stock_malformed_requests_fail_and_the_server_keeps_serving(stock):
     assert server.infer("nosuch")[0] >= 400
     assert server.infer("surgicalsam", image="nosuch")[0] >= 400
     assert server.infer("surgicalsam", image=None, file=b"not a png")[0] >= 400
+    # These two are answered by MONAI Label's /infer endpoint itself (monailabel/endpoints/infer.py
+    # run_inference) before any app or bundle code runs, so only the bundle's own app turns them into 400
+    # (test_own_malformed_requests_get_4xx_with_a_message); the app README says so.
+    status, body = request(f"{server.url}/infer/surgicalsam?image=seq1_00000&output=image", "POST",
+                           fields={"params": "{not json"})
+    assert status == 500 and body == b"Internal Server Error", (status, body[:300])  # json.loads(params), unguarded
+    status, body = request(f"{server.url}/infer/surgicalsam?output=image", "POST", fields={"params": "{}"})
+    assert status == 500 and b"Neither Image nor File" in body, (status, body[:300])  # its own HTTPException(500)
+    # a corrupt frame PUT to the stock datastore is stored and listed (LocalDatastore.add_image copies the file)
+    assert server.put_image("corruptframe", b"not a png")[0] == 200
+    assert "corruptframe" in json.loads(request(f"{server.url}/datastore/?output=all")[1])["objects"]
+    assert request(f"{server.url}/datastore/image?id=corruptframe", "DELETE")[0] == 200
     assert server.alive()
     assert server.infer("surgicalsam")[0] == 200
 
@@ -388,6 +400,31 @@ def test_stock_label_then_train_guards_the_served_model(stock, setup):
     status, body = server.infer("surgicalsam")
     assert status == 200
     np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000"))
+
+
+def test_stock_label_of_another_size_the_train_status_says_why(stock, setup):
+    """MONAI Label's stock datastore stores a label map of another size (its PUT runs no bundle code:
+    LocalDatastore.save_label copies the file); training then ends in ERROR, and the train status's last line
+    is the bundle's reason (frame, both sizes, what to do), not MONAI's "Failed to instantiate" wrapper."""
+    server, bundle = stock
+    image_id = "seq2_00000"
+    model_file = os.path.join(bundle, "models", "model.pt")
+    before = open(model_file, "rb").read()
+    status, body = server.put_label(image_id, png_bytes(np.zeros((10, 12), np.uint8)))
+    assert status == 200, body  # the stock app's limit: the bundle's own app answers 400 here
+    try:
+        task = server.train(val_split=0.0)
+        details = task.get("details", [])
+        assert task["status"] == "ERROR", details[-5:]
+        last = details[-1]
+        assert "TrainingDataRefused: the label map of frame seq2_00000 is 10x12 (height x width) but the frame " \
+               "is 64x80" in last, details[-5:]
+        assert "PUT /datastore/label?image=seq2_00000&tag=final" in last, last
+        assert not any("Failed to instantiate" in line for line in details), details
+        assert open(model_file, "rb").read() == before
+    finally:
+        status, body = request(f"{server.url}/datastore/label?id={image_id}&tag=final", "DELETE")
+        assert status == 200, body
 
 
 # --------------------------------------------------------------------------------------------- own app
@@ -434,6 +471,58 @@ def test_own_sam_clicks_and_box(own, setup):
         prompts = {k: v for k, v in params.items() if k in ("foreground", "background", "box")}
         logits, _ = prompter(frame, **prompts)
         np.testing.assert_array_equal(mask, (logits[0, 0] > 0).numpy().astype(np.uint8) * value)
+
+
+SAM_PROMPTS = [{"foreground": [[10, 20]]}, {"foreground": [[10, 20], [30, 40]], "background": [[70, 5]]},
+               {"box": [5, 6, 50, 60]}, {"foreground": [[12, 30]], "box": [0, 0, 40, 63]}]
+
+
+def _segment_anything_predictor(setup, frame_file, prompts, resize, out_dir):
+    """segment-anything's SamPredictor on the same SAM weights (tests/segment_anything_predictor.py, run in
+    the MONAI Label environment, which has the torchvision it imports) -> logits (H, W) per prompt."""
+    request_file, out_file = os.path.join(out_dir, f"request_{resize}.json"), os.path.join(out_dir, f"logits_{resize}.npz")
+    with open(request_file, "w") as handle:
+        json.dump({"variant": "tiny", "checkpoint": setup["sam"], "frame": frame_file, "prompts": prompts,
+                   "resize": resize}, handle)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PYTHONPATH=os.path.join(REPO, "bundle"), OMP_NUM_THREADS="1")
+    subprocess.run([setup["python"], os.path.join(REPO, "tests", "segment_anything_predictor.py"), request_file, out_file],
+                   check=True, env=env, timeout=REQUEST_TIMEOUT_S)
+    logits = np.load(out_file)
+    return [logits[f"logits_{i}"] for i in range(len(prompts))]
+
+
+def test_own_sam_prompt_agrees_with_segment_anythings_predictor(own, setup, tmp_path, capsys):
+    """The served sam_prompt and segment-anything's own SamPredictor, same SAM weights (a tiny SAM built from
+    segment-anything's classes: no official weights can be fetched here), same frame, clicks and box. They
+    differ only by how the frame is resized to SAM's input: handed the app's resize, the predictor gives the
+    app's logits (1e-4) and masks exactly; with its own (uint8, PIL), the masks agree to the printed IoU."""
+    from scripts.networks.sam_prompting import SamPointPrompter
+
+    server, bundle = own
+    frame_file = setup["frames"]["seq1_00000"][0]
+    prompter = SamPointPrompter(_network(setup, os.path.join(bundle, "models", "model.pt")), "tiny", setup["sam"])
+    own_resize = _segment_anything_predictor(setup, frame_file, SAM_PROMPTS, "predictor", str(tmp_path))
+    app_resize = _segment_anything_predictor(setup, frame_file, SAM_PROMPTS, "app", str(tmp_path))
+    figures = []
+    for prompts, reference, same_input in zip(SAM_PROMPTS, own_resize, app_resize):
+        status, body = server.infer("sam_prompt", params=prompts)
+        assert status == 200, body[:300]
+        served = png_array(body) > 0
+        with torch.no_grad():
+            logits = prompter(_frame_tensor(frame_file), **prompts)[0][0, 0].numpy()
+        np.testing.assert_array_equal(served, logits > 0)  # the served mask is these logits' (as test_own_sam_clicks_and_box)
+        np.testing.assert_allclose(logits, same_input, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(served, same_input > 0)
+        theirs = reference > 0
+        figures.append({"prompts": prompts, "mask_iou": round(float((served & theirs).sum() / (served | theirs).sum()), 4),
+                        "pixels_differing": int((served ^ theirs).sum()), "pixels": int(served.size),
+                        "max_logit_difference": round(float(np.abs(logits - reference).max()), 4),
+                        "logit_range": [round(float(reference.min()), 3), round(float(reference.max()), 3)]})
+    with capsys.disabled():
+        print("\nsam_prompt against SamPredictor (its own resize):", json.dumps(figures))
+    for figure in figures:
+        assert figure["mask_iou"] >= 0.98 and figure["max_logit_difference"] <= 0.01, figure
 
 
 def test_own_malformed_requests_get_4xx_with_a_message(own, setup):
@@ -590,10 +679,14 @@ def test_own_info_answers_while_inferences_run(own, setup, capsys):
     spec.loader.exec_module(load)
     server, _ = own
     figures = load.measure(server.url, "seq1_00000", requests=4, clients=4, timeout=REQUEST_TIMEOUT_S)
+    wait_for_no_task(server, "scoring")  # an earlier next_sample's background scoring would hold the scoring slot
+    figures["endpoints"] = load.measure_endpoints(server.url, "seq1_00000", repeats=3, timeout=REQUEST_TIMEOUT_S)
+    wait_for_no_task(server, "scoring")  # the background scoring the last next_sample started
     with capsys.disabled():
         print("\nload figures:", json.dumps(figures))
     assert figures["sequential"]["n"] == 4 and figures["4_way"]["n"] == 4
     assert figures["info_during_inference"]["n"] > 4, figures
+    assert set(figures["endpoints"]) == set(load.endpoint_requests(server.url, "seq1_00000"))  # each answered 200
 
 
 def _train_result(task: dict) -> dict:
@@ -659,6 +752,7 @@ def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
     task = server.train(learning_rate="fast")
     assert task["status"] == "ERROR" and "learning_rate must be a number" in task["details"][-1], task["details"][-5:]
     # a label map edited on disk after it was saved no longer fits its frame: the status's last line says so
+    assert server.put_label("seq1_00001", open(setup["frames"]["seq1_00001"][1], "rb").read())[0] == 200
     label_file = glob.glob(os.path.join(server_studies(server), "labels", "final", "seq1_00001.*"))[0]
     good = open(label_file, "rb").read()
     try:
@@ -666,7 +760,9 @@ def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
             handle.write(png_bytes(np.zeros((10, 10), np.uint8)))
         task = server.train(val_split=0.0)
         assert task["status"] == "ERROR"
-        assert "seq1_00001" in task["details"][-1] and "label map" in task["details"][-1], task["details"][-5:]
+        last = task["details"][-1]
+        assert "training failed: TrainingDataRefused: the label map of frame seq1_00001 is 10x10 (height x width) " \
+               "but the frame is 64x80" in last and "PUT /datastore/label?image=seq1_00001&tag=final" in last, task["details"][-5:]
     finally:
         with open(label_file, "wb") as handle:
             handle.write(good)

@@ -57,6 +57,25 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+class TrainingDataRefused(BaseException):
+    """Datastore frames or label maps that training cannot use; the message names the frame and what to do.
+
+    A ``BaseException``, not an ``Exception``, on purpose (as pytest's outcome exceptions): MONAI's config
+    parser re-raises every ``Exception`` raised while it builds a component as ``RuntimeError("Failed to
+    instantiate component ...")`` (``monai.utils.module.instantiate``), and MONAI Label shows as the train
+    status only the last 20 lines of the training process's output, where a traceback ends with that
+    wrapper and the real reason is 25 lines further up. This exception passes MONAI's wrapper and MONAI
+    Label's ``BundleTrainTask`` as it is, so the training process's last line of output, the train status's
+    last line, is ``...TrainingDataRefused: <the reason>`` (in the stock ``monaibundle`` app too, which runs
+    this bundle's train config with MONAI Label's own train task).
+    """
+
+
+def _image_id(path: str) -> str:
+    """The datastore's image id of a frame file (its name without extension)."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 def _check_item(item: object, index: int) -> tuple[str, str]:
     if not isinstance(item, Mapping) or "image" not in item or "label" not in item:
         raise DatasetError(f"datalist item {index} must be a dict with 'image' and 'label' files, got {item!r}")
@@ -115,7 +134,12 @@ class FrameEmbedder:
         frame = read_frame(image_path)
         label = read_label_map(label_path, self.num_classes, self.ignore_index)
         if frame.shape[:2] != label.shape:
-            raise DatasetError(f"frame {image_path} is {frame.shape[:2]} but its label map {label_path} is {label.shape}")
+            image_id, tag = _image_id(image_path), os.path.basename(os.path.dirname(os.path.abspath(label_path)))
+            raise DatasetError(
+                f"the label map of frame {image_id} is {label.shape[0]}x{label.shape[1]} (height x width) but the frame is "
+                f"{frame.shape[0]}x{frame.shape[1]} (label map {label_path}, frame {image_path}): save a label map of "
+                f"the frame's size (PUT /datastore/label?image={image_id}&tag={tag}) or remove this one "
+                f"(DELETE /datastore/label?id={image_id}&tag={tag}), then train again")
         height, width = self.frame_size
         if frame.shape[:2] != (height, width):
             frame = np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
@@ -143,14 +167,22 @@ class FrameEmbedder:
         return embedding
 
     def items(self, data: Sequence[Mapping]) -> list[dict]:
-        """Every datalist item -> ``{"image_embeddings", "label" (H, W) uint8 tensor, "key"}``."""
+        """Every datalist item -> ``{"image_embeddings", "label" (H, W) uint8 tensor, "key"}``.
+
+        Raises:
+            TrainingDataRefused: an item is not a pair of existing files, a frame or label map cannot be
+                read, or a label map is not of its frame's size (the message names the frame and what to do).
+        """
         result = []
         for index, item in enumerate(data):
-            image_path, label_path = _check_item(item, index)
-            frame, label = self.load_pair(image_path, label_path)
+            try:
+                image_path, label_path = _check_item(item, index)
+                frame, label = self.load_pair(image_path, label_path)
+            except DatasetError as error:  # said as the train status's last line (see TrainingDataRefused)
+                raise TrainingDataRefused(str(error)) from None
             result.append({"image_embeddings": self.embedding(image_path, frame),
                            "label": torch.from_numpy(np.ascontiguousarray(label)),
-                           "key": os.path.splitext(os.path.basename(image_path))[0]})
+                           "key": _image_id(image_path)})
         logger.info("MONAI Label datalist: %d frames embedded (%s)", len(result), self.sam_variant)
         return result
 
@@ -166,7 +198,7 @@ class DatalistPromptDataset(Dataset):
     def __init__(self, data: Sequence[Mapping], embedder: FrameEmbedder, num_classes: int,
                  absent_prompts_per_frame: int = 0, seed: int = 666) -> None:
         if not data:
-            raise DatasetError("no labelled frames to train on: save label maps for some frames first "
+            raise TrainingDataRefused("no labelled frames to train on: save label maps for some frames first "
                                "(MONAI Label: PUT /datastore/label?image=ID)")
         self.num_classes, self.absent_prompts_per_frame, self.seed = int(num_classes), int(absent_prompts_per_frame), seed
         self.frames = embedder.items(data)
@@ -184,7 +216,7 @@ class DatalistPromptDataset(Dataset):
             frame["grid_classes"] = [c for c, g in zip(present, grid) if bool(g.any())]
         self.set_epoch(0)
         if not any(frame["grid_classes"] for frame in self.frames):
-            raise DatasetError(f"none of the {len(self.frames)} labelled frames shows an instrument (label values "
+            raise TrainingDataRefused(f"none of the {len(self.frames)} labelled frames shows an instrument (label values "
                                f"1..{self.num_classes}) large enough to train on")
 
     def set_epoch(self, epoch: int) -> None:

@@ -83,7 +83,9 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             os.remove(result_file)
         try:
             super().__call__(request, datastore)
-        except Exception as error:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # also the bundle's TrainingDataRefused, a BaseException (see its docstring)
             cause = _root_cause(error)
             logger.error("training failed: %s: %s", type(cause).__name__, cause)
             raise TrainingRefused(f"training failed: {type(cause).__name__}: {cause}") from None
