@@ -17,7 +17,7 @@ evaluate configs, the ``surgical-sam`` command and the MONAI Label app. Where th
 OpenMP (torch's CPU threads, GNU libgomp) makes a thread that waits for work at the end of a parallel
 region spin for a while (``GOMP_SPINCOUNT`` 300000) before it sleeps. On cores shared with other
 processes a spinning thread takes the core its partner needs to finish, and every small operation
-waits for a scheduler time slice: the demo's training step took 4x as long under that. With
+waits for a scheduler time slice: a demo training epoch took 7-12x as long under that (model card). With
 ``OMP_WAIT_POLICY=PASSIVE`` (:data:`OPENMP_ENVIRONMENT`) a waiting thread sleeps at once; the numbers
 computed are the same. OpenMP reads the variable once, when it is loaded with torch, so
 :func:`set_openmp_environment` must run before ``import torch``: the ``surgical-sam`` command does that
