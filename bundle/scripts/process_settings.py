@@ -76,8 +76,8 @@ def set_openmp_environment() -> dict:
     inherit the variable either way.
 
     Returns:
-        {name: {"value": the value now in the environment, "set_by": "bundle" or "environment" (the user's or a parent process's),
-        "in_force_here": whether this process's OpenMP was loaded with that value}}.
+        {name: {"value": the value now in the environment, "set_by": "bundle" or "environment" (the user's
+        or a parent process's), "in_force_here": whether this process's OpenMP was loaded with that value}}.
     """
     global _openmp
     if _openmp is not None:
