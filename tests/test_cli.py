@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -111,6 +112,10 @@ def test_run_benchmark_tiny():
     assert "not called" in paths["original_out_of_the_box"]["process_settings"]["allocator"]
     assert paths["original_equal_terms"]["process_settings"] == paths["bundle"]["process_settings"]
     assert result["process_settings"] == paths["bundle"]["process_settings"]
+    # OpenMP's wait policy reaches the workers through their environment, before their torch loads
+    assert paths["original_out_of_the_box"]["process_settings"]["openmp"]["OMP_WAIT_POLICY"]["value"] is None
+    assert paths["bundle"]["process_settings"]["openmp"]["OMP_WAIT_POLICY"] == {
+        "value": os.environ["OMP_WAIT_POLICY"], "set_by": "environment", "in_force_here": True}
     # same weights and data: the bundle's path and the copy of the original's give the same loss and step
     assert result["train_loss_abs_diff"] < 1e-5
     assert result["data_batch_read_s"] > 0 and result["data_batch_read_share_of_step"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,49 @@ def test_the_cli_and_the_monailabel_app_apply_the_settings():
     assert "apply_process_settings()" in inspect.getsource(cli.main)
     app = open(os.path.join(os.path.dirname(BUNDLE_ROOT), "monailabel_app", "main.py")).read()
     assert "apply_bundle_process_settings(self.bundle)" in app
+
+
+def openmp_spin_count(command: list[str], **env_set) -> str:
+    """GOMP_SPINCOUNT as the OpenMP runtime of the process ``command`` starts reports it when it loads
+    (OMP_DISPLAY_ENV=VERBOSE): 0 under OMP_WAIT_POLICY=PASSIVE, 300000 without the variable."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(OMP_DISPLAY_ENV="VERBOSE", PYTHONPATH=BUNDLE_ROOT, **env_set)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = [line.split("=")[1].strip(" '") for line in done.stderr.splitlines() if "GOMP_SPINCOUNT" in line]
+    assert counts, f"no OpenMP display in the output: {done.stderr[-2000:]}"
+    return counts[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torch's libgomp")
+def test_the_cli_loads_openmp_with_the_passive_wait_policy_and_keeps_a_users_value():
+    command = [sys.executable, "-m", "scripts.cli", "make_sam_checkpoint", "--help"]
+    assert openmp_spin_count([sys.executable, "-c", "import torch"]) != "0"  # the runtime's default spins
+    assert openmp_spin_count(command) == "0"  # the bundle's command: PASSIVE before torch loaded
+    assert openmp_spin_count(command, OMP_WAIT_POLICY="ACTIVE") != "0"  # the user's value is kept
+
+
+def test_the_record_says_whether_the_variable_is_in_force_in_this_process_and_reaches_child_processes():
+    # as under `python -m monai.bundle run`: torch first, then the bundle's settings
+    probe = textwrap.dedent(f"""
+        import json, os, subprocess, sys
+        import torch
+        sys.path.insert(0, {BUNDLE_ROOT!r})
+        from scripts.process_settings import apply_process_settings
+        record = apply_process_settings()["openmp"]["OMP_WAIT_POLICY"]
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['OMP_WAIT_POLICY'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        print(json.dumps({{"record": record, "child": child}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["record"] == {"value": "PASSIVE", "set_by": "bundle", "in_force_here": False}
+    assert out["child"] == "PASSIVE"
+
+
+def test_the_benchmarks_out_of_the_box_worker_runs_without_the_bundles_variables():
+    from scripts.benchmark import worker_environment
+
+    assert worker_environment(plain=False)["OMP_WAIT_POLICY"] == os.environ["OMP_WAIT_POLICY"]
+    assert "OMP_WAIT_POLICY" not in worker_environment(plain=True)

@@ -430,15 +430,27 @@ def _encoder_worker(cfg: dict) -> dict[str, Any]:
     return out
 
 
+def worker_environment(plain: bool) -> dict[str, str]:
+    """The environment of a benchmark worker: this process's (with the bundle's OpenMP variables, which a
+    worker's OpenMP reads when it loads), or with ``plain`` one without allocator variables and without the
+    variables of ``process_settings.OPENMP_ENVIRONMENT``."""
+    from .process_settings import OPENMP_ENVIRONMENT, set_openmp_environment
+
+    set_openmp_environment()
+    env = dict(os.environ)
+    if plain:
+        dropped = {"LD_PRELOAD", "GLIBC_TUNABLES"} | {name for name, _ in OPENMP_ENVIRONMENT}
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k not in dropped}
+    return env
+
+
 def _run_worker(kind: str, cfg: dict, plain: bool, say) -> dict[str, Any]:
     """Run ``python -m scripts.benchmark KIND CONFIG`` in a fresh process; ``plain``: an environment without
-    allocator variables (the original as it runs out of the box)."""
+    allocator and OpenMP variables (the original as it runs out of the box)."""
     import json
     import subprocess
 
-    env = dict(os.environ)
-    if plain:
-        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    env = worker_environment(plain)
     bundle_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([bundle_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     say(f"{kind} {cfg.get('path', '')}: a fresh process")

@@ -859,9 +859,10 @@ def _quiet(result: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``surgical-sam`` (and ``python -m scripts.cli``)."""
-    import fire
+    from scripts.process_settings import apply_process_settings, set_openmp_environment
 
-    from scripts.process_settings import apply_process_settings
+    set_openmp_environment()  # before anything loads torch (OpenMP reads it once, when it loads)
+    import fire
 
     apply_process_settings()
 

@@ -14,6 +14,18 @@ peak of one step. Every entry point users run calls it once: ``initialize`` of t
 evaluate configs, the ``surgical-sam`` command and the MONAI Label app. Where the C library is not glibc
 (macOS, musl) nothing is changed and the returned settings say so.
 
+OpenMP (torch's CPU threads, GNU libgomp) makes a thread that waits for work at the end of a parallel
+region spin for a while (``GOMP_SPINCOUNT`` 300000) before it sleeps. On cores shared with other
+processes a spinning thread takes the core its partner needs to finish, and every small operation
+waits for a scheduler time slice: a demo training epoch took 7-12x as long under that (model card). With
+``OMP_WAIT_POLICY=PASSIVE`` (:data:`OPENMP_ENVIRONMENT`) a waiting thread sleeps at once; the numbers
+computed are the same. OpenMP reads the variable once, when it is loaded with torch, so
+:func:`set_openmp_environment` must run before ``import torch``: the ``surgical-sam`` command does that
+first. Under ``python -m monai.bundle run`` torch is loaded before any config line runs; there the
+variable only reaches the processes started afterwards, and the record says that it is not in force in
+the process itself (start with ``OMP_WAIT_POLICY=PASSIVE python -m monai.bundle run ...``). A value the
+user set is kept.
+
 The model card's "Speed and memory" section measures what each setting contributes. The module needs
 nothing but the standard library until it is called (the MONAI Label app loads it by its file path).
 """
@@ -22,9 +34,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
+import os
 import sys
 
-__all__ = ["MALLOPT_SETTINGS", "apply_process_settings", "current_process_settings"]
+__all__ = ["MALLOPT_SETTINGS", "OPENMP_ENVIRONMENT", "apply_process_settings", "current_process_settings",
+           "set_openmp_environment"]
 
 # mallopt parameter numbers of glibc's malloc.h
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -36,7 +51,51 @@ MALLOPT_SETTINGS = (
     ("M_TOP_PAD", _M_TOP_PAD, 64 * 2**20),
 )
 
+#: Environment variables for OpenMP that :func:`set_openmp_environment` sets where the user has not: (name, value).
+OPENMP_ENVIRONMENT = (("OMP_WAIT_POLICY", "PASSIVE"),)
+
 _applied: dict | None = None
+_openmp: dict | None = None
+
+
+def _openmp_loaded() -> bool:
+    """Whether an OpenMP runtime (torch's libgomp, or LLVM's/Intel's) is loaded in this process."""
+    try:
+        with open("/proc/self/maps") as handle:
+            maps = handle.read()
+    except OSError:  # not Linux: torch brings the runtime
+        return "torch" in sys.modules
+    return any(name in maps for name in ("libgomp", "libomp", "libiomp"))
+
+
+def set_openmp_environment() -> dict:
+    """Set :data:`OPENMP_ENVIRONMENT` in ``os.environ`` where the user has not set the variable (once).
+
+    Effective in this process only when called before OpenMP is loaded (before ``import torch``); the
+    processes this one starts afterwards (benchmark workers, MONAI Label tasks, spawned loader workers)
+    inherit the variable either way.
+
+    Returns:
+        {name: {"value": the value now in the environment, "set_by": "bundle" or "environment" (the user's
+        or a parent process's), "in_force_here": whether this process's OpenMP was loaded with that value}}.
+    """
+    global _openmp
+    if _openmp is not None:
+        return _openmp
+    loaded = _openmp_loaded()
+    record = {}
+    for name, value in OPENMP_ENVIRONMENT:
+        set_by = "environment" if name in os.environ else "bundle"
+        os.environ.setdefault(name, value)
+        record[name] = {"value": os.environ[name], "set_by": set_by,
+                        # a value found was there when OpenMP loaded; the bundle's only if it came first
+                        "in_force_here": set_by == "environment" or not loaded}
+        if not record[name]["in_force_here"]:
+            logging.getLogger(__name__).info(
+                "%s=%s reaches only the processes started from here: OpenMP was loaded before it was set (start "
+                "with %s=%s python -m monai.bundle run ... to have it in this process too)", name, value, name, value)
+    _openmp = record
+    return record
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -61,10 +120,12 @@ def apply_process_settings(allocator: bool = True) -> dict:
         allocator: make the glibc ``mallopt`` settings of :data:`MALLOPT_SETTINGS`.
 
     Returns:
-        dict ``allocator`` (the settings made, or why none were), ``torch_threads`` and
+        dict ``allocator`` (the settings made, or why none were), ``openmp`` (the record of
+        :func:`set_openmp_environment`, called here if it was not before), ``torch_threads`` and
         ``torch_interop_threads`` (torch's defaults, one intra-op thread per physical core, are kept:
         the benchmark measured no gain from other counts on the build machine).
     """
+    openmp = set_openmp_environment()
     import torch
 
     global _applied
@@ -82,6 +143,7 @@ def apply_process_settings(allocator: bool = True) -> dict:
                     raise RuntimeError(f"glibc refused mallopt({name}, {value}); report this with `ldd --version`")
                 made[name] = value
             record["allocator"] = {"glibc": libc.gnu_get_libc_version().decode(), "mallopt": made}
+    record["openmp"] = openmp
     record["torch_threads"] = torch.get_num_threads()
     record["torch_interop_threads"] = torch.get_num_interop_threads()
     _applied = record
@@ -89,10 +151,13 @@ def apply_process_settings(allocator: bool = True) -> dict:
 
 
 def current_process_settings() -> dict:
-    """The record of :func:`apply_process_settings` if it ran in this process, else torch's thread counts."""
+    """The record of :func:`apply_process_settings` if it ran in this process, else torch's thread counts and
+    the OpenMP variables of :data:`OPENMP_ENVIRONMENT` as the environment holds them (None: not set)."""
     import torch
 
     if _applied is not None:
         return _applied
-    return {"allocator": "unchanged (apply_process_settings not called)", "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads()}
+    openmp = _openmp or {name: {"value": os.environ.get(name), "set_by": "environment" if name in os.environ else None,
+                                "in_force_here": name in os.environ} for name, _ in OPENMP_ENVIRONMENT}
+    return {"allocator": "unchanged (apply_process_settings not called)", "openmp": openmp,
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
