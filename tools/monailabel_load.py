@@ -23,21 +23,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 
-def _infer(url: str, image: str, timeout: float) -> float:
-    boundary = uuid.uuid4().hex
-    params = json.dumps({"result_extension": ".png", "result_dtype": "uint8"})
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{params}\r\n'
-            f"--{boundary}--\r\n").encode()
-    request = urllib.request.Request(f"{url}/infer/surgicalsam?image={image}&output=image", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    start = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"inference answered {response.status}")
-    return time.perf_counter() - start
-
-
 def _timed(url: str, method: str = "GET", form: dict | None = None, json_body: dict | None = None,
            timeout: float = 120.0) -> float:
     """Seconds from sending one request to having read its whole answer (which must be 200)."""
@@ -56,6 +41,13 @@ def _timed(url: str, method: str = "GET", form: dict | None = None, json_body: d
         if response.status != 200:
             raise RuntimeError(f"{method} {url} answered {response.status}")
     return time.perf_counter() - start
+
+
+def _infer(url: str, image: str, timeout: float) -> float:
+    """Seconds for one automatic pre-label of ``image`` (``surgicalsam``, PNG label map)."""
+    params = json.dumps({"result_extension": ".png", "result_dtype": "uint8"})
+    return _timed(f"{url}/infer/surgicalsam?image={image}&output=image", "POST", form={"params": params},
+                  timeout=timeout)
 
 
 def endpoint_requests(url: str, image: str) -> dict:
