@@ -400,11 +400,11 @@ def init_distributed(backend: str) -> None:
 def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[str]:
     """The input-check problem of a SAM weights file that does not exist, with how to get it; [] when it
     exists or no path is given."""
-    from .networks.sam_backbone import _how_to_get
+    from .networks.sam_backbone import how_to_get_sam_weights
 
     if sam_checkpoint is None or os.path.isfile(sam_checkpoint):
         return []
-    return [f"SAM weights: {sam_checkpoint} not found. {_how_to_get(sam_variant, sam_checkpoint)}; "
+    return [f"SAM weights: {sam_checkpoint} not found. {how_to_get_sam_weights(sam_variant, sam_checkpoint)}; "
             "or pass --sam_checkpoint PATH."]
 
 

@@ -43,8 +43,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..networks.sam_backbone import build_sam, file_md5, get_variant
+from ..networks.sam_backbone import build_sam, get_variant
 from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
+from ..networks.state_dict_check import memoised_md5
 from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws, version_for_epoch
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
@@ -74,28 +75,12 @@ SPACE_WARN_FRACTION = 0.8
 
 # ------------------------------------------------------------------------------------------ identity
 def checkpoint_fingerprint(path: str | None) -> str:
-    """md5 of the SAM checkpoint, memoised beside it in ``<path>.md5`` keyed by size and mtime."""
+    """md5 of the SAM checkpoint (:func:`~scripts.networks.state_dict_check.memoised_md5`), "random-init" for none."""
     if path is None:
         return "random-init"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
-    stat = os.stat(path)
-    key = f"{stat.st_size}:{stat.st_mtime_ns}"
-    memo = f"{path}.md5"
-    try:
-        with open(memo) as handle:
-            stored_key, stored_md5 = handle.read().split()
-        if stored_key == key:
-            return stored_md5
-    except (OSError, ValueError):
-        pass
-    digest = file_md5(path)
-    try:
-        with open(memo, "w") as handle:
-            handle.write(f"{key} {digest}\n")
-    except OSError:
-        pass  # read-only folder: compute again next time
-    return digest
+    return memoised_md5(path)
 
 
 def cache_identity(sam_variant: str, sam_checkpoint: str | None, taps: Sequence[int] | None = None) -> dict:

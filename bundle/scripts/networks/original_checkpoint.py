@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .state_dict_check import read_checkpoint_dict
+from .state_dict_check import read_checkpoint_dict, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -150,15 +150,9 @@ def original_to_bundle_state_dict(
     decoder = parts[DECODER_KEY]
     if any(k.startswith("mask_decoder.") for k in decoder):
         decoder = {k.removeprefix("mask_decoder."): v for k, v in decoder.items()}
-    missing = sorted(set(sam_decoder) - set(decoder))
-    unexpected = sorted(set(decoder) - set(sam_decoder))
-    wrong = [f"{k}: {tuple(decoder[k].shape)} instead of {tuple(sam_decoder[k].shape)}"
-             for k in sorted(set(decoder) & set(sam_decoder)) if tuple(decoder[k].shape) != tuple(sam_decoder[k].shape)]
-    if missing or unexpected or wrong:
-        raise OriginalCheckpointError(
-            f"{source}: {DECODER_KEY} does not fit SAM's mask decoder: {len(missing)} missing keys {missing[:4]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:4]}, {len(wrong)} of another shape {wrong[:3]}."
-        )
+    details = state_dict_mismatch(decoder, sam_decoder, expected_as="in SAM's mask decoder")
+    if details:
+        raise OriginalCheckpointError(f"{source}: {DECODER_KEY} does not fit SAM's mask decoder: {'; '.join(details)}.")
     if int(sam_prompt["prompt_encoder.point_embeddings.0.weight"].shape[-1]) != embed_dim:
         raise OriginalCheckpointError(f"{source} has d={embed_dim} but the SAM checkpoint's prompt encoder another d")
 
