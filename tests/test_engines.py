@@ -22,10 +22,10 @@ from scripts.engines import (
     check_evaluation_inputs,
     check_training_inputs,
     endovis_metric_inputs,
-    format_metrics_table,
 )
 from scripts.data.embedding_cache import StaleCacheError
 from scripts.inferers import ClassPromptInferer
+from scripts.metrics import format_metrics_table
 
 NUM_CLASSES = 3
 H, W = 8, 10

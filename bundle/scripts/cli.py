@@ -40,7 +40,6 @@ __all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "demo
            "prepare_custom", "prepare_endovis2017", "prepare_endovis2018", "score"]
 
 PROG = "surgical-sam"
-PROTOCOLS = ("oracle", "auto")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -211,8 +210,7 @@ def score(
     """
     from scripts.data.layout import DESCRIPTION_FILE, DatasetError, read_dataset_description
     from scripts.data.layout import class_names as description_class_names
-    from scripts.engines import format_metrics_table
-    from scripts.metrics import score_label_map_folders
+    from scripts.metrics import PROTOCOLS, format_metrics_table, score_label_map_folders
 
     pred_folder = _existing_dir(pred_dir, "pred_dir")
     gt_folder = _existing_dir(gt_dir, "gt_dir")
@@ -408,7 +406,7 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     """
     from scripts.data.embedding_cache import StaleCacheError
     from scripts.data.layout import DatasetError
-    from scripts.engines import format_metrics_table
+    from scripts.metrics import PROTOCOLS, format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(bundle_root, ("train.yaml", "demo.yaml", "evaluate.yaml"), epochs, fresh)
     train_files = [str(needed[0]), str(needed[1])]
@@ -429,18 +427,15 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     except (FileNotFoundError, DatasetError, StaleCacheError) as error:
         raise _fail(str(error)) from None
 
-    def fmt(value) -> str:
-        return "n/a" if value is None or value != value else f"{value:.1f}"
-
     print()
     for protocol in PROTOCOLS:
         print(format_metrics_table(results[protocol]))
         print(f"  (written to {results[protocol]['metrics_file']})")
         print()
     summary = (
-        f"demo: oracle Challenge IoU {fmt(results['oracle'].get('challenge_iou'))}, "
-        f"auto Challenge IoU {fmt(results['auto'].get('challenge_iou'))}, "
-        f"IoU {fmt(results['auto'].get('iou'))} (held-out demo frames)"
+        f"demo: oracle Challenge IoU {format_metric(results['oracle'].get('challenge_iou'), 0, 1)}, "
+        f"auto Challenge IoU {format_metric(results['auto'].get('challenge_iou'), 0, 1)}, "
+        f"IoU {format_metric(results['auto'].get('iou'), 0, 1)} (held-out demo frames)"
     )
     print(summary)
     results["summary"] = summary
@@ -468,7 +463,7 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
     """
     from scripts.data.embedding_cache import CacheSpaceError, StaleCacheError
     from scripts.data.layout import DatasetError
-    from scripts.engines import format_metrics_table
+    from scripts.metrics import format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(
         bundle_root, ("train_distill.yaml", "demo_distill.yaml", "evaluate_distill.yaml"), epochs, fresh
@@ -491,15 +486,13 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
         raise _fail(str(error)) from None
     result["metrics_file"] = str(metrics_file)
 
-    def fmt(value) -> str:
-        return "n/a" if value is None or value != value else f"{value:.1f}"
-
     print()
     print(format_metrics_table(result))
     print(f"  (written to {metrics_file})")
     print()
-    summary = (f"demo_distill: auto Challenge IoU {fmt(result.get('challenge_iou'))}, IoU {fmt(result.get('iou'))}, "
-               f"mcIoU {fmt(result.get('mc_iou'))} (held-out demo frames)")
+    summary = (f"demo_distill: auto Challenge IoU {format_metric(result.get('challenge_iou'), 0, 1)}, "
+               f"IoU {format_metric(result.get('iou'), 0, 1)}, mcIoU {format_metric(result.get('mc_iou'), 0, 1)} "
+               "(held-out demo frames)")
     print(summary)
     return {"auto": result, "summary": summary}
 
@@ -670,8 +663,7 @@ def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dic
         inputs: comma-separated paths.
         output: where to write the pooled metrics (JSON); "" to write nothing.
     """
-    from scripts.engines import format_pooled_table
-    from scripts.metrics import _json_safe, pool_frame_statistics
+    from scripts.metrics import format_pooled_table, json_safe, pool_frame_statistics
 
     paths = [p.strip() for p in inputs.split(",")] if isinstance(inputs, str) else [str(p) for p in (inputs or [])]
     paths = [p for p in paths if p]
@@ -685,7 +677,7 @@ def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dic
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w") as handle:
-            json.dump(_json_safe(result), handle, indent=2)
+            json.dump(json_safe(result), handle, indent=2)
         print(f"pooled metrics written to {os.path.abspath(output)}")
     return result
 

@@ -16,9 +16,7 @@ import math
 import torch
 from monai.inferers import Inferer
 
-from .metrics import merge_class_masks
-
-PROTOCOLS = ("oracle", "auto")
+from .metrics import PROTOCOLS, merge_class_masks
 
 
 def autocast(device_type: str, enabled: bool):
