@@ -775,6 +775,7 @@ def pack(out_dir: str, bundle_root: str | None = None, with_onnx: bool = False) 
     import zipfile
 
     import scripts
+    from scripts.files import atomic_write
 
     root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
     meta_file = root / "configs" / "metadata.json"
@@ -811,11 +812,12 @@ def pack(out_dir: str, bundle_root: str | None = None, with_onnx: bool = False) 
             files += [Path(p).relative_to(root).as_posix() for p in packed_onnx_files(str(root / "models" / "onnx"))]
         except (OSError, ValueError) as error:
             raise _fail(f"--with_onnx: {error}") from None
-    partial = target.with_suffix(".zip.tmp")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for relative in files:
-            archive.write(root / relative, f"{name}/{relative}")
-    os.replace(partial, target)
+    def write_zip(temporary: str) -> None:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for relative in files:
+                archive.write(root / relative, f"{name}/{relative}")
+
+    atomic_write(target, write_zip)
     has_model = "models/model.pt" in files
     print(f"packed {len(files)} files of {root} into {target} ({target.stat().st_size / 2**20:.1f} MiB"
           f"{', with models/model.pt' if has_model else ', no trained models/model.pt'}"

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..networks.sam_backbone import build_sam, get_variant
 from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
+from ..files import atomic_write, atomic_write_json
 from ..networks.state_dict_check import memoised_md5
 from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws, version_for_epoch
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
@@ -154,14 +155,6 @@ def _barrier(world: int) -> None:
 def _source_stamp(path: str) -> list[int]:
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]
-
-
-def _atomic_write_json(path: str, content: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(content, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def _index_path(cache_dir: str, split: str, version: int) -> str:
@@ -317,7 +310,7 @@ def precompute_embeddings(
     rank, world = distributed_rank_world()
     _barrier(world)  # every rank has read the old manifest before rank 0 replaces it
     if rank == 0:
-        _atomic_write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest, indent=1, newline=False)
         for split in splits:
             for version in plan[split]:
                 _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split], with_taps)
@@ -353,7 +346,7 @@ def precompute_embeddings(
                 _write_index(cache_dir, split, version, datalists[split], spec.image_size, spec.grid_size, len(names),
                              with_taps)
         manifest["complete"] = True
-        _atomic_write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest, indent=1, newline=False)
     _barrier(world)  # no rank reads the cache before it is complete
     logger.info("precompute: cache complete at %s", cache_dir)
     return manifest
@@ -388,14 +381,15 @@ def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, d
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(f"{path}.tmp", "wb") as handle:
-        np.save(handle, array)
-    os.replace(f"{path}.tmp", path)
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as handle:  # a handle: np.save would append .npy to a name
+            np.save(handle, array)
+
+    atomic_write(path, write)
 
 
 def _save_png(path: str, array: np.ndarray) -> None:
-    Image.fromarray(array).save(f"{path}.tmp.png")
-    os.replace(f"{path}.tmp.png", path)
+    atomic_write(path, Image.fromarray(array).save, keep_suffix=True)
 
 
 @torch.no_grad()
@@ -456,7 +450,8 @@ def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num
             "sources": {"image": [item["image"], *_source_stamp(item["image"])],
                         "label": [item["label"], *_source_stamp(item["label"])]},
         })
-    _atomic_write_json(_index_path(cache_dir, split, version), {"split": split, "version": version, "entries": entries})
+    atomic_write_json(_index_path(cache_dir, split, version), {"split": split, "version": version, "entries": entries},
+                      indent=1, newline=False)
 
 
 # -------------------------------------------------------------------------------------------- reading

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 #: Name of the description file at the top of a dataset folder.
@@ -172,14 +174,7 @@ def read_dataset_description(dataset_dir: str | os.PathLike) -> dict:
 def write_dataset_description(dataset_dir: str | os.PathLike, description: dict) -> str:
     """Check ``description`` and write it to ``<dataset_dir>/dataset.json`` (atomically); return the path."""
     validate_description(description, source="the dataset description")
-    os.makedirs(dataset_dir, exist_ok=True)
-    path = os.path.join(str(dataset_dir), DESCRIPTION_FILE)
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(description, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
-    return path
+    return atomic_write_json(os.path.join(str(dataset_dir), DESCRIPTION_FILE), description)
 
 
 def class_names(description: dict) -> list[str]:

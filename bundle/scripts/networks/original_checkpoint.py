@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from ..files import atomic_write
 from .state_dict_check import read_checkpoint_dict, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
@@ -176,9 +177,6 @@ def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str, num_cla
     if "model" in sam and isinstance(sam["model"], dict):
         sam = sam["model"]
     state, info = original_to_bundle_state_dict(original, sam, num_classes, num_tokens, source=src)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.tmp"
-    torch.save({"model": state}, tmp)
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda temporary: torch.save({"model": state}, temporary))
     logger.info("converted %s -> %s (%s)", src, dst, info)
     return info

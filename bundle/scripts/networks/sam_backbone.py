@@ -22,6 +22,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..files import atomic_write
 from .sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .state_dict_check import memoised_md5, read_checkpoint_dict, state_dict_mismatch
 
@@ -214,10 +215,7 @@ def save_random_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = build_sam(variant)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(sam.state_dict(), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda temporary: torch.save(sam.state_dict(), temporary))
     logger.info("wrote a random-weight SAM %s checkpoint to %s", variant, path)
     return path
 
