@@ -1,4 +1,4 @@
-"""Tests of Distillation-SAM (SPEC 9): PVT, adapter and taps, teacher prompts, model, losses."""
+"""Tests of Distillation-SAM (the announcement): PVT, adapter and taps, teacher prompts, model, losses."""
 
 from __future__ import annotations
 

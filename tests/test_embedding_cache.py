@@ -1,4 +1,4 @@
-"""Tests of the embedding cache (SPEC 5-6): precompute, identity and staleness checks, resume, datasets."""
+"""Tests of the embedding cache: precompute, identity and staleness checks, resume, datasets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of scripts.metrics against the SPEC section 7 protocol, on tiny hand-made frames."""
+"""Tests of scripts.metrics against the EndoVis/ISINet protocol, on tiny hand-made frames."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the bundle's workflows (SPEC 10): ConfigWorkflow properties, input checks from the command
+"""Tests of the bundle's workflows (MONAI bundle conventions): ConfigWorkflow properties, input checks from the command
 line, and (slow) demo training, evaluation and kill-and-resume end to end."""
 
 from __future__ import annotations

@@ -107,30 +107,32 @@ def _existing_dir(path: Any, name: str) -> Path:
 # --------------------------------------------------------------------------------------- make_demo_data
 def make_demo_data(
     out_dir: str,
-    frame_size: Any = (128, 160),
-    num_classes: int = 7,
+    frame_size: Any = None,
+    num_classes: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
     """Write the deterministic EndoVis-like demo dataset (frames, label maps, dataset.json, preview.png).
 
+    With the defaults it is the set that ``surgical-sam demo`` (demo.yaml) trains on, so the demo keeps it.
+
     Args:
         out_dir: folder to write (made if needed; must be empty or hold demo data only).
-        frame_size: H,W of the frames.
-        num_classes: C, instrument classes (EndoVis2018 names when C <= 7).
+        frame_size: H,W of the frames (default: the demo's, scripts.data.demo.DEMO_FRAME_SIZE).
+        num_classes: C, instrument classes (EndoVis2018 names when C <= 7; default: the demo's 7).
         seed: seed of every random draw (same arguments give byte-identical files).
         overwrite: replace demo data already in out_dir (never anything else).
 
     Returns:
         {"out_dir", "frames" (per split), "classes", "preview"}.
     """
-    from scripts.data.demo import PREVIEW_FILE, make_demo_dataset
+    from scripts.data.demo import DEMO_FRAME_SIZE, DEMO_NUM_CLASSES, PREVIEW_FILE, make_demo_dataset
     from scripts.data.layout import DatasetError, available_splits, class_names, read_dataset_description
 
     if out_dir is None or out_dir == "":
         raise _fail("--out_dir is required.")
-    size = _int_pair(frame_size, "frame_size")
-    classes = _positive_int(num_classes, "num_classes")
+    size = _int_pair(DEMO_FRAME_SIZE if frame_size is None else frame_size, "frame_size")
+    classes = _positive_int(DEMO_NUM_CLASSES if num_classes is None else num_classes, "num_classes")
     try:
         written = make_demo_dataset(
             str(out_dir), frame_size=size, num_classes=classes, seed=int(seed), overwrite=bool(overwrite)
@@ -194,7 +196,7 @@ def score(
     output_file: str | None = "metrics.json",
     ignore_index: int | None = None,
 ) -> dict:
-    """Score a folder of predicted PNG label maps against ground truth (EndoVis/ISINet protocol, SPEC 7).
+    """Score a folder of predicted PNG label maps against ground truth (the EndoVis/ISINet protocol).
 
     Args:
         pred_dir: predicted label maps (0 = background, 1..C), paired with gt_dir by relative path.
@@ -394,7 +396,7 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     ``python -m monai.bundle run training --config_file "['<bundle>/configs/train.yaml','<bundle>/configs/demo.yaml']"``
     followed by ``run evaluating`` with ``evaluate.yaml`` merged on top, once with ``--protocol oracle`` and
     once with ``--protocol auto``. The demo data, the random-weight SAM and the embedding cache are made
-    on first use (demo.yaml's ``initialize``).
+    on first use (demo.yaml's ``prepare`` and ``prepare_cache``, which train.yaml's ``initialize`` runs).
 
     Args:
         epochs: training epochs (default: demo.yaml's num_epochs).
@@ -653,7 +655,7 @@ def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str | None =
 
 
 def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dict:
-    """Pool the evaluations of several folds (EndoVis2017 4-fold cross-validation, SPEC 7).
+    """Pool the evaluations of several folds (EndoVis2017 4-fold cross-validation, as the SurgicalSAM paper reports it).
 
     Pooled numbers run over all frames of all folds (per-frame lists concatenated, cumulative I/U summed),
     not a mean of the per-fold numbers. Each input is a metrics.json with the frame_stats.json that

@@ -158,7 +158,7 @@ class DistillationBatch(PrepareBatch):
 class SemanticInferer(Inferer):
     """Run a semantic network (``DistillationSAM``) on frames: one pass, no class prompt, no GT.
 
-    This is the ``auto`` protocol of SPEC 7: every frame gets a metric entry.
+    This is the ``auto`` protocol (model card: Evaluation protocols and metrics): every frame gets a metric entry.
 
     Args:
         output: ``dict`` (for evaluators: ``label_map`` (B, 1, H, W) and ``has_entry`` (B,) all True) or
@@ -192,7 +192,7 @@ def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoi
     problems = []
     if dataset_dir is not None and not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
         problems.append(f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the "
-                        "model card) or pass --dataset_dir; for the demo merge bundle/configs/demo.yaml.")
+                        "model card) or pass --dataset_dir; for the demo merge bundle/configs/demo_distill.yaml.")
     problems += missing_sam_weights(sam_variant, sam_checkpoint)
     if tap_cache_dir is not None and not os.path.isfile(os.path.join(tap_cache_dir, "manifest.json")):
         problems.append(f"tap cache: none at {tap_cache_dir} (cache_taps is on). Make it with python -m monai.bundle "

@@ -1,4 +1,4 @@
-"""EndoVis / ISINet evaluation protocol (SPEC section 7).
+"""EndoVis / ISINet evaluation protocol (as ISINet and SurgicalSAM evaluate).
 
 Per frame, class-promptable predictions (one binary mask, class and quality per prompt) are merged into a
 label map (:func:`merge_class_masks`); each (prediction, ground truth) pair of label maps is reduced to a
@@ -148,7 +148,7 @@ def endovis_metrics(
     class_names: Sequence[str],
     has_entry: Sequence[bool] | torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """EndoVis / ISINet metrics from per-frame statistics, following the SPEC 7 pseudo-code exactly.
+    """EndoVis / ISINet metrics from per-frame statistics, following ISINet's evaluation code exactly.
 
     A frame without an entry (``has_entry`` False) is skipped. For an evaluated frame whose prediction has
     no instrument pixel: if its ground truth has one, 0 is added to the IoU and Challenge IoU lists and to
@@ -505,7 +505,7 @@ def read_frame_statistics(path: str | Path) -> dict[str, Any]:
 
 
 def pool_frame_statistics(paths: Sequence[str | Path]) -> dict[str, Any]:
-    """EndoVis metrics over several evaluations (e.g. the four EndoVis2017 folds) pooled, SPEC 7.
+    """EndoVis metrics over several evaluations (e.g. the four EndoVis2017 folds) pooled (as the paper reports them).
 
     Pooling concatenates the frames: the per-frame IoU and Challenge IoU lists, the per-class lists and the
     cumulative intersection and union sums run over all frames of all inputs, exactly as if one evaluation

@@ -43,6 +43,13 @@ from scripts.data.prepare.endovis2018 import CLASS_NAMES as ENDOVIS2018_CLASSES
 GENERATOR_VERSION = "2"
 GENERATOR_NAME = "surgical-sam-demo"
 PREVIEW_FILE = "preview.png"
+#: The generator's defaults: the demo's own set (demo.yaml's and demo_distill.yaml's frame_size, 7 classes and
+#: demo_data; a test keeps them equal), so `surgical-sam make_demo_data` makes the data the demo then keeps.
+DEMO_FRAME_SIZE = (128, 160)
+DEMO_NUM_CLASSES = 7
+DEMO_TRAIN_SEQUENCES = 16
+DEMO_VAL_SEQUENCES = 4
+DEMO_FRAMES_PER_SEQUENCE = 12
 #: Entries a folder made by the demo holds; anything else means it is not (only) demo data.
 #: (``videos`` holds the demo video that scripts.data.demo_video makes from these frames.)
 DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR, "videos"})
@@ -466,11 +473,11 @@ def _clear_demo_content(out_dir: str) -> None:
 
 def make_demo_dataset(
     out_dir: str,
-    frame_size: Sequence[int] = (128, 160),
-    num_classes: int = 7,
-    train_sequences: int = 4,
-    val_sequences: int = 2,
-    frames_per_sequence: int = 24,
+    frame_size: Sequence[int] = DEMO_FRAME_SIZE,
+    num_classes: int = DEMO_NUM_CLASSES,
+    train_sequences: int = DEMO_TRAIN_SEQUENCES,
+    val_sequences: int = DEMO_VAL_SEQUENCES,
+    frames_per_sequence: int = DEMO_FRAMES_PER_SEQUENCE,
     seed: int = 0,
     overwrite: bool = False,
 ) -> str:
@@ -539,11 +546,11 @@ def make_demo_dataset(
 
 def ensure_demo_dataset(
     out_dir: str,
-    frame_size: Sequence[int] = (128, 160),
-    num_classes: int = 7,
-    train_sequences: int = 4,
-    val_sequences: int = 2,
-    frames_per_sequence: int = 24,
+    frame_size: Sequence[int] = DEMO_FRAME_SIZE,
+    num_classes: int = DEMO_NUM_CLASSES,
+    train_sequences: int = DEMO_TRAIN_SEQUENCES,
+    val_sequences: int = DEMO_VAL_SEQUENCES,
+    frames_per_sequence: int = DEMO_FRAMES_PER_SEQUENCE,
     seed: int = 0,
 ) -> str:
     """Make the demo dataset in ``out_dir`` unless it is already there with these parameters; return ``out_dir``.

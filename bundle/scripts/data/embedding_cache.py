@@ -17,9 +17,9 @@ under ``<split>/v<NN>/``) is not read: such a cache raises :class:`StaleCacheErr
 A *tap cache* (Distillation-SAM, ``taps=`` given) is the same cache with two more files per entry,
 and the tap blocks in its identity::
 
-    <split>/v<NN>/<sequence>/<frame>_taps.npy  float16 (n_taps, h, w, C_vit) encoder tokens after the tap blocks
-    <split>/v<NN>/<sequence>/<frame>_frame.png the frame after the version's augmentation (uint8 RGB; the
-                                               adapter's PVT still runs on it)
+    entries/v<NN>/<sequence>/<frame>_taps.npy   float16 (n_taps, h, w, C_vit) encoder tokens after the tap blocks
+    entries/v<NN>/<sequence>/<frame>_frame.png  the frame after the version's augmentation (uint8 RGB; the
+                                                adapter's PVT still runs on it)
 
 Before anything is written, precompute states the disk use (bytes per entry x frames x versions) and
 refuses when it does not fit in the free space of the cache's disk (:class:`CacheSpaceError`).

@@ -14,7 +14,7 @@ Student path (:meth:`DistillationSAM.forward`, frames (B, 3, H, W), RGB 0..255):
    Gradients flow through the frozen decoder into the adapter.
 4. Class head: MLP d -> 256 -> 256 -> C + 1 (ReLU between) on each mask token -> class logits
    (B, 4, C + 1); channel 0 is background.
-5. Semantic logits (the SPEC's "sum over tokens of mask logits x class probabilities")::
+5. Semantic logits (the Distillation-SAM announcement's "sum over tokens of mask logits x class probabilities")::
 
        semantic[b, c] = sum_t softmax(class_logits[b, t])[c] * M[b, t]            (combine="logits")
        semantic[b, c] = sum_t softmax(class_logits[b, t])[c] * sigmoid(M[b, t])   (combine="sigmoid")

@@ -1,6 +1,6 @@
 """Convert a checkpoint of the original SurgicalSAM code into this bundle's ``models/model.pt``.
 
-The original saves one dict of three state dicts (SPEC 8)::
+The original saves one dict of three state dicts (the original SurgicalSAM code's format)::
 
     {"prototype_prompt_encoder_state_dict": {dense_fc_1.*, dense_fc_2.*, sparse_fc_1.*, sparse_fc_2.*,
                                              pn_cls_embeddings.0.weight (n, d) negative,

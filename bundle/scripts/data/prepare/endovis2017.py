@@ -7,7 +7,7 @@ Raw layout expected under ``raw_dir`` (as the challenge released it)::
 
 with K = 1..8. Each ``<Name>_labels`` folder holds the part masks of one instrument: 0 background,
 10 shaft, 20 wrist, 30 claspers (any value > 0 belongs to the instrument). ``<Name>`` gives the
-instrument type (SPEC 8), matched as a substring so that 'Left_Prograsp_Forceps' and
+instrument type (as ISINet's EndoVis2017 labels), matched as a substring so that 'Left_Prograsp_Forceps' and
 'Maryland_Bipolar_Forceps' are recognised:
 
     Bipolar_Forceps 1, Prograsp_Forceps 2, Large_Needle_Driver 3, Vessel_Sealer 4,
@@ -60,7 +60,7 @@ from scripts.data.prepare.common import (
 )
 
 PREPARER = "prepare_endovis2017"
-#: Class ids 1..7 (SPEC 1, EndoVis2017 column).
+#: Class ids 1..7 (ISINet's EndoVis2017 instrument types).
 CLASS_NAMES = (
     "Bipolar Forceps",
     "Prograsp Forceps",
@@ -70,7 +70,7 @@ CLASS_NAMES = (
     "Monopolar Curved Scissors",
     "Other",
 )
-#: Substring of the ground-truth folder name -> class id (SPEC 8).
+#: Substring of the ground-truth folder name -> class id (ISINet's EndoVis2017 labels).
 FOLDER_TYPES = {
     "Bipolar_Forceps": 1,
     "Prograsp_Forceps": 2,

@@ -8,7 +8,7 @@ sequences with one binary mask per instrument instance. Their organising script
 where any channel > 0 is the instrument), with c in their "2017-compatible" numbering; their COCO
 script lists that numbering (1 Bipolar Forceps, 2 Prograsp Forceps, 3 Large Needle Driver, 4 Vessel
 Sealer, 5 Grasping Retractor, 6 Monopolar Curved Scissors, 7 Ultrasound Probe, 8 Suction Instrument,
-9 Clip Applier) and renumbers it for 2018 by dropping 4 and 5, which gives the SPEC 1 table below.
+9 Clip Applier) and renumbers it for 2018 by dropping 4 and 5, which gives the table below (ISINet's EndoVis2018 types).
 
 Raw layout expected::
 
@@ -66,7 +66,7 @@ from scripts.data.prepare.common import (
 )
 
 PREPARER = "prepare_endovis2018"
-#: Class ids 1..7 (SPEC 1, EndoVis2018 column).
+#: Class ids 1..7 (ISINet's EndoVis2018 instrument types).
 CLASS_NAMES = (
     "Bipolar Forceps",
     "Prograsp Forceps",
