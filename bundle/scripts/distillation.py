@@ -187,7 +187,8 @@ def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoi
     and how to make it."""
     import os
 
-    from .engines import missing_sam_weights, raise_input_problems
+    from .data.layout import raise_input_problems
+    from .networks.sam_backbone import missing_sam_weights
 
     problems = []
     if dataset_dir is not None and not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):

@@ -20,7 +20,9 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from .data.layout import raise_input_problems
 from .metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS, format_metrics_table
+from .networks.sam_backbone import missing_sam_weights
 
 logger = logging.getLogger(__name__)
 
@@ -363,23 +365,6 @@ def init_distributed(backend: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ input checks
-def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[str]:
-    """The input-check problem of a SAM weights file that does not exist, with how to get it; [] when it
-    exists or no path is given."""
-    from .networks.sam_backbone import how_to_get_sam_weights
-
-    if sam_checkpoint is None or os.path.isfile(sam_checkpoint):
-        return []
-    return [f"SAM weights: {sam_checkpoint} not found. {how_to_get_sam_weights(sam_variant, sam_checkpoint)}; "
-            "or pass --sam_checkpoint PATH."]
-
-
-def raise_input_problems(problems: list[str], job: str, error: type[Exception] = FileNotFoundError) -> None:
-    """``error`` "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
-    if problems:
-        raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))
-
-
 def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
                           config_hint: str = "bundle/configs/train.yaml", job: str = "train",
                           extra_problems: list[str] | None = None, splits: list[str] | None = None) -> None:

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..networks.sam_backbone import build_sam, get_variant
+from ..networks.sam_backbone import build_sam, get_variant, tapped_encoder_forward
 from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
 from ..files import atomic_write, atomic_write_json
 from ..networks.state_dict_check import memoised_md5
@@ -396,8 +396,6 @@ def _save_png(path: str, array: np.ndarray) -> None:
 def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_index, seed, batch_size, num_workers,
             device, taps=None, draws="original"):
     """Encode the (frame, version) pairs of ``todo``; with ``taps`` also store the tapped tokens and the frame."""
-    from ..networks.distillation_adapter import tapped_encoder_forward
-
     loader = DataLoader(
         _FrameVersionDataset(todo, num_classes, ignore_index, seed, draws), batch_size=batch_size,
         num_workers=num_workers

@@ -219,6 +219,12 @@ def dataset_fact(dataset_dir: str | os.PathLike, name: str):
     return [int(v) for v in description["frame_size"]]
 
 
+def raise_input_problems(problems: list[str], job: str, error: type[Exception] = FileNotFoundError) -> None:
+    """``error`` "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
+    if problems:
+        raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))
+
+
 def dataset_fact_problems(dataset_dir: str | os.PathLike, class_names: Sequence[str] | None = None,
                           frame_size: Sequence[int] | None = None) -> list[str]:
     """How the run's ``class_names`` / ``frame_size`` disagree with dataset.json, one line each; [] when they

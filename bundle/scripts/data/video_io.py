@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..files import temporary_path
-from .demo import OVERLAY_COLOURS, overlay
+from .overlay import OVERLAY_COLOURS, overlay
 from .layout import DatasetError, read_frame
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
@@ -183,7 +183,7 @@ def open_sequence(source: str, stride: int = 1, start_time: float | None = None,
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:
-    """The overlay colour of label ``class_id`` (1..C), as :func:`~.demo.overlay` tints it."""
+    """The overlay colour of label ``class_id`` (1..C), as :func:`~.overlay.overlay` tints it."""
     return tuple(OVERLAY_COLOURS[(int(class_id) - 1) % len(OVERLAY_COLOURS)])
 
 

@@ -5,7 +5,8 @@ segment-anything's own classes; this module only chooses their sizes and loads w
 
 Variants (``SAM_VARIANTS``): ``vit_h``, ``vit_l``, ``vit_b`` as published (1024x1024 input, 64x64 grid),
 and ``tiny``, a two-block encoder on a small input for tests and the demo (no official weights exist
-for it; the demo makes a random one with :func:`save_random_sam_checkpoint`).
+for it; the demo makes a random one with :func:`save_random_sam_checkpoint`). :func:`tapped_encoder_forward`
+runs the encoder and also returns the tokens after chosen blocks (Distillation-SAM's taps, and the tap cache).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import sys
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -147,6 +149,37 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, check_md5: 
     return sam.eval()
 
 
+def tapped_encoder_forward(
+    image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """segment-anything's ``ImageEncoderViT.forward``, also returning the tokens after some blocks.
+
+    Args:
+        image_encoder: ``ImageEncoderViT``.
+        x: SAM input (B, 3, S, S).
+        tap_blocks: 1-based block numbers (k: the output of block k); each in 1..depth.
+
+    Returns:
+        the image embedding (B, d, h, w), equal to ``image_encoder(x)``, and the tapped tokens,
+        one (B, h, w, C_vit) per entry of ``tap_blocks`` in the given order.
+    """
+    depth = len(image_encoder.blocks)
+    bad = [k for k in tap_blocks if not 1 <= int(k) <= depth]
+    if bad:
+        raise ValueError(f"tap blocks must be in 1..{depth} (the encoder's depth), got {list(tap_blocks)}")
+    tokens = image_encoder.patch_embed(x)
+    if image_encoder.pos_embed is not None:
+        tokens = tokens + image_encoder.pos_embed
+    after = {}
+    wanted = {int(k) for k in tap_blocks}
+    for number, block in enumerate(image_encoder.blocks, start=1):
+        tokens = block(tokens)
+        if number in wanted:
+            after[number] = tokens
+    embedding = image_encoder.neck(tokens.permute(0, 3, 1, 2))
+    return embedding, [after[int(k)] for k in tap_blocks]
+
+
 def how_to_get_sam_weights(variant: str, path: str) -> str:
     """How to get the SAM weights file of ``variant`` at ``path`` (the download, or the random-weight command)."""
     spec = SAM_VARIANTS.get(variant)
@@ -159,6 +192,15 @@ def how_to_get_sam_weights(variant: str, path: str) -> str:
         f"download {SAM_DOWNLOAD_URL}{spec.checkpoint_name} (md5 {spec.md5}) and put it at {path}, "
         f"or run `python -m monai.bundle download_large_files --bundle_path <bundle folder>`"
     )
+
+
+def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[str]:
+    """The input-check problem of a SAM weights file that does not exist, with how to get it; [] when it
+    exists or no path is given."""
+    if sam_checkpoint is None or os.path.isfile(sam_checkpoint):
+        return []
+    return [f"SAM weights: {sam_checkpoint} not found. {how_to_get_sam_weights(sam_variant, sam_checkpoint)}; "
+            "or pass --sam_checkpoint PATH."]
 
 
 def load_sam_checkpoint(sam: nn.Module, path: str, variant: str, check_md5: bool = True) -> None:

@@ -44,6 +44,7 @@ import re
 
 import numpy as np
 
+from scripts.data.datasets import ENDOVIS2017_CLASS_NAMES, ENDOVIS2017_FOLDS
 from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
@@ -61,15 +62,7 @@ from scripts.data.prepare.common import (
 
 PREPARER = "prepare_endovis2017"
 #: Class ids 1..7 (ISINet's EndoVis2017 instrument types).
-CLASS_NAMES = (
-    "Bipolar Forceps",
-    "Prograsp Forceps",
-    "Large Needle Driver",
-    "Vessel Sealer",
-    "Grasping Retractor",
-    "Monopolar Curved Scissors",
-    "Other",
-)
+CLASS_NAMES = ENDOVIS2017_CLASS_NAMES
 #: Substring of the ground-truth folder name -> class id (ISINet's EndoVis2017 labels).
 FOLDER_TYPES = {
     "Bipolar_Forceps": 1,
@@ -89,7 +82,7 @@ CROP_COLS = (320, 1600)
 #: Values of the part masks: background, shaft, wrist, claspers.
 PART_VALUES = (0, 10, 20, 30)
 #: Cross-validation folds: validation datasets of each fold.
-FOLDS = ((1, 3), (2, 5), (4, 8), (6, 7))
+FOLDS = ENDOVIS2017_FOLDS
 IGNORE_INDEX = 255
 DATASET_PATTERN = re.compile(r"^instrument_dataset_(\d+)$")
 

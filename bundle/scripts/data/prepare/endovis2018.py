@@ -48,6 +48,7 @@ import re
 
 import numpy as np
 
+from scripts.data.datasets import ENDOVIS2018_CLASS_NAMES
 from scripts.data.layout import DatasetError
 from scripts.data.prepare.common import (
     LoadedFrame,
@@ -67,15 +68,7 @@ from scripts.data.prepare.common import (
 
 PREPARER = "prepare_endovis2018"
 #: Class ids 1..7 (ISINet's EndoVis2018 instrument types).
-CLASS_NAMES = (
-    "Bipolar Forceps",
-    "Prograsp Forceps",
-    "Large Needle Driver",
-    "Monopolar Curved Scissors",
-    "Ultrasound Probe",
-    "Suction Instrument",
-    "Clip Applier",
-)
+CLASS_NAMES = ENDOVIS2018_CLASS_NAMES
 #: ISINet's 2017-compatible class ids -> ids of the 2018 table (4 Vessel Sealer, 5 Grasping Retractor: none).
 NUMBERING_2017_TO_2018 = {1: 1, 2: 2, 3: 3, 6: 4, 7: 5, 8: 6, 9: 7}
 NUMBERINGS = ("auto", "2018", "2017")
