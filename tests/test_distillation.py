@@ -378,9 +378,16 @@ def distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_check
 
 def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
                                           small_sam_checkpoint):
-    overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint)
-    workflow = checked_workflow([TRAIN_DISTILL, DEMO], "train", **overrides)
+    # demo_distill.yaml fills train_distill.yaml's prepare/prepare_cache: initialize makes the tap cache through
+    # the one cache_precompute component that the `precompute` run calls too
+    overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint, cache_taps=True,
+                                  tap_cache_dir=str(tmp_path / "tap_cache"))
+    workflow = checked_workflow([TRAIN_DISTILL, DEMO_DISTILL], "train", **overrides)
     assert isinstance(workflow.network_def, DistillationSAM)
+    with open(tmp_path / "tap_cache" / "manifest.json") as handle:
+        manifest = json.load(handle)
+    assert manifest["complete"] and manifest["identity"]["taps"] == list(workflow.parser.get_parsed_content("tap_blocks"))
+    assert workflow.parser["precompute"][-1] == workflow.parser["prepare_cache"][0].split(" if ")[0]
     assert isinstance(workflow.parser.get_parsed_content("optimizer"), torch.optim.AdamW)
     assert workflow.parser.get_parsed_content("validate#best_model_saver#key_metric_filename") == "distill_model.pt"
     sample = workflow.train_dataset[0]
