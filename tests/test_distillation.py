@@ -488,3 +488,18 @@ def test_logit_scale_and_pvt_input_size(tiny_sam_checkpoint):
         tiny_model(pvt_input_size=16)
     with pytest.raises(ValueError, match="logit_scale"):
         tiny_model(logit_scale=0.0)
+
+
+def test_tap_cache_folder_names_the_encoder_and_the_taps():
+    """train_distill.yaml's and demo_distill.yaml's tap_cache_dir: one folder per (encoder, taps), as before the
+    name moved out of a generator expression in the configs."""
+    from monai.bundle import ConfigParser
+
+    from scripts.distillation import tap_cache_folder
+
+    assert tap_cache_folder("/d/tap_cache", "vit_b", [4, 8, 12]) == "/d/tap_cache/vit_b_taps4-8-12"
+    parser = ConfigParser()
+    parser.read_config(TRAIN_DISTILL)
+    parser["dataset_dir"] = "/d"
+    assert parser.get_parsed_content("tap_cache_dir") == "/d/tap_cache/vit_b_taps4-8-12"
+    assert parser.get_parsed_content("used_tap_cache_dir") is None  # cache_taps is off by default

@@ -86,8 +86,19 @@ def test_large_files_list_every_sam_checkpoint_with_its_md5():
         assert entry["hash_type"] == "md5"
         assert entry["hash_val"] == spec.md5
         assert entry["url"] == SAM_DOWNLOAD_URL + spec.checkpoint_name
-    # the default checkpoint of the configs is one of them
-    assert load_yaml("train.yaml")["sam_checkpoint"].endswith("/sam_vit_h_4b8939.pth'")
+    # the configs' SAM checkpoint is the official file of sam_variant, in ckpt_dir
+    from monai.bundle import ConfigParser
+
+    for config, default in (("train.yaml", "vit_h"), ("train_distill.yaml", "vit_b"), ("inference.yaml", "vit_h"),
+                            ("inference_distill.yaml", "vit_b")):
+        for variant in (None, "vit_h", "vit_l", "vit_b"):
+            parser = ConfigParser()
+            parser.read_config(os.path.join(BUNDLE, "configs", config))
+            parser["ckpt_dir"] = "/weights"
+            if variant is not None:
+                parser["sam_variant"] = variant
+            expected = official[variant or default].checkpoint_name
+            assert parser.get_parsed_content("sam_checkpoint") == f"/weights/{expected}", (config, variant)
 
 
 # ---------------------------------------------------------------------------------- label map network

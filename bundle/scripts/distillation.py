@@ -10,6 +10,9 @@ embedding and taps of each (frame, augmentation version) are read from disk with
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from monai.engines.utils import PrepareBatch
@@ -35,6 +38,12 @@ def tap_blocks(sam_variant: str, taps=None, num_taps: int = 3) -> list[int]:
     if taps is None:
         return list(default_tap_blocks(get_variant(sam_variant).encoder_depth, num_taps))
     return [int(k) for k in taps]
+
+
+def tap_cache_folder(root: str, sam_variant: str, tap_blocks: Sequence[int]) -> str:
+    """Folder of the tap cache of these taps under ``root``: ``<root>/<variant>_taps<k1>-<k2>-...``, so caches of
+    other taps or another encoder never share a folder."""
+    return os.path.join(root, f"{sam_variant}_taps" + "-".join(str(int(k)) for k in tap_blocks))
 
 
 class FrameLabelDataset(Dataset):
@@ -185,8 +194,6 @@ def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoi
                          model_file: str | None = None, job: str = "train", tap_cache_dir: str | None = None) -> None:
     """Fail at once, naming every missing input (dataset, SAM weights, tap cache when used, trained model)
     and how to make it."""
-    import os
-
     from .data.layout import raise_input_problems
     from .networks.sam_backbone import missing_sam_weights
 

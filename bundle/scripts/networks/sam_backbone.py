@@ -180,6 +180,13 @@ def tapped_encoder_forward(
     return embedding, [after[int(k)] for k in tap_blocks]
 
 
+def sam_checkpoint_path(folder: str, variant: str) -> str:
+    """Where the configs keep the weights of ``variant`` in ``folder``: the official file name
+    (``sam_vit_h_4b8939.pth``, ...), ``sam_<variant>.pth`` for a variant without official weights."""
+    spec = get_variant(variant)
+    return os.path.join(folder, spec.checkpoint_name or f"sam_{variant}.pth")
+
+
 def how_to_get_sam_weights(variant: str, path: str) -> str:
     """How to get the SAM weights file of ``variant`` at ``path`` (the download, or the random-weight command)."""
     spec = SAM_VARIANTS.get(variant)
