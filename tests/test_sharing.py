@@ -69,8 +69,13 @@ def test_metadata_data_format_names_the_config_classes():
     assert image["num_channels"] == 3 and len(image["spatial_shape"]) == 2
     assert pred["num_channels"] == 1 and len(pred["spatial_shape"]) == 2 and pred["dtype"] == "uint8"
     # train.yaml reads its class names from dataset.json; the EndoVis2018 overlay states the model's
-    for config in ("endovis2018.yaml", "inference.yaml"):
-        names = load_yaml(config)["class_names"]
+    from monai.bundle import ConfigParser
+
+    for config in ("endovis2018.yaml", "inference.yaml", "inference_distill.yaml", "monailabel_train.yaml"):
+        parser = ConfigParser()  # (the training overlays over train.yaml, as they are run)
+        parser.read_config([os.path.join(BUNDLE, "configs", name) for name in
+                            ((config,) if config.startswith("inference") else ("train.yaml", config))])
+        names = parser.get_parsed_content("class_names")
         assert pred["channel_def"] == {str(i): name for i, name in enumerate(["background", *names])}, config
         assert pred["value_range"] == [0, len(names)]
 
