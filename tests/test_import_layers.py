@@ -84,3 +84,16 @@ def test_data_takes_only_the_shared_sam_core_no_preparation_and_no_demo(module):
                                  "preparations only write datasets")
     assert "scripts.data.demo" not in IMPORTS[module], (f"{module} imports the demo generator: what it shares "
                                                         "(e.g. scripts.data.overlay) has a module of its own")
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name that starts with "_" is its module's own: another module that needs it gets a public one."""
+    repo = SCRIPTS.parents[1]
+    private = []
+    for folder in (SCRIPTS, repo / "monailabel_app", repo / "tools"):
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("scripts")):
+                    private += [f"{path.relative_to(repo)}:{node.lineno} {alias.name}" for alias in node.names
+                                if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not private, private

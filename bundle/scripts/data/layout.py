@@ -331,7 +331,7 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
 DATASET_FILE_ADVICE = "re-export it or remove it from dataset.json"
 
 
-def _open_image(path: str | os.PathLike, what: str, advice: str = DATASET_FILE_ADVICE) -> Image.Image:
+def open_image(path: str | os.PathLike, what: str, advice: str = DATASET_FILE_ADVICE) -> Image.Image:
     """Open and fully decode an image; DatasetError naming the file (and ``advice``) when it cannot be read."""
     if not os.path.isfile(path):
         raise DatasetError(f"{what} {path} does not exist.")
@@ -356,7 +356,7 @@ def read_frame(path: str | os.PathLike, advice: str = DATASET_FILE_ADVICE) -> np
     Raises:
         DatasetError: the file is unreadable or corrupt, or has another mode (16-bit, float, CMYK...).
     """
-    image = _open_image(path, "frame", advice)
+    image = open_image(path, "frame", advice)
     mode = image.mode
     if mode in _CONVERTED_FRAME_MODES:
         if mode not in _warned_frame_modes:
@@ -386,7 +386,7 @@ def read_label_map(
         DatasetError: the file is unreadable, has colour channels (colour masks need a preparation
             step mapping colours to class ids) or holds values outside {0..C, ignore_index}.
     """
-    image = _open_image(path, "label map")
+    image = open_image(path, "label map")
     if image.mode not in _LABEL_MODES:
         raise DatasetError(
             f"label map {path} has image mode {image.mode!r} ({len(image.getbands())} channels): label maps must be "

@@ -35,21 +35,21 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from scripts.files import atomic_write_text
 from scripts.data.layout import (
     BINARY_ANNOTATIONS_DIR,
     DESCRIPTION_FILE,
     IMAGES_DIR,
     LABELS_DIR,
     DatasetError,
-    _open_image,
     check_dataset,
     name_files,
+    open_image,
     read_frame,
     validate_description,
     write_dataset_description,
     write_sample,
 )
+from scripts.files import atomic_write_text
 
 #: Summary of a preparation, next to dataset.json.
 SUMMARY_FILE = "preparation_summary.json"
@@ -174,7 +174,7 @@ def open_raw_image(path: str, what: str, missing: str | None = None):
     if missing is not None and not os.path.isfile(path):
         raise SkipFrame(path, f"missing: {missing}")
     try:
-        return _open_image(path, what)
+        return open_image(path, what)
     except DatasetError as error:
         raise SkipFrame(path, str(error)) from None
 
