@@ -31,7 +31,7 @@ def test_make_demo_data_writes_dataset(tmp_path, capsys):
     assert list(description["classes"].values()) == summary["classes"] == [
         "Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver"
     ]
-    assert summary["frames"] == {"training": 96, "validation": 48}
+    assert summary["frames"] == {"training": 192, "validation": 48}  # the demo's 16 + 4 sequences of 12 frames
     assert (out_dir / "preview.png").is_file()
     printed = capsys.readouterr().out
     assert "training" in printed and "preview.png" in printed

@@ -544,3 +544,19 @@ def test_version_for_epoch():
     assert [version_for_epoch(e, num_versions=2) for e in range(8)] == [0, 1, 0, 2, 0, 1, 0, 2]
     with pytest.raises(ValueError):
         version_for_epoch(-1)
+
+
+@pytest.mark.parametrize("overlay", ["demo.yaml", "demo_distill.yaml"])
+def test_the_generator_defaults_are_the_demo_set_so_make_demo_data_makes_what_the_demo_keeps(overlay):
+    import inspect
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "bundle" / "configs" / overlay).read_text())
+    defaults = {name: parameter.default for name, parameter in inspect.signature(make_demo_dataset).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    assert tuple(config["frame_size"]) == tuple(defaults["frame_size"])
+    assert "demo_class_names(7)" in str(config["class_names"]) and defaults["num_classes"] == 7
+    for key, value in config["demo_data"].items():
+        assert defaults[key] == value, key
+    assert inspect.signature(ensure_demo_dataset).parameters["train_sequences"].default == defaults["train_sequences"]

@@ -5,6 +5,7 @@ properties, and a short train + evaluate run on a tiny original layout."""
 from __future__ import annotations
 
 import json
+import glob
 import os
 import shutil
 
@@ -38,7 +39,7 @@ def test_endovis2018_values():
     parser = parsed([TRAIN, E2018])
     assert parser.get_parsed_content("num_classes") == 7 and parser.get_parsed_content("num_tokens") == 2
     assert parser["learning_rate"] == 0.001 and parser["num_epochs"] == 500
-    assert parser["class_names"][3] == "Monopolar Curved Scissors"
+    assert parser.get_parsed_content("class_names")[3] == "Monopolar Curved Scissors"
 
 
 def test_endovis2017_values_and_per_fold_folders():
@@ -46,7 +47,7 @@ def test_endovis2017_values_and_per_fold_folders():
     for fold in range(4):
         parser = parsed([TRAIN, E2017], fold=fold)
         assert parser["num_tokens"] == 4 and parser["learning_rate"] == 0.0001 and parser["num_epochs"] == 2000
-        assert parser["class_names"] == E2017_NAMES
+        assert parser.get_parsed_content("class_names") == E2017_NAMES
         assert parser.get_parsed_content("train_split") == f"fold{fold}_training"
         assert parser.get_parsed_content("val_split") == f"fold{fold}_validation"
         root = parser.get_parsed_content("bundle_root")
@@ -177,3 +178,18 @@ def test_original_layout_missing_data_fails_at_once(tmp_path, small_sam_checkpoi
     cause = error.value.__cause__
     assert isinstance(cause, FileNotFoundError) and "cannot run on the original layout" in str(cause)
     assert os.path.join("train", "1", "sam_features_h") in str(cause) and "augmentation_versions" in str(cause)
+
+
+def test_class_names_are_written_once_per_dataset():
+    """The configs name a dataset's class table (scripts.data.datasets.class_names) instead of copying it."""
+    from scripts.data.datasets import CLASS_TABLES
+
+    copies = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(TRAIN), "*.yaml"))):
+        text = open(path).read()
+        copies += [f"{os.path.basename(path)}: {name}" for name in ("Vessel Sealer", "Suction Instrument") if name in text]
+    assert not copies, copies
+    assert all(name in CLASS_TABLES for name in ("endovis2018", "endovis2017"))
+    with pytest.raises(RuntimeError) as raised:  # MONAI wraps the component's error
+        parsed([TRAIN, E2018], **{"class_names#dataset": "endovis2019"}).get_parsed_content("class_names")
+    assert "unknown dataset 'endovis2019'" in str(raised.value.__cause__)

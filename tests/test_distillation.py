@@ -1,4 +1,4 @@
-"""Tests of Distillation-SAM (SPEC 9): PVT, adapter and taps, teacher prompts, model, losses."""
+"""Tests of Distillation-SAM (the announcement): PVT, adapter and taps, teacher prompts, model, losses."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from monai.bundle import ConfigWorkflow
 from scripts.distillation import FrameLabelDataset, SemanticInferer, check_distill_inputs
 from scripts.losses import DistillationSAMLoss
 from scripts.networks.batched_mask_decoder import decode_masks
-from scripts.networks.distillation_adapter import default_tap_blocks, tapped_encoder_forward
+from scripts.networks.distillation_adapter import default_tap_blocks
 from scripts.networks.distillation_sam import DistillationSAM, semantic_logits
 from scripts.networks.pvt import PyramidVisionTransformer
-from scripts.networks.sam_backbone import build_sam, get_variant
+from scripts.networks.sam_backbone import build_sam, get_variant, tapped_encoder_forward
 from scripts.networks.teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
 
 NUM_CLASSES = 3
@@ -378,9 +378,16 @@ def distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_check
 
 def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
                                           small_sam_checkpoint):
-    overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint)
-    workflow = checked_workflow([TRAIN_DISTILL, DEMO], "train", **overrides)
+    # demo_distill.yaml fills train_distill.yaml's prepare/prepare_cache: initialize makes the tap cache through
+    # the one cache_precompute component that the `precompute` run calls too
+    overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint, cache_taps=True,
+                                  tap_cache_dir=str(tmp_path / "tap_cache"))
+    workflow = checked_workflow([TRAIN_DISTILL, DEMO_DISTILL], "train", **overrides)
     assert isinstance(workflow.network_def, DistillationSAM)
+    with open(tmp_path / "tap_cache" / "manifest.json") as handle:
+        manifest = json.load(handle)
+    assert manifest["complete"] and manifest["identity"]["taps"] == list(workflow.parser.get_parsed_content("tap_blocks"))
+    assert workflow.parser["precompute"][-1] == workflow.parser["prepare_cache"][0].split(" if ")[0]
     assert isinstance(workflow.parser.get_parsed_content("optimizer"), torch.optim.AdamW)
     assert workflow.parser.get_parsed_content("validate#best_model_saver#key_metric_filename") == "distill_model.pt"
     sample = workflow.train_dataset[0]
@@ -481,3 +488,18 @@ def test_logit_scale_and_pvt_input_size(tiny_sam_checkpoint):
         tiny_model(pvt_input_size=16)
     with pytest.raises(ValueError, match="logit_scale"):
         tiny_model(logit_scale=0.0)
+
+
+def test_tap_cache_folder_names_the_encoder_and_the_taps():
+    """train_distill.yaml's and demo_distill.yaml's tap_cache_dir: one folder per (encoder, taps), as before the
+    name moved out of a generator expression in the configs."""
+    from monai.bundle import ConfigParser
+
+    from scripts.distillation import tap_cache_folder
+
+    assert tap_cache_folder("/d/tap_cache", "vit_b", [4, 8, 12]) == "/d/tap_cache/vit_b_taps4-8-12"
+    parser = ConfigParser()
+    parser.read_config(TRAIN_DISTILL)
+    parser["dataset_dir"] = "/d"
+    assert parser.get_parsed_content("tap_cache_dir") == "/d/tap_cache/vit_b_taps4-8-12"
+    assert parser.get_parsed_content("used_tap_cache_dir") is None  # cache_taps is off by default

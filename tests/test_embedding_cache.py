@@ -1,4 +1,4 @@
-"""Tests of the embedding cache (SPEC 5-6): precompute, identity and staleness checks, resume, datasets."""
+"""Tests of the embedding cache: precompute, identity and staleness checks, resume, datasets."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from scripts.data.embedding_cache import (
     precompute_embeddings,
 )
 from scripts.data.layout import DatasetError, load_datalist, read_frame, read_label_map
-from scripts.networks.sam_backbone import build_sam, file_md5, save_random_sam_checkpoint
+from scripts.networks.sam_backbone import build_sam, save_random_sam_checkpoint
+from scripts.networks.state_dict_check import file_md5
 from scripts.networks.sam_geometry import frames_to_sam_input
 
 NUM_CLASSES = 7  # the demo's EndoVis2018 classes

@@ -22,7 +22,6 @@ from scripts.engines import (
     check_evaluation_inputs,
     check_training_inputs,
     endovis_metric_inputs,
-    format_metrics_table,
 )
 from scripts.data.embedding_cache import StaleCacheError
 from scripts.inferers import ClassPromptInferer
@@ -490,19 +489,6 @@ def test_metrics_report_writes_json(tmp_path, capsys):
     assert result["num_frames"] == 2 and result["model_file"] == "m.pt"
     printed = capsys.readouterr().out
     assert "protocol: auto" in printed and "n/a" in printed
-
-
-def test_format_metrics_table_nan_and_none():
-    table = format_metrics_table({"protocol": "oracle", "challenge_iou": 12.345, "iou": float("nan"), "mc_iou": None,
-                                  "class_iou": {"Bipolar Forceps": float("nan"), "Clip Applier": 7.0}, "num_frames": 3})
-    lines = table.splitlines()
-    assert lines[0].startswith("protocol: oracle") and "frames: 3" in lines[0]
-    assert "12.35" in table
-    assert [line for line in lines if "iou" in line and "n/a" in line and "challenge" not in line]
-    assert any("Bipolar Forceps" in line and "n/a" in line for line in lines)
-    assert any("Clip Applier" in line and "7.00" in line for line in lines)
-    assert "nan" not in table.lower().replace("n/a", "")
-    assert format_metrics_table({})  # no metrics at all: still a table
 
 
 # ------------------------------------------------------------------------------------------ input checks

@@ -1,4 +1,4 @@
-"""Tests of scripts.losses against SPEC section 4."""
+"""Tests of scripts.losses against the SurgicalSAM paper's losses."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from scripts.losses import (
 
 
 def reference_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SPEC 4 Dice written out: per sample d = 2 sum(pt) / ((sum p^2 + 1e-3) + (sum t^2 + 1e-3))."""
+    """The paper's Dice written out: per sample d = 2 sum(pt) / ((sum p^2 + 1e-3) + (sum t^2 + 1e-3))."""
     probabilities = torch.sigmoid(logits).flatten(1)
     target = target.flatten(1)
     dice = 2 * (probabilities * target).sum(1) / (

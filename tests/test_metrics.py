@@ -1,4 +1,4 @@
-"""Tests of scripts.metrics against the SPEC section 7 protocol, on tiny hand-made frames."""
+"""Tests of scripts.metrics against the EndoVis/ISINet protocol, on tiny hand-made frames."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from PIL import Image
 from scripts.metrics import (
     EndoVisMetric,
     endovis_metrics,
+    format_metric,
+    format_metrics_table,
     frame_statistics,
     merge_class_masks,
     score_label_map_folders,
@@ -308,3 +310,22 @@ def test_score_label_map_folders_errors(tmp_path):
     save_png(gt_dir / "seq_2" / "C.png", np.array([[1, 9, 255], [0, 0, 0]]))
     with pytest.raises(ValueError, match=r"C\.png.*\[9\]"):
         score_label_map_folders(pred_dir, gt_dir, CLASS_NAMES)
+
+
+# ------------------------------------------------------------------------------------------ report tables
+def test_format_metrics_table_nan_and_none():
+    table = format_metrics_table({"protocol": "oracle", "challenge_iou": 12.345, "iou": float("nan"), "mc_iou": None,
+                                  "class_iou": {"Bipolar Forceps": float("nan"), "Clip Applier": 7.0}, "num_frames": 3})
+    lines = table.splitlines()
+    assert lines[0].startswith("protocol: oracle") and "frames: 3" in lines[0]
+    assert "12.35" in table
+    assert [line for line in lines if "iou" in line and "n/a" in line and "challenge" not in line]
+    assert any("Bipolar Forceps" in line and "n/a" in line for line in lines)
+    assert any("Clip Applier" in line and "7.00" in line for line in lines)
+    assert "nan" not in table.lower().replace("n/a", "")
+    assert format_metrics_table({})  # no metrics at all: still a table
+
+
+def test_format_metric_is_one_rule_for_tables_and_summaries():
+    assert format_metric(12.345) == " 12.35" and format_metric(None) == "   n/a" and format_metric(float("nan")) == "   n/a"
+    assert format_metric(12.345, 0, 1) == "12.3" and format_metric(None, 0, 1) == "n/a"  # the demo's summary line

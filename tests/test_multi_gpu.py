@@ -158,3 +158,39 @@ def test_overlay_without_torchrun_fails_clearly(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "started by torchrun" in output and "RANK" in output, output[-3000:]
+
+
+@pytest.mark.parametrize("method_config", ["train.yaml", "train_distill.yaml"])
+def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, method_config):
+    """Every StatsHandler / TensorBoardStatsHandler of training and validation is gated on is_main_process,
+    which multi_gpu_train.yaml sets to "rank 0": built with it false they are disabled, with it true they exist."""
+    from monai.bundle import ConfigParser
+
+    writers = ("StatsHandler", "TensorBoardStatsHandler")
+    for is_main_process in (True, False):
+        parser = ConfigParser()
+        parser.read_config([os.path.join(CONFIGS, method_config), MULTI_GPU])
+        assert parser["is_main_process"] == "$torch.distributed.get_rank() == 0"  # the overlay's rank-0 rule
+        parser["is_main_process"] = is_main_process
+        parser["output_dir"] = str(tmp_path / str(is_main_process))
+        gated = []
+        for section in ("train", "validate"):
+            for index, handler in enumerate(parser[f"{section}#handlers"]):
+                if isinstance(handler, dict) and handler.get("_target_") in writers:
+                    built = parser.get_parsed_content(f"{section}#handlers#{index}")
+                    gated.append((section, handler["_target_"], built is not None))
+        assert sorted(gated) == sorted((section, writer, is_main_process)
+                                       for section in ("train", "validate") for writer in writers), gated
+
+
+@pytest.mark.parametrize("method_config", ["train.yaml", "train_distill.yaml"])
+def test_multi_gpu_overlay_finds_every_step_it_runs_in_both_methods(method_config):
+    """multi_gpu_train.yaml's initialize runs `prepare` and `prepare_cache` around its barriers: both methods
+    define them (empty unless a demo overlay fills them)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(CONFIGS, method_config), MULTI_GPU])
+    steps = [step[1:] for step in parser["initialize"] if isinstance(step, str) and step.startswith("@")]
+    assert steps == ["prepare", "prepare_cache"]
+    assert all(isinstance(parser[step], list) for step in steps)

@@ -1,4 +1,4 @@
-"""Tests of the SurgicalSAM network (SPEC section 3): prompt encoder, batched decoder, model."""
+"""Tests of the SurgicalSAM network (the SurgicalSAM paper's Methodology): prompt encoder, batched decoder, model."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_prototype_prompt_encoder_by_hand():
 
 
 def reference_prompt_encoder(encoder, image, prototypes, class_ids):
-    """SPEC 3 steps 1-4 written out per sample and class with explicit weights."""
+    """The paper's steps 1-4 written out per sample and class with explicit weights."""
     batch, dim, height, width = image.shape
     w1, b1 = encoder.dense_fc_1.weight[:, :, 0, 0], encoder.dense_fc_1.bias
     w2, b2 = encoder.dense_fc_2.weight[:, :, 0, 0], encoder.dense_fc_2.bias
@@ -168,7 +168,7 @@ def test_prototype_prompt_encoder_matches_reference_on_any_grid(grid):
 
 
 def plain_prompt_encoder(encoder, image, prototypes, class_ids):
-    """The prompt encoder as SPEC 3 writes it: the (B, C, h*w, d) class-activated tensor, the Conv1d
+    """The prompt encoder as the paper writes it: the (B, C, h*w, d) class-activated tensor, the Conv1d
     modules themselves on it, the prompted class's slice for the dense prompt."""
     batch, dim, height, width = image.shape
     features = image.flatten(2).transpose(1, 2)  # (B, h*w, d)

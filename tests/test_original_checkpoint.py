@@ -1,8 +1,8 @@
-"""Conversion of original SurgicalSAM checkpoints (SPEC 8) into the bundle's models/model.pt.
+"""Conversion of original SurgicalSAM checkpoints into the bundle's models/model.pt.
 
 The original checkpoint is built in the test from a SurgicalSAM with random weights, renamed into the
 three dicts as the original code names them. The converted model must give the same logits, and so must
-an independent re-implementation of the original's per-sample forward written from SPEC 3.
+an independent re-implementation of the original's per-sample forward written from the paper.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def original_file(tmp_path, small_sam_checkpoint):
 
 
 def original_forward(original: dict, sam_checkpoint: str, features: torch.Tensor, class_id: int):
-    """The original's forward for ONE sample, from SPEC 3; features (1, d, h, w) -> logits (1, 1, H, W).
+    """The original's forward for ONE sample, from the paper; features (1, d, h, w) -> logits (1, 1, H, W).
 
     Prompt encoder from the equations with the raw tensors; SAM's own MaskDecoder and PromptEncoder.
     """

@@ -1,4 +1,4 @@
-"""Reading the original SurgicalSAM code's processed layout (SPEC 8) as an embedding cache."""
+"""Reading the original SurgicalSAM code's processed layout as an embedding cache."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation as in the paper: EndoVis2017 folds pooled (SPEC 7) and cross-dataset scoring over shared
+"""Evaluation as in the paper: EndoVis2017 folds pooled (the EndoVis protocol) and cross-dataset scoring over shared
 classes (Table 4), on crafted label maps with hand-computed numbers."""
 
 from __future__ import annotations

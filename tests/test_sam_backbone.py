@@ -1,4 +1,4 @@
-"""Tests of scripts.networks.sam_backbone and scripts.networks.sam_geometry (SPEC section 2)."""
+"""Tests of scripts.networks.sam_backbone and scripts.networks.sam_geometry (segment-anything's geometry)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from scripts.networks.sam_backbone import (
     load_sam_checkpoint,
     save_random_sam_checkpoint,
 )
+from scripts.networks.state_dict_check import file_md5, memoised_md5
 from scripts.networks.sam_geometry import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -170,6 +171,28 @@ def test_md5_checked_before_unpickling(tmp_path):
         load_sam_checkpoint(tiny_sam(), str(path), variant="vit_b")
     with pytest.raises(ValueError, match="could not be read"):
         load_sam_checkpoint(tiny_sam(), str(path), variant="vit_b", check_md5=False)
+
+
+def test_checkpoint_md5_is_hashed_once_and_again_when_the_file_changes(tmp_path, tiny_sam_checkpoint):
+    path = tmp_path / VIT_B_NAME
+    path.write_bytes(Path(tiny_sam_checkpoint).read_bytes())
+    real = file_md5(str(path))
+    assert memoised_md5(str(path)) == real
+    memo = Path(f"{path}.md5")
+    key, stored = memo.read_text().split()
+    assert stored == real
+    # The md5 check of a build reads the memo, not the file: a memo that claims the official md5 for this
+    # size and mtime lets the (tiny) file through to the key checks, where it loads into the tiny model.
+    memo.write_text(f"{key} {VIT_B_MD5}\n")
+    sam = tiny_sam(seed=1)
+    load_sam_checkpoint(sam, str(path), variant="vit_b")
+    assert_same_state(sam.state_dict(), torch.load(tiny_sam_checkpoint, weights_only=True))
+    # Another mtime: the memo no longer applies, the file is hashed again and the check refuses it.
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=VIT_B_MD5):
+        load_sam_checkpoint(tiny_sam(), str(path), variant="vit_b")
+    assert memo.read_text().split()[1] == real
 
 
 def test_tiny_checkpoint_into_vit_b_does_not_match(tiny_sam_checkpoint):

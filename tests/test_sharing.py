@@ -69,8 +69,13 @@ def test_metadata_data_format_names_the_config_classes():
     assert image["num_channels"] == 3 and len(image["spatial_shape"]) == 2
     assert pred["num_channels"] == 1 and len(pred["spatial_shape"]) == 2 and pred["dtype"] == "uint8"
     # train.yaml reads its class names from dataset.json; the EndoVis2018 overlay states the model's
-    for config in ("endovis2018.yaml", "inference.yaml"):
-        names = load_yaml(config)["class_names"]
+    from monai.bundle import ConfigParser
+
+    for config in ("endovis2018.yaml", "inference.yaml", "inference_distill.yaml", "monailabel_train.yaml"):
+        parser = ConfigParser()  # (the training overlays over train.yaml, as they are run)
+        parser.read_config([os.path.join(BUNDLE, "configs", name) for name in
+                            ((config,) if config.startswith("inference") else ("train.yaml", config))])
+        names = parser.get_parsed_content("class_names")
         assert pred["channel_def"] == {str(i): name for i, name in enumerate(["background", *names])}, config
         assert pred["value_range"] == [0, len(names)]
 
@@ -86,8 +91,19 @@ def test_large_files_list_every_sam_checkpoint_with_its_md5():
         assert entry["hash_type"] == "md5"
         assert entry["hash_val"] == spec.md5
         assert entry["url"] == SAM_DOWNLOAD_URL + spec.checkpoint_name
-    # the default checkpoint of the configs is one of them
-    assert load_yaml("train.yaml")["sam_checkpoint"].endswith("/sam_vit_h_4b8939.pth'")
+    # the configs' SAM checkpoint is the official file of sam_variant, in ckpt_dir
+    from monai.bundle import ConfigParser
+
+    for config, default in (("train.yaml", "vit_h"), ("train_distill.yaml", "vit_b"), ("inference.yaml", "vit_h"),
+                            ("inference_distill.yaml", "vit_b")):
+        for variant in (None, "vit_h", "vit_l", "vit_b"):
+            parser = ConfigParser()
+            parser.read_config(os.path.join(BUNDLE, "configs", config))
+            parser["ckpt_dir"] = "/weights"
+            if variant is not None:
+                parser["sam_variant"] = variant
+            expected = official[variant or default].checkpoint_name
+            assert parser.get_parsed_content("sam_checkpoint") == f"/weights/{expected}", (config, variant)
 
 
 # ---------------------------------------------------------------------------------- label map network

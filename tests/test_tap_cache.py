@@ -27,9 +27,8 @@ from scripts.data.embedding_cache import (
 )
 from scripts.data.layout import load_datalist, read_frame, read_label_map
 from scripts.distillation import CachedTapDataset, DistillationBatch, FrameLabelDataset, distillation_dataset
-from scripts.networks.distillation_adapter import tapped_encoder_forward
 from scripts.networks.distillation_sam import DistillationSAM
-from scripts.networks.sam_backbone import build_sam, get_variant
+from scripts.networks.sam_backbone import build_sam, get_variant, tapped_encoder_forward
 from scripts.networks.sam_geometry import frames_to_sam_input
 
 TAPS = (1, 2)  # the tiny SAM's default taps

@@ -1,4 +1,4 @@
-"""Tests of the bundle's workflows (SPEC 10): ConfigWorkflow properties, input checks from the command
+"""Tests of the bundle's workflows (MONAI bundle conventions): ConfigWorkflow properties, input checks from the command
 line, and (slow) demo training, evaluation and kill-and-resume end to end."""
 
 from __future__ import annotations
@@ -198,3 +198,38 @@ def test_training_killed_and_resumed(tmp_path, small_demo_dir, small_cache_dir, 
                        weights_only=False)
     assert state["trainer_progress"] == {"epoch": 3, "iteration": state["trainer"]["iteration"]}
     assert os.path.isfile(os.path.join(overrides["ckpt_dir"], "model.pt"))
+
+
+def test_no_overlay_reaches_into_a_list_by_position():
+    """An overlay names what it changes (e.g. cross_dataset.yaml's metrics_report#extra), never `handlers#2`:
+    a handler added before it would silently receive the setting."""
+    import re
+
+    by_position = re.compile(r"#\d+(#|$)")
+    found = []
+    for path in sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))):
+        with open(path) as handle:
+            config = yaml.safe_load(handle) or {}
+        found += [f"{os.path.basename(path)}: {key}" for key in config if by_position.search(str(key))]
+    assert not found, found
+
+
+@pytest.mark.parametrize("method", [("train.yaml", "demo.yaml"), ("train_distill.yaml", "demo_distill.yaml")])
+def test_the_precompute_call_is_written_once_per_method(method):
+    """`precompute` and the demo's `prepare_cache` call the same cache_precompute component (a partial)."""
+    import functools
+
+    from monai.bundle import ConfigParser
+
+    from scripts.data.embedding_cache import precompute_embeddings
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(CONFIGS, name) for name in method])
+    text = "".join(open(os.path.join(CONFIGS, name)).read() for name in method)
+    assert text.count("precompute_embeddings") == 1, "precompute_embeddings is written more than once"
+    assert parser["precompute"][-1] == "$@cache_precompute()"
+    assert parser["prepare_cache"][0].startswith("$@cache_precompute()")
+    parser["device"] = "cpu"
+    component = parser.get_parsed_content("cache_precompute", instantiate=True)
+    assert isinstance(component, functools.partial) and component.func is precompute_embeddings
+    assert ("taps" in component.keywords) == (method[0] == "train_distill.yaml")

@@ -40,7 +40,6 @@ __all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "demo
            "prepare_custom", "prepare_endovis2017", "prepare_endovis2018", "score"]
 
 PROG = "surgical-sam"
-PROTOCOLS = ("oracle", "auto")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -108,30 +107,32 @@ def _existing_dir(path: Any, name: str) -> Path:
 # --------------------------------------------------------------------------------------- make_demo_data
 def make_demo_data(
     out_dir: str,
-    frame_size: Any = (128, 160),
-    num_classes: int = 7,
+    frame_size: Any = None,
+    num_classes: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
     """Write the deterministic EndoVis-like demo dataset (frames, label maps, dataset.json, preview.png).
 
+    With the defaults it is the set that ``surgical-sam demo`` (demo.yaml) trains on, so the demo keeps it.
+
     Args:
         out_dir: folder to write (made if needed; must be empty or hold demo data only).
-        frame_size: H,W of the frames.
-        num_classes: C, instrument classes (EndoVis2018 names when C <= 7).
+        frame_size: H,W of the frames (default: the demo's, scripts.data.demo.DEMO_FRAME_SIZE).
+        num_classes: C, instrument classes (EndoVis2018 names when C <= 7; default: the demo's 7).
         seed: seed of every random draw (same arguments give byte-identical files).
         overwrite: replace demo data already in out_dir (never anything else).
 
     Returns:
         {"out_dir", "frames" (per split), "classes", "preview"}.
     """
-    from scripts.data.demo import PREVIEW_FILE, make_demo_dataset
+    from scripts.data.demo import DEMO_FRAME_SIZE, DEMO_NUM_CLASSES, PREVIEW_FILE, make_demo_dataset
     from scripts.data.layout import DatasetError, available_splits, class_names, read_dataset_description
 
     if out_dir is None or out_dir == "":
         raise _fail("--out_dir is required.")
-    size = _int_pair(frame_size, "frame_size")
-    classes = _positive_int(num_classes, "num_classes")
+    size = _int_pair(DEMO_FRAME_SIZE if frame_size is None else frame_size, "frame_size")
+    classes = _positive_int(DEMO_NUM_CLASSES if num_classes is None else num_classes, "num_classes")
     try:
         written = make_demo_dataset(
             str(out_dir), frame_size=size, num_classes=classes, seed=int(seed), overwrite=bool(overwrite)
@@ -195,7 +196,7 @@ def score(
     output_file: str | None = "metrics.json",
     ignore_index: int | None = None,
 ) -> dict:
-    """Score a folder of predicted PNG label maps against ground truth (EndoVis/ISINet protocol, SPEC 7).
+    """Score a folder of predicted PNG label maps against ground truth (the EndoVis/ISINet protocol).
 
     Args:
         pred_dir: predicted label maps (0 = background, 1..C), paired with gt_dir by relative path.
@@ -211,8 +212,7 @@ def score(
     """
     from scripts.data.layout import DESCRIPTION_FILE, DatasetError, read_dataset_description
     from scripts.data.layout import class_names as description_class_names
-    from scripts.engines import format_metrics_table
-    from scripts.metrics import score_label_map_folders
+    from scripts.metrics import PROTOCOLS, format_metrics_table, score_label_map_folders
 
     pred_folder = _existing_dir(pred_dir, "pred_dir")
     gt_folder = _existing_dir(gt_dir, "gt_dir")
@@ -396,7 +396,7 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     ``python -m monai.bundle run training --config_file "['<bundle>/configs/train.yaml','<bundle>/configs/demo.yaml']"``
     followed by ``run evaluating`` with ``evaluate.yaml`` merged on top, once with ``--protocol oracle`` and
     once with ``--protocol auto``. The demo data, the random-weight SAM and the embedding cache are made
-    on first use (demo.yaml's ``initialize``).
+    on first use (demo.yaml's ``prepare`` and ``prepare_cache``, which train.yaml's ``initialize`` runs).
 
     Args:
         epochs: training epochs (default: demo.yaml's num_epochs).
@@ -408,7 +408,7 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     """
     from scripts.data.embedding_cache import StaleCacheError
     from scripts.data.layout import DatasetError
-    from scripts.engines import format_metrics_table
+    from scripts.metrics import PROTOCOLS, format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(bundle_root, ("train.yaml", "demo.yaml", "evaluate.yaml"), epochs, fresh)
     train_files = [str(needed[0]), str(needed[1])]
@@ -429,18 +429,15 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     except (FileNotFoundError, DatasetError, StaleCacheError) as error:
         raise _fail(str(error)) from None
 
-    def fmt(value) -> str:
-        return "n/a" if value is None or value != value else f"{value:.1f}"
-
     print()
     for protocol in PROTOCOLS:
         print(format_metrics_table(results[protocol]))
         print(f"  (written to {results[protocol]['metrics_file']})")
         print()
     summary = (
-        f"demo: oracle Challenge IoU {fmt(results['oracle'].get('challenge_iou'))}, "
-        f"auto Challenge IoU {fmt(results['auto'].get('challenge_iou'))}, "
-        f"IoU {fmt(results['auto'].get('iou'))} (held-out demo frames)"
+        f"demo: oracle Challenge IoU {format_metric(results['oracle'].get('challenge_iou'), 0, 1)}, "
+        f"auto Challenge IoU {format_metric(results['auto'].get('challenge_iou'), 0, 1)}, "
+        f"IoU {format_metric(results['auto'].get('iou'), 0, 1)} (held-out demo frames)"
     )
     print(summary)
     results["summary"] = summary
@@ -468,7 +465,7 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
     """
     from scripts.data.embedding_cache import CacheSpaceError, StaleCacheError
     from scripts.data.layout import DatasetError
-    from scripts.engines import format_metrics_table
+    from scripts.metrics import format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(
         bundle_root, ("train_distill.yaml", "demo_distill.yaml", "evaluate_distill.yaml"), epochs, fresh
@@ -491,15 +488,13 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
         raise _fail(str(error)) from None
     result["metrics_file"] = str(metrics_file)
 
-    def fmt(value) -> str:
-        return "n/a" if value is None or value != value else f"{value:.1f}"
-
     print()
     print(format_metrics_table(result))
     print(f"  (written to {metrics_file})")
     print()
-    summary = (f"demo_distill: auto Challenge IoU {fmt(result.get('challenge_iou'))}, IoU {fmt(result.get('iou'))}, "
-               f"mcIoU {fmt(result.get('mc_iou'))} (held-out demo frames)")
+    summary = (f"demo_distill: auto Challenge IoU {format_metric(result.get('challenge_iou'), 0, 1)}, "
+               f"IoU {format_metric(result.get('iou'), 0, 1)}, mcIoU {format_metric(result.get('mc_iou'), 0, 1)} "
+               "(held-out demo frames)")
     print(summary)
     return {"auto": result, "summary": summary}
 
@@ -660,7 +655,7 @@ def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str | None =
 
 
 def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dict:
-    """Pool the evaluations of several folds (EndoVis2017 4-fold cross-validation, SPEC 7).
+    """Pool the evaluations of several folds (EndoVis2017 4-fold cross-validation, as the SurgicalSAM paper reports it).
 
     Pooled numbers run over all frames of all folds (per-frame lists concatenated, cumulative I/U summed),
     not a mean of the per-fold numbers. Each input is a metrics.json with the frame_stats.json that
@@ -670,8 +665,7 @@ def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dic
         inputs: comma-separated paths.
         output: where to write the pooled metrics (JSON); "" to write nothing.
     """
-    from scripts.engines import format_pooled_table
-    from scripts.metrics import _json_safe, pool_frame_statistics
+    from scripts.metrics import format_pooled_table, json_safe, pool_frame_statistics
 
     paths = [p.strip() for p in inputs.split(",")] if isinstance(inputs, str) else [str(p) for p in (inputs or [])]
     paths = [p for p in paths if p]
@@ -685,7 +679,7 @@ def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dic
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w") as handle:
-            json.dump(_json_safe(result), handle, indent=2)
+            json.dump(json_safe(result), handle, indent=2)
         print(f"pooled metrics written to {os.path.abspath(output)}")
     return result
 
@@ -783,6 +777,7 @@ def pack(out_dir: str, bundle_root: str | None = None, with_onnx: bool = False) 
     import zipfile
 
     import scripts
+    from scripts.files import atomic_write
 
     root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
     meta_file = root / "configs" / "metadata.json"
@@ -819,11 +814,12 @@ def pack(out_dir: str, bundle_root: str | None = None, with_onnx: bool = False) 
             files += [Path(p).relative_to(root).as_posix() for p in packed_onnx_files(str(root / "models" / "onnx"))]
         except (OSError, ValueError) as error:
             raise _fail(f"--with_onnx: {error}") from None
-    partial = target.with_suffix(".zip.tmp")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for relative in files:
-            archive.write(root / relative, f"{name}/{relative}")
-    os.replace(partial, target)
+    def write_zip(temporary: str) -> None:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for relative in files:
+                archive.write(root / relative, f"{name}/{relative}")
+
+    atomic_write(target, write_zip)
     has_model = "models/model.pt" in files
     print(f"packed {len(files)} files of {root} into {target} ({target.stat().st_size / 2**20:.1f} MiB"
           f"{', with models/model.pt' if has_model else ', no trained models/model.pt'}"

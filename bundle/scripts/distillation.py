@@ -10,6 +10,9 @@ embedding and taps of each (frame, augmentation version) are read from disk with
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from monai.engines.utils import PrepareBatch
@@ -35,6 +38,12 @@ def tap_blocks(sam_variant: str, taps=None, num_taps: int = 3) -> list[int]:
     if taps is None:
         return list(default_tap_blocks(get_variant(sam_variant).encoder_depth, num_taps))
     return [int(k) for k in taps]
+
+
+def tap_cache_folder(root: str, sam_variant: str, tap_blocks: Sequence[int]) -> str:
+    """Folder of the tap cache of these taps under ``root``: ``<root>/<variant>_taps<k1>-<k2>-...``, so caches of
+    other taps or another encoder never share a folder."""
+    return os.path.join(root, f"{sam_variant}_taps" + "-".join(str(int(k)) for k in tap_blocks))
 
 
 class FrameLabelDataset(Dataset):
@@ -158,7 +167,7 @@ class DistillationBatch(PrepareBatch):
 class SemanticInferer(Inferer):
     """Run a semantic network (``DistillationSAM``) on frames: one pass, no class prompt, no GT.
 
-    This is the ``auto`` protocol of SPEC 7: every frame gets a metric entry.
+    This is the ``auto`` protocol (model card: Evaluation protocols and metrics): every frame gets a metric entry.
 
     Args:
         output: ``dict`` (for evaluators: ``label_map`` (B, 1, H, W) and ``has_entry`` (B,) all True) or
@@ -185,14 +194,13 @@ def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoi
                          model_file: str | None = None, job: str = "train", tap_cache_dir: str | None = None) -> None:
     """Fail at once, naming every missing input (dataset, SAM weights, tap cache when used, trained model)
     and how to make it."""
-    import os
-
-    from .engines import missing_sam_weights, raise_input_problems
+    from .data.layout import raise_input_problems
+    from .networks.sam_backbone import missing_sam_weights
 
     problems = []
     if dataset_dir is not None and not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
         problems.append(f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the "
-                        "model card) or pass --dataset_dir; for the demo merge bundle/configs/demo.yaml.")
+                        "model card) or pass --dataset_dir; for the demo merge bundle/configs/demo_distill.yaml.")
     problems += missing_sam_weights(sam_variant, sam_checkpoint)
     if tap_cache_dir is not None and not os.path.isfile(os.path.join(tap_cache_dir, "manifest.json")):
         problems.append(f"tap cache: none at {tap_cache_dir} (cache_taps is on). Make it with python -m monai.bundle "

@@ -20,6 +20,10 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from .data.layout import raise_input_problems
+from .metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS, format_metrics_table
+from .networks.sam_backbone import missing_sam_weights
+
 logger = logging.getLogger(__name__)
 
 
@@ -302,8 +306,6 @@ class MetricsReport:
         extra: anything else to record (dataset, checkpoint, ...).
     """
 
-    METRIC_KEYS = ("challenge_iou", "iou", "mc_iou", "miou")
-
     def __init__(self, output_file: str, protocol: str, extra: dict | None = None) -> None:
         self.output_file, self.protocol = output_file, protocol
         self.extra = extra or {}
@@ -312,7 +314,7 @@ class MetricsReport:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def report(self, metrics: dict) -> dict:
-        result = {"protocol": self.protocol, **{k: metrics.get(k) for k in self.METRIC_KEYS}}
+        result = {"protocol": self.protocol, **{k: metrics.get(k) for k in SCALAR_METRIC_KEYS}}
         result["class_iou"] = metrics.get("class_iou", {})
         result["num_frames"] = metrics.get("num_frames")
         result.update(self.extra)
@@ -326,8 +328,6 @@ class MetricsReport:
         os.makedirs(folder, exist_ok=True)
         frame_stats = getattr(engine.state, "endovis_frame_statistics", None)
         if frame_stats is not None:
-            from .metrics import FRAME_STATS_FILE
-
             result["frame_stats_file"] = FRAME_STATS_FILE
             with open(os.path.join(folder, FRAME_STATS_FILE), "w") as handle:
                 json.dump({**frame_stats, "protocol": self.protocol}, handle)
@@ -335,38 +335,6 @@ class MetricsReport:
             json.dump(result, handle, indent=2)
         print(format_metrics_table(result))
         logger.info("metrics written to %s", self.output_file)
-
-
-def format_metrics_table(result: dict) -> str:
-    """A plain-text table of one metrics.json."""
-    def fmt(value):
-        return "   n/a" if value is None or value != value else f"{value:6.2f}"
-
-    lines = [f"protocol: {result.get('protocol')}   frames: {result.get('num_frames')}"]
-    lines += [f"  {key:<14}{fmt(result.get(key))}" for key in MetricsReport.METRIC_KEYS]
-    for name, value in (result.get("class_iou") or {}).items():
-        lines.append(f"    IoU {name:<28}{fmt(value)}")
-    return "\n".join(lines)
-
-
-def format_pooled_table(pooled: dict) -> str:
-    """Per-input rows and the pooled row of :func:`scripts.metrics.pool_frame_statistics`, then the pooled
-    class IoUs."""
-    def fmt(value):
-        return "   n/a" if value is None or value != value else f"{value:6.2f}"
-
-    keys = MetricsReport.METRIC_KEYS
-    lines = [f"protocol: {pooled.get('protocol')}   pooled over {len(pooled.get('per_input', {}))} evaluations",
-             f"  {'':<40}" + "".join(f"{k:>14}" for k in keys) + f"{'frames':>8}"]
-    for path, metrics in (pooled.get("per_input") or {}).items():
-        label = path if len(path) <= 40 else "..." + path[-37:]
-        lines.append(f"  {label:<40}" + "".join(f"{fmt(metrics.get(k)):>14}" for k in keys)
-                     + f"{metrics.get('num_frames', ''):>8}")
-    lines.append(f"  {'pooled':<40}" + "".join(f"{fmt(pooled.get(k)):>14}" for k in keys)
-                 + f"{pooled.get('num_frames', ''):>8}")
-    for name, value in (pooled.get("class_iou") or {}).items():
-        lines.append(f"    IoU {name:<28}{fmt(value)}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- distributed
@@ -397,23 +365,6 @@ def init_distributed(backend: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ input checks
-def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[str]:
-    """The input-check problem of a SAM weights file that does not exist, with how to get it; [] when it
-    exists or no path is given."""
-    from .networks.sam_backbone import _how_to_get
-
-    if sam_checkpoint is None or os.path.isfile(sam_checkpoint):
-        return []
-    return [f"SAM weights: {sam_checkpoint} not found. {_how_to_get(sam_variant, sam_checkpoint)}; "
-            "or pass --sam_checkpoint PATH."]
-
-
-def raise_input_problems(problems: list[str], job: str, error: type[Exception] = FileNotFoundError) -> None:
-    """``error`` "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
-    if problems:
-        raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))
-
-
 def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
                           config_hint: str = "bundle/configs/train.yaml", job: str = "train",
                           extra_problems: list[str] | None = None, splits: list[str] | None = None) -> None:

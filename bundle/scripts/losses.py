@@ -1,4 +1,4 @@
-"""Training losses of SurgicalSAM (SPEC section 4).
+"""Training losses of SurgicalSAM (SurgicalSAM paper, Methodology, and the original code).
 
 The paper's objective is ``L = Dice + PCL``:
 
@@ -191,7 +191,7 @@ class SurgicalSAMLoss(nn.Module):
     """SurgicalSAM training loss: ``dice_weight * Dice + pcl_weight * PCL (+ absent_weight * BCE)``.
 
     Samples are (frame, prompted class) pairs. A sample whose target mask is empty is an
-    *absent-class prompt*: it teaches the model (for the automatic protocol, SPEC 7) to answer "no
+    *absent-class prompt*: it teaches the model (for the auto protocol) to answer "no
     instrument of this class". The terms are:
 
     * Dice (:func:`surgical_sam_dice_loss`): mean over the samples with a non-empty target (0 if none).
@@ -259,7 +259,7 @@ class SurgicalSAMLoss(nn.Module):
 
 # ------------------------------------------------------------------------------ distillation losses
 class DistillationSAMLoss(nn.Module):
-    """Distillation-SAM training loss (SPEC 9)::
+    """Distillation-SAM training loss (the Distillation-SAM announcement; model card: Distillation-SAM)::
 
         L = ce_weight * CE + dice_weight * Dice + token_kd_weight * MSE(student mask tokens, teacher's)
             + dense_kd_weight * MSE(student dense prompt, teacher's)

@@ -1,4 +1,4 @@
-"""EndoVis / ISINet evaluation protocol (SPEC section 7).
+"""EndoVis / ISINet evaluation protocol (as ISINet and SurgicalSAM evaluate).
 
 Per frame, class-promptable predictions (one binary mask, class and quality per prompt) are merged into a
 label map (:func:`merge_class_masks`); each (prediction, ground truth) pair of label maps is reduced to a
@@ -34,6 +34,12 @@ __all__ = [
     "score_label_map_folders",
     "read_label_map",
     "METRIC_KEYS",
+    "SCALAR_METRIC_KEYS",
+    "PROTOCOLS",
+    "json_safe",
+    "format_metric",
+    "format_metrics_table",
+    "format_pooled_table",
     "frame_statistics_record",
     "read_frame_statistics",
     "pool_frame_statistics",
@@ -42,8 +48,11 @@ __all__ = [
 # Columns of the per-frame statistics table returned by :func:`frame_statistics`.
 INTERSECTION, UNION, PRED_HAS_CLASS, GT_HAS_CLASS = range(4)
 NUM_STATISTICS = 4
-METRIC_KEYS = ("challenge_iou", "iou", "mc_iou", "miou", "class_iou", "num_frames")
-PROTOCOLS = ("auto", "oracle")
+#: The four scalar metrics (percentages), in the order every table prints them.
+SCALAR_METRIC_KEYS = ("challenge_iou", "iou", "mc_iou", "miou")
+METRIC_KEYS = SCALAR_METRIC_KEYS + ("class_iou", "num_frames")
+#: The prompting protocols (see scripts.inferers): the paper's ``oracle`` first.
+PROTOCOLS = ("oracle", "auto")
 #: File beside metrics.json holding the per-frame statistics that folds are pooled from.
 FRAME_STATS_FILE = "frame_stats.json"
 FRAME_STATS_FORMAT = 1
@@ -139,7 +148,7 @@ def endovis_metrics(
     class_names: Sequence[str],
     has_entry: Sequence[bool] | torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """EndoVis / ISINet metrics from per-frame statistics, following the SPEC 7 pseudo-code exactly.
+    """EndoVis / ISINet metrics from per-frame statistics, following ISINet's evaluation code exactly.
 
     A frame without an entry (``has_entry`` False) is skipped. For an evaluated frame whose prediction has
     no instrument pixel: if its ground truth has one, 0 is added to the IoU and Challenge IoU lists and to
@@ -353,11 +362,12 @@ def _png_files(folder: Path) -> dict[str, Path]:
     return {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*.png")) if path.is_file()}
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with every ``nan`` (in nested dicts, lists and tuples) replaced by None, for JSON."""
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
@@ -435,7 +445,7 @@ def score_label_map_folders(
     if output_file is not None:
         output_path = Path(output_file)
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        output_path.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
+        output_path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
     return result
 
 
@@ -495,7 +505,7 @@ def read_frame_statistics(path: str | Path) -> dict[str, Any]:
 
 
 def pool_frame_statistics(paths: Sequence[str | Path]) -> dict[str, Any]:
-    """EndoVis metrics over several evaluations (e.g. the four EndoVis2017 folds) pooled, SPEC 7.
+    """EndoVis metrics over several evaluations (e.g. the four EndoVis2017 folds) pooled (as the paper reports them).
 
     Pooling concatenates the frames: the per-frame IoU and Challenge IoU lists, the per-class lists and the
     cumulative intersection and union sums run over all frames of all inputs, exactly as if one evaluation
@@ -526,3 +536,36 @@ def pool_frame_statistics(paths: Sequence[str | Path]) -> dict[str, Any]:
     result["inputs"] = [r["path"] for r in records]
     result["per_input"] = {r["path"]: endovis_metrics(r["stats"], names, r["has_entry"]) for r in records}
     return result
+
+
+# ------------------------------------------------------------------------------------------ report tables
+def format_metric(value: float | None, width: int = 6, digits: int = 2) -> str:
+    """One metric (a percentage) with ``digits`` decimals, right-aligned in ``width``; "n/a" for None or nan."""
+    text = "n/a" if value is None or value != value else f"{value:.{digits}f}"
+    return text.rjust(width)
+
+
+def format_metrics_table(result: dict) -> str:
+    """A plain-text table of one metrics.json."""
+    lines = [f"protocol: {result.get('protocol')}   frames: {result.get('num_frames')}"]
+    lines += [f"  {key:<14}{format_metric(result.get(key))}" for key in SCALAR_METRIC_KEYS]
+    for name, value in (result.get("class_iou") or {}).items():
+        lines.append(f"    IoU {name:<28}{format_metric(value)}")
+    return "\n".join(lines)
+
+
+def format_pooled_table(pooled: dict) -> str:
+    """Per-input rows and the pooled row of :func:`pool_frame_statistics`, then the pooled
+    class IoUs."""
+    keys = SCALAR_METRIC_KEYS
+    lines = [f"protocol: {pooled.get('protocol')}   pooled over {len(pooled.get('per_input', {}))} evaluations",
+             f"  {'':<40}" + "".join(f"{k:>14}" for k in keys) + f"{'frames':>8}"]
+    for path, metrics in (pooled.get("per_input") or {}).items():
+        label = path if len(path) <= 40 else "..." + path[-37:]
+        lines.append(f"  {label:<40}" + "".join(f"{format_metric(metrics.get(k)):>14}" for k in keys)
+                     + f"{metrics.get('num_frames', ''):>8}")
+    lines.append(f"  {'pooled':<40}" + "".join(f"{format_metric(pooled.get(k)):>14}" for k in keys)
+                 + f"{pooled.get('num_frames', ''):>8}")
+    for name, value in (pooled.get("class_iou") or {}).items():
+        lines.append(f"    IoU {name:<28}{format_metric(value)}")
+    return "\n".join(lines)

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from .data.embedding_cache import prompt_sample, prompt_samples
 from .data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
+from .files import atomic_write
 from .networks.sam_geometry import frames_to_sam_input, masks_to_embedding_grid
 
 logger = logging.getLogger(__name__)
@@ -160,9 +161,7 @@ class FrameEmbedder:
             with torch.no_grad():
                 embedding = encoder(frames_to_sam_input(tensor, image_size))[0].half().cpu()
             if disk:
-                os.makedirs(self.cache_dir, exist_ok=True)
-                np.save(disk + ".tmp.npy", embedding.numpy())
-                os.replace(disk + ".tmp.npy", disk)
+                atomic_write(disk, lambda temporary: np.save(temporary, embedding.numpy()), keep_suffix=True)
         self._memory[key] = embedding
         return embedding
 
@@ -285,11 +284,8 @@ class FinalModelSaver:
         if not self.replace_unvalidated:
             logger.info("no validation ran and replace_unvalidated is false: the served model %s is kept", self.path)
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         model = getattr(self.network, "module", self.network)
-        tmp = self.path + ".tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda temporary: torch.save(model.state_dict(), temporary))
         self.written = True
         logger.info("no validation ran: the final model was written to %s", self.path)
 

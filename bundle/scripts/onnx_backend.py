@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from .networks.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
-from .networks.sam_backbone import file_md5
+from .networks.state_dict_check import file_md5
 from .networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from .networks.surgical_sam import SurgicalSAM
 

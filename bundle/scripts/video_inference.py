@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from .data.video_io import OverlayVideoWriter, VideoError, open_sequence
+from .files import atomic_write_bytes
 from .inferers import ClassPromptInferer
 from .onnx_backend import OnnxSurgicalSAM, check_backend, load_model_file
 from .temporal import TemporalPresence
@@ -51,13 +52,6 @@ OVERLAY_FILE, SUMMARY_FILE = "overlay.mp4", "summary.json"
 
 def _frame_name(index: int) -> str:
     return f"{int(index):06d}"
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    partial = path + ".tmp"
-    with open(partial, "wb") as handle:
-        handle.write(data)
-    os.replace(partial, path)
 
 
 class LabelStore:
@@ -88,7 +82,7 @@ class LabelStore:
         if self._zip is None:
             buffer = io.BytesIO()
             Image.fromarray(label_map).save(buffer, format="PNG")
-            _write_atomic(os.path.join(self.output_dir, LABELS_DIR, _frame_name(index) + ".png"), buffer.getvalue())
+            atomic_write_bytes(os.path.join(self.output_dir, LABELS_DIR, _frame_name(index) + ".png"), buffer.getvalue())
             return
         buffer = io.BytesIO()
         np.save(buffer, label_map)
@@ -230,7 +224,7 @@ class VideoInference:
                     label_map, record = self._segment(model, frame.image)
                     record = {"index": frame.index, "time": round(frame.time, 6), **record}
                     store.write(frame.index, label_map)
-                    _write_atomic(json_path, json.dumps(record).encode())
+                    atomic_write_bytes(json_path, json.dumps(record).encode())
                     counts["written"] += 1
                 for item in record["classes"]:
                     frames_per_class[item["id"] - 1] += 1
@@ -256,7 +250,7 @@ class VideoInference:
             "frames_per_class": dict(zip(self.class_names, frames_per_class)),
             "seconds": round(elapsed, 3), "complete": error is None, "error": None if error is None else str(error),
         }
-        _write_atomic(os.path.join(self.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
+        atomic_write_bytes(os.path.join(self.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
         if error is not None:
             raise error
         logger.info("video inference: %d frames written, %d already there, into %s", counts["written"],

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+# EndoVis2018 instrument types (ids 1..7), used as demo class names when C <= 7.
+from scripts.data.datasets import ENDOVIS2018_CLASS_NAMES as ENDOVIS2018_CLASSES
 from scripts.data.layout import (
     BINARY_ANNOTATIONS_DIR,
     DESCRIPTION_FILE,
@@ -36,13 +38,19 @@ from scripts.data.layout import (
     write_dataset_description,
     write_sample,
 )
-# EndoVis2018 instrument types (ids 1..7), used as demo class names when C <= 7.
-from scripts.data.prepare.endovis2018 import CLASS_NAMES as ENDOVIS2018_CLASSES
+from scripts.data.overlay import overlay
 
 #: Version of the drawing code; a change regenerates demo folders made by an older version.
 GENERATOR_VERSION = "2"
 GENERATOR_NAME = "surgical-sam-demo"
 PREVIEW_FILE = "preview.png"
+#: The generator's defaults: the demo's own set (demo.yaml's and demo_distill.yaml's frame_size, 7 classes and
+#: demo_data; a test keeps them equal), so `surgical-sam make_demo_data` makes the data the demo then keeps.
+DEMO_FRAME_SIZE = (128, 160)
+DEMO_NUM_CLASSES = 7
+DEMO_TRAIN_SEQUENCES = 16
+DEMO_VAL_SEQUENCES = 4
+DEMO_FRAMES_PER_SEQUENCE = 12
 #: Entries a folder made by the demo holds; anything else means it is not (only) demo data.
 #: (``videos`` holds the demo video that scripts.data.demo_video makes from these frames.)
 DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR, "videos"})
@@ -64,11 +72,6 @@ INSTRUMENT_COLOURS = (
 TEXTURES = ("bands", "plain", "dots", "stripe", "plain_dark_tip", "bands_fine", "checker")
 #: Shaft width per class in turn, as a fraction of the frame's shorter side.
 SHAFT_WIDTHS = (0.165, 0.195, 0.18, 0.165, 0.255, 0.1425, 0.18, 0.15)
-#: Colours of the class overlays of the preview (class k gets OVERLAY_COLOURS[(k - 1) % len]).
-OVERLAY_COLOURS = (
-    (255, 60, 60), (60, 200, 60), (60, 110, 255), (255, 200, 0),
-    (0, 220, 220), (230, 60, 230), (255, 130, 0), (150, 90, 255),
-)
 #: Most instruments visible at once in a demo frame.
 MAX_INSTRUMENTS_PER_FRAME = 3
 
@@ -466,11 +469,11 @@ def _clear_demo_content(out_dir: str) -> None:
 
 def make_demo_dataset(
     out_dir: str,
-    frame_size: Sequence[int] = (128, 160),
-    num_classes: int = 7,
-    train_sequences: int = 4,
-    val_sequences: int = 2,
-    frames_per_sequence: int = 24,
+    frame_size: Sequence[int] = DEMO_FRAME_SIZE,
+    num_classes: int = DEMO_NUM_CLASSES,
+    train_sequences: int = DEMO_TRAIN_SEQUENCES,
+    val_sequences: int = DEMO_VAL_SEQUENCES,
+    frames_per_sequence: int = DEMO_FRAMES_PER_SEQUENCE,
     seed: int = 0,
     overwrite: bool = False,
 ) -> str:
@@ -539,11 +542,11 @@ def make_demo_dataset(
 
 def ensure_demo_dataset(
     out_dir: str,
-    frame_size: Sequence[int] = (128, 160),
-    num_classes: int = 7,
-    train_sequences: int = 4,
-    val_sequences: int = 2,
-    frames_per_sequence: int = 24,
+    frame_size: Sequence[int] = DEMO_FRAME_SIZE,
+    num_classes: int = DEMO_NUM_CLASSES,
+    train_sequences: int = DEMO_TRAIN_SEQUENCES,
+    val_sequences: int = DEMO_VAL_SEQUENCES,
+    frames_per_sequence: int = DEMO_FRAMES_PER_SEQUENCE,
     seed: int = 0,
 ) -> str:
     """Make the demo dataset in ``out_dir`` unless it is already there with these parameters; return ``out_dir``.
@@ -564,18 +567,6 @@ def ensure_demo_dataset(
         out_dir, frame_size=frame_size, num_classes=num_classes, train_sequences=train_sequences,
         val_sequences=val_sequences, frames_per_sequence=frames_per_sequence, seed=seed, overwrite=True,
     )
-
-
-def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Frame (H, W, 3) uint8 with each class of ``label_map`` (H, W) tinted by its preview colour."""
-    result = image.astype(np.float64)
-    for class_id in np.unique(label_map):
-        if class_id == 0 or class_id == 255:
-            continue
-        colour = np.array(OVERLAY_COLOURS[(int(class_id) - 1) % len(OVERLAY_COLOURS)], dtype=np.float64)
-        mask = label_map == class_id
-        result[mask] = (1 - alpha) * result[mask] + alpha * colour
-    return np.clip(np.round(result), 0, 255).astype(np.uint8)
 
 
 def save_preview(path: str, samples: Sequence[tuple[np.ndarray, np.ndarray]], columns: int = 4) -> None:

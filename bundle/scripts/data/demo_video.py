@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from ..files import atomic_write
 from .layout import DatasetError, load_datalist, read_dataset_description, read_frame
 from .video_io import write_video
 
@@ -34,9 +35,5 @@ def ensure_demo_video(demo_dir: str, fps: float = 8.0, split: str = "validation"
     items = sorted(load_datalist(demo_dir, split), key=lambda item: (item["sequence"], item["frame"]))
     if not items:
         raise DatasetError(f"the demo dataset in {demo_dir} has no {split} frames to make its video from")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path[:-4] + ".partial.mp4"
     frames = (read_frame(os.path.join(demo_dir, item["image"])) for item in items)
-    write_video(partial, frames, fps)
-    os.replace(partial, path)
-    return path
+    return atomic_write(path, lambda temporary: write_video(temporary, frames, fps), keep_suffix=True)

@@ -17,9 +17,9 @@ under ``<split>/v<NN>/``) is not read: such a cache raises :class:`StaleCacheErr
 A *tap cache* (Distillation-SAM, ``taps=`` given) is the same cache with two more files per entry,
 and the tap blocks in its identity::
 
-    <split>/v<NN>/<sequence>/<frame>_taps.npy  float16 (n_taps, h, w, C_vit) encoder tokens after the tap blocks
-    <split>/v<NN>/<sequence>/<frame>_frame.png the frame after the version's augmentation (uint8 RGB; the
-                                               adapter's PVT still runs on it)
+    entries/v<NN>/<sequence>/<frame>_taps.npy   float16 (n_taps, h, w, C_vit) encoder tokens after the tap blocks
+    entries/v<NN>/<sequence>/<frame>_frame.png  the frame after the version's augmentation (uint8 RGB; the
+                                                adapter's PVT still runs on it)
 
 Before anything is written, precompute states the disk use (bytes per entry x frames x versions) and
 refuses when it does not fit in the free space of the cache's disk (:class:`CacheSpaceError`).
@@ -43,8 +43,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..networks.sam_backbone import build_sam, file_md5, get_variant
+from ..networks.sam_backbone import build_sam, get_variant, tapped_encoder_forward
 from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
+from ..files import atomic_write, atomic_write_json
+from ..networks.state_dict_check import memoised_md5
 from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws, version_for_epoch
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
@@ -74,28 +76,12 @@ SPACE_WARN_FRACTION = 0.8
 
 # ------------------------------------------------------------------------------------------ identity
 def checkpoint_fingerprint(path: str | None) -> str:
-    """md5 of the SAM checkpoint, memoised beside it in ``<path>.md5`` keyed by size and mtime."""
+    """md5 of the SAM checkpoint (:func:`~scripts.networks.state_dict_check.memoised_md5`), "random-init" for none."""
     if path is None:
         return "random-init"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
-    stat = os.stat(path)
-    key = f"{stat.st_size}:{stat.st_mtime_ns}"
-    memo = f"{path}.md5"
-    try:
-        with open(memo) as handle:
-            stored_key, stored_md5 = handle.read().split()
-        if stored_key == key:
-            return stored_md5
-    except (OSError, ValueError):
-        pass
-    digest = file_md5(path)
-    try:
-        with open(memo, "w") as handle:
-            handle.write(f"{key} {digest}\n")
-    except OSError:
-        pass  # read-only folder: compute again next time
-    return digest
+    return memoised_md5(path)
 
 
 def cache_identity(sam_variant: str, sam_checkpoint: str | None, taps: Sequence[int] | None = None) -> dict:
@@ -169,14 +155,6 @@ def _barrier(world: int) -> None:
 def _source_stamp(path: str) -> list[int]:
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]
-
-
-def _atomic_write_json(path: str, content: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(content, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def _index_path(cache_dir: str, split: str, version: int) -> str:
@@ -332,7 +310,7 @@ def precompute_embeddings(
     rank, world = distributed_rank_world()
     _barrier(world)  # every rank has read the old manifest before rank 0 replaces it
     if rank == 0:
-        _atomic_write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest, indent=1, newline=False)
         for split in splits:
             for version in plan[split]:
                 _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split], with_taps)
@@ -368,7 +346,7 @@ def precompute_embeddings(
                 _write_index(cache_dir, split, version, datalists[split], spec.image_size, spec.grid_size, len(names),
                              with_taps)
         manifest["complete"] = True
-        _atomic_write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest, indent=1, newline=False)
     _barrier(world)  # no rank reads the cache before it is complete
     logger.info("precompute: cache complete at %s", cache_dir)
     return manifest
@@ -403,22 +381,21 @@ def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, d
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(f"{path}.tmp", "wb") as handle:
-        np.save(handle, array)
-    os.replace(f"{path}.tmp", path)
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as handle:  # a handle: np.save would append .npy to a name
+            np.save(handle, array)
+
+    atomic_write(path, write)
 
 
 def _save_png(path: str, array: np.ndarray) -> None:
-    Image.fromarray(array).save(f"{path}.tmp.png")
-    os.replace(f"{path}.tmp.png", path)
+    atomic_write(path, Image.fromarray(array).save, keep_suffix=True)
 
 
 @torch.no_grad()
 def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_index, seed, batch_size, num_workers,
             device, taps=None, draws="original"):
     """Encode the (frame, version) pairs of ``todo``; with ``taps`` also store the tapped tokens and the frame."""
-    from ..networks.distillation_adapter import tapped_encoder_forward
-
     loader = DataLoader(
         _FrameVersionDataset(todo, num_classes, ignore_index, seed, draws), batch_size=batch_size,
         num_workers=num_workers
@@ -471,7 +448,8 @@ def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num
             "sources": {"image": [item["image"], *_source_stamp(item["image"])],
                         "label": [item["label"], *_source_stamp(item["label"])]},
         })
-    _atomic_write_json(_index_path(cache_dir, split, version), {"split": split, "version": version, "entries": entries})
+    atomic_write_json(_index_path(cache_dir, split, version), {"split": split, "version": version, "entries": entries},
+                      indent=1, newline=False)
 
 
 # -------------------------------------------------------------------------------------------- reading

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 #: Name of the description file at the top of a dataset folder.
@@ -172,14 +174,7 @@ def read_dataset_description(dataset_dir: str | os.PathLike) -> dict:
 def write_dataset_description(dataset_dir: str | os.PathLike, description: dict) -> str:
     """Check ``description`` and write it to ``<dataset_dir>/dataset.json`` (atomically); return the path."""
     validate_description(description, source="the dataset description")
-    os.makedirs(dataset_dir, exist_ok=True)
-    path = os.path.join(str(dataset_dir), DESCRIPTION_FILE)
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(description, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
-    return path
+    return atomic_write_json(os.path.join(str(dataset_dir), DESCRIPTION_FILE), description)
 
 
 def class_names(description: dict) -> list[str]:
@@ -222,6 +217,12 @@ def dataset_fact(dataset_dir: str | os.PathLike, name: str):
         raise DatasetError(f"{path} has no frame_size: add \"frame_size\": [H, W] (the size of every frame) or pass "
                            "--frame_size \"[H, W]\".")
     return [int(v) for v in description["frame_size"]]
+
+
+def raise_input_problems(problems: list[str], job: str, error: type[Exception] = FileNotFoundError) -> None:
+    """``error`` "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
+    if problems:
+        raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))
 
 
 def dataset_fact_problems(dataset_dir: str | os.PathLike, class_names: Sequence[str] | None = None,
@@ -330,7 +331,7 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
 DATASET_FILE_ADVICE = "re-export it or remove it from dataset.json"
 
 
-def _open_image(path: str | os.PathLike, what: str, advice: str = DATASET_FILE_ADVICE) -> Image.Image:
+def open_image(path: str | os.PathLike, what: str, advice: str = DATASET_FILE_ADVICE) -> Image.Image:
     """Open and fully decode an image; DatasetError naming the file (and ``advice``) when it cannot be read."""
     if not os.path.isfile(path):
         raise DatasetError(f"{what} {path} does not exist.")
@@ -355,7 +356,7 @@ def read_frame(path: str | os.PathLike, advice: str = DATASET_FILE_ADVICE) -> np
     Raises:
         DatasetError: the file is unreadable or corrupt, or has another mode (16-bit, float, CMYK...).
     """
-    image = _open_image(path, "frame", advice)
+    image = open_image(path, "frame", advice)
     mode = image.mode
     if mode in _CONVERTED_FRAME_MODES:
         if mode not in _warned_frame_modes:
@@ -385,7 +386,7 @@ def read_label_map(
         DatasetError: the file is unreadable, has colour channels (colour masks need a preparation
             step mapping colours to class ids) or holds values outside {0..C, ignore_index}.
     """
-    image = _open_image(path, "label map")
+    image = open_image(path, "label map")
     if image.mode not in _LABEL_MODES:
         raise DatasetError(
             f"label map {path} has image mode {image.mode!r} ({len(image.getbands())} channels): label maps must be "

@@ -1,4 +1,4 @@
-"""Train and evaluate on the original SurgicalSAM code's processed data, without re-encoding (SPEC 8).
+"""Train and evaluate on the original SurgicalSAM code's processed data, without re-encoding.
 
 The original's preparation writes, per dataset::
 
@@ -8,7 +8,7 @@ The original's preparation writes, per dataset::
 
 with ``sam_features_h/seqN/<frame>.npy`` float32 (h, w, d) = (64, 64, 256) SAM ViT-H embeddings of the
 version's augmented frame and ``binary_annotations/seqN/<frame>_class<c>.png`` one 0/255 mask per class
-present. Versions 0..40 (0 = not augmented; see SPEC 5). EndoVis2018: train on ``train/`` (the 11
+present. Versions 0..40 (0 = not augmented, as the original code stores them). EndoVis2018: train on ``train/`` (the 11
 training sequences), validate on ``val/`` (sequences 2, 5, 9, 15). EndoVis2017: every version folder
 holds all eight sequences and a fold chooses them: fold0 validates on [1, 3], fold1 [2, 5], fold2 [4, 8],
 fold3 [6, 7] and trains on the other six; validation reads version 0 of its sequences. (Version folders
@@ -40,14 +40,14 @@ from PIL import Image
 
 from ..networks.sam_backbone import get_variant
 from ..networks.sam_geometry import masks_to_embedding_grid
+from .datasets import ENDOVIS2017_FOLDS as ENDOVIS_2017_FOLD_SEQUENCES
 from .layout import DatasetError, name_files
-from .prepare.endovis2017 import FOLDS as ENDOVIS_2017_FOLD_SEQUENCES
 
 logger = logging.getLogger(__name__)
 
 ENDOVIS_2018, ENDOVIS_2017 = "endovis_2018", "endovis_2017"
 LAYOUTS = (ENDOVIS_2018, ENDOVIS_2017)
-#: EndoVis2017 cross-validation folds: validation sequences of each fold (by dataset number, SPEC 8).
+#: EndoVis2017 cross-validation folds: validation sequences of each fold (by dataset number, as the original code).
 ENDOVIS_2017_FOLDS = dict(enumerate(ENDOVIS_2017_FOLD_SEQUENCES))
 ENDOVIS_2017_SEQUENCES = tuple(range(1, 9))
 MASKS_DIR = "binary_annotations"
@@ -318,7 +318,8 @@ def check_original_layout_inputs(reader: OriginalLayoutReader, splits: Sequence[
     ``frame_size`` (the config's) must equal the size of the validation frames (read from their masks or
     images), since the network returns its logits at that size.
     """
-    from ..engines import missing_sam_weights, raise_input_problems
+    from ..networks.sam_backbone import missing_sam_weights
+    from .layout import raise_input_problems
 
     problems = []
     try:

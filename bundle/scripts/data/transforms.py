@@ -19,7 +19,7 @@ from monai.data import Dataset, MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
-from .demo import overlay
+from .overlay import overlay
 from .layout import DatasetError, read_frame
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .demo import OVERLAY_COLOURS, overlay
+from ..files import temporary_path
+from .overlay import OVERLAY_COLOURS, overlay
 from .layout import DatasetError, read_frame
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
@@ -182,7 +183,7 @@ def open_sequence(source: str, stride: int = 1, start_time: float | None = None,
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:
-    """The overlay colour of label ``class_id`` (1..C), as :func:`~.demo.overlay` tints it."""
+    """The overlay colour of label ``class_id`` (1..C), as :func:`~.overlay.overlay` tints it."""
     return tuple(OVERLAY_COLOURS[(int(class_id) - 1) % len(OVERLAY_COLOURS)])
 
 
@@ -222,7 +223,7 @@ class OverlayVideoWriter:
     def __init__(self, path: str, fps: float, class_names: Sequence[str], alpha: float = 0.5) -> None:
         self.path, self.fps, self.class_names, self.alpha = path, float(fps), list(class_names), alpha
         self._container = self._stream = self._legend = None
-        self._partial = path + ".partial.mp4"
+        self._partial = temporary_path(path, keep_suffix=True)  # moved into place by close()
 
     def write(self, image: np.ndarray, label_map: np.ndarray) -> None:
         """image (H, W, 3) uint8, label_map (H, W) with values 0..C."""

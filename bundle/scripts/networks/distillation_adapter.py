@@ -5,7 +5,7 @@ Pipeline (d = SAM's prompt dim, 256; (h, w) = SAM's embedding grid):
 1. PVT (:class:`~.pvt.PyramidVisionTransformer`) on the SAM input image -> 4 stage maps (B, C_i, H_i, W_i).
 2. Each map: 1x1 conv C_i -> d, bilinear resize to (h, w); the 4 are concatenated and fused by a
    1x1 conv 4d -> d: adapter tokens A (B, h*w, d).
-3. SAM encoder tokens tapped after some ViT blocks (:func:`tapped_encoder_forward`), each (B, h, w, C_vit)
+3. SAM encoder tokens tapped after some ViT blocks (:func:`~scripts.networks.sam_backbone.tapped_encoder_forward`), each (B, h, w, C_vit)
    projected to d (LayerNorm + Linear; C_vit is 768 for vit_b, 96 for tiny).
 4. One :class:`CrossAttentionBlock` per tap: A attends to the tapped tokens (8 heads, dim d); SAM's
    dense positional encoding is added to queries and keys (both live on the same grid).
@@ -24,7 +24,7 @@ from torch import nn
 
 from .pvt import PyramidVisionTransformer
 
-__all__ = ["default_tap_blocks", "tapped_encoder_forward", "CrossAttentionBlock", "DistillationAdapter"]
+__all__ = ["default_tap_blocks", "CrossAttentionBlock", "DistillationAdapter"]
 
 
 def default_tap_blocks(depth: int, num_taps: int = 3) -> tuple[int, ...]:
@@ -37,37 +37,6 @@ def default_tap_blocks(depth: int, num_taps: int = 3) -> tuple[int, ...]:
         raise ValueError(f"depth and num_taps must be positive, got {depth} and {num_taps}")
     n = min(num_taps, depth)
     return tuple((i + 1) * depth // n for i in range(n))
-
-
-def tapped_encoder_forward(
-    image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """segment-anything's ``ImageEncoderViT.forward``, also returning the tokens after some blocks.
-
-    Args:
-        image_encoder: ``ImageEncoderViT``.
-        x: SAM input (B, 3, S, S).
-        tap_blocks: 1-based block numbers (k: the output of block k); each in 1..depth.
-
-    Returns:
-        the image embedding (B, d, h, w), equal to ``image_encoder(x)``, and the tapped tokens,
-        one (B, h, w, C_vit) per entry of ``tap_blocks`` in the given order.
-    """
-    depth = len(image_encoder.blocks)
-    bad = [k for k in tap_blocks if not 1 <= int(k) <= depth]
-    if bad:
-        raise ValueError(f"tap blocks must be in 1..{depth} (the encoder's depth), got {list(tap_blocks)}")
-    tokens = image_encoder.patch_embed(x)
-    if image_encoder.pos_embed is not None:
-        tokens = tokens + image_encoder.pos_embed
-    after = {}
-    wanted = {int(k) for k in tap_blocks}
-    for number, block in enumerate(image_encoder.blocks, start=1):
-        tokens = block(tokens)
-        if number in wanted:
-            after[number] = tokens
-    embedding = image_encoder.neck(tokens.permute(0, 3, 1, 2))
-    return embedding, [after[int(k)] for k in tap_blocks]
 
 
 class CrossAttentionBlock(nn.Module):

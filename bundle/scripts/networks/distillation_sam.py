@@ -14,7 +14,7 @@ Student path (:meth:`DistillationSAM.forward`, frames (B, 3, H, W), RGB 0..255):
    Gradients flow through the frozen decoder into the adapter.
 4. Class head: MLP d -> 256 -> 256 -> C + 1 (ReLU between) on each mask token -> class logits
    (B, 4, C + 1); channel 0 is background.
-5. Semantic logits (the SPEC's "sum over tokens of mask logits x class probabilities")::
+5. Semantic logits (the Distillation-SAM announcement's "sum over tokens of mask logits x class probabilities")::
 
        semantic[b, c] = sum_t softmax(class_logits[b, t])[c] * M[b, t]            (combine="logits")
        semantic[b, c] = sum_t softmax(class_logits[b, t])[c] * sigmoid(M[b, t])   (combine="sigmoid")
@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batched_mask_decoder import decode_masks
-from .distillation_adapter import DistillationAdapter, default_tap_blocks, tapped_encoder_forward
-from .sam_backbone import build_sam, get_variant
+from .distillation_adapter import DistillationAdapter, default_tap_blocks
+from .sam_backbone import build_sam, get_variant, tapped_encoder_forward
 from .sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
+from .state_dict_check import state_dict_mismatch
 from .teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
 
 logger = logging.getLogger(__name__)
@@ -216,17 +217,12 @@ class DistillationSAM(nn.Module):
         """Load the trainable parts; missing, unexpected or reshaped keys always raise, before loading."""
         own = {k: v for k, v in super().state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
         given = {k: v for k, v in state_dict.items() if not k.startswith(FROZEN_PREFIXES)}
-        missing = sorted(set(own) - set(given))
-        unexpected = sorted(set(given) - set(own))
-        wrong_shape = sorted(k for k in set(own) & set(given)
-                             if hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(own[k].shape))
-        if missing or unexpected or wrong_shape:
+        details = state_dict_mismatch(given, own)
+        if details:
             raise RuntimeError(
-                f"DistillationSAM checkpoint does not fit this network: {len(missing)} missing keys {missing[:4]}, "
-                f"{len(unexpected)} unexpected keys {unexpected[:4]}, {len(wrong_shape)} keys of another shape "
-                f"{wrong_shape[:4]}. A checkpoint of another method or configuration (num_classes, sam_variant, "
-                "taps, num_queries, PVT sizes, logit_scale on or off) or saved under another key (e.g. 'module.') "
-                "was given; nothing was loaded."
+                f"DistillationSAM checkpoint does not fit this network: {'; '.join(details)}. A checkpoint of another "
+                "method or configuration (num_classes, sam_variant, taps, num_queries, PVT sizes, logit_scale on or "
+                "off) or saved under another key (e.g. 'module.') was given; nothing was loaded."
             )
         return super().load_state_dict(given, strict=False, assign=assign)
 

@@ -1,6 +1,6 @@
 """Convert a checkpoint of the original SurgicalSAM code into this bundle's ``models/model.pt``.
 
-The original saves one dict of three state dicts (SPEC 8)::
+The original saves one dict of three state dicts (the original SurgicalSAM code's format)::
 
     {"prototype_prompt_encoder_state_dict": {dense_fc_1.*, dense_fc_2.*, sparse_fc_1.*, sparse_fc_2.*,
                                              pn_cls_embeddings.0.weight (n, d) negative,
@@ -23,7 +23,8 @@ import os
 
 import torch
 
-from .state_dict_check import read_checkpoint_dict
+from ..files import atomic_write
+from .state_dict_check import read_checkpoint_dict, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -150,15 +151,9 @@ def original_to_bundle_state_dict(
     decoder = parts[DECODER_KEY]
     if any(k.startswith("mask_decoder.") for k in decoder):
         decoder = {k.removeprefix("mask_decoder."): v for k, v in decoder.items()}
-    missing = sorted(set(sam_decoder) - set(decoder))
-    unexpected = sorted(set(decoder) - set(sam_decoder))
-    wrong = [f"{k}: {tuple(decoder[k].shape)} instead of {tuple(sam_decoder[k].shape)}"
-             for k in sorted(set(decoder) & set(sam_decoder)) if tuple(decoder[k].shape) != tuple(sam_decoder[k].shape)]
-    if missing or unexpected or wrong:
-        raise OriginalCheckpointError(
-            f"{source}: {DECODER_KEY} does not fit SAM's mask decoder: {len(missing)} missing keys {missing[:4]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:4]}, {len(wrong)} of another shape {wrong[:3]}."
-        )
+    details = state_dict_mismatch(decoder, sam_decoder, expected_as="in SAM's mask decoder")
+    if details:
+        raise OriginalCheckpointError(f"{source}: {DECODER_KEY} does not fit SAM's mask decoder: {'; '.join(details)}.")
     if int(sam_prompt["prompt_encoder.point_embeddings.0.weight"].shape[-1]) != embed_dim:
         raise OriginalCheckpointError(f"{source} has d={embed_dim} but the SAM checkpoint's prompt encoder another d")
 
@@ -182,9 +177,6 @@ def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str, num_cla
     if "model" in sam and isinstance(sam["model"], dict):
         sam = sam["model"]
     state, info = original_to_bundle_state_dict(original, sam, num_classes, num_tokens, source=src)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.tmp"
-    torch.save({"model": state}, tmp)
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda temporary: torch.save({"model": state}, temporary))
     logger.info("converted %s -> %s (%s)", src, dst, info)
     return info

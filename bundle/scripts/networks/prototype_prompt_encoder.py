@@ -1,4 +1,6 @@
-"""SurgicalSAM's prototype bank and prototype-based class prompt encoder (SPEC 3, steps 1-4).
+"""SurgicalSAM's prototype bank and prototype-based class prompt encoder.
+
+Steps 1-4 of the SurgicalSAM paper's Methodology, as the original code computes them.
 
 Notation: B batch, C classes, d embedding channels (256), h x w embedding grid, n tokens per class.
 """

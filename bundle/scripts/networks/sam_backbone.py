@@ -5,25 +5,28 @@ segment-anything's own classes; this module only chooses their sizes and loads w
 
 Variants (``SAM_VARIANTS``): ``vit_h``, ``vit_l``, ``vit_b`` as published (1024x1024 input, 64x64 grid),
 and ``tiny``, a two-block encoder on a small input for tests and the demo (no official weights exist
-for it; the demo makes a random one with :func:`save_random_sam_checkpoint`).
+for it; the demo makes a random one with :func:`save_random_sam_checkpoint`). :func:`tapped_encoder_forward`
+runs the encoder and also returns the tokens after chosen blocks (Distillation-SAM's taps, and the tap cache).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
 import os
 import sys
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
-from .state_dict_check import describe_load_failure, state_dict_mismatch
+from ..files import atomic_write
+from .sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from .state_dict_check import memoised_md5, read_checkpoint_dict, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -138,23 +141,54 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, check_md5: 
             mask_in_chans=16,
         ),
         mask_decoder=build_mask_decoder(variant),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
     )
     if checkpoint is not None:
         load_sam_checkpoint(sam, checkpoint, variant=variant, check_md5=check_md5)
     return sam.eval()
 
 
-def file_md5(path: str, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def tapped_encoder_forward(
+    image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """segment-anything's ``ImageEncoderViT.forward``, also returning the tokens after some blocks.
+
+    Args:
+        image_encoder: ``ImageEncoderViT``.
+        x: SAM input (B, 3, S, S).
+        tap_blocks: 1-based block numbers (k: the output of block k); each in 1..depth.
+
+    Returns:
+        the image embedding (B, d, h, w), equal to ``image_encoder(x)``, and the tapped tokens,
+        one (B, h, w, C_vit) per entry of ``tap_blocks`` in the given order.
+    """
+    depth = len(image_encoder.blocks)
+    bad = [k for k in tap_blocks if not 1 <= int(k) <= depth]
+    if bad:
+        raise ValueError(f"tap blocks must be in 1..{depth} (the encoder's depth), got {list(tap_blocks)}")
+    tokens = image_encoder.patch_embed(x)
+    if image_encoder.pos_embed is not None:
+        tokens = tokens + image_encoder.pos_embed
+    after = {}
+    wanted = {int(k) for k in tap_blocks}
+    for number, block in enumerate(image_encoder.blocks, start=1):
+        tokens = block(tokens)
+        if number in wanted:
+            after[number] = tokens
+    embedding = image_encoder.neck(tokens.permute(0, 3, 1, 2))
+    return embedding, [after[int(k)] for k in tap_blocks]
 
 
-def _how_to_get(variant: str, path: str) -> str:
+def sam_checkpoint_path(folder: str, variant: str) -> str:
+    """Where the configs keep the weights of ``variant`` in ``folder``: the official file name
+    (``sam_vit_h_4b8939.pth``, ...), ``sam_<variant>.pth`` for a variant without official weights."""
+    spec = get_variant(variant)
+    return os.path.join(folder, spec.checkpoint_name or f"sam_{variant}.pth")
+
+
+def how_to_get_sam_weights(variant: str, path: str) -> str:
+    """How to get the SAM weights file of ``variant`` at ``path`` (the download, or the random-weight command)."""
     spec = SAM_VARIANTS.get(variant)
     if spec is None or spec.checkpoint_name is None:
         return (
@@ -167,41 +201,45 @@ def _how_to_get(variant: str, path: str) -> str:
     )
 
 
+def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[str]:
+    """The input-check problem of a SAM weights file that does not exist, with how to get it; [] when it
+    exists or no path is given."""
+    if sam_checkpoint is None or os.path.isfile(sam_checkpoint):
+        return []
+    return [f"SAM weights: {sam_checkpoint} not found. {how_to_get_sam_weights(sam_variant, sam_checkpoint)}; "
+            "or pass --sam_checkpoint PATH."]
+
+
 def load_sam_checkpoint(sam: nn.Module, path: str, variant: str, check_md5: bool = True) -> None:
     """Load a SAM state dict from ``path`` into ``sam``, checking the file first.
 
     Checks, each failing with a message that says what to download and where to put it:
     the file exists; its md5 matches the official one when the file name is the official name
-    (and ``check_md5``); it unpickles; its keys and shapes are exactly those of ``variant``.
+    (and ``check_md5``; the md5 is memoised beside the file, :func:`memoised_md5`, so the 2.4 GB vit_h file is
+    hashed once, not at every build); it unpickles; its keys and shapes are exactly those of ``variant``.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}. To fix: {_how_to_get(variant, path)}.")
+        raise FileNotFoundError(f"SAM checkpoint not found: {path}. To fix: {how_to_get_sam_weights(variant, path)}.")
     spec = get_variant(variant)
     if check_md5 and spec.md5 is not None and os.path.basename(path) == spec.checkpoint_name:
-        actual = file_md5(path)
+        actual = memoised_md5(path)
         if actual != spec.md5:
             raise ValueError(
                 f"SAM checkpoint {path} has md5 {actual}, expected {spec.md5} for {spec.checkpoint_name}: the file "
-                f"is corrupt or incomplete. To fix: {_how_to_get(variant, path)}."
+                f"is corrupt or incomplete. To fix: {how_to_get_sam_weights(variant, path)}."
             )
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a truncated or foreign file
-        raise ValueError(
-            f"SAM checkpoint {path} could not be read: {describe_load_failure(error)}. "
-            f"To fix: {_how_to_get(variant, path)} (or pass --sam_checkpoint PATH)."
-        ) from error
-    if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
+    state_dict = read_checkpoint_dict(
+        path, "SAM checkpoint", expected="a state dict",
+        hint=f". To fix: {how_to_get_sam_weights(variant, path)} (or pass --sam_checkpoint PATH).")
+    if isinstance(state_dict.get("model"), dict):
         state_dict = state_dict["model"]
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"SAM checkpoint {path} holds a {type(state_dict).__name__}, not a state dict.")
     details = state_dict_mismatch(state_dict, sam.state_dict(), expected_as=f"for {variant}")
     if details:
         guess = guess_variant(state_dict)
         hint = f" The file looks like SAM {guess}: set sam_variant to {guess!r}." if guess and guess != variant else ""
         raise ValueError(
             f"SAM checkpoint {path} does not match the {variant!r} variant: {'; '.join(details)}.{hint} "
-            f"To fix: {_how_to_get(variant, path)}."
+            f"To fix: {how_to_get_sam_weights(variant, path)}."
         )
     sam.load_state_dict(state_dict, strict=True)
 
@@ -226,10 +264,7 @@ def save_random_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = build_sam(variant)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(sam.state_dict(), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda temporary: torch.save(sam.state_dict(), temporary))
     logger.info("wrote a random-weight SAM %s checkpoint to %s", variant, path)
     return path
 

@@ -1,15 +1,54 @@
-"""Comparing a checkpoint's state dict with a module's, for loaders that refuse a file that does not fit.
+"""Reading a checkpoint and comparing its state dict with a module's, for loaders that refuse a file that
+does not fit.
 
 Shared by :meth:`~scripts.networks.pvt.PyramidVisionTransformer.load_pretrained`,
-:func:`~scripts.networks.sam_backbone.load_sam_checkpoint` and the original-checkpoint conversion, so
-they read a file and describe a mismatch alike.
+:func:`~scripts.networks.sam_backbone.load_sam_checkpoint`, :func:`~scripts.networks.sam_prompting.load_sam_mask_decoder`,
+the two networks' ``load_state_dict`` and the original-checkpoint conversion, so they read a file, check its
+md5 and describe a mismatch alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
 
 import torch
+
+
+def file_md5(path: str, chunk_size: int = 1 << 22) -> str:
+    """md5 (hex) of a file, read in chunks of ``chunk_size`` bytes."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def memoised_md5(path: str) -> str:
+    """md5 of a (large) file, memoised beside it in ``<path>.md5`` keyed by size and mtime.
+
+    The 2.4 GB vit_h checkpoint is read once; later calls (the md5 check of every ``build_sam``, the
+    embedding cache's identity) read the memo. A memo whose size or mtime no longer matches is recomputed;
+    a read-only folder just means the md5 is computed again next time.
+    """
+    stat = os.stat(path)
+    key = f"{stat.st_size}:{stat.st_mtime_ns}"
+    memo = f"{path}.md5"
+    try:
+        with open(memo) as handle:
+            stored_key, stored_md5 = handle.read().split()
+        if stored_key == key:
+            return stored_md5
+    except (OSError, ValueError):
+        pass
+    digest = file_md5(path)
+    try:
+        with open(memo, "w") as handle:
+            handle.write(f"{key} {digest}\n")
+    except OSError:
+        pass  # read-only folder: compute again next time
+    return digest
 
 
 def describe_load_failure(cause: BaseException) -> str:
@@ -47,20 +86,24 @@ def read_checkpoint_dict(path: str, what: str, error: type[Exception] = ValueErr
     return content
 
 
-def state_dict_mismatch(state_dict: Mapping, expected: Mapping, expected_as: str = "here") -> list[str]:
+def state_dict_mismatch(state_dict: Mapping, expected: Mapping, expected_as: str = "here",
+                        optional_prefixes: Sequence[str] = ()) -> list[str]:
     """What keeps ``state_dict`` (from a file) from loading strictly into a module with ``expected``.
 
     Args:
         state_dict: the file's state dict.
         expected: the module's ``state_dict()``.
         expected_as: how the message names the expected shape, e.g. "here" or "for vit_b".
+        optional_prefixes: keys under these prefixes may be missing or extra (e.g. a frozen encoder that
+            the file need not hold); where both have such a key its shape is still compared.
 
     Returns:
         one phrase per kind of problem, e.g. "2 missing keys (e.g. [...])", "1 unexpected keys (e.g.
         [...])", "3 keys of another shape (e.g. k: (1, 2) in the file, (2, 2) here)"; [] when it fits.
     """
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    optional = tuple(optional_prefixes)
+    missing = sorted(k for k in set(expected) - set(state_dict) if not (optional and k.startswith(optional)))
+    unexpected = sorted(k for k in set(state_dict) - set(expected) if not (optional and k.startswith(optional)))
     wrong_shape = sorted(
         k for k in set(expected) & set(state_dict)
         if tuple(getattr(state_dict[k], "shape", ())) != tuple(expected[k].shape)

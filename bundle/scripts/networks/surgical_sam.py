@@ -17,6 +17,7 @@ from .batched_mask_decoder import decode_masks
 from .prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
 from .sam_backbone import build_sam, get_variant
 from .sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
+from .state_dict_check import state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -97,20 +98,13 @@ class SurgicalSAM(nn.Module):
         """Load everything but the image encoder; missing or unexpected keys always raise."""
         # Check the keys before loading: nn.Module.load_state_dict(strict=False) would copy the
         # matching keys first and leave the network half loaded when the check fails afterwards.
-        own = super().state_dict()
-        missing = sorted(k for k in set(own) - set(state_dict) if not k.startswith(IMAGE_ENCODER_PREFIX))
-        unexpected = sorted(k for k in set(state_dict) - set(own) if not k.startswith(IMAGE_ENCODER_PREFIX))
-        wrong_shape = sorted(
-            k for k in set(own) & set(state_dict)
-            if hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(own[k].shape)
-        )
-        if missing or unexpected or wrong_shape:
+        details = state_dict_mismatch(state_dict, super().state_dict(), optional_prefixes=(IMAGE_ENCODER_PREFIX,))
+        if details:
             raise RuntimeError(
-                f"SurgicalSAM checkpoint does not fit this network: {len(missing)} missing keys "
-                f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}, {len(wrong_shape)} keys "
-                f"of another shape {wrong_shape[:4]}. A checkpoint from another method or configuration "
-                "(num_classes, num_tokens, sam_variant), saved under another key (e.g. wrapped as 'module.'), "
-                "or an original SurgicalSAM checkpoint (convert it first) was given; nothing was loaded."
+                f"SurgicalSAM checkpoint does not fit this network: {'; '.join(details)}. A checkpoint from another "
+                "method or configuration (num_classes, num_tokens, sam_variant), saved under another key (e.g. "
+                "wrapped as 'module.'), or an original SurgicalSAM checkpoint (convert it first) was given; nothing "
+                "was loaded."
             )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 

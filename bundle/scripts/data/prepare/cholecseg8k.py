@@ -1,4 +1,4 @@
-"""Prepare CholecSeg8k (13 classes from colour masks; the corrected colour table of SPEC 1).
+"""Prepare CholecSeg8k (13 classes from colour masks; the corrected colour table of the model card's Data section).
 
 Raw layout expected (as released on Kaggle)::
 
@@ -46,7 +46,7 @@ from scripts.data.prepare.common import (
 )
 
 PREPARER = "prepare_cholecseg8k"
-#: Label -> (colour, name); label 0 is background (SPEC 1, corrected CholecSeg8k colour table).
+#: Label -> (colour, name); label 0 is background (the corrected CholecSeg8k colour table).
 COLOUR_TABLE = (
     ((127, 127, 127), "Background"),
     ((210, 140, 140), "Abdominal Wall"),

@@ -41,14 +41,15 @@ from scripts.data.layout import (
     IMAGES_DIR,
     LABELS_DIR,
     DatasetError,
-    _open_image,
     check_dataset,
     name_files,
+    open_image,
     read_frame,
     validate_description,
     write_dataset_description,
     write_sample,
 )
+from scripts.files import atomic_write_text
 
 #: Summary of a preparation, next to dataset.json.
 SUMMARY_FILE = "preparation_summary.json"
@@ -142,17 +143,14 @@ def source_stamp(path: str, root: str) -> list:
     return [os.path.relpath(path, root), status.st_size, status.st_mtime_ns]
 
 
-def atomic_write_json(path: str, data: object) -> bool:
+def write_json_if_changed(path: str, data: object) -> bool:
     """Write ``data`` as JSON to ``path`` atomically, only if the content differs; True when written."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             if handle.read() == text:
                 return False
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    atomic_write_text(path, text)
     return True
 
 
@@ -176,7 +174,7 @@ def open_raw_image(path: str, what: str, missing: str | None = None):
     if missing is not None and not os.path.isfile(path):
         raise SkipFrame(path, f"missing: {missing}")
     try:
-        return _open_image(path, what)
+        return open_image(path, what)
     except DatasetError as error:
         raise SkipFrame(path, str(error)) from None
 
@@ -450,7 +448,7 @@ def run_preparation(
     written = reused = unsaved = 0
 
     def save_state() -> None:
-        atomic_write_json(
+        write_json_if_changed(
             os.path.join(out_dir, STATE_FILE),
             {"preparer": preparer, "version": STATE_VERSION, "settings": settings, "frames": state_frames},
         )
@@ -575,7 +573,7 @@ def run_preparation(
         **({"left_out_splits": left_out} if left_out else {}),
         **dict(extra_summary or {}),
     }
-    atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
+    write_json_if_changed(os.path.join(out_dir, SUMMARY_FILE), summary)
     _write_description_if_changed(out_dir, final)  # last: its presence marks a finished preparation
     if check:  # splits that together hold every frame once or so: each frame is read back, not once per split
         check_dataset(out_dir, splits=_covering_splits({split: final[split] for split in split_sequences}))

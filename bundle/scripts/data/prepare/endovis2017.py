@@ -7,7 +7,7 @@ Raw layout expected under ``raw_dir`` (as the challenge released it)::
 
 with K = 1..8. Each ``<Name>_labels`` folder holds the part masks of one instrument: 0 background,
 10 shaft, 20 wrist, 30 claspers (any value > 0 belongs to the instrument). ``<Name>`` gives the
-instrument type (SPEC 8), matched as a substring so that 'Left_Prograsp_Forceps' and
+instrument type (as ISINet's EndoVis2017 labels), matched as a substring so that 'Left_Prograsp_Forceps' and
 'Maryland_Bipolar_Forceps' are recognised:
 
     Bipolar_Forceps 1, Prograsp_Forceps 2, Large_Needle_Driver 3, Vessel_Sealer 4,
@@ -44,6 +44,7 @@ import re
 
 import numpy as np
 
+from scripts.data.datasets import ENDOVIS2017_CLASS_NAMES, ENDOVIS2017_FOLDS
 from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
@@ -60,17 +61,9 @@ from scripts.data.prepare.common import (
 )
 
 PREPARER = "prepare_endovis2017"
-#: Class ids 1..7 (SPEC 1, EndoVis2017 column).
-CLASS_NAMES = (
-    "Bipolar Forceps",
-    "Prograsp Forceps",
-    "Large Needle Driver",
-    "Vessel Sealer",
-    "Grasping Retractor",
-    "Monopolar Curved Scissors",
-    "Other",
-)
-#: Substring of the ground-truth folder name -> class id (SPEC 8).
+#: Class ids 1..7 (ISINet's EndoVis2017 instrument types).
+CLASS_NAMES = ENDOVIS2017_CLASS_NAMES
+#: Substring of the ground-truth folder name -> class id (ISINet's EndoVis2017 labels).
 FOLDER_TYPES = {
     "Bipolar_Forceps": 1,
     "Prograsp_Forceps": 2,
@@ -89,7 +82,7 @@ CROP_COLS = (320, 1600)
 #: Values of the part masks: background, shaft, wrist, claspers.
 PART_VALUES = (0, 10, 20, 30)
 #: Cross-validation folds: validation datasets of each fold.
-FOLDS = ((1, 3), (2, 5), (4, 8), (6, 7))
+FOLDS = ENDOVIS2017_FOLDS
 IGNORE_INDEX = 255
 DATASET_PATTERN = re.compile(r"^instrument_dataset_(\d+)$")
 

@@ -8,7 +8,7 @@ sequences with one binary mask per instrument instance. Their organising script
 where any channel > 0 is the instrument), with c in their "2017-compatible" numbering; their COCO
 script lists that numbering (1 Bipolar Forceps, 2 Prograsp Forceps, 3 Large Needle Driver, 4 Vessel
 Sealer, 5 Grasping Retractor, 6 Monopolar Curved Scissors, 7 Ultrasound Probe, 8 Suction Instrument,
-9 Clip Applier) and renumbers it for 2018 by dropping 4 and 5, which gives the SPEC 1 table below.
+9 Clip Applier) and renumbers it for 2018 by dropping 4 and 5, which gives the table below (ISINet's EndoVis2018 types).
 
 Raw layout expected::
 
@@ -48,6 +48,7 @@ import re
 
 import numpy as np
 
+from scripts.data.datasets import ENDOVIS2018_CLASS_NAMES
 from scripts.data.layout import DatasetError
 from scripts.data.prepare.common import (
     LoadedFrame,
@@ -66,16 +67,8 @@ from scripts.data.prepare.common import (
 )
 
 PREPARER = "prepare_endovis2018"
-#: Class ids 1..7 (SPEC 1, EndoVis2018 column).
-CLASS_NAMES = (
-    "Bipolar Forceps",
-    "Prograsp Forceps",
-    "Large Needle Driver",
-    "Monopolar Curved Scissors",
-    "Ultrasound Probe",
-    "Suction Instrument",
-    "Clip Applier",
-)
+#: Class ids 1..7 (ISINet's EndoVis2018 instrument types).
+CLASS_NAMES = ENDOVIS2018_CLASS_NAMES
 #: ISINet's 2017-compatible class ids -> ids of the 2018 table (4 Vessel Sealer, 5 Grasping Retractor: none).
 NUMBERING_2017_TO_2018 = {1: 1, 2: 2, 3: 3, 6: 4, 7: 5, 8: 6, 9: 7}
 NUMBERINGS = ("auto", "2018", "2017")

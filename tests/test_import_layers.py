@@ -1,0 +1,99 @@
+"""Imports run downward: the rooms of bundle/scripts never import the glue above them.
+
+Read from the source with ``ast`` (every import, also those inside functions), so nothing is imported to
+check it. Rooms, low to high: files and the shared SAM core (networks/), the method networks, data/ and
+the evaluation (metrics.py); above them the engine glue, the MONAI Label glue and the CLI.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
+
+#: Engine glue, MONAI Label glue, the CLI and the commands built on them.
+GLUE = ("scripts.engines", "scripts.inferers", "scripts.distillation", "scripts.monailabel_support", "scripts.cli",
+        "scripts.benchmark", "scripts.onnx_backend", "scripts.video_inference", "scripts.temporal")
+#: What data/ may take from networks/: the shared SAM core, no method's network.
+SAM_CORE = ("scripts.networks.sam_backbone", "scripts.networks.sam_geometry", "scripts.networks.state_dict_check",
+            "scripts.networks.batched_mask_decoder")
+LOWER_ROOMS = ("scripts.data", "scripts.networks", "scripts.metrics", "scripts.files", "scripts.class_mapping",
+               "scripts.losses", "scripts.process_settings")
+
+
+def _inside(module: str, rooms) -> bool:
+    return any(module == room or module.startswith(room + ".") for room in rooms)
+
+
+def module_imports() -> dict[str, set[str]]:
+    """{module: the scripts.* modules it imports}, relative imports resolved, for every module of scripts/."""
+    found = {}
+    for path in sorted(SCRIPTS.rglob("*.py")):
+        parts = path.relative_to(SCRIPTS.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    name = ".".join(base + ([node.module] if node.module else []))
+                    # "from . import x" imports the submodule x
+                    imported |= {f"{name}.{alias.name}" for alias in node.names} if node.module is None else {name}
+                else:
+                    imported.add(node.module or "")
+        found[module] = {name for name in imported if _inside(name, ("scripts",))}
+    return found
+
+
+IMPORTS = module_imports()
+
+
+def test_the_walker_sees_imports_at_the_top_and_inside_functions():
+    assert "scripts.networks.sam_backbone" in IMPORTS["scripts.data.embedding_cache"]  # top of the module
+    assert "scripts.data.layout" in IMPORTS["scripts.distillation"]  # inside check_distill_inputs
+    assert len(IMPORTS) > 40
+
+
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, LOWER_ROOMS)))
+def test_lower_rooms_never_import_the_glue(module):
+    upward = sorted(name for name in IMPORTS[module] if _inside(name, GLUE))
+    assert not upward, f"{module} imports {upward}: move what it needs down, into the room it belongs to"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, ("scripts.networks",))))
+def test_networks_import_only_networks(module):
+    others = sorted(name for name in IMPORTS[module]
+                    if not _inside(name, ("scripts.networks", "scripts.files")))
+    assert not others, f"{module} imports {others}: networks take tensors and modules, not data or evaluation"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, ("scripts.data",))))
+def test_data_takes_only_the_shared_sam_core_no_preparation_and_no_demo(module):
+    networks = sorted(name for name in IMPORTS[module] if _inside(name, ("scripts.networks",))
+                      and not _inside(name, SAM_CORE))
+    assert not networks, f"{module} imports a method's network {networks}"
+    if not _inside(module, ("scripts.data.prepare",)):
+        preparation = sorted(name for name in IMPORTS[module] if _inside(name, ("scripts.data.prepare",)))
+        assert not preparation, (f"{module} imports {preparation}: dataset facts are in scripts.data.datasets, "
+                                 "preparations only write datasets")
+    assert "scripts.data.demo" not in IMPORTS[module], (f"{module} imports the demo generator: what it shares "
+                                                        "(e.g. scripts.data.overlay) has a module of its own")
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name that starts with "_" is its module's own: another module that needs it gets a public one."""
+    repo = SCRIPTS.parents[1]
+    private = []
+    for folder in (SCRIPTS, repo / "monailabel_app", repo / "tools"):
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("scripts")):
+                    private += [f"{path.relative_to(repo)}:{node.lineno} {alias.name}" for alias in node.names
+                                if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not private, private
