@@ -137,8 +137,8 @@ def test_run_benchmark_tiny():
     assert "speed-up over the original on equal terms" in table and "label PNG" in table and "tap cache" in table
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-def test_bundle_training_step_equals_the_original_operations(batch):
+@pytest.mark.parametrize(("batch", "micro_batch_size"), [(1, None), (5, None), (5, 2)])
+def test_bundle_training_step_equals_the_original_operations(batch, micro_batch_size):
     """The bundle's step (fast prompt encoder, batched decoder, weighted loss) and the benchmark's copy of
     the original's (stacked features, per-sample decoder calls, its Dice and NTXent): the same loss, the
     same gradients and, after one Adam step, the same parameters (float64, so rounding does not hide a
@@ -153,7 +153,7 @@ def test_bundle_training_step_equals_the_original_operations(batch):
     torch.set_default_dtype(torch.float64)  # the network, the data and the optimizer in float64
     try:
         for path in ("original", "bundle"):
-            runs.append(_one_step(bm, cfg, path, SurgicalSAMLoss, class_embeddings_from_masks))
+            runs.append(_one_step(bm, cfg, path, SurgicalSAMLoss, class_embeddings_from_masks, micro_batch_size))
     finally:
         torch.set_default_dtype(default_dtype)
     (loss0, grads0, params0), (loss1, grads1, params1) = runs
@@ -166,7 +166,7 @@ def test_bundle_training_step_equals_the_original_operations(batch):
     assert max(float((params0[k] - params1[k]).abs().max()) for k in params0) <= 1e-5
 
 
-def _one_step(bm, cfg, path, loss_cls, class_embeddings_from_masks):
+def _one_step(bm, cfg, path, loss_cls, class_embeddings_from_masks, micro_batch_size=None):
     """One training step of ``path`` (original / bundle) from the benchmark's weights and data."""
     model, embeddings, targets, _ = bm._model_and_data(cfg, torch.device("cpu"))
     model.train()
@@ -182,6 +182,7 @@ def _one_step(bm, cfg, path, loss_cls, class_embeddings_from_masks):
         class_embeddings, _ = class_embeddings_from_masks(embeddings, targets["grid_mask"])
         loss = bm.original_training_step(model, optimizer, embeddings, targets, class_embeddings)
     else:
-        loss = float(bm.bundle_training_step(model, optimizer, loss_cls(), embeddings, targets))
+        loss = float(bm.bundle_training_step(model, optimizer, loss_cls(), embeddings, targets,
+                                             micro_batch_size=micro_batch_size))
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss, grads, {k: v.clone() for k, v in model.state_dict().items()}

@@ -17,6 +17,7 @@ from scripts.engines import (
     FrameBatch,
     GradientNormClipping,
     MetricsReport,
+    MicroBatchIteration,
     PromptedSampleBatch,
     TrainingState,
     check_evaluation_inputs,
@@ -560,3 +561,114 @@ def test_check_evaluation_inputs_lists_model_with_other_problems(tmp_path):
                                 str(tmp_path / "model.pt"))
     message = str(error.value)
     assert "model.pt" in message and "dataset.json missing" in message and "s.pth" in message
+
+
+# ------------------------------------------------------------------------------ the micro-batched step
+def _tiny_training_batch(batch, num_classes, seed=0):
+    from scripts import benchmark
+
+    cfg = dict(batch_size=batch, num_classes=num_classes, num_tokens=2, frame_size=[40, 56], inference_frames=1,
+               sam_variant="tiny", seed=seed)
+    model, embeddings, targets, _ = benchmark._model_and_data(cfg, torch.device("cpu"))
+    if batch > 2:  # an absent-class prompt (empty target) and a sample whose grid mask is empty
+        targets["mask"][0] = 0
+        targets["grid_mask"][0] = False
+        targets["grid_mask"][2] = False
+    return model.train(), embeddings, targets
+
+
+def _gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("batch", "num_classes", "micro_batch_size"), [(5, 3, 2), (5, 3, 1), (4, 1, 3), (1, 2, 1), (3, 2, 8)])
+def test_micro_batched_backward_equals_the_whole_batch(batch, num_classes, micro_batch_size):
+    """Slices of the batch through forward and backward, the contrastive term once over the whole batch:
+    the whole batch's loss (<= 1e-5) and gradients (<= 1e-4 relative), also with absent-class prompts,
+    empty grid masks, uneven slices, C = 1 and batch 1. In float64, so that the parameters whose exact
+    gradient is 0 (the attention keys' biases) show 0 up to rounding, not float32 noise."""
+    from scripts.engines import micro_batched_backward
+    from scripts.losses import SurgicalSAMLoss
+
+    loss_fn = SurgicalSAMLoss()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _float64_gradients_equal(batch, num_classes, micro_batch_size, loss_fn, micro_batched_backward)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _float64_gradients_equal(batch, num_classes, micro_batch_size, loss_fn, micro_batched_backward):
+    model, embeddings, targets = _tiny_training_batch(batch, num_classes)
+    # segment-anything makes the dense positional encoding's grid in float32: the same constant, in float64
+    layer = model.prompt_encoder.pe_layer
+    gaussian = layer.positional_encoding_gaussian_matrix
+    layer.positional_encoding_gaussian_matrix = gaussian.float()
+    dense_pe = model.prompt_encoder.get_dense_pe().double()
+    layer.positional_encoding_gaussian_matrix = gaussian
+    model.prompt_encoder.get_dense_pe = lambda: dense_pe
+    plain_pred = model(embeddings, targets["class_id"])
+    plain_loss = loss_fn(plain_pred, targets)
+    plain_loss.backward()
+    expected = _gradients(model)
+    model.zero_grad(set_to_none=True)
+    loss, pred = micro_batched_backward(model, loss_fn, embeddings, targets, {"class_ids": targets["class_id"]},
+                                        micro_batch_size)
+    assert not loss.requires_grad
+    assert abs(float(loss) - float(plain_loss)) <= 1e-5 * max(1.0, abs(float(plain_loss)))
+    got = _gradients(model)
+    assert set(got) == set(expected) and expected
+    for name, grad in expected.items():
+        scale = max(float(grad.abs().max()), 1e-12)
+        assert float((got[name] - grad).abs().max()) / scale <= 1e-4, name
+    assert pred["logits"].shape == plain_pred["logits"].shape
+    assert torch.allclose(pred["logits"], plain_pred["logits"].detach(), atol=1e-5)
+    assert torch.equal(pred["prototypes"], plain_pred["prototypes"].detach())
+
+
+def test_micro_batched_backward_refuses_a_loss_that_does_not_split():
+    from scripts.engines import micro_batched_backward
+
+    model, embeddings, targets = _tiny_training_batch(2, 2)
+    with pytest.raises(TypeError, match="micro_batch_size: null"):
+        micro_batched_backward(model, nn.MSELoss(), embeddings, targets, {"class_ids": targets["class_id"]}, 1)
+    with pytest.raises(ValueError, match="positive"):
+        MicroBatchIteration(0)
+
+
+def _one_trainer_iteration(micro_batch_size, accumulation_steps=1):
+    from scripts.inferers import AutocastInferer
+    from scripts.losses import SurgicalSAMLoss
+
+    model, embeddings, targets = _tiny_training_batch(5, 3)
+    batch = [{"image_embeddings": embeddings[i], "mask": targets["mask"][i], "grid_mask": targets["grid_mask"][i],
+              "class_id": targets["class_id"][i]} for i in range(5)]
+    loader = torch.utils.data.DataLoader(batch, batch_size=5)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=model, optimizer=optimizer,
+        loss_function=SurgicalSAMLoss(), prepare_batch=PromptedSampleBatch(), inferer=AutocastInferer(),
+        iteration_update=None if micro_batch_size == "monai" else MicroBatchIteration(micro_batch_size),
+        accumulation_steps=accumulation_steps, decollate=False)
+    seen = []
+    clipping = GradientNormClipping(max_norm=1e9)
+    clipping.attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: seen.append(
+        (float(engine.state.output["loss"]), engine.state.output["pred"]["logits"].shape[0], clipping.last_norm)))
+    trainer.run()
+    return seen, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_micro_batch_iteration_in_monai_trainer_equals_monai_iteration():
+    """MONAI's SupervisedTrainer with MicroBatchIteration (slices of 2) and with its own iteration: the same
+    loss, the same gradient norm seen after the backward, the same parameters after the SGD step."""
+    (monai_record,), monai_params = _one_trainer_iteration("monai")
+    (micro_record,), micro_params = _one_trainer_iteration(2)
+    assert abs(micro_record[0] - monai_record[0]) <= 1e-5 * abs(monai_record[0])
+    assert micro_record[1] == monai_record[1] == 5
+    assert abs(micro_record[2] - monai_record[2]) <= 1e-4 * monai_record[2]
+    for name, value in monai_params.items():
+        assert float((micro_params[name] - value).abs().max()) <= 1e-5, name
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        _one_trainer_iteration(2, accumulation_steps=2)

@@ -548,3 +548,75 @@ def test_prompt_encoder_takes_monai_metatensors():
         plain = encoder(image, prototypes, class_ids)
         meta = encoder(MetaTensor(image), prototypes, class_ids)
     assert torch.equal(torch.as_tensor(meta[0]), plain[0]) and torch.equal(torch.as_tensor(meta[1]), plain[1])
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_hypernetwork_masks_on_channels_last_features_equal_the_plain_product(tokens):
+    """The product on channels-last features (as the decoder's transposed convolutions return them on the
+    CPU) and SAM's ``hyper_in @ upscaled.view(B, c, H*W)``: forward <= 1e-5, gradients <= 1e-4 relative,
+    and the features' gradient comes back channels-last (one layout in the GELU backward)."""
+    from scripts.networks.batched_mask_decoder import hypernetwork_masks
+
+    generator = torch.Generator().manual_seed(0)
+    hyper_in = torch.randn(2, tokens, 8, generator=generator, requires_grad=True)
+    plain_features = torch.randn(2, 8, 7, 9, generator=generator)
+    features = plain_features.contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(2, tokens, 7, 9, generator=generator)
+    fast = hypernetwork_masks(hyper_in, features)
+    plain = (hyper_in @ plain_features.reshape(2, 8, 63)).reshape(2, tokens, 7, 9)
+    assert fast.shape == (2, tokens, 7, 9)
+    assert float((fast - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
+    grad_hyper, grad_features = torch.autograd.grad((fast * weight).sum(), (hyper_in, features))
+    plain_leaf = plain_features.clone().requires_grad_()
+    hyper_leaf = hyper_in.detach().clone().requires_grad_()
+    expected = torch.autograd.grad(((hyper_leaf @ plain_leaf.reshape(2, 8, 63)).reshape(2, tokens, 7, 9) * weight).sum(),
+                                   (hyper_leaf, plain_leaf))
+    for got, want in zip((grad_hyper, grad_features), expected):
+        assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    assert grad_features.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_decode_masks_keeps_a_zero_gradient_on_the_unused_hypernetworks():
+    """Only the returned masks are made, yet every hypernetwork MLP gets a gradient (zero for the unused
+    tokens), as when all masks are made and sliced: Adam's weight decay then moves them the same way."""
+    model = tiny_model()
+    out = model(embeddings(2), torch.tensor([1, 2]))
+    out["logits"].sum().backward()
+    mlps = model.mask_decoder.output_hypernetworks_mlps
+    assert all(p.grad is not None for p in mlps.parameters())
+    assert any(float(p.grad.abs().max()) > 0 for p in mlps[0].parameters())
+    assert all(float(p.grad.abs().max()) == 0 for mlp in mlps[1:] for p in mlp.parameters())
+
+
+@pytest.mark.parametrize(("kernel", "bias", "channels_last"), [((2, 2), True, True), ((2, 2), False, False),
+                                                                ((3, 2), True, True)])
+def test_transposed_conv_as_product_equals_the_convolution(kernel, bias, channels_last):
+    """kernel == stride transposed convolution as one product: the module's output (<= 1e-5) and the
+    gradients of input, weight and bias (<= 1e-4 relative), odd sizes, batch 1."""
+    from scripts.networks.batched_mask_decoder import transposed_conv_as_product
+
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(6, 4, kernel_size=kernel, stride=kernel, bias=bias)
+    features = torch.randn(1, 6, 5, 7)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    features.requires_grad_()
+    weight = torch.randn(1, 4, 5 * kernel[0], 7 * kernel[1])
+    plain = conv(features)
+    fast = transposed_conv_as_product(conv, features)
+    assert fast.shape == plain.shape and fast.is_contiguous(memory_format=torch.channels_last)
+    assert float((fast - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
+    inputs = (features, *conv.parameters())
+    expected = torch.autograd.grad((plain * weight).sum(), inputs)
+    got = torch.autograd.grad((fast * weight).sum(), inputs)
+    for want, have in zip(expected, got):
+        assert float((have - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_upscale_equals_sams_output_upscaling():
+    from scripts.networks.batched_mask_decoder import upscale
+
+    model = tiny_model()
+    upscaling = model.mask_decoder.output_upscaling
+    features = torch.randn(2, 5 * 3, 256).transpose(1, 2).reshape(2, 256, 5, 3)  # the transformer's layout
+    assert torch.allclose(upscale(upscaling, features), upscaling(features), atol=1e-5)

@@ -397,3 +397,38 @@ def test_low_res_logits_to_frame_crops_the_padding():
     body = out[0, 0, :127]
     assert (body[:, :128] > 0).all() and (body[:, 128:] < 0).all()
     assert body.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize(("low_hw", "image_size", "frame_hw", "channels"),
+                         [((24, 24), 96, (50, 73), 1), ((24, 24), 96, (73, 50), 3), ((32, 32), 128, (64, 128), 1),
+                          ((16, 16), 64, (64, 64), 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_resize_by_products_equals_the_interpolation(low_hw, image_size, frame_hw, channels, dtype):
+    """The training path's two matrix products and SAM's two bilinear resizes: the same map (odd and
+    equal frame sizes, portrait and landscape, batch 1), forward <= 1e-5 and gradients <= 1e-4 relative."""
+    from scripts.networks.sam_geometry import resize_by_interpolation, resize_by_products
+
+    generator = torch.Generator().manual_seed(0)
+    low_res = (torch.randn(1, channels, *low_hw, generator=generator) * 4).to(dtype).requires_grad_()
+    weight = torch.randn(1, channels, *frame_hw, generator=generator).to(dtype)
+    plain = resize_by_interpolation(low_res, image_size, frame_hw)
+    fast = resize_by_products(low_res, image_size, frame_hw)
+    assert fast.shape == plain.shape == (1, channels, *frame_hw) and fast.dtype == dtype
+    assert float((fast - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
+    (grad_plain,) = torch.autograd.grad((plain * weight).sum(), low_res)
+    (grad_fast,) = torch.autograd.grad((fast * weight).sum(), low_res)
+    assert float((grad_fast - grad_plain).abs().max()) <= 1e-4 * float(grad_plain.abs().max())
+    # the dispatch: products when a gradient is wanted, the interpolation otherwise
+    assert torch.equal(low_res_logits_to_frame(low_res, image_size, frame_hw), fast)
+    with torch.no_grad():
+        assert torch.equal(low_res_logits_to_frame(low_res, image_size, frame_hw), plain.detach())
+
+
+def test_resize_by_products_keeps_float32_under_autocast():
+    from scripts.networks.sam_geometry import resize_by_interpolation, resize_by_products
+
+    low_res = torch.randn(2, 1, 16, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = resize_by_products(low_res, 64, (48, 64))
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast, resize_by_interpolation(low_res, 64, (48, 64)), atol=1e-5)

@@ -40,7 +40,8 @@ import torch
 
 from .losses import DistillationSAMLoss, SurgicalSAMLoss
 from .networks.sam_backbone import get_variant
-from .networks.sam_geometry import low_res_logits_to_frame, masks_to_embedding_grid
+from .engines import micro_batched_backward
+from .networks.sam_geometry import masks_to_embedding_grid, resize_by_interpolation
 from .networks.surgical_sam import SurgicalSAM
 
 __all__ = ["format_benchmark_table", "run_benchmark"]
@@ -139,7 +140,7 @@ def original_forward(model: SurgicalSAM, embeddings: torch.Tensor, class_ids: to
             dense_prompt_embeddings=dense[index : index + 1],
             multimask_output=False,
         )
-        logits.append(low_res_logits_to_frame(low_res, model.image_size, model.frame_size))
+        logits.append(resize_by_interpolation(low_res, model.image_size, model.frame_size))
     return torch.cat(logits), prototypes
 
 
@@ -204,15 +205,21 @@ def original_inference(model: SurgicalSAM, embeddings: torch.Tensor, pairs_per_b
 
 
 # ----------------------------------------------------------------------------------- the bundle's
-def bundle_training_step(model, optimizer, loss_fn, embeddings, targets, autocast: bool = False) -> torch.Tensor:
-    """One training step as the bundle's trainer runs it; -> the loss as a tensor (no host sync)."""
+def bundle_training_step(model, optimizer, loss_fn, embeddings, targets, autocast: bool = False,
+                         micro_batch_size: int | None = None) -> torch.Tensor:
+    """One training step as the bundle's trainer runs it (``MicroBatchIteration``); -> the loss as a tensor
+    (no host sync)."""
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(embeddings.device.type, dtype=torch.bfloat16, enabled=autocast):
-        output = model(embeddings, targets["class_id"])
-    loss = loss_fn({k: v.float() for k, v in output.items()}, targets)
-    loss.backward()
+
+    def forward(data, network, class_ids):
+        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=autocast):
+            output = network(data, class_ids)
+        return {k: v.float() for k, v in output.items()}
+
+    loss, _ = micro_batched_backward(model, loss_fn, embeddings, targets, {"class_ids": targets["class_id"]},
+                                     micro_batch_size, forward=forward)
     optimizer.step()
-    return loss.detach()
+    return loss
 
 
 def _cache_sizes(embed_dim: int, grid: int, frame_hw: Sequence[int]) -> dict[str, int]:
@@ -359,7 +366,8 @@ def _worker(cfg: dict) -> dict[str, Any]:
         network = torch.compile(model) if cfg.get("compile") else model
 
         def step():
-            return bundle_training_step(network, optimizer, loss_fn, embeddings, targets, cfg.get("amp", False))
+            return bundle_training_step(network, optimizer, loss_fn, embeddings, targets, cfg.get("amp", False),
+                                        cfg.get("micro_batch_size"))
     else:
         # the original loads the class embeddings with each sample: data, not part of the step
         class_embeddings, _valid = class_embeddings_from_masks(embeddings, targets["grid_mask"])
@@ -483,6 +491,7 @@ def run_benchmark(
     quick: bool = False,
     amp: bool = False,
     compile: bool = False,
+    micro_batch_size: int | None = 8,
 ) -> dict[str, Any]:
     """Measure training/inference speed, peak memory and cache size; see the module docstring.
 
@@ -506,6 +515,8 @@ def run_benchmark(
         quick: batch 8, one timed step, 2 inference frames, 1 encoder frame (fp32 only), no part 6.
         amp: also measure the bundle's path under bf16 autocast (``*_amp`` keys).
         compile: run the bundle's training step through ``torch.compile``.
+        micro_batch_size: the bundle's step in slices of this many samples (train.yaml's
+            ``micro_batch_size``, 8 there too); None: the batch in one piece.
 
     Returns:
         dict with the flat keys of the issue's acceptance (``train_samples_per_s``,
@@ -534,7 +545,8 @@ def run_benchmark(
     cfg = {"batch_size": int(batch_size), "num_classes": int(num_classes), "num_tokens": int(num_tokens),
            "frame_size": list(frame_hw), "steps": steps, "inference_frames": int(inference_frames),
            "encoder_frames": int(encoder_frames), "device": str(device), "sam_variant": sam_variant, "seed": seed,
-           "quick": bool(quick), "compile": bool(compile)}
+           "quick": bool(quick), "compile": bool(compile),
+           "micro_batch_size": None if micro_batch_size is None else int(micro_batch_size)}
     result: dict[str, Any] = {
         "settings": {**cfg, "embedding_shape": [embed_dim, grid, grid], "amp": bool(amp),
                      "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or platform.machine()},
@@ -634,6 +646,8 @@ def format_benchmark_table(result: dict[str, Any]) -> str:
         f"  network: SurgicalSAM on SAM {s['sam_variant']} sizes, random weights; parts 1-2 on cached-embedding-"
         f"sized inputs" + (" (the prompt side is identical for vit_h)" if h == 64 else ""),
         f"  process settings of the bundle: {result['process_settings']['allocator']}",
+        f"  the bundle's training step in slices of {s.get('micro_batch_size') or s['batch_size']} samples "
+        f"(micro_batch_size)",
         "",
         row("measurement", "value"),
         f"  {'-' * 76}",

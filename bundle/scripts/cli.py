@@ -7,7 +7,7 @@
     surgical-sam benchmark [--batch_size 32 --num_classes 7 --num_tokens 2 --frame_size 1024,1280
                             --steps 3 --encoder_frames 2 --device cpu|cuda|auto
                             --distill_batch_size 2 --distill_sam_variant V --distill_frame_size H,W
-                            --quick --amp --compile --output_json FILE]
+                            --quick --amp --compile --micro_batch_size 8 --output_json FILE]
     surgical-sam demo [--epochs N] [--bundle_root DIR] [--fresh]
     surgical-sam demo_distill [--epochs N] [--bundle_root DIR] [--fresh] [--cache_taps true|false]
     surgical-sam prepare_endovis2017 --raw_dir R --out_dir O [--nocheck]
@@ -279,6 +279,7 @@ def benchmark(
     quick: bool = False,
     amp: bool = False,
     compile: bool = False,
+    micro_batch_size: int | None = 8,
     output_json: str | None = None,
 ) -> dict:
     """Training and inference speed, peak memory and cache size (see scripts.benchmark.run_benchmark).
@@ -299,6 +300,7 @@ def benchmark(
         quick: batch 8, one timed step, 2 inference frames, 1 encoder frame, no Distillation-SAM part.
         amp: also measure the bundle's path under bf16 autocast.
         compile: run the bundle's training step through torch.compile.
+        micro_batch_size: the bundle's step in slices of this many samples (train.yaml's default 8); 0: one piece.
         output_json: write every figure to this JSON file.
     """
     from scripts.benchmark import format_benchmark_table, run_benchmark
@@ -332,6 +334,7 @@ def benchmark(
         quick=bool(quick),
         amp=bool(amp),
         compile=bool(compile),
+        micro_batch_size=_positive_int(micro_batch_size, "micro_batch_size", minimum=0) or None,
     )
     print(format_benchmark_table(result))
     if output_json:

@@ -232,7 +232,38 @@ class SurgicalSAMLoss(nn.Module):
                 bool/float, ``"class_id"`` (B,) long in 1..C.
 
         Returns:
-            scalar loss.
+            scalar loss: :meth:`sample_terms` over the batch plus :meth:`prototype_term`.
+        """
+        counts = self.sample_counts(target["mask"])
+        return self.sample_terms(pred, target, counts) + self.prototype_term(
+            pred["prototypes"], pred["image_embeddings"], target)
+
+    @staticmethod
+    def sample_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How many samples of the batch have a target and how many are absent-class prompts.
+
+        Args:
+            mask: (B, 1, H, W) the whole batch's target masks.
+
+        Returns:
+            two scalars, each at least 1: the denominators of the Dice and the absent term.
+        """
+        has_target = (mask.flatten(1).sum(dim=1) > 0).to(torch.float32)
+        return has_target.sum().clamp_min(1.0), (1.0 - has_target).sum().clamp_min(1.0)
+
+    def sample_terms(self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                     counts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The Dice and absent terms of some of the batch's samples, over the whole batch's ``counts``.
+
+        Both terms are sums over samples divided by a count of the batch, so the terms of the parts of
+        a batch (``pred`` and ``target`` of a slice of its samples, ``counts`` from
+        :meth:`sample_counts` of the whole batch) add up to the terms of the batch: what lets the
+        trainer run a batch in slices (``scripts.engines.MicroBatchIteration``).
+
+        Args:
+            pred: ``"logits"`` (b, 1, H, W) of the samples.
+            target: ``"mask"`` (b, 1, H, W) of the samples.
+            counts: (samples with a target, absent samples) of the whole batch.
         """
         logits = pred["logits"]
         mask = target["mask"].to(logits.dtype)
@@ -240,21 +271,28 @@ class SurgicalSAMLoss(nn.Module):
             raise ValueError(f"target mask shape {tuple(mask.shape)} differs from logits shape {tuple(logits.shape)}.")
         # Samples are weighted instead of indexed (the same numbers, no data-dependent shapes, so the
         # step never waits for the device): Dice over the samples with a target, BCE over the others.
-        has_target = (mask.flatten(1).sum(dim=1) > 0).to(logits.dtype)  # (B,)
-        per_sample_dice = self.dice(logits, mask).reshape(-1)  # (B,)
-        dice = (per_sample_dice * has_target).sum() / has_target.sum().clamp_min(1.0)
-
-        class_embeddings, valid = class_embeddings_from_masks(pred["image_embeddings"], target["grid_mask"])
-        pcl = self.pcl(pred["prototypes"], class_embeddings, target["class_id"], valid)
-
-        total = self.dice_weight * dice + self.pcl_weight * pcl
+        has_target = (mask.flatten(1).sum(dim=1) > 0).to(logits.dtype)  # (b,)
+        per_sample_dice = self.dice(logits, mask).reshape(-1)  # (b,)
+        total = self.dice_weight * (per_sample_dice * has_target).sum() / counts[0].to(logits.dtype)
         absent = 1.0 - has_target
         # on the CPU, asking whether any sample is absent costs nothing and skips a full-frame pass
         if self.absent_weight and (logits.device.type != "cpu" or bool(absent.any())):
             per_pixel = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
             per_sample = per_pixel.flatten(1).mean(dim=1)
-            total = total + self.absent_weight * (per_sample * absent).sum() / absent.sum().clamp_min(1.0)
+            total = total + self.absent_weight * (per_sample * absent).sum() / counts[1].to(logits.dtype)
         return total
+
+    def prototype_term(self, prototypes: torch.Tensor, image_embeddings: torch.Tensor,
+                       target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``pcl_weight`` x PCL of the whole batch (it compares samples with each other).
+
+        Args:
+            prototypes: (C, d).
+            image_embeddings: (B, d, h, w).
+            target: ``"grid_mask"`` (B, 1, h, w) or (B, h, w), ``"class_id"`` (B,).
+        """
+        class_embeddings, valid = class_embeddings_from_masks(image_embeddings, target["grid_mask"])
+        return self.pcl_weight * self.pcl(prototypes, class_embeddings, target["class_id"], valid)
 
 
 # ------------------------------------------------------------------------------ distillation losses

@@ -8,6 +8,7 @@ grid and low-resolution mask uses these functions, so the three agree by constru
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -104,7 +105,19 @@ def low_res_logits_to_frame(low_res_logits: torch.Tensor, image_size: int, frame
 
     Bilinear up to the padded input (S x S), crop the valid region, bilinear to the frame size
     (all ``align_corners=False``), as SAM's ``postprocess_masks``.
+
+    When the logits need a gradient (training) the same linear map runs as two matrix products
+    (:func:`frame_resize_matrices`): the backward of a bilinear resize is a scatter that costs about
+    five times its forward on the CPU, the products' backward is two more products. Same numbers up
+    to float rounding (``tests/test_sam_backbone.py``).
     """
+    if low_res_logits.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing():
+        return resize_by_products(low_res_logits, image_size, frame_hw)
+    return resize_by_interpolation(low_res_logits, image_size, frame_hw)
+
+
+def resize_by_interpolation(low_res_logits: torch.Tensor, image_size: int, frame_hw: Sequence[int]) -> torch.Tensor:
+    """:func:`low_res_logits_to_frame` as segment-anything writes it: (B, K, 4h, 4w) -> (B, K, H, W)."""
     frame_h, frame_w = int(frame_hw[0]), int(frame_hw[1])
     valid_h, valid_w = resized_shape((frame_h, frame_w), image_size)
     logits = F.interpolate(low_res_logits, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -112,3 +125,55 @@ def low_res_logits_to_frame(low_res_logits: torch.Tensor, image_size: int, frame
     if (valid_h, valid_w) != (frame_h, frame_w):
         logits = F.interpolate(logits, size=(frame_h, frame_w), mode="bilinear", align_corners=False)
     return logits
+
+
+def _linear_resize_matrix(in_size: int, out_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(out_size, in_size) float64: torch's 1-D linear resize (``align_corners=False``) as a matrix.
+
+    Column i is the resize of the i-th unit vector in ``dtype``, so the weights are the ones torch uses
+    on logits of that dtype (it computes them in the input's precision); a bilinear resize is this
+    resize along each axis.
+    """
+    unit_vectors = torch.eye(in_size, dtype=dtype).unsqueeze(1)  # (in, 1, in)
+    return F.interpolate(unit_vectors, size=out_size, mode="linear", align_corners=False)[:, 0].T.double()
+
+
+@functools.lru_cache(maxsize=16)
+def frame_resize_matrices(low_res_hw: tuple[int, int], image_size: int, frame_hw: tuple[int, int],
+                          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`low_res_logits_to_frame`'s map as ``rows @ logits @ cols.T``, for logits of ``dtype``.
+
+    Returns:
+        rows (H, 4h) and cols (W, 4w), float64: per axis, the resize to S, the crop to the valid
+        region and the resize to the frame size, composed.
+    """
+    valid_hw = resized_shape(frame_hw, image_size)
+    matrices = []
+    for low, valid, frame in zip(low_res_hw, valid_hw, frame_hw):
+        matrix = _linear_resize_matrix(low, image_size, dtype)[:valid]
+        if valid != frame:
+            matrix = _linear_resize_matrix(valid, frame, dtype) @ matrix
+        matrices.append(matrix)
+    return matrices[0], matrices[1]
+
+
+def resize_by_products(low_res_logits: torch.Tensor, image_size: int, frame_hw: Sequence[int]) -> torch.Tensor:
+    """:func:`low_res_logits_to_frame` as two matrix products, in float32 (float64 logits: float64), also
+    under autocast.
+
+    Args:
+        low_res_logits: (B, K, 4h, 4w).
+
+    Returns:
+        (B, K, H, W) in the input's dtype.
+    """
+    dtype = torch.float64 if low_res_logits.dtype == torch.float64 else torch.float32
+    low_res_hw = (int(low_res_logits.shape[-2]), int(low_res_logits.shape[-1]))
+    rows, cols = frame_resize_matrices(low_res_hw, int(image_size), (int(frame_hw[0]), int(frame_hw[1])), dtype)
+    device = low_res_logits.device
+    with torch.autocast(device.type, enabled=False):
+        logits = low_res_logits.to(dtype) @ cols.to(device, dtype).T  # (B, K, 4h, W)
+        logits = rows.to(device, dtype) @ logits  # (B, K, H, W)
+    return logits.to(low_res_logits.dtype)
+
+
