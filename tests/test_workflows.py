@@ -233,3 +233,38 @@ def test_the_precompute_call_is_written_once_per_method(method):
     component = parser.get_parsed_content("cache_precompute", instantiate=True)
     assert isinstance(component, functools.partial) and component.func is precompute_embeddings
     assert ("taps" in component.keywords) == (method[0] == "train_distill.yaml")
+
+
+#: What the two methods' training configs share, each a key of train.yaml and train_distill.yaml that must read
+#: the same in both (paths, dataset facts, device, the rank-0 gates, the handlers, the run steps). MONAI's
+#: `%file#key` macros read their file relative to the working directory, not to the config, so a base file
+#: pulled in by macros would tie every command to one folder (the repository root, not a copied bundle or the
+#: CLI's); the copies are therefore held equal here, and a change to one that misses the other fails.
+SHARED_TRAINING_KEYS = (
+    "bundle_root", "ckpt_dir", "dataset_dir", "train_split", "val_split", "sam_checkpoint", "class_names",
+    "num_classes", "frame_size", "dataset_facts_checked", "is_main_process", "device", "network", "lr_scheduler",
+    "train#dataloader", "train#handlers", "train#best_model_state", "validate#dataloader", "validate#handlers",
+    "validate#evaluator", "precompute", "prepare", "prepare_cache", "initialize", "run",
+)
+
+
+def test_both_methods_share_one_training_skeleton():
+    """train_distill.yaml's shared blocks are train.yaml's, word for word; its trainer, checkpoint saver and
+    precompute call differ only in the keys a method owns (e.g. train.yaml's `compile`, the tap list)."""
+    from monai.bundle import ConfigParser
+
+    surgical, distill = ConfigParser(), ConfigParser()
+    surgical.read_config(TRAIN)
+    distill.read_config(os.path.join(CONFIGS, "train_distill.yaml"))
+    differ = [key for key in SHARED_TRAINING_KEYS if surgical[key] != distill[key]]
+    assert not differ, f"train.yaml and train_distill.yaml disagree on {differ}"
+    for key, owned in (("train#trainer", set()), ("validate#best_model_saver", {"key_metric_filename"}),
+                       ("cache_precompute", {"cache_dir", "taps", "augmentation_draws"})):
+        common = (set(surgical[key]) & set(distill[key])) - owned
+        assert set(distill[key]) - owned <= set(surgical[key]), f"{key}: keys only train_distill.yaml has"
+        assert {k: surgical[key][k] for k in common} == {k: distill[key][k] for k in common}, key
+    # the gates that keep other ranks from writing logs, on every logging handler of both methods
+    for parser in (surgical, distill):
+        for key in ("train#handlers", "validate#handlers"):
+            loggers = [h for h in parser[key] if isinstance(h, dict) and "StatsHandler" in h["_target_"]]
+            assert loggers and all(h["_disabled_"] == "$not @is_main_process" for h in loggers), key
