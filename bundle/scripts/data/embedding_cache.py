@@ -471,6 +471,46 @@ def _identity_diff(found: dict | None, expected: dict) -> str:
     return ", ".join(f"{k}: cache {found.get(k)!r} vs run {expected.get(k)!r}" for k in keys)
 
 
+def _split_problem(manifest: dict, cache_dir: str, split: str) -> str | None:
+    if split in manifest["splits"]:
+        return None
+    return (f"the embedding cache at {cache_dir} has no {split!r} split (it has {sorted(manifest['splits'])}): "
+            f"run {PRECOMPUTE_COMMAND}")
+
+
+def cache_problems(cache_dir: str, identity: dict, splits: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """Why the cache at ``cache_dir`` cannot serve a run of ``identity`` that reads ``splits``: the one check
+    :class:`EmbeddingCache` opens a cache with, and the run's input checks report.
+
+    Returns:
+        (missing, stale): messages of what is missing (no cache, a split never precomputed) and of a cache that
+        is there but made for other inputs, in another format, or unfinished; each names the command that makes
+        or rebuilds the cache. Both empty when the cache serves the run.
+    """
+    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    if not os.path.isfile(manifest_path):
+        return [f"no embedding cache at {cache_dir}: make it with {PRECOMPUTE_COMMAND}"], []
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    try:
+        _check_format(manifest, cache_dir, f"delete that folder (or choose a new cache_dir) and rebuild it with "
+                                           f"{PRECOMPUTE_COMMAND}")
+    except StaleCacheError as error:
+        return [], [str(error)]
+    if manifest.get("identity") != identity:
+        return [], [
+            f"the embedding cache at {cache_dir} was made for other inputs than this run "
+            f"({_identity_diff(manifest.get('identity'), identity)}): it is not used, and precompute "
+            f"never overwrites it. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and make the cache for "
+            f"this run's encoder with {PRECOMPUTE_COMMAND.split(' (')[0]} --cache_dir NEW_FOLDER; or point "
+            "--cache_dir at a cache made for this run's encoder and weights."
+        ]
+    if not manifest.get("complete"):
+        return [], [f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "
+                    f"run {PRECOMPUTE_COMMAND}"]
+    return [problem for split in splits if (problem := _split_problem(manifest, cache_dir, split))], []
+
+
 class EmbeddingCache:
     """A checked, complete cache on disk (see the module docstring).
 
@@ -480,28 +520,22 @@ class EmbeddingCache:
     ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``; a reader that keeps one binary
     mask per class also offers ``load_class_mask(entry, class_id) -> (embedding, mask (H, W) bool)``, which
     training samples then use.
+
+    Raises:
+        FileNotFoundError: no cache at ``cache_dir``.
+        StaleCacheError: the cache is of another format, made for other inputs than ``identity``, or unfinished
+            (:func:`cache_problems` says which).
     """
 
     def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True) -> None:
         self.cache_dir = cache_dir
-        manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
-        if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(f"no embedding cache at {cache_dir}: make it with {PRECOMPUTE_COMMAND}")
-        with open(manifest_path) as handle:
+        missing, stale = cache_problems(cache_dir, identity)
+        if missing:
+            raise FileNotFoundError(missing[0])
+        if stale:
+            raise StaleCacheError(stale[0])
+        with open(os.path.join(cache_dir, MANIFEST_NAME)) as handle:
             self.manifest = json.load(handle)
-        _check_format(self.manifest, cache_dir, f"delete that folder (or choose a new cache_dir) and rebuild it with "
-                                                f"{PRECOMPUTE_COMMAND}")
-        if self.manifest.get("identity") != identity:
-            raise StaleCacheError(
-                f"the embedding cache at {cache_dir} was made for other inputs than this run "
-                f"({_identity_diff(self.manifest.get('identity'), identity)}): it is not used, and precompute "
-                f"never overwrites it. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and make the cache for "
-                f"this run's encoder with {PRECOMPUTE_COMMAND.split(' (')[0]} --cache_dir NEW_FOLDER; or point "
-                "--cache_dir at a cache made for this run's encoder and weights."
-            )
-        if not self.manifest.get("complete"):
-            raise StaleCacheError(f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "
-                                  f"run {PRECOMPUTE_COMMAND}")
         self.check_sources = check_sources
         self._indexes: dict[tuple[str, int], list[dict]] = {}
 
@@ -520,9 +554,9 @@ class EmbeddingCache:
         return tuple(self.manifest["identity"]["grid_size"])
 
     def versions(self, split: str) -> list[int]:
-        if split not in self.manifest["splits"]:
-            raise StaleCacheError(f"the embedding cache at {self.cache_dir} has no {split!r} split "
-                                  f"(it has {sorted(self.manifest['splits'])}): run {PRECOMPUTE_COMMAND}")
+        problem = _split_problem(self.manifest, self.cache_dir, split)
+        if problem:
+            raise StaleCacheError(problem)
         return list(self.manifest["splits"][split])
 
     def entries(self, split: str, version: int = 0) -> list[dict]:
