@@ -260,6 +260,28 @@ SHARED_KEYS = {
 }
 
 
+def test_macro_files_are_read_from_the_working_directory(tmp_path, monkeypatch):
+    """Why SHARED_KEYS holds copies equal instead of a base file: MONAI reads `%file#key` relative to the working
+    directory, so `%configs/base.yaml#x` works from the bundle folder only (and `%bundle/configs/...` from the
+    repository root only). Should MONAI read it relative to the config one day, this fails: fold the copies
+    into a base file then."""
+    from monai.bundle import ConfigParser
+
+    configs = tmp_path / "bundle" / "configs"
+    configs.mkdir(parents=True)
+    (configs / "base.yaml").write_text("shared: {x: 1}\n")
+    (configs / "method.yaml").write_text('shared: "%configs/base.yaml#shared"\n')
+    for cwd, works in ((tmp_path / "bundle", True), (tmp_path, False)):
+        monkeypatch.chdir(cwd)
+        parser = ConfigParser()
+        parser.read_config(str(configs / "method.yaml"))
+        if works:
+            assert parser.get_parsed_content("shared") == {"x": 1}
+        else:
+            with pytest.raises(FileNotFoundError):
+                parser.get_parsed_content("shared")
+
+
 @pytest.mark.parametrize("pair", sorted(SHARED_KEYS))
 def test_both_methods_share_one_skeleton(pair):
     """Distillation-SAM's config repeats SurgicalSAM's shared blocks word for word."""
