@@ -434,9 +434,10 @@ def run_preparation(
     if previous is None:
         state.save()  # mark the folder as ours before the first frame is written
 
-    written, reused, size = _prepare_frames(
-        state, frames, old_frames, set().union(*split_sequences.values()) if split_sequences else set(), raw_root,
-        tuple(int(v) for v in frame_size) if frame_size is not None else None, num_classes, skipped, progress)
+    in_some_split = set().union(*split_sequences.values()) if split_sequences else set()
+    size = tuple(int(v) for v in frame_size) if frame_size is not None else None
+    written, reused, size = _prepare_frames(state, frames, old_frames, in_some_split, raw_root, size, num_classes,
+                                            skipped, progress)
     _remove_dropped_frames(out_dir, old_frames, state.frames)
     state.save()
     if not state.frames:
