@@ -64,8 +64,9 @@ def test_endovis2017_values_and_per_fold_folders():
 def test_cholecseg8k_values():
     parser = parsed([TRAIN, CHOLEC])
     assert parser.get_parsed_content("num_classes") == 12  # 0 = black background is the background
-    assert parser["class_names"][0] == "abdominal wall" and parser["class_names"][-1] == "liver ligament"
-    assert "black background" not in parser["class_names"]
+    names = parser.get_parsed_content("class_names")
+    assert names[0] == "Abdominal Wall" and names[-1] == "Liver Ligament"
+    assert "Background" not in names
     assert parser["frame_size"] == [480, 854]
 
 

@@ -21,6 +21,7 @@ from scripts.data.embedding_cache import (
     EmbeddingCache,
     StaleCacheError,
     cache_identity,
+    cache_problems,
     precompute_embeddings,
 )
 from scripts.data.layout import DatasetError, load_datalist, read_frame, read_label_map
@@ -536,3 +537,27 @@ def test_augmented_splits_must_be_precomputed(tmp_path, small_demo_dir, small_sa
     with pytest.raises(ValueError, match="augmented_splits"):
         precompute_embeddings(small_demo_dir, str(tmp_path / "c"), "tiny", small_sam_checkpoint,
                               splits=("validation",), augmented_splits=("training",))
+
+
+def test_cache_problems_is_the_check_the_cache_opens_with(tmp_path, small_cache_dir, small_sam_checkpoint):
+    """One check: what cache_problems reports is what EmbeddingCache raises; every missing split is named."""
+    good = identity(small_sam_checkpoint)
+    assert cache_problems(small_cache_dir, good, ["training", "validation"]) == ([], [])
+    missing, stale = cache_problems(small_cache_dir, good, ["fold2_training", "validation", "fold2_validation"])
+    assert stale == [] and len(missing) == 2
+    assert "no 'fold2_training' split" in missing[0] and "no 'fold2_validation' split" in missing[1]
+    with pytest.raises(StaleCacheError) as error:
+        EmbeddingCache(small_cache_dir, good).versions("fold2_training")
+    assert str(error.value) == missing[0]
+    other = identity(save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1))
+    missing, stale = cache_problems(small_cache_dir, other)
+    assert missing == [] and len(stale) == 1 and "sam_checkpoint_md5" in stale[0]
+    with pytest.raises(StaleCacheError) as error:
+        EmbeddingCache(small_cache_dir, other)
+    assert str(error.value) == stale[0]
+    absent = str(tmp_path / "none")
+    missing, stale = cache_problems(absent, good)
+    assert stale == [] and len(missing) == 1 and absent in missing[0]
+    with pytest.raises(FileNotFoundError) as error:
+        EmbeddingCache(absent, good)
+    assert str(error.value) == missing[0]

@@ -400,6 +400,13 @@ def test_cholecseg8k_colour_mapping_and_split(tmp_path):
     description = read_dataset_description(out)
     assert description["classes"]["1"] == "Abdominal Wall" and description["classes"]["12"] == "Liver Ligament"
     assert len(description["classes"]) == 12 and description["frame_size"] == [6, 8]
+    # the overlay names the classes the preparation wrote: training with it passes the dataset-fact check
+    from monai.bundle import ConfigParser
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
+    overlay = ConfigParser()
+    overlay.read_config([os.path.join(configs, "train.yaml"), os.path.join(configs, "cholecseg8k.yaml")])
+    assert overlay.get_parsed_content("class_names") == [description["classes"][str(i)] for i in range(1, 13)]
     assert summary["sequences"] == {"training": ["video01_00080", "video01_00160"], "validation": ["video12_15750"]}
     assert summary["frames_per_split"] == {"training": 4, "validation": 3}
     all_labels = np.stack([labels for _, labels in expected.values()])

@@ -233,3 +233,86 @@ def test_the_precompute_call_is_written_once_per_method(method):
     component = parser.get_parsed_content("cache_precompute", instantiate=True)
     assert isinstance(component, functools.partial) and component.func is precompute_embeddings
     assert ("taps" in component.keywords) == (method[0] == "train_distill.yaml")
+
+
+
+#: What the two methods share, per pair of configs (SurgicalSAM's, Distillation-SAM's): keys that must read the
+#: same in both (paths, dataset facts, device, the rank-0 gates, loaders, handlers, the run steps, the demo data,
+#: the inference pipeline). MONAI's `%file#key` macros read their file relative to the working directory, not to
+#: the config, so a base file pulled in by macros would tie every command to one folder (the repository root,
+#: not a copied bundle or the CLI's); the copies are therefore held equal here: a change to one that misses the
+#: other fails.
+SHARED_KEYS = {
+    ("train.yaml", "train_distill.yaml"): (
+        "bundle_root", "ckpt_dir", "dataset_dir", "train_split", "val_split", "sam_checkpoint", "class_names",
+        "num_classes", "frame_size", "dataset_facts_checked", "is_main_process", "device", "network",
+        "lr_scheduler", "train#dataloader", "train#handlers", "train#best_model_state", "validate#dataloader",
+        "validate#handlers", "validate#evaluator", "precompute", "prepare", "prepare_cache", "initialize", "run"),
+    ("demo.yaml", "demo_distill.yaml"): (
+        "dataset_dir", "ckpt_dir", "sam_variant", "sam_checkpoint", "frame_size", "class_names", "demo_data",
+        "prepare"),
+    ("evaluate.yaml", "evaluate_distill.yaml"): ("metrics_file", "validate#handlers", "run"),
+    ("inference.yaml", "inference_distill.yaml"): (
+        "imports", "bundle_root", "ckpt_dir", "dataset_dir", "sam_checkpoint", "class_names", "num_classes",
+        "frame_size", "protocol", "frame_crop", "write_overlay", "write_nifti", "num_workers", "device", "network",
+        "datalist", "preprocessing", "dataset", "unreadable_frames", "dataloader", "handlers", "initialize", "run",
+        "label_format", "write_overlay_video", "frame_stride", "start_time", "end_time", "folder_fps", "video"),
+}
+
+
+def test_macro_files_are_read_from_the_working_directory(tmp_path, monkeypatch):
+    """Why SHARED_KEYS holds copies equal instead of a base file: MONAI reads `%file#key` relative to the working
+    directory, so `%configs/base.yaml#x` works from the bundle folder only (and `%bundle/configs/...` from the
+    repository root only). Should MONAI read it relative to the config one day, this fails: fold the copies
+    into a base file then."""
+    from monai.bundle import ConfigParser
+
+    configs = tmp_path / "bundle" / "configs"
+    configs.mkdir(parents=True)
+    (configs / "base.yaml").write_text("shared: {x: 1}\n")
+    (configs / "method.yaml").write_text('shared: "%configs/base.yaml#shared"\n')
+    for cwd, works in ((tmp_path / "bundle", True), (tmp_path, False)):
+        monkeypatch.chdir(cwd)
+        parser = ConfigParser()
+        parser.read_config(str(configs / "method.yaml"))
+        if works:
+            assert parser.get_parsed_content("shared") == {"x": 1}
+        else:
+            with pytest.raises(FileNotFoundError):
+                parser.get_parsed_content("shared")
+
+
+@pytest.mark.parametrize("pair", sorted(SHARED_KEYS))
+def test_both_methods_share_one_skeleton(pair):
+    """Distillation-SAM's config repeats SurgicalSAM's shared blocks word for word."""
+
+    def value(config: dict, key: str):  # an overlay writes `validate#handlers` as one key, a base nests it
+        if key in config:
+            return config[key]
+        for part in key.split("#"):
+            config = config[part]
+        return config
+
+    surgical, distill = (yaml.safe_load(open(os.path.join(CONFIGS, name))) for name in pair)
+    differ = [key for key in SHARED_KEYS[pair] if value(surgical, key) != value(distill, key)]
+    assert not differ, f"{pair[0]} and {pair[1]} disagree on {differ}"
+
+
+def test_training_blocks_differ_only_in_the_keys_a_method_owns():
+    """train_distill.yaml's trainer, checkpoint saver and precompute call are train.yaml's but for the keys a
+    method owns (train.yaml's `compile`, the model file name, the tap list), and every logging handler of both
+    carries the gate that keeps other ranks from writing logs."""
+    from monai.bundle import ConfigParser
+
+    surgical, distill = ConfigParser(), ConfigParser()
+    surgical.read_config(TRAIN)
+    distill.read_config(os.path.join(CONFIGS, "train_distill.yaml"))
+    for key, owned in (("train#trainer", set()), ("validate#best_model_saver", {"key_metric_filename"}),
+                       ("cache_precompute", {"cache_dir", "taps", "augmentation_draws"})):
+        common = (set(surgical[key]) & set(distill[key])) - owned
+        assert set(distill[key]) - owned <= set(surgical[key]), f"{key}: keys only train_distill.yaml has"
+        assert {k: surgical[key][k] for k in common} == {k: distill[key][k] for k in common}, key
+    for parser in (surgical, distill):
+        for key in ("train#handlers", "validate#handlers"):
+            loggers = [h for h in parser[key] if isinstance(h, dict) and "StatsHandler" in h["_target_"]]
+            assert loggers and all(h["_disabled_"] == "$not @is_main_process" for h in loggers), key

@@ -499,9 +499,8 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
         FileNotFoundError: something is missing (the dataset, the SAM weights, the cache or a split of it).
         StaleCacheError: nothing is missing but the cache was made for other inputs.
     """
-    from .data.embedding_cache import EmbeddingCache, StaleCacheError, cache_identity
+    from .data.embedding_cache import StaleCacheError, cache_identity, cache_problems
 
-    hint = "<the same config files as this run>"
     missing = list(extra_problems or [])  # FileNotFoundError: something to make or fetch
     stale: list[str] = []  # StaleCacheError: the cache is there but made for other inputs
     if not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
@@ -510,19 +509,12 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
             f"or pass --dataset_dir; for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`."
         )
     missing += missing_sam_weights(sam_variant, sam_checkpoint)
-    if not missing:
-        cache = None
-        try:
-            cache = EmbeddingCache(cache_dir, cache_identity(sam_variant, sam_checkpoint))
-        except StaleCacheError as cause:  # there, but made for other inputs (or unfinished)
-            stale.append(f"embeddings: {cause}".replace(hint, config_hint))
-        except (FileNotFoundError, RuntimeError) as cause:
-            missing.append(f"embeddings: {cause}".replace(hint, config_hint))
-        try:
-            for split in (splits or []) if cache is not None else []:
-                cache.versions(split)
-        except (FileNotFoundError, RuntimeError) as cause:  # a split never precomputed: missing
-            missing.append(f"embeddings: {cause}".replace(hint, config_hint))
+    if not missing:  # the cache's own check (the one EmbeddingCache opens it with), in this run's words
+        cache_missing, cache_stale = cache_problems(cache_dir, cache_identity(sam_variant, sam_checkpoint),
+                                                    splits or [])
+        hint = "<the same config files as this run>"
+        missing += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_missing]
+        stale += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_stale]
     raise_input_problems(missing + stale, job, FileNotFoundError if missing else StaleCacheError)
 
 

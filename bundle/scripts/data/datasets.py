@@ -1,4 +1,5 @@
-"""Facts of the public datasets the bundle knows, one definition each: class tables and the EndoVis2017 folds.
+"""Facts of the public datasets the bundle knows, one definition each: class tables (CholecSeg8k's with its mask
+colours) and the EndoVis2017 folds.
 
 Read by the preparations (which write them into dataset.json), by the demo generator (which names its classes
 after EndoVis2018's), by the original-layout reader (the folds) and by the configs that state a model's classes
@@ -28,8 +29,28 @@ ENDOVIS2017_CLASS_NAMES = (
     "Monopolar Curved Scissors",
     "Other",
 )
+#: CholecSeg8k, label -> ((R, G, B) of the colour masks, name), label 0 the background (the corrected CholecSeg8k
+#: colour table of the model card's Data section). Colours outside the table are ignored, never a class.
+CHOLECSEG8K_COLOUR_TABLE = (
+    ((127, 127, 127), "Background"),
+    ((210, 140, 140), "Abdominal Wall"),
+    ((255, 114, 114), "Liver"),
+    ((231, 70, 156), "Gastrointestinal Tract"),
+    ((186, 183, 75), "Fat"),
+    ((170, 255, 0), "Grasper"),
+    ((255, 85, 0), "Connective Tissue"),
+    ((255, 0, 0), "Blood"),
+    ((255, 255, 0), "Cystic Duct"),
+    ((169, 255, 184), "L-hook Electrocautery"),
+    ((255, 160, 165), "Gallbladder"),
+    ((0, 50, 128), "Hepatic Vein"),
+    ((111, 74, 0), "Liver Ligament"),
+)
+#: CholecSeg8k, class ids 1..12 (label 0, the background, is never prompted).
+CHOLECSEG8K_CLASS_NAMES = tuple(name for _, name in CHOLECSEG8K_COLOUR_TABLE[1:])
 #: The class tables by dataset name, as the configs name them.
-CLASS_TABLES = {"endovis2018": ENDOVIS2018_CLASS_NAMES, "endovis2017": ENDOVIS2017_CLASS_NAMES}
+CLASS_TABLES = {"endovis2018": ENDOVIS2018_CLASS_NAMES, "endovis2017": ENDOVIS2017_CLASS_NAMES,
+                "cholecseg8k": CHOLECSEG8K_CLASS_NAMES}
 #: EndoVis2017 cross-validation folds: the validation datasets (instrument_dataset_K) of each fold.
 ENDOVIS2017_FOLDS = ((1, 3), (2, 5), (4, 8), (6, 7))
 

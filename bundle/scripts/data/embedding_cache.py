@@ -233,68 +233,16 @@ def precompute_embeddings(
     ignore_index = int(description.get("ignore_index", 255))
     identity = cache_identity(sam_variant, sam_checkpoint, taps)
     with_taps = taps is not None
-    what = "the tap cache" if with_taps else "the embedding cache"
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
-    existing: dict = {}
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as handle:
-            existing = json.load(handle)
-        _check_format(existing, cache_dir, "nothing was overwritten: choose a new cache_dir or delete that folder, "
-                                           "then run precompute again.")
-        if existing.get("identity") != identity:
-            raise StaleCacheError(
-                f"{cache_dir} holds embeddings of another encoder or input ({_identity_diff(existing.get('identity'), identity)}); "
-                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
-            )
-        made_from = existing.get("dataset", {}).get("dataset_dir")
-        if made_from and made_from != os.path.abspath(dataset_dir):
-            raise StaleCacheError(
-                f"{cache_dir} holds embeddings of another dataset ({made_from}, not {os.path.abspath(dataset_dir)}); "
-                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
-            )
-        if existing.get("augmentation_seed", seed) != seed:
-            raise StaleCacheError(
-                f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, not {seed}; "
-                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
-            )
-        # caches made before the draws were recorded applied every version's transform every time; versions
-        # 1..VERSIONS_PER_GROUP (flips only) are drawn the same way under either draws
-        found_draws = existing.get("augmentation_draws", "always-on (a cache of bundle 0.3 or older)")
-        if found_draws != augmentation_draws and any(max(v) > VERSIONS_PER_GROUP
-                                                     for v in existing.get("splits", {}).values()):
-            raise StaleCacheError(
-                f"{cache_dir} holds augmentations with augmentation_draws {found_draws!r}, not {augmentation_draws!r}; "
-                "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
-            )
+    existing = _cache_to_extend(cache_dir, identity, dataset_dir, seed, augmentation_draws)
     # Every file is read and checked first (label values, sizes): bad files are all named in one error
     # before any embedding is written.
     summary = check_dataset(dataset_dir, splits)
     logger.info("precompute: dataset checked: %s frames of %s", summary["frames"], summary["frame_size"])
-    if augmented_splits is None:
-        augmented_splits = [s for s in splits if s == "training" or s.endswith("_training")]
-    unknown = sorted(set(augmented_splits) - set(splits))
-    if unknown:
-        raise ValueError(f"augmented_splits {unknown} are not among the splits to precompute {list(splits)}")
-    plan = {split: list(range(augmentation_versions + 1)) if split in augmented_splits else [0] for split in splits}
+    plan = _version_plan(splits, augmented_splits, augmentation_versions)
     datalists = {split: load_datalist(dataset_dir, split) for split in splits}
     spec = get_variant(sam_variant)
-    per_entry = entry_bytes(identity)
-    frame_hw = summary["frame_size"] if isinstance(summary["frame_size"], (list, tuple)) else None
-    if frame_hw and len(frame_hw) == 2:  # PNGs: at most the raw pixels (label 1 byte, frame 3 bytes per pixel)
-        per_entry += int(frame_hw[0]) * int(frame_hw[1]) * (4 if with_taps else 1)
-    total_entries = sum(len(datalists[s]) * len(plan[s]) for s in splits)
-    # entries are shared by splits: a (version, frame) listed by two splits is written once
-    missing_entries = len({
-        (version, item["key"]) for split in splits for version in plan[split] for item in datalists[split]
-        if not os.path.isfile(_entry_paths(cache_dir, version, item["key"], with_taps)[0])
-    })
-    logger.info(
-        "precompute: %s: %d bytes per entry x %d entries (%s) = %.2f GiB in %s; %d entries to write",
-        what, per_entry, total_entries,
-        ", ".join(f"{s}: {len(datalists[s])} frames x {len(plan[s])} versions" for s in splits),
-        total_entries * per_entry / 2**30, cache_dir, missing_entries,
-    )
-    check_disk_space(cache_dir, missing_entries * per_entry, what)
+    _check_disk_use(cache_dir, identity, summary["frame_size"], datalists, plan, with_taps)
     manifest = {
         "identity": identity,
         "dataset": {"dataset_dir": os.path.abspath(dataset_dir), "class_names": names, "ignore_index": ignore_index},
@@ -315,20 +263,7 @@ def precompute_embeddings(
             for version in plan[split]:
                 _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split], with_taps)
     _barrier(world)
-    todo, listed = [], set()  # unique (frame, version) pairs to encode, in plan order (entries are shared by splits)
-    for split in splits:
-        for version in plan[split]:
-            pending = [
-                (item, version) for item in datalists[split]
-                if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, version, item["key"], with_taps))
-            ]
-            if len(pending) < len(datalists[split]):
-                logger.info("precompute %s v%02d: %d of %d frames already encoded (shared with other splits or an "
-                            "earlier run)", split, version, len(datalists[split]) - len(pending), len(datalists[split]))
-            for item, version_ in pending:
-                if (version_, item["key"]) not in listed:
-                    listed.add((version_, item["key"]))
-                    todo.append((item, version_))
+    todo = _entries_to_encode(cache_dir, plan, datalists, with_taps)
     _barrier(world)  # every rank has listed what is missing before any rank writes
     share = todo[rank::world]
     if world > 1:
@@ -350,6 +285,98 @@ def precompute_embeddings(
     _barrier(world)  # no rank reads the cache before it is complete
     logger.info("precompute: cache complete at %s", cache_dir)
     return manifest
+
+
+# ------------------------------------------------------------------------------------- precompute's steps
+def _cache_to_extend(cache_dir: str, identity: dict, dataset_dir: str, seed: int, augmentation_draws: str) -> dict:
+    """The manifest of the cache already at ``cache_dir`` ({} when none), which precompute extends.
+
+    Raises:
+        StaleCacheError: that cache is of another format, encoder or input, dataset, augmentation seed or
+            augmentation draws (nothing is overwritten).
+    """
+    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    if not os.path.isfile(manifest_path):
+        return {}
+    with open(manifest_path) as handle:
+        existing = json.load(handle)
+    what_to_do = "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
+    _check_format(existing, cache_dir, what_to_do)
+    if existing.get("identity") != identity:
+        raise StaleCacheError(f"{cache_dir} holds embeddings of another encoder or input "
+                              f"({_identity_diff(existing.get('identity'), identity)}); {what_to_do}")
+    made_from = existing.get("dataset", {}).get("dataset_dir")
+    if made_from and made_from != os.path.abspath(dataset_dir):
+        raise StaleCacheError(f"{cache_dir} holds embeddings of another dataset ({made_from}, not "
+                              f"{os.path.abspath(dataset_dir)}); {what_to_do}")
+    if existing.get("augmentation_seed", seed) != seed:
+        raise StaleCacheError(f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, "
+                              f"not {seed}; {what_to_do}")
+    # caches made before the draws were recorded applied every version's transform every time; versions
+    # 1..VERSIONS_PER_GROUP (flips only) are drawn the same way under either draws
+    found_draws = existing.get("augmentation_draws", "always-on (a cache of bundle 0.3 or older)")
+    if found_draws != augmentation_draws and any(max(v) > VERSIONS_PER_GROUP
+                                                 for v in existing.get("splits", {}).values()):
+        raise StaleCacheError(f"{cache_dir} holds augmentations with augmentation_draws {found_draws!r}, not "
+                              f"{augmentation_draws!r}; {what_to_do}")
+    return existing
+
+
+def _version_plan(splits: Sequence[str], augmented_splits: Sequence[str] | None,
+                  augmentation_versions: int) -> dict[str, list[int]]:
+    """split -> the augmentation versions to encode: 0..``augmentation_versions`` for the augmented splits
+    (default: ``training`` and ``*_training``), 0 for the others."""
+    if augmented_splits is None:
+        augmented_splits = [s for s in splits if s == "training" or s.endswith("_training")]
+    unknown = sorted(set(augmented_splits) - set(splits))
+    if unknown:
+        raise ValueError(f"augmented_splits {unknown} are not among the splits to precompute {list(splits)}")
+    return {split: list(range(augmentation_versions + 1)) if split in augmented_splits else [0] for split in splits}
+
+
+def _check_disk_use(cache_dir: str, identity: dict, frame_size, datalists: dict[str, list[dict]],
+                    plan: dict[str, list[int]], with_taps: bool) -> None:
+    """Log the cache's disk use (bytes per entry x entries) and refuse when the missing entries do not fit
+    (:class:`CacheSpaceError`). ``frame_size``: the dataset's (H, W), or what check_dataset reports otherwise."""
+    what = "the tap cache" if with_taps else "the embedding cache"
+    per_entry = entry_bytes(identity)
+    frame_hw = frame_size if isinstance(frame_size, (list, tuple)) else None
+    if frame_hw and len(frame_hw) == 2:  # PNGs: at most the raw pixels (label 1 byte, frame 3 bytes per pixel)
+        per_entry += int(frame_hw[0]) * int(frame_hw[1]) * (4 if with_taps else 1)
+    total_entries = sum(len(datalists[s]) * len(plan[s]) for s in plan)
+    # entries are shared by splits: a (version, frame) listed by two splits is written once
+    missing_entries = len({
+        (version, item["key"]) for split in plan for version in plan[split] for item in datalists[split]
+        if not os.path.isfile(_entry_paths(cache_dir, version, item["key"], with_taps)[0])
+    })
+    logger.info(
+        "precompute: %s: %d bytes per entry x %d entries (%s) = %.2f GiB in %s; %d entries to write",
+        what, per_entry, total_entries,
+        ", ".join(f"{s}: {len(datalists[s])} frames x {len(plan[s])} versions" for s in plan),
+        total_entries * per_entry / 2**30, cache_dir, missing_entries,
+    )
+    check_disk_space(cache_dir, missing_entries * per_entry, what)
+
+
+def _entries_to_encode(cache_dir: str, plan: dict[str, list[int]], datalists: dict[str, list[dict]],
+                       with_taps: bool) -> list[tuple[dict, int]]:
+    """The unique (datalist item, version) pairs whose entry files are missing, in plan order (entries are
+    shared by splits: a frame already encoded for another split or by an earlier run is not listed)."""
+    todo, listed = [], set()
+    for split, versions in plan.items():
+        for version in versions:
+            pending = [
+                item for item in datalists[split]
+                if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, version, item["key"], with_taps))
+            ]
+            if len(pending) < len(datalists[split]):
+                logger.info("precompute %s v%02d: %d of %d frames already encoded (shared with other splits or an "
+                            "earlier run)", split, version, len(datalists[split]) - len(pending), len(datalists[split]))
+            for item in pending:
+                if (version, item["key"]) not in listed:
+                    listed.add((version, item["key"]))
+                    todo.append((item, version))
+    return todo
 
 
 def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, datalist: list[dict],
@@ -471,6 +498,46 @@ def _identity_diff(found: dict | None, expected: dict) -> str:
     return ", ".join(f"{k}: cache {found.get(k)!r} vs run {expected.get(k)!r}" for k in keys)
 
 
+def _split_problem(manifest: dict, cache_dir: str, split: str) -> str | None:
+    if split in manifest["splits"]:
+        return None
+    return (f"the embedding cache at {cache_dir} has no {split!r} split (it has {sorted(manifest['splits'])}): "
+            f"run {PRECOMPUTE_COMMAND}")
+
+
+def cache_problems(cache_dir: str, identity: dict, splits: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """Why the cache at ``cache_dir`` cannot serve a run of ``identity`` that reads ``splits``: the one check
+    :class:`EmbeddingCache` opens a cache with, and the run's input checks report.
+
+    Returns:
+        (missing, stale): messages of what is missing (no cache, a split never precomputed) and of a cache that
+        is there but made for other inputs, in another format, or unfinished; each names the command that makes
+        or rebuilds the cache. Both empty when the cache serves the run.
+    """
+    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    if not os.path.isfile(manifest_path):
+        return [f"no embedding cache at {cache_dir}: make it with {PRECOMPUTE_COMMAND}"], []
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    try:
+        _check_format(manifest, cache_dir, f"delete that folder (or choose a new cache_dir) and rebuild it with "
+                                           f"{PRECOMPUTE_COMMAND}")
+    except StaleCacheError as error:
+        return [], [str(error)]
+    if manifest.get("identity") != identity:
+        return [], [
+            f"the embedding cache at {cache_dir} was made for other inputs than this run "
+            f"({_identity_diff(manifest.get('identity'), identity)}): it is not used, and precompute "
+            f"never overwrites it. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and make the cache for "
+            f"this run's encoder with {PRECOMPUTE_COMMAND.split(' (')[0]} --cache_dir NEW_FOLDER; or point "
+            "--cache_dir at a cache made for this run's encoder and weights."
+        ]
+    if not manifest.get("complete"):
+        return [], [f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "
+                    f"run {PRECOMPUTE_COMMAND}"]
+    return [problem for split in splits if (problem := _split_problem(manifest, cache_dir, split))], []
+
+
 class EmbeddingCache:
     """A checked, complete cache on disk (see the module docstring).
 
@@ -480,28 +547,22 @@ class EmbeddingCache:
     ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``; a reader that keeps one binary
     mask per class also offers ``load_class_mask(entry, class_id) -> (embedding, mask (H, W) bool)``, which
     training samples then use.
+
+    Raises:
+        FileNotFoundError: no cache at ``cache_dir``.
+        StaleCacheError: the cache is of another format, made for other inputs than ``identity``, or unfinished
+            (:func:`cache_problems` says which).
     """
 
     def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True) -> None:
         self.cache_dir = cache_dir
-        manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
-        if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(f"no embedding cache at {cache_dir}: make it with {PRECOMPUTE_COMMAND}")
-        with open(manifest_path) as handle:
+        missing, stale = cache_problems(cache_dir, identity)
+        if missing:
+            raise FileNotFoundError(missing[0])
+        if stale:
+            raise StaleCacheError(stale[0])
+        with open(os.path.join(cache_dir, MANIFEST_NAME)) as handle:
             self.manifest = json.load(handle)
-        _check_format(self.manifest, cache_dir, f"delete that folder (or choose a new cache_dir) and rebuild it with "
-                                                f"{PRECOMPUTE_COMMAND}")
-        if self.manifest.get("identity") != identity:
-            raise StaleCacheError(
-                f"the embedding cache at {cache_dir} was made for other inputs than this run "
-                f"({_identity_diff(self.manifest.get('identity'), identity)}): it is not used, and precompute "
-                f"never overwrites it. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and make the cache for "
-                f"this run's encoder with {PRECOMPUTE_COMMAND.split(' (')[0]} --cache_dir NEW_FOLDER; or point "
-                "--cache_dir at a cache made for this run's encoder and weights."
-            )
-        if not self.manifest.get("complete"):
-            raise StaleCacheError(f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "
-                                  f"run {PRECOMPUTE_COMMAND}")
         self.check_sources = check_sources
         self._indexes: dict[tuple[str, int], list[dict]] = {}
 
@@ -520,9 +581,9 @@ class EmbeddingCache:
         return tuple(self.manifest["identity"]["grid_size"])
 
     def versions(self, split: str) -> list[int]:
-        if split not in self.manifest["splits"]:
-            raise StaleCacheError(f"the embedding cache at {self.cache_dir} has no {split!r} split "
-                                  f"(it has {sorted(self.manifest['splits'])}): run {PRECOMPUTE_COMMAND}")
+        problem = _split_problem(self.manifest, self.cache_dir, split)
+        if problem:
+            raise StaleCacheError(problem)
         return list(self.manifest["splits"][split])
 
     def entries(self, split: str, version: int = 0) -> list[dict]:

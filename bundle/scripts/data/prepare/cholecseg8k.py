@@ -6,11 +6,8 @@ Raw layout expected (as released on Kaggle)::
     <raw_dir>/videoNN/videoNN_XXXXX/frame_K_endo_color_mask.png    RGB(A) colour mask, same size
 
 (the ``frame_K_endo_mask.png`` / ``frame_K_endo_watershed_mask.png`` files beside them are not read).
-Colours (R, G, B) -> label: (127,127,127) 0 background, (210,140,140) 1 Abdominal Wall,
-(255,114,114) 2 Liver, (231,70,156) 3 Gastrointestinal Tract, (186,183,75) 4 Fat, (170,255,0)
-5 Grasper, (255,85,0) 6 Connective Tissue, (255,0,0) 7 Blood, (255,255,0) 8 Cystic Duct,
-(169,255,184) 9 L-hook Electrocautery, (255,160,165) 10 Gallbladder, (0,50,128) 11 Hepatic Vein,
-(111,74,0) 12 Liver Ligament. Any other colour (the masks' 1-pixel white edge, stray white pixels,
+Colours (R, G, B) -> label: :data:`~scripts.data.datasets.CHOLECSEG8K_COLOUR_TABLE` (label 0 background, 1..12
+the classes). Any other colour (the masks' 1-pixel white edge, stray white pixels,
 anything else) becomes the ignore value 255, never a class; the summary counts those pixels per
 colour (notes ``unknown colour R,G,B (pixels)``). An alpha channel is dropped.
 
@@ -31,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from scripts.data.datasets import CHOLECSEG8K_COLOUR_TABLE
 from scripts.data.layout import DatasetError
 from scripts.data.prepare.common import (
     LoadedFrame,
@@ -47,21 +45,7 @@ from scripts.data.prepare.common import (
 
 PREPARER = "prepare_cholecseg8k"
 #: Label -> (colour, name); label 0 is background (the corrected CholecSeg8k colour table).
-COLOUR_TABLE = (
-    ((127, 127, 127), "Background"),
-    ((210, 140, 140), "Abdominal Wall"),
-    ((255, 114, 114), "Liver"),
-    ((231, 70, 156), "Gastrointestinal Tract"),
-    ((186, 183, 75), "Fat"),
-    ((170, 255, 0), "Grasper"),
-    ((255, 85, 0), "Connective Tissue"),
-    ((255, 0, 0), "Blood"),
-    ((255, 255, 0), "Cystic Duct"),
-    ((169, 255, 184), "L-hook Electrocautery"),
-    ((255, 160, 165), "Gallbladder"),
-    ((0, 50, 128), "Hepatic Vein"),
-    ((111, 74, 0), "Liver Ligament"),
-)
+COLOUR_TABLE = CHOLECSEG8K_COLOUR_TABLE
 IGNORE_INDEX = 255
 #: Held-out videos unless --val_videos says otherwise (our choice: 4 of the 17 videos).
 DEFAULT_VAL_VIDEOS = ("video12", "video20", "video48", "video55")

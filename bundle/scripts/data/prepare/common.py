@@ -419,6 +419,69 @@ def run_preparation(
         DatasetError: ``out_dir`` is refused, no frame is usable, or a split ends up empty.
     """
     out_dir = str(out_dir)
+    _check_frames_and_description(preparer, description, frames)
+    num_classes = len(description["classes"])
+    ignore_index = int(description.get("ignore_index", 255))
+    previous = check_out_dir(out_dir, preparer)
+    state = _PreparationState(out_dir, preparer, json.loads(json.dumps(dict(settings or {}))))  # plain JSON types
+    old_frames = state.previous_frames(previous)
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
+    split_sequences = {name: set(sequences) for name, sequences in splits.items()}
+    skipped: list[dict] = [{"file": str(f), "reason": r} for f, r in problems]
+    for file, reason in problems:
+        tqdm.write(f"skipped {file}: {reason}")
+    if previous is None:
+        state.save()  # mark the folder as ours before the first frame is written
+
+    in_some_split = set().union(*split_sequences.values()) if split_sequences else set()
+    size = tuple(int(v) for v in frame_size) if frame_size is not None else None
+    written, reused, size = _prepare_frames(state, frames, old_frames, in_some_split, raw_root, size, num_classes,
+                                            skipped, progress)
+    _remove_dropped_frames(out_dir, old_frames, state.frames)
+    state.save()
+    if not state.frames:
+        shown = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:5])
+        raise DatasetError(
+            f"no usable frame was found for {preparer} ({len(skipped)} skipped{': ' + shown if shown else ''})."
+        )
+
+    names = {class_id: description["classes"][str(class_id)]
+             for class_id in sorted(int(k) for k in description["classes"])}
+    order = {raw.key: position for position, raw in enumerate(frames)}
+    kept = sorted(state.frames, key=order.__getitem__)
+    entries, left_out = _split_entries(preparer, split_sequences, kept, left_out_splits, optional_splits)
+    final = {**description, "frame_size": list(size), **entries, **({"left_out_splits": left_out} if left_out else {})}
+    summary = {
+        "preparer": preparer,
+        "frame_size": list(size),
+        "classes": {str(k): v for k, v in names.items()},
+        "ignore_index": ignore_index,
+        "frames": len(kept),
+        "frames_per_split": {split: len(entries[split]) for split in entries},
+        "sequences": {
+            split: sorted(split_sequences[split] & {k.rsplit("/", 1)[0] for k in kept}, key=natural_key)
+            for split in entries
+        },
+        **_class_counts([state.frames[k] for k in kept], names, ignore_index),
+        "per_split": {split: _class_counts([state.frames[f"{e['sequence']}/{e['frame']}"] for e in items], names,
+                                           ignore_index) for split, items in entries.items()},
+        "notes": _sum_notes(state.frames[k] for k in kept),
+        "skipped": skipped,
+        **({"left_out_splits": left_out} if left_out else {}),
+        **dict(extra_summary or {}),
+    }
+    write_json_if_changed(os.path.join(out_dir, SUMMARY_FILE), summary)
+    _write_description_if_changed(out_dir, final)  # last: its presence marks a finished preparation
+    if check:  # splits that together hold every frame once or so: each frame is read back, not once per split
+        check_dataset(out_dir, splits=_covering_splits(entries))
+    print(format_summary(summary, out_dir, written, reused))
+    return {**summary, "written": written, "reused": reused}
+
+
+# ------------------------------------------------------------------------------------------ its steps
+def _check_frames_and_description(preparer: str, description: Mapping, frames: Sequence[RawFrame]) -> None:
+    """A valid dataset description (without frame size and splits), and one raw file per output frame."""
     validate_description({**description, "frame_size": None}, source="the dataset description")
     repeated = sorted(key for key, count in Counter(raw.key for raw in frames).items() if count > 1)
     if repeated:
@@ -426,36 +489,42 @@ def run_preparation(
             f"{preparer}: several raw files would become the same output frame(s) {name_files(repeated)} (e.g. "
             "frame.png and frame.jpg in one sequence): keep one file per frame name."
         )
-    num_classes = len(description["classes"])
-    ignore_index = int(description.get("ignore_index", 255))
-    previous = check_out_dir(out_dir, preparer)
-    settings = json.loads(json.dumps(dict(settings or {})))  # plain JSON types, comparable with the file
-    old_frames: dict = {}
-    if previous and previous.get("version") == STATE_VERSION and previous.get("settings") == settings:
-        old_frames = dict(previous.get("frames", {}))
-    elif previous:
-        old_frames = {key: None for key in previous.get("frames", {})}  # to remove their stale outputs
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
 
-    split_sequences = {name: set(sequences) for name, sequences in splits.items()}
-    in_some_split = set().union(*split_sequences.values()) if split_sequences else set()
-    skipped: list[dict] = [{"file": str(f), "reason": r} for f, r in problems]
-    for file, reason in problems:
-        tqdm.write(f"skipped {file}: {reason}")
-    size = tuple(int(v) for v in frame_size) if frame_size is not None else None
-    state_frames: dict[str, dict] = {}
-    written = reused = unsaved = 0
 
-    def save_state() -> None:
+class _PreparationState:
+    """The preparation state file of ``out_dir``: who made the folder, with which settings, and a record of each
+    frame written (``frames``: key -> stamp, size, pixel counts, notes), so that a rerun redoes only what changed."""
+
+    def __init__(self, out_dir: str, preparer: str, settings: dict) -> None:
+        self.out_dir, self.preparer, self.settings = out_dir, preparer, settings
+        self.frames: dict[str, dict] = {}
+
+    def previous_frames(self, previous: dict | None) -> dict:
+        """The records of an earlier run that may be kept (same state version and settings); with other
+        settings, the earlier frames' keys with None (so that their outputs are removed)."""
+        if previous and previous.get("version") == STATE_VERSION and previous.get("settings") == self.settings:
+            return dict(previous.get("frames", {}))
+        return {key: None for key in previous.get("frames", {})} if previous else {}
+
+    def save(self) -> None:
         write_json_if_changed(
-            os.path.join(out_dir, STATE_FILE),
-            {"preparer": preparer, "version": STATE_VERSION, "settings": settings, "frames": state_frames},
+            os.path.join(self.out_dir, STATE_FILE),
+            {"preparer": self.preparer, "version": STATE_VERSION, "settings": self.settings, "frames": self.frames},
         )
 
-    if previous is None:
-        save_state()  # mark the folder as ours before the first frame is written
-    bar = tqdm(frames, desc=preparer, unit="frame", disable=not progress, leave=False)
+
+def _prepare_frames(state: _PreparationState, frames: Sequence[RawFrame], old_frames: Mapping, in_some_split: set,
+                    raw_root: str, size: tuple[int, int] | None, num_classes: int, skipped: list[dict],
+                    progress: bool) -> tuple[int, int, tuple[int, int] | None]:
+    """Write every usable frame of a split into ``state.out_dir`` (keeping those an earlier run made from the same
+    sources), recording each in ``state.frames`` and each unusable one in ``skipped``.
+
+    ``size``: (H, W) every frame must have; None: the first usable frame decides. Returns (frames written,
+    frames kept, the frame size).
+    """
+    out_dir = state.out_dir
+    written = reused = unsaved = 0
+    bar = tqdm(frames, desc=state.preparer, unit="frame", disable=not progress, leave=False)
     for raw in bar:
         if raw.sequence not in in_some_split:
             skipped.append({"file": raw.key, "reason": f"sequence {raw.sequence} is in no split"})
@@ -466,119 +535,101 @@ def run_preparation(
             skipped.append({"file": raw.key, "reason": f"cannot read its sources ({error})"})
             continue
         old = old_frames.get(raw.key)
-        image_path, label_path, _ = _frame_outputs(out_dir, raw.sequence, raw.frame)
-        if (
-            old is not None
-            and old.get("stamp") == stamp
-            and os.path.isfile(image_path)
-            and os.path.isfile(label_path)
-            and (size is None or list(size) == old.get("size"))
-        ):
-            state_frames[raw.key] = old
+        if _still_prepared(out_dir, raw, old, stamp, size):
+            state.frames[raw.key] = old
             size = size or tuple(old["size"])
             reused += 1
             continue
-        try:
-            loaded = raw.load()
-        except SkipFrame as skip:
-            skipped.append({"file": skip.file, "reason": skip.reason})
-            tqdm.write(f"skipped {skip.file}: {skip.reason}")
+        loaded = _load_frame(raw, size, skipped)
+        if loaded is None:
             continue
-        except DatasetError as error:
-            skipped.append({"file": raw.key, "reason": str(error)})
-            tqdm.write(f"skipped {raw.key}: {error}")
-            continue
-        frame_shape = tuple(loaded.image.shape[:2])
-        if loaded.label_map.shape != frame_shape:
-            reason = f"label map {loaded.label_map.shape} and frame {frame_shape} differ in size"
-            skipped.append({"file": raw.key, "reason": reason})
-            tqdm.write(f"skipped {raw.key}: {reason}")
-            continue
-        if size is not None and frame_shape != size:
-            reason = f"frame is {frame_shape[0]}x{frame_shape[1]}, the dataset's frames are {size[0]}x{size[1]}"
-            skipped.append({"file": raw.key, "reason": reason})
-            tqdm.write(f"skipped {raw.key}: {reason}")
-            continue
-        size = frame_shape
+        size = tuple(loaded.image.shape[:2])
         if written == 0 and os.path.isfile(os.path.join(out_dir, DESCRIPTION_FILE)):
             os.remove(os.path.join(out_dir, DESCRIPTION_FILE))  # the folder changes: unfinished until the end
         _write_frame_atomically(out_dir, raw, loaded, num_classes)
         counts = np.bincount(loaded.label_map.ravel(), minlength=256)
-        state_frames[raw.key] = {
+        state.frames[raw.key] = {
             "stamp": stamp,
-            "size": list(frame_shape),
+            "size": list(size),
             "pixels": {str(v): int(counts[v]) for v in np.flatnonzero(counts)},
             "notes": {k: int(v) for k, v in loaded.notes.items() if v},
         }
         written += 1
         unsaved += 1
         if unsaved >= STATE_SAVE_INTERVAL:
-            save_state()
+            state.save()
             unsaved = 0
     bar.close()
+    return written, reused, size
 
-    # outputs of frames an earlier run wrote but this run did not keep (source gone, now bad, ...)
+
+def _still_prepared(out_dir: str, raw: RawFrame, old: dict | None, stamp: list,
+                    size: tuple[int, int] | None) -> bool:
+    """An earlier run wrote this frame from the same sources, its outputs are there, and it has the run's size."""
+    image_path, label_path, _ = _frame_outputs(out_dir, raw.sequence, raw.frame)
+    return (
+        old is not None
+        and old.get("stamp") == stamp
+        and os.path.isfile(image_path)
+        and os.path.isfile(label_path)
+        and (size is None or list(size) == old.get("size"))
+    )
+
+
+def _load_frame(raw: RawFrame, size: tuple[int, int] | None, skipped: list[dict]) -> LoadedFrame | None:
+    """The loaded frame, or None (recorded in ``skipped`` and shown) when it cannot be used: the command's
+    loader refused it, its label map and frame differ in size, or it is not of the dataset's ``size``."""
+    try:
+        loaded = raw.load()
+    except SkipFrame as skip:
+        file, reason = skip.file, skip.reason
+    except DatasetError as error:
+        file, reason = raw.key, str(error)
+    else:
+        file, frame_shape = raw.key, tuple(loaded.image.shape[:2])
+        if loaded.label_map.shape != frame_shape:
+            reason = f"label map {loaded.label_map.shape} and frame {frame_shape} differ in size"
+        elif size is not None and frame_shape != size:
+            reason = f"frame is {frame_shape[0]}x{frame_shape[1]}, the dataset's frames are {size[0]}x{size[1]}"
+        else:
+            return loaded
+    skipped.append({"file": file, "reason": reason})
+    tqdm.write(f"skipped {file}: {reason}")
+    return None
+
+
+def _remove_dropped_frames(out_dir: str, old_frames: Mapping, kept: Mapping) -> None:
+    """Remove the outputs of frames an earlier run wrote but this run did not keep (source gone, now bad, ...)."""
     for key in old_frames:
-        if key not in state_frames and "/" in key:
+        if key not in kept and "/" in key:
             sequence, frame = key.rsplit("/", 1)
             _remove_frame_outputs(out_dir, sequence, frame)
-    save_state()
-    if not state_frames:
-        shown = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:5])
-        raise DatasetError(
-            f"no usable frame was found for {preparer} ({len(skipped)} skipped{': ' + shown if shown else ''})."
-        )
 
-    class_ids = sorted(int(k) for k in description["classes"])
-    names = {class_id: description["classes"][str(class_id)] for class_id in class_ids}
-    order = {raw.key: position for position, raw in enumerate(frames)}
-    kept = sorted(state_frames, key=order.__getitem__)
-    final = {**description, "frame_size": list(size)}
-    summary_splits: dict[str, dict] = {}
+
+def _split_entries(preparer: str, split_sequences: Mapping[str, set], kept: Sequence[str],
+                   left_out_splits: Mapping[str, str] | None, optional_splits: bool) -> tuple[dict, dict]:
+    """dataset.json's splits: split -> entries of its kept frames (in the order of ``kept``), and the splits
+    left out with why (given ones, plus with ``optional_splits`` those without a usable frame).
+
+    Raises:
+        DatasetError: a split has no usable frame (and ``optional_splits`` is off), or no split remains.
+    """
+    entries: dict[str, list[dict]] = {}
     left_out = dict(left_out_splits or {})
-    for split, sequences in list(split_sequences.items()):
+    for split, sequences in split_sequences.items():
         keys = [key for key in kept if key.rsplit("/", 1)[0] in sequences]
-        if not keys and optional_splits:
-            left_out[split] = (f"no usable frame in its sequences "
-                               f"{name_files(sorted(sequences, key=natural_key)) or 'none'}")
-            del split_sequences[split]
-            continue
         if not keys:
-            raise DatasetError(
-                f"split '{split}' of {preparer} has no usable frame (its sequences: "
-                f"{name_files(sorted(sequences, key=natural_key)) or 'none'}): check the raw folder and the split."
-            )
-        final[split] = [_entry(*key.rsplit("/", 1)) for key in keys]
-        summary_splits[split] = _class_counts([state_frames[k] for k in keys], names, ignore_index)
-    if not split_sequences:
+            shown = name_files(sorted(sequences, key=natural_key)) or "none"
+            if not optional_splits:
+                raise DatasetError(f"split '{split}' of {preparer} has no usable frame (its sequences: {shown}): "
+                                   "check the raw folder and the split.")
+            left_out[split] = f"no usable frame in its sequences {shown}"
+            continue
+        entries[split] = [_entry(*key.rsplit("/", 1)) for key in keys]
+    if not entries:
         reasons = "; ".join(f"{k}: {v}" for k, v in left_out.items())
         raise DatasetError(f"no split of {preparer} can be made: {reasons}")
-    if left_out:
-        final["left_out_splits"] = left_out
-    summary = {
-        "preparer": preparer,
-        "frame_size": list(size),
-        "classes": {str(k): v for k, v in names.items()},
-        "ignore_index": ignore_index,
-        "frames": len(kept),
-        "frames_per_split": {split: len(final[split]) for split in split_sequences},
-        "sequences": {
-            split: sorted(sequences & {k.rsplit("/", 1)[0] for k in kept}, key=natural_key)
-            for split, sequences in split_sequences.items()
-        },
-        **_class_counts([state_frames[k] for k in kept], names, ignore_index),
-        "per_split": summary_splits,
-        "notes": _sum_notes(state_frames[k] for k in kept),
-        "skipped": skipped,
-        **({"left_out_splits": left_out} if left_out else {}),
-        **dict(extra_summary or {}),
-    }
-    write_json_if_changed(os.path.join(out_dir, SUMMARY_FILE), summary)
-    _write_description_if_changed(out_dir, final)  # last: its presence marks a finished preparation
-    if check:  # splits that together hold every frame once or so: each frame is read back, not once per split
-        check_dataset(out_dir, splits=_covering_splits({split: final[split] for split in split_sequences}))
-    print(format_summary(summary, out_dir, written, reused))
-    return {**summary, "written": written, "reused": reused}
+    return entries, left_out
 
 
 def _entry(sequence: str, frame: str) -> dict:
