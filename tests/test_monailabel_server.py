@@ -281,10 +281,10 @@ def second_bundle_label_map(frame_file: str, state: dict) -> np.ndarray:
     return logits[0].argmax(0).numpy().astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def two_bundles(setup):
     """One monaibundle sample app serving two bundles that both have a top-level ``scripts`` package: this one
-    and tests/second_bundle."""
+    and tests/second_bundle. Its one test's own server (stopped after it, not at the end of the module)."""
     app, bundle = _stock_app(setup, "two_bundle_app")
     second = os.path.join(app, "model", "brightpixels")
     shutil.copytree(SECOND_BUNDLE, second, ignore=shutil.ignore_patterns("__pycache__"))
