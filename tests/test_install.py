@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -167,3 +168,18 @@ def test_surgical_sam_runs_the_bundle_of_the_folder_it_is_called_from(tmp_path):
         archive.extractall(tmp_path / "copy")
     (copy,) = (tmp_path / "copy").iterdir()
     assert f" of {copy} into " in pack_from(copy, tmp_path / "from_copy")
+
+
+def test_surgical_sam_outside_a_bundle_without_a_checkout_says_what_to_do(tmp_path, monkeypatch):
+    """A non-editable install has no checkout beside the launcher: outside a bundle folder it stops and says
+    where to run it; inside a copy of the bundle it runs that copy."""
+    import surgical_sam_bundle
+
+    monkeypatch.setattr(surgical_sam_bundle, "CHECKOUT_BUNDLE", tmp_path / "no_checkout" / "bundle")
+    with pytest.raises(SystemExit, match="inside the bundle folder, or install the repository with 'pip install -e"):
+        surgical_sam_bundle.bundle_folder(str(tmp_path))
+    copy = tmp_path / "copy"
+    for name in ("configs/metadata.json", "scripts/cli.py"):
+        os.makedirs(copy / os.path.dirname(name), exist_ok=True)
+        shutil.copyfile(os.path.join(REPO_ROOT, "bundle", name), copy / name)
+    assert surgical_sam_bundle.bundle_folder(str(copy)) == copy.resolve()

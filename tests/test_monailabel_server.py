@@ -362,7 +362,8 @@ def test_stock_infer_returns_the_bundles_label_map(stock, setup):
 
 def test_stock_app_serves_two_bundles_each_with_its_own_scripts(two_bundles, setup):
     """MONAI Label's monaibundle app loads both bundles into one server; each /infer, in turns, runs its own
-    bundle's ``scripts`` and network, never the other's (nor an installed copy of this bundle's)."""
+    bundle's ``scripts`` and network, never the other's (MONAI Label puts a bundle's folder first on sys.path
+    and unloads ``scripts`` before each step of that bundle; the install adds no ``scripts`` of its own)."""
     server, bundle, state = two_bundles
     models = json.loads(request(server.url + "/info/")[1])["models"]
     assert models["brightpixels"]["labels"] == {"bright": 1} and models["brightpixels"]["dimension"] == 2
