@@ -42,8 +42,8 @@ def run_bundle_root() -> str:
 
     Under ``python -m monai.bundle run --config_file A/configs/train.yaml`` (or a ``ConfigWorkflow``) it is the
     folder above the first config file's ``configs/`` folder, so models, data and outputs stay in that bundle
-    even when ``scripts`` was imported from another checkout (the repository root or PYTHONPATH of a first clone); that
-    mix is logged once as a warning. Elsewhere it is :data:`BUNDLE_ROOT`.
+    even when ``scripts`` was imported from another checkout (run from a first clone's root, or its PYTHONPATH);
+    that mix is logged once as a warning. Elsewhere it is :data:`BUNDLE_ROOT`.
     """
     root = _running_config_root()
     if root is None:
