@@ -79,7 +79,7 @@ class SurgicalSAMApp(MONAILabelApp):
 
         with open(os.path.join(self.bundle, "configs", "metadata.json")) as handle:
             channels = json.load(handle)["network_data_format"]["outputs"]["pred"]["channel_def"]
-        return CheckedLocalDatastore(self.studies, num_classes=len(channels) - 1,
+        return CheckedLocalDatastore(self.studies, num_classes=len(channels) - 1, bundle=self.bundle,
                                      extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                      read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)

@@ -56,7 +56,7 @@ def bundle_copy_ignore(bundle_root: str):
 
     Only the TOP-LEVEL data/ and eval/ folders are left out: ``ignore_patterns("data")`` would also drop
     bundle/scripts/data, and the copy would then import that package from wherever else ``scripts`` is
-    installed (an editable install of another checkout), testing other code than this one.
+    found (another checkout's root or a PYTHONPATH), testing other code than this one.
     """
     import os
     import shutil

@@ -150,8 +150,8 @@ def test_a_cache_of_another_checkpoint_is_a_stale_cache(tmp_path, small_demo_dir
 
 # ------------------------------------------------------------------ item 6: bundle_root of the configs run
 def test_bundle_root_is_the_bundle_whose_configs_run(tmp_path):
-    """A second copy of the bundle run while ``scripts`` comes from the first (an editable install of another
-    checkout, here PYTHONPATH): models, data and outputs are the second copy's."""
+    """A second copy of the bundle run while ``scripts`` comes from the first (another checkout on
+    PYTHONPATH): models, data and outputs are the second copy's."""
     import subprocess
     import sys
 

@@ -25,6 +25,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,21 +233,67 @@ def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction
         return inferer(frame, network)[0, 0].numpy().astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def stock(setup):
-    """The monaibundle sample app shipped in the monailabel package, with the bundle in its model/ folder."""
+def _stock_app(setup, name: str) -> tuple[str, str]:
+    """A copy (``setup["root"]/name``) of the monaibundle sample app shipped in the monailabel package, with
+    the bundle in its ``model/surgicalsam`` folder: (app folder, bundle folder)."""
     from scripts.monailabel_support import make_monailabel_bundle
 
     sample = subprocess.run([setup["python"], "-c", "import os, sys; print(os.path.join(sys.prefix, 'monailabel', "
                              "'sample-apps', 'monaibundle'))"], capture_output=True, text=True, check=True).stdout.strip()
     assert os.path.isfile(os.path.join(sample, "main.py")), f"no monaibundle sample app at {sample}"
-    app = str(setup["root"] / "stock_app")
+    app = str(setup["root"] / name)
     shutil.copytree(sample, app)
     bundle = make_monailabel_bundle(os.path.join(app, "model", "surgicalsam"), model_file=setup["model"],
                                     sam_checkpoint=setup["sam"], settings=TINY)
-    server = Server(setup["python"], app, _studies(setup, "stock_studies"),
-                    {"models": "surgicalsam", "zoo_source": "github", "sam2": "false"}, str(setup["root"] / "stock.log"))
+    return app, bundle
+
+
+STOCK_CONF = {"zoo_source": "github", "sam2": "false"}
+
+
+@pytest.fixture(scope="module")
+def stock(setup):
+    """The monaibundle sample app serving the bundle."""
+    app, bundle = _stock_app(setup, "stock_app")
+    server = Server(setup["python"], app, _studies(setup, "stock_studies"), {"models": "surgicalsam", **STOCK_CONF},
+                    str(setup["root"] / "stock.log"))
     yield server, bundle
+    server.stop()
+
+
+#: A second, unrelated bundle with its own ``scripts`` package (a 1x1 convolution over the colours).
+SECOND_BUNDLE = os.path.join(REPO, "tests", "second_bundle")
+
+
+def second_bundle_weights(frame_file: str) -> dict:
+    """The second bundle's model.pt: class 1 ("bright") where a pixel's mean colour is above the median of
+    ``frame_file``'s, so that frame's map is about half of each class."""
+    frame = np.asarray(Image.open(frame_file).convert("RGB"), dtype=np.float32) / 255
+    weight = torch.zeros(2, 3, 1, 1)
+    weight[1] = 1 / 3
+    return {"conv.weight": weight, "conv.bias": torch.tensor([0.0, -float(np.median(frame.mean(axis=2)))])}
+
+
+def second_bundle_label_map(frame_file: str, state: dict) -> np.ndarray:
+    """(H, W) uint8: the second bundle's classes of a frame, computed here with torch alone."""
+    frame = torch.from_numpy(np.asarray(Image.open(frame_file).convert("RGB"), dtype=np.float32))
+    logits = F.conv2d(frame.permute(2, 0, 1)[None] / 255, state["conv.weight"], state["conv.bias"])
+    return logits[0].argmax(0).numpy().astype(np.uint8)
+
+
+@pytest.fixture
+def two_bundles(setup):
+    """One monaibundle sample app serving two bundles that both have a top-level ``scripts`` package: this one
+    and tests/second_bundle. Its one test's own server (stopped after it, not at the end of the module)."""
+    app, bundle = _stock_app(setup, "two_bundle_app")
+    second = os.path.join(app, "model", "brightpixels")
+    shutil.copytree(SECOND_BUNDLE, second, ignore=shutil.ignore_patterns("__pycache__"))
+    os.makedirs(os.path.join(second, "models"))
+    state = second_bundle_weights(setup["frames"]["seq1_00000"][0])
+    torch.save(state, os.path.join(second, "models", "model.pt"))
+    server = Server(setup["python"], app, _studies(setup, "two_bundle_studies"),
+                    {"models": "surgicalsam,brightpixels", **STOCK_CONF}, str(setup["root"] / "two_bundles.log"))
+    yield server, bundle, state
     server.stop()
 
 
@@ -311,6 +358,25 @@ def test_stock_infer_returns_the_bundles_label_map(stock, setup):
     mask = png_array(body)
     assert mask.shape == FRAME and mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, _expected_auto(setup, os.path.join(bundle, "models", "model.pt"), "seq1_00000"))
+
+
+def test_stock_app_serves_two_bundles_each_with_its_own_scripts(two_bundles, setup):
+    """MONAI Label's monaibundle app loads both bundles into one server; each /infer, in turns, runs its own
+    bundle's ``scripts`` and network, never the other's (MONAI Label puts a bundle's folder first on sys.path
+    and unloads ``scripts`` before each step of that bundle; the install adds no ``scripts`` of its own)."""
+    server, bundle, state = two_bundles
+    models = json.loads(request(server.url + "/info/")[1])["models"]
+    assert models["brightpixels"]["labels"] == {"bright": 1} and models["brightpixels"]["dimension"] == 2
+    assert len(models["surgicalsam"]["labels"]) == 7
+    frame_file = setup["frames"]["seq1_00000"][0]
+    expected = {"surgicalsam": _expected_auto(setup, os.path.join(bundle, "models", "model.pt"), "seq1_00000"),
+                "brightpixels": second_bundle_label_map(frame_file, state)}
+    assert not np.array_equal(expected["surgicalsam"], expected["brightpixels"])
+    assert 0.2 < expected["brightpixels"].mean() < 0.8
+    for model in ("surgicalsam", "brightpixels", "surgicalsam", "brightpixels"):
+        status, body = server.infer(model)
+        assert status == 200, (model, body[:500], server.log_tail())
+        np.testing.assert_array_equal(png_array(body), expected[model], err_msg=model)
 
 
 def test_stock_jpg_frame_gives_a_png_label_map(stock):

@@ -13,7 +13,7 @@ whose label has none of it) before and after, and the train task's result (serve
 
 The datastore's image ids are ``<sequence>_<frame>`` (what ``--make_studies`` copies the training frames as).
 Bounded: fixed counts, every request has a timeout, training is waited for at most ``--train_timeout`` s.
-Runs in the main environment (the bundle's ``scripts``), not MONAI Label's.
+Runs in the main environment with the served bundle's ``scripts``, not MONAI Label's.
 """
 
 from __future__ import annotations
@@ -94,9 +94,13 @@ def train_result(task: dict) -> dict:
 
 def held_out_scores(bundle: str, model_file: str, dataset_dir: str, device: str = "cpu") -> dict:
     """Challenge IoU (percent) and wrong extra classes of ``model_file`` on the validation frames, with the
-    network, inferer and presence threshold of the served bundle's inference.json (automatic protocol)."""
+    network, inferer and presence threshold of the served bundle's inference.json (automatic protocol), and
+    the served bundle's own ``scripts`` (its folder first on ``sys.path``, as MONAI Label imports it)."""
+    import sys
+
     from monai.bundle import ConfigParser
 
+    sys.path.insert(0, os.path.abspath(bundle))
     from scripts.data.layout import read_frame, read_label_map
     from scripts.metrics import EndoVisMetric
     from scripts.monailabel_support import load_model_state

@@ -42,8 +42,8 @@ def run_bundle_root() -> str:
 
     Under ``python -m monai.bundle run --config_file A/configs/train.yaml`` (or a ``ConfigWorkflow``) it is the
     folder above the first config file's ``configs/`` folder, so models, data and outputs stay in that bundle
-    even when ``scripts`` was imported from another checkout (an editable install of a first clone); that
-    mix is logged once as a warning. Elsewhere it is :data:`BUNDLE_ROOT`.
+    even when ``scripts`` was imported from another checkout (run from a first clone's root, or its PYTHONPATH);
+    that mix is logged once as a warning. Elsewhere it is :data:`BUNDLE_ROOT`.
     """
     root = _running_config_root()
     if root is None:
@@ -52,7 +52,7 @@ def run_bundle_root() -> str:
         _warned_roots.add(root)
         logging.getLogger(__name__).warning(
             "running the configs of the bundle %s with the code (scripts/) of %s, which comes first on the Python "
-            "path (an editable install of another checkout?); bundle_root, hence models/, data/ and eval/, is %s. "
-            "To run this bundle's own code: cd %s, or pip install -e that checkout, or set PYTHONPATH=%s.",
+            "path (run from another checkout's root, or a PYTHONPATH?); bundle_root, hence models/, data/ and eval/, "
+            "is %s. To run this bundle's own code: cd %s (or its repository's root), or set PYTHONPATH=%s.",
             root, BUNDLE_ROOT, root, root, root)
     return root

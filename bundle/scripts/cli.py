@@ -20,7 +20,8 @@
                        [--output pooled.json]
     surgical-sam pack --out_dir DIR [--bundle_root DIR] [--with_onnx]
 
-Also ``python -m scripts.cli ...`` (from the bundle folder, or anywhere once the repo is installed).
+Also ``python -m scripts.cli ...`` from the bundle folder (or the repository root). The installed ``surgical-sam``
+runs the bundle of the current folder when it is one, else the checkout's bundle/ (surgical_sam_bundle).
 Every command is a plain function of this module, so Python code and tests can call it directly;
 user errors (a missing folder, bad arguments) end with ``SystemExit`` and a one-paragraph message.
 """

@@ -19,24 +19,43 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 
 
-def frame_problem(path: str) -> str | None:
-    """Why ``path`` is not a frame the models can read (None when it is one): the bundle's own frame reader."""
-    from scripts.data.layout import DatasetError, read_frame
+def bundle_frame_reader(bundle: str):
+    """``(read_frame, DatasetError)`` of the bundle folder ``bundle``'s own ``scripts``, imported the way MONAI
+    Label imports a bundle's code (its folder first on ``sys.path``, no ``scripts`` of another bundle loaded),
+    once: a request then imports nothing, whichever bundle's ``scripts`` is loaded at that moment (nothing named
+    ``scripts`` is installed)."""
+    import sys
 
+    from monailabel.utils.others.class_utils import unload_module
+
+    sys.path.insert(0, bundle)
+    unload_module("scripts")
+    try:
+        from scripts.data.layout import DatasetError, read_frame
+    finally:
+        sys.path.remove(bundle)
+    return read_frame, DatasetError
+
+
+def frame_problem(path: str, reader) -> str | None:
+    """Why ``path`` is not a frame the models can read (None when it is one): ``reader``, the bundle's own frame
+    reader and its error type (:func:`bundle_frame_reader`)."""
+    read_frame, error_type = reader
     try:
         read_frame(path)
-    except DatasetError as error:
+    except error_type as error:
         return str(error).replace(path, "the upload")
     return None
 
 
 class CheckedLocalDatastore(LocalDatastore):
-    def __init__(self, *args, num_classes: int, **kwargs) -> None:
+    def __init__(self, *args, num_classes: int, bundle: str, **kwargs) -> None:
+        self.frame_reader = bundle_frame_reader(bundle)
         super().__init__(*args, **kwargs)
         self.num_classes = int(num_classes)
 
     def add_image(self, image_id, image_filename, image_info):
-        problem = frame_problem(image_filename)
+        problem = frame_problem(image_filename, self.frame_reader)
         if problem:
             raise HTTPException(status_code=400, detail=f"image {image_id or image_filename!r} refused: {problem}")
         return super().add_image(image_id, image_filename, image_info)
