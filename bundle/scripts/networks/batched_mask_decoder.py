@@ -43,8 +43,10 @@ def decode_masks(
     batch = image_embeddings.shape[0]
     output_tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
-    src = image_embeddings + dense_prompt_embeddings
-    pos_src = image_pe.expand(batch, -1, -1, -1)
+    # The transformer reads the grid as tokens, (B, h*w, d): channels-last memory makes that view contiguous,
+    # so its additions, projections and head splits do not stride across the grid (same numbers).
+    src = (image_embeddings + dense_prompt_embeddings).contiguous(memory_format=torch.channels_last)
+    pos_src = image_pe.contiguous(memory_format=torch.channels_last).expand(batch, -1, -1, -1)
     _, channels, height, width = src.shape
 
     hs, src = mask_decoder.transformer(src, pos_src, tokens)
@@ -111,11 +113,12 @@ def transposed_conv_as_product(conv: nn.ConvTranspose2d, features: torch.Tensor)
     out_channels = conv.out_channels
     cells = features.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view when channels-last
     weight = conv.weight.permute(0, 2, 3, 1).reshape(channels, kernel_h * kernel_w * out_channels)
-    blocks = cells @ weight  # (B*h*w, kh*kw*c_out), per cell its block of (p, q, o)
+    if conv.bias is None:
+        blocks = cells @ weight  # (B*h*w, kh*kw*c_out), per cell its block of (p, q, o)
+    else:
+        blocks = torch.addmm(conv.bias.repeat(kernel_h * kernel_w), cells, weight)
     blocks = blocks.reshape(batch, height, width, kernel_h, kernel_w, out_channels).permute(0, 1, 3, 2, 4, 5)
     out = blocks.reshape(batch, height * kernel_h, width * kernel_w, out_channels)  # (B, H, W, c_out)
-    if conv.bias is not None:
-        out = out + conv.bias
     return out.permute(0, 3, 1, 2)
 
 
