@@ -113,3 +113,14 @@ def checked_workflow(config_files, workflow_type: str, **overrides):
     missing = workflow.check_properties()
     assert not (set(missing or []) - allowed_missing()), f"missing or wrong {workflow_type} properties: {missing}"
     return workflow
+
+
+def use_float64_dense_pe(model) -> None:
+    """For float64 runs of a SurgicalSAM: segment-anything makes the dense positional encoding's grid in
+    float32; give the model that same constant in float64."""
+    layer = model.prompt_encoder.pe_layer
+    gaussian = layer.positional_encoding_gaussian_matrix
+    layer.positional_encoding_gaussian_matrix = gaussian.float()
+    dense_pe = model.prompt_encoder.get_dense_pe().double()
+    layer.positional_encoding_gaussian_matrix = gaussian
+    model.prompt_encoder.get_dense_pe = lambda: dense_pe

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import use_float64_dense_pe
 from scripts import cli
 from scripts.benchmark import format_benchmark_table, run_benchmark
 
@@ -170,13 +171,7 @@ def _one_step(bm, cfg, path, loss_cls, class_embeddings_from_masks, micro_batch_
     """One training step of ``path`` (original / bundle) from the benchmark's weights and data."""
     model, embeddings, targets, _ = bm._model_and_data(cfg, torch.device("cpu"))
     model.train()
-    # segment-anything makes the dense positional encoding's grid in float32: the same constant, in float64
-    layer = model.prompt_encoder.pe_layer
-    gaussian = layer.positional_encoding_gaussian_matrix
-    layer.positional_encoding_gaussian_matrix = gaussian.float()
-    dense_pe = model.prompt_encoder.get_dense_pe().double()
-    layer.positional_encoding_gaussian_matrix = gaussian
-    model.prompt_encoder.get_dense_pe = lambda: dense_pe
+    use_float64_dense_pe(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     if path == "original":
         class_embeddings, _ = class_embeddings_from_masks(embeddings, targets["grid_mask"])

@@ -12,6 +12,7 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from torch import nn
 
+from conftest import use_float64_dense_pe
 from scripts.engines import (
     AugmentationVersionHandler,
     FrameBatch,
@@ -601,13 +602,7 @@ def test_micro_batched_backward_equals_the_whole_batch(batch, num_classes, micro
 
 def _float64_gradients_equal(batch, num_classes, micro_batch_size, loss_fn, micro_batched_backward):
     model, embeddings, targets = _tiny_training_batch(batch, num_classes)
-    # segment-anything makes the dense positional encoding's grid in float32: the same constant, in float64
-    layer = model.prompt_encoder.pe_layer
-    gaussian = layer.positional_encoding_gaussian_matrix
-    layer.positional_encoding_gaussian_matrix = gaussian.float()
-    dense_pe = model.prompt_encoder.get_dense_pe().double()
-    layer.positional_encoding_gaussian_matrix = gaussian
-    model.prompt_encoder.get_dense_pe = lambda: dense_pe
+    use_float64_dense_pe(model)
     plain_pred = model(embeddings, targets["class_id"])
     plain_loss = loss_fn(plain_pred, targets)
     plain_loss.backward()

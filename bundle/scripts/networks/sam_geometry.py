@@ -169,11 +169,21 @@ def resize_by_products(low_res_logits: torch.Tensor, image_size: int, frame_hw: 
     """
     dtype = torch.float64 if low_res_logits.dtype == torch.float64 else torch.float32
     low_res_hw = (int(low_res_logits.shape[-2]), int(low_res_logits.shape[-1]))
-    rows, cols = frame_resize_matrices(low_res_hw, int(image_size), (int(frame_hw[0]), int(frame_hw[1])), dtype)
     device = low_res_logits.device
+    rows, cols_t = _resize_matrices_on(low_res_hw, int(image_size), (int(frame_hw[0]), int(frame_hw[1])), dtype,
+                                       device)
     with torch.autocast(device.type, enabled=False):
-        logits = low_res_logits.to(dtype) @ cols.to(device, dtype).T  # (B, K, 4h, W)
-        logits = rows.to(device, dtype) @ logits  # (B, K, H, W)
+        logits = low_res_logits.to(dtype) @ cols_t  # (B, K, 4h, W)
+        logits = rows @ logits  # (B, K, H, W)
     return logits.to(low_res_logits.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_matrices_on(low_res_hw: tuple[int, int], image_size: int, frame_hw: tuple[int, int], dtype: torch.dtype,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`frame_resize_matrices` as rows (H, 4h) and cols.T (4w, W) in ``dtype`` on ``device``, made once:
+    no copy to the device in the training step (from pageable memory it would wait for the host)."""
+    rows, cols = frame_resize_matrices(low_res_hw, image_size, frame_hw, dtype)
+    return rows.to(device, dtype), cols.T.contiguous().to(device, dtype)
 
 
