@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture
 def tiny_sam_checkpoint(tmp_path):
     """Path of a seeded random-weight SAM checkpoint of the 'tiny' variant (seed 0)."""
-    from scripts.networks.sam_backbone import save_random_sam_checkpoint
+    from scripts.sam.backbone import save_random_sam_checkpoint
 
     return save_random_sam_checkpoint(str(tmp_path / "sam_tiny.pth"), variant="tiny", seed=0)
 
@@ -34,7 +34,7 @@ def small_demo_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_sam_checkpoint(tmp_path_factory):
     """A seeded (seed 0) random 'tiny' SAM checkpoint shared by the session. Read-only."""
-    from scripts.networks.sam_backbone import save_random_sam_checkpoint
+    from scripts.sam.backbone import save_random_sam_checkpoint
 
     return save_random_sam_checkpoint(str(tmp_path_factory.mktemp("sam") / "sam_tiny.pth"), variant="tiny", seed=0)
 

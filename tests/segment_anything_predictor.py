@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_anything import SamPredictor
 
-from scripts.networks.sam_backbone import build_sam
-from scripts.networks.sam_geometry import resized_shape
+from scripts.sam.backbone import build_sam
+from scripts.sam.geometry import resized_shape
 
 
 def main(request_file: str, out_file: str) -> None:

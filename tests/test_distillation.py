@@ -15,11 +15,11 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.distillation import FrameLabelDataset, SemanticInferer, check_distill_inputs
 from scripts.losses import DistillationSAMLoss
-from scripts.networks.batched_mask_decoder import decode_masks
+from scripts.sam.batched_mask_decoder import decode_masks
 from scripts.networks.distillation_adapter import default_tap_blocks
 from scripts.networks.distillation_sam import DistillationSAM, semantic_logits
 from scripts.networks.pvt import PyramidVisionTransformer
-from scripts.networks.sam_backbone import build_sam, get_variant, tapped_encoder_forward
+from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
 from scripts.networks.teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
 
 NUM_CLASSES = 3

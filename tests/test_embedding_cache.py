@@ -25,9 +25,9 @@ from scripts.data.embedding_cache import (
     precompute_embeddings,
 )
 from scripts.data.layout import DatasetError, load_datalist, read_frame, read_label_map
-from scripts.networks.sam_backbone import build_sam, save_random_sam_checkpoint
-from scripts.networks.state_dict_check import file_md5
-from scripts.networks.sam_geometry import frames_to_sam_input
+from scripts.sam.backbone import build_sam, save_random_sam_checkpoint
+from scripts.sam.checkpoint import file_md5
+from scripts.sam.geometry import frames_to_sam_input
 
 NUM_CLASSES = 7  # the demo's EndoVis2018 classes
 GRID = (16, 16)  # the tiny variant's embedding grid

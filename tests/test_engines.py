@@ -524,7 +524,7 @@ def test_check_training_inputs_missing_cache(tmp_path, small_demo_dir, small_sam
 
 
 def test_check_training_inputs_stale_cache(tmp_path, small_demo_dir, small_cache_dir):
-    from scripts.networks.sam_backbone import save_random_sam_checkpoint
+    from scripts.sam.backbone import save_random_sam_checkpoint
 
     other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1)
     with pytest.raises(StaleCacheError, match="sam_checkpoint_md5") as error:

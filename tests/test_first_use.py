@@ -117,8 +117,8 @@ def test_precompute_reports_every_kind_of_bad_label_at_once(tmp_path, small_demo
 # ------------------------------------------------------------------ item 8: messages in the bundle's words
 @pytest.mark.parametrize("content", [b"\x80\x02random bytes that are no checkpoint" * 40, b"hello world\n" * 50])
 def test_a_random_file_as_sam_checkpoint_gets_the_bundles_advice(tmp_path, content):
-    from scripts.networks.sam_backbone import build_sam
-    from scripts.networks.sam_prompting import load_sam_mask_decoder
+    from scripts.sam.backbone import build_sam
+    from scripts.sam.prompting import load_sam_mask_decoder
 
     path = tmp_path / "not_sam.pth"
     path.write_bytes(content)
@@ -133,7 +133,7 @@ def test_a_random_file_as_sam_checkpoint_gets_the_bundles_advice(tmp_path, conte
 
 def test_a_cache_of_another_checkpoint_is_a_stale_cache(tmp_path, small_demo_dir, small_cache_dir):
     from scripts.engines import check_evaluation_inputs, check_training_inputs
-    from scripts.networks.sam_backbone import save_random_sam_checkpoint
+    from scripts.sam.backbone import save_random_sam_checkpoint
 
     other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1)
     model = tmp_path / "model.pt"

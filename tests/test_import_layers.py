@@ -18,9 +18,9 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 GLUE = ("scripts.engines", "scripts.inferers", "scripts.distillation", "scripts.monailabel_support", "scripts.cli",
         "scripts.benchmark", "scripts.onnx_backend", "scripts.video_inference", "scripts.temporal")
 #: What data/ may take from networks/: the shared SAM core, no method's network.
-SAM_CORE = ("scripts.networks.sam_backbone", "scripts.networks.sam_geometry", "scripts.networks.state_dict_check",
-            "scripts.networks.batched_mask_decoder")
-LOWER_ROOMS = ("scripts.data", "scripts.networks", "scripts.metrics", "scripts.files", "scripts.class_mapping",
+SAM_CORE = ("scripts.sam.backbone", "scripts.sam.geometry", "scripts.sam.checkpoint",
+            "scripts.sam.batched_mask_decoder")
+LOWER_ROOMS = ("scripts.data", "scripts.sam", "scripts.networks", "scripts.metrics", "scripts.files", "scripts.class_mapping",
                "scripts.losses", "scripts.process_settings")
 
 
@@ -55,7 +55,7 @@ IMPORTS = module_imports()
 
 
 def test_the_walker_sees_imports_at_the_top_and_inside_functions():
-    assert "scripts.networks.sam_backbone" in IMPORTS["scripts.data.embedding_cache"]  # top of the module
+    assert "scripts.sam.backbone" in IMPORTS["scripts.data.embedding_cache"]  # top of the module
     assert "scripts.data.layout" in IMPORTS["scripts.distillation"]  # inside check_distill_inputs
     assert len(IMPORTS) > 40
 
@@ -69,7 +69,7 @@ def test_lower_rooms_never_import_the_glue(module):
 @pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, ("scripts.networks",))))
 def test_networks_import_only_networks(module):
     others = sorted(name for name in IMPORTS[module]
-                    if not _inside(name, ("scripts.networks", "scripts.files")))
+                    if not _inside(name, ("scripts.networks", "scripts.sam", "scripts.files")))
     assert not others, f"{module} imports {others}: networks take tensors and modules, not data or evaluation"
 
 

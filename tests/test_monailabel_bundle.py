@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from scripts.data.transforms import LabelMaskd
 from scripts.monailabel_support import load_model_state, make_monailabel_bundle
-from scripts.networks.sam_prompting import PromptError, SamPointPrompter, check_prompts
+from scripts.sam.prompting import PromptError, SamPointPrompter, check_prompts
 from scripts.networks.surgical_sam import SurgicalSAM
 
 FRAME = (64, 80)
@@ -79,8 +79,8 @@ def tiny_network(small_sam_checkpoint):
 def test_point_prompts_match_segment_anything(tiny_network, small_sam_checkpoint, prompts):
     """Our path (network's encoder + SAM prompt encoder + the checkpoint's own decoder) gives the logits
     segment-anything's Sam.forward gives for the same frame and prompts."""
-    from scripts.networks.sam_backbone import build_sam
-    from scripts.networks.sam_geometry import resized_shape
+    from scripts.sam.backbone import build_sam
+    from scripts.sam.geometry import resized_shape
 
     torch.manual_seed(0)
     frames = torch.rand(1, 3, *FRAME) * 255

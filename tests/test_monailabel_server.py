@@ -519,7 +519,7 @@ def test_own_auto_and_class_prompt(own, setup):
 
 def test_own_sam_clicks_and_box(own, setup):
     from scripts.data.layout import read_frame
-    from scripts.networks.sam_prompting import SamPointPrompter
+    from scripts.sam.prompting import SamPointPrompter
     from scripts.networks.surgical_sam import SurgicalSAM
 
     server, bundle = own
@@ -563,7 +563,7 @@ def test_own_sam_prompt_agrees_with_segment_anythings_predictor(own, setup, tmp_
     segment-anything's classes: no official weights can be fetched here), same frame, clicks and box. They
     differ only by how the frame is resized to SAM's input: handed the app's resize, the predictor gives the
     app's logits (1e-4) and masks exactly; with its own (uint8, PIL), the masks agree to the printed IoU."""
-    from scripts.networks.sam_prompting import SamPointPrompter
+    from scripts.sam.prompting import SamPointPrompter
 
     server, bundle = own
     frame_file = setup["frames"]["seq1_00000"][0]
@@ -675,7 +675,7 @@ def test_own_review_page_in_a_browser(own, setup, tmp_path):
     if not os.path.isfile(CHROMIUM):
         pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set CHROMIUM)")
     from playwright.sync_api import sync_playwright
-    from scripts.networks.sam_prompting import SamPointPrompter
+    from scripts.sam.prompting import SamPointPrompter
 
     server, bundle = own
     image_id, class_id, box = "seq2_00003", 3, [5, 5, 60, 50]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.networks.batched_mask_decoder import decode_masks
+from scripts.sam.batched_mask_decoder import decode_masks
 from scripts.networks.prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
-from scripts.networks.sam_backbone import build_sam, get_variant
-from scripts.networks.sam_geometry import low_res_logits_to_frame
+from scripts.sam.backbone import build_sam, get_variant
+from scripts.sam.geometry import low_res_logits_to_frame
 from scripts.networks.surgical_sam import SurgicalSAM
 
 NUM_CLASSES = 3
@@ -555,7 +555,7 @@ def test_hypernetwork_masks_on_channels_last_features_equal_the_plain_product(to
     """The product on channels-last features (as the decoder's transposed convolutions return them on the
     CPU) and SAM's ``hyper_in @ upscaled.view(B, c, H*W)``: forward <= 1e-5, gradients <= 1e-4 relative,
     and the features' gradient comes back channels-last (one layout in the GELU backward)."""
-    from scripts.networks.batched_mask_decoder import hypernetwork_masks
+    from scripts.sam.batched_mask_decoder import hypernetwork_masks
 
     generator = torch.Generator().manual_seed(0)
     hyper_in = torch.randn(2, tokens, 8, generator=generator, requires_grad=True)
@@ -593,7 +593,7 @@ def test_decode_masks_keeps_a_zero_gradient_on_the_unused_hypernetworks():
 def test_transposed_conv_as_product_equals_the_convolution(kernel, bias, channels_last):
     """kernel == stride transposed convolution as one product: the module's output (<= 1e-5) and the
     gradients of input, weight and bias (<= 1e-4 relative), odd sizes, batch 1."""
-    from scripts.networks.batched_mask_decoder import transposed_conv_as_product
+    from scripts.sam.batched_mask_decoder import transposed_conv_as_product
 
     torch.manual_seed(0)
     conv = nn.ConvTranspose2d(6, 4, kernel_size=kernel, stride=kernel, bias=bias)
@@ -614,7 +614,7 @@ def test_transposed_conv_as_product_equals_the_convolution(kernel, bias, channel
 
 
 def test_upscale_equals_sams_output_upscaling():
-    from scripts.networks.batched_mask_decoder import upscale
+    from scripts.sam.batched_mask_decoder import upscale
 
     model = tiny_model()
     upscaling = model.mask_decoder.output_upscaling

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts.cli import convert_original_checkpoint
-from scripts.networks.sam_backbone import build_sam
+from scripts.sam.backbone import build_sam
 from scripts.networks.surgical_sam import SurgicalSAM
 
 NUM_CLASSES, NUM_TOKENS, FRAME = 3, 2, (64, 80)  # tiny SAM: 256 input, 16x16 grid, d = 256

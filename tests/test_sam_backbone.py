@@ -1,4 +1,4 @@
-"""Tests of scripts.networks.sam_backbone and scripts.networks.sam_geometry (segment-anything's geometry)."""
+"""Tests of scripts.sam.backbone and scripts.sam.geometry (segment-anything's geometry)."""
 
 from __future__ import annotations
 
@@ -13,25 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.networks.sam_backbone import (
-    SAM_DOWNLOAD_URL,
-    SAM_VARIANTS,
-    build_sam,
-    get_variant,
-    guess_variant,
-    import_sam_modeling,
-    load_sam_checkpoint,
-    save_random_sam_checkpoint,
+from scripts.sam.backbone import (
+    SAM_DOWNLOAD_URL, SAM_VARIANTS, build_sam, get_variant, guess_variant, import_sam_modeling, load_sam_checkpoint, save_random_sam_checkpoint,
 )
-from scripts.networks.state_dict_check import file_md5, memoised_md5
-from scripts.networks.sam_geometry import (
-    SAM_PIXEL_MEAN,
-    SAM_PIXEL_STD,
-    frames_to_sam_input,
-    low_res_logits_to_frame,
-    masks_to_embedding_grid,
-    masks_to_mask_input,
-    resized_shape,
+from scripts.sam.checkpoint import file_md5, memoised_md5
+from scripts.sam.geometry import (
+    SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame, masks_to_embedding_grid, masks_to_mask_input, resized_shape,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +91,7 @@ def test_import_sam_modeling_works_without_torchvision():
         "    assert error.name.startswith('torchvision'), error.name\n"
         "else:\n"
         "    raise AssertionError('segment_anything imported although torchvision is missing')\n"
-        "from scripts.networks.sam_backbone import import_sam_modeling, build_sam\n"
+        "from scripts.sam.backbone import import_sam_modeling, build_sam\n"
         "modeling = import_sam_modeling()\n"
         "assert 'torchvision' not in sys.modules\n"
         "assert isinstance(build_sam('tiny'), modeling.Sam)\n"
@@ -406,7 +393,7 @@ def test_low_res_logits_to_frame_crops_the_padding():
 def test_resize_by_products_equals_the_interpolation(low_hw, image_size, frame_hw, channels, dtype):
     """The training path's two matrix products and SAM's two bilinear resizes: the same map (odd and
     equal frame sizes, portrait and landscape, batch 1), forward <= 1e-5 and gradients <= 1e-4 relative."""
-    from scripts.networks.sam_geometry import resize_by_interpolation, resize_by_products
+    from scripts.sam.geometry import resize_by_interpolation, resize_by_products
 
     generator = torch.Generator().manual_seed(0)
     low_res = (torch.randn(1, channels, *low_hw, generator=generator) * 4).to(dtype).requires_grad_()
@@ -425,7 +412,7 @@ def test_resize_by_products_equals_the_interpolation(low_hw, image_size, frame_h
 
 
 def test_resize_by_products_keeps_float32_under_autocast():
-    from scripts.networks.sam_geometry import resize_by_interpolation, resize_by_products
+    from scripts.sam.geometry import resize_by_interpolation, resize_by_products
 
     low_res = torch.randn(2, 1, 16, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

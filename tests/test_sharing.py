@@ -23,7 +23,7 @@ import scripts
 from scripts.cli import bundle_name, pack
 from scripts.inferers import ClassPromptInferer
 from scripts.networks.label_map_network import SurgicalSAMLabelMap
-from scripts.networks.sam_backbone import SAM_DOWNLOAD_URL, SAM_VARIANTS
+from scripts.sam.backbone import SAM_DOWNLOAD_URL, SAM_VARIANTS
 from scripts.networks.surgical_sam import SurgicalSAM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

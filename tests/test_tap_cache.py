@@ -28,8 +28,8 @@ from scripts.data.embedding_cache import (
 from scripts.data.layout import load_datalist, read_frame, read_label_map
 from scripts.distillation import CachedTapDataset, DistillationBatch, FrameLabelDataset, distillation_dataset
 from scripts.networks.distillation_sam import DistillationSAM
-from scripts.networks.sam_backbone import build_sam, get_variant, tapped_encoder_forward
-from scripts.networks.sam_geometry import frames_to_sam_input
+from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
+from scripts.sam.geometry import frames_to_sam_input
 
 TAPS = (1, 2)  # the tiny SAM's default taps
 VERSIONS = 1  # training versions 0..1
@@ -122,7 +122,7 @@ def test_other_taps_or_encoder_refused(tmp_path, tap_cache_dir, small_demo_dir, 
 
 
 def save_other_checkpoint(tmp_path) -> str:
-    from scripts.networks.sam_backbone import save_random_sam_checkpoint
+    from scripts.sam.backbone import save_random_sam_checkpoint
 
     return save_random_sam_checkpoint(str(tmp_path / "other.pth"), variant="tiny", seed=1)
 

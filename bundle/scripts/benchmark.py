@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from .losses import DistillationSAMLoss, SurgicalSAMLoss
-from .networks.sam_backbone import get_variant
+from .sam.backbone import get_variant
 from .engines import micro_batched_backward
-from .networks.sam_geometry import masks_to_embedding_grid, resize_by_interpolation
+from .sam.geometry import masks_to_embedding_grid, resize_by_interpolation
 from .networks.surgical_sam import SurgicalSAM
 
 __all__ = ["format_benchmark_table", "run_benchmark"]

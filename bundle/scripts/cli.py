@@ -166,7 +166,7 @@ def make_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0, overwri
         seed: seed of the random weights.
         overwrite: replace an existing file.
     """
-    from scripts.networks.sam_backbone import SAM_VARIANTS, save_random_sam_checkpoint
+    from scripts.sam.backbone import SAM_VARIANTS, save_random_sam_checkpoint
 
     if path is None or path == "":
         raise _fail("--path is required.")
@@ -305,7 +305,7 @@ def benchmark(
         output_json: write every figure to this JSON file.
     """
     from scripts.benchmark import format_benchmark_table, run_benchmark
-    from scripts.networks.sam_backbone import SAM_VARIANTS
+    from scripts.sam.backbone import SAM_VARIANTS
 
     for flag, value in (("sam_variant", sam_variant), ("distill_sam_variant", distill_sam_variant)):
         if value not in (None, "") and value not in SAM_VARIANTS:

@@ -33,7 +33,7 @@ CACHED_KEYS = ("embedding", "taps")
 def tap_blocks(sam_variant: str, taps=None, num_taps: int = 3) -> list[int]:
     """The 1-based ViT blocks a ``DistillationSAM`` with these settings taps (``taps`` None: evenly spaced)."""
     from .networks.distillation_adapter import default_tap_blocks
-    from .networks.sam_backbone import get_variant
+    from .sam.backbone import get_variant
 
     if taps is None:
         return list(default_tap_blocks(get_variant(sam_variant).encoder_depth, num_taps))
@@ -195,7 +195,7 @@ def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoi
     """Fail at once, naming every missing input (dataset, SAM weights, tap cache when used, trained model)
     and how to make it."""
     from .data.layout import raise_input_problems
-    from .networks.sam_backbone import missing_sam_weights
+    from .sam.backbone import missing_sam_weights
 
     problems = []
     if dataset_dir is not None and not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):

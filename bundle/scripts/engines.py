@@ -22,7 +22,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from .data.layout import raise_input_problems
 from .metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS, format_metrics_table
-from .networks.sam_backbone import missing_sam_weights
+from .sam.backbone import missing_sam_weights
 
 logger = logging.getLogger(__name__)
 

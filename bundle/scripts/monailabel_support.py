@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from .data.embedding_cache import prompt_sample, prompt_samples
 from .data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
 from .files import atomic_write
-from .networks.sam_geometry import frames_to_sam_input, masks_to_embedding_grid
+from .sam.geometry import frames_to_sam_input, masks_to_embedding_grid
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class FrameEmbedder:
 
     def _encoder_and_size(self):
         if self._encoder is None:
-            from .networks.sam_backbone import build_sam
+            from .sam.backbone import build_sam
 
             sam = build_sam(self.sam_variant, checkpoint=self.sam_checkpoint)
             self._encoder = sam.image_encoder.to(self.device).eval().requires_grad_(False)
@@ -202,7 +202,7 @@ class DatalistPromptDataset(Dataset):
         self.num_classes, self.absent_prompts_per_frame, self.seed = int(num_classes), int(absent_prompts_per_frame), seed
         self.frames = embedder.items(data)
         embedder.release()
-        from .networks.sam_backbone import get_variant
+        from .sam.backbone import get_variant
 
         variant = get_variant(embedder.sam_variant)
         self.image_size, self.grid_size = variant.image_size, (variant.grid_size, variant.grid_size)
@@ -383,7 +383,7 @@ def _read_merged(config_files: Sequence[str], settings: Mapping) -> dict:
 
 def load_model_state(path: str) -> dict:
     """The state dict in a bundle ``model.pt``: the file itself or its ``"model"`` entry (as MONAI Label reads it)."""
-    from .networks.state_dict_check import read_checkpoint_dict
+    from .sam.checkpoint import read_checkpoint_dict
 
     checkpoint = read_checkpoint_dict(path, "model file", expected="a state dict",
                                       hint="; pass the trained SurgicalSAM weights (models/model.pt) as --model_file")

@@ -6,7 +6,7 @@ prompt-and-decoder graph) and ``onnx.json``, which says what the graphs take and
 model they were made. :class:`OnnxSurgicalSAM` runs them with ONNX Runtime behind the same
 ``predict_classes`` as :class:`~scripts.networks.surgical_sam.SurgicalSAM`, so the automatic protocol
 (:class:`~scripts.inferers.ClassPromptInferer`) runs on either backend unchanged. The frame <-> SAM-input
-geometry stays in torch (:mod:`scripts.networks.sam_geometry`), shared by both backends.
+geometry stays in torch (:mod:`scripts.sam.geometry`), shared by both backends.
 
 :func:`compare_backends` checks the ONNX path against torch (logits, embeddings, label maps) and, on request,
 both against :class:`Float64SurgicalSAM` (the same graphs in float64 under torch); :func:`agreement_failures`
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 
 from .networks.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
-from .networks.state_dict_check import file_md5
-from .networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
+from .sam.checkpoint import file_md5
+from .sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from .networks.surgical_sam import SurgicalSAM
 
 logger = logging.getLogger(__name__)

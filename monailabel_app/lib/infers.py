@@ -90,7 +90,7 @@ class SAMPrompt(_Prompted):
         sys.path.insert(0, self.bundle_path)
         unload_module("scripts")
         try:
-            from scripts.networks.sam_prompting import SamPointPrompter
+            from scripts.sam.prompting import SamPointPrompter
 
             variant = self.bundle_config.get_parsed_content("sam_variant")
             checkpoint = self.bundle_config.get_parsed_content("sam_checkpoint")

@@ -43,10 +43,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..networks.sam_backbone import build_sam, get_variant, tapped_encoder_forward
-from ..networks.sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
+from ..sam.backbone import build_sam, get_variant, tapped_encoder_forward
+from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
 from ..files import atomic_write, atomic_write_json
-from ..networks.state_dict_check import memoised_md5
+from ..sam.checkpoint import memoised_md5
 from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws, version_for_epoch
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
@@ -76,7 +76,7 @@ SPACE_WARN_FRACTION = 0.8
 
 # ------------------------------------------------------------------------------------------ identity
 def checkpoint_fingerprint(path: str | None) -> str:
-    """md5 of the SAM checkpoint (:func:`~scripts.networks.state_dict_check.memoised_md5`), "random-init" for none."""
+    """md5 of the SAM checkpoint (:func:`~scripts.sam.checkpoint.memoised_md5`), "random-init" for none."""
     if path is None:
         return "random-init"
     if not os.path.isfile(path):

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..networks.sam_backbone import get_variant
-from ..networks.sam_geometry import masks_to_embedding_grid
+from ..sam.backbone import get_variant
+from ..sam.geometry import masks_to_embedding_grid
 from .datasets import ENDOVIS2017_FOLDS as ENDOVIS_2017_FOLD_SEQUENCES
 from .layout import DatasetError, name_files
 
@@ -318,7 +318,7 @@ def check_original_layout_inputs(reader: OriginalLayoutReader, splits: Sequence[
     ``frame_size`` (the config's) must equal the size of the validation frames (read from their masks or
     images), since the network returns its logits at that size.
     """
-    from ..networks.sam_backbone import missing_sam_weights
+    from ..sam.backbone import missing_sam_weights
     from .layout import raise_input_problems
 
     problems = []

@@ -5,7 +5,7 @@ Pipeline (d = SAM's prompt dim, 256; (h, w) = SAM's embedding grid):
 1. PVT (:class:`~.pvt.PyramidVisionTransformer`) on the SAM input image -> 4 stage maps (B, C_i, H_i, W_i).
 2. Each map: 1x1 conv C_i -> d, bilinear resize to (h, w); the 4 are concatenated and fused by a
    1x1 conv 4d -> d: adapter tokens A (B, h*w, d).
-3. SAM encoder tokens tapped after some ViT blocks (:func:`~scripts.networks.sam_backbone.tapped_encoder_forward`), each (B, h, w, C_vit)
+3. SAM encoder tokens tapped after some ViT blocks (:func:`~scripts.sam.backbone.tapped_encoder_forward`), each (B, h, w, C_vit)
    projected to d (LayerNorm + Linear; C_vit is 768 for vit_b, 96 for tiny).
 4. One :class:`CrossAttentionBlock` per tap: A attends to the tapped tokens (8 heads, dim d); SAM's
    dense positional encoding is added to queries and keys (both live on the same grid).

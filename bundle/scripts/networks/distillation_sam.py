@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batched_mask_decoder import decode_masks
+from ..sam.batched_mask_decoder import decode_masks
 from .distillation_adapter import DistillationAdapter, default_tap_blocks
-from .sam_backbone import build_sam, get_variant, tapped_encoder_forward
-from .sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
-from .state_dict_check import state_dict_mismatch
+from ..sam.backbone import build_sam, get_variant, tapped_encoder_forward
+from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
+from ..sam.checkpoint import state_dict_mismatch
 from .teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
 
 logger = logging.getLogger(__name__)

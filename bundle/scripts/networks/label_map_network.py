@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .batched_mask_decoder import decode_masks
-from .sam_geometry import low_res_logits_to_frame
+from ..sam.batched_mask_decoder import decode_masks
+from ..sam.geometry import low_res_logits_to_frame
 from .surgical_sam import SurgicalSAM
 
 

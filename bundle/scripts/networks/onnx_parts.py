@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batched_mask_decoder import decode_masks
+from ..sam.batched_mask_decoder import decode_masks
 from .surgical_sam import SurgicalSAM
 
 

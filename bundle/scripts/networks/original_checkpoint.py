@@ -24,7 +24,7 @@ import os
 import torch
 
 from ..files import atomic_write
-from .state_dict_check import read_checkpoint_dict, state_dict_mismatch
+from ..sam.checkpoint import read_checkpoint_dict, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 

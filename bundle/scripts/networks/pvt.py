@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .state_dict_check import read_checkpoint_dict, state_dict_mismatch
+from ..sam.checkpoint import read_checkpoint_dict, state_dict_mismatch
 
 __all__ = ["PyramidVisionTransformer", "PVT_TINY", "IGNORED_PRETRAINED_KEYS"]
 

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .batched_mask_decoder import decode_masks
+from ..sam.batched_mask_decoder import decode_masks
 from .prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
-from .sam_backbone import build_sam, get_variant
-from .sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
-from .state_dict_check import state_dict_mismatch
+from ..sam.backbone import build_sam, get_variant
+from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
+from ..sam.checkpoint import state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 

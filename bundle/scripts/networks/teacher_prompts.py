@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sam_geometry import masks_to_mask_input, resized_shape
+from ..sam.geometry import masks_to_mask_input, resized_shape
 
 __all__ = ["STRATEGIES", "TeacherPrompts", "sample_teacher_prompts", "teacher_prompt_embeddings", "MASK_LOGIT"]
 

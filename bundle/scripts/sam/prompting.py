@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .sam_backbone import build_mask_decoder, get_variant
-from .sam_geometry import low_res_logits_to_frame, resized_shape
-from .state_dict_check import read_checkpoint_dict, state_dict_mismatch
+from .backbone import build_mask_decoder, get_variant
+from .geometry import low_res_logits_to_frame, resized_shape
+from .checkpoint import read_checkpoint_dict, state_dict_mismatch
 
 DECODER_PREFIX = "mask_decoder."
 

@@ -2,7 +2,7 @@
 does not fit.
 
 Shared by :meth:`~scripts.networks.pvt.PyramidVisionTransformer.load_pretrained`,
-:func:`~scripts.networks.sam_backbone.load_sam_checkpoint`, :func:`~scripts.networks.sam_prompting.load_sam_mask_decoder`,
+:func:`~scripts.sam.backbone.load_sam_checkpoint`, :func:`~scripts.sam.prompting.load_sam_mask_decoder`,
 the two networks' ``load_state_dict`` and the original-checkpoint conversion, so they read a file, check its
 md5 and describe a mismatch alike.
 """

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..files import atomic_write
-from .sam_geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-from .state_dict_check import memoised_md5, read_checkpoint_dict, state_dict_mismatch
+from .geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from .checkpoint import memoised_md5, read_checkpoint_dict, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
