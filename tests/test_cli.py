@@ -145,7 +145,7 @@ def test_bundle_training_step_equals_the_original_operations(batch, micro_batch_
     same gradients and, after one Adam step, the same parameters (float64, so rounding does not hide a
     difference behind Adam's division by |g| + eps)."""
     from scripts import benchmark as bm
-    from scripts.losses import SurgicalSAMLoss, class_embeddings_from_masks
+    from scripts.surgical_sam.loss import SurgicalSAMLoss, class_embeddings_from_masks
 
     cfg = dict(batch_size=batch, num_classes=3, num_tokens=2, frame_size=[48, 72], inference_frames=1,
                sam_variant="tiny", seed=0)

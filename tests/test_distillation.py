@@ -13,14 +13,16 @@ import torch
 from conftest import META_FILE, SMALL_CACHE_VERSIONS, SMALL_DEMO, checked_workflow
 from monai.bundle import ConfigWorkflow
 
-from scripts.distillation import FrameLabelDataset, SemanticInferer, check_distill_inputs
-from scripts.losses import DistillationSAMLoss
+from scripts.distillation_sam.datasets import FrameLabelDataset
+from scripts.distillation_sam.inferer import SemanticInferer
+from scripts.distillation_sam.checks import check_distill_inputs
+from scripts.distillation_sam.loss import DistillationSAMLoss
 from scripts.sam.batched_mask_decoder import decode_masks
-from scripts.networks.distillation_adapter import default_tap_blocks
-from scripts.networks.distillation_sam import DistillationSAM, semantic_logits
-from scripts.networks.pvt import PyramidVisionTransformer
+from scripts.distillation_sam.adapter import default_tap_blocks
+from scripts.distillation_sam.network import DistillationSAM, semantic_logits
+from scripts.distillation_sam.pvt import PyramidVisionTransformer
 from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
-from scripts.networks.teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
+from scripts.distillation_sam.teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
 
 NUM_CLASSES = 3
 FRAME_SIZE = (48, 64)
@@ -495,7 +497,7 @@ def test_tap_cache_folder_names_the_encoder_and_the_taps():
     name moved out of a generator expression in the configs."""
     from monai.bundle import ConfigParser
 
-    from scripts.distillation import tap_cache_folder
+    from scripts.distillation_sam.datasets import tap_cache_folder
 
     assert tap_cache_folder("/d/tap_cache", "vit_b", [4, 8, 12]) == "/d/tap_cache/vit_b_taps4-8-12"
     parser = ConfigParser()

@@ -15,15 +15,9 @@ from PIL import Image
 
 from scripts.data.augmentation import version_for_epoch
 from scripts.data.embedding_cache import (
-    MANIFEST_NAME,
-    CachedFrameDataset,
-    CachedPromptDataset,
-    EmbeddingCache,
-    StaleCacheError,
-    cache_identity,
-    cache_problems,
-    precompute_embeddings,
+    MANIFEST_NAME, EmbeddingCache, StaleCacheError, cache_identity, cache_problems, precompute_embeddings,
 )
+from scripts.surgical_sam.datasets import CachedFrameDataset, CachedPromptDataset
 from scripts.data.layout import DatasetError, load_datalist, read_frame, read_label_map
 from scripts.sam.backbone import build_sam, save_random_sam_checkpoint
 from scripts.sam.checkpoint import file_md5

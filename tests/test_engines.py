@@ -1,4 +1,4 @@
-"""Tests of the engine glue (scripts.engines) and the class-prompt inferer (scripts.inferers)."""
+"""Tests of the engine glue (scripts.engines) and the class-prompt inferer (scripts.surgical_sam.inferer)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,11 @@ from torch import nn
 
 from conftest import use_float64_dense_pe
 from scripts.engines import (
-    AugmentationVersionHandler,
-    FrameBatch,
-    GradientNormClipping,
-    MetricsReport,
-    MicroBatchIteration,
-    PromptedSampleBatch,
-    TrainingState,
-    check_evaluation_inputs,
-    check_training_inputs,
-    endovis_metric_inputs,
+    AugmentationVersionHandler, FrameBatch, GradientNormClipping, MetricsReport, TrainingState, check_evaluation_inputs, check_training_inputs, endovis_metric_inputs,
 )
+from scripts.surgical_sam.batches import MicroBatchIteration, PromptedSampleBatch
 from scripts.data.embedding_cache import StaleCacheError
-from scripts.inferers import ClassPromptInferer
+from scripts.surgical_sam.inferer import ClassPromptInferer
 
 NUM_CLASSES = 3
 H, W = 8, 10
@@ -200,7 +192,7 @@ def test_inferer_rejects_bad_arguments():
 
 
 def test_inferer_with_tiny_surgical_sam():
-    from scripts.networks.surgical_sam import SurgicalSAM
+    from scripts.surgical_sam.network import SurgicalSAM
 
     torch.manual_seed(0)
     model = SurgicalSAM(NUM_CLASSES, 2, (H * 4, W * 4), sam_variant="tiny").eval()
@@ -588,8 +580,8 @@ def test_micro_batched_backward_equals_the_whole_batch(batch, num_classes, micro
     the whole batch's loss (<= 1e-5) and gradients (<= 1e-4 relative), also with absent-class prompts,
     empty grid masks, uneven slices, C = 1 and batch 1. In float64, so that the parameters whose exact
     gradient is 0 (the attention keys' biases) show 0 up to rounding, not float32 noise."""
-    from scripts.engines import micro_batched_backward
-    from scripts.losses import SurgicalSAMLoss
+    from scripts.surgical_sam.batches import micro_batched_backward
+    from scripts.surgical_sam.loss import SurgicalSAMLoss
 
     loss_fn = SurgicalSAMLoss()
     default_dtype = torch.get_default_dtype()
@@ -623,7 +615,7 @@ def _float64_gradients_equal(batch, num_classes, micro_batch_size, loss_fn, micr
 
 
 def test_micro_batched_backward_refuses_a_loss_that_does_not_split():
-    from scripts.engines import micro_batched_backward
+    from scripts.surgical_sam.batches import micro_batched_backward
 
     model, embeddings, targets = _tiny_training_batch(2, 2)
     with pytest.raises(TypeError, match="micro_batch_size: null"):
@@ -633,8 +625,8 @@ def test_micro_batched_backward_refuses_a_loss_that_does_not_split():
 
 
 def _one_trainer_iteration(micro_batch_size, accumulation_steps=1):
-    from scripts.inferers import AutocastInferer
-    from scripts.losses import SurgicalSAMLoss
+    from scripts.engine.inferers import AutocastInferer
+    from scripts.surgical_sam.loss import SurgicalSAMLoss
 
     model, embeddings, targets = _tiny_training_batch(5, 3)
     batch = [{"image_embeddings": embeddings[i], "mask": targets["mask"][i], "grid_mask": targets["grid_mask"][i],

@@ -184,7 +184,7 @@ INFERENCE_CONFIGS = [str(BUNDLE / "configs" / "inference.yaml"), str(BUNDLE / "c
 def demo_model(tmp_path, tiny_sam_checkpoint):
     import torch
 
-    from scripts.networks.surgical_sam import SurgicalSAM
+    from scripts.surgical_sam.network import SurgicalSAM
 
     torch.manual_seed(1)
     path = str(tmp_path / "model.pt")

@@ -15,13 +15,17 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 
 #: Engine glue, MONAI Label glue, the CLI and the commands built on them.
-GLUE = ("scripts.engines", "scripts.inferers", "scripts.distillation", "scripts.monailabel_support", "scripts.cli",
+GLUE = ("scripts.engines", "scripts.engine", "scripts.monailabel_support", "scripts.cli",
         "scripts.benchmark", "scripts.onnx_backend", "scripts.video_inference", "scripts.temporal")
 #: What data/ may take from networks/: the shared SAM core, no method's network.
 SAM_CORE = ("scripts.sam.backbone", "scripts.sam.geometry", "scripts.sam.checkpoint",
             "scripts.sam.batched_mask_decoder")
-LOWER_ROOMS = ("scripts.data", "scripts.sam", "scripts.networks", "scripts.metrics", "scripts.files", "scripts.class_mapping",
-               "scripts.losses", "scripts.process_settings")
+NETWORKS = ("scripts.surgical_sam.network", "scripts.surgical_sam.prototype_prompt_encoder",
+            "scripts.surgical_sam.original_checkpoint", "scripts.surgical_sam.label_map_network",
+            "scripts.surgical_sam.onnx_parts", "scripts.distillation_sam.network", "scripts.distillation_sam.adapter",
+            "scripts.distillation_sam.pvt", "scripts.distillation_sam.teacher_prompts")
+LOWER_ROOMS = NETWORKS + ("scripts.data", "scripts.sam", "scripts.metrics", "scripts.files", "scripts.class_mapping",
+               "scripts.surgical_sam.loss", "scripts.process_settings")
 
 
 def _inside(module: str, rooms) -> bool:
@@ -56,7 +60,7 @@ IMPORTS = module_imports()
 
 def test_the_walker_sees_imports_at_the_top_and_inside_functions():
     assert "scripts.sam.backbone" in IMPORTS["scripts.data.embedding_cache"]  # top of the module
-    assert "scripts.data.layout" in IMPORTS["scripts.distillation"]  # inside check_distill_inputs
+    assert "scripts.data.layout" in IMPORTS["scripts.distillation_sam.datasets"]  # inside check_distill_inputs
     assert len(IMPORTS) > 40
 
 
@@ -66,16 +70,16 @@ def test_lower_rooms_never_import_the_glue(module):
     assert not upward, f"{module} imports {upward}: move what it needs down, into the room it belongs to"
 
 
-@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, ("scripts.networks",))))
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, NETWORKS)))
 def test_networks_import_only_networks(module):
     others = sorted(name for name in IMPORTS[module]
-                    if not _inside(name, ("scripts.networks", "scripts.sam", "scripts.files")))
+                    if not _inside(name, NETWORKS + ("scripts.sam", "scripts.files")))
     assert not others, f"{module} imports {others}: networks take tensors and modules, not data or evaluation"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, ("scripts.data",))))
 def test_data_takes_only_the_shared_sam_core_no_preparation_and_no_demo(module):
-    networks = sorted(name for name in IMPORTS[module] if _inside(name, ("scripts.networks",))
+    networks = sorted(name for name in IMPORTS[module] if _inside(name, ("scripts.surgical_sam", "scripts.distillation_sam"))
                       and not _inside(name, SAM_CORE))
     assert not networks, f"{module} imports a method's network {networks}"
     if not _inside(module, ("scripts.data.prepare",)):

@@ -15,7 +15,7 @@ from PIL import Image
 from scripts import BUNDLE_ROOT
 from scripts.data.layout import DatasetError
 from scripts.data.transforms import list_frames
-from scripts.networks.surgical_sam import SurgicalSAM
+from scripts.surgical_sam.network import SurgicalSAM
 
 CONFIGS = [os.path.join(BUNDLE_ROOT, "configs", name) for name in ("inference.yaml", "demo_inference.yaml")]
 
@@ -112,7 +112,8 @@ def test_empty_or_missing_frame_folder(tmp_path):
 def test_autocast_inferer_is_the_plain_call_without_amp_and_float32_with_it():
     from monai.inferers import SimpleInferer
 
-    from scripts.inferers import AutocastInferer, ClassPromptInferer
+    from scripts.engine.inferers import AutocastInferer
+    from scripts.surgical_sam.inferer import ClassPromptInferer
 
     torch.manual_seed(0)
     model = SurgicalSAM(3, 2, (64, 80), sam_variant="tiny").eval()
@@ -136,7 +137,7 @@ def test_uncertainty_margin_is_zero_on_the_presence_threshold(small_sam_checkpoi
     """ClassPromptInferer.uncertainty: the presence margin of each class is |pixels - min_pixels| / min_pixels,
     a threshold set to one class's mask size gives that frame margin 0, and the classes it calls present
     and their lowest quality are those of the automatic protocol itself."""
-    from scripts.inferers import ClassPromptInferer
+    from scripts.surgical_sam.inferer import ClassPromptInferer
 
     torch.manual_seed(0)
     network = SurgicalSAM(7, 2, (64, 80), "tiny", small_sam_checkpoint, with_image_encoder=True).eval()

@@ -1,4 +1,4 @@
-"""Tests of scripts.losses against the SurgicalSAM paper's losses."""
+"""Tests of scripts.surgical_sam.loss against the SurgicalSAM paper's losses."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.losses import (
-    PrototypeContrastiveLoss,
-    SurgicalSAMLoss,
-    class_embeddings_from_masks,
-    surgical_sam_dice_loss,
+from scripts.surgical_sam.loss import (
+    PrototypeContrastiveLoss, SurgicalSAMLoss, class_embeddings_from_masks, surgical_sam_dice_loss,
 )
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scripts.data.transforms import LabelMaskd
 from scripts.monailabel_support import load_model_state, make_monailabel_bundle
 from scripts.sam.prompting import PromptError, SamPointPrompter, check_prompts
-from scripts.networks.surgical_sam import SurgicalSAM
+from scripts.surgical_sam.network import SurgicalSAM
 
 FRAME = (64, 80)
 TINY = {"sam_variant": "tiny", "frame_size": list(FRAME)}
@@ -241,7 +241,7 @@ def test_training_as_bundle_train_task_runs_it(label_bundle, small_demo_dir):
 def _auto_iou(bundle_dir, datalist, sam_checkpoint) -> float:
     """Challenge IoU of the bundle's models/model.pt on ``datalist`` under the automatic protocol, on the
     frames' embeddings as the training's validation computes them."""
-    from scripts.inferers import ClassPromptInferer
+    from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.metrics import EndoVisMetric
     from scripts.monailabel_support import DatalistFrameDataset, FrameEmbedder
 

@@ -176,7 +176,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
     """Studies (the small demo frames, flat), the tiny SAM and a random-but-seeded SurgicalSAM model.pt."""
-    from scripts.networks.surgical_sam import SurgicalSAM
+    from scripts.surgical_sam.network import SurgicalSAM
 
     python = monailabel_python()
     root = tmp_path_factory.mktemp("monailabel")
@@ -202,7 +202,7 @@ def _studies(setup, name):
 
 def _network(setup, model_file):
     from scripts.monailabel_support import load_model_state
-    from scripts.networks.surgical_sam import SurgicalSAM
+    from scripts.surgical_sam.network import SurgicalSAM
 
     network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
     network.load_state_dict(load_model_state(model_file))
@@ -218,9 +218,9 @@ def _frame_tensor(path):
 def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction=0.01):
     """The bundle's own label map for a frame (the same network and model file, in this process)."""
     from scripts.data.layout import read_frame
-    from scripts.inferers import ClassPromptInferer
+    from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.monailabel_support import load_model_state
-    from scripts.networks.surgical_sam import SurgicalSAM
+    from scripts.surgical_sam.network import SurgicalSAM
 
     network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
     network.load_state_dict(load_model_state(model_file))
@@ -301,7 +301,7 @@ def _ambiguous_frame(setup, studies):
     """A (frame, presence threshold) pair that puts one class of that frame exactly on the automatic
     protocol's presence threshold (its mask has exactly min_pixels pixels) while no other frame has a class
     mask of that size: the deliberately ambiguous frame of the served model."""
-    from scripts.inferers import ClassPromptInferer
+    from scripts.surgical_sam.inferer import ClassPromptInferer
 
     network, inferer = _network(setup, setup["model"]), ClassPromptInferer(7, "auto", 0.0)
     counts = {}
@@ -520,7 +520,7 @@ def test_own_auto_and_class_prompt(own, setup):
 def test_own_sam_clicks_and_box(own, setup):
     from scripts.data.layout import read_frame
     from scripts.sam.prompting import SamPointPrompter
-    from scripts.networks.surgical_sam import SurgicalSAM
+    from scripts.surgical_sam.network import SurgicalSAM
 
     server, bundle = own
     network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()

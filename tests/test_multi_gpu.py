@@ -18,7 +18,7 @@ from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
 
 from scripts.data.embedding_cache import precompute_embeddings
 from scripts.engines import EpochDistributedSampler
-from scripts.networks.surgical_sam import SurgicalSAM
+from scripts.surgical_sam.network import SurgicalSAM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from scripts.sam.batched_mask_decoder import decode_masks
-from scripts.networks.prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
+from scripts.surgical_sam.prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
 from scripts.sam.backbone import build_sam, get_variant
 from scripts.sam.geometry import low_res_logits_to_frame
-from scripts.networks.surgical_sam import SurgicalSAM
+from scripts.surgical_sam.network import SurgicalSAM
 
 NUM_CLASSES = 3
 FRAME_SIZE = (96, 128)

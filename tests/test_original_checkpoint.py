@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from scripts.cli import convert_original_checkpoint
 from scripts.sam.backbone import build_sam
-from scripts.networks.surgical_sam import SurgicalSAM
+from scripts.surgical_sam.network import SurgicalSAM
 
 NUM_CLASSES, NUM_TOKENS, FRAME = 3, 2, (64, 80)  # tiny SAM: 256 input, 16x16 grid, d = 256
 IMAGE_SIZE = 256

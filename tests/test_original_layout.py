@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.data.embedding_cache import CachedFrameDataset, CachedPromptDataset
+from scripts.surgical_sam.datasets import CachedFrameDataset, CachedPromptDataset
 from scripts.data.original_layout import (
     OriginalLayoutError,
     OriginalLayoutReader,

@@ -13,7 +13,7 @@ from ignite.engine import Engine
 from scripts.class_mapping import eval_to_model_lut, model_classes_to_prompt, remap_labels, shared_classes
 from scripts.cli import pool_metrics
 from scripts.engines import FrameBatch, MetricsReport
-from scripts.inferers import ClassPromptInferer
+from scripts.surgical_sam.inferer import ClassPromptInferer
 from scripts.metrics import EndoVisMetric, pool_frame_statistics, read_frame_statistics
 
 NAMES = ["A", "B"]

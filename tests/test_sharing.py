@@ -21,10 +21,10 @@ from PIL import Image
 
 import scripts
 from scripts.cli import bundle_name, pack
-from scripts.inferers import ClassPromptInferer
-from scripts.networks.label_map_network import SurgicalSAMLabelMap
+from scripts.surgical_sam.inferer import ClassPromptInferer
+from scripts.surgical_sam.label_map_network import SurgicalSAMLabelMap
 from scripts.sam.backbone import SAM_DOWNLOAD_URL, SAM_VARIANTS
-from scripts.networks.surgical_sam import SurgicalSAM
+from scripts.surgical_sam.network import SurgicalSAM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO_ROOT, "bundle")

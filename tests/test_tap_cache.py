@@ -16,18 +16,12 @@ from monai.bundle import ConfigWorkflow
 import scripts.data.embedding_cache as embedding_cache
 from scripts.data.augmentation import augment_frame
 from scripts.data.embedding_cache import (
-    MANIFEST_NAME,
-    CacheSpaceError,
-    EmbeddingCache,
-    StaleCacheError,
-    cache_identity,
-    check_disk_space,
-    entry_bytes,
-    precompute_embeddings,
+    MANIFEST_NAME, CacheSpaceError, EmbeddingCache, StaleCacheError, cache_identity, check_disk_space, entry_bytes, precompute_embeddings,
 )
 from scripts.data.layout import load_datalist, read_frame, read_label_map
-from scripts.distillation import CachedTapDataset, DistillationBatch, FrameLabelDataset, distillation_dataset
-from scripts.networks.distillation_sam import DistillationSAM
+from scripts.distillation_sam.datasets import CachedTapDataset, FrameLabelDataset, distillation_dataset
+from scripts.distillation_sam.batches import DistillationBatch
+from scripts.distillation_sam.network import DistillationSAM
 from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
 from scripts.sam.geometry import frames_to_sam_input
 

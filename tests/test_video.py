@@ -20,9 +20,9 @@ from PIL import Image
 from scripts import BUNDLE_ROOT
 from scripts.data.layout import read_frame
 from scripts.data.video_io import VideoError, legend_panel, open_sequence, write_video
-from scripts.inferers import ClassPromptInferer
-from scripts.networks.distillation_sam import DistillationSAM
-from scripts.networks.surgical_sam import SurgicalSAM
+from scripts.surgical_sam.inferer import ClassPromptInferer
+from scripts.distillation_sam.network import DistillationSAM
+from scripts.surgical_sam.network import SurgicalSAM
 from scripts.temporal import TemporalPresence, class_switches, evaluate_temporal
 
 from conftest import META_FILE, SMALL_DEMO

@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .losses import DistillationSAMLoss, SurgicalSAMLoss
+from .distillation_sam.loss import DistillationSAMLoss
+from .surgical_sam.loss import SurgicalSAMLoss
 from .sam.backbone import get_variant
-from .engines import micro_batched_backward
+from .surgical_sam.batches import micro_batched_backward
 from .sam.geometry import masks_to_embedding_grid, resize_by_interpolation
-from .networks.surgical_sam import SurgicalSAM
+from .surgical_sam.network import SurgicalSAM
 
 __all__ = ["format_benchmark_table", "run_benchmark"]
 
@@ -255,7 +256,7 @@ def _tap_cache_entry_files(identity: dict, folder: str) -> tuple[str, str]:
 def _distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, device, seed, say) -> dict[str, Any]:
     """Part 6: Distillation-SAM training samples/s without and with the tap cache; tap cache bytes per entry."""
     from .data.embedding_cache import cache_identity, entry_bytes
-    from .networks.distillation_sam import DistillationSAM
+    from .distillation_sam.network import DistillationSAM
 
     generator = torch.Generator().manual_seed(seed + 1)
     frames = (torch.rand(batch, 3, *frame_hw, generator=generator) * 255).to(device)
@@ -326,7 +327,8 @@ def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[i
     then the collate (one process; the trainer's loader workers read ahead of the step)."""
     from types import SimpleNamespace
 
-    from .data.embedding_cache import EmbeddingCache, prompt_sample
+    from .data.embedding_cache import EmbeddingCache
+    from .surgical_sam.datasets import prompt_sample
     from .data.layout import write_label_map
 
     variant = get_variant(cfg["sam_variant"])
@@ -351,7 +353,7 @@ def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[i
 def _worker(cfg: dict) -> dict[str, Any]:
     """Parts 1, 2 and 4 for one path (``cfg["path"]``), in this process; parameters after the first step
     are written to ``cfg["params_file"]`` for the comparison between paths."""
-    from .losses import class_embeddings_from_masks
+    from .surgical_sam.loss import class_embeddings_from_masks
     from .process_settings import apply_process_settings, current_process_settings
 
     path = cfg["path"]
@@ -389,7 +391,7 @@ def _worker(cfg: dict) -> dict[str, Any]:
     num_classes = cfg["num_classes"]
     with torch.no_grad():
         if path == "bundle":
-            from .inferers import ClassPromptInferer
+            from .surgical_sam.inferer import ClassPromptInferer
 
             inferer = ClassPromptInferer(num_classes, protocol="auto", output="label_map")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.get("amp", False)):

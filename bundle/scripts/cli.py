@@ -637,8 +637,8 @@ def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str | None =
         the inferred num_classes, num_tokens, grid positions and embedding size.
     """
     from scripts import BUNDLE_ROOT
-    from scripts.networks.original_checkpoint import OriginalCheckpointError
-    from scripts.networks.original_checkpoint import convert_original_checkpoint as convert
+    from scripts.surgical_sam.original_checkpoint import OriginalCheckpointError
+    from scripts.surgical_sam.original_checkpoint import convert_original_checkpoint as convert
 
     if not src or not dst:
         raise _fail("--src (the original checkpoint) and --dst (e.g. bundle/models/model.pt) are required.")

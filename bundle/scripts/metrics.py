@@ -51,7 +51,7 @@ NUM_STATISTICS = 4
 #: The four scalar metrics (percentages), in the order every table prints them.
 SCALAR_METRIC_KEYS = ("challenge_iou", "iou", "mc_iou", "miou")
 METRIC_KEYS = SCALAR_METRIC_KEYS + ("class_iou", "num_frames")
-#: The prompting protocols (see scripts.inferers): the paper's ``oracle`` first.
+#: The prompting protocols (see scripts.surgical_sam.inferer): the paper's ``oracle`` first.
 PROTOCOLS = ("oracle", "auto")
 #: File beside metrics.json holding the per-frame statistics that folds are pooled from.
 FRAME_STATS_FILE = "frame_stats.json"

@@ -39,7 +39,7 @@ from monai.handlers import ValidationHandler
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .data.embedding_cache import prompt_sample, prompt_samples
+from .surgical_sam.datasets import prompt_sample, prompt_samples
 from .data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
 from .files import atomic_write
 from .sam.geometry import frames_to_sam_input, masks_to_embedding_grid
@@ -189,7 +189,7 @@ class FrameEmbedder:
 class DatalistPromptDataset(Dataset):
     """Training samples from a datalist: one (frame, class) pair per class present on the embedding grid.
 
-    Items as :class:`scripts.data.embedding_cache.CachedPromptDataset`: ``image_embeddings`` (d, h, w),
+    Items as :class:`scripts.surgical_sam.datasets.CachedPromptDataset`: ``image_embeddings`` (d, h, w),
     ``mask`` (1, H, W) float, ``grid_mask`` (h, w) bool, ``class_id`` () long. ``absent_prompts_per_frame``
     adds prompts of absent classes with an empty target (redrawn per epoch by :meth:`set_epoch`).
     """

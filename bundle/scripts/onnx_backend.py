@@ -1,11 +1,11 @@
 """ONNX export of SurgicalSAM as two graphs, and ONNX Runtime inference with the torch model's interface.
 
 :func:`export_onnx` writes ``image_encoder.onnx`` and ``class_decoder.onnx`` (the cut of
-:mod:`scripts.networks.onnx_parts`, as segment-anything's ONNX export keeps its encoder apart from the
+:mod:`scripts.surgical_sam.onnx_parts`, as segment-anything's ONNX export keeps its encoder apart from the
 prompt-and-decoder graph) and ``onnx.json``, which says what the graphs take and give and for which
 model they were made. :class:`OnnxSurgicalSAM` runs them with ONNX Runtime behind the same
-``predict_classes`` as :class:`~scripts.networks.surgical_sam.SurgicalSAM`, so the automatic protocol
-(:class:`~scripts.inferers.ClassPromptInferer`) runs on either backend unchanged. The frame <-> SAM-input
+``predict_classes`` as :class:`~scripts.surgical_sam.network.SurgicalSAM`, so the automatic protocol
+(:class:`~scripts.surgical_sam.inferer.ClassPromptInferer`) runs on either backend unchanged. The frame <-> SAM-input
 geometry stays in torch (:mod:`scripts.sam.geometry`), shared by both backends.
 
 :func:`compare_backends` checks the ONNX path against torch (logits, embeddings, label maps) and, on request,
@@ -25,10 +25,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .networks.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
+from .surgical_sam.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
 from .sam.checkpoint import file_md5
 from .sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
-from .networks.surgical_sam import SurgicalSAM
+from .surgical_sam.network import SurgicalSAM
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class OnnxSurgicalSAM(_TwoGraphSurgicalSAM):
 
 
 class Float64SurgicalSAM(_TwoGraphSurgicalSAM):
-    """The two exported modules (:mod:`scripts.networks.onnx_parts`) of ``model`` in float64 under torch: the
+    """The two exported modules (:mod:`scripts.surgical_sam.onnx_parts`) of ``model`` in float64 under torch: the
     reference both float32 backends are measured against.
 
     The SAM input is the float32 one both backends get (the same torch preprocessing), the positional

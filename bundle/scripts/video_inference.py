@@ -39,7 +39,7 @@ from PIL import Image
 
 from .data.video_io import OverlayVideoWriter, VideoError, open_sequence
 from .files import atomic_write_bytes
-from .inferers import ClassPromptInferer
+from .surgical_sam.inferer import ClassPromptInferer
 from .onnx_backend import OnnxSurgicalSAM, check_backend, load_model_file
 from .temporal import TemporalPresence
 

@@ -1,7 +1,7 @@
 """Reading a checkpoint and comparing its state dict with a module's, for loaders that refuse a file that
 does not fit.
 
-Shared by :meth:`~scripts.networks.pvt.PyramidVisionTransformer.load_pretrained`,
+Shared by :meth:`~scripts.distillation_sam.pvt.PyramidVisionTransformer.load_pretrained`,
 :func:`~scripts.sam.backbone.load_sam_checkpoint`, :func:`~scripts.sam.prompting.load_sam_mask_decoder`,
 the two networks' ``load_state_dict`` and the original-checkpoint conversion, so they read a file, check its
 md5 and describe a mismatch alike.

@@ -5,7 +5,7 @@
 subclass runs the automatic protocol inside ``forward``: it prompts every class, keeps a class where its
 mask covers at least ``min_mask_fraction`` of the frame, and merges the masks by the IoU head's quality
 (the highest quality wins where masks overlap; on ties the higher class id), exactly what
-``scripts.inferers.ClassPromptInferer(protocol="auto", output="label_map")`` does with ``SurgicalSAM``.
+``scripts.surgical_sam.inferer.ClassPromptInferer(protocol="auto", output="label_map")`` does with ``SurgicalSAM``.
 
 Input ``image`` (B, 3, H, W) float RGB 0..255; output ``pred`` (B, 1, H, W) uint8 label map
 (0 = background, 1..C instrument types), as metadata.json's ``network_data_format`` says.
@@ -25,7 +25,7 @@ import torch
 
 from ..sam.batched_mask_decoder import decode_masks
 from ..sam.geometry import low_res_logits_to_frame
-from .surgical_sam import SurgicalSAM
+from .network import SurgicalSAM
 
 
 class SurgicalSAMLabelMap(SurgicalSAM):

@@ -15,16 +15,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.engines.utils import PrepareBatch
-from monai.inferers import Inferer
 from torch.utils.data import Dataset
 
-from .data.augmentation import augment_frame, version_for_epoch
-from .data.embedding_cache import EmbeddingCache
-from .data.layout import DEFAULT_IGNORE_INDEX, load_datalist, read_frame, read_label_map
+from ..data.augmentation import augment_frame, version_for_epoch
+from ..data.embedding_cache import EmbeddingCache
+from ..data.layout import DEFAULT_IGNORE_INDEX, load_datalist, read_frame, read_label_map
 
-__all__ = ["FrameLabelDataset", "CachedTapDataset", "distillation_dataset", "tap_blocks", "DistillationBatch",
-           "SemanticInferer", "check_distill_inputs"]
+__all__ = ["FrameLabelDataset", "CachedTapDataset", "distillation_dataset", "tap_blocks", "tap_cache_folder"]
 
 #: keys of the cached encoder outputs a batch may carry; passed to ``DistillationSAM.forward``.
 CACHED_KEYS = ("embedding", "taps")
@@ -32,8 +29,8 @@ CACHED_KEYS = ("embedding", "taps")
 
 def tap_blocks(sam_variant: str, taps=None, num_taps: int = 3) -> list[int]:
     """The 1-based ViT blocks a ``DistillationSAM`` with these settings taps (``taps`` None: evenly spaced)."""
-    from .networks.distillation_adapter import default_tap_blocks
-    from .sam.backbone import get_variant
+    from .adapter import default_tap_blocks
+    from ..sam.backbone import get_variant
 
     if taps is None:
         return list(default_tap_blocks(get_variant(sam_variant).encoder_depth, num_taps))
@@ -140,72 +137,3 @@ def distillation_dataset(dataset_dir: str, split: str, num_classes: int, augment
     if tap_cache_identity is None:
         raise ValueError("tap_cache_identity is needed with tap_cache_dir (cache_identity(variant, checkpoint, taps))")
     return CachedTapDataset(EmbeddingCache(tap_cache_dir, tap_cache_identity), split, num_classes)
-
-
-class DistillationBatch(PrepareBatch):
-    """Batch -> (frames, label (B, 1, H, W), (), kwargs) for ``DistillationSAM``.
-
-    kwargs: ``label`` (for the teacher) when ``teacher_label`` (training), and the cached ``embedding``
-    (B, d, h, w) and ``taps`` (B, n_taps, h, w, C_vit) when the batch has them (tap cache). For
-    validation (``teacher_label=False``) the kwargs go to :class:`SemanticInferer`.
-    """
-
-    def __init__(self, teacher_label: bool = True) -> None:
-        self.teacher_label = teacher_label
-
-    def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
-        def move(key):
-            return batchdata[key].to(device=device, non_blocking=non_blocking, **kwargs)
-
-        frames, label = move("image"), move("label")
-        extra = {key: move(key) for key in CACHED_KEYS if key in batchdata}
-        if self.teacher_label:
-            extra["label"] = label
-        return frames, label, (), extra
-
-
-class SemanticInferer(Inferer):
-    """Run a semantic network (``DistillationSAM``) on frames: one pass, no class prompt, no GT.
-
-    This is the ``auto`` protocol (model card: Evaluation protocols and metrics): every frame gets a metric entry.
-
-    Args:
-        output: ``dict`` (for evaluators: ``label_map`` (B, 1, H, W) and ``has_entry`` (B,) all True) or
-            ``label_map`` (the tensor, for inference and MONAI Label).
-    """
-
-    def __init__(self, output: str = "dict") -> None:
-        if output not in ("dict", "label_map"):
-            raise ValueError(f"output must be 'dict' or 'label_map', got {output!r}")
-        self.output = output
-
-    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
-        """inputs: frames (B, 3, H, W) 0..255; ``embedding`` / ``taps`` from the tap cache go to the network;
-        other extra arguments (e.g. ``gt_label``) are not used."""
-        cached = {key: kwargs[key] for key in CACHED_KEYS if kwargs.get(key) is not None}
-        label_map = network(inputs, **cached)["label_map"].unsqueeze(1)
-        if self.output == "label_map":
-            return label_map
-        return {"label_map": label_map,
-                "has_entry": torch.ones(label_map.shape[0], dtype=torch.bool, device=label_map.device)}
-
-
-def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoint: str | None,
-                         model_file: str | None = None, job: str = "train", tap_cache_dir: str | None = None) -> None:
-    """Fail at once, naming every missing input (dataset, SAM weights, tap cache when used, trained model)
-    and how to make it."""
-    from .data.layout import raise_input_problems
-    from .sam.backbone import missing_sam_weights
-
-    problems = []
-    if dataset_dir is not None and not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
-        problems.append(f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the "
-                        "model card) or pass --dataset_dir; for the demo merge bundle/configs/demo_distill.yaml.")
-    problems += missing_sam_weights(sam_variant, sam_checkpoint)
-    if tap_cache_dir is not None and not os.path.isfile(os.path.join(tap_cache_dir, "manifest.json")):
-        problems.append(f"tap cache: none at {tap_cache_dir} (cache_taps is on). Make it with python -m monai.bundle "
-                        "run precompute --config_file <the same config files>, or pass --cache_taps false.")
-    if model_file is not None and not os.path.isfile(model_file):
-        problems.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
-                        "--config_file bundle/configs/train_distill.yaml ...) or pass --model_file PATH.")
-    raise_input_problems(problems, job)

@@ -8,7 +8,7 @@ The original saves one dict of three state dicts (the original SurgicalSAM code'
      "sam_decoder_state_dict": SAM MaskDecoder keys without prefix (transformer.*, iou_token.weight, ...),
      "prototypes_state_dict": {"class_embeddings.weight": (C, d)}}
 
-The bundle's :class:`~scripts.networks.surgical_sam.SurgicalSAM` keeps the same module names under
+The bundle's :class:`~scripts.surgical_sam.network.SurgicalSAM` keeps the same module names under
 the prefixes ``class_prompt_encoder.``, ``mask_decoder.`` and ``prototypes.``, plus the frozen SAM
 prompt encoder (``prompt_encoder.*``: positional encoding and point embeddings), which the original
 does not save because it comes from the SAM checkpoint: the conversion copies it from there.

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sam.batched_mask_decoder import decode_masks
-from .distillation_adapter import DistillationAdapter, default_tap_blocks
+from .adapter import DistillationAdapter, default_tap_blocks
 from ..sam.backbone import build_sam, get_variant, tapped_encoder_forward
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from ..sam.checkpoint import state_dict_mismatch

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..sam.batched_mask_decoder import decode_masks
-from .surgical_sam import SurgicalSAM
+from .network import SurgicalSAM
 
 
 class SurgicalSAMEncoder(nn.Module):
