@@ -24,7 +24,7 @@ NETWORKS = ("scripts.surgical_sam.network", "scripts.surgical_sam.prototype_prom
             "scripts.surgical_sam.original_checkpoint", "scripts.surgical_sam.label_map_network",
             "scripts.surgical_sam.onnx_parts", "scripts.distillation_sam.network", "scripts.distillation_sam.adapter",
             "scripts.distillation_sam.pvt", "scripts.distillation_sam.teacher_prompts")
-LOWER_ROOMS = NETWORKS + ("scripts.data", "scripts.sam", "scripts.metrics", "scripts.files", "scripts.class_mapping",
+LOWER_ROOMS = NETWORKS + ("scripts.data", "scripts.sam", "scripts.evaluation.metrics", "scripts.files", "scripts.evaluation.class_mapping",
                "scripts.surgical_sam.loss", "scripts.process_settings")
 
 

@@ -1,4 +1,4 @@
-"""Tests of scripts.metrics against the EndoVis/ISINet protocol, on tiny hand-made frames."""
+"""Tests of scripts.evaluation.metrics against the EndoVis/ISINet protocol, on tiny hand-made frames."""
 
 from __future__ import annotations
 
@@ -12,15 +12,9 @@ import torch
 from ignite.engine import Engine
 from PIL import Image
 
-from scripts.metrics import (
-    EndoVisMetric,
-    endovis_metrics,
-    format_metric,
-    format_metrics_table,
-    frame_statistics,
-    merge_class_masks,
-    score_label_map_folders,
-)
+from scripts.evaluation.metrics import EndoVisMetric, endovis_metrics, frame_statistics, score_label_map_folders
+from scripts.evaluation.report import format_metric, format_metrics_table
+from scripts.evaluation.label_map import merge_class_masks
 
 NUM_CLASSES = 4
 CLASS_NAMES = ["bipolar", "prograsp", "needle", "never_seen"]

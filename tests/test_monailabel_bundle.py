@@ -242,7 +242,7 @@ def _auto_iou(bundle_dir, datalist, sam_checkpoint) -> float:
     """Challenge IoU of the bundle's models/model.pt on ``datalist`` under the automatic protocol, on the
     frames' embeddings as the training's validation computes them."""
     from scripts.surgical_sam.inferer import ClassPromptInferer
-    from scripts.metrics import EndoVisMetric
+    from scripts.evaluation.metrics import EndoVisMetric
     from scripts.monailabel_support import DatalistFrameDataset, FrameEmbedder
 
     network = SurgicalSAM(7, 2, FRAME, "tiny", sam_checkpoint).eval()

@@ -765,7 +765,7 @@ def _train_result(task: dict) -> dict:
 
 def _auto_iou(setup, model_file, image_ids, min_mask_fraction, studies):
     """Challenge IoU (percent) of ``model_file`` on frames against their labels in the datastore."""
-    from scripts.metrics import EndoVisMetric
+    from scripts.evaluation.metrics import EndoVisMetric
 
     metric = EndoVisMetric(7)
     for image_id in image_ids:

@@ -209,11 +209,12 @@ def score(
         ignore_index: ground-truth value to ignore (default: dataset.json's, else 255).
 
     Returns:
-        the metrics dict (see scripts.metrics.score_label_map_folders).
+        the metrics dict (see scripts.evaluation.metrics.score_label_map_folders).
     """
     from scripts.data.layout import DESCRIPTION_FILE, DatasetError, read_dataset_description
     from scripts.data.layout import class_names as description_class_names
-    from scripts.metrics import PROTOCOLS, format_metrics_table, score_label_map_folders
+    from scripts.evaluation.metrics import PROTOCOLS, score_label_map_folders
+    from scripts.evaluation.report import format_metrics_table
 
     pred_folder = _existing_dir(pred_dir, "pred_dir")
     gt_folder = _existing_dir(gt_dir, "gt_dir")
@@ -412,7 +413,8 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     """
     from scripts.data.embedding_cache import StaleCacheError
     from scripts.data.layout import DatasetError
-    from scripts.metrics import PROTOCOLS, format_metric, format_metrics_table
+    from scripts.evaluation.metrics import PROTOCOLS
+    from scripts.evaluation.report import format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(bundle_root, ("train.yaml", "demo.yaml", "evaluate.yaml"), epochs, fresh)
     train_files = [str(needed[0]), str(needed[1])]
@@ -469,7 +471,7 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
     """
     from scripts.data.embedding_cache import CacheSpaceError, StaleCacheError
     from scripts.data.layout import DatasetError
-    from scripts.metrics import format_metric, format_metrics_table
+    from scripts.evaluation.report import format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(
         bundle_root, ("train_distill.yaml", "demo_distill.yaml", "evaluate_distill.yaml"), epochs, fresh
@@ -669,7 +671,9 @@ def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dic
         inputs: comma-separated paths.
         output: where to write the pooled metrics (JSON); "" to write nothing.
     """
-    from scripts.metrics import format_pooled_table, json_safe, pool_frame_statistics
+    from scripts.evaluation.report import format_pooled_table
+    from scripts.evaluation.metrics import json_safe
+    from scripts.evaluation.pooling import pool_frame_statistics
 
     paths = [p.strip() for p in inputs.split(",")] if isinstance(inputs, str) else [str(p) for p in (inputs or [])]
     paths = [p for p in paths if p]

@@ -21,7 +21,8 @@ from monai.engines.utils import PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from .data.layout import raise_input_problems
-from .metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS, format_metrics_table
+from .evaluation.metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS
+from .evaluation.report import format_metrics_table
 from .sam.backbone import missing_sam_weights
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class FrameBatch(PrepareBatch):
 
     The ground truth goes to the inferer, which uses it only under the ``oracle`` protocol.
     ``label_lut`` (256 entries) maps the dataset's label values to the model's (cross-dataset
-    evaluation, see ``scripts.class_mapping``); None leaves them as they are.
+    evaluation, see ``scripts.evaluation.class_mapping``); None leaves them as they are.
     """
 
     def __init__(self, image_key: str = "image_embeddings", label_key: str = "label",
@@ -45,7 +46,7 @@ class FrameBatch(PrepareBatch):
         inputs = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
         label = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
         if self.label_lut is not None:
-            from .class_mapping import remap_labels
+            from .evaluation.class_mapping import remap_labels
 
             label = remap_labels(label, self.label_lut)
         return inputs, label, (), {"gt_label": label}

@@ -17,7 +17,8 @@ import torch
 from monai.inferers import Inferer
 
 from ..engine.inferers import autocast
-from ..metrics import PROTOCOLS, merge_class_masks
+from ..evaluation.metrics import PROTOCOLS
+from ..evaluation.label_map import merge_class_masks
 
 
 class ClassPromptInferer(Inferer):

@@ -1,7 +1,7 @@
 """EndoVis / ISINet evaluation protocol (as ISINet and SurgicalSAM evaluate).
 
 Per frame, class-promptable predictions (one binary mask, class and quality per prompt) are merged into a
-label map (:func:`merge_class_masks`); each (prediction, ground truth) pair of label maps is reduced to a
+label map (:func:`~scripts.evaluation.label_map.merge_class_masks`); each (prediction, ground truth) pair of label maps is reduced to a
 small per-class table (:func:`frame_statistics`); the tables of all frames give Challenge IoU, IoU, mean
 class IoU and cumulative mIoU (:func:`endovis_metrics`). :class:`EndoVisMetric` wraps this for ignite /
 MONAI evaluators and :func:`score_label_map_folders` scores folders of PNG label maps.
@@ -27,7 +27,6 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 __all__ = [
-    "merge_class_masks",
     "frame_statistics",
     "endovis_metrics",
     "EndoVisMetric",
@@ -37,12 +36,7 @@ __all__ = [
     "SCALAR_METRIC_KEYS",
     "PROTOCOLS",
     "json_safe",
-    "format_metric",
-    "format_metrics_table",
-    "format_pooled_table",
     "frame_statistics_record",
-    "read_frame_statistics",
-    "pool_frame_statistics",
 ]
 
 # Columns of the per-frame statistics table returned by :func:`frame_statistics`.
@@ -56,35 +50,6 @@ PROTOCOLS = ("oracle", "auto")
 #: File beside metrics.json holding the per-frame statistics that folds are pooled from.
 FRAME_STATS_FILE = "frame_stats.json"
 FRAME_STATS_FORMAT = 1
-
-
-def merge_class_masks(masks: torch.Tensor, class_ids: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-    """Merge per-class binary masks of one frame into a label map.
-
-    Masks are written in ascending order of quality (stable sort), so where masks overlap the one with the
-    highest quality wins (on ties, the later one).
-
-    Args:
-        masks: (K, H, W) bool masks (e.g. ``logits > 0``).
-        class_ids: (K,) long label values in 1..C.
-        quality: (K,) float quality of each mask (e.g. SAM's IoU prediction).
-
-    Returns:
-        (H, W) long label map, 0 = background; all zeros when K = 0.
-    """
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be (K, H, W), got shape {tuple(masks.shape)}.")
-    class_ids = torch.as_tensor(class_ids, device=masks.device).reshape(-1)
-    quality = torch.as_tensor(quality, device=masks.device).reshape(-1)
-    num_masks = masks.shape[0]
-    if class_ids.shape[0] != num_masks or quality.shape[0] != num_masks:
-        raise ValueError(
-            f"class_ids {tuple(class_ids.shape)} and quality {tuple(quality.shape)} must have K={num_masks} entries."
-        )
-    label_map = torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
-    for index in torch.argsort(quality, stable=True).tolist():
-        label_map[masks[index].bool()] = int(class_ids[index])
-    return label_map
 
 
 def _as_long_tensor(label_map: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -474,98 +439,3 @@ def frame_statistics_record(
         # pixel counts are integers: stored as such, exact in JSON
         "stats": [[[int(v) for v in row] for row in frame] for frame in stats.tolist()],
     }
-
-
-def read_frame_statistics(path: str | Path) -> dict[str, Any]:
-    """Read a ``frame_stats.json`` (or find it beside a ``metrics.json``) -> its record, ``stats`` as a tensor.
-
-    Raises:
-        FileNotFoundError: neither the file nor a frame_stats.json beside the given metrics.json exists.
-        ValueError: not a frame statistics file, or inconsistent shapes.
-    """
-    path = Path(path)
-    if path.name != FRAME_STATS_FILE and path.suffix == ".json":
-        beside = path.parent / FRAME_STATS_FILE
-        if not beside.is_file():
-            raise FileNotFoundError(
-                f"{path}: no {FRAME_STATS_FILE} beside it; pooling needs the per-frame statistics that evaluation "
-                "writes since this version of the bundle: evaluate that fold again."
-            )
-        path = beside
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass the metrics.json (or frame_stats.json) of each evaluated fold.")
-    record = json.loads(path.read_text())
-    if not isinstance(record, dict) or record.get("format") != FRAME_STATS_FORMAT or "stats" not in record:
-        raise ValueError(f"{path} is not a frame statistics file (format {FRAME_STATS_FORMAT}) written by evaluation.")
-    names = list(record["class_names"])
-    stats = torch.tensor(record["stats"], dtype=torch.float64).reshape(-1, len(names), NUM_STATISTICS)
-    if stats.shape[0] != len(record["has_entry"]):
-        raise ValueError(f"{path}: {stats.shape[0]} frames of statistics but {len(record['has_entry'])} has_entry flags.")
-    return {**record, "stats": stats, "path": str(path)}
-
-
-def pool_frame_statistics(paths: Sequence[str | Path]) -> dict[str, Any]:
-    """EndoVis metrics over several evaluations (e.g. the four EndoVis2017 folds) pooled (as the paper reports them).
-
-    Pooling concatenates the frames: the per-frame IoU and Challenge IoU lists, the per-class lists and the
-    cumulative intersection and union sums run over all frames of all inputs, exactly as if one evaluation
-    had seen them all. It is NOT the mean of the per-fold numbers (folds differ in frame count).
-
-    Returns:
-        the dict of :func:`endovis_metrics` plus ``protocol``, ``inputs`` (the files read) and ``per_input``
-        (each input's own metrics, for the table).
-
-    Raises:
-        ValueError: no input, or inputs of other class names or protocols.
-    """
-    if not paths:
-        raise ValueError("no input to pool: pass the metrics.json of each fold.")
-    records = [read_frame_statistics(p) for p in paths]
-    names, protocol = records[0]["class_names"], records[0].get("protocol")
-    for record in records[1:]:
-        if record["class_names"] != names:
-            raise ValueError(f"cannot pool {record['path']}: its classes {record['class_names']} differ from {names} "
-                             f"of {records[0]['path']}.")
-        if record.get("protocol") != protocol:
-            raise ValueError(f"cannot pool {record['path']} ({record.get('protocol')} protocol) with "
-                             f"{records[0]['path']} ({protocol} protocol): pool each protocol separately.")
-    stats = torch.cat([r["stats"] for r in records])
-    has_entry = [flag for r in records for flag in r["has_entry"]]
-    result = endovis_metrics(stats, names, has_entry)
-    result["protocol"] = protocol
-    result["inputs"] = [r["path"] for r in records]
-    result["per_input"] = {r["path"]: endovis_metrics(r["stats"], names, r["has_entry"]) for r in records}
-    return result
-
-
-# ------------------------------------------------------------------------------------------ report tables
-def format_metric(value: float | None, width: int = 6, digits: int = 2) -> str:
-    """One metric (a percentage) with ``digits`` decimals, right-aligned in ``width``; "n/a" for None or nan."""
-    text = "n/a" if value is None or value != value else f"{value:.{digits}f}"
-    return text.rjust(width)
-
-
-def format_metrics_table(result: dict) -> str:
-    """A plain-text table of one metrics.json."""
-    lines = [f"protocol: {result.get('protocol')}   frames: {result.get('num_frames')}"]
-    lines += [f"  {key:<14}{format_metric(result.get(key))}" for key in SCALAR_METRIC_KEYS]
-    for name, value in (result.get("class_iou") or {}).items():
-        lines.append(f"    IoU {name:<28}{format_metric(value)}")
-    return "\n".join(lines)
-
-
-def format_pooled_table(pooled: dict) -> str:
-    """Per-input rows and the pooled row of :func:`pool_frame_statistics`, then the pooled
-    class IoUs."""
-    keys = SCALAR_METRIC_KEYS
-    lines = [f"protocol: {pooled.get('protocol')}   pooled over {len(pooled.get('per_input', {}))} evaluations",
-             f"  {'':<40}" + "".join(f"{k:>14}" for k in keys) + f"{'frames':>8}"]
-    for path, metrics in (pooled.get("per_input") or {}).items():
-        label = path if len(path) <= 40 else "..." + path[-37:]
-        lines.append(f"  {label:<40}" + "".join(f"{format_metric(metrics.get(k)):>14}" for k in keys)
-                     + f"{metrics.get('num_frames', ''):>8}")
-    lines.append(f"  {'pooled':<40}" + "".join(f"{format_metric(pooled.get(k)):>14}" for k in keys)
-                 + f"{pooled.get('num_frames', ''):>8}")
-    for name, value in (pooled.get("class_iou") or {}).items():
-        lines.append(f"    IoU {name:<28}{format_metric(value)}")
-    return "\n".join(lines)
