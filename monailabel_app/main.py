@@ -41,11 +41,11 @@ MODELS = {
 
 
 def apply_bundle_process_settings(bundle: str) -> None:
-    """The bundle's process settings (scripts/process_settings.py: glibc allocator), loaded by file path so
+    """The bundle's process settings (scripts/engine/process_settings.py: glibc allocator), loaded by file path so
     that the bundle's ``scripts`` package is not imported here."""
     import importlib.util
 
-    path = os.path.join(bundle, "scripts", "process_settings.py")
+    path = os.path.join(bundle, "scripts", "engine", "process_settings.py")
     if not os.path.isfile(path):
         logger.warning("%s is missing: the bundle's process settings are not applied", path)
         return

@@ -1,4 +1,4 @@
-"""Tests of the engine glue (scripts.engines) and the class-prompt inferer (scripts.surgical_sam.inferer)."""
+"""Tests of the engine glue (scripts.engine.handlers) and the class-prompt inferer (scripts.surgical_sam.inferer)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from monai.engines import SupervisedTrainer
 from torch import nn
 
 from conftest import use_float64_dense_pe
-from scripts.engines import (
-    AugmentationVersionHandler, FrameBatch, GradientNormClipping, MetricsReport, TrainingState, check_evaluation_inputs, check_training_inputs, endovis_metric_inputs,
+from scripts.engine.handlers import (
+    AugmentationVersionHandler, GradientNormClipping, MetricsReport, TrainingState, endovis_metric_inputs,
 )
+from scripts.engine.batches import FrameBatch
+from scripts.engine.checks import check_evaluation_inputs, check_training_inputs
 from scripts.surgical_sam.batches import MicroBatchIteration, PromptedSampleBatch
 from scripts.data.embedding_cache import StaleCacheError
 from scripts.surgical_sam.inferer import ClassPromptInferer

@@ -132,7 +132,7 @@ def test_a_random_file_as_sam_checkpoint_gets_the_bundles_advice(tmp_path, conte
 
 
 def test_a_cache_of_another_checkpoint_is_a_stale_cache(tmp_path, small_demo_dir, small_cache_dir):
-    from scripts.engines import check_evaluation_inputs, check_training_inputs
+    from scripts.engine.checks import check_evaluation_inputs, check_training_inputs
     from scripts.sam.backbone import save_random_sam_checkpoint
 
     other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1)
@@ -204,7 +204,7 @@ def run_inference(frames_dir, output_dir, model_file, sam_checkpoint, **override
 
 
 def test_inference_writes_every_readable_frame_and_names_the_bad_ones(tmp_path, demo_model, tiny_sam_checkpoint):
-    from scripts.engines import UnreadableFramesError
+    from scripts.engine.handlers import UnreadableFramesError
 
     rng = np.random.default_rng(0)
     frames = tmp_path / "frames"

@@ -15,7 +15,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 
 #: Engine glue, MONAI Label glue, the CLI and the commands built on them.
-GLUE = ("scripts.engines", "scripts.engine", "scripts.monailabel_support", "scripts.cli",
+GLUE = ("scripts.engine.handlers", "scripts.engine", "scripts.monailabel_support", "scripts.cli",
         "scripts.benchmark", "scripts.onnx_backend", "scripts.video_inference", "scripts.temporal")
 #: What data/ may take from networks/: the shared SAM core, no method's network.
 SAM_CORE = ("scripts.sam.backbone", "scripts.sam.geometry", "scripts.sam.checkpoint",
@@ -25,7 +25,7 @@ NETWORKS = ("scripts.surgical_sam.network", "scripts.surgical_sam.prototype_prom
             "scripts.surgical_sam.onnx_parts", "scripts.distillation_sam.network", "scripts.distillation_sam.adapter",
             "scripts.distillation_sam.pvt", "scripts.distillation_sam.teacher_prompts")
 LOWER_ROOMS = NETWORKS + ("scripts.data", "scripts.sam", "scripts.evaluation.metrics", "scripts.files", "scripts.evaluation.class_mapping",
-               "scripts.surgical_sam.loss", "scripts.process_settings")
+               "scripts.surgical_sam.loss", "scripts.engine.process_settings")
 
 
 def _inside(module: str, rooms) -> bool:

@@ -17,7 +17,7 @@ import yaml
 from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
 
 from scripts.data.embedding_cache import precompute_embeddings
-from scripts.engines import EpochDistributedSampler
+from scripts.engine.distributed import EpochDistributedSampler
 from scripts.surgical_sam.network import SurgicalSAM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +134,7 @@ def test_two_processes_train_the_demo_and_precompute_like_one(tmp_path):
 def test_metrics_report_writes_on_rank_zero_only(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import scripts.engines as engines
+    import scripts.engine.handlers as engines
 
     metrics = {"challenge_iou": 50.0, "iou": 50.0, "mc_iou": 40.0, "miou": 45.0, "class_iou": {}, "num_frames": 2}
     engine = SimpleNamespace(state=SimpleNamespace(metrics=metrics))

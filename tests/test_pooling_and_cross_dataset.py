@@ -12,7 +12,8 @@ from ignite.engine import Engine
 
 from scripts.evaluation.class_mapping import eval_to_model_lut, model_classes_to_prompt, remap_labels, shared_classes
 from scripts.cli import pool_metrics
-from scripts.engines import FrameBatch, MetricsReport
+from scripts.engine.batches import FrameBatch
+from scripts.engine.handlers import MetricsReport
 from scripts.surgical_sam.inferer import ClassPromptInferer
 from scripts.evaluation.metrics import EndoVisMetric
 from scripts.evaluation.pooling import pool_frame_statistics, read_frame_statistics

@@ -1,4 +1,4 @@
-"""The bundle's process settings (scripts.process_settings): applied by every entry point, and in effect."""
+"""The bundle's process settings (scripts.engine.process_settings): applied by every entry point, and in effect."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ PROBE = textwrap.dedent("""
     import ctypes, sys
     sys.path.insert(0, {bundle!r})
     if {apply}:
-        from scripts.process_settings import apply_process_settings
+        from scripts.engine.process_settings import apply_process_settings
         print(apply_process_settings()["allocator"])
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
@@ -47,7 +47,7 @@ def test_freed_memory_stays_with_the_process_only_with_the_settings():
 
 
 def test_apply_is_idempotent_and_recorded():
-    from scripts.process_settings import apply_process_settings, current_process_settings
+    from scripts.engine.process_settings import apply_process_settings, current_process_settings
 
     first = apply_process_settings()
     assert apply_process_settings() is first and current_process_settings() is first
@@ -63,7 +63,7 @@ def test_apply_is_idempotent_and_recorded():
 def test_every_config_with_an_initialize_applies_the_settings_first(config):
     with open(os.path.join(BUNDLE_ROOT, "configs", config)) as handle:
         initialize = yaml.safe_load(handle)["initialize"]
-    assert initialize[0] == "$scripts.process_settings.apply_process_settings()"
+    assert initialize[0] == "$scripts.engine.process_settings.apply_process_settings()"
 
 
 def test_the_cli_and_the_monailabel_app_apply_the_settings():
@@ -102,7 +102,7 @@ def test_the_record_says_whether_the_variable_is_in_force_in_this_process_and_re
         import json, os, subprocess, sys
         import torch
         sys.path.insert(0, {BUNDLE_ROOT!r})
-        from scripts.process_settings import apply_process_settings
+        from scripts.engine.process_settings import apply_process_settings
         record = apply_process_settings()["openmp"]["OMP_WAIT_POLICY"]
         child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['OMP_WAIT_POLICY'])"],
                                capture_output=True, text=True, check=True).stdout.strip()

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import process_settings  # noqa: F401  (standard library only; configs call scripts.process_settings)
+from .engine import process_settings  # noqa: F401  (standard library only; configs call scripts.engine.process_settings)
 
 #: Folder of the bundle whose code this is (the one holding configs/, models/, scripts/, docs/).
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)

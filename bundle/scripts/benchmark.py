@@ -17,7 +17,7 @@ One run measures, on random data and random weights (speed does not depend on th
 
 Parts 1-4 run in their own processes, so each has its own peak memory and process settings:
 the original *out of the box* (a plain environment, glibc's default allocator), the original *on equal
-terms* (the process settings of :mod:`scripts.process_settings`, which the bundle applies to itself)
+terms* (the process settings of :mod:`scripts.engine.process_settings`, which the bundle applies to itself)
 and the bundle's path as users get it. The speed-ups are the ratios of figures of one run.
 
 The prompt side (prototypes, class prompt encoder, mask decoder) is the same for every SAM variant
@@ -354,7 +354,7 @@ def _worker(cfg: dict) -> dict[str, Any]:
     """Parts 1, 2 and 4 for one path (``cfg["path"]``), in this process; parameters after the first step
     are written to ``cfg["params_file"]`` for the comparison between paths."""
     from .surgical_sam.loss import class_embeddings_from_masks
-    from .process_settings import apply_process_settings, current_process_settings
+    from .engine.process_settings import apply_process_settings, current_process_settings
 
     path = cfg["path"]
     if path != "original_out_of_the_box":
@@ -414,7 +414,7 @@ def _worker(cfg: dict) -> dict[str, Any]:
 
 def _encoder_worker(cfg: dict) -> dict[str, Any]:
     """Part 3: precompute frames/s of the frozen image encoder, fp32 and (not quick) bf16 autocast."""
-    from .process_settings import apply_process_settings
+    from .engine.process_settings import apply_process_settings
 
     apply_process_settings()
     device = torch.device(cfg["device"])
@@ -444,7 +444,7 @@ def worker_environment(plain: bool) -> dict[str, str]:
     """The environment of a benchmark worker: this process's (with the bundle's OpenMP variables, which a
     worker's OpenMP reads when it loads), or with ``plain`` one without allocator variables and without the
     variables of ``process_settings.OPENMP_ENVIRONMENT``."""
-    from .process_settings import OPENMP_ENVIRONMENT, set_openmp_environment
+    from .engine.process_settings import OPENMP_ENVIRONMENT, set_openmp_environment
 
     set_openmp_environment()
     env = dict(os.environ)
@@ -617,7 +617,7 @@ def run_benchmark(
     # ---------------------------------------------------------------------- 6. Distillation-SAM
     result["distill"] = None
     if distill_batch_size > 0:
-        from .process_settings import apply_process_settings
+        from .engine.process_settings import apply_process_settings
 
         apply_process_settings()
         result["distill"] = _distill_benchmark(

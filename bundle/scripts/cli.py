@@ -863,7 +863,7 @@ def _quiet(result: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``surgical-sam`` (and ``python -m scripts.cli``)."""
-    from scripts.process_settings import apply_process_settings, set_openmp_environment
+    from scripts.engine.process_settings import apply_process_settings, set_openmp_environment
 
     set_openmp_environment()  # before anything loads torch (OpenMP reads it once, when it loads)
     import fire

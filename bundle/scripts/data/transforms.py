@@ -131,7 +131,7 @@ class FrameDataset(Dataset):
     """MONAI ``Dataset`` of a folder of frames that does not stop at an unreadable one.
 
     Each item gets ``unreadable``: "" for a frame that loaded, else "<file>: <why>" and ``image`` an empty
-    (3, 0, 0) tensor; ``scripts.engines.UnreadableFrames`` skips those items, reports them by name at the end
+    (3, 0, 0) tensor; ``scripts.engine.handlers.UnreadableFrames`` skips those items, reports them by name at the end
     and fails the run, after every other frame is written.
     """
 

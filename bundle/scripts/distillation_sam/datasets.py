@@ -48,7 +48,7 @@ class FrameLabelDataset(Dataset):
 
     Training augmentation follows the SurgicalSAM recipe's versions (``scripts.data.augmentation``):
     epoch e uses version ``version_for_epoch(e, augmentation_versions)`` for every frame, drawn per frame
-    on the fly. ``set_epoch`` is called by ``scripts.engines.AugmentationVersionHandler``.
+    on the fly. ``set_epoch`` is called by ``scripts.engine.handlers.AugmentationVersionHandler``.
 
     Args:
         dataset_dir: prepared dataset folder.

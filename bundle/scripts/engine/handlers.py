@@ -1,4 +1,5 @@
-"""Glue between the bundle's parts and MONAI's engines: batch preparation, handlers, input checks.
+"""Handlers of MONAI's engines: augmentation versions, progress, gradient clipping, the best model, the
+training state to resume from, the metrics report, inference past unreadable frames.
 
 Everything here is referenced from the YAML configs; the engines themselves are MONAI's
 ``SupervisedTrainer`` / ``SupervisedEvaluator``.
@@ -17,39 +18,12 @@ import zipfile
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from monai.engines.utils import PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from .data.layout import raise_input_problems
-from .evaluation.metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS
-from .evaluation.report import format_metrics_table
-from .sam.backbone import missing_sam_weights
+from ..evaluation.metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS
+from ..evaluation.report import format_metrics_table
 
 logger = logging.getLogger(__name__)
-
-
-class FrameBatch(PrepareBatch):
-    """Validation batch of whole frames -> (inputs, label, (), {"gt_label": label}).
-
-    The ground truth goes to the inferer, which uses it only under the ``oracle`` protocol.
-    ``label_lut`` (256 entries) maps the dataset's label values to the model's (cross-dataset
-    evaluation, see ``scripts.evaluation.class_mapping``); None leaves them as they are.
-    """
-
-    def __init__(self, image_key: str = "image_embeddings", label_key: str = "label",
-                 label_lut: list[int] | None = None) -> None:
-        self.image_key, self.label_key, self.label_lut = image_key, label_key, label_lut
-        if label_lut is not None and len(label_lut) != 256:
-            raise ValueError(f"label_lut must have 256 entries (one per uint8 label value), got {len(label_lut)}")
-
-    def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
-        inputs = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        label = batchdata[self.label_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        if self.label_lut is not None:
-            from .evaluation.class_mapping import remap_labels
-
-            label = remap_labels(label, self.label_lut)
-        return inputs, label, (), {"gt_label": label}
 
 
 def endovis_metric_inputs(output: dict) -> tuple:
@@ -161,34 +135,6 @@ class GradientNormClipping:
         params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
         # kept as a tensor: reading it every step would wait for the device
         self._last_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
-
-
-class EpochDistributedSampler(torch.utils.data.DistributedSampler):
-    """``DistributedSampler`` for a dataset whose length changes from epoch to epoch.
-
-    The training dataset rebuilds its (frame, class) samples at each epoch (``AugmentationVersionHandler``:
-    another augmentation version, other classes on the embedding grid). torch's sampler fixes its length
-    when built; this one recomputes it whenever it is iterated, so each of the ``num_replicas`` ranks gets
-    ``ceil(len(dataset) / num_replicas)`` samples of the current epoch (padded by repeating, as torch does)
-    and every rank runs the same number of iterations. MONAI's engines call :meth:`set_epoch` at each epoch
-    start (a new shuffle per epoch, the same on every rank).
-    """
-
-    def _resize(self) -> None:
-        size = len(self.dataset)
-        if self.drop_last and size % self.num_replicas:
-            self.num_samples = size // self.num_replicas
-        else:
-            self.num_samples = math.ceil(size / self.num_replicas)
-        self.total_size = self.num_samples * self.num_replicas
-
-    def __iter__(self):
-        self._resize()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        self._resize()
-        return self.num_samples
 
 
 class BestModelState:
@@ -320,107 +266,6 @@ class MetricsReport:
             json.dump(result, handle, indent=2)
         print(format_metrics_table(result))
         logger.info("metrics written to %s", self.output_file)
-
-
-# ------------------------------------------------------------------------------------------- distributed
-TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def init_distributed(backend: str) -> None:
-    """``init_process_group`` from torchrun's environment (multi_gpu_train.yaml's initialize), with a clear error
-    when the process was not started by torchrun or there are more processes on this node than GPUs."""
-    if torch.distributed.is_initialized():
-        return
-    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f"multi_gpu_train.yaml runs one process per GPU started by torchrun, but {', '.join(missing)} "
-            "is not set: start it with `torchrun --standalone --nproc_per_node N -m monai.bundle run training "
-            "--config_file \"[..., 'configs/multi_gpu_train.yaml']\"`, or leave multi_gpu_train.yaml out for one "
-            "process."
-        )
-    if backend == "nccl" and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
-        raise RuntimeError(
-            f"process LOCAL_RANK={os.environ['LOCAL_RANK']} has no GPU of its own: this node has "
-            f"{torch.cuda.device_count()} GPU(s); start at most that many processes (--nproc_per_node)."
-        )
-    torch.distributed.init_process_group(backend=backend)
-    logger.info("process group initialised: rank %d of %d (%s)", torch.distributed.get_rank(),
-                torch.distributed.get_world_size(), backend)
-
-
-# ------------------------------------------------------------------------------------------ input checks
-def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
-                          config_hint: str = "bundle/configs/train.yaml", job: str = "train",
-                          extra_problems: list[str] | None = None, splits: list[str] | None = None) -> None:
-    """Fail at once, naming every missing input and the command that makes it.
-
-    ``splits``: the dataset.json splits the run reads (train_split, val_split); each must be in the cache.
-    The settings dataset.json states are compared next, by :func:`check_dataset_facts` (they are read from
-    dataset.json, so they need it to exist first).
-
-    Raises:
-        FileNotFoundError: something is missing (the dataset, the SAM weights, the cache or a split of it).
-        StaleCacheError: nothing is missing but the cache was made for other inputs.
-    """
-    from .data.embedding_cache import StaleCacheError, cache_identity, cache_problems
-
-    missing = list(extra_problems or [])  # FileNotFoundError: something to make or fetch
-    stale: list[str] = []  # StaleCacheError: the cache is there but made for other inputs
-    if not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
-        missing.append(
-            f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the model card) "
-            f"or pass --dataset_dir; for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`."
-        )
-    missing += missing_sam_weights(sam_variant, sam_checkpoint)
-    if not missing:  # the cache's own check (the one EmbeddingCache opens it with), in this run's words
-        cache_missing, cache_stale = cache_problems(cache_dir, cache_identity(sam_variant, sam_checkpoint),
-                                                    splits or [])
-        hint = "<the same config files as this run>"
-        missing += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_missing]
-        stale += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_stale]
-    raise_input_problems(missing + stale, job, FileNotFoundError if missing else StaleCacheError)
-
-
-def check_dataset_facts(dataset_dir: str, facts: dict, cache_dir: str | None = None, job: str = "train",
-                        config_hint: str = "bundle/configs/train.yaml") -> None:
-    """Fail before any work when the run's ``class_names`` / ``frame_size`` disagree with dataset.json.
-
-    ``facts``: train.yaml's ``dataset_facts_checked`` (a value None is not compared). Class names are compared
-    by id and name, also with the classes the embedding cache at ``cache_dir`` was made for. Runs after
-    :func:`check_training_inputs` (these settings are read from dataset.json, so it exists by then).
-
-    Raises:
-        DatasetError: a setting disagrees with dataset.json (every disagreement named, with the value found).
-        StaleCacheError: the settings agree but the cache was made for other class names.
-    """
-    from .data.embedding_cache import MANIFEST_NAME, StaleCacheError
-    from .data.layout import DatasetError, dataset_fact_problems
-
-    facts = {k: v for k, v in (facts or {}).items() if v is not None}
-    raise_input_problems(dataset_fact_problems(dataset_dir, **facts), job, DatasetError)
-    names = facts.get("class_names")
-    manifest = os.path.join(cache_dir, MANIFEST_NAME) if cache_dir else None
-    if names is not None and manifest and os.path.isfile(manifest):
-        with open(manifest) as handle:
-            cached = (json.load(handle).get("dataset") or {}).get("class_names")
-        if cached is not None and list(cached) != [str(n) for n in names]:
-            raise_input_problems([
-                f"embeddings: the cache at {cache_dir} was made for the classes {cached}, not the run's class_names "
-                f"{list(names)}: it is not used. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and run "
-                f"precompute (python -m monai.bundle run precompute --config_file {config_hint} ...)."], job,
-                StaleCacheError)
-
-
-def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
-                            model_file: str, splits: list[str] | None = None) -> None:
-    """As :func:`check_training_inputs`, and the trained model must exist."""
-    extra = []
-    if not os.path.isfile(model_file):
-        extra.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
-                     "--config_file bundle/configs/train.yaml ...) or pass --model_file PATH.")
-    check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra,
-                          splits=splits)
 
 
 # ------------------------------------------------------------------------------- inference past bad frames
