@@ -15,8 +15,8 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 
 #: Engine glue, MONAI Label glue, the CLI and the commands built on them.
-GLUE = ("scripts.engine.handlers", "scripts.engine", "scripts.monailabel_support", "scripts.cli",
-        "scripts.benchmark", "scripts.onnx_backend", "scripts.video_inference", "scripts.temporal")
+GLUE = ("scripts.engine.handlers", "scripts.engine", "scripts.monailabel_glue.training", "scripts.cli",
+        "scripts.benchmark", "scripts.deploy.onnx_backend", "scripts.deploy.video_inference", "scripts.deploy.temporal")
 #: What data/ may take from networks/: the shared SAM core, no method's network.
 SAM_CORE = ("scripts.sam.backbone", "scripts.sam.geometry", "scripts.sam.checkpoint",
             "scripts.sam.batched_mask_decoder")

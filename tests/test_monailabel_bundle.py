@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts.data.transforms import LabelMaskd
-from scripts.monailabel_support import load_model_state, make_monailabel_bundle
+from scripts.monailabel_glue.bundle_folder import load_model_state, make_monailabel_bundle
 from scripts.sam.prompting import PromptError, SamPointPrompter, check_prompts
 from scripts.surgical_sam.network import SurgicalSAM
 
@@ -243,7 +243,7 @@ def _auto_iou(bundle_dir, datalist, sam_checkpoint) -> float:
     frames' embeddings as the training's validation computes them."""
     from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.evaluation.metrics import EndoVisMetric
-    from scripts.monailabel_support import DatalistFrameDataset, FrameEmbedder
+    from scripts.monailabel_glue.training import DatalistFrameDataset, FrameEmbedder
 
     network = SurgicalSAM(7, 2, FRAME, "tiny", sam_checkpoint).eval()
     network.load_state_dict(load_model_state(os.path.join(bundle_dir, "models", "model.pt")))
@@ -293,7 +293,7 @@ def test_training_refuses_a_model_under_another_key(label_bundle, small_demo_dir
 
 
 def test_training_without_labels_says_so(label_bundle):
-    from scripts.monailabel_support import TrainingDataRefused
+    from scripts.monailabel_glue.training import TrainingDataRefused
 
     out, _ = label_bundle
     with pytest.raises(TrainingDataRefused, match="no labelled frames"):
@@ -306,7 +306,7 @@ def test_a_label_of_another_size_is_refused_unwrapped(label_bundle, small_demo_d
     import numpy as np
     from PIL import Image
 
-    from scripts.monailabel_support import TrainingDataRefused
+    from scripts.monailabel_glue.training import TrainingDataRefused
 
     out, _ = label_bundle
     data = _datalist(small_demo_dir, "seq_1")

@@ -201,7 +201,7 @@ def _studies(setup, name):
 
 
 def _network(setup, model_file):
-    from scripts.monailabel_support import load_model_state
+    from scripts.monailabel_glue.bundle_folder import load_model_state
     from scripts.surgical_sam.network import SurgicalSAM
 
     network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
@@ -219,7 +219,7 @@ def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction
     """The bundle's own label map for a frame (the same network and model file, in this process)."""
     from scripts.data.layout import read_frame
     from scripts.surgical_sam.inferer import ClassPromptInferer
-    from scripts.monailabel_support import load_model_state
+    from scripts.monailabel_glue.bundle_folder import load_model_state
     from scripts.surgical_sam.network import SurgicalSAM
 
     network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
@@ -236,7 +236,7 @@ def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction
 def _stock_app(setup, name: str) -> tuple[str, str]:
     """A copy (``setup["root"]/name``) of the monaibundle sample app shipped in the monailabel package, with
     the bundle in its ``model/surgicalsam`` folder: (app folder, bundle folder)."""
-    from scripts.monailabel_support import make_monailabel_bundle
+    from scripts.monailabel_glue.bundle_folder import make_monailabel_bundle
 
     sample = subprocess.run([setup["python"], "-c", "import os, sys; print(os.path.join(sys.prefix, 'monailabel', "
                              "'sample-apps', 'monaibundle'))"], capture_output=True, text=True, check=True).stdout.strip()
@@ -323,7 +323,7 @@ def _ambiguous_frame(setup, studies):
 def own(setup):
     """The bundle's own app (monailabel_app/), its bundle folder made by make_monailabel_bundle; its presence
     threshold puts one frame exactly on the threshold (setup["ambiguous"]), and one frame file is corrupt."""
-    from scripts.monailabel_support import make_monailabel_bundle
+    from scripts.monailabel_glue.bundle_folder import make_monailabel_bundle
 
     app = str(setup["root"] / "own_app")
     shutil.copytree(os.path.join(REPO, "monailabel_app"), app, ignore=shutil.ignore_patterns("model", "__pycache__"))

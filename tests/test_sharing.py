@@ -20,7 +20,8 @@ from conftest import bundle_copy_ignore
 from PIL import Image
 
 import scripts
-from scripts.cli import bundle_name, pack
+from scripts.deploy.packing import bundle_name
+from scripts.cli import pack
 from scripts.surgical_sam.inferer import ClassPromptInferer
 from scripts.surgical_sam.label_map_network import SurgicalSAMLabelMap
 from scripts.sam.backbone import SAM_DOWNLOAD_URL, SAM_VARIANTS

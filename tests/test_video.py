@@ -23,7 +23,7 @@ from scripts.data.video_io import VideoError, legend_panel, open_sequence, write
 from scripts.surgical_sam.inferer import ClassPromptInferer
 from scripts.distillation_sam.network import DistillationSAM
 from scripts.surgical_sam.network import SurgicalSAM
-from scripts.temporal import TemporalPresence, class_switches, evaluate_temporal
+from scripts.deploy.temporal import TemporalPresence, class_switches, evaluate_temporal
 
 from conftest import META_FILE, SMALL_DEMO
 
@@ -319,7 +319,7 @@ def test_temporal_video_inference_and_evaluation(tmp_path, video_file, model_fil
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory, model_file, small_sam_checkpoint):
     """models/ with the test model and its ONNX export."""
-    from scripts.onnx_backend import export_model_file
+    from scripts.deploy.onnx_backend import export_model_file
 
     ckpt_dir = tmp_path_factory.mktemp("onnx_models")
     shutil.copy(model_file, ckpt_dir / "model.pt")
@@ -342,7 +342,7 @@ def test_onnx_export_is_two_graphs_with_dynamic_batch(onnx_export):
 
 
 def test_onnx_runtime_matches_torch(onnx_export, model_file, small_sam_checkpoint, small_demo_dir):
-    from scripts.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends
+    from scripts.deploy.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends
 
     model = SurgicalSAM(7, 2, FRAME_SIZE, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()
     model.load_state_dict(torch.load(model_file, weights_only=True)["model"])
@@ -362,7 +362,7 @@ def test_onnx_runtime_matches_torch(onnx_export, model_file, small_sam_checkpoin
 def test_onnx_agreement_checks_fail_on_another_network(onnx_export, small_sam_checkpoint, small_demo_dir):
     """The export of one network against another torch network (an export that computes something else): the
     logit, encoder and float64-reference checks all fail."""
-    from scripts.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends
+    from scripts.deploy.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends
 
     torch.manual_seed(2)
     other = SurgicalSAM(7, 2, FRAME_SIZE, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()

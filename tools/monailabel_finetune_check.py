@@ -103,7 +103,7 @@ def held_out_scores(bundle: str, model_file: str, dataset_dir: str, device: str 
     sys.path.insert(0, os.path.abspath(bundle))
     from scripts.data.layout import read_frame, read_label_map
     from scripts.evaluation.metrics import EndoVisMetric
-    from scripts.monailabel_support import load_model_state
+    from scripts.monailabel_glue.bundle_folder import load_model_state
 
     parser = ConfigParser()
     parser.read_config(os.path.join(bundle, "configs", "inference.json"))

@@ -710,7 +710,7 @@ def monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoin
         train_overlays, inference_overlays: comma-separated config files merged on top (e.g. a dataset overlay).
     """
     from scripts import BUNDLE_ROOT
-    from scripts.monailabel_support import make_monailabel_bundle
+    from scripts.monailabel_glue.bundle_folder import make_monailabel_bundle
 
     if not out_dir:
         raise _fail("give the output folder, e.g. monailabel_app/model/surgicalsam")
@@ -741,93 +741,28 @@ def monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoin
     return out
 
 
-# ------------------------------------------------------------------------------------------------- pack
-#: What a packed bundle holds (paths relative to the bundle folder); everything else (data/, eval/, embedding
-#: caches, SAM weights, model.ts, __pycache__) stays out.
-PACKED_FOLDERS = ("configs", "scripts", "docs")
-PACKED_FILES = ("large_files.yml", "LICENSE", "models/model.pt")
-#: Never packed, even inside the folders above.
-UNPACKED_SUFFIXES = (".pyc", ".pyo", ".pth", ".md5", ".tmp")
-
-
-def bundle_name(metadata: dict) -> str:
-    """The bundle's folder name: metadata.json's ``name`` in lower case, runs of other characters as '_'
-    ("SurgicalSAM surgical instrument segmentation" -> "surgicalsam_surgical_instrument_segmentation")."""
-    import re
-
-    slug = re.sub(r"[^a-z0-9]+", "_", str(metadata.get("name", "")).lower()).strip("_")
-    if not slug:
-        raise _fail("metadata.json has no usable 'name' to name the bundle after.")
-    return slug
-
-
-def packed_files(root: Path) -> list[str]:
-    """Paths (relative, '/'-separated, sorted) of the files :func:`pack` puts in the zip."""
-    found = [name for name in PACKED_FILES if (root / name).is_file()]
-    for folder in PACKED_FOLDERS:
-        for path in sorted((root / folder).rglob("*")):
-            relative = path.relative_to(root)
-            if path.is_file() and "__pycache__" not in relative.parts and not path.name.endswith(UNPACKED_SUFFIXES):
-                found.append(relative.as_posix())
-    return sorted(found)
-
-
 def pack(out_dir: str, bundle_root: str | None = None, with_onnx: bool = False) -> str:
     """Pack the bundle into ``<out_dir>/<name>_v<version>.zip`` with one top-level folder ``<name>``.
 
-    Name (:func:`bundle_name`) and version come from ``configs/metadata.json``. The zip holds configs/, scripts/,
-    docs/, large_files.yml and, when present, the trained ``models/model.pt``; not the data, evaluation output,
-    embedding caches or SAM weights (``download_large_files`` fetches those). ``with_onnx``: also the ONNX
-    export in ``models/onnx`` (``run export_onnx``; metadata.json's ``onnx_export`` describes it). Unpack it with
-    ``python -m monai.bundle download --name NAME --version VERSION --url file://<zip> --bundle_dir DIR``.
+    Name (:func:`~scripts.deploy.packing.bundle_name`) and version come from ``configs/metadata.json``. The zip
+    holds configs/, scripts/, docs/, large_files.yml and, when present, the trained ``models/model.pt``; not the
+    data, evaluation output, embedding caches or SAM weights (``download_large_files`` fetches those).
+    ``with_onnx``: also the ONNX export in ``models/onnx`` (``run export_onnx``; metadata.json's ``onnx_export``
+    describes it). Unpack it with ``python -m monai.bundle download --name NAME --version VERSION --url file://<zip> --bundle_dir DIR``.
     Returns the zip's path.
     """
-    import zipfile
-
     import scripts
-    from scripts.files import atomic_write
+    from scripts.deploy.packing import PackError, pack_bundle
 
     root = Path(str(bundle_root) if bundle_root not in (None, "") else scripts.BUNDLE_ROOT).expanduser().resolve()
-    meta_file = root / "configs" / "metadata.json"
-    if not meta_file.is_file():
-        raise _fail(f"--bundle_root {root} is not a bundle folder: {meta_file} not found.")
-    try:
-        with open(meta_file) as handle:
-            metadata = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise _fail(f"{meta_file} is not valid JSON: {error}") from None
-    version = str(metadata.get("version", "")).strip()
-    if not version:
-        raise _fail(f"{meta_file} has no 'version'.")
-    name = bundle_name(metadata)
-    missing = [folder for folder in ("configs", "scripts") if not (root / folder).is_dir()]
-    if missing:
-        raise _fail(f"--bundle_root {root} is not a bundle folder: missing {', '.join(missing)}/.")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as error:
-        raise _fail(f"cannot create --out_dir {out_dir}: {error}") from None
-    target = Path(out_dir).resolve() / f"{name}_v{version}.zip"
-    if root in target.parents:
-        raise _fail(f"--out_dir {out_dir} is inside the bundle {root}: choose a folder outside it.")
-    files = packed_files(root)
     if isinstance(with_onnx, str) and with_onnx.lower() in ("true", "false"):
         with_onnx = with_onnx.lower() == "true"
     if not isinstance(with_onnx, bool):
         raise _fail(f"--with_onnx must be true or false, got {with_onnx!r}.")
-    if with_onnx:
-        from scripts.onnx_backend import packed_onnx_files
-
-        try:
-            files += [Path(p).relative_to(root).as_posix() for p in packed_onnx_files(str(root / "models" / "onnx"))]
-        except (OSError, ValueError) as error:
-            raise _fail(f"--with_onnx: {error}") from None
-    def write_zip(temporary: str) -> None:
-        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for relative in files:
-                archive.write(root / relative, f"{name}/{relative}")
-
-    atomic_write(target, write_zip)
+    try:
+        target, files, name, version = pack_bundle(root, out_dir, with_onnx=with_onnx)
+    except PackError as error:
+        raise _fail(str(error)) from None
     has_model = "models/model.pt" in files
     print(f"packed {len(files)} files of {root} into {target} ({target.stat().st_size / 2**20:.1f} MiB"
           f"{', with models/model.pt' if has_model else ', no trained models/model.pt'}"

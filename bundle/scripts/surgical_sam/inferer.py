@@ -79,7 +79,7 @@ class ClassPromptInferer(Inferer):
             inputs: frames (B, 3, H, W) or image embeddings (B, d, h, w).
             network: a model with ``predict_classes(inputs, class_mask) -> logits (B,C,H,W), quality (B,C)``.
             gt_label: (B, 1, H, W) ground truth, needed by the oracle protocol only.
-            temporal: for B consecutive frames of a video, a ``scripts.temporal.TemporalPresence`` that
+            temporal: for B consecutive frames of a video, a ``scripts.deploy.temporal.TemporalPresence`` that
                 decides presence over the sequence instead of ``min_mask_fraction`` frame by frame.
 
         Returns:

@@ -115,10 +115,10 @@ def evaluate_temporal(network, dataset_dir: str, rules: dict, split: str = "vali
     """
     import os
 
-    from .data.layout import class_names as dataset_class_names
-    from .data.layout import load_datalist, read_dataset_description, read_frame, read_label_map
-    from .evaluation.metrics import endovis_metrics, frame_statistics
-    from .evaluation.label_map import merge_class_masks
+    from ..data.layout import class_names as dataset_class_names
+    from ..data.layout import load_datalist, read_dataset_description, read_frame, read_label_map
+    from ..evaluation.metrics import endovis_metrics, frame_statistics
+    from ..evaluation.label_map import merge_class_masks
 
     description = read_dataset_description(dataset_dir)
     names = dataset_class_names(description)

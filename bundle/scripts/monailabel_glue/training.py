@@ -18,7 +18,7 @@ MONAI Label overlay (``configs/monailabel_train.yaml``) swaps the datasets for t
   validation frames (automatic protocol), stops early, writes the final model when there was no validation
   only if asked (:class:`FinalModelSaver`), and says what happened.
 
-:func:`make_monailabel_bundle` copies the bundle into a MONAI Label app's ``model/<name>/`` folder and
+:func:`~scripts.monailabel_glue.bundle_folder.make_monailabel_bundle` copies the bundle into a MONAI Label app's ``model/<name>/`` folder and
 writes ``configs/train.json`` (train.yaml + monailabel_train.yaml + overlays, merged) and
 ``configs/inference.json`` (inference.yaml + overlays), which MONAI Label reads before the YAML files.
 """
@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -39,16 +38,12 @@ from monai.handlers import ValidationHandler
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .surgical_sam.datasets import prompt_sample, prompt_samples
-from .data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
-from .files import atomic_write
-from .sam.geometry import frames_to_sam_input, masks_to_embedding_grid
+from ..surgical_sam.datasets import prompt_sample, prompt_samples
+from ..data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
+from ..files import atomic_write
+from ..sam.geometry import frames_to_sam_input, masks_to_embedding_grid
 
 logger = logging.getLogger(__name__)
-
-BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MONAILABEL_TRAIN_OVERLAY = "monailabel_train.yaml"
-
 
 def _file_digest(path: str) -> str:
     digest = hashlib.sha256()
@@ -104,7 +99,7 @@ class FrameEmbedder:
     def __init__(self, sam_variant: str, sam_checkpoint: str | None, frame_size: Sequence[int], num_classes: int,
                  device: str | torch.device = "cpu", cache_dir: str | None = None,
                  ignore_index: int = DEFAULT_IGNORE_INDEX) -> None:
-        from .data.embedding_cache import cache_identity
+        from ..data.embedding_cache import cache_identity
 
         self.sam_variant, self.sam_checkpoint = sam_variant, sam_checkpoint
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
@@ -119,7 +114,7 @@ class FrameEmbedder:
 
     def _encoder_and_size(self):
         if self._encoder is None:
-            from .sam.backbone import build_sam
+            from ..sam.backbone import build_sam
 
             sam = build_sam(self.sam_variant, checkpoint=self.sam_checkpoint)
             self._encoder = sam.image_encoder.to(self.device).eval().requires_grad_(False)
@@ -202,7 +197,7 @@ class DatalistPromptDataset(Dataset):
         self.num_classes, self.absent_prompts_per_frame, self.seed = int(num_classes), int(absent_prompts_per_frame), seed
         self.frames = embedder.items(data)
         embedder.release()
-        from .sam.backbone import get_variant
+        from ..sam.backbone import get_variant
 
         variant = get_variant(embedder.sam_variant)
         self.image_size, self.grid_size = variant.image_size, (variant.grid_size, variant.grid_size)
@@ -368,91 +363,3 @@ class ServedModelGuard:
         with open(self.result_file, "w") as handle:
             json.dump(result, handle, indent=2)
         logger.info("served model %s: %s", result["served_model"].upper(), result["reason"])
-
-
-# --------------------------------------------------------------------------------------------- packing
-def _read_merged(config_files: Sequence[str], settings: Mapping) -> dict:
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in config_files])
-    for key, value in settings.items():
-        parser[key] = value
-    return parser.config
-
-
-def load_model_state(path: str) -> dict:
-    """The state dict in a bundle ``model.pt``: the file itself or its ``"model"`` entry (as MONAI Label reads it)."""
-    from .sam.checkpoint import read_checkpoint_dict
-
-    checkpoint = read_checkpoint_dict(path, "model file", expected="a state dict",
-                                      hint="; pass the trained SurgicalSAM weights (models/model.pt) as --model_file")
-    state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: its 'model' entry is a {type(state).__name__}, not a state dict")
-    return state
-
-
-def make_monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoint: str | None = None,
-                           settings: Mapping | None = None, train_overlays: Sequence[str] = (),
-                           inference_overlays: Sequence[str] = (), check_model: bool = True,
-                           bundle_root: str = BUNDLE_ROOT) -> str:
-    """Copy the bundle to ``out_dir`` (a MONAI Label app's ``model/<name>``) ready for MONAI Label.
-
-    Args:
-        out_dir: the new bundle folder (must not exist, or be empty).
-        model_file: a SurgicalSAM ``model.pt`` to serve (copied to ``models/model.pt``); None copies
-            the bundle's own ``models/model.pt`` when there is one.
-        sam_checkpoint: the SAM weights (copied into ``models/``; the configs point there).
-        settings: config ids set in both configs, e.g. ``{"sam_variant": "tiny", "frame_size": [64, 80]}``.
-        train_overlays, inference_overlays: more config files merged (after monailabel_train.yaml for training).
-        check_model: build the network and load ``model_file`` into it (strict), so that a checkpoint of
-            another configuration or under another key fails here rather than at the first request.
-
-    Returns:
-        ``out_dir``.
-    """
-    settings = dict(settings or {})
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not empty: give a new folder for the MONAI Label bundle")
-    configs = os.path.join(bundle_root, "configs")
-    os.makedirs(os.path.join(out_dir, "models"), exist_ok=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("configs", "scripts", "docs"):
-        if os.path.isdir(os.path.join(bundle_root, folder)):
-            shutil.copytree(os.path.join(bundle_root, folder), os.path.join(out_dir, folder), ignore=ignore)
-    if sam_checkpoint is not None:
-        if not os.path.isfile(sam_checkpoint):
-            raise FileNotFoundError(f"SAM checkpoint {sam_checkpoint} does not exist")
-        name = os.path.basename(sam_checkpoint)
-        shutil.copyfile(sam_checkpoint, os.path.join(out_dir, "models", name))
-        settings["sam_checkpoint"] = f"$@ckpt_dir + '/{name}'"
-    model_file = model_file or os.path.join(bundle_root, "models", "model.pt")
-    inference = _read_merged([os.path.join(configs, "inference.yaml"), *inference_overlays], settings)
-    train = _read_merged([os.path.join(configs, "train.yaml"), os.path.join(configs, MONAILABEL_TRAIN_OVERLAY),
-                          *train_overlays], settings)
-    for name, config in (("inference.json", inference), ("train.json", train)):
-        with open(os.path.join(out_dir, "configs", name), "w") as handle:
-            json.dump(config, handle, indent=2)
-    if os.path.isfile(model_file):
-        if check_model:
-            check_model_file(out_dir, model_file)
-        shutil.copyfile(model_file, os.path.join(out_dir, "models", "model.pt"))
-    else:
-        logger.warning("no model file (%s): MONAI Label lists no inference model until models/model.pt exists", model_file)
-    return out_dir
-
-
-def check_model_file(bundle_dir: str, model_file: str) -> None:
-    """Build the network of ``bundle_dir``'s inference.json and load ``model_file`` into it (strict)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(os.path.join(bundle_dir, "configs", "inference.json"))
-    parser["bundle_root"] = bundle_dir
-    parser["device"] = "cpu"
-    network = parser.get_parsed_content("network_def")
-    try:
-        network.load_state_dict(load_model_state(model_file))
-    except RuntimeError as error:
-        raise ValueError(f"{model_file} does not fit the network of {bundle_dir}: {error}") from error

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.video_io import OverlayVideoWriter, VideoError, open_sequence
-from .files import atomic_write_bytes
-from .surgical_sam.inferer import ClassPromptInferer
+from ..data.video_io import OverlayVideoWriter, VideoError, open_sequence
+from ..files import atomic_write_bytes
+from ..surgical_sam.inferer import ClassPromptInferer
 from .onnx_backend import OnnxSurgicalSAM, check_backend, load_model_file
 from .temporal import TemporalPresence
 
@@ -114,7 +114,7 @@ class VideoInference:
         class_names: C names, label values 1..C.
         model_file: trained weights loaded into ``network`` (torch backend); None: as given.
         backend: ``torch`` or ``onnxruntime`` (SurgicalSAM only: the graphs in ``onnx_dir``).
-        onnx_dir: the ONNX export (``scripts.onnx_backend.export_onnx``).
+        onnx_dir: the ONNX export (``scripts.deploy.onnx_backend.export_onnx``).
         label_format: ``png`` (a file per frame) or ``npz`` (one compressed stack).
         write_overlay_video: write ``overlay.mp4``.
         frame_stride: segment every ``frame_stride``-th source frame.

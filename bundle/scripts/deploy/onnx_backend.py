@@ -25,10 +25,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .surgical_sam.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
-from .sam.checkpoint import file_md5
-from .sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
-from .surgical_sam.network import SurgicalSAM
+from ..surgical_sam.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
+from ..sam.checkpoint import file_md5
+from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
+from ..surgical_sam.network import SurgicalSAM
 
 logger = logging.getLogger(__name__)
 
@@ -386,8 +386,8 @@ def speed_report(network: SurgicalSAM, model_file: str | None, onnx_dir: str, fr
     process (CPU, the same thread count), plus their agreement (:func:`compare_backends`,
     with the float64 reference unless ``reference`` is false, and :func:`agreement_failures`); JSON to
     ``output_file``."""
-    from .data.layout import read_frame
-    from .data.transforms import list_frames
+    from ..data.layout import read_frame
+    from ..data.transforms import list_frames
 
     if model_file:
         load_model_file(network, model_file)
