@@ -1,4 +1,4 @@
-"""Glue between Distillation-SAM and MONAI's engines: frame datasets, batch preparation, inferer.
+"""Distillation-SAM's datasets: frames and label maps, or the tap cache; the tap blocks and the tap cache's folder.
 
 Distillation-SAM's adapter sees the image and the SAM encoder's intermediate tokens ("taps"). Without
 a cache, training reads frames and label maps from a prepared dataset (``dataset.json``, see
@@ -94,7 +94,7 @@ class CachedTapDataset(Dataset):
     read version 0.
 
     Args:
-        cache: an :class:`~.data.embedding_cache.EmbeddingCache` whose identity has taps.
+        cache: an :class:`~scripts.data.embedding_cache.EmbeddingCache` whose identity has taps.
         split: ``training`` / ``validation`` / ...
         num_classes: C; must equal the cached dataset's.
     """

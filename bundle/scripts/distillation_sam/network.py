@@ -2,14 +2,14 @@
 
 Frozen (``requires_grad=False``, kept in eval mode by :meth:`DistillationSAM.train`): SAM's image
 encoder, prompt encoder and mask decoder. Trainable: the adapter
-(:class:`~.distillation_adapter.DistillationAdapter`, PVT-tiny inside) and the class head.
+(:class:`~.adapter.DistillationAdapter`, PVT-tiny inside) and the class head.
 
 Student path (:meth:`DistillationSAM.forward`, frames (B, 3, H, W), RGB 0..255):
 
 1. SAM input (B, 3, S, S); the frozen encoder gives the embedding E (B, d, h, w) and the tokens
    after the tap blocks (no gradient).
 2. Adapter -> dense prompt (B, d, h, w) and sparse prompt (B, Q, d).
-3. Frozen decoder (:func:`~.batched_mask_decoder.decode_masks`, all 4 mask tokens: the single-mask
+3. Frozen decoder (:func:`~scripts.sam.batched_mask_decoder.decode_masks`, all 4 mask tokens: the single-mask
    token and the 3 multimask ones) -> mask logits M (B, 4, 4h, 4w) and mask tokens (B, 4, d).
    Gradients flow through the frozen decoder into the adapter.
 4. Class head: MLP d -> 256 -> 256 -> C + 1 (ReLU between) on each mask token -> class logits
@@ -20,7 +20,7 @@ Student path (:meth:`DistillationSAM.forward`, frames (B, 3, H, W), RGB 0..255):
        semantic[b, c] = sum_t softmax(class_logits[b, t])[c] * sigmoid(M[b, t])   (combine="sigmoid")
 
    at low resolution (B, C + 1, 4h, 4w); brought to frame size with
-   :func:`~.sam_geometry.low_res_logits_to_frame` (B, C + 1, H, W); label map = argmax over the
+   :func:`~scripts.sam.geometry.low_res_logits_to_frame` (B, C + 1, H, W); label map = argmax over the
    C + 1 channels at frame size (B, H, W) (ties: the lowest channel, i.e. background first).
 
 Teacher path (:meth:`DistillationSAM.teacher`): SAM is a binary segmenter, so the teacher of a frame
@@ -105,7 +105,7 @@ class DistillationSAM(nn.Module):
         sam_variant: ``vit_h``, ``vit_l``, ``vit_b`` or ``tiny``.
         sam_checkpoint: SAM weights for the frozen parts; None = random (tests only).
         taps: 1-based ViT blocks whose output the adapter attends to; None = ``num_taps`` evenly
-            spaced (:func:`~.distillation_adapter.default_tap_blocks`).
+            spaced (:func:`~.adapter.default_tap_blocks`).
         num_taps: number of taps when ``taps`` is None.
         num_queries: learnable queries of the sparse prompt (16).
         pvt: keyword arguments of the PVT (sizes, ``pretrained`` path of an ImageNet PVT v1 file).

@@ -3,7 +3,7 @@
 For a binary ground-truth mask at frame size (H, W):
 
 * dense teacher: the mask brought to SAM's geometry (resize longest side to S, zero pad:
-  :func:`~.sam_geometry.masks_to_mask_input`) at the mask-input size (4h, 4w), thresholded at 0.5,
+  :func:`~scripts.sam.geometry.masks_to_mask_input`) at the mask-input size (4h, 4w), thresholded at 0.5,
   then +10 inside / -10 outside, given to the prompt encoder as ``masks=`` (its mask_downscaling path)
   -> (B, d, h, w).
 * sparse teacher, by ``strategy``:

@@ -30,7 +30,7 @@ class SurgicalSAM(nn.Module):
         num_classes: C, instrument classes (label values 1..C).
         num_tokens: n, sparse tokens per class (2 for EndoVis2018, 4 for EndoVis2017).
         frame_size: (H, W) of the frames the cached embeddings were made from; logits come back at it.
-        sam_variant: ``vit_h``, ``vit_l``, ``vit_b`` or ``tiny`` (see ``sam_backbone.SAM_VARIANTS``).
+        sam_variant: ``vit_h``, ``vit_l``, ``vit_b`` or ``tiny`` (see ``scripts.sam.backbone.SAM_VARIANTS``).
         sam_checkpoint: SAM weights; the decoder starts from them, the frozen parts keep them.
             None builds SAM with random weights (only for tests).
         with_image_encoder: keep SAM's image encoder so that ``forward`` takes raw frames too.

@@ -4,16 +4,16 @@ SAM's export (``segment_anything/utils/onnx.py``) keeps the heavy image encoder 
 so that a frame is embedded once and then prompted many times. SurgicalSAM is cut at the same place:
 
 - :class:`SurgicalSAMEncoder`: SAM input (N, 3, S, S) (resized, normalised, zero-padded, see
-  :func:`~.sam_geometry.frames_to_sam_input`) -> image embedding (N, d, h, w). The frozen SAM encoder.
+  :func:`~scripts.sam.geometry.frames_to_sam_input`) -> image embedding (N, d, h, w). The frozen SAM encoder.
 - :class:`SurgicalSAMClassDecoder`: image embeddings (N, d, h, w) and the class prompted for each of them
   (N,) in 1..C -> low-resolution logits (N, 1, 4h, 4w) and the IoU head's quality (N,). The prototype bank,
   the prototype-based prompt encoder and SAM's mask decoder: every (frame, class) pair of a frame is
   decoded in one batch.
 
-Both take their weights from a (trained) :class:`~.surgical_sam.SurgicalSAM` and compute exactly what it
+Both take their weights from a (trained) :class:`~.network.SurgicalSAM` and compute exactly what it
 computes (``SurgicalSAM.embed_frames`` and ``SurgicalSAM.decode``). The resize of a frame of any size to
 SAM's square input and the upsampling of the low-resolution logits back to the frame stay outside the
-graphs (:mod:`.sam_geometry`), so the graphs are fixed only at SAM's input side S and take frames of any
+graphs (:mod:`scripts.sam.geometry`), so the graphs are fixed only at SAM's input side S and take frames of any
 size; N is dynamic in both.
 """
 
