@@ -124,8 +124,8 @@ def test_checked_counts(tmp_path, original_file, small_sam_checkpoint):
     convert_original_checkpoint(src, dst, small_sam_checkpoint, num_classes=3, num_tokens=2)
 
 
-@pytest.mark.parametrize("damage", ["no_prototypes", "sam_file", "bundle_file", "extra_key", "decoder_shape",
-                                    "prototype_shape"])
+@pytest.mark.parametrize("damage", ["no_prototypes", "sam_file", "bundle_file", "extra_key", "missing_key",
+                                    "encoder_shape", "decoder_shape", "prototype_shape"])
 def test_wrong_files_are_named(tmp_path, original_file, small_sam_checkpoint, damage):
     src, _ = original_file
     original = torch.load(src, map_location="cpu", weights_only=True)
@@ -133,7 +133,10 @@ def test_wrong_files_are_named(tmp_path, original_file, small_sam_checkpoint, da
         "no_prototypes": "lacks \\['prototypes_state_dict'\\]",
         "sam_file": "SAM weights",
         "bundle_file": "bundle model.pt already",
-        "extra_key": "unexpected keys \\['extra.weight'\\]",
+        "extra_key": "1 unexpected keys \\(e.g. \\['extra.weight'\\]\\)",
+        "missing_key": "1 missing keys \\(e.g. \\['dense_fc_1.bias'\\]\\)",
+        "encoder_shape": "prompt_encoder_state_dict has tensors of unexpected shape: 1 keys of another shape \\(e.g. "
+                         "dense_fc_2.bias: \\(3,\\) in the file, \\(256,\\) in the original encoder\\)",
         "decoder_shape": "of another shape",
         "prototype_shape": "must be \\(C, d\\)",
     }[damage]
@@ -145,6 +148,12 @@ def test_wrong_files_are_named(tmp_path, original_file, small_sam_checkpoint, da
         original = {"model": {"prototypes.class_embeddings.weight": torch.zeros(3, 256)}}
     elif damage == "extra_key":
         original["prototype_prompt_encoder_state_dict"]["extra.weight"] = torch.zeros(1)
+    elif damage == "missing_key":
+        encoder = original["prototype_prompt_encoder_state_dict"]
+        del encoder[next(k for k in encoder if k.endswith("dense_fc_1.bias"))]
+    elif damage == "encoder_shape":
+        encoder = original["prototype_prompt_encoder_state_dict"]
+        encoder[next(k for k in encoder if k.endswith("dense_fc_2.bias"))] = torch.zeros(3)
     elif damage == "decoder_shape":
         original["sam_decoder_state_dict"]["iou_token.weight"] = torch.zeros(2, 256)
     else:

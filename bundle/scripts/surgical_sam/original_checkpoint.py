@@ -114,12 +114,12 @@ def original_to_bundle_state_dict(
         )
 
     encoder = parts[PROMPT_ENCODER_KEY]
-    missing = [k for k in PROMPT_ENCODER_PARAMS if k not in encoder]
-    unexpected = sorted(set(encoder) - set(PROMPT_ENCODER_PARAMS))
-    if missing or unexpected:
+    # the names first: the shapes the encoder must have follow from its own tensors (checked below)
+    details = state_dict_mismatch(encoder, {k: encoder.get(k) for k in PROMPT_ENCODER_PARAMS})
+    if details:
         raise OriginalCheckpointError(
-            f"{source}: {PROMPT_ENCODER_KEY} has missing keys {missing} and unexpected keys {unexpected}; "
-            f"the original prototype-based prompt encoder has {list(PROMPT_ENCODER_PARAMS)}."
+            f"{source}: {PROMPT_ENCODER_KEY} does not fit the original prototype-based prompt encoder "
+            f"({list(PROMPT_ENCODER_PARAMS)}): {'; '.join(details)}."
         )
     found_tokens = int(encoder["pn_cls_embeddings.0.weight"].shape[0])
     if num_tokens is not None and int(num_tokens) != found_tokens:
@@ -138,10 +138,11 @@ def original_to_bundle_state_dict(
         "sparse_fc_2.weight": (found_tokens, hidden_sparse, 1), "sparse_fc_2.bias": (found_tokens,),
         "pn_cls_embeddings.0.weight": (found_tokens, embed_dim), "pn_cls_embeddings.1.weight": (found_tokens, embed_dim),
     }
-    wrong = [f"{k}: {tuple(encoder[k].shape)} instead of {shape}" for k, shape in expected_shapes.items()
-             if tuple(encoder[k].shape) != shape]
-    if wrong:
-        raise OriginalCheckpointError(f"{source}: {PROMPT_ENCODER_KEY} has tensors of unexpected shape: {wrong}")
+    expected = {k: torch.empty(shape, device="meta") for k, shape in expected_shapes.items()}
+    details = state_dict_mismatch(encoder, expected, expected_as="in the original encoder")
+    if details:
+        raise OriginalCheckpointError(f"{source}: {PROMPT_ENCODER_KEY} has tensors of unexpected shape: "
+                                      f"{'; '.join(details)}.")
 
     sam_decoder = {k.removeprefix("mask_decoder."): v for k, v in sam_state_dict.items() if k.startswith("mask_decoder.")}
     sam_prompt = {k: v for k, v in sam_state_dict.items() if k.startswith(SAM_PROMPT_ENCODER_PREFIX)}
