@@ -606,11 +606,14 @@ class EmbeddingCache:
             self._indexes[(split, version)] = entries
         return self._indexes[(split, version)]
 
-    def load(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> embedding (d, h, w) float32, label map (H, W) long."""
-        embedding = torch.from_numpy(np.load(os.path.join(self.cache_dir, entry["embedding"])).astype(np.float32))
-        label = torch.from_numpy(np.asarray(Image.open(os.path.join(self.cache_dir, entry["label"]))).astype(np.int64))
-        return embedding, label
+    def load(self, entry: dict, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> embedding (d, h, w) float32, label map (H, W) long; with ``as_stored`` the float16 embedding and
+        the uint8 label map as the cache holds them (the training batch widens them once, on its device)."""
+        embedding = np.load(os.path.join(self.cache_dir, entry["embedding"]))
+        label = np.array(Image.open(os.path.join(self.cache_dir, entry["label"])))
+        if as_stored:
+            return torch.from_numpy(embedding), torch.from_numpy(label)
+        return torch.from_numpy(embedding.astype(np.float32)), torch.from_numpy(label.astype(np.int64))
 
     def load_taps(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Tap cache only -> taps (n_taps, h, w, C_vit) float32 and the augmented frame (3, H, W) float32 0..255."""
@@ -644,19 +647,21 @@ def prompt_sample(image_embeddings: torch.Tensor, label: torch.Tensor, class_id:
     """One training item of a (frame, class) sample, what ``PromptedSampleBatch`` batches.
 
     Args:
-        image_embeddings: (d, h, w) the frame's embeddings.
-        label: (H, W) the frame's label map, or with ``class_mask=True`` the class's own binary mask.
+        image_embeddings: (d, h, w) the frame's embeddings (any float dtype: kept as given).
+        label: (H, W) the frame's label map (any integer dtype), or with ``class_mask=True`` the class's own
+            binary mask.
         class_id: the prompted class, 1..C (a class absent from ``label`` gives an empty target).
         class_mask: ``label`` is already the class's binary mask (the original layout keeps one per class,
             and two classes' masks may overlap).
 
     Returns:
-        ``image_embeddings`` (d, h, w) float, ``mask`` (1, H, W) float, ``grid_mask`` (h, w) bool,
-        ``class_id`` () long.
+        ``image_embeddings`` (d, h, w) as given, ``mask`` (1, H, W) bool, ``grid_mask`` (h, w) bool,
+        ``class_id`` () long. Compact on purpose: a batch of them is collated (copied) once and widened to
+        float32 once, on the batch's device, by ``PromptedSampleBatch``.
     """
-    mask = (label != 0).float() if class_mask else (label.long() == class_id).float()
-    grid_mask = masks_to_embedding_grid(mask[None], image_size, grid_size)[0]
-    return {"image_embeddings": image_embeddings.float(), "mask": mask[None], "grid_mask": grid_mask,
+    on = (label != 0) if class_mask else (label == class_id)
+    grid_mask = masks_to_embedding_grid(on[None], image_size, grid_size)[0]
+    return {"image_embeddings": image_embeddings, "mask": on[None], "grid_mask": grid_mask,
             "class_id": torch.tensor(class_id)}
 
 
@@ -704,7 +709,7 @@ class CachedPromptDataset(Dataset):
         if load_class_mask is not None:  # a reader of one binary mask per class (original_layout)
             embedding, mask = load_class_mask(self.entries[entry_index], class_id)
             return prompt_sample(embedding, mask, class_id, self.image_size, self.grid_size, class_mask=True)
-        embedding, label = self.cache.load(self.entries[entry_index])
+        embedding, label = self.cache.load(self.entries[entry_index], as_stored=True)
         return prompt_sample(embedding, label, class_id, self.image_size, self.grid_size)
 
 
