@@ -21,7 +21,8 @@ from scripts.surgical_sam.datasets import CachedFrameDataset, CachedPromptDatase
 from scripts.data.layout import DatasetError, load_datalist, read_frame, read_label_map
 from scripts.sam.backbone import build_sam, save_random_sam_checkpoint
 from scripts.sam.checkpoint import file_md5
-from scripts.sam.geometry import frames_to_sam_input
+from scripts.surgical_sam.batches import PromptedSampleBatch
+from scripts.sam.geometry import frames_to_sam_input, masks_to_embedding_grid
 
 NUM_CLASSES = 7  # the demo's EndoVis2018 classes
 GRID = (16, 16)  # the tiny variant's embedding grid
@@ -347,17 +348,25 @@ def test_prompt_dataset_items(cache):
         item = dataset[index]
         entry_index, class_id = dataset.samples[index]
         assert item["image_embeddings"].shape == (EMBED_DIM, *GRID)
-        assert item["image_embeddings"].dtype == torch.float32
+        assert item["image_embeddings"].dtype == torch.float16  # as stored: the batch widens it
         assert item["mask"].shape == (1, *SMALL_DEMO["frame_size"])
-        assert item["mask"].dtype == torch.float32
+        assert item["mask"].dtype == torch.bool
         assert item["grid_mask"].shape == GRID and item["grid_mask"].dtype == torch.bool
         assert item["grid_mask"].any()  # a present class is on the grid
         assert int(item["class_id"]) == class_id and item["class_id"].dtype == torch.long
-        _, label = cache.load(dataset.entries[entry_index])
-        torch.testing.assert_close(item["mask"][0], (label == class_id).float())
+        embedding, label = cache.load(dataset.entries[entry_index])
+        assert torch.equal(item["mask"][0], label == class_id)
+        assert torch.equal(item["image_embeddings"].float(), embedding)
+        assert torch.equal(item["grid_mask"], masks_to_embedding_grid((label == class_id)[None].float(), cache.image_size,
+                                                                      cache.grid_size)[0])
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     assert batch["image_embeddings"].shape == (4, EMBED_DIM, *GRID)
     assert batch["class_id"].shape == (4,)
+    # PromptedSampleBatch widens once, after the move: what the loss and the network take
+    inputs, targets, _, kwargs = PromptedSampleBatch()(batch, torch.device("cpu"))
+    assert inputs.dtype == torch.float32 and torch.equal(inputs, batch["image_embeddings"].float())
+    assert targets["mask"].dtype == torch.float32 and torch.equal(targets["mask"], batch["mask"].float())
+    assert targets["grid_mask"].dtype == torch.bool and torch.equal(kwargs["class_ids"], batch["class_id"])
 
 
 def test_prompt_dataset_set_epoch_switches_version(cache, small_cache_dir):
@@ -372,7 +381,7 @@ def test_prompt_dataset_set_epoch_switches_version(cache, small_cache_dir):
         assert all(f"v{expected:02d}" in e["embedding"] for e in dataset.entries)
         item = dataset[0]
         entry = dataset.entries[dataset.samples[0][0]]
-        stored = np.load(os.path.join(small_cache_dir, entry["embedding"])).astype(np.float32)
+        stored = np.load(os.path.join(small_cache_dir, entry["embedding"]))
         np.testing.assert_array_equal(item["image_embeddings"].numpy(), stored)
     dataset.set_epoch(1)
     assert dataset.version == 1

@@ -112,10 +112,10 @@ def test_training_samples_keep_each_class_own_mask(tmp_path):
     items = {int(dataset[i]["class_id"]): dataset[i] for i in range(len(dataset))}
     assert set(items) == {1, 3}
     for class_id, mask in ((1, one), (3, three)):
-        assert torch.equal(items[class_id]["mask"][0], torch.from_numpy(mask > 0).float())
+        assert torch.equal(items[class_id]["mask"][0], torch.from_numpy(mask > 0))
         assert items[class_id]["mask"].sum() == (mask > 0).sum()  # the 320 shared pixels included
     # the shared block is in both targets, not ignored in both
-    assert (items[1]["mask"][0, 16:32, 20:40] == 1).all() and (items[3]["mask"][0, 16:32, 20:40] == 1).all()
+    assert items[1]["mask"][0, 16:32, 20:40].all() and items[3]["mask"][0, 16:32, 20:40].all()
 
 
 def test_overlapping_masks_are_ignored_in_the_validation_label_map(tmp_path, caplog):

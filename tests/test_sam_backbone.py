@@ -18,7 +18,7 @@ from scripts.sam.backbone import (
 )
 from scripts.sam.checkpoint import file_md5, memoised_md5
 from scripts.sam.geometry import (
-    SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame, masks_to_embedding_grid, masks_to_mask_input, resized_shape,
+    SAM_PIXEL_MEAN, SAM_PIXEL_STD, bilinear_source_lines, frames_to_sam_input, low_res_logits_to_frame, masks_to_embedding_grid, masks_to_mask_input, pil_bilinear_resize_lines, resized_shape,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -419,3 +419,57 @@ def test_resize_by_products_keeps_float32_under_autocast():
         fast = resize_by_products(low_res, 64, (48, 64))
     assert fast.dtype == torch.float32
     assert torch.allclose(fast, resize_by_interpolation(low_res, 64, (48, 64)), atol=1e-5)
+
+
+@pytest.mark.parametrize("size_hw, resized_hw", [((1024, 1280), (819, 1024)), ((128, 160), (205, 256)), ((37, 53), (100, 143)),
+                                                 ((50, 80), (50, 120)), ((90, 60), (45, 60)), ((7, 9), (3, 4)),
+                                                 ((1080, 1920), (576, 1024))])
+def test_pil_bilinear_resize_lines_equals_pils_resize(size_hw, resized_hw):
+    # down, up, odd, one side unchanged (PIL skips that pass), tiny; every line and a random subset of lines
+    from PIL import Image
+
+    generator = np.random.default_rng(5)
+    images = {"random": generator.integers(0, 256, (2, *size_hw), dtype=np.uint8),
+              "binary": generator.random((2, *size_hw)) < 0.3}
+    for kind, image in images.items():
+        as_uint8 = image.astype(np.uint8) * 255 if kind == "binary" else image
+        expected = np.stack([np.asarray(Image.fromarray(one).resize(resized_hw[::-1], Image.BILINEAR)) for one in as_uint8])
+        every = pil_bilinear_resize_lines(image, resized_hw, np.arange(resized_hw[0]), np.arange(resized_hw[1]))
+        assert every.dtype == np.uint8 and np.array_equal(every, expected), kind
+        rows = np.sort(generator.choice(resized_hw[0], max(1, resized_hw[0] // 3), replace=False))
+        cols = np.sort(generator.choice(resized_hw[1], max(1, resized_hw[1] // 3), replace=False))
+        assert np.array_equal(pil_bilinear_resize_lines(image, resized_hw, rows, cols), expected[:, rows][:, :, cols]), kind
+
+
+def test_bilinear_source_lines_only_at_whole_even_strides():
+    assert bilinear_source_lines(1024, 64).tolist()[:4] == [7, 8, 23, 24]
+    assert bilinear_source_lines(8, 4).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # stride 2: every line
+    assert bilinear_source_lines(60, 4) is None  # stride 15
+    assert bilinear_source_lines(64, 5) is None  # not a whole stride
+    assert bilinear_source_lines(64, 64) is None  # stride 1
+
+
+@pytest.mark.parametrize("frame_hw, image_size, grid", [((1024, 1280), 1024, 64), ((1280, 1024), 1024, 64),
+                                                        ((128, 160), 256, 16), ((37, 53), 64, 4), ((64, 64), 64, 8),
+                                                        ((30, 50), 60, 4), ((50, 30), 64, 5)])
+def test_masks_to_embedding_grid_on_the_read_lines_equals_the_whole_image(frame_hw, image_size, grid):
+    # the plain computation written out: PIL's resize of the whole 0/255 mask, normalise, pad, bilinear to
+    # the grid, > 0 (strides 16, 16, 16, 8 read lines alone; 15 and 12.8 take the whole image)
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(11)
+    masks = torch.rand(4, *frame_hw, generator=generator) < torch.tensor([0.02, 0.3, 0.5, 0.97]).view(4, 1, 1)
+    masks[0, : frame_hw[0] // 2, : frame_hw[1] // 3] = True  # a block beside speckle
+    new_h, new_w = resized_shape(frame_hw, image_size)
+    expected = []
+    for mask in masks:
+        image = mask.numpy().astype(np.uint8) * 255
+        if (new_h, new_w) != tuple(frame_hw):
+            image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        values = (torch.from_numpy(image.astype(np.float32)) - 123.675) / 58.395
+        values = torch.nn.functional.pad(values, (0, image_size - new_w, 0, image_size - new_h))
+        expected.append(torch.nn.functional.interpolate(values[None, None], size=(grid, grid), mode="bilinear")[0, 0] > 0)
+    expected = torch.stack(expected)
+    assert torch.equal(masks_to_embedding_grid(masks, image_size, (grid, grid)), expected)
+    assert torch.equal(masks_to_embedding_grid(masks.float(), image_size, (grid, grid)), expected)  # float masks too
+    assert masks_to_embedding_grid(masks[:0], image_size, (grid, grid)).shape == (0, grid, grid)

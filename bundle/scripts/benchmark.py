@@ -41,7 +41,7 @@ import torch
 from .distillation_sam.loss import DistillationSAMLoss
 from .surgical_sam.loss import SurgicalSAMLoss
 from .sam.backbone import get_variant
-from .surgical_sam.batches import micro_batched_backward
+from .surgical_sam.batches import PromptedSampleBatch, micro_batched_backward
 from .sam.geometry import masks_to_embedding_grid, resize_by_interpolation
 from .surgical_sam.network import SurgicalSAM
 
@@ -322,9 +322,10 @@ def _model_and_data(cfg: dict, device: torch.device):
 
 
 def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[int]) -> float:
-    """Seconds to read a training batch from the embedding cache as ``CachedPromptDataset`` does: per sample
-    the float16 ``.npy`` and the label PNG (``EmbeddingCache.load``), the sample's masks (``prompt_sample``),
-    then the collate (one process; the trainer's loader workers read ahead of the step)."""
+    """Seconds to read a training batch from the embedding cache as ``CachedPromptDataset`` does, up to
+    the tensors the step takes: per sample the float16 ``.npy`` and the label PNG (``EmbeddingCache.load``
+    as stored), the sample's masks (``prompt_sample``), then the collate and ``PromptedSampleBatch``'s
+    widening to float32 on the device (one process; the trainer's loader workers read ahead of the step)."""
     from types import SimpleNamespace
 
     from .data.embedding_cache import EmbeddingCache
@@ -340,13 +341,15 @@ def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[i
         write_label_map(os.path.join(folder, "label.png"), label)
         cache = SimpleNamespace(cache_dir=folder)
         entry = {"embedding": "frame.npy", "label": "label.png"}
+        device = torch.device(cfg["device"])
         start = time.perf_counter()
         items = []
         for _ in range(cfg["batch_size"]):
-            frame_embedding, frame_label = EmbeddingCache.load(cache, entry)
+            frame_embedding, frame_label = EmbeddingCache.load(cache, entry, as_stored=True)
             items.append(prompt_sample(frame_embedding, frame_label, 1, variant.image_size,
                                        (variant.grid_size, variant.grid_size)))
-        torch.utils.data.default_collate(items)
+        PromptedSampleBatch()(torch.utils.data.default_collate(items), device)
+        _sync(device)
         return time.perf_counter() - start
 
 

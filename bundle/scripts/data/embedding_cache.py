@@ -606,11 +606,14 @@ class EmbeddingCache:
             self._indexes[(split, version)] = entries
         return self._indexes[(split, version)]
 
-    def load(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> embedding (d, h, w) float32, label map (H, W) long."""
-        embedding = torch.from_numpy(np.load(os.path.join(self.cache_dir, entry["embedding"])).astype(np.float32))
-        label = torch.from_numpy(np.asarray(Image.open(os.path.join(self.cache_dir, entry["label"]))).astype(np.int64))
-        return embedding, label
+    def load(self, entry: dict, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> embedding (d, h, w) float32, label map (H, W) long; with ``as_stored`` the float16 embedding and
+        the uint8 label map as the cache holds them (the training batch widens them once, on its device)."""
+        embedding = np.load(os.path.join(self.cache_dir, entry["embedding"]))
+        label = np.array(Image.open(os.path.join(self.cache_dir, entry["label"])))
+        if as_stored:
+            return torch.from_numpy(embedding), torch.from_numpy(label)
+        return torch.from_numpy(embedding.astype(np.float32)), torch.from_numpy(label.astype(np.int64))
 
     def load_taps(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Tap cache only -> taps (n_taps, h, w, C_vit) float32 and the augmented frame (3, H, W) float32 0..255."""

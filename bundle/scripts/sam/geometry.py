@@ -9,6 +9,7 @@ grid and low-resolution mask uses these functions, so the three agree by constru
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -64,23 +65,133 @@ def masks_to_embedding_grid(masks: torch.Tensor, image_size: int, grid_hw: Seque
     bilinear (``align_corners=False``) to ``grid_hw``, and a cell is on where the value is > 0.
     A cell thus averages the resized mask at the samples it covers and is on above a covered
     fraction of 123.675 / 255 = 0.485; padded samples are 0 after normalisation, so they weigh
-    nothing (neither on nor off). The resize runs on the CPU with PIL, exactly as the original's.
+    nothing (neither on nor off). The resize is PIL's, on the CPU, as the original's; where the grid's
+    stride is a whole even number (SAM's 16) only the resized lines the grid reads are computed, in PIL's
+    own fixed-point arithmetic (:func:`pil_bilinear_resize_lines`), a tenth of the whole resize's work
+    with the same values (tests compare both with PIL).
     """
     if masks.ndim != 3:
         raise ValueError(f"expected masks of shape (B, H, W), got {tuple(masks.shape)}")
     height, width = int(masks.shape[-2]), int(masks.shape[-1])
     new_h, new_w = resized_shape((height, width), image_size)
-    images = ((masks.detach() != 0).to(torch.uint8) * 255).cpu().numpy()
-    if (new_h, new_w) != (height, width):
-        images = np.stack([np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-                           for image in images]) if len(images) else np.zeros((0, new_h, new_w), np.uint8)
-    # normalise and pad in NumPy float32 (the same IEEE operations as torch's; single-threaded, which is
-    # what a per-sample call in a loader worker wants)
-    values = (images.astype(np.float32) - np.float32(SAM_PIXEL_MEAN[0])) / np.float32(SAM_PIXEL_STD[0])
-    values = np.pad(values, ((0, 0), (0, image_size - new_h), (0, image_size - new_w)))
-    grid = F.interpolate(torch.from_numpy(values).unsqueeze(1), size=tuple(int(s) for s in grid_hw), mode="bilinear",
-                         align_corners=False)
+    grid_hw = tuple(int(s) for s in grid_hw)
+    binary = masks.detach()
+    binary = (binary if binary.dtype == torch.bool else binary != 0).cpu().numpy()
+    rows, cols = bilinear_source_lines(image_size, grid_hw[0]), bilinear_source_lines(image_size, grid_hw[1])
+    if rows is None or cols is None:
+        images = binary.astype(np.uint8) * np.uint8(255)
+        if (new_h, new_w) != (height, width):
+            images = np.stack([np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+                               for image in images]) if len(images) else np.zeros((0, new_h, new_w), np.uint8)
+        padded = _normalised_and_padded(images, image_size, image_size)
+    else:
+        # only the lines the bilinear resize to the grid reads, in order: they keep their weights of 1/2 in a
+        # resize from twice the grid (bilinear_source_lines), and PIL's values on them are computed alone
+        # (pil_bilinear_resize_lines), so the grid is the same as from the whole resized, padded image
+        images = pil_bilinear_resize_lines(binary, (new_h, new_w), rows[rows < new_h], cols[cols < new_w])
+        padded = _normalised_and_padded(images, len(rows), len(cols))
+    grid = F.interpolate(torch.from_numpy(padded).unsqueeze(1), size=grid_hw, mode="bilinear", align_corners=False)
     return (grid.squeeze(1) > 0).to(masks.device)
+
+
+def _normalised_and_padded(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 images (B, h, w) -> SAM's red-channel normalisation, zero-padded bottom/right to (B, height, width)
+    float32, in NumPy float32 (the same IEEE operations as torch's; single-threaded, which is what a
+    per-sample call in a loader worker wants)."""
+    values = (images.astype(np.float32) - np.float32(SAM_PIXEL_MEAN[0])) / np.float32(SAM_PIXEL_STD[0])
+    return np.pad(values, ((0, 0), (0, height - images.shape[1]), (0, width - images.shape[2])))
+
+
+def bilinear_source_lines(size: int, out_size: int) -> np.ndarray | None:
+    """The input lines (rows or columns) that a bilinear resize (``align_corners=False``) of ``size`` lines
+    to ``out_size`` reads, when the stride ``s = size / out_size`` is a whole even number; else None.
+
+    Output line i then samples at ``s * i + s / 2 - 1/2``, half-way between lines ``s * i + s / 2 - 1`` and
+    ``s * i + s / 2``, each with weight exactly 1/2: the same weights as a resize of those 2 * out_size lines
+    alone to ``out_size`` (stride 2, samples at ``2 * i + 1/2``). (out_size * 2,) int64, ascending.
+    """
+    if out_size <= 0 or size % out_size or (size // out_size) % 2:
+        return None
+    stride = size // out_size
+    starts = np.arange(out_size, dtype=np.int64) * stride + stride // 2 - 1
+    return np.stack([starts, starts + 1], axis=1).reshape(-1)
+
+
+#: Fixed-point bits of PIL's 8-bit resampling (``PRECISION_BITS`` in Pillow's ``Resample.c``).
+PIL_PRECISION_BITS = 22
+
+
+def pil_bilinear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """PIL's antialiased bilinear weights for resizing ``in_size`` lines to ``out_size`` (Pillow's
+    ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` for the whole image, written out in NumPy float64
+    with the same IEEE operations in the same order).
+
+    Returns:
+        first (out_size,) int64: the first input line of each output line; weights (out_size, k) int64:
+        the fixed-point weights (``PIL_PRECISION_BITS``) of input lines ``first .. first + k - 1``, zero
+        past the image's edge.
+    """
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 1.0 * filterscale  # the bilinear filter's support is 1
+    ksize = int(math.ceil(support)) * 2 + 1
+    centers = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    first = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # C's (int) truncates toward zero
+    count = np.minimum((centers + support + 0.5).astype(np.int64), in_size) - first
+    taps = np.arange(ksize, dtype=np.int64)
+    distance = np.abs(((first[:, None] + taps[None]).astype(np.float64) - centers[:, None] + 0.5) * (1.0 / filterscale))
+    weights = np.where((distance < 1.0) & (taps[None] < count[:, None]), 1.0 - distance, 0.0)
+    total = np.zeros(out_size, dtype=np.float64)
+    for tap in range(ksize):  # summed in PIL's order
+        total = total + weights[:, tap]
+    weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0.0, 1.0, total)[:, None], weights)
+    scaled = weights * float(1 << PIL_PRECISION_BITS)
+    return first, np.where(weights < 0, -0.5 + scaled, 0.5 + scaled).astype(np.int64)
+
+
+def _pil_resample_lines(images: np.ndarray, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One pass of PIL's 8-bit resampling along the last axis: (..., n) uint8 -> (..., len(first)) uint8."""
+    index = np.minimum(first[:, None] + np.arange(weights.shape[1]), images.shape[-1] - 1)
+    sums = (images[..., index].astype(np.int64) * weights).sum(-1) + (1 << (PIL_PRECISION_BITS - 1))
+    return np.clip(sums >> PIL_PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def pil_bilinear_resize_lines(images: np.ndarray, size_hw: Sequence[int], rows: np.ndarray,
+                              cols: np.ndarray) -> np.ndarray:
+    """Some rows and columns of PIL's antialiased bilinear resize, ``Image.resize((w, h), Image.BILINEAR)``,
+    of 8-bit single-channel images, computed alone: what PIL's two passes (horizontal to a uint8 image,
+    then vertical) give there, in its fixed-point arithmetic (tests hold it equal to PIL on every line).
+
+    Args:
+        images: (B, H, W) uint8, or bool for binary masks as 0/255 images (converted on the lines read only).
+        size_hw: the resized size (h, w).
+        rows, cols: ascending output lines wanted, in 0..h-1 and 0..w-1.
+
+    Returns:
+        (B, len(rows), len(cols)) uint8.
+    """
+    height, width = images.shape[-2:]
+    new_h, new_w = int(size_hw[0]), int(size_hw[1])
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    if new_h != height:  # PIL skips a pass whose size does not change
+        first_row, row_weights = pil_bilinear_weights(height, new_h)
+        first_row, row_weights = first_row[rows], row_weights[rows]
+        source_rows = np.unique(np.minimum(first_row[:, None] + np.arange(row_weights.shape[1]), height - 1))
+    else:
+        source_rows = rows
+    lines = images[:, source_rows]
+    if lines.dtype == np.bool_:
+        lines = lines.astype(np.uint8) * np.uint8(255)
+    if new_w != width:
+        first_col, col_weights = pil_bilinear_weights(width, new_w)
+        lines = _pil_resample_lines(lines, first_col[cols], col_weights[cols])
+    else:
+        lines = lines[:, :, cols]
+    if new_h == height:
+        return lines
+    # the vertical pass over the horizontally resampled source rows, addressed by their place in source_rows
+    first_place = np.searchsorted(source_rows, first_row)
+    return np.swapaxes(_pil_resample_lines(np.swapaxes(lines, 1, 2), first_place, row_weights), 1, 2)
 
 
 def masks_to_mask_input(masks: torch.Tensor, image_size: int, size_hw: Sequence[int]) -> torch.Tensor:

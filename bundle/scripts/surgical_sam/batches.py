@@ -11,8 +11,10 @@ from monai.engines.utils import PrepareBatch
 class PromptedSampleBatch(PrepareBatch):
     """Training batch of (frame, class) samples -> (embeddings, targets, (), {"class_ids": ...}).
 
-    ``targets`` is a dict with ``mask`` (B, 1, H, W), ``grid_mask`` (B, h, w) and ``class_id`` (B,),
-    what ``scripts.surgical_sam.loss.SurgicalSAMLoss`` takes beside the network's output.
+    ``targets`` is a dict with ``mask`` (B, 1, H, W) float32, ``grid_mask`` (B, h, w) bool and ``class_id``
+    (B,), what ``scripts.surgical_sam.loss.SurgicalSAMLoss`` takes beside the network's output; the embeddings are
+    float32. The cache's items come compact (float16 embeddings, boolean masks: ``prompt_sample``) and are
+    widened here, once, after the move to the device (a no-op for items already float32).
     """
 
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
@@ -20,7 +22,8 @@ class PromptedSampleBatch(PrepareBatch):
             return tensor.to(device=device, non_blocking=non_blocking, **kwargs)
 
         targets = {key: to(batchdata[key]) for key in ("mask", "grid_mask", "class_id")}
-        return to(batchdata["image_embeddings"]), targets, (), {"class_ids": targets["class_id"]}
+        targets["mask"] = targets["mask"].float()
+        return to(batchdata["image_embeddings"]).float(), targets, (), {"class_ids": targets["class_id"]}
 
 
 # ---------------------------------------------------------------------------------- the training step

@@ -36,19 +36,21 @@ def prompt_sample(image_embeddings: torch.Tensor, label: torch.Tensor, class_id:
     """One training item of a (frame, class) sample, what ``PromptedSampleBatch`` batches.
 
     Args:
-        image_embeddings: (d, h, w) the frame's embeddings.
-        label: (H, W) the frame's label map, or with ``class_mask=True`` the class's own binary mask.
+        image_embeddings: (d, h, w) the frame's embeddings (any float dtype: kept as given).
+        label: (H, W) the frame's label map (any integer dtype), or with ``class_mask=True`` the class's own
+            binary mask.
         class_id: the prompted class, 1..C (a class absent from ``label`` gives an empty target).
         class_mask: ``label`` is already the class's binary mask (the original layout keeps one per class,
             and two classes' masks may overlap).
 
     Returns:
-        ``image_embeddings`` (d, h, w) float, ``mask`` (1, H, W) float, ``grid_mask`` (h, w) bool,
-        ``class_id`` () long.
+        ``image_embeddings`` (d, h, w) as given, ``mask`` (1, H, W) bool, ``grid_mask`` (h, w) bool,
+        ``class_id`` () long. Compact on purpose: a batch of them is collated (copied) once and widened to
+        float32 once, on the batch's device, by ``PromptedSampleBatch``.
     """
-    mask = (label != 0).float() if class_mask else (label.long() == class_id).float()
-    grid_mask = masks_to_embedding_grid(mask[None], image_size, grid_size)[0]
-    return {"image_embeddings": image_embeddings.float(), "mask": mask[None], "grid_mask": grid_mask,
+    on = (label != 0) if class_mask else (label == class_id)
+    grid_mask = masks_to_embedding_grid(on[None], image_size, grid_size)[0]
+    return {"image_embeddings": image_embeddings, "mask": on[None], "grid_mask": grid_mask,
             "class_id": torch.tensor(class_id)}
 
 
@@ -96,7 +98,7 @@ class CachedPromptDataset(Dataset):
         if load_class_mask is not None:  # a reader of one binary mask per class (original_layout)
             embedding, mask = load_class_mask(self.entries[entry_index], class_id)
             return prompt_sample(embedding, mask, class_id, self.image_size, self.grid_size, class_mask=True)
-        embedding, label = self.cache.load(self.entries[entry_index])
+        embedding, label = self.cache.load(self.entries[entry_index], as_stored=True)
         return prompt_sample(embedding, label, class_id, self.image_size, self.grid_size)
 
 
