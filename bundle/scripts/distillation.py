@@ -23,8 +23,13 @@ from .data.augmentation import augment_frame, version_for_epoch
 from .data.embedding_cache import EmbeddingCache
 from .data.layout import DEFAULT_IGNORE_INDEX, load_datalist, read_frame, read_label_map
 
-__all__ = ["FrameLabelDataset", "CachedTapDataset", "distillation_dataset", "tap_blocks", "DistillationBatch",
-           "SemanticInferer", "check_distill_inputs"]
+__all__ = ["FrameLabelDataset", "CachedTapDataset", "distillation_dataset", "tap_blocks", "tap_cache_folder",
+           "used_tap_cache_dir", "tap_cache_identity", "DistillationBatch", "SemanticInferer", "prepare_tap_cache",
+           "check_distill_inputs", "TRAIN_CONFIG_FILES"]
+
+#: The --config_file of Distillation-SAM's training (train.yaml with train_distill.yaml merged on top), as the
+#: input checks' messages name it.
+TRAIN_CONFIG_FILES = "\"['bundle/configs/train.yaml','bundle/configs/train_distill.yaml']\""
 
 #: keys of the cached encoder outputs a batch may carry; passed to ``DistillationSAM.forward``.
 CACHED_KEYS = ("embedding", "taps")
@@ -44,6 +49,28 @@ def tap_cache_folder(root: str, sam_variant: str, tap_blocks: Sequence[int]) -> 
     """Folder of the tap cache of these taps under ``root``: ``<root>/<variant>_taps<k1>-<k2>-...``, so caches of
     other taps or another encoder never share a folder."""
     return os.path.join(root, f"{sam_variant}_taps" + "-".join(str(int(k)) for k in tap_blocks))
+
+
+def used_tap_cache_dir(cache_taps: bool, tap_cache_dir: str) -> str | None:
+    """The tap cache folder a run reads: ``tap_cache_dir`` with ``cache_taps``, None without (raw frames, the
+    encoder in every step)."""
+    return tap_cache_dir if cache_taps else None
+
+
+def tap_cache_identity(cache_taps: bool, sam_variant: str, sam_checkpoint: str | None,
+                       tap_blocks: Sequence[int]) -> dict | None:
+    """The identity the tap cache is checked against with ``cache_taps`` (``cache_identity`` with the taps), None
+    without: a run on raw frames does not fingerprint the SAM checkpoint."""
+    from .data.embedding_cache import cache_identity
+
+    return cache_identity(sam_variant, sam_checkpoint, tap_blocks) if cache_taps else None
+
+
+def prepare_tap_cache(cache_taps: bool, precompute) -> dict | None:
+    """The demo's first-use step (demo_distill.yaml's ``prepare_cache``): ``precompute()`` (train.yaml's
+    ``cache_precompute``, a partial that makes what is missing) with ``cache_taps``; nothing without, as a run
+    on raw frames reads no cache. Returns the cache's manifest or None."""
+    return precompute() if cache_taps else None
 
 
 class FrameLabelDataset(Dataset):
@@ -105,7 +132,7 @@ class CachedTapDataset(Dataset):
     def __init__(self, cache: EmbeddingCache, split: str, num_classes: int | None = None) -> None:
         if "taps" not in cache.manifest["identity"]:
             raise ValueError(f"{cache.cache_dir} is an embedding cache without encoder taps; Distillation-SAM needs "
-                             "a tap cache (python -m monai.bundle run precompute --config_file <train_distill.yaml ...>)")
+                             f"a tap cache (python -m monai.bundle run precompute --config_file {TRAIN_CONFIG_FILES} ...)")
         if num_classes is not None and num_classes != len(cache.class_names):
             raise ValueError(f"num_classes={num_classes} but the cached dataset has {len(cache.class_names)} classes "
                              f"({cache.class_names})")
@@ -200,12 +227,12 @@ def check_distill_inputs(dataset_dir: str | None, sam_variant: str, sam_checkpoi
     problems = []
     if dataset_dir is not None and not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
         problems.append(f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the "
-                        "model card) or pass --dataset_dir; for the demo merge bundle/configs/demo_distill.yaml.")
+                        "model card) or pass --dataset_dir; for the demo run surgical-sam demo_distill.")
     problems += missing_sam_weights(sam_variant, sam_checkpoint)
     if tap_cache_dir is not None and not os.path.isfile(os.path.join(tap_cache_dir, "manifest.json")):
         problems.append(f"tap cache: none at {tap_cache_dir} (cache_taps is on). Make it with python -m monai.bundle "
                         "run precompute --config_file <the same config files>, or pass --cache_taps false.")
     if model_file is not None and not os.path.isfile(model_file):
         problems.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
-                        "--config_file bundle/configs/train_distill.yaml ...) or pass --model_file PATH.")
+                        f"--config_file {TRAIN_CONFIG_FILES} ...) or pass --model_file PATH.")
     raise_input_problems(problems, job)
