@@ -546,13 +546,14 @@ def test_version_for_epoch():
         version_for_epoch(-1)
 
 
-@pytest.mark.parametrize("overlay", ["demo.yaml", "demo_distill.yaml"])
-def test_the_generator_defaults_are_the_demo_set_so_make_demo_data_makes_what_the_demo_keeps(overlay):
+@pytest.mark.parametrize("files", [("train", "demo"), ("train", "train_distill", "demo", "demo_distill")])
+def test_the_generator_defaults_are_the_demo_set_so_make_demo_data_makes_what_the_demo_keeps(files):
     import inspect
 
-    import yaml
+    from monai.bundle import ConfigParser
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "bundle" / "configs" / overlay).read_text())
+    config = ConfigParser()  # each method's demo command, merged
+    config.read_config([str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / f"{name}.yaml") for name in files])
     defaults = {name: parameter.default for name, parameter in inspect.signature(make_demo_dataset).parameters.items()
                 if parameter.default is not inspect.Parameter.empty}
     assert tuple(config["frame_size"]) == tuple(defaults["frame_size"])

@@ -360,10 +360,11 @@ def test_ce_and_dice_hand_computed():
 # ------------------------------------------------------------------------------------------ workflows
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
-TRAIN_DISTILL, EVALUATE_DISTILL, INFERENCE_DISTILL, DEMO, DEMO_INFERENCE, DEMO_DISTILL = (
-    os.path.join(CONFIGS, f"{name}.yaml")
-    for name in ("train_distill", "evaluate_distill", "inference_distill", "demo", "demo_inference", "demo_distill")
-)
+# Distillation-SAM's commands: its overlays merged over SurgicalSAM's configs
+TRAIN_DISTILL, DEMO_DISTILL, EVALUATE_DISTILL, INFERENCE_DISTILL, DEMO_INFERENCE = (
+    [os.path.join(CONFIGS, f"{name}.yaml") for name in names] for names in (
+        ("train", "train_distill"), ("demo", "demo_distill"), ("evaluate", "evaluate_distill"),
+        ("inference", "inference_distill"), ("demo_inference",)))
 
 
 def distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint, **extra) -> dict:
@@ -380,16 +381,17 @@ def distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_check
 
 def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
                                           small_sam_checkpoint):
-    # demo_distill.yaml fills train_distill.yaml's prepare/prepare_cache: initialize makes the tap cache through
-    # the one cache_precompute component that the `precompute` run calls too
+    # demo.yaml's prepare and demo_distill.yaml's prepare_cache fill train.yaml's initialize: it makes the tap cache
+    # through the one cache_precompute component that the `precompute` run calls too
     overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint, cache_taps=True,
                                   tap_cache_dir=str(tmp_path / "tap_cache"))
-    workflow = checked_workflow([TRAIN_DISTILL, DEMO_DISTILL], "train", **overrides)
+    workflow = checked_workflow(TRAIN_DISTILL + DEMO_DISTILL, "train", **overrides)
     assert isinstance(workflow.network_def, DistillationSAM)
     with open(tmp_path / "tap_cache" / "manifest.json") as handle:
         manifest = json.load(handle)
     assert manifest["complete"] and manifest["identity"]["taps"] == list(workflow.parser.get_parsed_content("tap_blocks"))
-    assert workflow.parser["precompute"][-1] == workflow.parser["prepare_cache"][0].split(" if ")[0]
+    assert workflow.parser["precompute"][-1] == "$@cache_precompute()"
+    assert workflow.parser["prepare_cache"] == ["$scripts.distillation_sam.datasets.prepare_tap_cache(@cache_taps, @cache_precompute)"]
     assert isinstance(workflow.parser.get_parsed_content("optimizer"), torch.optim.AdamW)
     assert workflow.parser.get_parsed_content("validate#best_model_saver#key_metric_filename") == "distill_model.pt"
     sample = workflow.train_dataset[0]
@@ -399,7 +401,7 @@ def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small
 
 def test_infer_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_sam_checkpoint):
     workflow = checked_workflow(
-        [INFERENCE_DISTILL, DEMO_INFERENCE], "infer",
+        INFERENCE_DISTILL + DEMO_INFERENCE, "infer",
         dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
         output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]),
     )
@@ -414,7 +416,7 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
     overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint,
                                   num_epochs=1, batch_size=4, cache_taps=cache_taps,
                                   tap_cache_dir=str(tmp_path / "tap_cache"))
-    train = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO_DISTILL], workflow_type="train", meta_file=META_FILE,
+    train = ConfigWorkflow(config_file=TRAIN_DISTILL + DEMO_DISTILL, workflow_type="train", meta_file=META_FILE,
                            logging_file=None, **overrides)
     train.initialize()
     train.run()
@@ -424,7 +426,7 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
     saved = torch.load(model_file, map_location="cpu", weights_only=True)
     assert saved and not any(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")) for k in saved)
 
-    evaluate = ConfigWorkflow(config_file=[TRAIN_DISTILL, DEMO_DISTILL, EVALUATE_DISTILL], workflow_type=None,
+    evaluate = ConfigWorkflow(config_file=TRAIN_DISTILL + DEMO_DISTILL + EVALUATE_DISTILL, workflow_type=None,
                               meta_file=META_FILE, logging_file=None, run_id="evaluating", **overrides)
     evaluate.initialize()
     evaluate.run()
@@ -436,7 +438,7 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
 
     # the demo model has demo adapter settings: inference needs the same pvt / pvt_input_size / logit_scale
     infer = ConfigWorkflow(
-        config_file=[INFERENCE_DISTILL, DEMO_INFERENCE], workflow_type="infer", meta_file=META_FILE, logging_file=None,
+        config_file=INFERENCE_DISTILL + DEMO_INFERENCE, workflow_type="infer", meta_file=META_FILE, logging_file=None,
         dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
         output_dir=str(tmp_path / "out"), model_file=model_file, frame_size=list(SMALL_DEMO["frame_size"]),
         pvt={"embed_dims": [32, 64, 160, 256]}, pvt_input_size=128, logit_scale=10.0,
@@ -494,7 +496,8 @@ def test_logit_scale_and_pvt_input_size(tiny_sam_checkpoint):
 
 def test_tap_cache_folder_names_the_encoder_and_the_taps():
     """train_distill.yaml's and demo_distill.yaml's tap_cache_dir: one folder per (encoder, taps), as before the
-    name moved out of a generator expression in the configs."""
+    name moved out of a generator expression in the configs; the run reads it (and fingerprints the SAM weights)
+    only with cache_taps."""
     from monai.bundle import ConfigParser
 
     from scripts.distillation_sam.datasets import tap_cache_folder
@@ -505,3 +508,8 @@ def test_tap_cache_folder_names_the_encoder_and_the_taps():
     parser["dataset_dir"] = "/d"
     assert parser.get_parsed_content("tap_cache_dir") == "/d/tap_cache/vit_b_taps4-8-12"
     assert parser.get_parsed_content("used_tap_cache_dir") is None  # cache_taps is off by default
+    assert parser.get_parsed_content("tap_cache_identity") is None
+    parser["cache_taps"] = True
+    parser["sam_checkpoint"] = None  # random SAM weights: no file to fingerprint
+    assert parser.get_parsed_content("used_tap_cache_dir", lazy=False) == "/d/tap_cache/vit_b_taps4-8-12"
+    assert parser.get_parsed_content("tap_cache_identity", lazy=False)["taps"] == [4, 8, 12]

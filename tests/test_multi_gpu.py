@@ -160,8 +160,12 @@ def test_overlay_without_torchrun_fails_clearly(tmp_path):
     assert "started by torchrun" in output and "RANK" in output, output[-3000:]
 
 
-@pytest.mark.parametrize("method_config", ["train.yaml", "train_distill.yaml"])
-def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, method_config):
+#: each method's training configs (Distillation-SAM: its overlay over train.yaml)
+METHOD_CONFIGS = [("train.yaml",), ("train.yaml", "train_distill.yaml")]
+
+
+@pytest.mark.parametrize("method_configs", METHOD_CONFIGS)
+def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, method_configs):
     """Every StatsHandler / TensorBoardStatsHandler of training and validation is gated on is_main_process,
     which multi_gpu_train.yaml sets to "rank 0": built with it false they are disabled, with it true they exist."""
     from monai.bundle import ConfigParser
@@ -169,7 +173,7 @@ def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, met
     writers = ("StatsHandler", "TensorBoardStatsHandler")
     for is_main_process in (True, False):
         parser = ConfigParser()
-        parser.read_config([os.path.join(CONFIGS, method_config), MULTI_GPU])
+        parser.read_config([os.path.join(CONFIGS, name) for name in method_configs] + [MULTI_GPU])
         assert parser["is_main_process"] == "$torch.distributed.get_rank() == 0"  # the overlay's rank-0 rule
         parser["is_main_process"] = is_main_process
         parser["output_dir"] = str(tmp_path / str(is_main_process))
@@ -183,14 +187,28 @@ def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, met
                                        for section in ("train", "validate") for writer in writers), gated
 
 
-@pytest.mark.parametrize("method_config", ["train.yaml", "train_distill.yaml"])
-def test_multi_gpu_overlay_finds_every_step_it_runs_in_both_methods(method_config):
+@pytest.mark.parametrize("method_configs", METHOD_CONFIGS)
+def test_multi_gpu_overlay_finds_every_step_it_runs_in_both_methods(method_configs):
     """multi_gpu_train.yaml's initialize runs `prepare` and `prepare_cache` around its barriers: both methods
     define them (empty unless a demo overlay fills them)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([os.path.join(CONFIGS, method_config), MULTI_GPU])
+    parser.read_config([os.path.join(CONFIGS, name) for name in method_configs] + [MULTI_GPU])
     steps = [step[1:] for step in parser["initialize"] if isinstance(step, str) and step.startswith("@")]
     assert steps == ["prepare", "prepare_cache"]
     assert all(isinstance(parser[step], list) for step in steps)
+
+
+def test_the_distributed_steps_of_the_overlay():
+    """multi_gpu_train.yaml's device, DDP device ids and backend, from the factories its expressions call."""
+    from scripts.engine.distributed import ddp_device_ids, default_backend, rank_device
+    from scripts.engine.handlers import trainable_parameters
+
+    if not torch.cuda.is_available():
+        assert rank_device() == torch.device("cpu") and default_backend() == "gloo"
+    assert ddp_device_ids(torch.device("cpu")) is None
+    assert ddp_device_ids(torch.device("cuda", 1)) == [torch.device("cuda", 1)]
+    network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    network[0].requires_grad_(False)
+    assert [id(p) for p in trainable_parameters(network)] == [id(p) for p in network[1].parameters()]

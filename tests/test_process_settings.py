@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import glob
 import os
 import subprocess
 import sys
@@ -57,13 +58,29 @@ def test_apply_is_idempotent_and_recorded():
                                                  "M_TOP_PAD": 64 * 2**20}
 
 
-# (demo.yaml and demo_distill.yaml fill `prepare`/`prepare_cache` of train.yaml's and train_distill.yaml's initialize)
-@pytest.mark.parametrize("config", ["train.yaml", "inference.yaml", "train_distill.yaml", "inference_distill.yaml",
-                                    "multi_gpu_train.yaml"])
-def test_every_config_with_an_initialize_applies_the_settings_first(config):
-    with open(os.path.join(BUNDLE_ROOT, "configs", config)) as handle:
-        initialize = yaml.safe_load(handle)["initialize"]
+# An overlay that writes its own `initialize` replaces the one it is merged over, so each must start with the
+# settings; overlays that add steps append with `+initialize` (demo_video.yaml) or fill train.yaml's
+# `prepare`/`prepare_cache` (demo.yaml, demo_distill.yaml).
+def test_every_config_with_an_initialize_applies_the_settings_first():
+    written = []
+    for path in sorted(glob.glob(os.path.join(BUNDLE_ROOT, "configs", "*.yaml"))):
+        with open(path) as handle:
+            config = yaml.safe_load(handle) or {}
+        if "initialize" in config:
+            written.append(os.path.basename(path))
+            assert config["initialize"][0] == "$scripts.engine.process_settings.apply_process_settings()", path
+    assert {"train.yaml", "inference.yaml", "multi_gpu_train.yaml"} <= set(written)
+
+
+def test_the_video_demo_keeps_inference_initialize():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(BUNDLE_ROOT, "configs", name)
+                        for name in ("inference.yaml", "demo_inference.yaml", "demo_video.yaml")])
+    initialize = parser["initialize"]
     assert initialize[0] == "$scripts.engine.process_settings.apply_process_settings()"
+    assert initialize[-1]["_target_"] == "scripts.data.demo_video.ensure_demo_video"
 
 
 def test_the_cli_and_the_monailabel_app_apply_the_settings():

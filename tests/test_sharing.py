@@ -72,10 +72,10 @@ def test_metadata_data_format_names_the_config_classes():
     # train.yaml reads its class names from dataset.json; the EndoVis2018 overlay states the model's
     from monai.bundle import ConfigParser
 
-    for config in ("endovis2018.yaml", "inference.yaml", "inference_distill.yaml", "monailabel_train.yaml"):
-        parser = ConfigParser()  # (the training overlays over train.yaml, as they are run)
-        parser.read_config([os.path.join(BUNDLE, "configs", name) for name in
-                            ((config,) if config.startswith("inference") else ("train.yaml", config))])
+    for config in (("train.yaml", "endovis2018.yaml"), ("inference.yaml",), ("inference.yaml", "inference_distill.yaml"),
+                   ("train.yaml", "monailabel_train.yaml")):
+        parser = ConfigParser()  # (the overlays over train.yaml or inference.yaml, as they are run)
+        parser.read_config([os.path.join(BUNDLE, "configs", name) for name in config])
         names = parser.get_parsed_content("class_names")
         assert pred["channel_def"] == {str(i): name for i, name in enumerate(["background", *names])}, config
         assert pred["value_range"] == [0, len(names)]
@@ -95,16 +95,16 @@ def test_large_files_list_every_sam_checkpoint_with_its_md5():
     # the configs' SAM checkpoint is the official file of sam_variant, in ckpt_dir
     from monai.bundle import ConfigParser
 
-    for config, default in (("train.yaml", "vit_h"), ("train_distill.yaml", "vit_b"), ("inference.yaml", "vit_h"),
-                            ("inference_distill.yaml", "vit_b")):
+    for configs, default in ((("train.yaml",), "vit_h"), (("train.yaml", "train_distill.yaml"), "vit_b"),
+                             (("inference.yaml",), "vit_h"), (("inference.yaml", "inference_distill.yaml"), "vit_b")):
         for variant in (None, "vit_h", "vit_l", "vit_b"):
             parser = ConfigParser()
-            parser.read_config(os.path.join(BUNDLE, "configs", config))
+            parser.read_config([os.path.join(BUNDLE, "configs", config) for config in configs])
             parser["ckpt_dir"] = "/weights"
             if variant is not None:
                 parser["sam_variant"] = variant
             expected = official[variant or default].checkpoint_name
-            assert parser.get_parsed_content("sam_checkpoint") == f"/weights/{expected}", (config, variant)
+            assert parser.get_parsed_content("sam_checkpoint") == f"/weights/{expected}", (configs, variant)
 
 
 # ---------------------------------------------------------------------------------- label map network

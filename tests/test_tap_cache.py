@@ -158,7 +158,7 @@ def test_cache_taps_workflow_option(tmp_path, tap_cache_dir, small_demo_dir, sma
               "output_dir": str(tmp_path / "eval"), "ckpt_dir": str(tmp_path / "models"),
               "frame_size": list(SMALL_DEMO["frame_size"]), "augmentation_versions": VERSIONS,
               "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")}}
-    files = [os.path.join(CONFIGS, "train_distill.yaml"), os.path.join(CONFIGS, "demo_distill.yaml")]
+    files = [os.path.join(CONFIGS, f"{name}.yaml") for name in ("train", "train_distill", "demo", "demo_distill")]
     for cache_taps, kind in ((True, CachedTapDataset), (False, FrameLabelDataset)):
         workflow = ConfigWorkflow(config_file=files, workflow_type="train", logging_file=None, meta_file=None,
                                   tap_cache_dir=tap_cache_dir, cache_taps=cache_taps, **common)

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
 INFERENCE = [os.path.join(CONFIGS, name) for name in ("inference.yaml", "demo_inference.yaml")]
-INFERENCE_DISTILL = [os.path.join(CONFIGS, name) for name in ("inference_distill.yaml", "demo_inference.yaml")]
+INFERENCE_DISTILL = [os.path.join(CONFIGS, name)
+                     for name in ("inference.yaml", "inference_distill.yaml", "demo_inference.yaml")]
 FPS = 8
 FRAME_SIZE = list(SMALL_DEMO["frame_size"])
 

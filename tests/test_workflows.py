@@ -214,57 +214,65 @@ def test_no_overlay_reaches_into_a_list_by_position():
     assert not found, found
 
 
-@pytest.mark.parametrize("method", [("train.yaml", "demo.yaml"), ("train_distill.yaml", "demo_distill.yaml")])
-def test_the_precompute_call_is_written_once_per_method(method):
-    """`precompute` and the demo's `prepare_cache` call the same cache_precompute component (a partial)."""
+#: Each method's commands: the config files merged, in order (Distillation-SAM's overlays go over SurgicalSAM's).
+METHOD_COMMANDS = {
+    "surgical_sam": {"train": ("train",), "demo": ("train", "demo"), "evaluate": ("train", "evaluate"),
+                     "infer": ("inference",)},
+    "distillation_sam": {"train": ("train", "train_distill"), "demo": ("train", "train_distill", "demo", "demo_distill"),
+                         "evaluate": ("train", "train_distill", "evaluate", "evaluate_distill"),
+                         "infer": ("inference", "inference_distill")},
+}
+
+
+def config_files(method: str, command: str) -> list[str]:
+    return [os.path.join(CONFIGS, f"{name}.yaml") for name in METHOD_COMMANDS[method][command]]
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_COMMANDS))
+def test_the_precompute_call_is_written_once(method):
+    """`precompute` and the demo's `prepare_cache` call train.yaml's cache_precompute component (a partial); the
+    Distillation-SAM overlay gives it the tap cache folder and the taps, and its demo calls it only with cache_taps."""
     import functools
 
     from monai.bundle import ConfigParser
 
     from scripts.data.embedding_cache import precompute_embeddings
 
-    parser = ConfigParser()
-    parser.read_config([os.path.join(CONFIGS, name) for name in method])
-    text = "".join(open(os.path.join(CONFIGS, name)).read() for name in method)
+    text = "".join(open(path).read() for path in glob.glob(os.path.join(CONFIGS, "*.yaml")))
     assert text.count("precompute_embeddings") == 1, "precompute_embeddings is written more than once"
+    parser = ConfigParser()
+    parser.read_config(config_files(method, "demo"))
     assert parser["precompute"][-1] == "$@cache_precompute()"
-    assert parser["prepare_cache"][0].startswith("$@cache_precompute()")
+    assert parser["prepare_cache"] == {
+        "surgical_sam": ["$@cache_precompute()"],
+        "distillation_sam": ["$scripts.distillation_sam.datasets.prepare_tap_cache(@cache_taps, @cache_precompute)"]}[method]
     parser["device"] = "cpu"
     component = parser.get_parsed_content("cache_precompute", instantiate=True)
     assert isinstance(component, functools.partial) and component.func is precompute_embeddings
-    assert ("taps" in component.keywords) == (method[0] == "train_distill.yaml")
+    assert (component.keywords.get("taps") is not None) == (method == "distillation_sam")
+    assert component.keywords["cache_dir"] == parser.get_parsed_content(
+        {"surgical_sam": "cache_dir", "distillation_sam": "tap_cache_dir"}[method])
 
 
+def test_the_first_use_tap_cache_step_runs_the_precompute_with_cache_taps_only():
+    from scripts.distillation_sam.datasets import prepare_tap_cache
 
-#: What the two methods share, per pair of configs (SurgicalSAM's, Distillation-SAM's): keys that must read the
-#: same in both (paths, dataset facts, device, the rank-0 gates, loaders, handlers, the run steps, the demo data,
-#: the inference pipeline). MONAI's `%file#key` macros read their file relative to the working directory, not to
-#: the config, so a base file pulled in by macros would tie every command to one folder (the repository root,
-#: not a copied bundle or the CLI's); the copies are therefore held equal here: a change to one that misses the
-#: other fails.
-SHARED_KEYS = {
-    ("train.yaml", "train_distill.yaml"): (
-        "bundle_root", "ckpt_dir", "dataset_dir", "train_split", "val_split", "sam_checkpoint", "class_names",
-        "num_classes", "frame_size", "dataset_facts_checked", "is_main_process", "device", "network",
-        "lr_scheduler", "train#dataloader", "train#handlers", "train#best_model_state", "validate#dataloader",
-        "validate#handlers", "validate#evaluator", "precompute", "prepare", "prepare_cache", "initialize", "run"),
-    ("demo.yaml", "demo_distill.yaml"): (
-        "dataset_dir", "ckpt_dir", "sam_variant", "sam_checkpoint", "frame_size", "class_names", "demo_data",
-        "prepare"),
-    ("evaluate.yaml", "evaluate_distill.yaml"): ("metrics_file", "validate#handlers", "run"),
-    ("inference.yaml", "inference_distill.yaml"): (
-        "imports", "bundle_root", "ckpt_dir", "dataset_dir", "sam_checkpoint", "class_names", "num_classes",
-        "frame_size", "protocol", "frame_crop", "write_overlay", "write_nifti", "num_workers", "device", "network",
-        "datalist", "preprocessing", "dataset", "unreadable_frames", "dataloader", "handlers", "initialize", "run",
-        "label_format", "write_overlay_video", "frame_stride", "start_time", "end_time", "folder_fps", "video"),
-}
+    calls = []
+
+    def precompute():
+        calls.append(1)
+        return {"complete": True}
+
+    assert prepare_tap_cache(False, precompute) is None and not calls
+    assert prepare_tap_cache(True, precompute) == {"complete": True} and calls == [1]
 
 
 def test_macro_files_are_read_from_the_working_directory(tmp_path, monkeypatch):
-    """Why SHARED_KEYS holds copies equal instead of a base file: MONAI reads `%file#key` relative to the working
-    directory, so `%configs/base.yaml#x` works from the bundle folder only (and `%bundle/configs/...` from the
-    repository root only). Should MONAI read it relative to the config one day, this fails: fold the copies
-    into a base file then."""
+    """Why Distillation-SAM's configs are overlays merged by --config_file (as the model zoo's bundles do) and not
+    files that pull a base in by macros: MONAI reads `%file#key` relative to the working directory, so
+    `%configs/base.yaml#x` works from the bundle folder only (and `%bundle/configs/...` from the repository root
+    only), while train.yaml must run alone from anywhere. Should MONAI read it relative to the config one day,
+    this fails."""
     from monai.bundle import ConfigParser
 
     configs = tmp_path / "bundle" / "configs"
@@ -282,37 +290,58 @@ def test_macro_files_are_read_from_the_working_directory(tmp_path, monkeypatch):
                 parser.get_parsed_content("shared")
 
 
-@pytest.mark.parametrize("pair", sorted(SHARED_KEYS))
-def test_both_methods_share_one_skeleton(pair):
-    """Distillation-SAM's config repeats SurgicalSAM's shared blocks word for word."""
-
-    def value(config: dict, key: str):  # an overlay writes `validate#handlers` as one key, a base nests it
-        if key in config:
-            return config[key]
-        for part in key.split("#"):
-            config = config[part]
-        return config
-
-    surgical, distill = (yaml.safe_load(open(os.path.join(CONFIGS, name))) for name in pair)
-    differ = [key for key in SHARED_KEYS[pair] if value(surgical, key) != value(distill, key)]
-    assert not differ, f"{pair[0]} and {pair[1]} disagree on {differ}"
-
-
-def test_training_blocks_differ_only_in_the_keys_a_method_owns():
-    """train_distill.yaml's trainer, checkpoint saver and precompute call are train.yaml's but for the keys a
-    method owns (train.yaml's `compile`, the model file name, the tap list), and every logging handler of both
-    carries the gate that keeps other ranks from writing logs."""
+@pytest.mark.parametrize("command", ["train", "demo", "evaluate", "infer"])
+def test_an_overlay_writes_only_what_it_changes(command):
+    """No copies: every id a Distillation-SAM overlay sets differs from what the configs merged before it say (or
+    is new), and the overlays set no handler list, loader, evaluator or trainer: those are SurgicalSAM's, with
+    their rank-0 gates."""
     from monai.bundle import ConfigParser
 
-    surgical, distill = ConfigParser(), ConfigParser()
-    surgical.read_config(TRAIN)
-    distill.read_config(os.path.join(CONFIGS, "train_distill.yaml"))
-    for key, owned in (("train#trainer", set()), ("validate#best_model_saver", {"key_metric_filename"}),
-                       ("cache_precompute", {"cache_dir", "taps", "augmentation_draws"})):
-        common = (set(surgical[key]) & set(distill[key])) - owned
-        assert set(distill[key]) - owned <= set(surgical[key]), f"{key}: keys only train_distill.yaml has"
-        assert {k: surgical[key][k] for k in common} == {k: distill[key][k] for k in common}, key
-    for parser in (surgical, distill):
-        for key in ("train#handlers", "validate#handlers"):
-            loggers = [h for h in parser[key] if isinstance(h, dict) and "StatsHandler" in h["_target_"]]
-            assert loggers and all(h["_disabled_"] == "$not @is_main_process" for h in loggers), key
+    names = METHOD_COMMANDS["distillation_sam"][command]
+    for index, name in enumerate(names):
+        if name in METHOD_COMMANDS["surgical_sam"][command]:
+            continue
+        before = ConfigParser()
+        before.read_config([os.path.join(CONFIGS, f"{n}.yaml") for n in names[:index]])
+        overlay = yaml.safe_load(open(os.path.join(CONFIGS, f"{name}.yaml")))
+        copies = [key for key, value in overlay.items() if not key.startswith("+") and key in before
+                  and before[key] == value]
+        assert not copies, f"{name} repeats {copies} of {names[:index]}"
+        shared = [key for key in overlay if key.split("#")[-1] in ("handlers", "dataloader", "evaluator", "trainer")
+                  or key in ("train", "validate", "initialize", "run", "training", "evaluating")]
+        assert not shared, f"{name} rewrites the shared skeleton: {shared}"
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_COMMANDS))
+def test_both_methods_pass_the_training_workflow_checks_with_rank_zero_gates(method, prepared):
+    """The merged configs pass ConfigWorkflow's check_properties, and every logging handler the trainer and the
+    evaluator get is gated on is_main_process (multi_gpu_train.yaml: rank 0), in both methods."""
+    from monai.handlers import StatsHandler, TensorBoardStatsHandler
+
+    overrides = demo_overrides(**prepared, **({"cache_taps": False} if method == "distillation_sam" else {}))
+    workflow = checked_workflow(config_files(method, "demo"), "train", **overrides)
+    network = workflow.parser.get_parsed_content("network_def")
+    assert type(network).__name__ == {"surgical_sam": "SurgicalSAM", "distillation_sam": "DistillationSAM"}[method]
+    for section in ("train", "validate"):
+        loggers = [h for h in workflow.parser[f"{section}#handlers"]
+                   if isinstance(h, dict) and h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler")]
+        assert len(loggers) == 2 and all(h.get("_disabled_") == "$not @is_main_process" for h in loggers), section
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    handlers = [h for event in trainer._event_handlers.values() for h, *_ in event]
+    attached = {type(getattr(h, "__self__", h)) for h in handlers}
+    assert {StatsHandler, TensorBoardStatsHandler} <= attached
+
+    workflow.parser["is_main_process"] = False  # another rank: the loggers are not built
+    for section in ("train", "validate"):
+        built = workflow.parser.get_parsed_content(f"{section}#handlers", lazy=False)
+        assert not any(isinstance(h, (StatsHandler, TensorBoardStatsHandler)) for h in built), section
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_COMMANDS))
+def test_both_methods_pass_the_inference_workflow_checks(method, tmp_path, small_demo_dir, small_sam_checkpoint):
+    workflow = checked_workflow(
+        config_files(method, "infer") + [DEMO_INFERENCE], "infer",
+        dataset_dir=os.path.join(small_demo_dir, "images"), sam_checkpoint=small_sam_checkpoint,
+        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]))
+    assert workflow.parser.get_parsed_content("model_file").endswith(
+        {"surgical_sam": "model.pt", "distillation_sam": "distill_model.pt"}[method])

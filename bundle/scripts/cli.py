@@ -454,11 +454,11 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
                  cache_taps: bool | None = None) -> dict:
     """Distillation-SAM on the demo data: train, then evaluate (auto protocol: it needs no class prompt).
 
-    Equivalent to
-    ``python -m monai.bundle run training --config_file "['<bundle>/configs/train_distill.yaml','<bundle>/configs/demo_distill.yaml']"``
-    followed by ``run evaluating`` with ``evaluate_distill.yaml`` merged on top. The demo data, the
-    random-weight SAM and (with the tap cache on, demo_distill.yaml's default) the tap cache are made on
-    first use.
+    Equivalent to ``python -m monai.bundle run training --config_file`` with ``train.yaml``, ``train_distill.yaml``,
+    ``demo.yaml`` and ``demo_distill.yaml`` of ``<bundle>/configs`` merged in this order, followed by
+    ``run evaluating`` with ``evaluate.yaml`` and ``evaluate_distill.yaml`` merged on top. The demo data, the
+    random-weight SAM (demo.yaml's ``prepare``) and, with the tap cache on (demo_distill.yaml's default), the tap
+    cache are made on first use.
 
     Args:
         epochs: training epochs (default: demo_distill.yaml's num_epochs).
@@ -474,18 +474,19 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
     from scripts.evaluation.report import format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(
-        bundle_root, ("train_distill.yaml", "demo_distill.yaml", "evaluate_distill.yaml"), epochs, fresh
+        bundle_root, ("train.yaml", "train_distill.yaml", "demo.yaml", "demo_distill.yaml", "evaluate.yaml",
+                      "evaluate_distill.yaml"), epochs, fresh
     )
     if cache_taps is not None:
         if not isinstance(cache_taps, bool):
             raise _fail(f"--cache_taps must be true or false, got {cache_taps!r}.")
         overrides["cache_taps"] = cache_taps
-    train_files = [str(needed[0]), str(needed[1])]
+    train_files, eval_files = [str(path) for path in needed[:4]], [str(path) for path in needed]
     try:
         print(f"demo_distill: training ({' + '.join(Path(f).name for f in train_files)}, bundle {root})", flush=True)
         _run_workflow(_workflow(train_files, "train", "training", **overrides))
         print("demo_distill: evaluating, protocol auto", flush=True)
-        workflow = _workflow(train_files + [str(needed[2])], None, "evaluating", **overrides)
+        workflow = _workflow(eval_files, None, "evaluating", **overrides)
         _run_workflow(workflow)
         metrics_file = workflow.parser.get_parsed_content("metrics_file")
         with open(metrics_file) as handle:

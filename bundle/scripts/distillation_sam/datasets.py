@@ -21,8 +21,8 @@ from ..data.augmentation import augment_frame, version_for_epoch
 from ..data.embedding_cache import EmbeddingCache
 from ..data.layout import DEFAULT_IGNORE_INDEX, load_datalist, read_frame, read_label_map
 
-__all__ = ["FrameLabelDataset", "CachedTapDataset", "distillation_dataset", "tap_blocks", "tap_cache_folder"]
-
+__all__ = ["FrameLabelDataset", "CachedTapDataset", "distillation_dataset", "tap_blocks", "tap_cache_folder",
+           "used_tap_cache_dir", "tap_cache_identity", "prepare_tap_cache", "TRAIN_CONFIG_FILES"]
 #: keys of the cached encoder outputs a batch may carry; passed to ``DistillationSAM.forward``.
 CACHED_KEYS = ("embedding", "taps")
 
@@ -94,7 +94,7 @@ class CachedTapDataset(Dataset):
     read version 0.
 
     Args:
-        cache: an :class:`~scripts.data.embedding_cache.EmbeddingCache` whose identity has taps.
+        cache: an :class:`~.data.embedding_cache.EmbeddingCache` whose identity has taps.
         split: ``training`` / ``validation`` / ...
         num_classes: C; must equal the cached dataset's.
     """
@@ -102,7 +102,7 @@ class CachedTapDataset(Dataset):
     def __init__(self, cache: EmbeddingCache, split: str, num_classes: int | None = None) -> None:
         if "taps" not in cache.manifest["identity"]:
             raise ValueError(f"{cache.cache_dir} is an embedding cache without encoder taps; Distillation-SAM needs "
-                             "a tap cache (python -m monai.bundle run precompute --config_file <train_distill.yaml ...>)")
+                             f"a tap cache (python -m monai.bundle run precompute --config_file {TRAIN_CONFIG_FILES} ...)")
         if num_classes is not None and num_classes != len(cache.class_names):
             raise ValueError(f"num_classes={num_classes} but the cached dataset has {len(cache.class_names)} classes "
                              f"({cache.class_names})")
@@ -125,7 +125,6 @@ class CachedTapDataset(Dataset):
         taps, image = self.cache.load_taps(entry)
         return {"image": image, "label": label[None], "embedding": embedding, "taps": taps, "key": entry["key"]}
 
-
 def distillation_dataset(dataset_dir: str, split: str, num_classes: int, augmentation_versions: int = 0,
                          seed: int = 666, ignore_index: int = DEFAULT_IGNORE_INDEX, tap_cache_dir: str | None = None,
                          tap_cache_identity: dict | None = None) -> Dataset:
@@ -137,3 +136,30 @@ def distillation_dataset(dataset_dir: str, split: str, num_classes: int, augment
     if tap_cache_identity is None:
         raise ValueError("tap_cache_identity is needed with tap_cache_dir (cache_identity(variant, checkpoint, taps))")
     return CachedTapDataset(EmbeddingCache(tap_cache_dir, tap_cache_identity), split, num_classes)
+
+
+#: The --config_file of Distillation-SAM's training (train.yaml with train_distill.yaml merged on top), as the
+#: input checks' messages name it.
+TRAIN_CONFIG_FILES = "\"['bundle/configs/train.yaml','bundle/configs/train_distill.yaml']\""
+
+
+def used_tap_cache_dir(cache_taps: bool, tap_cache_dir: str) -> str | None:
+    """The tap cache folder a run reads: ``tap_cache_dir`` with ``cache_taps``, None without (raw frames, the
+    encoder in every step)."""
+    return tap_cache_dir if cache_taps else None
+
+
+def tap_cache_identity(cache_taps: bool, sam_variant: str, sam_checkpoint: str | None,
+                       tap_blocks: Sequence[int]) -> dict | None:
+    """The identity the tap cache is checked against with ``cache_taps`` (``cache_identity`` with the taps), None
+    without: a run on raw frames does not fingerprint the SAM checkpoint."""
+    from ..data.embedding_cache import cache_identity
+
+    return cache_identity(sam_variant, sam_checkpoint, tap_blocks) if cache_taps else None
+
+
+def prepare_tap_cache(cache_taps: bool, precompute) -> dict | None:
+    """The demo's first-use step (demo_distill.yaml's ``prepare_cache``): ``precompute()`` (train.yaml's
+    ``cache_precompute``, a partial that makes what is missing) with ``cache_taps``; nothing without, as a run
+    on raw frames reads no cache. Returns the cache's manifest or None."""
+    return precompute() if cache_taps else None

@@ -321,3 +321,9 @@ class UnreadableFrames:
             + "\nReplace each file named above with an 8-bit RGB or grey PNG/JPEG (or move it out of the frame folder) "
             "and run the same command again."
         )
+
+
+def trainable_parameters(network: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of ``network`` that train (``requires_grad``), for the optimizer: the frozen SAM parts stay
+    out of its state."""
+    return [p for p in network.parameters() if p.requires_grad]
