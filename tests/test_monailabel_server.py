@@ -838,16 +838,22 @@ def test_own_labels_of_one_video_keep_the_served_model_unless_asked(own, setup):
     assert any("served model KEPT: every labelled frame is from video seq1" in line for line in task["details"])
     candidate = os.path.join(bundle, "eval", "monailabel_candidate", "model.pt")
     assert os.path.isfile(candidate) == (held["best_epoch"] > 0) == ("candidate_model" in held), held
-    # the same training with the setting: replaced exactly when a checkpoint beats the served model
+    # the same training (seeded: the same scores) with the setting: the usual rule, replaced exactly when
+    # a checkpoint beats the served model. (This random tiny model only gets worse on these frames, so here
+    # it is kept by that rule; test_fine_tuning_never_serves_a_worse_model covers the replacement itself.)
     task = server.train(**settings, replace_from_one_video=True)
     assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
     result = _train_result(task)
     assert result["settings"]["replace_from_one_video"] is True and "every labelled frame" not in result["reason"]
-    changed = open(model_file, "rb").read() != before
+    assert "hold" not in result and "candidate_model" not in result and not os.path.exists(candidate)
+    assert (result["baseline"], result["best"], result["best_epoch"]) == pytest.approx(
+        (held["baseline"], held["best"], held["best_epoch"]))
+    # (MONAI's best-model saver rewrites models/model.pt with the served weights at epoch 0: compare weights)
+    before_state, after_state = torch.load(io.BytesIO(before), weights_only=True), torch.load(model_file, weights_only=True)
+    changed = any(not torch.equal(before_state[k], after_state[k]) for k in before_state)
     assert changed == (result["served_model"] == "replaced") == (result["best_epoch"] > 0), result
-    assert not os.path.exists(candidate)
-    # the tiny model learns on these frames: the held run had a better checkpoint, the second one served it
-    assert held["best"] > held["baseline"] and result["served_model"] == "replaced", (held, result)
+    if result["served_model"] == "kept":
+        assert result["reason"] == f"no epoch scored above the served model's {held['baseline']:.4f}"
 
 
 def test_own_validation_split_takes_whole_videos(setup):

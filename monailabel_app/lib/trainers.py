@@ -161,6 +161,8 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             raise TrainingRefused(f"training ended without its result file {result_file} (see the log above)")
         with open(result_file) as handle:
             result = json.load(handle)
+        if "candidate_model" not in result:  # the saver's copy of the served model (epoch 0) is no candidate
+            shutil.rmtree(self._candidate_dir, ignore_errors=True)
         result["settings"] = self._settings
         return result
 
