@@ -7,13 +7,21 @@ clipping, absent prompts, early stopping, whether an unvalidated model may repla
 them, and returns the overlay's result (served model replaced or kept, scores) as the task's result, which
 MONAI Label prints as the last line of the train status ``details``. When training fails, the root cause
 (e.g. which label map does not fit which frame) is raised alone, so that it is the status's last line too.
+
+The validation split is by video, not by frame (:func:`split_by_video`): neighbouring frames of one video
+look alike, so a checkpoint that beats the served model on frames next to its training frames says little
+about other videos. With labels of one video only, training validates on that video's frames as MONAI
+Label does, but the served model is kept unless ``replace_from_one_video`` is set.
 """
 
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
 import os
+import re
+import shutil
 
 import torch
 from monailabel.tasks.train.bundle import BundleTrainTask
@@ -22,12 +30,69 @@ logger = logging.getLogger(__name__)
 
 SETTINGS_ID = "monailabel_settings"
 RESULT_ID = "monailabel_train_result"
+SPLIT_ID = "monailabel_split"
+CANDIDATE_DIR_ID = "monailabel_candidate_dir"
+BEST_MODEL_DIR_ID = "validate#best_model_saver#save_dir"
 #: the request's own keys and their defaults here (MONAI Label's own defaults: 50 epochs, val_split 0.2, cuda)
 REQUEST_DEFAULTS = {"max_epochs": 10, "val_split": 0.25}
 
 
 class TrainingRefused(RuntimeError):
     """Training could not run on these labels or settings; the message says why."""
+
+
+_FRAME_NUMBER = re.compile(r"^(.+)_(\d+)$")
+
+
+def image_id(path: str) -> str:
+    """The datastore's image id of a frame file: its name without the extension."""
+    return os.path.splitext(os.path.basename(str(path)))[0]
+
+
+def video_of(frame_id: str) -> str:
+    """The video of a frame, from its image id ``<video>_<frame number>``: ``seq_1_00005`` -> ``seq_1``.
+    An id that does not end in ``_<digits>`` is a video of its own (``frame``, ``seq_1_a`` -> themselves)."""
+    match = _FRAME_NUMBER.match(frame_id)
+    return match.group(1) if match else frame_id
+
+
+def videos_of(datalist) -> list[str]:
+    """The sorted videos of the frames of ``[{"image": file, ...}]``."""
+    return sorted({video_of(image_id(item["image"])) for item in datalist or []})
+
+
+def split_by_video(datalist: list[dict], val_split: float) -> tuple[list[dict], list[dict], list[str], list[str]]:
+    """Whole videos for validation, the others for training: (training items, validation items, training
+    videos, validation videos), each list sorted by image id.
+
+    Videos are taken in a fixed order (by the SHA-256 of their name, so neither the order the frames were
+    labelled in nor the names' sort order decides), each one while it brings the validation frames closer
+    to ``val_split`` of all frames; at least one video is validated on and at least one trained on (when
+    no video fits under twice the target, the smallest is validated on).
+
+    Raises:
+        ValueError: fewer than two videos, or ``val_split`` not in (0, 1).
+    """
+    if not 0 < val_split < 1:
+        raise ValueError(f"val_split must be in (0, 1) to split by video, got {val_split!r}")
+    frames: dict[str, list[dict]] = {}
+    for item in sorted(datalist, key=lambda item: image_id(item["image"])):
+        frames.setdefault(video_of(image_id(item["image"])), []).append(item)
+    if len(frames) < 2:
+        raise ValueError(f"splitting by video needs frames of at least two videos, got {sorted(frames)}")
+    target = val_split * len(datalist)
+    order = sorted(frames, key=lambda video: (hashlib.sha256(video.encode()).hexdigest(), video))
+    chosen, count = [], 0
+    for video in order:
+        size = len(frames[video])
+        if len(chosen) < len(frames) - 1 and abs(count + size - target) < abs(count - target):
+            chosen.append(video)
+            count += size
+    if not chosen:
+        chosen = [min(order, key=lambda video: len(frames[video]))]
+    training = [item for video in sorted(frames) if video not in chosen for item in frames[video]]
+    validation = [item for video in sorted(chosen) for item in frames[video]]
+    return training, validation, sorted(set(frames) - set(chosen)), sorted(chosen)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -78,9 +143,12 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         if not request.get("device") or isinstance(request.get("device"), list):
             request["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         self._settings = self.check_settings(request)
+        self._split = {}
         result_file = self.bundle_config.get_parsed_content(RESULT_ID, instantiate=True)
         if os.path.isfile(result_file):
             os.remove(result_file)
+        self._candidate_dir = self.bundle_config.get_parsed_content(CANDIDATE_DIR_ID, instantiate=True)
+        shutil.rmtree(self._candidate_dir, ignore_errors=True)  # a candidate is only ever the last training's
         try:
             super().__call__(request, datastore)
         except (KeyboardInterrupt, SystemExit):
@@ -93,9 +161,37 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             raise TrainingRefused(f"training ended without its result file {result_file} (see the log above)")
         with open(result_file) as handle:
             result = json.load(handle)
+        if "candidate_model" not in result:  # the saver's copy of the served model (epoch 0) is no candidate
+            shutil.rmtree(self._candidate_dir, ignore_errors=True)
         result["settings"] = self._settings
         return result
 
+    def _partition_datalist(self, datalist, request, shuffle=False):
+        """Training and validation items: whole videos for validation when the labels come from two videos
+        or more (``val_split`` > 0); MONAI Label's own split otherwise (-1: the bundle's validation list, 0:
+        none, and the frames of a single video). Records the videos, and, when a single video is validated
+        on and ``replace_from_one_video`` is false, why the served model is kept (``hold``)."""
+        val_split = request.get("val_split", REQUEST_DEFAULTS["val_split"])
+        videos = videos_of(datalist)
+        if val_split > 0 and len(videos) >= 2:
+            training, validation, training_videos, validation_videos = split_by_video(datalist, val_split)
+            logger.info("validation split by video: %d frames of %s for validation, %d frames of %s for training",
+                        len(validation), validation_videos, len(training), training_videos)
+        else:
+            training, validation = super()._partition_datalist(datalist, request, shuffle)
+            training_videos, validation_videos = videos_of(training), videos_of(validation)
+        self._split = {"training_videos": training_videos, "validation_videos": validation_videos}
+        if validation and len(videos) == 1 and not self._settings.get("replace_from_one_video"):
+            self._split["hold"] = (
+                f"every labelled frame is from video {videos[0]}, so its validation frames are neighbours of its "
+                f"training frames and say nothing about other videos; label frames of at least two videos, or set "
+                f"replace_from_one_video")
+            self._split["candidate_dir"] = self._candidate_dir
+        return training, validation
+
     def _update_overrides(self, overrides):
         overrides[SETTINGS_ID] = self._settings
+        overrides[SPLIT_ID] = self._split
+        if self._split.get("hold"):  # the best checkpoint goes to the candidate folder, not models/model.pt
+            overrides[BEST_MODEL_DIR_ID] = self._candidate_dir
         return overrides

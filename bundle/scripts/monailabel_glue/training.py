@@ -305,11 +305,15 @@ class ServedModelGuard:
         network, path: the network and the served model file (``models/model.pt``).
         patience: validations without improvement before stopping; 0 or None: no early stopping.
         replace_unvalidated: with no validation frames, serve the final model anyway.
+        split: what the app's train task says of its split, copied into the summary: ``training_videos``,
+            ``validation_videos``, and, when the served model must be kept whatever the scores, ``hold``
+            (why) and ``candidate_dir`` (where the best-model saver was pointed instead of ``path``).
     """
 
     def __init__(self, validator: Engine, result_file: str, network: torch.nn.Module, path: str,
-                 patience: int | None = 3, replace_unvalidated: bool = False) -> None:
+                 patience: int | None = 3, replace_unvalidated: bool = False, split: Mapping | None = None) -> None:
         self.validator, self.result_file = validator, result_file
+        self.split = dict(split or {})
         self.patience = int(patience) if patience else 0
         self.final_saver = FinalModelSaver(network, path, validator, replace_unvalidated)
         self.baseline: float | None = None
@@ -343,12 +347,20 @@ class ServedModelGuard:
         best_epoch = getattr(self.validator.state, "best_metric_epoch", -1)
         result = {"validation_frames": frames, "epochs_run": int(engine.state.epoch),
                   "max_epochs": int(engine.state.max_epochs)}
+        result.update({key: value for key, value in self.split.items() if key in ("training_videos", "validation_videos")})
         if frames and self.baseline is not None:
+            hold = self.split.get("hold")
             result.update(metric=self.validator.state.key_metric_name, baseline=self.baseline,
                           best=float(self.validator.state.best_metric), best_epoch=int(best_epoch),
-                          served_model="replaced" if best_epoch > 0 else "kept")
+                          served_model="replaced" if best_epoch > 0 and not hold else "kept")
             result["reason"] = (f"epoch {best_epoch} scored {result['best']:.4f} > {self.baseline:.4f}" if best_epoch > 0
                                 else f"no epoch scored above the served model's {self.baseline:.4f}")
+            if hold:
+                candidate = os.path.join(self.split.get("candidate_dir", ""), os.path.basename(self.final_saver.path))
+                result["reason"] = (f"{hold} ({result['reason']}" + (f"; that checkpoint is {candidate}, not served)"
+                                                                    if best_epoch > 0 else ")"))
+                if best_epoch > 0:
+                    result["candidate_model"] = candidate
         else:
             written = self.final_saver.written
             result.update(served_model="replaced" if written else "kept",
