@@ -476,6 +476,60 @@ def _run_worker(kind: str, cfg: dict, plain: bool, say) -> dict[str, Any]:
                        f"{done.stderr[-4000:]}")
 
 
+def _compare_paths(cfg: dict, amp: bool, say) -> dict[str, Any]:
+    """Parts 1, 2 and 4 on every path (:data:`PATHS`, and ``bundle_amp`` with ``amp``), each in its own worker;
+    -> {path: its record}, each with ``param_max_abs_diff``: the largest parameter difference after the
+    first step from the original on equal terms."""
+    paths: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        runs = [(name, {}) for name in PATHS] + ([("bundle_amp", {"amp": True})] if amp else [])
+        params = {}
+        for name, extra in runs:
+            path = "bundle" if name.startswith("bundle") else name
+            params_file = os.path.join(folder, f"{name}.pt")
+            paths[name] = _run_worker("worker", {**cfg, **extra, "path": path, "params_file": params_file},
+                                      plain=name == "original_out_of_the_box", say=say)
+            params[name] = torch.load(params_file)
+    reference = params["original_equal_terms"]
+    for name, record in paths.items():
+        record["param_max_abs_diff"] = max(float((params[name][k] - v).abs().max()) for k, v in reference.items())
+    return paths
+
+
+def _path_figures(paths: dict[str, Any], amp: bool) -> dict[str, Any]:
+    """The flat keys of the acceptance from the paths' records (:func:`_compare_paths`)."""
+    bundle, plain, equal = paths["bundle"], paths["original_out_of_the_box"], paths["original_equal_terms"]
+    figures = {
+        "train_param_max_abs_diff": bundle["param_max_abs_diff"],
+        "train_param_max_abs_diff_out_of_the_box": plain["param_max_abs_diff"],
+        "train_samples_per_s": bundle["train"]["samples_per_s"],
+        "train_samples_per_s_original": plain["train"]["samples_per_s"],
+        "train_samples_per_s_original_equal_terms": equal["train"]["samples_per_s"],
+        "train_speedup": bundle["train"]["samples_per_s"] / plain["train"]["samples_per_s"],
+        "train_speedup_equal_terms": bundle["train"]["samples_per_s"] / equal["train"]["samples_per_s"],
+        "infer_masks_per_s": bundle["inference_cached"]["masks_per_s"],
+        "infer_masks_per_s_original": plain["inference_cached"]["masks_per_s"],
+        "infer_masks_per_s_original_equal_terms": equal["inference_cached"]["masks_per_s"],
+        "infer_speedup": bundle["inference_cached"]["masks_per_s"] / plain["inference_cached"]["masks_per_s"],
+        "infer_speedup_equal_terms": bundle["inference_cached"]["masks_per_s"] / equal["inference_cached"]["masks_per_s"],
+        "train_peak_rss_gib": bundle["train_peak_rss_gib"],
+        "train_peak_rss_gib_original": plain["train_peak_rss_gib"],
+        "train_peak_rss_gib_original_equal_terms": equal["train_peak_rss_gib"],
+        "train_loss_abs_diff": abs(bundle["first_loss"] - equal["first_loss"]),
+        "train_loss_abs_diff_out_of_the_box": abs(plain["first_loss"] - equal["first_loss"]),
+        "data_batch_read_s": bundle["data"]["batch_read_s"],
+        "data_batch_read_share_of_step": bundle["data"]["batch_read_share_of_step"],
+        "process_settings": bundle["process_settings"],
+        "paths": paths,
+    }
+    if amp:
+        figures["train_param_max_abs_diff_amp"] = paths["bundle_amp"]["param_max_abs_diff"]
+        figures["train_samples_per_s_amp"] = paths["bundle_amp"]["train"]["samples_per_s"]
+        figures["infer_masks_per_s_amp"] = paths["bundle_amp"]["inference_cached"]["masks_per_s"]
+        figures["train_loss_abs_diff_amp"] = abs(paths["bundle_amp"]["first_loss"] - equal["first_loss"])
+    return figures
+
+
 # ------------------------------------------------------------------------------------------ benchmark
 def run_benchmark(
     batch_size: int = 32,
@@ -560,52 +614,8 @@ def run_benchmark(
         "torch_version": torch.__version__,
     }
     start = time.perf_counter()
-    paths: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        runs = [(name, {}) for name in PATHS] + ([("bundle_amp", {"amp": True})] if amp else [])
-        for name, extra in runs:
-            path = "bundle" if name.startswith("bundle") else name
-            params_file = os.path.join(folder, f"{name}.pt")
-            paths[name] = _run_worker("worker", {**cfg, **extra, "path": path, "params_file": params_file},
-                                      plain=name == "original_out_of_the_box", say=say)
-            paths[name]["params"] = torch.load(params_file)
-        reference = paths["original_equal_terms"]
-
-        def param_diff(name: str) -> float:
-            return max(float((paths[name]["params"][k] - v).abs().max()) for k, v in reference["params"].items())
-
-        result["train_param_max_abs_diff"] = param_diff("bundle")
-        result["train_param_max_abs_diff_out_of_the_box"] = param_diff("original_out_of_the_box")
-        if amp:
-            result["train_param_max_abs_diff_amp"] = param_diff("bundle_amp")
-        for record in paths.values():
-            del record["params"]
-    bundle, plain, equal = paths["bundle"], paths["original_out_of_the_box"], paths["original_equal_terms"]
-    result.update({
-        "train_samples_per_s": bundle["train"]["samples_per_s"],
-        "train_samples_per_s_original": plain["train"]["samples_per_s"],
-        "train_samples_per_s_original_equal_terms": equal["train"]["samples_per_s"],
-        "train_speedup": bundle["train"]["samples_per_s"] / plain["train"]["samples_per_s"],
-        "train_speedup_equal_terms": bundle["train"]["samples_per_s"] / equal["train"]["samples_per_s"],
-        "infer_masks_per_s": bundle["inference_cached"]["masks_per_s"],
-        "infer_masks_per_s_original": plain["inference_cached"]["masks_per_s"],
-        "infer_masks_per_s_original_equal_terms": equal["inference_cached"]["masks_per_s"],
-        "infer_speedup": bundle["inference_cached"]["masks_per_s"] / plain["inference_cached"]["masks_per_s"],
-        "infer_speedup_equal_terms": bundle["inference_cached"]["masks_per_s"] / equal["inference_cached"]["masks_per_s"],
-        "train_peak_rss_gib": bundle["train_peak_rss_gib"],
-        "train_peak_rss_gib_original": plain["train_peak_rss_gib"],
-        "train_peak_rss_gib_original_equal_terms": equal["train_peak_rss_gib"],
-        "train_loss_abs_diff": abs(bundle["first_loss"] - equal["first_loss"]),
-        "train_loss_abs_diff_out_of_the_box": abs(plain["first_loss"] - equal["first_loss"]),
-        "data_batch_read_s": bundle["data"]["batch_read_s"],
-        "data_batch_read_share_of_step": bundle["data"]["batch_read_share_of_step"],
-        "process_settings": bundle["process_settings"],
-        "paths": paths,
-    })
-    if amp:
-        result["train_samples_per_s_amp"] = paths["bundle_amp"]["train"]["samples_per_s"]
-        result["infer_masks_per_s_amp"] = paths["bundle_amp"]["inference_cached"]["masks_per_s"]
-        result["train_loss_abs_diff_amp"] = abs(paths["bundle_amp"]["first_loss"] - equal["first_loss"])
+    paths = _compare_paths(cfg, amp, say)
+    result.update(_path_figures(paths, amp))
 
     # ------------------------------------------------------------------ 3. the image encoder
     result["encoder"] = None
