@@ -215,8 +215,9 @@ def _frame_tensor(path):
     return torch.from_numpy(read_frame(path)).permute(2, 0, 1)[None].float()
 
 
-def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction=0.01):
-    """The bundle's own label map for a frame (the same network and model file, in this process)."""
+def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction=0.01, as_cached=False):
+    """The bundle's own label map for a frame (the same network and model file, in this process); with
+    ``as_cached`` from the frame's embedding rounded to float16, as the app's training caches and validates it."""
     from scripts.data.layout import read_frame
     from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.monailabel_glue.bundle_folder import load_model_state
@@ -230,6 +231,8 @@ def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction
     else:
         inferer = ClassPromptInferer(7, "auto", 0.0, output="label_map", prompt_classes=[class_id])
     with torch.no_grad():
+        if as_cached:
+            frame = network.embed_frames(frame).half().float()
         return inferer(frame, network)[0, 0].numpy().astype(np.uint8)
 
 
@@ -763,13 +766,13 @@ def _train_result(task: dict) -> dict:
     pytest.fail("no result line in the train status:\n" + "\n".join(task.get("details", [])))
 
 
-def _auto_iou(setup, model_file, image_ids, min_mask_fraction, studies):
+def _auto_iou(setup, model_file, image_ids, min_mask_fraction, studies, as_cached=False):
     """Challenge IoU (percent) of ``model_file`` on frames against their labels in the datastore."""
     from scripts.evaluation.metrics import EndoVisMetric
 
     metric = EndoVisMetric(7)
     for image_id in image_ids:
-        pred = _expected_auto(setup, model_file, image_id, min_mask_fraction=min_mask_fraction)
+        pred = _expected_auto(setup, model_file, image_id, min_mask_fraction=min_mask_fraction, as_cached=as_cached)
         gt = np.asarray(Image.open(glob.glob(os.path.join(studies, "labels", "final", image_id + ".*"))[0]))
         metric.update((torch.from_numpy(pred)[None].long(), torch.from_numpy(gt)[None].long()))
     return float(metric.compute()["challenge_iou"])
@@ -781,6 +784,7 @@ def test_own_training_never_makes_the_served_model_worse(own, setup):
     server, bundle = own
     model_file = os.path.join(bundle, "models", "model.pt")
     labelled = ("seq1_00001", "seq1_00002", "seq2_00000", "seq2_00001", "seq3_00000", "seq3_00001")
+    _clear_labels(server)  # only these labels: earlier tests of the module leave theirs
     for image_id in labelled:
         assert server.put_label(image_id, open(setup["frames"][image_id][1], "rb").read())[0] == 200
     tau = setup["own_min_mask_fraction"]
@@ -797,12 +801,13 @@ def test_own_training_never_makes_the_served_model_worse(own, setup):
     unchanged = all(torch.equal(before[k], after[k]) for k in before)
     assert (result["served_model"] == "kept") == unchanged
     studies = server_studies(server)
-    iou_before = _auto_iou_of_state(setup, before, validation, tau, studies)
-    iou_after = _auto_iou(setup, model_file, validation, tau, studies)
-    # Challenge IoU in percent; the training's validation runs on the half-precision embeddings it caches,
-    # this check on the frames themselves (float32): they agree to a few hundredths of a point
-    assert result["baseline"] == pytest.approx(iou_before, abs=0.05)
-    assert iou_after >= iou_before - 0.05, (iou_before, iou_after, result)
+    assert set(validation) < set(labelled)
+    # Challenge IoU in percent, recomputed here from the frames' embeddings rounded to float16 as the training
+    # caches them (the guard's own measure; on float32 embeddings a pixel or two differ on these 64x80 frames)
+    iou_before = _auto_iou_of_state(setup, before, validation, tau, studies, as_cached=True)
+    iou_after = _auto_iou(setup, model_file, validation, tau, studies, as_cached=True)
+    assert result["baseline"] == pytest.approx(iou_before, abs=0.01)
+    assert iou_after >= iou_before - 0.01, (iou_before, iou_after, result)
     if result["served_model"] == "replaced":
         assert result["best"] > result["baseline"] and result["best_epoch"] > 0
 
@@ -915,10 +920,10 @@ print(json.dumps({"videos": [video_of(i) for i in ids], "splits": splits, "one":
     assert bundle[:2] == [13, None] and none[:2] == [13, 0] and "hold" not in bundle[2] and "hold" not in none[2]
 
 
-def _auto_iou_of_state(setup, state, image_ids, min_mask_fraction, studies):
+def _auto_iou_of_state(setup, state, image_ids, min_mask_fraction, studies, as_cached=False):
     path = str(setup["root"] / f"state_{uuid.uuid4().hex}.pt")
     torch.save(state, path)
-    return _auto_iou(setup, path, image_ids, min_mask_fraction, studies)
+    return _auto_iou(setup, path, image_ids, min_mask_fraction, studies, as_cached=as_cached)
 
 
 def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
