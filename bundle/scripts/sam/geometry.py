@@ -121,10 +121,12 @@ def bilinear_source_lines(size: int, out_size: int) -> np.ndarray | None:
 PIL_PRECISION_BITS = 22
 
 
+@functools.lru_cache(maxsize=16)
 def pil_bilinear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """PIL's antialiased bilinear weights for resizing ``in_size`` lines to ``out_size`` (Pillow's
     ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` for the whole image, written out in NumPy float64
-    with the same IEEE operations in the same order).
+    with the same IEEE operations in the same order). Cached per size pair (read-only arrays): every frame
+    of a dataset has the same sizes.
 
     Returns:
         first (out_size,) int64: the first input line of each output line; weights (out_size, k) int64:
@@ -146,7 +148,9 @@ def pil_bilinear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.nd
         total = total + weights[:, tap]
     weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0.0, 1.0, total)[:, None], weights)
     scaled = weights * float(1 << PIL_PRECISION_BITS)
-    return first, np.where(weights < 0, -0.5 + scaled, 0.5 + scaled).astype(np.int64)
+    fixed = np.where(weights < 0, -0.5 + scaled, 0.5 + scaled).astype(np.int64)
+    first.flags.writeable = fixed.flags.writeable = False  # cached: shared by every call of the same sizes
+    return first, fixed
 
 
 def _pil_resample_lines(images: np.ndarray, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
