@@ -419,6 +419,17 @@ def test_resize_by_products_keeps_float32_under_autocast():
         fast = resize_by_products(low_res, 64, (48, 64))
     assert fast.dtype == torch.float32
     assert torch.allclose(fast, resize_by_interpolation(low_res, 64, (48, 64)), atol=1e-5)
+    # the decoder's low-res logits come as bf16 under autocast: the frame-size logits stay float32 (not
+    # rounded to bf16), the resize of those bf16 values computed in float32, and the gradient flows back
+    half = low_res.detach().to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = resize_by_products(half, 64, (48, 64))
+    assert fast.dtype == torch.float32
+    expected = resize_by_interpolation(half.detach().float(), 64, (48, 64))
+    assert torch.allclose(fast, expected, atol=1e-5)
+    assert not torch.equal(fast, fast.to(torch.bfloat16).float())
+    fast.sum().backward()
+    assert half.grad is not None and half.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("size_hw, resized_hw", [((1024, 1280), (819, 1024)), ((128, 160), (205, 256)), ((37, 53), (100, 143)),

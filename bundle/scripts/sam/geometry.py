@@ -280,7 +280,9 @@ def resize_by_products(low_res_logits: torch.Tensor, image_size: int, frame_hw: 
         low_res_logits: (B, K, 4h, 4w).
 
     Returns:
-        (B, K, H, W) in the input's dtype.
+        (B, K, H, W) float32 (float64 for float64 logits). Under autocast the decoder's low-res logits
+        come as bf16 or fp16; the frame-size logits stay float32, as the loss takes them: a cast to the
+        half type and back would cost two full-frame copies each way and round the logits for nothing.
     """
     dtype = torch.float64 if low_res_logits.dtype == torch.float64 else torch.float32
     low_res_hw = (int(low_res_logits.shape[-2]), int(low_res_logits.shape[-1]))
@@ -289,8 +291,7 @@ def resize_by_products(low_res_logits: torch.Tensor, image_size: int, frame_hw: 
                                        device)
     with torch.autocast(device.type, enabled=False):
         logits = low_res_logits.to(dtype) @ cols_t  # (B, K, 4h, W)
-        logits = rows @ logits  # (B, K, H, W)
-    return logits.to(low_res_logits.dtype)
+        return rows @ logits  # (B, K, H, W)
 
 
 @functools.lru_cache(maxsize=16)
