@@ -113,7 +113,7 @@ class SurgicalSAMApp(MONAILabelApp):
         super().on_init_complete()
         fastapi_app = server_app()
         if fastapi_app is not None:
-            install(fastapi_app)
+            install(fastapi_app, trainers=sorted(self._trainers))
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with user errors answered 4xx and a message (the stock app answers 500)."""

@@ -619,6 +619,7 @@ def test_own_malformed_requests_get_4xx_with_a_message(own, setup):
          "give an image id"),
         (request(f"{server.url}/datastore/image?image=newframe", "PUT", fields={"params": "[1"},
                  files={"file": ("f.png", png_bytes(frame))}), 400, "params is not JSON"),
+        (request(f"{server.url}/train/nosuch", "POST", json_body={}), 404, "this app trains ['surgicalsam']"),
     ]
     for (status, body), expected, message in cases:
         assert status == expected, (expected, message, status, body[:300])

@@ -5,6 +5,8 @@
   it, so ``/info/``, the datastore and the review page waited behind every inference.
 - Malformed requests answer 400 with the reason instead of 500: a ``params`` form field that is not JSON
   (any endpoint), and an inference request with neither an image id nor a file.
+- ``POST /train/<model>`` of a model the app does not train answers 404 with the models it does (MONAI Label
+  0.8.5 answers 200 and lets the training subprocess fail).
 - ``/review/`` serves the review page (``static/``).
 """
 
@@ -17,6 +19,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Sequence
 
 from fastapi import HTTPException
 
@@ -78,17 +81,35 @@ def _threaded_inference(endpoint):
     return wrapped
 
 
+def _known_trainers_only(endpoint, trainers: Sequence[str]):
+    @functools.wraps(endpoint)
+    async def wrapped(*args, **kwargs):
+        model = kwargs.get("model")
+        if model not in trainers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r} to train; this app trains "
+                                                        f"{sorted(trainers)} (GET /info/ lists them)")
+        return await endpoint(*args, **kwargs)
+
+    return wrapped
+
+
 #: MONAI Label 0.8.5 endpoints wrapped here: (module, endpoint function, path, method)
 WRAPPED = (("monailabel.endpoints.infer", "api_run_inference", "/infer/{model}", "POST"),
+           ("monailabel.endpoints.train", "api_run_model", "/train/{model}", "POST"),
            ("monailabel.endpoints.datastore", "api_add_image", "/datastore/image", "PUT"),
            ("monailabel.endpoints.datastore", "api_add_image", "/datastore/", "PUT"),
            ("monailabel.endpoints.datastore", "api_save_label", "/datastore/label", "PUT"))
 
 
-def install(fastapi_app) -> None:
+def install(fastapi_app, trainers: Sequence[str] = ()) -> None:
     """Put the wrapped endpoints in front of MONAI Label's (same paths, parameters and dependencies), and
     mount the review page. (FastAPI serves included routers through their own route lists, so the routes
-    are added first in the app's list rather than swapped inside MONAI Label's routers.)"""
+    are added first in the app's list rather than swapped inside MONAI Label's routers.)
+
+    Args:
+        fastapi_app: MONAI Label's FastAPI app (:func:`server_app`).
+        trainers: the names of the app's training tasks, the only models ``POST /train/<model>`` takes.
+    """
     import importlib
 
     from fastapi.routing import APIRoute
@@ -100,10 +121,16 @@ def install(fastapi_app) -> None:
         return
     for module, name, path, method in reversed(WRAPPED):
         original = getattr(importlib.import_module(module), name)
-        endpoint = _threaded_inference(original) if name == "api_run_inference" else _json_errors_are_400(original)
+        if name == "api_run_inference":
+            endpoint = _threaded_inference(original)
+        elif name == "api_run_model":
+            endpoint = _known_trainers_only(original, tuple(trainers))
+        else:
+            endpoint = _json_errors_are_400(original)
         endpoint._surgicalsam = True
         routes.insert(0, APIRoute(settings.MONAI_LABEL_API_STR + path, endpoint, methods=[method], name=f"surgicalsam_{name}",
                                   include_in_schema=False))
     if os.path.isdir(STATIC_DIR):
         fastapi_app.mount("/review", StaticFiles(directory=STATIC_DIR, html=True), name="review")
-    logger.info("SurgicalSAM app: inference in a worker thread, 400 for malformed params, /review/ page")
+    logger.info("SurgicalSAM app: inference in a worker thread, 400 for malformed params, 404 for training an "
+                "unknown model, /review/ page")
