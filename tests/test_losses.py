@@ -281,3 +281,56 @@ def test_weighted_loss_equals_the_indexed_one_with_gradients(absent):
                                           zip(("logits", "image_embeddings", "prototypes"), grads)])
     for fast, plain in zip(*results):
         assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-7)
+
+
+def _monai_squared_dice(reduction):
+    from monai.losses import DiceLoss
+
+    return DiceLoss(include_background=True, sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=2e-3,
+                    batch=False, reduction=reduction)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 13, 17), (2, 3, 9, 11), (2, 2, 5, 6, 7), (1, 1, 1, 1)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_dice_loss_equals_monais_squared_dice_in_float64(shape, reduction):
+    # the same equation as MONAI's DiceLoss(squared_pred=True) with these constants: values, shapes, gradients
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(*shape, generator=generator, dtype=torch.float64) * 3).requires_grad_()
+    target = (torch.rand(*shape, generator=generator, dtype=torch.float64) > 0.5).double()
+    target[0] = 0  # an empty target
+    ours = surgical_sam_dice_loss(reduction)(logits, target)
+    (grad,) = torch.autograd.grad(ours.sum(), logits)
+    logits_monai = logits.detach().clone().requires_grad_()
+    theirs = _monai_squared_dice(reduction)(logits_monai, target)
+    (grad_monai,) = torch.autograd.grad(theirs.sum(), logits_monai)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, grad_monai, rtol=1e-10, atol=1e-14)
+
+
+def test_dice_loss_gradient_rounds_less_than_monais_in_float32():
+    # MONAI sums p*t as (|p|^2 + |t|^2 - |p - t|^2) / 2: on full frames its float32 gradient carries the
+    # rounding of those large sums; the direct sums' gradient is closer to float64 (model card: ~5x in RMS)
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 1, 512, 640, generator=generator, dtype=torch.float64)
+    target = torch.zeros_like(logits)
+    target[:, :, 100:400, 200:500] = 1
+
+    def gradient(loss, dtype):
+        x = logits.detach().to(dtype).clone().requires_grad_()
+        loss(x, target.to(dtype)).backward()
+        return x.grad.double()
+
+    ours, monai_loss = surgical_sam_dice_loss(), _monai_squared_dice("mean")
+    exact = gradient(ours, torch.float64)
+    torch.testing.assert_close(exact, gradient(monai_loss, torch.float64), rtol=1e-9, atol=1e-16)
+    rms = {name: float((gradient(loss, torch.float32) - exact).pow(2).mean().sqrt() / exact.abs().max())
+           for name, loss in (("ours", ours), ("monai", monai_loss))}
+    assert rms["ours"] < 1e-6 and rms["ours"] * 2 < rms["monai"], rms
+
+
+def test_dice_loss_refuses_mismatched_shapes_and_reductions():
+    with pytest.raises(ValueError, match="differs from logits shape"):
+        surgical_sam_dice_loss()(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 5))
+    with pytest.raises(ValueError, match="reduction must be"):
+        surgical_sam_dice_loss("batch")

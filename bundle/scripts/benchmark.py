@@ -215,7 +215,7 @@ def bundle_training_step(model, optimizer, loss_fn, embeddings, targets, autocas
     def forward(data, network, class_ids):
         with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=autocast):
             output = network(data, class_ids)
-        return {k: v.float() for k, v in output.items()}
+        return {k: v.float() for k, v in output.items()} if autocast else output  # as AutocastInferer
 
     loss, _ = micro_batched_backward(model, loss_fn, embeddings, targets, {"class_ids": targets["class_id"]},
                                      micro_batch_size, forward=forward)
