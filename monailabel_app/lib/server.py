@@ -87,7 +87,7 @@ def _known_trainers_only(endpoint, trainers: Sequence[str]):
         model = kwargs.get("model")
         if model not in trainers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r} to train; this app trains "
-                                                        f"{sorted(trainers)} (GET /info/ lists them)")
+                                                        f"{list(trainers)} (GET /info/ lists them)")
         return await endpoint(*args, **kwargs)
 
     return wrapped
@@ -101,7 +101,7 @@ WRAPPED = (("monailabel.endpoints.infer", "api_run_inference", "/infer/{model}",
            ("monailabel.endpoints.datastore", "api_save_label", "/datastore/label", "PUT"))
 
 
-def install(fastapi_app, trainers: Sequence[str] = ()) -> None:
+def install(fastapi_app, *, trainers: Sequence[str]) -> None:
     """Put the wrapped endpoints in front of MONAI Label's (same paths, parameters and dependencies), and
     mount the review page. (FastAPI serves included routers through their own route lists, so the routes
     are added first in the app's list rather than swapped inside MONAI Label's routers.)
