@@ -64,6 +64,20 @@ def test_metadata_version_changelog_and_package_version_agree():
         assert re.search(r'^version = "([^"]+)"', handle.read(), re.M).group(1) == metadata["version"]
 
 
+def test_changelog_is_one_short_line_per_version():
+    """model-zoo's shape: the changelog says what changed in a line; measurements and histories live in git."""
+    for version, entry in load_metadata()["changelog"].items():
+        assert "\n" not in entry and len(entry) <= 300, (version, len(entry))
+
+
+def test_licence_is_apache_and_the_references_name_both_methods():
+    with open(os.path.join(REPO_ROOT, "LICENSE")) as handle:
+        assert handle.read().split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert os.path.samefile(os.path.join(REPO_ROOT, "LICENSE"), os.path.join(BUNDLE, "LICENSE"))
+    references = " ".join(load_metadata()["references"])
+    assert "SurgicalSAM" in references and "Distillation-SAM" in references and "Segment Anything" in references
+
+
 def test_metadata_data_format_names_the_config_classes():
     data_format = load_metadata()["network_data_format"]
     image, pred = data_format["inputs"]["image"], data_format["outputs"]["pred"]
@@ -201,7 +215,9 @@ def test_pack_holds_the_bundle_and_nothing_generated(tmp_path, bundle_copy):
     assert all(n.startswith(name + "/") for n in names)
     inside = {n[len(name) + 1:] for n in names}
     assert {"configs/metadata.json", "configs/train.yaml", "configs/inference.yaml", "configs/export.yaml",
-            "scripts/__init__.py", "scripts/cli.py", "docs/README.md", "large_files.yml", "models/model.pt"} <= inside
+            "scripts/__init__.py", "scripts/cli.py", "docs/README.md", "large_files.yml", "LICENSE", "models/model.pt"} <= inside
+    with zipfile.ZipFile(zip_path) as archive:
+        assert archive.read(f"{name}/LICENSE").decode().split()[:3] == ["Apache", "License", "Version"]
     assert not [n for n in inside if n.startswith(("data/", "eval/")) or n.endswith((".pth", ".md5", ".pyc", ".ts"))
                 or "__pycache__" in n]
 
