@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import glob
 import json
 import math
@@ -276,9 +278,14 @@ def test_decode_masks_all_outputs_matches_single_and_multimask(tiny_sam_checkpoi
         every, every_iou, tokens = decode_masks(*args, return_mask_tokens=True, all_mask_outputs=True)
         single, _ = decode_masks(*args, multimask_output=False)
         multi, multi_iou = decode_masks(*args, multimask_output=True)
+        exact, _ = decode_masks(copy.deepcopy(sam.mask_decoder).double(), *[a.double() for a in args[1:]],
+                                all_mask_outputs=True)
     assert every.shape[1] == 4 and tokens.shape == (2, 4, 256)
-    assert torch.equal(every[:, :1], single) and torch.equal(every[:, 1:], multi)
-    assert torch.equal(every_iou[:, 1:], multi_iou)
+    # one product over 1, 3 or 4 mask tokens may round differently (BLAS kernels by shape): the slices agree
+    # within the float32 rounding of the all-token path itself, measured against float64
+    bound = 4 * (every.double() - exact).abs().max().item() + 1e-7
+    assert (every[:, :1] - single).abs().max().item() <= bound and (every[:, 1:] - multi).abs().max().item() <= bound
+    torch.testing.assert_close(every_iou[:, 1:], multi_iou, rtol=0, atol=1e-6)
 
 
 def test_teacher_uses_foreground_of_all_classes(tiny_sam_checkpoint):
