@@ -51,7 +51,8 @@ from torch import nn
 
 from ..sam.batched_mask_decoder import decode_masks
 from .adapter import DistillationAdapter, default_tap_blocks
-from ..sam.backbone import build_sam, get_variant, tapped_encoder_forward
+from ..sam.backbone import build_sam, get_variant
+from ..sam.fast_encoder import frozen_encoder_forward
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from ..sam.checkpoint import state_dict_mismatch
 from .teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
@@ -242,7 +243,7 @@ class DistillationSAM(nn.Module):
             raise ValueError("give both the cached embedding and the cached taps, or neither")
         if embedding is None:
             with torch.no_grad():
-                embedding, taps = tapped_encoder_forward(self.image_encoder, sam_input, self.taps)
+                embedding, taps = frozen_encoder_forward(self.image_encoder, sam_input, self.taps)
             return sam_input, embedding, taps
         if isinstance(taps, torch.Tensor):
             taps = list(taps.unbind(1))

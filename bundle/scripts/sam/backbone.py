@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -150,14 +150,17 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, check_md5: 
 
 
 def tapped_encoder_forward(
-    image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int]
+    image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int],
+    block_forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """segment-anything's ``ImageEncoderViT.forward``, also returning the tokens after some blocks.
 
     Args:
         image_encoder: ``ImageEncoderViT``.
         x: SAM input (B, 3, S, S).
-        tap_blocks: 1-based block numbers (k: the output of block k); each in 1..depth.
+        tap_blocks: 1-based block numbers (k: the output of block k); each in 1..depth (may be empty).
+        block_forward: ``(block, tokens) -> tokens`` run for each block instead of ``block(tokens)`` (the fast
+            path, :func:`scripts.sam.fast_encoder.fast_block`); None runs the blocks themselves.
 
     Returns:
         the image embedding (B, d, h, w), equal to ``image_encoder(x)``, and the tapped tokens,
@@ -173,7 +176,7 @@ def tapped_encoder_forward(
     after = {}
     wanted = {int(k) for k in tap_blocks}
     for number, block in enumerate(image_encoder.blocks, start=1):
-        tokens = block(tokens)
+        tokens = block(tokens) if block_forward is None else block_forward(block, tokens)
         if number in wanted:
             after[number] = tokens
     embedding = image_encoder.neck(tokens.permute(0, 3, 1, 2))

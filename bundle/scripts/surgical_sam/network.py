@@ -16,6 +16,7 @@ from torch import nn
 from ..sam.batched_mask_decoder import decode_masks
 from .prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
 from ..sam.backbone import build_sam, get_variant
+from ..sam.fast_encoder import frozen_encoder_forward
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from ..sam.checkpoint import state_dict_mismatch
 
@@ -115,7 +116,7 @@ class SurgicalSAM(nn.Module):
             raise RuntimeError("this SurgicalSAM was built without its image encoder (with_image_encoder=False)")
         with torch.no_grad():
             sam_input = frames_to_sam_input(frames, self.image_size, self.pixel_mean, self.pixel_std)
-            return self.image_encoder(sam_input)
+            return frozen_encoder_forward(self.image_encoder, sam_input)[0]
 
     def _to_embeddings(self, inputs: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Raw frames or embeddings -> (embeddings (B, d, h, w), frame size to return logits at)."""
