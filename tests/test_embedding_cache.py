@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -564,3 +565,138 @@ def test_cache_problems_is_the_check_the_cache_opens_with(tmp_path, small_cache_
     with pytest.raises(FileNotFoundError) as error:
         EmbeddingCache(absent, good)
     assert str(error.value) == missing[0]
+
+
+# ----------------------------------------------------------------- entries identified by what they hold
+def prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint, splits=("validation",)) -> str:
+    """A private copy of the demo data with its cache at train.yaml's default place (<data>/embedding_cache/tiny)."""
+    data = str(tmp_path / "data")
+    shutil.copytree(small_demo_dir, data)
+    precompute_embeddings(data, os.path.join(data, "embedding_cache", "tiny"), "tiny", small_sam_checkpoint,
+                          splits=splits)
+    return data
+
+
+def test_moved_dataset_keeps_its_cache(tmp_path, caplog, small_demo_dir, small_sam_checkpoint):
+    """`mv` of a prepared dataset: training reads the cache as it is, precompute encodes nothing again."""
+    data = prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint)
+    moved = str(tmp_path / "moved")
+    shutil.move(data, moved)
+    cache_dir = os.path.join(moved, "embedding_cache", "tiny")
+    with caplog.at_level("INFO", logger="scripts.data"):
+        assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+    assert f"dataset moved from {data}: cache kept" in caplog.text
+    before = cache_files(cache_dir)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scripts.data"):
+        precompute_embeddings(moved, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    assert f"dataset moved from {data}: cache kept" in caplog.text
+    assert cache_files(cache_dir) == before
+    with open(os.path.join(cache_dir, MANIFEST_NAME)) as handle:
+        assert json.load(handle)["dataset"]["dataset_dir"] == moved
+
+
+def test_copied_dataset_re_encodes_the_file_edited_in_the_copy(tmp_path, caplog, small_demo_dir,
+                                                               small_sam_checkpoint):
+    """`cp -r` (new mtimes) then a label edited in the copy: training refuses to use the old entry, naming the
+    file; precompute re-encodes that entry alone, and says so in one line."""
+    data = prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(data, copy, copy_function=shutil.copy)  # as cp -r: contents, not times
+    cache_dir = os.path.join(copy, "embedding_cache", "tiny")
+    EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")  # same contents: fresh
+    item = load_datalist(copy, "validation")[1]
+    label = read_label_map(item["label"], NUM_CLASSES)
+    label[:8] = 0
+    Image.fromarray(label, mode="L").save(item["label"])
+    relative = os.path.relpath(item["label"], copy)
+    with pytest.raises(StaleCacheError, match=f"label {relative} changed") as error:
+        EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")
+    assert PRECOMPUTE in str(error.value)
+    before = cache_files(cache_dir, "**/*.*")
+    with caplog.at_level("INFO", logger="scripts.data"):
+        precompute_embeddings(copy, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    assert f"dataset copied from {data}: cache kept" in caplog.text
+    assert f"label {relative} changed: re-encoding 1 entry" in caplog.text
+    after = cache_files(cache_dir, "**/*.*")
+    entry_files = {k for k in after if k.startswith("entries")}
+    assert {k for k in entry_files if after[k] != before.get(k)} == {
+        os.path.join("entries", "v00", item["key"] + suffix) for suffix in (".npy", "_label.png")}
+    entries = {e["key"]: e for e in EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")}
+    _, cached_label = EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).load(entries[item["key"]])
+    np.testing.assert_array_equal(cached_label.numpy(), label)
+    # the original dataset and its cache are untouched and still fresh
+    EmbeddingCache(os.path.join(data, "embedding_cache", "tiny"), identity(small_sam_checkpoint)).entries("validation")
+
+
+def as_absolute_path_cache(cache_dir: str) -> None:
+    """Rewrite a cache's indexes as bundles up to 0.6 wrote them: sources as [absolute path, size, mtime_ns]."""
+    for index_path in glob.glob(os.path.join(cache_dir, "index", "*.json")):
+        with open(index_path) as handle:
+            index = json.load(handle)
+        with open(os.path.join(cache_dir, MANIFEST_NAME)) as handle:
+            root = json.load(handle)["dataset"]["dataset_dir"]
+        for entry in index["entries"]:
+            entry["sources"] = {kind: [os.path.join(root, source["path"]), source["size"], source["mtime_ns"]]
+                                for kind, source in entry["sources"].items()}
+        with open(index_path, "w") as handle:
+            json.dump(index, handle)
+
+
+def test_cache_of_absolute_paths_keeps_loading_and_moves_with_precompute(tmp_path, small_demo_dir,
+                                                                           small_sam_checkpoint):
+    data = prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint)
+    as_absolute_path_cache(os.path.join(data, "embedding_cache", "tiny"))
+    assert len(EmbeddingCache(os.path.join(data, "embedding_cache", "tiny"),
+                              identity(small_sam_checkpoint)).entries("validation")) == 4
+    moved = str(tmp_path / "moved")
+    shutil.move(data, moved)
+    cache_dir = os.path.join(moved, "embedding_cache", "tiny")
+    with pytest.raises(StaleCacheError, match="absolute paths.*run .*precompute"):
+        EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")
+    before = cache_files(cache_dir)
+    precompute_embeddings(moved, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    assert cache_files(cache_dir) == before  # mv keeps sizes and times: nothing encoded again
+    assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+
+
+# ------------------------------------------------------------------------------- failed precompute runs
+def test_precompute_with_a_truncated_checkpoint_leaves_no_identity_behind(tmp_path, small_demo_dir,
+                                                                          small_sam_checkpoint):
+    """A corrupt SAM file stops precompute with a message naming it; the right file is then accepted."""
+    truncated = tmp_path / "sam_tiny.pth"
+    data = open(small_sam_checkpoint, "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match=f"{truncated} could not be read.*make_sam_checkpoint"):
+        precompute_embeddings(small_demo_dir, cache_dir, "tiny", str(truncated), splits=("validation",))
+    missing, stale = cache_problems(cache_dir, identity(small_sam_checkpoint))
+    assert stale == [] and "no embedding cache" in missing[0]
+    precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+
+
+def test_precompute_without_sam_checkpoint_says_how_to_get_one(tmp_path, small_demo_dir):
+    missing = str(tmp_path / "sam_vit_b_01ec64.pth")
+    with pytest.raises(FileNotFoundError) as error:
+        precompute_embeddings(small_demo_dir, str(tmp_path / "cache"), "vit_b", missing, splits=("validation",))
+    message = str(error.value)
+    assert missing in message and "download" in message and "sam_vit_b_01ec64.pth" in message
+    assert "surgical-sam make_sam_checkpoint --variant vit_b" in message
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_disk_estimate_is_the_real_entry_size(tmp_path, caplog, small_sam_checkpoint):
+    """The logged bytes per entry are those the entries take on disk (the tiny encoder's 256x16x16 float16
+    embedding and a label PNG), not raw label pixels: within 20 % at 480x640 frames."""
+    from scripts.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(str(tmp_path / "data"), frame_size=(480, 640), train_sequences=1, val_sequences=1,
+                             frames_per_sequence=2)
+    cache_dir = str(tmp_path / "cache")
+    with caplog.at_level("INFO", logger="scripts.data"):
+        precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    estimate = int(re.search(r"(\d+) bytes per entry", caplog.text).group(1))
+    written = [os.path.getsize(p) for p in glob.glob(os.path.join(cache_dir, "entries", "**", "*.*"), recursive=True)]
+    real = sum(written) / 2  # two validation frames
+    assert 0.8 * real <= estimate <= 1.2 * real, (estimate, real)
