@@ -172,17 +172,26 @@ def test_precompute_never_overwrites_another_identity(tmp_path, small_cache_dir,
 
 
 def test_precompute_never_mixes_in_another_dataset(tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint):
-    """Same encoder, other dataset folder: the old entries (same keys) must not be taken as this dataset's."""
+    """Same encoder, other dataset folder: an old entry (same key) of a frame whose bytes differ there is not taken
+    as this dataset's (it is encoded again, in every version); those of identical files are kept."""
     cache_dir = str(tmp_path / "cache")
     shutil.copytree(small_cache_dir, cache_dir)
     other_data = str(tmp_path / "other_data")
     shutil.copytree(small_demo_dir, other_data)
+    item = load_datalist(other_data, "training")[2]
+    Image.fromarray(255 - read_frame(item["image"])).save(item["image"])
+    before = cache_files(cache_dir)
+    precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
+                          augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    after = cache_files(cache_dir)
+    assert {k for k in after if after[k] != before[k]} == {
+        os.path.join("entries", f"v{v:02d}", item["key"] + ".npy") for v in range(SMALL_CACHE_VERSIONS + 1)}
+    EmbeddingCache(cache_dir, identity(small_sam_checkpoint), dataset_dir=other_data).entries("training", 1)
+    with pytest.raises(StaleCacheError, match="changed or vanished"):  # made for other_data now
+        EmbeddingCache(cache_dir, identity(small_sam_checkpoint), dataset_dir=small_demo_dir).entries("training", 1)
     files_before = cache_files(cache_dir, "**/*")
-    with pytest.raises(StaleCacheError, match="another dataset"):
-        precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
-                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
     with pytest.raises(StaleCacheError, match="seed"):
-        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
+        precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
                               augmentation_versions=SMALL_CACHE_VERSIONS, seed=1)
     assert cache_files(cache_dir, "**/*") == files_before
 
@@ -253,6 +262,7 @@ def test_precompute_again_re_encodes_changed_frames(tmp_path, small_demo_dir, sm
 
 @pytest.mark.parametrize("change", ["rewrite_label", "touch_label", "touch_frame", "delete_frame"])
 def test_changed_source_is_stale(private_validation_cache, small_sam_checkpoint, change):
+    """Other bytes (or no file) make an entry stale; a new mtime over the same bytes does not."""
     dataset_dir, cache_dir = private_validation_cache
     item = load_datalist(dataset_dir, "validation")[1]
     EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")  # fresh: fine
@@ -266,9 +276,11 @@ def test_changed_source_is_stale(private_validation_cache, small_sam_checkpoint,
         Image.open(item["label"]).save(item["label"], compress_level=0)
         os.utime(item["label"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
         assert os.stat(item["label"]).st_size != stat.st_size
-    elif change == "touch_frame":  # same bytes, only the mtime changes
+    elif change == "touch_frame":  # same bytes, only the mtime changes: still fresh (entries are checked by content)
         stat = os.stat(item["image"])
         os.utime(item["image"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+        return
     else:
         os.remove(item["image"])
     cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
@@ -643,21 +655,28 @@ def as_absolute_path_cache(cache_dir: str) -> None:
             json.dump(index, handle)
 
 
-def test_cache_of_absolute_paths_keeps_loading_and_moves_with_precompute(tmp_path, small_demo_dir,
-                                                                           small_sam_checkpoint):
+def test_cache_of_absolute_paths_keeps_loading_after_a_move(tmp_path, small_demo_dir, small_sam_checkpoint):
+    """A cache of bundles up to 0.6 (absolute paths, size and mtime) still loads, also after `mv` of its dataset
+    (sizes and times kept), and precompute records it by content without encoding anything again; after a copy
+    (new times, no digest to compare) it is stale, and the message says why and what to run."""
     data = prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint)
     as_absolute_path_cache(os.path.join(data, "embedding_cache", "tiny"))
+    copy = str(tmp_path / "copy")
+    shutil.copytree(data, copy, copy_function=shutil.copy)
     assert len(EmbeddingCache(os.path.join(data, "embedding_cache", "tiny"),
                               identity(small_sam_checkpoint)).entries("validation")) == 4
     moved = str(tmp_path / "moved")
     shutil.move(data, moved)
     cache_dir = os.path.join(moved, "embedding_cache", "tiny")
-    with pytest.raises(StaleCacheError, match="absolute paths.*run .*precompute"):
-        EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")
+    assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
     before = cache_files(cache_dir)
     precompute_embeddings(moved, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
-    assert cache_files(cache_dir) == before  # mv keeps sizes and times: nothing encoded again
-    assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+    assert cache_files(cache_dir) == before
+    with open(os.path.join(cache_dir, "index", "validation_v00.json")) as handle:
+        assert all(e["sources"]["label"]["blake2b"] for e in json.load(handle)["entries"])
+    with pytest.raises(StaleCacheError, match="absolute paths.*run precompute"):
+        EmbeddingCache(os.path.join(copy, "embedding_cache", "tiny"), identity(small_sam_checkpoint)).entries(
+            "validation")
 
 
 # ------------------------------------------------------------------------------- failed precompute runs
