@@ -38,7 +38,8 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def _relative(path: str, root: str) -> str:
+def relative_path(path: str, root: str) -> str:
+    """``path`` relative to the folder ``root``, with ``/`` separators (as the index records it)."""
     return os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/")
 
 
@@ -50,7 +51,7 @@ def source_record(path: str, dataset_dir: str, known: Iterable[dict] = ()) -> di
     """The record of source file ``path`` under ``dataset_dir``; its digest is taken from a ``known`` record of
     the same path, size and mtime when there is one, else from the file's bytes."""
     stat = os.stat(path)
-    record = {"path": _relative(path, dataset_dir), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = {"path": relative_path(path, dataset_dir), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     reused = next((r["blake2b"] for r in known if r.get("blake2b") and r.get("path") == record["path"]
                    and _same_stamp(r, stat)), None)
     record["blake2b"] = reused or file_digest(path)
@@ -68,7 +69,7 @@ def normalised_sources(sources: dict, made_from: str | None) -> dict:
         else:
             path, size, mtime_ns = source
             inside = made_from and not os.path.relpath(path, made_from).startswith("..")
-            records[kind] = {"path": _relative(path, made_from) if inside else path, "size": size,
+            records[kind] = {"path": relative_path(path, made_from) if inside else path, "size": size,
                              "mtime_ns": mtime_ns, "blake2b": None, "absolute": True}
     return records
 

@@ -56,7 +56,8 @@ from .cache_identity import (  # noqa: F401  (re-exported: the cache's callers i
     CACHE_FORMAT_VERSION, StaleCacheError, cache_identity, checkpoint_fingerprint, entry_bytes, entry_npy_bytes,
 )
 from .cache_sources import (
-    SOURCE_NAMES, log_changes, log_dataset_location, normalised_sources, same_source, source_record,
+    SOURCE_NAMES, log_changes, log_dataset_location, normalised_sources, relative_path, same_source,
+    source_record,
 )
 from .cache_store import (  # noqa: F401  (EmbeddingCache, cache_problems and the names: re-exported)
     ENTRIES_DIR, MANIFEST_NAME, PRECOMPUTE_COMMAND, EmbeddingCache, cache_problems, check_format, entry_paths,
@@ -366,8 +367,9 @@ def _source_records(cache_dir: str, dataset_dir: str, datalists: dict[str, list[
     for datalist in datalists.values():
         for item in datalist:
             if item["key"] not in records:
-                records[item["key"]] = {kind: source_record(item[kind], dataset_dir, known.get(
-                    os.path.relpath(item[kind], dataset_dir).replace(os.sep, "/"), ())) for kind in SOURCE_NAMES}
+                records[item["key"]] = {kind: source_record(item[kind], dataset_dir,
+                                                            known.get(relative_path(item[kind], dataset_dir), ()))
+                                        for kind in SOURCE_NAMES}
     return records
 
 
