@@ -195,11 +195,12 @@ def how_to_get_sam_weights(variant: str, path: str) -> str:
             f"the {variant!r} variant has no official weights; make a random one with "
             f"`surgical-sam make_sam_checkpoint --variant {variant} --path {path}` (tests and demo only)"
         )
+    random_path = os.path.join(os.path.dirname(path), f"sam_{variant}_random.pth")  # never the official name
     return (
         f"download {SAM_DOWNLOAD_URL}{spec.checkpoint_name} (md5 {spec.md5}) and put it at {path}, "
         f"or run `python -m monai.bundle download_large_files --bundle_path <bundle folder>`; only to try the "
-        f"bundle without weights, a random SAM: `surgical-sam make_sam_checkpoint --variant {variant} --path {path}` "
-        "(its segmentations mean nothing)"
+        f"bundle without weights, make a random SAM with `surgical-sam make_sam_checkpoint --variant {variant} "
+        f"--path {random_path}` and pass --sam_checkpoint {random_path} (its segmentations mean nothing)"
     )
 
 
