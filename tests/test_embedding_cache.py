@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -171,17 +172,26 @@ def test_precompute_never_overwrites_another_identity(tmp_path, small_cache_dir,
 
 
 def test_precompute_never_mixes_in_another_dataset(tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint):
-    """Same encoder, other dataset folder: the old entries (same keys) must not be taken as this dataset's."""
+    """Same encoder, other dataset folder: an old entry (same key) of a frame whose bytes differ there is not taken
+    as this dataset's (it is encoded again, in every version); those of identical files are kept."""
     cache_dir = str(tmp_path / "cache")
     shutil.copytree(small_cache_dir, cache_dir)
     other_data = str(tmp_path / "other_data")
     shutil.copytree(small_demo_dir, other_data)
+    item = load_datalist(other_data, "training")[2]
+    Image.fromarray(255 - read_frame(item["image"])).save(item["image"])
+    before = cache_files(cache_dir)
+    precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
+                          augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    after = cache_files(cache_dir)
+    assert {k for k in after if after[k] != before[k]} == {
+        os.path.join("entries", f"v{v:02d}", item["key"] + ".npy") for v in range(SMALL_CACHE_VERSIONS + 1)}
+    EmbeddingCache(cache_dir, identity(small_sam_checkpoint), dataset_dir=other_data).entries("training", 1)
+    with pytest.raises(StaleCacheError, match="changed or vanished"):  # made for other_data now
+        EmbeddingCache(cache_dir, identity(small_sam_checkpoint), dataset_dir=small_demo_dir).entries("training", 1)
     files_before = cache_files(cache_dir, "**/*")
-    with pytest.raises(StaleCacheError, match="another dataset"):
-        precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
-                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
     with pytest.raises(StaleCacheError, match="seed"):
-        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
+        precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
                               augmentation_versions=SMALL_CACHE_VERSIONS, seed=1)
     assert cache_files(cache_dir, "**/*") == files_before
 
@@ -252,6 +262,7 @@ def test_precompute_again_re_encodes_changed_frames(tmp_path, small_demo_dir, sm
 
 @pytest.mark.parametrize("change", ["rewrite_label", "touch_label", "touch_frame", "delete_frame"])
 def test_changed_source_is_stale(private_validation_cache, small_sam_checkpoint, change):
+    """Other bytes (or no file) make an entry stale; a new mtime over the same bytes does not."""
     dataset_dir, cache_dir = private_validation_cache
     item = load_datalist(dataset_dir, "validation")[1]
     EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")  # fresh: fine
@@ -265,9 +276,11 @@ def test_changed_source_is_stale(private_validation_cache, small_sam_checkpoint,
         Image.open(item["label"]).save(item["label"], compress_level=0)
         os.utime(item["label"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
         assert os.stat(item["label"]).st_size != stat.st_size
-    elif change == "touch_frame":  # same bytes, only the mtime changes
+    elif change == "touch_frame":  # same bytes, only the mtime changes: still fresh (entries are checked by content)
         stat = os.stat(item["image"])
         os.utime(item["image"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+        return
     else:
         os.remove(item["image"])
     cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
@@ -564,3 +577,145 @@ def test_cache_problems_is_the_check_the_cache_opens_with(tmp_path, small_cache_
     with pytest.raises(FileNotFoundError) as error:
         EmbeddingCache(absent, good)
     assert str(error.value) == missing[0]
+
+
+# ----------------------------------------------------------------- entries identified by what they hold
+def prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint, splits=("validation",)) -> str:
+    """A private copy of the demo data with its cache at train.yaml's default place (<data>/embedding_cache/tiny)."""
+    data = str(tmp_path / "data")
+    shutil.copytree(small_demo_dir, data)
+    precompute_embeddings(data, os.path.join(data, "embedding_cache", "tiny"), "tiny", small_sam_checkpoint,
+                          splits=splits)
+    return data
+
+
+def test_moved_dataset_keeps_its_cache(tmp_path, caplog, small_demo_dir, small_sam_checkpoint):
+    """`mv` of a prepared dataset: training reads the cache as it is, precompute encodes nothing again."""
+    data = prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint)
+    moved = str(tmp_path / "moved")
+    shutil.move(data, moved)
+    cache_dir = os.path.join(moved, "embedding_cache", "tiny")
+    with caplog.at_level("INFO", logger="scripts.data"):
+        assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+    assert f"dataset moved from {data}: cache kept" in caplog.text
+    before = cache_files(cache_dir)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scripts.data"):
+        precompute_embeddings(moved, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    assert f"dataset moved from {data}: cache kept" in caplog.text
+    assert cache_files(cache_dir) == before
+    with open(os.path.join(cache_dir, MANIFEST_NAME)) as handle:
+        assert json.load(handle)["dataset"]["dataset_dir"] == moved
+
+
+def test_copied_dataset_re_encodes_the_file_edited_in_the_copy(tmp_path, caplog, small_demo_dir,
+                                                               small_sam_checkpoint):
+    """`cp -r` (new mtimes) then a label edited in the copy: training refuses to use the old entry, naming the
+    file; precompute re-encodes that entry alone, and says so in one line."""
+    data = prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(data, copy, copy_function=shutil.copy)  # as cp -r: contents, not times
+    cache_dir = os.path.join(copy, "embedding_cache", "tiny")
+    EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")  # same contents: fresh
+    item = load_datalist(copy, "validation")[1]
+    label = read_label_map(item["label"], NUM_CLASSES)
+    label[:8] = 0
+    Image.fromarray(label, mode="L").save(item["label"])
+    relative = os.path.relpath(item["label"], copy)
+    with pytest.raises(StaleCacheError, match=f"label {relative} changed") as error:
+        EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")
+    assert PRECOMPUTE in str(error.value)
+    before = cache_files(cache_dir, "**/*.*")
+    with caplog.at_level("INFO", logger="scripts.data"):
+        precompute_embeddings(copy, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    assert f"dataset copied from {data}: cache kept" in caplog.text
+    assert f"label {relative} changed: re-encoding 1 entry" in caplog.text
+    after = cache_files(cache_dir, "**/*.*")
+    entry_files = {k for k in after if k.startswith("entries")}
+    assert {k for k in entry_files if after[k] != before.get(k)} == {
+        os.path.join("entries", "v00", item["key"] + suffix) for suffix in (".npy", "_label.png")}
+    entries = {e["key"]: e for e in EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")}
+    _, cached_label = EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).load(entries[item["key"]])
+    np.testing.assert_array_equal(cached_label.numpy(), label)
+    # the original dataset and its cache are untouched and still fresh
+    EmbeddingCache(os.path.join(data, "embedding_cache", "tiny"), identity(small_sam_checkpoint)).entries("validation")
+
+
+def as_absolute_path_cache(cache_dir: str) -> None:
+    """Rewrite a cache's indexes as bundles up to 0.6 wrote them: sources as [absolute path, size, mtime_ns]."""
+    for index_path in glob.glob(os.path.join(cache_dir, "index", "*.json")):
+        with open(index_path) as handle:
+            index = json.load(handle)
+        with open(os.path.join(cache_dir, MANIFEST_NAME)) as handle:
+            root = json.load(handle)["dataset"]["dataset_dir"]
+        for entry in index["entries"]:
+            entry["sources"] = {kind: [os.path.join(root, source["path"]), source["size"], source["mtime_ns"]]
+                                for kind, source in entry["sources"].items()}
+        with open(index_path, "w") as handle:
+            json.dump(index, handle)
+
+
+def test_cache_of_absolute_paths_keeps_loading_after_a_move(tmp_path, small_demo_dir, small_sam_checkpoint):
+    """A cache of bundles up to 0.6 (absolute paths, size and mtime) still loads, also after `mv` of its dataset
+    (sizes and times kept), and precompute records it by content without encoding anything again; after a copy
+    (new times, no digest to compare) it is stale, and the message says why and what to run."""
+    data = prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint)
+    as_absolute_path_cache(os.path.join(data, "embedding_cache", "tiny"))
+    copy = str(tmp_path / "copy")
+    shutil.copytree(data, copy, copy_function=shutil.copy)
+    assert len(EmbeddingCache(os.path.join(data, "embedding_cache", "tiny"),
+                              identity(small_sam_checkpoint)).entries("validation")) == 4
+    moved = str(tmp_path / "moved")
+    shutil.move(data, moved)
+    cache_dir = os.path.join(moved, "embedding_cache", "tiny")
+    assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+    before = cache_files(cache_dir)
+    precompute_embeddings(moved, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    assert cache_files(cache_dir) == before
+    with open(os.path.join(cache_dir, "index", "validation_v00.json")) as handle:
+        assert all(e["sources"]["label"]["blake2b"] for e in json.load(handle)["entries"])
+    with pytest.raises(StaleCacheError, match="absolute paths.*run precompute"):
+        EmbeddingCache(os.path.join(copy, "embedding_cache", "tiny"), identity(small_sam_checkpoint)).entries(
+            "validation")
+
+
+# ------------------------------------------------------------------------------- failed precompute runs
+def test_precompute_with_a_truncated_checkpoint_leaves_no_identity_behind(tmp_path, small_demo_dir,
+                                                                          small_sam_checkpoint):
+    """A corrupt SAM file stops precompute with a message naming it; the right file is then accepted."""
+    truncated = tmp_path / "sam_tiny.pth"
+    data = open(small_sam_checkpoint, "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match=f"{truncated} could not be read.*make_sam_checkpoint"):
+        precompute_embeddings(small_demo_dir, cache_dir, "tiny", str(truncated), splits=("validation",))
+    missing, stale = cache_problems(cache_dir, identity(small_sam_checkpoint))
+    assert stale == [] and "no embedding cache" in missing[0]
+    precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
+
+
+def test_precompute_without_sam_checkpoint_says_how_to_get_one(tmp_path, small_demo_dir):
+    missing = str(tmp_path / "sam_vit_b_01ec64.pth")
+    with pytest.raises(FileNotFoundError) as error:
+        precompute_embeddings(small_demo_dir, str(tmp_path / "cache"), "vit_b", missing, splits=("validation",))
+    message = str(error.value)
+    assert missing in message and "download" in message and "sam_vit_b_01ec64.pth" in message
+    assert "surgical-sam make_sam_checkpoint --variant vit_b" in message
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_disk_estimate_is_the_real_entry_size(tmp_path, caplog, small_sam_checkpoint):
+    """The logged bytes per entry are those the entries take on disk (the tiny encoder's 256x16x16 float16
+    embedding and a label PNG), not raw label pixels: within 20 % at 480x640 frames."""
+    from scripts.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(str(tmp_path / "data"), frame_size=(480, 640), train_sequences=1, val_sequences=1,
+                             frames_per_sequence=2)
+    cache_dir = str(tmp_path / "cache")
+    with caplog.at_level("INFO", logger="scripts.data"):
+        precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
+    estimate = int(re.search(r"(\d+) bytes per entry", caplog.text).group(1))
+    written = [os.path.getsize(p) for p in glob.glob(os.path.join(cache_dir, "entries", "**", "*.*"), recursive=True)]
+    real = sum(written) / 2  # two validation frames
+    assert 0.8 * real <= estimate <= 1.2 * real, (estimate, real)

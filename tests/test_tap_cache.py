@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import SMALL_DEMO
 from monai.bundle import ConfigWorkflow
+from PIL import Image
 
 import scripts.data.embedding_cache as embedding_cache
 from scripts.data.augmentation import augment_frame
@@ -129,8 +130,7 @@ def test_changed_source_is_stale(tmp_path, small_demo_dir, small_sam_checkpoint)
     identity = cache_identity("tiny", small_sam_checkpoint, TAPS)
     assert len(CachedTapDataset(EmbeddingCache(cache_dir, identity), "validation")) == 4
     frame = load_datalist(dataset_dir, "validation")[0]["image"]
-    stat = os.stat(frame)
-    os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    Image.fromarray(255 - read_frame(frame)).save(frame)
     with pytest.raises(StaleCacheError, match="changed or vanished.*precompute"):
         CachedTapDataset(EmbeddingCache(cache_dir, identity), "validation")
 

@@ -18,7 +18,7 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from scripts import BUNDLE_ROOT
-from scripts.data.layout import read_frame
+from scripts.data.layout import DatasetError, read_frame
 from scripts.data.video_io import VideoError, legend_panel, open_sequence, write_video
 from scripts.surgical_sam.inferer import ClassPromptInferer
 from scripts.distillation_sam.network import DistillationSAM
@@ -248,6 +248,48 @@ def test_corrupt_and_truncated_videos_keep_what_was_written(tmp_path, video_run,
     assert not summary["complete"] and "ends early" in summary["error"]
     with av.open(str(cut / "overlay.mp4")) as container:  # closed, playable, with the decoded frames
         assert container.streams.video[0].frames == len(written)
+
+
+def damaged_in_the_middle(path: str, damaged: str) -> int:
+    """Copy the video at ``path`` with the second half of its middle packet zeroed (a damaged disk sector, or a
+    copy that lost bytes); -> the display index of the damaged frame (by presentation time)."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        packets = [(p.pos, p.size, p.pts) for p in container.demux(stream) if p.size]
+        times = sorted(pts for _, _, pts in packets)
+    position, size, pts = packets[len(packets) // 2]
+    data = bytearray(open(path, "rb").read())
+    data[position + size // 2: position + size] = bytes(size - size // 2)
+    open(damaged, "wb").write(data)
+    return times.index(pts)
+
+
+def test_video_damaged_mid_file_names_its_damaged_frames_and_is_not_complete(tmp_path, model_file,
+                                                                             small_sam_checkpoint, small_demo_dir):
+    """The decoder's errors are counted and named (frame index and time); those frames are not segmented (no
+    garbage label maps), the others are, and the run ends with an error (non-zero exit) and complete: false."""
+    full = write_video(str(tmp_path / "full.mp4"), demo_frames(small_demo_dir), FPS)
+    damaged = str(tmp_path / "damaged.mp4")
+    index = damaged_in_the_middle(full, damaged)
+    out = tmp_path / "out"
+    video_error(lambda: run_video(damaged, out, model_file, small_sam_checkpoint),
+                rf"1 damaged frame.*{index} \(at {index / FPS:.3f} s\)")
+    with open(out / "summary.json") as handle:
+        summary = json.load(handle)
+    assert summary["complete"] is False and summary["decode_errors"] == 1
+    assert summary["damaged_frames"] == [{"index": index, "time": round(index / FPS, 6)}]
+    written = label_maps(out)
+    assert index not in written and len(written) == len(demo_frames(small_demo_dir)) - 1
+    assert summary["frames_written"] == len(written)
+
+
+def test_plain_run_on_a_video_file_says_it_is_a_video(tmp_path, video_file):
+    """`run` segments a folder of frames; given a video it names `run video` instead of a missing folder."""
+    from scripts.data.transforms import list_frames
+
+    with pytest.raises(DatasetError, match=r"is a video file.*run video") as error:
+        list_frames(video_file)
+    assert "does not exist" not in str(error.value)
 
 
 @pytest.mark.slow

@@ -21,16 +21,21 @@ and the tap blocks in its identity::
     entries/v<NN>/<sequence>/<frame>_frame.png  the frame after the version's augmentation (uint8 RGB; the
                                                 adapter's PVT still runs on it)
 
-Before anything is written, precompute states the disk use (bytes per entry x frames x versions) and
-refuses when it does not fit in the free space of the cache's disk (:class:`CacheSpaceError`).
-A cache is used only when its identity equals the one the run expects and no source frame or label
-changed since; otherwise :class:`StaleCacheError` says what differs and the command that rebuilds it.
-Precompute writes every file atomically and skips what is already there, so a killed run resumes.
+Before anything is written, precompute states the disk use (bytes per entry x frames x versions: the
+encoder's arrays and the PNGs as written) and refuses when it does not fit in the free space of the cache's
+disk (:class:`CacheSpaceError`). A cache is used only when its identity (:mod:`.cache_identity`) equals the
+one the run expects and no source frame or label map changed since; otherwise :class:`StaleCacheError`
+says what differs and the command that rebuilds it. Entries record their sources by path under the dataset
+and by content (:mod:`.cache_sources`): a moved or copied dataset keeps its cache, and precompute re-encodes
+exactly the entries of files whose bytes changed, naming each. A folder that holds no entry yet (a
+precompute that stopped before encoding anything) is bound to no identity. Precompute writes every file
+atomically and skips what is already there, so a killed run resumes. Reading: :mod:`.cache_store`.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -44,26 +49,23 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..sam.backbone import build_sam, get_variant, tapped_encoder_forward
-from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, masks_to_embedding_grid
+from ..sam.geometry import frames_to_sam_input, masks_to_embedding_grid
 from ..files import atomic_write, atomic_write_json
-from ..sam.checkpoint import memoised_md5
 from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws
+from .cache_identity import (  # noqa: F401  (re-exported: the cache's callers import them from here)
+    CACHE_FORMAT_VERSION, StaleCacheError, cache_identity, checkpoint_fingerprint, entry_bytes, entry_npy_bytes,
+)
+from .cache_sources import (
+    SOURCE_NAMES, log_changes, log_dataset_location, normalised_sources, relative_path, same_source,
+    source_record,
+)
+from .cache_store import (  # noqa: F401  (EmbeddingCache, cache_problems and the names: re-exported)
+    ENTRIES_DIR, MANIFEST_NAME, PRECOMPUTE_COMMAND, EmbeddingCache, cache_problems, check_format, entry_paths,
+    holds_entries, identity_diff, index_path,
+)
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
 logger = logging.getLogger(__name__)
-
-CACHE_FORMAT_VERSION = 2
-#: Folder of the entry files (format 2), shared by all splits.
-ENTRIES_DIR = "entries"
-MANIFEST_NAME = "manifest.json"
-PRECOMPUTE_COMMAND = (
-    "python -m monai.bundle run precompute --config_file <the same config files as this run> "
-    "(it resumes an interrupted cache; pass a new cache_dir or delete the old one to rebuild)"
-)
-
-
-class StaleCacheError(RuntimeError):
-    """The cache on disk was made for other inputs than this run's, or is incomplete."""
 
 
 class CacheSpaceError(OSError):
@@ -74,53 +76,7 @@ class CacheSpaceError(OSError):
 SPACE_WARN_FRACTION = 0.8
 
 
-# ------------------------------------------------------------------------------------------ identity
-def checkpoint_fingerprint(path: str | None) -> str:
-    """md5 of the SAM checkpoint (:func:`~scripts.sam.checkpoint.memoised_md5`), "random-init" for none."""
-    if path is None:
-        return "random-init"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
-    return memoised_md5(path)
-
-
-def cache_identity(sam_variant: str, sam_checkpoint: str | None, taps: Sequence[int] | None = None) -> dict:
-    """What an embedding depends on; a cache is reused only when this matches exactly.
-
-    ``taps`` (1-based ViT blocks, Distillation-SAM) makes it a tap cache's identity: the blocks, in
-    order, and the tokens' width are part of it, so a cache of other taps is refused.
-    """
-    spec = get_variant(sam_variant)
-    identity = {
-        "format_version": CACHE_FORMAT_VERSION,
-        "sam_variant": sam_variant,
-        "sam_checkpoint_md5": checkpoint_fingerprint(sam_checkpoint),
-        "image_size": spec.image_size,
-        "grid_size": [spec.grid_size, spec.grid_size],
-        "embed_dim": spec.prompt_embed_dim,
-        "pixel_mean": list(SAM_PIXEL_MEAN),
-        "pixel_std": list(SAM_PIXEL_STD),
-        "dtype": "float16",
-    }
-    if taps is not None:
-        blocks = [int(k) for k in taps]
-        if not blocks or any(not 1 <= k <= spec.encoder_depth for k in blocks):
-            raise ValueError(f"taps must be 1-based blocks in 1..{spec.encoder_depth} for {sam_variant}, "
-                             f"got {list(taps)}")
-        identity.update({"taps": blocks, "tap_dim": spec.encoder_embed_dim, "contents": "embedding+taps+frame"})
-    return identity
-
-
-def entry_bytes(identity: dict) -> int:
-    """Bytes of the float16 arrays of one cache entry (embedding, and the taps of a tap cache), without
-    the small ``.npy`` headers and the PNGs."""
-    grid_h, grid_w = identity["grid_size"]
-    size = identity["embed_dim"] * grid_h * grid_w * 2
-    if "taps" in identity:
-        size += len(identity["taps"]) * grid_h * grid_w * identity["tap_dim"] * 2
-    return size
-
-
+# ------------------------------------------------------------------------------------------ disk use
 def check_disk_space(cache_dir: str, needed_bytes: int, what: str) -> int:
     """Refuse (:class:`CacheSpaceError`) when ``needed_bytes`` do not fit in the free space of the disk that
     holds (or will hold) ``cache_dir``; warn above ``SPACE_WARN_FRACTION`` of it. Returns the free bytes."""
@@ -150,23 +106,6 @@ def distributed_rank_world() -> tuple[int, int]:
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
-
-
-def _source_stamp(path: str) -> list[int]:
-    stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _index_path(cache_dir: str, split: str, version: int) -> str:
-    return os.path.join(cache_dir, "index", f"{split}_v{version:02d}.json")
-
-
-def _entry_paths(cache_dir: str, version: int, key: str, with_taps: bool = False) -> tuple[str, ...]:
-    """(embedding .npy, label .png[, taps .npy, frame .png]) of frame ``key`` ("<sequence>/<frame>") in one
-    version, shared by all splits; the embedding is written last."""
-    stem = os.path.join(cache_dir, ENTRIES_DIR, f"v{version:02d}", key)
-    paths = (f"{stem}.npy", f"{stem}_label.png")
-    return paths + (f"{stem}_taps.npy", f"{stem}_frame.png") if with_taps else paths
 
 
 # ---------------------------------------------------------------------------------------- precompute
@@ -234,7 +173,7 @@ def precompute_embeddings(
     identity = cache_identity(sam_variant, sam_checkpoint, taps)
     with_taps = taps is not None
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
-    existing = _cache_to_extend(cache_dir, identity, dataset_dir, seed, augmentation_draws)
+    existing = _cache_to_extend(cache_dir, identity, seed, augmentation_draws)
     # Every file is read and checked first (label values, sizes): bad files are all named in one error
     # before any embedding is written.
     summary = check_dataset(dataset_dir, splits)
@@ -242,7 +181,7 @@ def precompute_embeddings(
     plan = _version_plan(splits, augmented_splits, augmentation_versions)
     datalists = {split: load_datalist(dataset_dir, split) for split in splits}
     spec = get_variant(sam_variant)
-    _check_disk_use(cache_dir, identity, summary["frame_size"], datalists, plan, with_taps)
+    _check_disk_use(cache_dir, identity, datalists, plan, with_taps, len(names), ignore_index)
     manifest = {
         "identity": identity,
         "dataset": {"dataset_dir": os.path.abspath(dataset_dir), "class_names": names, "ignore_index": ignore_index},
@@ -258,10 +197,11 @@ def precompute_embeddings(
     rank, world = distributed_rank_world()
     _barrier(world)  # every rank has read the old manifest before rank 0 replaces it
     if rank == 0:
+        made_from = (existing.get("dataset") or {}).get("dataset_dir")
+        log_dataset_location(dataset_dir, made_from)
+        sources = _source_records(cache_dir, dataset_dir, datalists, made_from)
         atomic_write_json(manifest_path, manifest, indent=1, newline=False)
-        for split in splits:
-            for version in plan[split]:
-                _drop_entries_of_changed_sources(cache_dir, split, version, datalists[split], with_taps)
+        _drop_entries_of_changed_sources(cache_dir, plan, datalists, sources, made_from, with_taps)
     _barrier(world)
     todo = _entries_to_encode(cache_dir, plan, datalists, with_taps)
     _barrier(world)  # every rank has listed what is missing before any rank writes
@@ -278,8 +218,8 @@ def precompute_embeddings(
     if rank == 0:
         for split in splits:
             for version in plan[split]:
-                _write_index(cache_dir, split, version, datalists[split], spec.image_size, spec.grid_size, len(names),
-                             with_taps)
+                _write_index(cache_dir, split, version, datalists[split], sources, spec.image_size, spec.grid_size,
+                             len(names), with_taps)
         manifest["complete"] = True
         atomic_write_json(manifest_path, manifest, indent=1, newline=False)
     _barrier(world)  # no rank reads the cache before it is complete
@@ -288,12 +228,14 @@ def precompute_embeddings(
 
 
 # ------------------------------------------------------------------------------------- precompute's steps
-def _cache_to_extend(cache_dir: str, identity: dict, dataset_dir: str, seed: int, augmentation_draws: str) -> dict:
-    """The manifest of the cache already at ``cache_dir`` ({} when none), which precompute extends.
+def _cache_to_extend(cache_dir: str, identity: dict, seed: int, augmentation_draws: str) -> dict:
+    """The manifest of the cache already at ``cache_dir`` ({} when none, or when it holds no entry yet: a
+    precompute that stopped before encoding anything, e.g. on a corrupt SAM file, binds the folder to nothing),
+    which precompute extends. The dataset may have moved or been copied since: entries are checked by content.
 
     Raises:
-        StaleCacheError: that cache is of another format, encoder or input, dataset, augmentation seed or
-            augmentation draws (nothing is overwritten).
+        StaleCacheError: that cache is of another format, encoder or input, augmentation seed or augmentation
+            draws (nothing is overwritten).
     """
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
     if not os.path.isfile(manifest_path):
@@ -301,14 +243,15 @@ def _cache_to_extend(cache_dir: str, identity: dict, dataset_dir: str, seed: int
     with open(manifest_path) as handle:
         existing = json.load(handle)
     what_to_do = "nothing was overwritten: choose a new cache_dir or delete that folder, then run precompute again."
-    _check_format(existing, cache_dir, what_to_do)
+    check_format(existing, cache_dir, what_to_do)
+    if not holds_entries(cache_dir):
+        if existing.get("identity") != identity:
+            logger.info("precompute: %s holds no entry yet (an earlier precompute stopped before encoding any): "
+                        "it is made for this encoder", cache_dir)
+        return {}
     if existing.get("identity") != identity:
         raise StaleCacheError(f"{cache_dir} holds embeddings of another encoder or input "
-                              f"({_identity_diff(existing.get('identity'), identity)}); {what_to_do}")
-    made_from = existing.get("dataset", {}).get("dataset_dir")
-    if made_from and made_from != os.path.abspath(dataset_dir):
-        raise StaleCacheError(f"{cache_dir} holds embeddings of another dataset ({made_from}, not "
-                              f"{os.path.abspath(dataset_dir)}); {what_to_do}")
+                              f"({identity_diff(existing.get('identity'), identity)}); {what_to_do}")
     if existing.get("augmentation_seed", seed) != seed:
         raise StaleCacheError(f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, "
                               f"not {seed}; {what_to_do}")
@@ -334,20 +277,40 @@ def _version_plan(splits: Sequence[str], augmented_splits: Sequence[str] | None,
     return {split: list(range(augmentation_versions + 1)) if split in augmented_splits else [0] for split in splits}
 
 
-def _check_disk_use(cache_dir: str, identity: dict, frame_size, datalists: dict[str, list[dict]],
-                    plan: dict[str, list[int]], with_taps: bool) -> None:
-    """Log the cache's disk use (bytes per entry x entries) and refuse when the missing entries do not fit
-    (:class:`CacheSpaceError`). ``frame_size``: the dataset's (H, W), or what check_dataset reports otherwise."""
+#: Frames whose PNGs precompute writes in memory to measure an entry's PNG bytes.
+PNG_SAMPLE_FRAMES = 8
+
+
+def _png_bytes(array: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.tell()
+
+
+def entry_disk_bytes(identity: dict, datalist: list[dict], num_classes: int, ignore_index: int) -> int:
+    """Bytes one entry takes on disk: the ``.npy`` files of the encoder's arrays (their shapes and dtype,
+    :func:`~.cache_identity.entry_npy_bytes`) and the PNGs (the label map; a tap cache also the frame), measured
+    by writing those of up to :data:`PNG_SAMPLE_FRAMES` frames of ``datalist`` in memory."""
+    step = max(1, len(datalist) // PNG_SAMPLE_FRAMES)
+    sample = datalist[::step][:PNG_SAMPLE_FRAMES]
+    png = [_png_bytes(read_label_map(item["label"], num_classes, ignore_index)) for item in sample]
+    if "taps" in identity:
+        png = [size + _png_bytes(read_frame(item["image"])) for size, item in zip(png, sample)]
+    return entry_npy_bytes(identity) + (int(np.ceil(np.mean(png))) if png else 0)
+
+
+def _check_disk_use(cache_dir: str, identity: dict, datalists: dict[str, list[dict]], plan: dict[str, list[int]],
+                    with_taps: bool, num_classes: int, ignore_index: int) -> None:
+    """Log the cache's disk use (bytes per entry x entries, :func:`entry_disk_bytes`) and refuse when the missing
+    entries do not fit (:class:`CacheSpaceError`)."""
     what = "the tap cache" if with_taps else "the embedding cache"
-    per_entry = entry_bytes(identity)
-    frame_hw = frame_size if isinstance(frame_size, (list, tuple)) else None
-    if frame_hw and len(frame_hw) == 2:  # PNGs: at most the raw pixels (label 1 byte, frame 3 bytes per pixel)
-        per_entry += int(frame_hw[0]) * int(frame_hw[1]) * (4 if with_taps else 1)
+    per_entry = entry_disk_bytes(identity, [item for split in plan for item in datalists[split]], num_classes,
+                                 ignore_index)
     total_entries = sum(len(datalists[s]) * len(plan[s]) for s in plan)
     # entries are shared by splits: a (version, frame) listed by two splits is written once
     missing_entries = len({
         (version, item["key"]) for split in plan for version in plan[split] for item in datalists[split]
-        if not os.path.isfile(_entry_paths(cache_dir, version, item["key"], with_taps)[0])
+        if not os.path.isfile(entry_paths(cache_dir, version, item["key"], with_taps)[0])
     })
     logger.info(
         "precompute: %s: %d bytes per entry x %d entries (%s) = %.2f GiB in %s; %d entries to write",
@@ -367,7 +330,7 @@ def _entries_to_encode(cache_dir: str, plan: dict[str, list[int]], datalists: di
         for version in versions:
             pending = [
                 item for item in datalists[split]
-                if not all(os.path.isfile(p) for p in _entry_paths(cache_dir, version, item["key"], with_taps))
+                if not all(os.path.isfile(p) for p in entry_paths(cache_dir, version, item["key"], with_taps))
             ]
             if len(pending) < len(datalists[split]):
                 logger.info("precompute %s v%02d: %d of %d frames already encoded (shared with other splits or an "
@@ -379,32 +342,71 @@ def _entries_to_encode(cache_dir: str, plan: dict[str, list[int]], datalists: di
     return todo
 
 
-def _drop_entries_of_changed_sources(cache_dir: str, split: str, version: int, datalist: list[dict],
-                                     with_taps: bool = False) -> None:
-    """Delete cached entries whose frame or label changed since they were encoded, so they are redone.
-
-    Entries are shared by splits, so the sources recorded by the index of ANY split of this version count:
-    a split precomputed for the first time must not pick up an entry encoded from an older frame.
-    """
+def _recorded_sources(cache_dir: str, version: int, made_from: str | None) -> dict[str, list[dict]]:
+    """key -> the sources (normalised records, :func:`~.cache_sources.normalised_sources`) that the indexes of
+    ANY split of ``version`` record for it (entries are shared by splits)."""
     recorded: dict[str, list[dict]] = {}
     for index_path in sorted(glob.glob(os.path.join(cache_dir, "index", f"*_v{version:02d}.json"))):
         with open(index_path) as handle:
             for entry in json.load(handle)["entries"]:
-                recorded.setdefault(entry["key"], []).append(entry["sources"])
-    changed = []
-    for item in datalist:
-        current = {"image": [item["image"], *_source_stamp(item["image"])],
-                   "label": [item["label"], *_source_stamp(item["label"])]}
-        # An index written after the entry was (re-)encoded records the current stamps: then it is up to date.
-        seen = recorded.get(item["key"], [])
-        if seen and current not in seen:
-            changed.append(item["key"])
-            for path in _entry_paths(cache_dir, version, item["key"], with_taps):
+                recorded.setdefault(entry["key"], []).append(normalised_sources(entry["sources"], made_from))
+    return recorded
+
+
+def _source_records(cache_dir: str, dataset_dir: str, datalists: dict[str, list[dict]],
+                    made_from: str | None) -> dict[str, dict]:
+    """key -> ``{"image": record, "label": record}`` (:func:`~.cache_sources.source_record`) of every frame to
+    precompute: each file's bytes are hashed once, or not at all where an index records its path, size and mtime."""
+    known: dict[str, list[dict]] = {}
+    for index_path in glob.glob(os.path.join(cache_dir, "index", "*.json")):
+        with open(index_path) as handle:
+            for entry in json.load(handle)["entries"]:
+                for record in normalised_sources(entry["sources"], made_from).values():
+                    known.setdefault(record["path"], []).append(record)
+    records: dict[str, dict] = {}
+    for datalist in datalists.values():
+        for item in datalist:
+            if item["key"] not in records:
+                records[item["key"]] = {kind: source_record(item[kind], dataset_dir,
+                                                            known.get(relative_path(item[kind], dataset_dir), ()))
+                                        for kind in SOURCE_NAMES}
+    return records
+
+
+def _source_change(recorded: dict, current: dict, key: str) -> list[tuple[str, str]]:
+    """(kind, "label a/b.png changed") for each source of ``current`` that is not the one of ``recorded``."""
+    changes = []
+    for kind, name in SOURCE_NAMES.items():
+        if not same_source(recorded[kind], current[kind]):
+            was = recorded[kind]["path"]
+            changes.append((kind, f"{name} {was} changed" if was == current[kind]["path"]
+                            else f"{name} of {key} is now {current[kind]['path']} (was {was})"))
+    return changes
+
+
+def _drop_entries_of_changed_sources(cache_dir: str, plan: dict[str, list[int]], datalists: dict[str, list[dict]],
+                                     sources: dict[str, dict], made_from: str | None, with_taps: bool = False) -> None:
+    """Delete cached entries whose frame or label map changed (by content) since they were encoded, so they are
+    redone; one line per changed file says so.
+
+    Entries are shared by splits, so the sources recorded by the index of ANY split of the version count: a split
+    precomputed for the first time must not pick up an entry encoded from an older frame. An entry no index
+    records (a precompute killed before its indexes) was encoded from the current files and is kept.
+    """
+    changes: dict[tuple[str, str], int] = {}
+    for version in sorted({v for versions in plan.values() for v in versions}):
+        recorded = _recorded_sources(cache_dir, version, made_from)
+        keys = {item["key"] for split, versions in plan.items() if version in versions for item in datalists[split]}
+        for key in sorted(keys):
+            seen = recorded.get(key, [])
+            if not seen or any(not _source_change(r, sources[key], key) for r in seen):
+                continue
+            for change in _source_change(seen[-1], sources[key], key):
+                changes[change] = changes.get(change, 0) + 1
+            for path in entry_paths(cache_dir, version, key, with_taps):
                 if os.path.isfile(path):
                     os.remove(path)
-    if changed:
-        logger.info("precompute %s v%02d: %d frames changed since they were encoded, re-encoding them (e.g. %s)",
-                    split, version, len(changed), changed[:3])
+    log_changes(changes)
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -439,7 +441,7 @@ def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_ind
         embeddings = embeddings.half().cpu().numpy()
         for row, index in enumerate(batch["index"].tolist()):
             item, version = todo[index]
-            paths = _entry_paths(cache_dir, version, item["key"], taps is not None)
+            paths = entry_paths(cache_dir, version, item["key"], taps is not None)
             os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
             _save_png(paths[1], batch["label"][row].numpy())
             if tapped is not None:
@@ -450,10 +452,13 @@ def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_ind
         logger.info("precompute %s: %d/%d (frame size %s)", split, done, len(todo), sizes.pop())
 
 
-def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num_classes, with_taps=False) -> None:
+def _write_index(cache_dir, split, version, datalist, sources, image_size, grid_size, num_classes,
+                 with_taps=False) -> None:
+    """Write the index of one split and version: per frame its entry files, classes and ``sources`` (key ->
+    records of :func:`~.cache_sources.source_record`)."""
     entries = []
     for item in datalist:
-        paths = _entry_paths(cache_dir, version, item["key"], with_taps)
+        paths = entry_paths(cache_dir, version, item["key"], with_taps)
         embedding_path, label_path = paths[:2]
         label = np.asarray(Image.open(label_path))
         present = [c for c in range(1, num_classes + 1) if (label == c).any()]
@@ -472,154 +477,7 @@ def _write_index(cache_dir, split, version, datalist, image_size, grid_size, num
             "classes": present,
             "grid_classes": grid_present,
             "frame_size": list(label.shape),
-            "sources": {"image": [item["image"], *_source_stamp(item["image"])],
-                        "label": [item["label"], *_source_stamp(item["label"])]},
+            "sources": sources[item["key"]],
         })
-    atomic_write_json(_index_path(cache_dir, split, version), {"split": split, "version": version, "entries": entries},
+    atomic_write_json(index_path(cache_dir, split, version), {"split": split, "version": version, "entries": entries},
                       indent=1, newline=False)
-
-
-# -------------------------------------------------------------------------------------------- reading
-def _check_format(manifest: dict, cache_dir: str, what_to_do: str) -> None:
-    """StaleCacheError when the cache was written in another layout than :data:`CACHE_FORMAT_VERSION`."""
-    found = (manifest.get("identity") or {}).get("format_version")
-    if found != CACHE_FORMAT_VERSION:
-        raise StaleCacheError(
-            f"the embedding cache at {cache_dir} has format {found} but this bundle reads format "
-            f"{CACHE_FORMAT_VERSION} (format 2 shares entry files between splits under '{ENTRIES_DIR}/'): it was "
-            f"made by an older version of the bundle and is not used; {what_to_do}"
-        )
-
-
-def _identity_diff(found: dict | None, expected: dict) -> str:
-    if not found:
-        return "no identity recorded"
-    keys = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-    return ", ".join(f"{k}: cache {found.get(k)!r} vs run {expected.get(k)!r}" for k in keys)
-
-
-def _split_problem(manifest: dict, cache_dir: str, split: str) -> str | None:
-    if split in manifest["splits"]:
-        return None
-    return (f"the embedding cache at {cache_dir} has no {split!r} split (it has {sorted(manifest['splits'])}): "
-            f"run {PRECOMPUTE_COMMAND}")
-
-
-def cache_problems(cache_dir: str, identity: dict, splits: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """Why the cache at ``cache_dir`` cannot serve a run of ``identity`` that reads ``splits``: the one check
-    :class:`EmbeddingCache` opens a cache with, and the run's input checks report.
-
-    Returns:
-        (missing, stale): messages of what is missing (no cache, a split never precomputed) and of a cache that
-        is there but made for other inputs, in another format, or unfinished; each names the command that makes
-        or rebuilds the cache. Both empty when the cache serves the run.
-    """
-    manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
-    if not os.path.isfile(manifest_path):
-        return [f"no embedding cache at {cache_dir}: make it with {PRECOMPUTE_COMMAND}"], []
-    with open(manifest_path) as handle:
-        manifest = json.load(handle)
-    try:
-        _check_format(manifest, cache_dir, f"delete that folder (or choose a new cache_dir) and rebuild it with "
-                                           f"{PRECOMPUTE_COMMAND}")
-    except StaleCacheError as error:
-        return [], [str(error)]
-    if manifest.get("identity") != identity:
-        return [], [
-            f"the embedding cache at {cache_dir} was made for other inputs than this run "
-            f"({_identity_diff(manifest.get('identity'), identity)}): it is not used, and precompute "
-            f"never overwrites it. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and make the cache for "
-            f"this run's encoder with {PRECOMPUTE_COMMAND.split(' (')[0]} --cache_dir NEW_FOLDER; or point "
-            "--cache_dir at a cache made for this run's encoder and weights."
-        ]
-    if not manifest.get("complete"):
-        return [], [f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "
-                    f"run {PRECOMPUTE_COMMAND}"]
-    return [problem for split in splits if (problem := _split_problem(manifest, cache_dir, split))], []
-
-
-class EmbeddingCache:
-    """A checked, complete cache on disk (see the module docstring).
-
-    The interface the datasets use (also implemented by ``original_layout.OriginalLayoutReader``):
-    ``cache_dir``, ``class_names``, ``image_size``, ``grid_size``, ``versions(split)``,
-    ``entries(split, version)`` (dicts with ``key``, ``classes``, ``grid_classes``, ``frame_size``) and
-    ``load(entry) -> (embedding (d, h, w) float32, label map (H, W) long)``; a reader that keeps one binary
-    mask per class also offers ``load_class_mask(entry, class_id) -> (embedding, mask (H, W) bool)``, which
-    training samples then use.
-
-    Raises:
-        FileNotFoundError: no cache at ``cache_dir``.
-        StaleCacheError: the cache is of another format, made for other inputs than ``identity``, or unfinished
-            (:func:`cache_problems` says which).
-    """
-
-    def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True) -> None:
-        self.cache_dir = cache_dir
-        missing, stale = cache_problems(cache_dir, identity)
-        if missing:
-            raise FileNotFoundError(missing[0])
-        if stale:
-            raise StaleCacheError(stale[0])
-        with open(os.path.join(cache_dir, MANIFEST_NAME)) as handle:
-            self.manifest = json.load(handle)
-        self.check_sources = check_sources
-        self._indexes: dict[tuple[str, int], list[dict]] = {}
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.manifest["dataset"]["class_names"])
-
-    @property
-    def image_size(self) -> int:
-        """S, the side of SAM's square input the embeddings were made at."""
-        return int(self.manifest["identity"]["image_size"])
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """(h, w) of the embedding grid."""
-        return tuple(self.manifest["identity"]["grid_size"])
-
-    def versions(self, split: str) -> list[int]:
-        problem = _split_problem(self.manifest, self.cache_dir, split)
-        if problem:
-            raise StaleCacheError(problem)
-        return list(self.manifest["splits"][split])
-
-    def entries(self, split: str, version: int = 0) -> list[dict]:
-        """Index entries of one split and version, checked against their source files once."""
-        if (split, version) not in self._indexes:
-            if version not in self.versions(split):
-                raise StaleCacheError(f"the embedding cache at {self.cache_dir} has no version {version} of {split!r}")
-            with open(_index_path(self.cache_dir, split, version)) as handle:
-                entries = json.load(handle)["entries"]
-            if self.check_sources:
-                changed = [
-                    path for entry in entries for path, *stamp in entry["sources"].values()
-                    if not os.path.isfile(path) or _source_stamp(path) != stamp
-                ]
-                if changed:
-                    raise StaleCacheError(
-                        f"{len(changed)} source files changed or vanished since the embedding cache at "
-                        f"{self.cache_dir} was made (e.g. {changed[:3]}): rebuild it with {PRECOMPUTE_COMMAND}"
-                    )
-            self._indexes[(split, version)] = entries
-        return self._indexes[(split, version)]
-
-    def load(self, entry: dict, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> embedding (d, h, w) float32, label map (H, W) long; with ``as_stored`` the float16 embedding and
-        the uint8 label map as the cache holds them (the training batch widens them once, on its device)."""
-        embedding = np.load(os.path.join(self.cache_dir, entry["embedding"]))
-        label = np.array(Image.open(os.path.join(self.cache_dir, entry["label"])))
-        if as_stored:
-            return torch.from_numpy(embedding), torch.from_numpy(label)
-        return torch.from_numpy(embedding.astype(np.float32)), torch.from_numpy(label.astype(np.int64))
-
-    def load_taps(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tap cache only -> taps (n_taps, h, w, C_vit) float32 and the augmented frame (3, H, W) float32 0..255."""
-        if "taps" not in entry:
-            raise StaleCacheError(f"the cache at {self.cache_dir} holds no encoder taps (a SurgicalSAM embedding "
-                                  f"cache?): make a tap cache with {PRECOMPUTE_COMMAND}")
-        taps = torch.from_numpy(np.load(os.path.join(self.cache_dir, entry["taps"])).astype(np.float32))
-        frame = np.asarray(Image.open(os.path.join(self.cache_dir, entry["frame"])).convert("RGB"))
-        return taps, torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1))).float()

@@ -21,12 +21,21 @@ from PIL import Image
 
 from .overlay import overlay
 from .layout import DatasetError, read_frame
+from .video_io import VIDEO_EXTENSIONS
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def list_frames(folder: str, extensions: Sequence[str] = FRAME_EXTENSIONS) -> list[dict]:
     """Every frame under ``folder`` (recursive, sorted) as ``[{"image": path}, ...]``."""
+    if os.path.isfile(folder) and folder.lower().endswith(VIDEO_EXTENSIONS):
+        raise DatasetError(
+            f"{folder} is a video file, and `run` segments a folder of frames: segment the video with `python -m "
+            f"monai.bundle run video --config_file <the same config files> --dataset_dir {folder}` (label maps, "
+            "per-frame JSON and an overlay video), or pass --dataset_dir FOLDER_OF_FRAMES")
+    if os.path.isfile(folder):
+        raise DatasetError(f"{folder} is a file, not a folder of frames: pass --dataset_dir FOLDER_OF_FRAMES (or a "
+                           f"video, {', '.join(VIDEO_EXTENSIONS)}, to `run video`)")
     if not os.path.isdir(folder):
         raise DatasetError(f"frame folder {folder} does not exist: pass --dataset_dir FOLDER_OF_FRAMES")
     frames = sorted(

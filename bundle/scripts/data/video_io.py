@@ -6,8 +6,12 @@ accepts (mp4, avi, mov, mkv) frame by frame, so memory stays constant whatever t
 
 :func:`open_sequence` gives a :class:`FrameSequence`: frames (H, W, 3) uint8 RGB with their index in
 the source (0-based, before any stride) and time, optionally every ``stride``-th frame within a time
-range. A video that cannot be opened, or that ends before the frames its container announces (a
-truncated file), raises :class:`VideoError` after every frame that could be decoded has been given out.
+range. A video that cannot be opened, that ends before the frames its container announces (a
+truncated file), or whose decoder reports damaged frames (bytes damaged mid-file: FFmpeg conceals the
+errors and marks the frame corrupt) raises :class:`VideoError` after every good frame has been given out;
+damaged frames are not given out, and are named (index and time) in ``FrameSequence.damaged_frames``.
+The decoder finds damage where the bitstream breaks its rules; bytes that still decode as valid ones
+cannot be told from the picture.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 
 
 class VideoError(DatasetError):
-    """A video that cannot be read, or that ends early; the message says what was read and what to do."""
+    """A video that cannot be read, that ends early or has damaged frames; the message says what was read and
+    what to do."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,10 @@ class FrameSequence:
         self.end_time = None if end_time is None else float(end_time)
         self.is_video = os.path.isfile(self.source)
         self._count_slack = 0  # frames a duration-derived count may be off by
+        #: frames the decoder reported damaged, ``{"index", "time"}``, and the count of decoder errors (those
+        #: frames, and a packet that failed to decode), filled while the sequence is read
+        self.damaged_frames: list[dict] = []
+        self.decode_errors = 0
         if self.is_video:
             if not self.source.lower().endswith(VIDEO_EXTENSIONS):
                 raise VideoError(f"{self.source} is not a video file the bundle reads ({', '.join(VIDEO_EXTENSIONS)}) "
@@ -140,12 +149,13 @@ class FrameSequence:
     def _iter_video(self) -> Iterator[Frame]:
         import av
 
-        decoded, problem = 0, None
+        decoded, problem, past_range = 0, None, False
+        self.damaged_frames, self.decode_errors = [], 0
         with self._open() as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             packets = container.demux(stream)
-            while True:
+            while not past_range:
                 try:
                     packet = next(packets)
                     # the last (empty) packet flushes the decoder; after a damaged packet flush it by hand,
@@ -155,6 +165,7 @@ class FrameSequence:
                     break
                 except (av.error.FFmpegError, OSError, ValueError) as error:
                     problem = str(error)
+                    self.decode_errors += 1
                     try:
                         images = stream.codec_context.decode(None)
                     except (av.error.FFmpegError, OSError, ValueError):
@@ -164,16 +175,30 @@ class FrameSequence:
                     time = index / self.fps
                     wanted = self._wanted(index, time)
                     if wanted is None:
-                        return
-                    if wanted:
+                        past_range = True
+                        break
+                    if wanted and getattr(image, "is_corrupt", False):  # FFmpeg concealed decoding errors
+                        self.damaged_frames.append({"index": index, "time": round(time, 6)})
+                        self.decode_errors += 1
+                    elif wanted:
                         yield Frame(index, time, image.to_ndarray(format="rgb24"))
                 if problem is not None:
                     break
-        if problem is not None or (self.declared_frames and decoded < self.declared_frames - self._count_slack):
-            reason = problem or f"the container announces {self.declared_frames} frames"
-            raise VideoError(f"video {self.source} ends early: {decoded} frames decoded ({reason}). The file is "
-                             "truncated or damaged; the output of every decoded frame is kept. Re-encode or re-copy "
-                             "the video and run again: frames already written are skipped.")
+        short = not past_range and self.declared_frames and decoded < self.declared_frames - self._count_slack
+        reasons = []
+        if self.damaged_frames:
+            named = ", ".join(f"{f['index']} (at {f['time']:.3f} s)" for f in self.damaged_frames[:20])
+            more = f" and {len(self.damaged_frames) - 20} more" if len(self.damaged_frames) > 20 else ""
+            reasons.append(f"{len(self.damaged_frames)} damaged frame(s) that the decoder could not restore were not "
+                           f"segmented: {named}{more} (frames after them up to the next key frame may carry the "
+                           "damage too)")
+        if problem is not None or short:
+            reasons.append(f"it ends early: {decoded} frames decoded "
+                           f"({problem or f'the container announces {self.declared_frames} frames'})")
+        if reasons:
+            raise VideoError(f"video {self.source}: {'; '.join(reasons)}. The file is truncated or damaged; the output "
+                             "of every good frame is kept. Re-encode or re-copy the video and run again: frames "
+                             "already written are skipped.")
 
 
 def open_sequence(source: str, stride: int = 1, start_time: float | None = None, end_time: float | None = None,

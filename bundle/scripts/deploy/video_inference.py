@@ -12,14 +12,15 @@ one frame at a time (:mod:`scripts.data.video_io`), segments it with the configu
   and area (fraction of the frame);
 - ``overlay.mp4``: the frames tinted by class with a legend of class names and colours, at the source
   frame rate (divided by the frame stride);
-- ``summary.json``: source, frame rate, settings, frames written and skipped, frames per class, and
-  whether the sequence was read to its end.
+- ``summary.json``: source, frame rate, settings, frames written and skipped, frames per class, whether
+  the sequence was read to its end undamaged (``complete``), the decoder's errors (``decode_errors``) and
+  the damaged frames it left out (``damaged_frames``: index and time).
 
 Memory stays constant whatever the length: one frame is held at a time. A re-run with the same output
 folder skips the frames whose JSON is already there (the JSON is written last, after the label map), and
-rebuilds the overlay video from the label maps on disk. A video that cannot be read, or ends early,
-stops the run with :class:`~scripts.data.video_io.VideoError` after everything decoded has been written
-(and the overlay video closed).
+rebuilds the overlay video from the label maps on disk. A video that cannot be read, ends early or has
+damaged frames (which are not segmented) stops the run with :class:`~scripts.data.video_io.VideoError`
+(a non-zero exit) after every good frame has been written (and the overlay video closed).
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ class VideoInference:
             "frames_written": counts["written"], "frames_skipped": counts["skipped"],
             "frames_per_class": dict(zip(self.class_names, frames_per_class)),
             "seconds": round(elapsed, 3), "complete": error is None, "error": None if error is None else str(error),
+            "decode_errors": sequence.decode_errors, "damaged_frames": sequence.damaged_frames,
         }
         atomic_write_bytes(os.path.join(self.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
         if error is not None:

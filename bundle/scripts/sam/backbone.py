@@ -198,10 +198,18 @@ def how_to_get_sam_weights(variant: str, path: str) -> str:
             f"the {variant!r} variant has no official weights; make a random one with "
             f"`surgical-sam make_sam_checkpoint --variant {variant} --path {path}` (tests and demo only)"
         )
+    random_path = os.path.join(os.path.dirname(path), f"sam_{variant}_random.pth")  # never the official name
     return (
         f"download {SAM_DOWNLOAD_URL}{spec.checkpoint_name} (md5 {spec.md5}) and put it at {path}, "
-        f"or run `python -m monai.bundle download_large_files --bundle_path <bundle folder>`"
+        f"or run `python -m monai.bundle download_large_files --bundle_path <bundle folder>`; only to try the "
+        f"bundle without weights, make a random SAM with `surgical-sam make_sam_checkpoint --variant {variant} "
+        f"--path {random_path}` and pass --sam_checkpoint {random_path} (its segmentations mean nothing)"
     )
+
+
+def sam_weights_not_found(variant: str, path: str) -> str:
+    """The message for a SAM weights file missing at ``path``, with how to get it (one wording for every command)."""
+    return f"SAM checkpoint not found: {path}. To fix: {how_to_get_sam_weights(variant, path)}."
 
 
 def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[str]:
@@ -222,7 +230,7 @@ def load_sam_checkpoint(sam: nn.Module, path: str, variant: str, check_md5: bool
     hashed once, not at every build); it unpickles; its keys and shapes are exactly those of ``variant``.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}. To fix: {how_to_get_sam_weights(variant, path)}.")
+        raise FileNotFoundError(sam_weights_not_found(variant, path))
     spec = get_variant(variant)
     if check_md5 and spec.md5 is not None and os.path.basename(path) == spec.checkpoint_name:
         actual = memoised_md5(path)
