@@ -48,7 +48,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..sam.backbone import build_sam, get_variant, tapped_encoder_forward
+from ..sam.backbone import build_sam, get_variant
+from ..sam.fast_encoder import frozen_encoder_forward
 from ..sam.geometry import frames_to_sam_input, masks_to_embedding_grid
 from ..files import atomic_write, atomic_write_json
 from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws
@@ -433,11 +434,8 @@ def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_ind
     for batch in loader:
         sizes = {tuple(batch["image"].shape[-2:])}
         sam_input = frames_to_sam_input(batch["image"].to(device), image_size)
-        if taps is None:
-            embeddings, tapped = encoder(sam_input), None
-        else:
-            embeddings, tapped = tapped_encoder_forward(encoder, sam_input, taps)
-            tapped = torch.stack(tapped, dim=1).half().cpu().numpy()  # (B, n_taps, h, w, C_vit)
+        embeddings, tapped = frozen_encoder_forward(encoder, sam_input, taps or ())
+        tapped = torch.stack(tapped, dim=1).half().cpu().numpy() if taps else None  # (B, n_taps, h, w, C_vit)
         embeddings = embeddings.half().cpu().numpy()
         for row, index in enumerate(batch["index"].tolist()):
             item, version = todo[index]
