@@ -1225,3 +1225,37 @@ now[0] = 61
 print(json.dumps({"first": first, "moved": moved, "bob_sees": bob_sees, "lapsed": sorted(held.held_by_others("carol"))}))
 """)
     assert out == {"first": ["a", "b"], "moved": ["b", "c"], "bob_sees": ["c"], "lapsed": []}, out
+
+
+def test_own_access_token_comes_from_the_environment_or_a_private_file(setup, tmp_path):
+    """lib/auth.py's token: $SURGICALSAM_TOKEN when set (refused when short), else the studies folder's file,
+    made once (0600) and the same at the next start; a file others may read is refused, nothing changed."""
+    out = _run_in_monailabel(setup, """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from lib.auth import AuthSetupError, access_token
+studies = sys.argv[2]
+first, where = access_token(studies)
+again, _ = access_token(studies)
+mode = os.stat(where).st_mode & 0o777
+os.chmod(where, 0o644)
+try:
+    access_token(studies)
+    readable = "accepted"
+except AuthSetupError as error:
+    readable = str(error)
+os.environ["SURGICALSAM_TOKEN"] = "short"
+try:
+    access_token(studies)
+    short = "accepted"
+except AuthSetupError as error:
+    short = str(error)
+os.environ["SURGICALSAM_TOKEN"] = "a-team-token-of-32-characters-ok"
+given = access_token(studies)
+print(json.dumps({"same": first == again, "length": len(first), "mode": mode, "readable": readable, "short": short,
+                  "given": given, "kept": open(where).read().strip() == first}))
+""", str(tmp_path))
+    assert out["same"] and out["length"] >= 32 and out["mode"] == 0o600 and out["kept"], out
+    assert "may be read by other users" in out["readable"] and "chmod 600" in out["readable"], out
+    assert "at least 16" in out["short"], out
+    assert out["given"] == ["a-team-token-of-32-characters-ok", "$SURGICALSAM_TOKEN"], out
