@@ -82,7 +82,7 @@ def _bundle_model_checker(bundle: str):
 
 def update_model_checked(model: str, upload_file: str) -> dict:
     """Replace ``model``'s ``models/model.pt`` with ``upload_file`` if it loads into the bundle's network."""
-    from lib.server import _inference_lock
+    from lib.server import inference_lock
     from monailabel.utils.others.generic import file_checksum
 
     instance = _instance()
@@ -91,7 +91,7 @@ def update_model_checked(model: str, upload_file: str) -> dict:
         raise HTTPException(status_code=404, detail=f"unknown model {model!r}; models: {sorted(instance._infers)}")
     target = task.get_path(False)
     bundle = task.bundle_path
-    with _inference_lock:  # the bundle's scripts are (re)imported here: not while an inference runs
+    with inference_lock:  # the bundle's scripts are (re)imported here: not while an inference runs
         try:
             _bundle_model_checker(bundle)(bundle, upload_file)
         except (ValueError, RuntimeError, OSError) as error:
