@@ -6,7 +6,8 @@ Start (see README.md in this folder):
 
 Config (``--conf KEY VALUE``): ``bundle`` the bundle folder (default ``<app>/model/surgicalsam``);
 ``preload`` true loads the network at start; ``threads`` torch's intra-op threads (default: half the CPU
-cores, at least 1; see README.md "Responsiveness").
+cores, at least 1; see README.md "Responsiveness"); ``auth`` false turns the access token off (README.md
+"Security"); ``reserve_s`` how long a frame handed out by next sample stays reserved for its client (default 1800).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning import MostUncertain, SurgicalSAMUncertainty, UncertaintyScoring
+from lib.auth import access_token, protect
 from lib.batch import PerFrameBatchInfer
 from lib.datastore import CheckedLocalDatastore
+from lib.guards import check_infer_request, install_guards
 from lib.infers import SAMPrompt, SurgicalSAMAuto, SurgicalSAMClass, share_network
+from lib.reservations import Reservations, ReservedView, client_of, reserve_seconds
 from lib.server import install, server_app
 from lib.trainers import SurgicalSAMTrainTask
 
@@ -70,6 +74,9 @@ class SurgicalSAMApp(MONAILabelApp):
         if not str(threads).isdigit() or int(threads) < 1:
             raise ValueError(f"--conf threads must be a whole number >= 1, got {threads!r}")
         torch.set_num_threads(int(threads))
+        if str(conf.get("auth", "true")).lower() not in ("true", "false"):
+            raise ValueError(f"--conf auth must be true or false, got {conf.get('auth')!r}")
+        self._reservations = Reservations(reserve_seconds(conf))
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="SurgicalSAM",
                          description="Surgical instrument segmentation of endoscopic frames (SurgicalSAM + SAM prompts)",
                          version="0.1.0")
@@ -113,7 +120,32 @@ class SurgicalSAMApp(MONAILabelApp):
         super().on_init_complete()
         fastapi_app = server_app()
         if fastapi_app is not None:
+            auth = str(self.conf.get("auth", "true")).lower() == "true"
+            token, source = access_token(self.studies) if auth else (None, None)
+            logger.info("access token: %s", f"from {source}" if auth else "OFF (--conf auth false)")
+            protect(fastapi_app, token)
             install(fastapi_app, trainers=sorted(self._trainers))
+            install_guards(fastapi_app)
+
+    def next_sample(self, request):
+        """MONAI Label's next sample, with the frame reserved for the asking client (lib/reservations.py) and
+        404 for an unknown strategy; the reply carries the frame's id, not its path on the server."""
+        strategy = request.get("strategy") or "random"
+        task = self._strategies.get(strategy)
+        if task is None:
+            raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r}; strategies: "
+                                                        f"{sorted(self._strategies)}")
+        client_id = client_of(request)
+        with self._reservations.lock:
+            view = ReservedView(self.datastore(), self._reservations.held_by_others(client_id))
+            result = task(request, view)
+            if not result or not result.get("id"):
+                return {}
+            seconds = self._reservations.reserve(result["id"], client_id)
+        if self._auto_update_scoring:
+            self.async_scoring(None)
+        result = {key: value for key, value in result.items() if key != "path"}
+        return {**result, "client_id": client_id, "reserved_s": seconds}
 
     def infer(self, request, datastore=None):
         """MONAI Label's infer, with user errors answered 4xx and a message (the stock app answers 500)."""
@@ -123,6 +155,7 @@ class SurgicalSAMApp(MONAILabelApp):
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise HTTPException(status_code=400, detail="give an image id (?image=ID) or upload a frame (file=...)")
+        check_infer_request(request)
         if not os.path.exists(image) and image not in (datastore or self.datastore()).list_images():
             raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
         try:

@@ -62,10 +62,21 @@ def _multipart(fields: dict, files: dict) -> tuple[bytes, str]:
     return body.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
+#: server URL -> its access token (the bundle's app asks for one on every request; the stock app does not)
+TOKENS: dict[str, str] = {}
+SERVER_TOKEN = object()
+
+
 def request(url: str, method: str = "GET", fields: dict | None = None, files: dict | None = None,
-            json_body: dict | None = None) -> tuple[int, bytes]:
-    """(status, body); HTTP errors are returned, not raised. Bounded by REQUEST_TIMEOUT_S."""
-    data, headers = None, {}
+            json_body: dict | None = None, token=SERVER_TOKEN, headers: dict | None = None) -> tuple[int, bytes]:
+    """(status, body); HTTP errors are returned, not raised. Bounded by REQUEST_TIMEOUT_S. Sends
+    ``Authorization: Bearer <token>``: by default the token of the server ``url`` belongs to (``TOKENS``);
+    ``token`` None sends none, a string sends that one."""
+    data, headers = None, dict(headers or {})
+    if token is SERVER_TOKEN:
+        token = next((t for base, t in TOKENS.items() if url == base or url.startswith(base + "/")), None)
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     if fields is not None or files is not None:
         data, content_type = _multipart(fields or {}, files or {})
         headers["Content-Type"] = content_type
@@ -80,7 +91,11 @@ def request(url: str, method: str = "GET", fields: dict | None = None, files: di
 
 
 class Server:
-    def __init__(self, python: str, app: str, studies: str, conf: dict, log: str) -> None:
+    """A MONAI Label server on a free port; ``token_file``: where the app keeps its access token (read once the
+    server made it, and sent with every ``request`` to this server)."""
+
+    def __init__(self, python: str, app: str, studies: str, conf: dict, log: str, token_file: str | None = None,
+                 env: dict | None = None) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -89,8 +104,11 @@ class Server:
                    "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in conf.items():
             command += ["--conf", key, value]
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env = {k: v for k, v in {**os.environ, **(env or {})}.items()
+               if k not in ("PYTHONPATH", "VIRTUAL_ENV") and (k != "SURGICALSAM_TOKEN" or k in (env or {}))}
         env.update(OMP_NUM_THREADS="1", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+        if env.get("SURGICALSAM_TOKEN"):
+            TOKENS[self.url] = env["SURGICALSAM_TOKEN"]
         self.process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                                         cwd=os.path.dirname(app), start_new_session=True)
         deadline = time.time() + START_TIMEOUT_S
@@ -98,6 +116,11 @@ class Server:
             if self.process.poll() is not None:
                 self.stop()
                 pytest.fail(f"MONAI Label server exited ({self.process.returncode}):\n{self.log_tail()}")
+            if token_file and self.url not in TOKENS and os.path.isfile(token_file):
+                with open(token_file) as handle:
+                    token = handle.read().strip()
+                if token:
+                    TOKENS[self.url] = token
             try:
                 if request(self.url + "/info/")[0] == 200:
                     return
@@ -112,6 +135,7 @@ class Server:
             return handle.read()[-chars:]
 
     def stop(self) -> None:
+        TOKENS.pop(self.url, None)
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)  # the server and its training subprocesses
             try:
@@ -337,7 +361,8 @@ def own(setup):
                                     settings={**TINY, "min_mask_fraction": setup["own_min_mask_fraction"]})
     with open(os.path.join(studies, "broken.png"), "wb") as handle:  # on disk, not through the datastore's PUT
         handle.write(b"\x89PNG\r\n\x1a\n this is not a frame")
-    server = Server(setup["python"], app, studies, {"threads": "1"}, str(setup["root"] / "own.log"))
+    server = Server(setup["python"], app, studies, {"threads": "1"}, str(setup["root"] / "own.log"),
+                    token_file=os.path.join(studies, ".surgicalsam_token"))
     yield server, bundle
     server.stop()
 
@@ -650,7 +675,8 @@ def test_own_most_uncertain_serves_the_ambiguous_frame_first(own, setup):
     assert status == 200, body[:300]
     scored = json.loads(body)
     assert set(scored["failed"]) == {"broken"} and "cannot read frame" in scored["failed"]["broken"]
-    assert scored["scored"] == len(setup["frames"]) + 1 - 1  # every unlabelled readable frame (+ the JPG, - the labelled)
+    # every unlabelled readable frame (+ the JPG, - the labelled): scored now, or already by the requests above
+    assert scored["scored"] + scored["already_scored"] == len(setup["frames"]) + 1 - 1
 
 
 def test_own_batch_pre_annotation_on_cpu_reports_each_frame(own, setup):
@@ -693,8 +719,10 @@ def test_own_review_page_in_a_browser(own, setup, tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
-            errors = []
+            errors, asked = [], []
             page.on("pageerror", lambda error: errors.append(str(error)))
+            # the page asks for the server's access token once, keeps it for the tab, sends it as a bearer token
+            page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept(TOKENS[server.url])))
             page.goto(server.url + "/review/", timeout=60_000)
             page.wait_for_function("document.getElementById('status').textContent.endsWith('frames')", timeout=60_000)
             listed = page.eval_on_selector_all("#frames li", "items => items.map(i => i.dataset.id)")
@@ -724,6 +752,7 @@ def test_own_review_page_in_a_browser(own, setup, tmp_path):
             page.click("#save")
             page.wait_for_function(f"document.getElementById('status').textContent === '{image_id}: saved'", timeout=60_000)
             assert not errors, errors
+            assert len(asked) == 1 and "Access token" in asked[0], asked
         finally:
             browser.close()
     status, body = request(f"{server.url}/datastore/label?label={image_id}&tag=final")
@@ -748,9 +777,11 @@ def test_own_info_answers_while_inferences_run(own, setup, capsys):
     load = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load)
     server, _ = own
-    figures = load.measure(server.url, "seq1_00000", requests=4, clients=4, timeout=REQUEST_TIMEOUT_S)
+    figures = load.measure(server.url, "seq1_00000", requests=4, clients=4, timeout=REQUEST_TIMEOUT_S,
+                           token=TOKENS[server.url])
     wait_for_no_task(server, "scoring")  # an earlier next_sample's background scoring would hold the scoring slot
-    figures["endpoints"] = load.measure_endpoints(server.url, "seq1_00000", repeats=3, timeout=REQUEST_TIMEOUT_S)
+    figures["endpoints"] = load.measure_endpoints(server.url, "seq1_00000", repeats=3, timeout=REQUEST_TIMEOUT_S,
+                                                  token=TOKENS[server.url])
     wait_for_no_task(server, "scoring")  # the background scoring the last next_sample started
     with capsys.disabled():
         print("\nload figures:", json.dumps(figures))
@@ -954,3 +985,277 @@ def test_own_label_then_train(own, setup):
     label_then_train(server, bundle, setup, ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000"), val_split=0.0,
                      replace_unvalidated=True)
     assert server.infer("sam_prompt", params={"box": [5, 5, 60, 50]})[0] == 200
+
+
+# ------------------------------------------------------------------------ own app: a server safe for a team
+def _raw(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict]:
+    """(status, response headers, lower-case names) of one request with exactly ``headers``."""
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}
+
+
+def _run_in_monailabel(setup, code: str, *args: str) -> dict:
+    """Run ``code`` in MONAI Label's environment with the app's folder first on sys.path; its last output line
+    is JSON."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "SURGICALSAM_TOKEN")}
+    done = subprocess.run([setup["python"], "-c", code, os.path.join(REPO, "monailabel_app"), *args], capture_output=True,
+                          text=True, timeout=REQUEST_TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_own_server_needs_its_access_token(own, setup):
+    """The token is made at the first start (studies folder, mode 0600), printed once on the console and never
+    in MONAI Label's log; every endpoint but the review page's static files answers 401 without it or with
+    another one; MONAI Label's python client gets it through /auth/token (the token as the password) and sends
+    it as a bearer token."""
+    server, _ = own
+    token_file = os.path.join(server.studies, ".surgicalsam_token")
+    assert os.path.isfile(token_file), "no token file: the server runs without authentication"
+    assert os.stat(token_file).st_mode & 0o777 == 0o600
+    token = open(token_file).read().strip()
+    assert len(token) >= 32 and TOKENS[server.url] == token
+    assert open(server.log, errors="replace").read().count(token) == 1, "the token is not printed exactly once"
+    frame = open(setup["frames"]["seq1_00000"][0], "rb").read()
+    doors = [("GET", "/info/"), ("GET", "/logs/"), ("GET", "/model/surgicalsam"), ("GET", "/datastore/?output=all"),
+             ("GET", "/datastore/image?image=seq1_00000"), ("POST", "/infer/surgicalsam?image=seq1_00000"),
+             ("PUT", "/model/surgicalsam"), ("DELETE", "/datastore/image?id=seq1_00000"), ("POST", "/train/surgicalsam"),
+             ("GET", "/"), ("GET", "/openapi.json"), ("GET", "/auth/token/valid")]
+    for method, path in doors:
+        for wrong in (None, "not-the-token", token + "x"):
+            status, body = request(server.url + path, method, files={"file": ("f.png", frame)} if method == "PUT" else None,
+                                   token=wrong)
+            assert status == 401, (method, path, wrong, status, body[:200])
+        assert "Authorization: Bearer" in json.loads(body)["detail"]
+    assert request(server.url + "/info/")[0] == 200
+    status, logs = request(server.url + "/logs/?lines=100000")
+    assert status == 200 and token.encode() not in logs
+    assert request(server.url + "/review/", token=None)[0] == 200  # the page itself (it asks for the token)
+    assert request(server.url + "/review/review.js", token=None)[0] == 200
+    assert "seq1_00000" in json.loads(request(server.url + "/datastore/?output=all")[1])["objects"]  # nothing deleted
+    client = _run_in_monailabel(setup, """
+import json, sys
+from monailabel.client import MONAILabelClient
+url, token = sys.argv[2], sys.argv[3]
+client = MONAILabelClient(url, client_id="slicer-1")
+enabled = client.auth_enabled()
+try:
+    client.info()
+    without = "answered"
+except Exception as error:
+    without = str(getattr(error, "status_code", error))
+try:
+    client.auth_token("anyone", "wrong-token-of-enough-length")
+    wrong = "answered"
+except Exception as error:
+    wrong = str(getattr(error, "status_code", error))
+client.update_auth(client.auth_token("anyone", token))
+print(json.dumps({"enabled": enabled, "without": without, "wrong": wrong, "valid": client.auth_valid_token(),
+                  "models": sorted(client.info()["models"])}))
+""", server.url, token)
+    assert client == {"enabled": True, "without": "401", "wrong": "401", "valid": True,
+                      "models": ["sam_prompt", "surgicalsam", "surgicalsam_class"]}, client
+
+
+def test_own_server_allows_no_other_origin(own):
+    """No browser origin is allowed by default (MONAI Label echoed any origin, with credentials allowed)."""
+    server, _ = own
+    status, headers = _raw(server.url + "/info/", headers={"Origin": "http://evil.example",
+                                                           "Authorization": f"Bearer {TOKENS.get(server.url)}"})
+    assert status == 200 and "access-control-allow-origin" not in headers, headers
+    assert "access-control-allow-credentials" not in headers, headers
+    status, headers = _raw(server.url + "/info/", "OPTIONS", headers={"Origin": "http://evil.example",
+                                                                       "Access-Control-Request-Method": "PUT"})
+    assert status >= 400 and "access-control-allow-origin" not in headers, (status, headers)
+
+
+def test_own_model_upload_must_load_into_the_bundles_network(own, setup):
+    """PUT /model/<name> of garbage, or of a state dict of another network, answers 400 and leaves the served
+    model.pt as it was (inference still answers); a model.pt of this network replaces it."""
+    server, bundle = own
+    model_file = os.path.join(bundle, "models", "model.pt")
+    served = open(model_file, "rb").read()
+    other = io.BytesIO()
+    torch.save({"conv.weight": torch.zeros(2, 3, 1, 1)}, other)
+    for content, reason in ((b"garbage, not a checkpoint", "could not be read"), (other.getvalue(), "does not fit")):
+        status, body = request(f"{server.url}/model/surgicalsam", "PUT", files={"file": ("model.pt", content)})
+        assert status == 400 and reason in json.loads(body)["detail"], (status, body[:500])
+        assert open(model_file, "rb").read() == served
+        assert server.infer("surgicalsam")[0] == 200
+    assert request(f"{server.url}/model/nosuch", "PUT", files={"file": ("model.pt", served)})[0] == 404
+    assert not [f for f in os.listdir(os.path.dirname(model_file)) if f.startswith(".upload-")]
+    replacement = open(setup["model"], "rb").read()
+    status, body = request(f"{server.url}/model/surgicalsam", "PUT", files={"file": ("model.pt", replacement)})
+    assert status == 200, body[:500]
+    assert open(model_file, "rb").read() == replacement
+    status, body = server.infer("surgicalsam")
+    assert status == 200
+    np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000",
+                                                                  min_mask_fraction=setup["own_min_mask_fraction"]))
+
+
+def test_own_bad_requests_answer_4xx_at_once(own, setup):
+    """Requests MONAI Label answered 500, or 200 and then failed in the background: 4xx with the reason."""
+    server, _ = own
+    frame = png_bytes(np.asarray(Image.open(setup["frames"]["seq1_00000"][0])))
+    cases = [
+        (request(f"{server.url}/datastore/image?id=nosuch", "DELETE"), 404, "not in the datastore"),
+        (request(f"{server.url}/datastore/image/info?image=seq1_00000", "PUT", fields={"info": "{not json"}), 400, "not JSON"),
+        (request(f"{server.url}/datastore/image/info?image=nosuch", "PUT", fields={"info": "{}"}), 404, "not in the datastore"),
+        (request(f"{server.url}/datastore/label/info?label=seq1_00000&tag=final", "PUT", fields={"info": "[1"}), 400, "not JSON"),
+        (request(f"{server.url}/datastore/updatelabelinfo?label=seq1_00000&tag=nosuch", "PUT", fields={"params": "{}"}),
+         404, "no label"),
+        (request(f"{server.url}/activelearning/x", "POST", json_body={}), 404, "unknown strategy"),
+        (server.infer("surgicalsam", params={"device": "nonsense"}), 400, "device must be"),
+        (server.infer("surgicalsam", params={"result_extension": "/../x"}), 400, "result_extension"),
+        (request(f"{server.url}/scoring/x", "POST", json_body={}), 404, "unknown scoring method"),
+        (request(f"{server.url}/batch/infer/x?images=all", "POST", json_body={}), 404, "unknown model"),
+    ]
+    for (status, body), expected, message in cases:
+        assert status == expected, (expected, message, status, body[:300])
+        assert message in json.loads(body)["detail"], body
+    status, body = server.infer("surgicalsam", image="sub/dir/f")
+    assert 400 <= status < 500, (status, body[:300])
+    status, body = request(f"{server.url}/datastore/image?image=sub/dir/f", "PUT", files={"file": ("f.png", frame)})
+    assert 400 <= status < 500, (status, body[:300])
+    for path, key in (("/scoring/?all=true", "method"), ("/batch/infer?all=true", "model")):  # no task was started
+        status, body = request(server.url + path)
+        tasks = json.loads(body) if status == 200 else []
+        assert all((task.get("request") or {}).get(key) != "x" for task in tasks), tasks
+    assert server.alive()
+
+
+def test_own_scoring_scores_only_new_frames(own, setup):
+    """A second scoring run (and each next sample's background one) scores only frames with no current score."""
+    server, _ = own
+    wait_for_no_task(server, "scoring")
+    url = f"{server.url}/scoring/surgicalsam_uncertainty?run_sync=true"
+    assert request(url, "POST", json_body={"device": "cpu"})[0] == 200
+    status, body = request(url, "POST", json_body={"device": "cpu"})
+    assert status == 200, body[:300]
+    again = json.loads(body)
+    assert again["scored"] == 0 and again["already_scored"] > 0 and set(again["failed"]) == {"broken"}, again
+    status, body = request(url, "POST", json_body={"device": "cpu", "rescore": True})
+    assert status == 200 and json.loads(body)["scored"] == again["already_scored"], body[:300]
+
+
+def test_own_datastore_reload_keeps_frames_in_the_studies_folder(setup, tmp_path):
+    """MONAI Label's reload of datastore.json replaced the datastore before setting its folder: a thread reading
+    a frame's path meanwhile got it resolved against the working directory. Reloads run here while another
+    thread reads paths and the image list (thread switches every microsecond to widen any window)."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for image_id in ("seq1_00000", "seq1_00001"):
+        shutil.copyfile(setup["frames"][image_id][0], studies / f"{image_id}.png")
+    out = _run_in_monailabel(setup, """
+import json, os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+sys.setswitchinterval(1e-6)
+from lib.datastore import CheckedLocalDatastore
+studies, bundle = sys.argv[2], sys.argv[3]
+store = CheckedLocalDatastore(studies, num_classes=7, bundle=bundle, extensions=["*.png"])
+config = os.path.join(studies, "datastore_v2.json")
+bad, done, reloads = [], threading.Event(), [0]
+def reload():
+    while not done.is_set():
+        os.utime(config, ns=(time.time_ns(), time.time_ns() + reloads[0] * 1000))
+        store._init_from_datastore_file()
+        store._remove_non_existing()
+        reloads[0] += 1
+worker = threading.Thread(target=reload)
+worker.start()
+deadline, reads = time.time() + 4, 0
+while time.time() < deadline:
+    path = store.get_image_uri("seq1_00000")
+    if not path.startswith(os.path.realpath(studies)):
+        bad.append(path)
+    if "seq1_00001" not in store.list_images():
+        bad.append("image list without seq1_00001")
+    reads += 1
+done.set()
+worker.join()
+print(json.dumps({"bad": bad[:5], "n_bad": len(bad), "reads": reads, "reloads": reloads[0]}))
+""", str(studies), os.path.join(REPO, "bundle"))
+    assert out["reloads"] > 100 and out["reads"] > 100, out
+    assert out["n_bad"] == 0, out
+
+
+def test_own_next_sample_reserves_the_frame_for_its_client(own, setup):
+    """Alice and Bob ask for the most uncertain frame: each gets another one, reserved for them; Alice asking
+    again gets hers again; a reply names the frame by id, never by its path on the server. Bob asks through
+    MONAI Label's python client (its client_id)."""
+    server, _ = own
+    wait_for_no_task(server, "scoring")
+    url = f"{server.url}/activelearning/most_uncertain"
+    status, body = request(url, "POST", json_body={"device": "cpu", "client_id": "alice"})
+    assert status == 200, body[:300]
+    alice = json.loads(body)
+    assert alice.get("id"), alice
+    studies = os.path.realpath(server_studies(server))
+    assert studies.encode() not in body and server.studies.encode() not in body, body[:500]
+    assert "path" not in alice and alice["client_id"] == "alice" and alice["reserved_s"] > 0
+    bob = _run_in_monailabel(setup, """
+import json, sys
+from monailabel.client import MONAILabelClient
+client = MONAILabelClient(sys.argv[2], client_id="bob")
+client.update_auth({"token_type": "Bearer", "access_token": sys.argv[3]})
+print(json.dumps(client.next_sample("most_uncertain", {"device": "cpu"})))
+""", server.url, TOKENS[server.url])
+    assert bob["id"] != alice["id"] and bob["client_id"] == "bob", (alice, bob)
+    assert "path" not in bob and studies not in json.dumps(bob)
+    again = json.loads(request(url, "POST", json_body={"device": "cpu", "client_id": "alice"})[1])
+    assert again["id"] == alice["id"], (alice, again)
+    # reservations lapse after reserve_s and move with the client (the class the server uses, on its own clock)
+    out = _run_in_monailabel(setup, """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from lib.reservations import Reservations
+now = [0.0]
+held = Reservations(60, clock=lambda: now[0])
+held.reserve("a", "alice"); held.reserve("b", "bob")
+first = sorted(held.held_by_others("carol"))
+held.reserve("c", "alice")
+moved = sorted(held.held_by_others("carol"))
+bob_sees = sorted(held.held_by_others("bob"))
+now[0] = 61
+print(json.dumps({"first": first, "moved": moved, "bob_sees": bob_sees, "lapsed": sorted(held.held_by_others("carol"))}))
+""")
+    assert out == {"first": ["a", "b"], "moved": ["b", "c"], "bob_sees": ["c"], "lapsed": []}, out
+
+
+def test_own_access_token_comes_from_the_environment_or_a_private_file(setup, tmp_path):
+    """lib/auth.py's token: $SURGICALSAM_TOKEN when set (refused when short), else the studies folder's file,
+    made once (0600) and the same at the next start; a file others may read is refused, nothing changed."""
+    out = _run_in_monailabel(setup, """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from lib.auth import AuthSetupError, access_token
+studies = sys.argv[2]
+first, where = access_token(studies)
+again, _ = access_token(studies)
+mode = os.stat(where).st_mode & 0o777
+os.chmod(where, 0o644)
+try:
+    access_token(studies)
+    readable = "accepted"
+except AuthSetupError as error:
+    readable = str(error)
+os.environ["SURGICALSAM_TOKEN"] = "short"
+try:
+    access_token(studies)
+    short = "accepted"
+except AuthSetupError as error:
+    short = str(error)
+os.environ["SURGICALSAM_TOKEN"] = "a-team-token-of-32-characters-ok"
+given = access_token(studies)
+print(json.dumps({"same": first == again, "length": len(first), "mode": mode, "readable": readable, "short": short,
+                  "given": given, "kept": open(where).read().strip() == first}))
+""", str(tmp_path))
+    assert out["same"] and out["length"] >= 32 and out["mode"] == 0o600 and out["kept"], out
+    assert "may be read by other users" in out["readable"] and "chmod 600" in out["readable"], out
+    assert "at least 16" in out["short"], out
+    assert out["given"] == ["a-team-token-of-32-characters-ok", "$SURGICALSAM_TOKEN"], out

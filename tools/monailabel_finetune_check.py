@@ -11,6 +11,7 @@ whose label has none of it) before and after, and the train task's result (serve
     python tools/monailabel_finetune_check.py --url http://127.0.0.1:8000 --dataset_dir DATA \\
         --bundle monailabel_app/model/surgicalsam --label_frames 4 --train '{"max_epochs": 10}'
 
+The server's access token is read from ``$SURGICALSAM_TOKEN`` (sent as ``Authorization: Bearer``).
 The datastore's image ids are ``<sequence>_<frame>`` (what ``--make_studies`` copies the training frames as).
 Bounded: fixed counts, every request has a timeout, training is waited for at most ``--train_timeout`` s.
 Runs in the main environment with the served bundle's ``scripts``, not MONAI Label's.
@@ -51,7 +52,9 @@ def make_studies(studies: str, dataset_dir: str) -> int:
 
 def _request(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None,
              timeout: float = 120.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    token = os.environ.get("SURGICALSAM_TOKEN")
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()

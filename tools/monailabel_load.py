@@ -6,8 +6,9 @@ app serves (``--repeats`` calls each, one after another: info, datastore listing
 review page, each inference model, scoring, active learning). Prints latency figures (median and max per
 request, wall time, /info/ latency during inference, per endpoint) as one JSON object.
 
-    python tools/monailabel_load.py --url http://127.0.0.1:8000 --image seq1_00000 --requests 8
+    SURGICALSAM_TOKEN=... python tools/monailabel_load.py --url http://127.0.0.1:8000 --image seq1_00000 --requests 8
 
+The server's access token: ``--token``, else ``$SURGICALSAM_TOKEN`` (sent as ``Authorization: Bearer``).
 Bounded: every request has a timeout, the counts are fixed, nothing retries.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -23,10 +25,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 
+def _auth(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _timed(url: str, method: str = "GET", form: dict | None = None, json_body: dict | None = None,
-           timeout: float = 120.0) -> float:
+           timeout: float = 120.0, token: str | None = None) -> float:
     """Seconds from sending one request to having read its whole answer (which must be 200)."""
-    data, headers = None, {}
+    data, headers = None, _auth(token)
     if form is not None:
         boundary = uuid.uuid4().hex
         data = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
@@ -43,11 +49,11 @@ def _timed(url: str, method: str = "GET", form: dict | None = None, json_body: d
     return time.perf_counter() - start
 
 
-def _infer(url: str, image: str, timeout: float) -> float:
+def _infer(url: str, image: str, timeout: float, token: str | None = None) -> float:
     """Seconds for one automatic pre-label of ``image`` (``surgicalsam``, PNG label map)."""
     params = json.dumps({"result_extension": ".png", "result_dtype": "uint8"})
     return _timed(f"{url}/infer/surgicalsam?image={image}&output=image", "POST", form={"params": params},
-                  timeout=timeout)
+                  timeout=timeout, token=token)
 
 
 def endpoint_requests(url: str, image: str) -> dict:
@@ -76,17 +82,17 @@ def endpoint_requests(url: str, image: str) -> dict:
     }
 
 
-def measure_endpoints(url: str, image: str, repeats: int = 3, timeout: float = 120.0) -> dict:
+def measure_endpoints(url: str, image: str, repeats: int = 3, timeout: float = 120.0, token: str | None = None) -> dict:
     """Median and max seconds of ``repeats`` calls of each read-only endpoint, one after another."""
     figures = {}
     for name, request in endpoint_requests(url, image).items():
-        figures[name] = _summary([_timed(timeout=timeout, **request) for _ in range(repeats)])
+        figures[name] = _summary([_timed(timeout=timeout, token=token, **request) for _ in range(repeats)])
     return figures
 
 
-def _info(url: str, timeout: float) -> float:
+def _info(url: str, timeout: float, token: str | None = None) -> float:
     start = time.perf_counter()
-    with urllib.request.urlopen(f"{url}/info/", timeout=timeout) as response:
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/info/", headers=_auth(token)), timeout=timeout) as response:
         response.read()
     return time.perf_counter() - start
 
@@ -95,24 +101,25 @@ def _summary(latencies: list[float]) -> dict:
     return {"n": len(latencies), "median_s": round(statistics.median(latencies), 3), "max_s": round(max(latencies), 3)}
 
 
-def measure(url: str, image: str, requests: int = 8, clients: int = 4, timeout: float = 120.0) -> dict:
-    _infer(url, image, timeout)  # warm-up: loads the network
+def measure(url: str, image: str, requests: int = 8, clients: int = 4, timeout: float = 120.0,
+            token: str | None = None) -> dict:
+    _infer(url, image, timeout, token)  # warm-up: loads the network
     start = time.perf_counter()
-    sequential = [_infer(url, image, timeout) for _ in range(requests)]
+    sequential = [_infer(url, image, timeout, token) for _ in range(requests)]
     sequential_wall = time.perf_counter() - start
 
     info, done = [], threading.Event()
 
     def poll_info():
         while not done.is_set():
-            info.append(_info(url, timeout))
+            info.append(_info(url, timeout, token))
             time.sleep(0.05)
 
     poller = threading.Thread(target=poll_info)
     start = time.perf_counter()
     poller.start()
     with ThreadPoolExecutor(clients) as pool:
-        parallel = list(pool.map(lambda _: _infer(url, image, timeout), range(requests)))
+        parallel = list(pool.map(lambda _: _infer(url, image, timeout, token), range(requests)))
     parallel_wall = time.perf_counter() - start
     done.set()
     poller.join(timeout)
@@ -128,10 +135,12 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="calls of each endpoint (0: skip the endpoint figures)")
+    parser.add_argument("--token", default=os.environ.get("SURGICALSAM_TOKEN"),
+                        help="the server's access token (default: $SURGICALSAM_TOKEN)")
     args = parser.parse_args(argv)
-    figures = measure(args.url, args.image, args.requests, args.clients)
+    figures = measure(args.url, args.image, args.requests, args.clients, token=args.token)
     if args.repeats:
-        figures["endpoints"] = measure_endpoints(args.url, args.image, args.repeats)
+        figures["endpoints"] = measure_endpoints(args.url, args.image, args.repeats, token=args.token)
     print(json.dumps(figures, indent=2))
 
 

@@ -5,9 +5,11 @@ close that decision was to going another way (``ClassPromptInferer.uncertainty``
 (the smallest relative distance of a class's mask size to the presence threshold; 0 = on the threshold)
 and the lowest decoder quality among the classes found.
 
-- :class:`UncertaintyScoring` (``POST /scoring/surgicalsam_uncertainty``) scores every unlabelled frame and
-  keeps the scores in the datastore's image info (key ``surgicalsam_uncertainty``, with the model file's
-  identity, so a retrained model's frames are scored again).
+- :class:`UncertaintyScoring` (``POST /scoring/surgicalsam_uncertainty``) scores the unlabelled frames whose
+  score is missing or belongs to another model file (all of them with ``{"rescore": true}``) and keeps the
+  scores in the datastore's image info (key ``surgicalsam_uncertainty``, with the model file's identity, so a
+  retrained model's frames are scored again), written to ``datastore.json`` every ``WRITE_EVERY`` frames
+  rather than once per frame.
 - :class:`MostUncertain` (``POST /activelearning/most_uncertain``) serves the unlabelled frame with the
   smallest presence margin (ties: the lowest quality), scoring first the frames whose score is missing or
   belongs to another model.
@@ -27,6 +29,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 logger = logging.getLogger(__name__)
 
 INFO_KEY = "surgicalsam_uncertainty"
+WRITE_EVERY = 32
 
 
 class SurgicalSAMUncertainty(BundleInferTask):
@@ -56,14 +59,24 @@ class _Scorer:
         self.task = task
 
     def score(self, image_id: str, datastore, device: str) -> dict:
+        """The frame's score (not yet written to the datastore)."""
         label_file, result = self.task({"image": datastore.get_image_uri(image_id), "device": device,
                                         "result_extension": ".png", "result_dtype": "uint8"})
         if isinstance(label_file, str) and os.path.isfile(label_file):
             os.remove(label_file)
-        score = {"presence_margin": result["presence_margin"], "min_quality": result["min_quality"],
-                 "model": self.task.model_identity()}
-        datastore.update_image_info(image_id, {INFO_KEY: score})
-        return score
+        return {"presence_margin": result["presence_margin"], "min_quality": result["min_quality"],
+                "model": self.task.model_identity()}
+
+    @staticmethod
+    def write(scores: dict[str, dict], datastore) -> None:
+        if not scores:
+            return
+        infos = {image_id: {INFO_KEY: score} for image_id, score in scores.items()}
+        if hasattr(datastore, "update_images_info"):
+            datastore.update_images_info(infos)
+        else:
+            for image_id, info in infos.items():
+                datastore.update_image_info(image_id, info)
 
     def current(self, image_id: str, datastore) -> dict | None:
         score = (datastore.get_image_info(image_id) or {}).get(INFO_KEY)
@@ -82,13 +95,20 @@ class UncertaintyScoring(ScoringMethod):
         self.scorer = _Scorer(task)
 
     def __call__(self, request, datastore):
-        scores, failed = {}, {}
+        scores, pending, failed, current = {}, {}, {}, 0
         for image_id in sorted(datastore.get_unlabeled_images()):
+            if not request.get("rescore") and self.scorer.current(image_id, datastore) is not None:
+                current += 1
+                continue
             try:
-                scores[image_id] = self.scorer.score(image_id, datastore, _device(request))
+                scores[image_id] = pending[image_id] = self.scorer.score(image_id, datastore, _device(request))
             except Exception as error:  # one unreadable frame does not stop the others
                 failed[image_id] = f"{type(error).__name__}: {error}"
-        return {"scored": len(scores), "failed": failed}
+            if len(pending) >= WRITE_EVERY:
+                self.scorer.write(pending, datastore)
+                pending = {}
+        self.scorer.write(pending, datastore)
+        return {"scored": len(scores), "already_scored": current, "failed": failed}
 
 
 class MostUncertain(Strategy):
@@ -98,17 +118,20 @@ class MostUncertain(Strategy):
         self.scorer = _Scorer(task)
 
     def __call__(self, request, datastore):
-        ranked = []
+        if hasattr(datastore, "reload"):  # the scores the background scoring task wrote meanwhile
+            datastore.reload()
+        ranked, new = [], {}
         for image_id in datastore.get_unlabeled_images():
             score = self.scorer.current(image_id, datastore)
             if score is None:
                 try:
-                    score = self.scorer.score(image_id, datastore, _device(request))
+                    score = new[image_id] = self.scorer.score(image_id, datastore, _device(request))
                 except Exception as error:
                     logger.warning("frame %s not scored: %s", image_id, error)
                     continue
             quality = math.inf if score["min_quality"] is None else score["min_quality"]
             ranked.append((score["presence_margin"], quality, image_id, score))
+        self.scorer.write(new, datastore)
         if not ranked:
             return None
         margin, quality, image_id, score = min(ranked, key=lambda item: (item[0], item[1], item[2]))

@@ -26,7 +26,8 @@ from fastapi import HTTPException
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
-_inference_lock = threading.Lock()
+#: held while an inference runs (the three models share one network); the model upload check holds it too
+inference_lock = threading.Lock()
 
 
 def server_app():
@@ -73,7 +74,7 @@ def _threaded_inference(endpoint):
             raise HTTPException(status_code=400, detail="give an image id (?image=ID) or upload a frame (file=...)")
 
         def run():
-            with _inference_lock:
+            with inference_lock:
                 return run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
         return await run_in_threadpool(run)

@@ -1,5 +1,7 @@
 // The review page: MONAI Label's REST API only (GET /info/, GET /datastore/?output=all, GET /datastore/image,
 // GET /datastore/label, POST /infer/<model>, PUT /datastore/label). No framework, no build step.
+// The server's access token is asked for once (or taken from the address's #token=...), kept in this tab's
+// sessionStorage, and sent as "Authorization: Bearer <token>" with every request.
 "use strict";
 
 const RESULT = { result_extension: ".png", result_dtype: "uint8" };
@@ -8,6 +10,28 @@ const COLOURS = ["#000000", "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231
 const state = { frame: null, width: 0, height: 0, label: null, classes: {}, foreground: [], background: [],
                 box: null, drag: null, scale: 1 };
 const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "surgicalsam_token";
+
+function accessToken() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (given) {
+    sessionStorage.setItem(TOKEN_KEY, given);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  let token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) {
+    token = (prompt("Access token of this SurgicalSAM server (printed on its console at first start):") || "").trim();
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  }
+  return token;
+}
+
+// fetch() with the access token; a 401 forgets it, so the next page load asks again
+async function api(url, options = {}) {
+  const response = await fetch(url, { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${accessToken()}` } });
+  if (response.status === 401) sessionStorage.removeItem(TOKEN_KEY);
+  return response;
+}
 
 function setStatus(text, busy) {
   $("status").textContent = text;
@@ -72,7 +96,7 @@ async function infer(model, params) {
   const form = new FormData();
   form.append("params", JSON.stringify({ ...RESULT, ...params }));
   const url = `../infer/${model}?image=${encodeURIComponent(state.frame)}&output=image`;
-  return decodeLabel(await (await checked(await fetch(url, { method: "POST", body: form }))).blob());
+  return decodeLabel(await (await checked(await api(url, { method: "POST", body: form }))).blob());
 }
 
 async function openFrame(id) {
@@ -80,7 +104,7 @@ async function openFrame(id) {
   state.frame = id;
   state.foreground = []; state.background = []; state.box = null;
   for (const li of $("frames").children) li.classList.toggle("current", li.dataset.id === id);
-  const blob = await (await checked(await fetch(`../datastore/image?image=${encodeURIComponent(id)}`))).blob();
+  const blob = await (await checked(await api(`../datastore/image?image=${encodeURIComponent(id)}`))).blob();
   const bitmap = await createImageBitmap(blob);
   state.width = bitmap.width; state.height = bitmap.height;
   state.scale = Math.max(1, Math.min(8, Math.floor(800 / bitmap.width)));
@@ -90,7 +114,7 @@ async function openFrame(id) {
     canvas.style.height = `${bitmap.height * state.scale}px`;
   }
   $("frame").getContext("2d").drawImage(bitmap, 0, 0);
-  const saved = await fetch(`../datastore/label?label=${encodeURIComponent(id)}&tag=final`);
+  const saved = await api(`../datastore/label?label=${encodeURIComponent(id)}&tag=final`);
   if (saved.ok) {
     state.label = await decodeLabel(await saved.blob());
     setStatus(`${id}: saved label`, false);
@@ -149,7 +173,7 @@ async function save() {
   const form = new FormData();
   form.append("label", await encodeGrayPng(state.label, state.width, state.height), `${state.frame}.png`);
   form.append("params", "{}");
-  await checked(await fetch(`../datastore/label?image=${encodeURIComponent(state.frame)}&tag=final`, { method: "PUT", body: form }));
+  await checked(await api(`../datastore/label?image=${encodeURIComponent(state.frame)}&tag=final`, { method: "PUT", body: form }));
   const li = [...$("frames").children].find((item) => item.dataset.id === state.frame);
   if (li) li.classList.add("labelled");
   setStatus(`${state.frame}: saved`, false);
@@ -162,7 +186,7 @@ function guarded(action) {
 }
 
 async function start() {
-  const info = await (await checked(await fetch("../info/"))).json();
+  const info = await (await checked(await api("../info/"))).json();
   const labels = info.models.surgicalsam.labels;
   const select = $("class");
   for (const [name, value] of Object.entries(labels).sort((a, b) => a[1] - b[1])) {
@@ -174,7 +198,7 @@ async function start() {
     item.append(swatch, name);
     $("legend").append(item);
   }
-  const datastore = await (await checked(await fetch("../datastore/?output=all"))).json();
+  const datastore = await (await checked(await api("../datastore/?output=all"))).json();
   const objects = datastore.objects || {};
   for (const id of Object.keys(objects).sort()) {
     const li = document.createElement("li");
