@@ -6,7 +6,8 @@ Start (see README.md in this folder):
 
 Config (``--conf KEY VALUE``): ``bundle`` the bundle folder (default ``<app>/model/surgicalsam``);
 ``preload`` true loads the network at start; ``threads`` torch's intra-op threads (default: half the CPU
-cores, at least 1; see README.md "Responsiveness").
+cores, at least 1; see README.md "Responsiveness"); ``max_pixels`` (default 4096 x 4096) and ``max_upload_mb``
+(default 64) bound frames and uploads (lib/uploads.py; README.md "Limits of uploads and names").
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from lib.activelearning import MostUncertain, SurgicalSAMUncertainty, Uncertaint
 from lib.batch import PerFrameBatchInfer
 from lib.datastore import CheckedLocalDatastore
 from lib.infers import SAMPrompt, SurgicalSAMAuto, SurgicalSAMClass, share_network
+from lib.labels import class_table
 from lib.server import install, server_app
 from lib.trainers import SurgicalSAMTrainTask
+from lib import uploads
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +73,14 @@ class SurgicalSAMApp(MONAILabelApp):
         if not str(threads).isdigit() or int(threads) < 1:
             raise ValueError(f"--conf threads must be a whole number >= 1, got {threads!r}")
         torch.set_num_threads(int(threads))
+        uploads.configure(conf)
+        self.class_table = class_table(self.bundle)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="SurgicalSAM",
                          description="Surgical instrument segmentation of endoscopic frames (SurgicalSAM + SAM prompts)",
                          version="0.1.0")
 
     def init_datastore(self):
-        import json
-
-        with open(os.path.join(self.bundle, "configs", "metadata.json")) as handle:
-            channels = json.load(handle)["network_data_format"]["outputs"]["pred"]["channel_def"]
-        return CheckedLocalDatastore(self.studies, num_classes=len(channels) - 1, bundle=self.bundle,
+        return CheckedLocalDatastore(self.studies, class_table=self.class_table, bundle=self.bundle,
                                      extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                      read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
@@ -115,18 +116,39 @@ class SurgicalSAMApp(MONAILabelApp):
         if fastapi_app is not None:
             install(fastapi_app, trainers=sorted(self._trainers))
 
+    def info(self):
+        """MONAI Label's info and the served bundle's class table (``class_table``: the label values a label
+        map may hold, from the bundle's metadata)."""
+        return {**super().info(), "class_table": self.class_table}
+
     def infer(self, request, datastore=None):
-        """MONAI Label's infer, with user errors answered 4xx and a message (the stock app answers 500)."""
+        """MONAI Label's infer, with user errors answered 4xx and a message (the stock app answers 500). The
+        image is a datastore id or a frame uploaded with this request, never a server path: any other value
+        is answered the same 404, whatever exists on disk; a frame of more than ``max_pixels`` is 400."""
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; models: {sorted(self._infers)}")
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise HTTPException(status_code=400, detail="give an image id (?image=ID) or upload a frame (file=...)")
-        if not os.path.exists(image) and image not in (datastore or self.datastore()).list_images():
-            raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        datastore = datastore or self.datastore()
+        # MONAI Label reads any existing path it is given (relative to the server's folder too) and saves a
+        # label only for what is not one: here the id is resolved to its file first, and the label saved below
+        request, save_label = dict(request), request.get("save_label", False) and not uploads.is_upload(image)
+        request["save_label"] = False
+        if not uploads.is_upload(image):
+            if image not in datastore.list_images():
+                raise HTTPException(status_code=404, detail=f"image {image[:200]!r} is not in the datastore")
+            request["image"] = datastore.get_image_uri(image)
+            problem = uploads.pixels_problem(request["image"], f"frame {image!r}")
+            if problem:
+                raise HTTPException(status_code=400, detail=problem)
         try:
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
+            if save_label and result.get("file") and os.path.exists(result["file"]):
+                result["label"] = datastore.save_label(image, result["file"], request.get("label_tag") or "original",
+                                                       {"model": model, "params": result.get("params")})
+            return result
         except HTTPException:
             raise
         except ValueError as error:  # unreadable frame, bad prompt, bad parameter
