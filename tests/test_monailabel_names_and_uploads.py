@@ -6,20 +6,22 @@ the served bundle's class table. One real server for the module (tests/test_mona
 
 from __future__ import annotations
 
-import glob
+import http.client
 import io
 import json
 import os
 import shutil
 import struct
+import urllib.parse
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_monailabel_server import (CHROMIUM, FRAME, REPO, TINY, Server, _studies, _train_result, png_array, png_bytes,
-                                    request, server_studies, setup)  # noqa: F401 (setup: the module's fixture)
+from test_monailabel_server import (CHROMIUM, FRAME, REPO, REQUEST_TIMEOUT_S, TINY, Server, _multipart, _studies,
+                                    _train_result, png_array, png_bytes, request, server_studies,
+                                    setup)  # noqa: F401 (setup: the module's fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_root_logging")]
 
@@ -37,6 +39,21 @@ def png_of_size(width: int, height: int) -> bytes:
     data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def chunked_upload(url: str, content: bytes, headers: dict | None = None) -> tuple[int, bytes]:
+    """PUT ``content`` as the form's ``file``, sent in 64 KiB chunks with no Content-Length (what a client that
+    hides the size of its upload does): (status, body)."""
+    body, content_type = _multipart({}, {"file": ("frame.png", content)})
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_S)
+    try:
+        connection.request("PUT", f"{parts.path}?{parts.query}", body=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                           headers={"Content-Type": content_type, **(headers or {})}, encode_chunked=True)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +165,7 @@ def test_uploads_and_frames_are_bounded_and_leave_no_temporary_file(guarded):
     bomb = png_of_size(12000, 12000)
     assert len(bomb) < MAX_UPLOAD_MB << 20
     before = _files(tmpdir)
-    too_large = os.urandom((MAX_UPLOAD_MB << 20) + 1000)
+    too_large, far_too_large = os.urandom((MAX_UPLOAD_MB << 20) + 1000), os.urandom(3 * MAX_UPLOAD_MB << 20)
     cases = [  # sent one by one, each checked before the next (on the unfixed server the bomb's inference took 18.9 GB)
         (lambda: server.put_image("bomb", bomb), 400, "max_pixels"),
         (lambda: server.infer("surgicalsam", image=None, file=bomb), 400, "max_pixels"),
@@ -156,6 +173,8 @@ def test_uploads_and_frames_are_bounded_and_leave_no_temporary_file(guarded):
         (lambda: server.put_image("toolarge", too_large), 413, "max_upload_mb"),
         (lambda: server.infer("surgicalsam", image=None, file=too_large), 413, "max_upload_mb"),
         (lambda: server.put_label("seq1_00000", too_large), 413, "max_upload_mb"),
+        (lambda: server.put_image("fartoolarge", far_too_large), 413, "max_upload_mb"),  # Content-Length says so
+        (lambda: chunked_upload(f"{server.url}/datastore/image?image=chunked", far_too_large), 413, "max_upload_mb"),
         (lambda: server.put_image("corrupt", b"\x89PNG\r\n\x1a\n not a frame"), 400, "cannot read frame"),
         (lambda: server.put_label("seq1_00000", b"not a png"), 400, "not a readable image"),
     ]
@@ -165,7 +184,7 @@ def test_uploads_and_frames_are_bounded_and_leave_no_temporary_file(guarded):
         assert message in _detail(body), (index, body[:300])
     assert _files(tmpdir) == before, f"refused uploads left {sorted(_files(tmpdir) - before)}"
     objects = json.loads(request(f"{server.url}/datastore/?output=all")[1])["objects"]
-    assert not {"bomb", "toolarge", "corrupt"} & set(objects)
+    assert not {"bomb", "toolarge", "fartoolarge", "chunked", "corrupt"} & set(objects)
     for width, height in ((1920, 1080), (1280, 1024)):
         buffer = io.BytesIO()
         Image.new("RGB", (width, height), (90, 30, 40)).save(buffer, format="PNG")
@@ -215,9 +234,6 @@ def test_labels_are_lossless_and_hold_the_served_class_table(guarded, setup):
     server, bundle, _ = guarded
     with open(os.path.join(bundle, "configs", "metadata.json")) as handle:
         channels = json.load(handle)["network_data_format"]["outputs"]["pred"]["channel_def"]
-    table = json.loads(request(server.url + "/info/")[1])["class_table"]
-    assert table["classes"] == channels and table["unlabelled"] == 255 and "metadata.json" in table["source"]
-
     buffer = io.BytesIO()
     Image.fromarray(np.zeros(FRAME, np.uint8)).save(buffer, format="JPEG", quality=95)
     status, body = server.put_label("seq3_00001", buffer.getvalue())
@@ -238,6 +254,8 @@ def test_labels_are_lossless_and_hold_the_served_class_table(guarded, setup):
     status, body = request(f"{server.url}/datastore/label?image=seq3_00001&tag=final", "PUT",
                            fields={"params": slicer_names}, files={"label": ("l.png", label)})
     assert status == 200, body[:300]
+    table = json.loads(request(server.url + "/info/")[1])["class_table"]
+    assert table["classes"] == channels and table["unlabelled"] == 255 and "metadata.json" in table["source"]
 
 
 def test_review_page_shows_the_class_table(guarded):
