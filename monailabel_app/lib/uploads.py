@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from typing import Optional
