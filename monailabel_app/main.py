@@ -7,7 +7,9 @@ Start (see README.md in this folder):
 Config (``--conf KEY VALUE``): ``bundle`` the bundle folder (default ``<app>/model/surgicalsam``);
 ``preload`` true loads the network at start; ``threads`` torch's intra-op threads (default: half the CPU
 cores, at least 1; see README.md "Responsiveness"); ``auth`` false turns the access token off (README.md
-"Security"); ``reserve_s`` how long a frame handed out by next sample stays reserved for its client (default 1800).
+"Security"); ``reserve_s`` how long a frame handed out by next sample stays reserved for its client (default 1800);
+``max_pixels`` (default 4096 x 4096) and ``max_upload_mb`` (default 64) bound frames and uploads (lib/uploads.py;
+README.md "Limits of uploads and names").
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from lib.batch import PerFrameBatchInfer
 from lib.datastore import CheckedLocalDatastore
 from lib.guards import check_infer_request, install_guards
 from lib.infers import SAMPrompt, SurgicalSAMAuto, SurgicalSAMClass, share_network
+from lib.labels import class_table
 from lib.reservations import Reservations, ReservedView, client_of, reserve_seconds
 from lib.server import install, server_app
 from lib.trainers import SurgicalSAMTrainTask
+from lib import uploads
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +81,14 @@ class SurgicalSAMApp(MONAILabelApp):
         if str(conf.get("auth", "true")).lower() not in ("true", "false"):
             raise ValueError(f"--conf auth must be true or false, got {conf.get('auth')!r}")
         self._reservations = Reservations(reserve_seconds(conf))
+        uploads.configure(conf)
+        self.class_table = class_table(self.bundle)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="SurgicalSAM",
                          description="Surgical instrument segmentation of endoscopic frames (SurgicalSAM + SAM prompts)",
                          version="0.1.0")
 
     def init_datastore(self):
-        import json
-
-        with open(os.path.join(self.bundle, "configs", "metadata.json")) as handle:
-            channels = json.load(handle)["network_data_format"]["outputs"]["pred"]["channel_def"]
-        return CheckedLocalDatastore(self.studies, num_classes=len(channels) - 1, bundle=self.bundle,
+        return CheckedLocalDatastore(self.studies, class_table=self.class_table, bundle=self.bundle,
                                      extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                      read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
@@ -147,8 +149,15 @@ class SurgicalSAMApp(MONAILabelApp):
         result = {key: value for key, value in result.items() if key != "path"}
         return {**result, "client_id": client_id, "reserved_s": seconds}
 
+    def info(self):
+        """MONAI Label's info and the served bundle's class table (``class_table``: the label values a label
+        map may hold, from the bundle's metadata)."""
+        return {**super().info(), "class_table": self.class_table}
+
     def infer(self, request, datastore=None):
-        """MONAI Label's infer, with user errors answered 4xx and a message (the stock app answers 500)."""
+        """MONAI Label's infer, with user errors answered 4xx and a message (the stock app answers 500). The
+        image is a datastore id or a frame uploaded with this request, never a server path: any other value
+        is answered the same 404, whatever exists on disk; a frame of more than ``max_pixels`` is 400."""
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; models: {sorted(self._infers)}")
@@ -156,10 +165,24 @@ class SurgicalSAMApp(MONAILabelApp):
         if not isinstance(image, str) or not image:
             raise HTTPException(status_code=400, detail="give an image id (?image=ID) or upload a frame (file=...)")
         check_infer_request(request)
-        if not os.path.exists(image) and image not in (datastore or self.datastore()).list_images():
-            raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        datastore = datastore or self.datastore()
+        # MONAI Label reads any existing path it is given (relative to the server's folder too) and saves a
+        # label only for what is not one: here the id is resolved to its file first, and the label saved below
+        request, save_label = dict(request), request.get("save_label", False) and not uploads.is_upload(image)
+        request["save_label"] = False
+        if not uploads.is_upload(image):
+            if image not in datastore.list_images():
+                raise HTTPException(status_code=404, detail=f"image {image[:200]!r} is not in the datastore")
+            request["image"] = datastore.get_image_uri(image)
+            problem = uploads.pixels_problem(request["image"], f"frame {image!r}")
+            if problem:
+                raise HTTPException(status_code=400, detail=problem)
         try:
-            return super().infer(request, datastore)
+            result = super().infer(request, datastore)
+            if save_label and result.get("file") and os.path.exists(result["file"]):
+                result["label"] = datastore.save_label(image, result["file"], request.get("label_tag") or "original",
+                                                       {"model": model, "params": result.get("params")})
+            return result
         except HTTPException:
             raise
         except ValueError as error:  # unreadable frame, bad prompt, bad parameter

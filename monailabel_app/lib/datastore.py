@@ -1,9 +1,11 @@
 """A local datastore that refuses label maps the bundle could not train on, with a 4xx and the reason.
 
-MONAI Label's LocalDatastore copies whatever file a PUT /datastore/image or /datastore/label sends; a
-corrupt frame would be listed and handed out by next_sample, and a corrupt PNG or a colour mask would only
-fail later, inside a training run. Here a frame must be a readable image (PIL decodes it whole), and a
-label a readable single-channel image of the frame's size with values 0..C (or the ignore value 255).
+MONAI Label's LocalDatastore copies whatever file a PUT /datastore/image or /datastore/label sends, to a
+path joined from the id and tag as given; a corrupt frame would be listed and handed out by next_sample,
+and a corrupt PNG or a colour mask would only fail later, inside a training run. Here ids and tags are
+names whose files lie inside the studies folder (lib/names.py), a frame must be a readable image of at most
+``max_pixels`` (lib/uploads.py), a labelled frame is not replaced under its labels, and a label map must be
+what lib/labels.py says (PNG, one channel, the frame's size, values of the served class table).
 
 It also keeps the datastore consistent for the threads that read it while it reloads: MONAI Label's reload
 of ``datastore.json`` replaced the datastore and only then set its base folder (an inference in between
@@ -21,11 +23,12 @@ import os
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import LocalDatastore, LocalDatastoreModel
-from PIL import Image
+
+from .labels import declared_names_problem, label_problem
+from .names import check_inside, check_name
+from .uploads import pixels_problem
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = 255
 
 
 def bundle_frame_reader(bundle: str):
@@ -58,18 +61,44 @@ def frame_problem(path: str, reader) -> str | None:
 
 
 class CheckedLocalDatastore(LocalDatastore):
-    def __init__(self, *args, num_classes: int, bundle: str, **kwargs) -> None:
+    """MONAI Label's LocalDatastore that stores only what it can use, under names only (lib/names.py).
+
+    Args:
+        class_table: the served bundle's class table (lib/labels.py ``class_table``); label values are
+            checked against it.
+        bundle: the bundle folder whose frame reader checks frames.
+    """
+
+    def __init__(self, *args, class_table: dict, bundle: str, **kwargs) -> None:
         self.frame_reader = bundle_frame_reader(bundle)
         super().__init__(*args, **kwargs)
-        self.num_classes = int(num_classes)
+        self.class_table = class_table
+
+    def _inside_studies(self, path: str, what: str) -> str:
+        return check_inside(self._datastore.image_path(), path, what)
 
     def add_image(self, image_id, image_filename, image_info):
-        if image_id and ("/" in image_id or os.sep in image_id):  # MONAI Label answered 500 (no such folder)
-            raise HTTPException(status_code=400, detail=f"image id {image_id!r} is a path: an image id is a file name "
-                                                        "without folders or extension")
-        problem = frame_problem(image_filename, self.frame_reader)
+        """Refused (400) unless ``image_id`` is a name and the file a readable frame of at most ``max_pixels``;
+        refused (409) over an image that has labels (they were drawn on the old frame) or is stored in
+        another format (its file would stay beside the new one)."""
+        check_name(image_id, "image id")
+        extension = os.path.splitext(image_filename)[1]
+        self._inside_studies(os.path.join(self._datastore.image_path(), image_id + extension), "image id")
+        problem = pixels_problem(image_filename) or frame_problem(image_filename, self.frame_reader)
         if problem:
-            raise HTTPException(status_code=400, detail=f"image {image_id or image_filename!r} refused: {problem}")
+            raise HTTPException(status_code=400, detail=f"image {image_id!r} refused: {problem}")
+        existing = self._datastore.objects.get(image_id)
+        if existing is not None:
+            tags = sorted(tag for tag in existing.labels if self.get_label_uri(image_id, tag))
+            if tags:
+                raise HTTPException(status_code=409, detail=(
+                    f"image {image_id!r} has labels {tags}, drawn on the frame stored now: the replacement is "
+                    f"refused and the labels kept. Upload the new frame under another id, or delete the labels "
+                    f"first (DELETE /datastore/label?id={image_id}&tag=TAG) if they no longer apply"))
+            if existing.image.ext != extension:
+                raise HTTPException(status_code=409, detail=(
+                    f"image {image_id!r} is stored as {image_id}{existing.image.ext}: a replacement must be of that "
+                    f"format ({extension or 'no extension'} sent), or use another id"))
         return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id):
@@ -131,34 +160,13 @@ class CheckedLocalDatastore(LocalDatastore):
         self._update_datastore_file()
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
+        check_name(image_id, "image id")
+        check_name(label_tag, "label tag")
         if image_id not in self.list_images():
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
-        problem = self.label_problem(image_id, label_filename)
+        self._inside_studies(os.path.join(self._datastore.label_path(label_tag), image_id), "label tag")
+        problem = (label_problem(label_filename, self.get_image_uri(image_id), self.class_table)
+                   or declared_names_problem(label_info or {}, self.class_table))
         if problem:
             raise HTTPException(status_code=400, detail=f"label for {image_id!r} refused: {problem}")
         return super().save_label(image_id, label_filename, label_tag, label_info)
-
-    def label_problem(self, image_id: str, label_filename: str) -> str | None:
-        import numpy as np
-
-        try:
-            with Image.open(label_filename) as label:
-                label.load()
-                mode, size = label.mode, label.size
-                values = np.asarray(label)
-        except Exception as error:  # PIL raises several types for a corrupt or foreign file
-            return f"not a readable image ({type(error).__name__}: {error})"
-        if mode not in ("L", "P", "I", "I;16"):
-            return (f"image mode {mode!r}: a label map is one channel of class ids (0 background, "
-                    f"1..{self.num_classes}, {IGNORE_INDEX} unlabelled), not a colour image")
-        try:
-            with Image.open(self.get_image_uri(image_id)) as frame:
-                frame_size = frame.size
-        except Exception as error:
-            return f"its frame could not be read ({error})"
-        if size != frame_size:
-            return f"size {size[0]}x{size[1]} differs from the frame's {frame_size[0]}x{frame_size[1]} (width x height)"
-        bad = sorted(set(np.unique(values).tolist()) - set(range(self.num_classes + 1)) - {IGNORE_INDEX})
-        if bad:
-            return f"values {bad[:5]} outside 0..{self.num_classes} and {IGNORE_INDEX}"
-        return None

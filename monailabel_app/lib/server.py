@@ -63,7 +63,6 @@ def _json_errors_are_400(endpoint):
 
 
 def _threaded_inference(endpoint):
-    from monailabel.endpoints.infer import run_inference
     from starlette.concurrency import run_in_threadpool
 
     @functools.wraps(endpoint)
@@ -72,6 +71,8 @@ def _threaded_inference(endpoint):
         _check_params({"params": params})
         if not file and not image and not session_id:
             raise HTTPException(status_code=400, detail="give an image id (?image=ID) or upload a frame (file=...)")
+
+        from .uploads import run_inference
 
         def run():
             with inference_lock:
@@ -97,9 +98,9 @@ def _known_trainers_only(endpoint, trainers: Sequence[str]):
 #: MONAI Label 0.8.5 endpoints wrapped here: (module, endpoint function, path, method)
 WRAPPED = (("monailabel.endpoints.infer", "api_run_inference", "/infer/{model}", "POST"),
            ("monailabel.endpoints.train", "api_run_model", "/train/{model}", "POST"),
-           ("monailabel.endpoints.datastore", "api_add_image", "/datastore/image", "PUT"),
-           ("monailabel.endpoints.datastore", "api_add_image", "/datastore/", "PUT"),
-           ("monailabel.endpoints.datastore", "api_save_label", "/datastore/label", "PUT"))
+           ("lib.uploads", "api_add_image", "/datastore/image", "PUT"),
+           ("lib.uploads", "api_add_image", "/datastore/", "PUT"),
+           ("lib.uploads", "api_save_label", "/datastore/label", "PUT"))
 
 
 def install(fastapi_app, *, trainers: Sequence[str]) -> None:
@@ -131,6 +132,11 @@ def install(fastapi_app, *, trainers: Sequence[str]) -> None:
         endpoint._surgicalsam = True
         routes.insert(0, APIRoute(settings.MONAI_LABEL_API_STR + path, endpoint, methods=[method], name=f"surgicalsam_{name}",
                                   include_in_schema=False))
+    from .names import guard_names
+    from .uploads import limit_request_bodies
+
+    guard_names(fastapi_app)
+    limit_request_bodies(fastapi_app)
     if os.path.isdir(STATIC_DIR):
         fastapi_app.mount("/review", StaticFiles(directory=STATIC_DIR, html=True), name="review")
     logger.info("SurgicalSAM app: inference in a worker thread, 400 for malformed params, 404 for training an "

@@ -5,7 +5,8 @@ overlay monailabel_train.yaml) and passes only ``max_epochs``, ``val_split`` and
 :class:`SurgicalSAMTrainTask` also passes the overlay's ``monailabel_settings`` (learning rate, gradient
 clipping, absent prompts, early stopping, whether an unvalidated model may replace the served one), checks
 them, and returns the overlay's result (served model replaced or kept, scores) as the task's result, which
-MONAI Label prints as the last line of the train status ``details``. When training fails, the root cause
+MONAI Label prints as the last line of the train status ``details``; a frame whose label map does not fit
+it is skipped and named there (``skipped_frames``). When training fails, the root cause
 (e.g. which label map does not fit which frame) is raised alone, so that it is the status's last line too.
 
 The validation split is by video, not by frame (:func:`split_by_video`): neighbouring frames of one video
@@ -25,6 +26,8 @@ import shutil
 
 import torch
 from monailabel.tasks.train.bundle import BundleTrainTask
+
+from .labels import fit_problem
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +146,7 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         if not request.get("device") or isinstance(request.get("device"), list):
             request["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         self._settings = self.check_settings(request)
-        self._split = {}
+        self._split, self._skipped = {}, {}
         result_file = self.bundle_config.get_parsed_content(RESULT_ID, instantiate=True)
         if os.path.isfile(result_file):
             os.remove(result_file)
@@ -164,7 +167,28 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         if "candidate_model" not in result:  # the saver's copy of the served model (epoch 0) is no candidate
             shutil.rmtree(self._candidate_dir, ignore_errors=True)
         result["settings"] = self._settings
+        if self._skipped:
+            result["skipped_frames"] = self._skipped
         return result
+
+    def _fetch_datalist(self, request, datastore):
+        """The datastore's labelled frames, less those whose label map does not fit the frame (e.g. a frame
+        replaced on disk under its label): each skipped and named with the reason (``skipped_frames`` of the
+        result, and the log); TrainingRefused when no frame is left."""
+        datalist = super()._fetch_datalist(request, datastore)
+        kept = []
+        for item in datalist:
+            problem = fit_problem(item["image"], item["label"])
+            if problem:
+                frame = image_id(item["image"])
+                self._skipped[frame] = (f"{problem}: skipped; save a label that fits it again "
+                                        f"(PUT /datastore/label?image={frame})")
+                logger.warning("frame %s %s", frame, self._skipped[frame])
+            else:
+                kept.append(item)
+        if datalist and not kept:
+            raise TrainingRefused(f"no labelled frame can be trained on: {self._skipped}")
+        return kept
 
     def _partition_datalist(self, datalist, request, shuffle=False):
         """Training and validation items: whole videos for validation when the labels come from two videos

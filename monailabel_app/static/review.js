@@ -187,15 +187,19 @@ function guarded(action) {
 
 async function start() {
   const info = await (await checked(await api("../info/"))).json();
-  const labels = info.models.surgicalsam.labels;
+  // the served bundle's class table (its metadata): the only values a saved label map may hold
+  const table = info.class_table;
   const select = $("class");
-  for (const [name, value] of Object.entries(labels).sort((a, b) => a[1] - b[1])) {
+  $("legend-source").textContent = `Label values of ${table.bundle} (${table.source}); ${table.unlabelled} = unlabelled. ` +
+    "Labels with other values are refused.";
+  for (const [key, name] of Object.entries(table.classes).sort((a, b) => Number(a[0]) - Number(b[0]))) {
+    const value = Number(key);
     state.classes[value] = name;
-    select.add(new Option(`${value} ${name}`, value));
+    if (value) select.add(new Option(`${value} ${name}`, value));
     const item = document.createElement("li");
     const swatch = document.createElement("span");
     swatch.style.background = COLOURS[value % COLOURS.length];
-    item.append(swatch, name);
+    item.append(swatch, `${value} ${name}`);
     $("legend").append(item);
   }
   const datastore = await (await checked(await api("../datastore/?output=all"))).json();
