@@ -900,7 +900,8 @@ def test_own_validation_split_takes_whole_videos(setup):
 import json, random, sys
 sys.path.insert(0, sys.argv[1])
 from lib.trainers import SurgicalSAMTrainTask, split_by_video, video_of
-ids = ["seq_1_00005", "seq1_00000", "frame", "seq_1_a", "a_b_7", "video_12_3"]
+ids = ["seq_1_00005", "seq1_00000", "frame", "seq_1_a", "a_b_7", "video_12_3", "00000", "00017", "frame0003",
+       "video01_frame0001", "video01-frame-0002", "Case_Frame_12"]
 items = [{"image": f"/s/{v}_{i:05d}.png", "label": "l"} for v, n in (("seq_1", 5), ("seq_3", 2), ("seq_5", 3),
          ("seq_7", 2)) for i in range(n)] + [{"image": "/s/extra.jpg", "label": "l"}]
 splits = {}
@@ -931,15 +932,17 @@ print(json.dumps({"videos": [video_of(i) for i in ids], "splits": splits, "one":
                           text=True, timeout=REQUEST_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["videos"] == ["seq_1", "seq1", "frame", "seq_1_a", "a_b", "video_12"]
-    sizes = {"seq_1": 5, "seq_3": 2, "seq_5": 3, "seq_7": 2, "extra": 1}
+    unnamed = "(frames without a video name)"  # bare frame numbers (ffmpeg's %05d) and ids without a number
+    assert out["videos"] == ["seq_1", "seq1", unnamed, unnamed, "a_b", "video_12", unnamed, unnamed, unnamed,
+                             "video01", "video01", "Case"]
+    sizes = {"seq_1": 5, "seq_3": 2, "seq_5": 3, "seq_7": 2, unnamed: 1}
     for val_split, runs in out["splits"].items():
         assert all(run == runs[0] for run in runs), f"val_split {val_split}: the split depends on the order"
         train, val, train_videos, val_videos = runs[0]
         assert train_videos and val_videos and not set(train_videos) & set(val_videos)
         assert sorted(train_videos + val_videos) == sorted(sizes)
         assert len(val) == sum(sizes[v] for v in val_videos) and len(train) + len(val) == 13
-        assert {os.path.basename(p).rsplit("_", 1)[0] if "_" in os.path.basename(p) else "extra" for p in val} == set(val_videos)
+        assert {os.path.basename(p).rsplit("_", 1)[0] if "_" in os.path.basename(p) else unnamed for p in val} == set(val_videos)
         # as close to val_split of the frames as whole videos taken in turn allow: within the largest video
         assert abs(len(val) - float(val_split) * 13) <= max(sizes.values()), (val_split, val_videos)
     assert out["splits"]["0.1"][0][3] != out["splits"]["0.9"][0][3]

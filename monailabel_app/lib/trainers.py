@@ -44,7 +44,12 @@ class TrainingRefused(RuntimeError):
     """Training could not run on these labels or settings; the message says why."""
 
 
-_FRAME_NUMBER = re.compile(r"^(.+)_(\d+)$")
+#: The video of frames whose ids carry no video name (bare frame numbers, as ffmpeg's %05d writes them) or no
+#: frame number: their videos cannot be told apart, so they count as one.
+UNNAMED_VIDEO = "(frames without a video name)"
+_BARE_NUMBER = re.compile(r"^(frame[_-]?)?\d+$", re.IGNORECASE)
+_VIDEO_AND_FRAME = re.compile(r"^(.+?)[_-]frame[_-]?\d+$", re.IGNORECASE)
+_VIDEO_AND_NUMBER = re.compile(r"^(.+)_\d+$")
 
 
 def image_id(path: str) -> str:
@@ -53,10 +58,17 @@ def image_id(path: str) -> str:
 
 
 def video_of(frame_id: str) -> str:
-    """The video of a frame, from its image id ``<video>_<frame number>``: ``seq_1_00005`` -> ``seq_1``.
-    An id that does not end in ``_<digits>`` is a video of its own (``frame``, ``seq_1_a`` -> themselves)."""
-    match = _FRAME_NUMBER.match(frame_id)
-    return match.group(1) if match else frame_id
+    """The video of a frame, from its image id (the app README's naming rule):
+
+    - ``<video>_frame<number>`` (also ``-frame``, ``_frame_``): ``video01_frame0001`` -> ``video01``;
+    - ``<video>_<number>``: ``seq_1_00005`` -> ``seq_1``;
+    - a bare number (``00000``, ``frame0001``) or an id without a frame number (``seq_1_a``): their videos cannot
+      be told apart, so all such frames are one video, :data:`UNNAMED_VIDEO`.
+    """
+    if _BARE_NUMBER.match(frame_id):
+        return UNNAMED_VIDEO
+    match = _VIDEO_AND_FRAME.match(frame_id) or _VIDEO_AND_NUMBER.match(frame_id)
+    return match.group(1) if match else UNNAMED_VIDEO
 
 
 def videos_of(datalist) -> list[str]:
@@ -209,7 +221,9 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             self._split["hold"] = (
                 f"every labelled frame is from video {videos[0]}, so its validation frames are neighbours of its "
                 f"training frames and say nothing about other videos; label frames of at least two videos, or set "
-                f"replace_from_one_video")
+                f"replace_from_one_video"
+                + (" (image ids without a video name count as one video: name frames <video>_<number> or "
+                   "<video>_frame<number>)" if videos[0] == UNNAMED_VIDEO else ""))
             self._split["candidate_dir"] = self._candidate_dir
         return training, validation
 
