@@ -126,8 +126,10 @@ class SurgicalSAMApp(MONAILabelApp):
             token, source = access_token(self.studies) if auth else (None, None)
             logger.info("access token: %s", f"from {source}" if auth else "OFF (--conf auth false)")
             protect(fastapi_app, token)
-            install(fastapi_app, trainers=sorted(self._trainers))
+            # the guards' routes first: install() then puts the id and tag checks (lib/names.py) in front of
+            # every route that takes names, the guards' own included
             install_guards(fastapi_app)
+            install(fastapi_app, trainers=sorted(self._trainers))
 
     def next_sample(self, request):
         """MONAI Label's next sample, with the frame reserved for the asking client (lib/reservations.py) and

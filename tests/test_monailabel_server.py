@@ -92,7 +92,8 @@ def request(url: str, method: str = "GET", fields: dict | None = None, files: di
 
 class Server:
     """A MONAI Label server on a free port; ``token_file``: where the app keeps its access token (read once the
-    server made it, and sent with every ``request`` to this server)."""
+    server made it, and sent with every ``request`` to this server; default: the bundle's app's place for it,
+    ``<studies>/.surgicalsam_token``, which the stock app never makes)."""
 
     def __init__(self, python: str, app: str, studies: str, conf: dict, log: str, token_file: str | None = None,
                  env: dict | None = None) -> None:
@@ -100,6 +101,7 @@ class Server:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url, self.log, self.studies = f"http://127.0.0.1:{self.port}", log, studies
+        token_file = token_file or os.path.join(studies, ".surgicalsam_token")
         command = [python, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies,
                    "--host", "127.0.0.1", "--port", str(self.port)]
         for key, value in conf.items():
@@ -361,8 +363,7 @@ def own(setup):
                                     settings={**TINY, "min_mask_fraction": setup["own_min_mask_fraction"]})
     with open(os.path.join(studies, "broken.png"), "wb") as handle:  # on disk, not through the datastore's PUT
         handle.write(b"\x89PNG\r\n\x1a\n this is not a frame")
-    server = Server(setup["python"], app, studies, {"threads": "1"}, str(setup["root"] / "own.log"),
-                    token_file=os.path.join(studies, ".surgicalsam_token"))
+    server = Server(setup["python"], app, studies, {"threads": "1"}, str(setup["root"] / "own.log"))
     yield server, bundle
     server.stop()
 
