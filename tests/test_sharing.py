@@ -217,6 +217,18 @@ def test_pack_without_model_and_bad_bundle_root(tmp_path, bundle_copy, capsys):
         pack(out_dir=str(bundle_copy / "dist"), bundle_root=str(bundle_copy))
 
 
+def test_pack_replaces_its_own_zip_but_never_another_file(tmp_path, bundle_copy):
+    first = pack(out_dir=str(tmp_path / "out"), bundle_root=str(bundle_copy))
+    assert pack(out_dir=str(tmp_path / "out"), bundle_root=str(bundle_copy)) == first  # its own: replaced
+    os.remove(first)
+    with open(first, "wb") as handle:
+        handle.write(b"not a pack")
+    with pytest.raises(SystemExit, match="not a zip that pack wrote"):
+        pack(out_dir=str(tmp_path / "out"), bundle_root=str(bundle_copy))
+    with open(first, "rb") as handle:
+        assert handle.read() == b"not a pack"
+
+
 @pytest.mark.slow
 def test_packed_bundle_downloads_and_runs_inference_alone(tmp_path, bundle_copy, tiny_sam_checkpoint):
     """pack -> monai.bundle download --url file://... -> demo inference inside the unpacked folder only."""
