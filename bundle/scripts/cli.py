@@ -813,8 +813,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     import fire
 
     apply_process_settings()
+    from scripts.errors import DEBUG_ENVIRONMENT, BundleError
 
-    fire.Fire(COMMANDS, command=None if argv is None else list(argv), name=PROG, serialize=_quiet)
+    try:
+        fire.Fire(COMMANDS, command=None if argv is None else list(argv), name=PROG, serialize=_quiet)
+    except BundleError as error:  # a user error no command turned into its own message
+        if os.environ.get(DEBUG_ENVIRONMENT, "").strip() not in ("", "0"):
+            raise
+        raise _fail(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import BundleError, MissingInputError
 from ..files import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ _LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 _warned_frame_modes: set[str] = set()
 
 
-class DatasetError(ValueError):
+class DatasetError(BundleError, ValueError):
     """A dataset folder, description or file that the bundle cannot use as it is."""
 
 
@@ -222,7 +223,7 @@ def dataset_fact(dataset_dir: str | os.PathLike, name: str):
     return [int(v) for v in description["frame_size"]]
 
 
-def raise_input_problems(problems: list[str], job: str, error: type[Exception] = FileNotFoundError) -> None:
+def raise_input_problems(problems: list[str], job: str, error: type[Exception] = MissingInputError) -> None:
     """``error`` "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
     if problems:
         raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))

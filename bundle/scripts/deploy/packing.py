@@ -8,6 +8,7 @@ import os
 import zipfile
 from pathlib import Path
 
+from ..errors import BundleError
 from ..files import atomic_write
 
 #: What a packed bundle holds (paths relative to the bundle folder); everything else (data/, eval/, embedding
@@ -20,7 +21,7 @@ PACKED_FILES = ("large_files.yml", "LICENSE", "models/model.pt")
 UNPACKED_SUFFIXES = (".pyc", ".pyo", ".pth", ".md5", ".tmp")
 
 
-class PackError(ValueError):
+class PackError(BundleError, ValueError):
     """The bundle cannot be packed as asked (not a bundle folder, bad metadata.json, output inside the bundle)."""
 
 

@@ -7,6 +7,7 @@ import json
 import os
 
 from ..data.layout import prepare_hint, raise_input_problems
+from ..errors import MissingInputError
 from ..sam.backbone import missing_sam_weights
 
 
@@ -39,7 +40,7 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
         hint = "<the same config files as this run>"
         missing += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_missing]
         stale += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_stale]
-    raise_input_problems(missing + stale, job, FileNotFoundError if missing else StaleCacheError)
+    raise_input_problems(missing + stale, job, MissingInputError if missing else StaleCacheError)
 
 
 def check_dataset_facts(dataset_dir: str, facts: dict, cache_dir: str | None = None, job: str = "train",

@@ -20,6 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from ..errors import BundleError
 from ..evaluation.metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS
 from ..evaluation.report import format_metrics_table
 
@@ -269,7 +270,7 @@ class MetricsReport:
 
 
 # ------------------------------------------------------------------------------- inference past bad frames
-class UnreadableFramesError(RuntimeError):
+class UnreadableFramesError(BundleError, RuntimeError):
     """Some frames of an inference run could not be read (every other frame was segmented and written)."""
 
 
