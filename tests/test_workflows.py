@@ -90,7 +90,7 @@ def test_cli_training_without_inputs_fails_at_once(tmp_path):
     assert result.returncode != 0, output[-3000:]
     assert elapsed < 60, f"took {elapsed:.0f} s to fail"
     assert "cannot train" in output
-    assert dataset_dir in output and "surgical-sam make_demo_data" in output
+    assert dataset_dir in output and "surgical-sam prepare_custom" in output
     assert checkpoint in output and "sam_vit_h_4b8939.pth" in output
 
 
