@@ -119,6 +119,8 @@ def test_training_keeps_an_old_model_aside_records_its_settings_and_resumes_only
     kept = [name for name in os.listdir(models) if name.startswith("model.kept-")]
     assert len(kept) == 1 and (models / kept[0]).read_bytes() == b"a model of another run"
     assert kept[0] in caplog.text and "the best model goes to" in caplog.text and "training finished" in caplog.text
+    assert "epoch 1/1: loss" in caplog.text and "samples/s" in caplog.text  # one line per epoch,
+    assert "train_loss: " not in caplog.text  # not one per iteration
     assert not (models / LOCK_FILE).exists()  # released at the end
 
     info = read_model_info(str(models / "model.pt"))

@@ -318,23 +318,31 @@ def test_both_methods_pass_the_training_workflow_checks_with_rank_zero_gates(met
     evaluator get is gated on is_main_process (multi_gpu_train.yaml: rank 0), in both methods."""
     from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
+    from scripts.engine.progress import EpochProgress
+    from scripts.engine.run_folders import RunGuard
+
+    gated = {"StatsHandler": StatsHandler, "TensorBoardStatsHandler": TensorBoardStatsHandler,
+             "scripts.engine.progress.EpochProgress": EpochProgress, "scripts.engine.run_folders.RunGuard": RunGuard}
     overrides = demo_overrides(**prepared, **({"cache_taps": False} if method == "distillation_sam" else {}))
     workflow = checked_workflow(config_files(method, "demo"), "train", **overrides)
     network = workflow.parser.get_parsed_content("network_def")
     assert type(network).__name__ == {"surgical_sam": "SurgicalSAM", "distillation_sam": "DistillationSAM"}[method]
+    expected = {"train": {"TensorBoardStatsHandler", "scripts.engine.progress.EpochProgress",
+                          "scripts.engine.run_folders.RunGuard"},
+                "validate": {"StatsHandler", "TensorBoardStatsHandler"}}
     for section in ("train", "validate"):
-        loggers = [h for h in workflow.parser[f"{section}#handlers"]
-                   if isinstance(h, dict) and h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler")]
-        assert len(loggers) == 2 and all(h.get("_disabled_") == "$not @is_main_process" for h in loggers), section
+        loggers = [h for h in workflow.parser[f"{section}#handlers"] if isinstance(h, dict) and h["_target_"] in gated]
+        assert {h["_target_"] for h in loggers} == expected[section], section
+        assert all(h.get("_disabled_") == "$not @is_main_process" for h in loggers), section
     trainer = workflow.parser.get_parsed_content("train#trainer")
     handlers = [h for event in trainer._event_handlers.values() for h, *_ in event]
     attached = {type(getattr(h, "__self__", h)) for h in handlers}
-    assert {StatsHandler, TensorBoardStatsHandler} <= attached
+    assert {EpochProgress, TensorBoardStatsHandler, RunGuard} <= attached
 
     workflow.parser["is_main_process"] = False  # another rank: the loggers are not built
     for section in ("train", "validate"):
         built = workflow.parser.get_parsed_content(f"{section}#handlers", lazy=False)
-        assert not any(isinstance(h, (StatsHandler, TensorBoardStatsHandler)) for h in built), section
+        assert not any(isinstance(h, tuple(gated.values())) for h in built), section
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_COMMANDS))

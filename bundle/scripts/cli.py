@@ -813,14 +813,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     import fire
 
     apply_process_settings()
-    from scripts.errors import DEBUG_ENVIRONMENT, BundleError
+    from scripts.errors import DEBUG_ENVIRONMENT, user_error_in
 
     try:
         fire.Fire(COMMANDS, command=None if argv is None else list(argv), name=PROG, serialize=_quiet)
-    except BundleError as error:  # a user error no command turned into its own message
-        if os.environ.get(DEBUG_ENVIRONMENT, "").strip() not in ("", "0"):
+    except Exception as error:  # a user error (also one MONAI wrapped) that no command turned into its own message
+        found = user_error_in(error)
+        if found is None or os.environ.get(DEBUG_ENVIRONMENT, "").strip() not in ("", "0"):
             raise
-        raise _fail(str(error)) from None
+        raise _fail(str(found)) from None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
 from ..errors import BundleError
-from ..files import keep_aside
+from ..files import TEMPORARY_SUFFIX, keep_aside
 from .checkpoints import AtomicCheckpointSaver
 from ..evaluation.metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS
 from ..evaluation.report import format_metrics_table
@@ -299,12 +299,14 @@ class TrainingState:
     def _remove_older_checkpoints(self, engine: Engine) -> None:
         if idist.get_rank() != 0:
             return
-        for epoch, path in self.numbered_checkpoints():
-            if epoch < engine.state.epoch:
-                try:
-                    os.remove(path)
-                except FileNotFoundError:
-                    pass
+        older = [path for epoch, path in self.numbered_checkpoints() if epoch < engine.state.epoch]
+        # and what a run killed while writing left under the atomic writer's temporary name (this epoch's is done)
+        older += glob.glob(os.path.join(self.checkpoint_dir, "checkpoint_epoch=*.pt" + TEMPORARY_SUFFIX))
+        for path in older:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 class MetricsReport:
@@ -396,6 +398,8 @@ class UnreadableFrames:
 
     def report(self, engine: Engine | None = None) -> None:
         if not self.skipped:
+            logger.info("inference finished: %d frame(s) of %s segmented, written to %s", self.seen, self.frames_dir,
+                        self.output_dir)
             return
         raise UnreadableFramesError(
             f"{len(self.skipped)} of {self.seen} frame(s) in {self.frames_dir} could not be read and were not "
