@@ -513,7 +513,7 @@ def test_check_training_inputs_lists_every_problem(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         check_training_inputs(dataset_dir, "vit_h", checkpoint, str(tmp_path / "cache"))
     message = str(error.value)
-    assert dataset_dir in message and "surgical-sam make_demo_data" in message
+    assert dataset_dir in message and "surgical-sam prepare_custom" in message
     assert checkpoint in message
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in message
     assert message.count("\n  - ") == 2  # both problems, at once
