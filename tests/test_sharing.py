@@ -156,6 +156,7 @@ def test_verify_net_in_out_on_the_tiny_demo_sam(tiny_sam_checkpoint):
 def test_torchscript_export_equals_the_eager_network(tmp_path, demo_model_file, tiny_sam_checkpoint):
     ts_file = str(tmp_path / "model.ts")
     run_bundle_command("ckpt_export", "network_def", "--filepath", ts_file, "--ckpt_file", demo_model_file,
+                       "--key_in_ckpt", "model",  # the model card's command: a trained model.pt nests its weights
                        "--meta_file", "configs/metadata.json", "--config_file", EXPORT_CONFIGS,
                        "--sam_checkpoint", tiny_sam_checkpoint, "--use_trace", "true",
                        "--input_shape", "[1, 3, 64, 80]")

@@ -137,8 +137,8 @@ def test_demo_training_then_evaluation(tmp_path, small_sam_checkpoint):
     assert {"model", "optimizer", "trainer", "best_model", "trainer_progress"} <= set(state)
     # epochs follow their version's length: the progress records the epoch ignite would derive wrongly
     assert state["trainer_progress"] == {"epoch": 2, "iteration": state["trainer"]["iteration"]}
-    model = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True)
-    assert not any(k.startswith("image_encoder.") for k in model)
+    model = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True)["model"]
+    assert model and not any(k.startswith("image_encoder.") for k in model)
 
     evaluate = ConfigWorkflow(config_file=[TRAIN, DEMO, EVALUATE], workflow_type=None, meta_file=META_FILE,
                               logging_file=None, run_id="evaluating", protocol="oracle", **overrides)
