@@ -4,7 +4,7 @@ A model file (``models/model.pt``) is ``{"model": state_dict, "model_info": {...
 (:class:`ModelInfo`) holds the method, the class names in the order of their ids 1..C, the frame size, the SAM
 variant, the md5 of the SAM checkpoint and the number of tokens. Inference and evaluation compare their own
 settings with it before any work (:func:`check_model_info`): a disagreeing ``--class_names`` or ``--frame_size``
-is an error showing both. A model file without ``model_info`` (saved by a bundle before 0.7, or converted from
+is an error showing both. A model file without ``model_info`` (saved by an earlier bundle, or converted from
 the original code) still loads; that is said once.
 
 :class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` writing each file under a temporary name and moving

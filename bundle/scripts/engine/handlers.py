@@ -21,10 +21,10 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
 from ..errors import BundleError
-from ..files import TEMPORARY_SUFFIX, keep_aside
-from .checkpoints import AtomicCheckpointSaver
 from ..evaluation.metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS
 from ..evaluation.report import format_metrics_table
+from ..files import TEMPORARY_SUFFIX, keep_aside
+from .checkpoints import AtomicCheckpointSaver
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class TrainingState:
         return sorted(found, reverse=True)
 
     def latest_checkpoint(self) -> str | None:
-        # MONAI's CheckpointSaver writes in place (not atomically): a run killed while saving leaves a
+        # earlier bundles wrote in place (MONAI's CheckpointSaver): a run killed while saving left a
         # truncated file, which must not block resuming from the previous, complete one.
         for _, path in self.numbered_checkpoints():
             if zipfile.is_zipfile(path):  # torch.save's format; a truncated file lacks the zip directory

@@ -209,7 +209,9 @@ class RunGuard:
         if self.validator is not None and getattr(self.validator.state, "best_metric_epoch", -1) not in (-1, None):
             best = (f" (best validation {self.validator.state.best_metric:.4f} at epoch "
                     f"{self.validator.state.best_metric_epoch})")
-        where = self.model_file if os.path.isfile(self.model_file) else f"{self.model_file} (not written: no epoch validated)"
+        where = self.model_file
+        if not os.path.isfile(where):
+            where += " (not written: no epoch validated)"
         logger.info("training finished after %d epochs: model %s%s; training state in %s; TensorBoard logs in %s",
                     engine.state.epoch, where, best, self.training_state_dir, self.output_dir)
         self.lock.release()
