@@ -41,6 +41,40 @@ def test_make_demo_data_writes_dataset(tmp_path, capsys):
         cli.make_demo_data(out_dir=str(out_dir), frame_size=(32, 40), num_classes=3)
 
 
+def test_make_demo_data_refuses_a_users_frames_and_touches_nothing(tmp_path):
+    """A folder of one's own frames (images/ and labels/, no dataset.json) is not the demo's: even --overwrite
+    leaves it as it is (the names match the demo's, but the demo did not write them)."""
+    users = tmp_path / "my_frames"
+    write_png(users / "images" / "case_1" / "0001.png", [[1, 2], [3, 4]])
+    write_png(users / "labels" / "case_1" / "0001.png", [[0, 1], [1, 0]])
+    before = sorted(str(p.relative_to(users)) for p in users.rglob("*"))
+    for overwrite in (False, True):
+        with pytest.raises(SystemExit, match="did not make") as error:
+            cli.make_demo_data(out_dir=str(users), frame_size=(32, 40), num_classes=3, overwrite=overwrite)
+        assert "prepare_custom" in str(error.value)
+    assert sorted(str(p.relative_to(users)) for p in users.rglob("*")) == before
+
+
+def test_missing_dataset_hints_name_a_command_that_is_safe_on_the_users_folder(tmp_path):
+    """The hint for a folder without dataset.json points to prepare_custom (which never writes over a user's
+    files), not to make_demo_data on that folder."""
+    from scripts.data.layout import DatasetError, dataset_fact, read_dataset_description
+    from scripts.engine.checks import check_training_inputs
+
+    users = tmp_path / "my_frames"
+    write_png(users / "images" / "case_1" / "0001.png", [[1, 2], [3, 4]])
+    messages = []
+    for call in (lambda: check_training_inputs(str(users), "tiny", None, str(tmp_path / "cache")),
+                 lambda: dataset_fact(str(users), "class_names"),
+                 lambda: read_dataset_description(users),
+                 lambda: read_dataset_description(tmp_path / "nowhere")):
+        with pytest.raises((FileNotFoundError, DatasetError)) as error:
+            call()
+        messages.append(str(error.value))
+    for message in messages:
+        assert "make_demo_data" not in message and "prepare_custom" in message, message
+
+
 def test_score_crafted_case(tmp_path, capsys):
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     # frame a: class 1 I=2, U=6 -> 1/3; class 2 exact (1.0): Challenge IoU (1/3 + 1) / 2
@@ -96,6 +130,15 @@ def test_main_runs_a_command(tmp_path, capsys):
         cli.main(["make_sam_checkpoint", "--path", str(path)])
     with pytest.raises(SystemExit, match="official"):
         cli.make_sam_checkpoint(path=str(tmp_path / "sam_vit_b_01ec64.pth"), variant="vit_b")
+
+
+def test_make_sam_checkpoint_overwrite_keeps_the_old_file_beside_it(tmp_path, capsys):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"my own weights")
+    cli.make_sam_checkpoint(path=str(path), variant="tiny", overwrite=True)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("weights.kept-")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"my own weights" and kept[0].suffix == ".pth"
+    assert path.stat().st_size > 1000 and str(kept[0]) in capsys.readouterr().out
 
 
 def test_run_benchmark_tiny():

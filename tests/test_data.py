@@ -80,7 +80,7 @@ def test_missing_dataset_folder(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetError, match="does not exist") as error:
         read_dataset_description(missing)
-    assert str(missing) in str(error.value) and "make_demo_data" in str(error.value)
+    assert str(missing) in str(error.value) and "prepare_custom" in str(error.value)
 
 
 def test_description_errors(tmp_path):

@@ -430,7 +430,7 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
     train.finalize()
     assert os.path.isfile(tmp_path / "tap_cache" / "manifest.json") == cache_taps
     model_file = os.path.join(overrides["ckpt_dir"], "distill_model.pt")
-    saved = torch.load(model_file, map_location="cpu", weights_only=True)
+    saved = torch.load(model_file, map_location="cpu", weights_only=True)["model"]
     assert saved and not any(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")) for k in saved)
 
     evaluate = ConfigWorkflow(config_file=TRAIN_DISTILL + DEMO_DISTILL + EVALUATE_DISTILL, workflow_type=None,

@@ -292,17 +292,17 @@ def test_training_state_skips_truncated_checkpoint(tmp_path):
 
 def test_training_state_keeps_previous_until_next_is_written(tmp_path, monkeypatch):
     """While epoch N is being written, the file of epoch N-1 must still exist (a kill then can resume)."""
-    from ignite.handlers.checkpoint import DiskSaver
+    from scripts.engine import checkpoints
 
     checkpoint_dir = tmp_path / "training_state"
     seen = []
-    original = DiskSaver.__call__
+    original = checkpoints._AtomicDiskSaver.__call__
 
     def spy(self, checkpoint, filename, metadata=None):
-        seen.append(("writing", filename, sorted(os.listdir(self.dirname))))
+        seen.append(("writing", filename, sorted(os.listdir(self.disk_saver.dirname))))
         return original(self, checkpoint, filename, metadata)
 
-    monkeypatch.setattr(DiskSaver, "__call__", spy)  # MONAI's CheckpointSaver writes through a DiskSaver
+    monkeypatch.setattr(checkpoints._AtomicDiskSaver, "__call__", spy)  # the training state's atomic writer
     trainer, *_ = make_trainer(checkpoint_dir, max_epochs=3, seed=0)
 
     @trainer.on(Events.EPOCH_COMPLETED)
@@ -315,6 +315,25 @@ def test_training_state_keeps_previous_until_next_is_written(tmp_path, monkeypat
         ("writing", "checkpoint_epoch=2.pt", ["checkpoint_epoch=1.pt"]), ["checkpoint_epoch=2.pt"],
         ("writing", "checkpoint_epoch=3.pt", ["checkpoint_epoch=2.pt"]), ["checkpoint_epoch=3.pt"],
     ]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_no_half_written_file(tmp_path):
+    """Checkpoints are written under a temporary name and moved into place: a full disk (the temporary file's
+    writes go to /dev/full) stops the run naming the file, and no checkpoint_epoch=1.pt, whole or partial, is left."""
+    from scripts.engine.checkpoints import CheckpointWriteError
+    from scripts.errors import user_error_in
+
+    checkpoint_dir = tmp_path / "training_state"
+    checkpoint_dir.mkdir()
+    os.symlink("/dev/full", checkpoint_dir / "checkpoint_epoch=1.pt.tmp")
+    trainer = make_trainer(checkpoint_dir, max_epochs=1, seed=0)[0]
+    with pytest.raises(Exception) as error:
+        trainer.run()
+    found = user_error_in(error.value)
+    assert isinstance(found, CheckpointWriteError), error.value
+    assert str(checkpoint_dir / "checkpoint_epoch=1.pt") in str(found) and "Free space" in str(found)
+    assert os.listdir(checkpoint_dir) == []
 
 
 def test_training_state_without_resume_starts_afresh(tmp_path):
@@ -494,7 +513,7 @@ def test_check_training_inputs_lists_every_problem(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         check_training_inputs(dataset_dir, "vit_h", checkpoint, str(tmp_path / "cache"))
     message = str(error.value)
-    assert dataset_dir in message and "surgical-sam make_demo_data" in message
+    assert dataset_dir in message and "surgical-sam prepare_custom" in message
     assert checkpoint in message
     assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in message
     assert message.count("\n  - ") == 2  # both problems, at once

@@ -1,7 +1,7 @@
 """Imports run downward: the rooms of bundle/scripts never import the glue above them.
 
 Read from the source with ``ast`` (every import, also those inside functions), so nothing is imported to
-check it. Rooms, low to high: files.py and the shared SAM core (sam/); the methods' networks
+check it. Rooms, low to high: files.py, errors.py and the shared SAM core (sam/); the methods' networks
 (surgical_sam/, distillation_sam/); data/; evaluation/; the methods' engine parts (losses, inferers,
 batches, datasets); above them the engine glue (engine/), the MONAI Label glue (monailabel_glue/), deployment
 (deploy/), the benchmark and the CLI.
@@ -26,7 +26,7 @@ NETWORKS = ("scripts.surgical_sam.network", "scripts.surgical_sam.prototype_prom
             "scripts.surgical_sam.original_checkpoint", "scripts.surgical_sam.label_map_network",
             "scripts.surgical_sam.onnx_parts", "scripts.distillation_sam.network", "scripts.distillation_sam.adapter",
             "scripts.distillation_sam.pvt", "scripts.distillation_sam.teacher_prompts")
-LOWER_ROOMS = SAM_CORE + NETWORKS + ("scripts.data", "scripts.evaluation", "scripts.files")
+LOWER_ROOMS = SAM_CORE + NETWORKS + ("scripts.data", "scripts.evaluation", "scripts.files", "scripts.errors")
 
 
 def _inside(module: str, rooms) -> bool:
@@ -67,7 +67,7 @@ def test_the_walker_sees_imports_at_the_top_and_inside_functions():
 
 def test_every_module_lives_in_a_room():
     """Nothing of scripts/ sits outside the rooms this test knows (a new top-level module gets a room here)."""
-    known = GLUE + SAM_CORE + METHODS + ("scripts.data", "scripts.evaluation", "scripts.files")
+    known = GLUE + SAM_CORE + METHODS + ("scripts.data", "scripts.evaluation", "scripts.files", "scripts.errors")
     stray = sorted(m for m in IMPORTS if m != "scripts" and not _inside(m, known))
     assert not stray, f"{stray} belong to no room: move them into one, or name their room in this test"
 
@@ -87,7 +87,7 @@ def test_the_sam_core_imports_only_itself(module):
 @pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, NETWORKS)))
 def test_networks_import_only_networks(module):
     others = sorted(name for name in IMPORTS[module]
-                    if not _inside(name, NETWORKS + SAM_CORE + ("scripts.files",)))
+                    if not _inside(name, NETWORKS + SAM_CORE + ("scripts.files", "scripts.errors")))
     assert not others, f"{module} imports {others}: networks take tensors and modules, not data or evaluation"
 
 

@@ -102,7 +102,9 @@ def test_two_processes_train_the_demo_and_precompute_like_one(tmp_path):
     assert events and len({os.path.basename(p).split(".")[4] for p in events}) == 1, events
     assert sorted(os.path.basename(p) for p in glob.glob(str(run_dir / "eval" / "training_state" / "*.pt"))) == \
         ["checkpoint_epoch=2.pt"]
-    state = torch.load(run_dir / "models" / "model.pt", map_location="cpu")
+    saved = torch.load(run_dir / "models" / "model.pt", map_location="cpu")
+    state = saved["model"]
+    assert saved["model_info"]["class_names"] and saved["model_info"]["frame_size"] == list(SMALL_DEMO["frame_size"])
     assert not [k for k in state if k.startswith("module.")]
     network = SurgicalSAM(7, 2, SMALL_DEMO["frame_size"], "tiny", overrides["sam_checkpoint"])
     network.load_state_dict(state)  # strict: a 'module.' prefix or a missing key would raise
@@ -166,11 +168,14 @@ METHOD_CONFIGS = [("train.yaml",), ("train.yaml", "train_distill.yaml")]
 
 @pytest.mark.parametrize("method_configs", METHOD_CONFIGS)
 def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, method_configs):
-    """Every StatsHandler / TensorBoardStatsHandler of training and validation is gated on is_main_process,
-    which multi_gpu_train.yaml sets to "rank 0": built with it false they are disabled, with it true they exist."""
+    """Every log writer (EpochProgress, StatsHandler, TensorBoardStatsHandler) of training and validation is gated on
+    is_main_process, which multi_gpu_train.yaml sets to "rank 0": built with it false they are disabled, with it true
+    they exist."""
     from monai.bundle import ConfigParser
 
-    writers = ("StatsHandler", "TensorBoardStatsHandler")
+    # training logs its epochs through EpochProgress (one line per epoch), validation through StatsHandler
+    writers = {"train": ("scripts.engine.progress.EpochProgress", "TensorBoardStatsHandler"),
+               "validate": ("StatsHandler", "TensorBoardStatsHandler")}
     for is_main_process in (True, False):
         parser = ConfigParser()
         parser.read_config([os.path.join(CONFIGS, name) for name in method_configs] + [MULTI_GPU])
@@ -180,11 +185,11 @@ def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, met
         gated = []
         for section in ("train", "validate"):
             for index, handler in enumerate(parser[f"{section}#handlers"]):
-                if isinstance(handler, dict) and handler.get("_target_") in writers:
+                if isinstance(handler, dict) and handler.get("_target_") in writers[section]:
                     built = parser.get_parsed_content(f"{section}#handlers#{index}")
                     gated.append((section, handler["_target_"], built is not None))
         assert sorted(gated) == sorted((section, writer, is_main_process)
-                                       for section in ("train", "validate") for writer in writers), gated
+                                       for section in ("train", "validate") for writer in writers[section]), gated
 
 
 @pytest.mark.parametrize("method_configs", METHOD_CONFIGS)

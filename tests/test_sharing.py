@@ -170,6 +170,7 @@ def test_verify_net_in_out_on_the_tiny_demo_sam(tiny_sam_checkpoint):
 def test_torchscript_export_equals_the_eager_network(tmp_path, demo_model_file, tiny_sam_checkpoint):
     ts_file = str(tmp_path / "model.ts")
     run_bundle_command("ckpt_export", "network_def", "--filepath", ts_file, "--ckpt_file", demo_model_file,
+                       "--key_in_ckpt", "model",  # the model card's command: a trained model.pt nests its weights
                        "--meta_file", "configs/metadata.json", "--config_file", EXPORT_CONFIGS,
                        "--sam_checkpoint", tiny_sam_checkpoint, "--use_trace", "true",
                        "--input_shape", "[1, 3, 64, 80]")
@@ -231,6 +232,18 @@ def test_pack_without_model_and_bad_bundle_root(tmp_path, bundle_copy, capsys):
         pack(out_dir=str(tmp_path / "out"), bundle_root=str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="inside the bundle"):
         pack(out_dir=str(bundle_copy / "dist"), bundle_root=str(bundle_copy))
+
+
+def test_pack_replaces_its_own_zip_but_never_another_file(tmp_path, bundle_copy):
+    first = pack(out_dir=str(tmp_path / "out"), bundle_root=str(bundle_copy))
+    assert pack(out_dir=str(tmp_path / "out"), bundle_root=str(bundle_copy)) == first  # its own: replaced
+    os.remove(first)
+    with open(first, "wb") as handle:
+        handle.write(b"not a pack")
+    with pytest.raises(SystemExit, match="not a zip that pack wrote"):
+        pack(out_dir=str(tmp_path / "out"), bundle_root=str(bundle_copy))
+    with open(first, "rb") as handle:
+        assert handle.read() == b"not a pack"
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_cli_training_without_inputs_fails_at_once(tmp_path):
     assert result.returncode != 0, output[-3000:]
     assert elapsed < 60, f"took {elapsed:.0f} s to fail"
     assert "cannot train" in output
-    assert dataset_dir in output and "surgical-sam make_demo_data" in output
+    assert dataset_dir in output and "surgical-sam prepare_custom" in output
     assert checkpoint in output and "sam_vit_h_4b8939.pth" in output
 
 
@@ -137,8 +137,8 @@ def test_demo_training_then_evaluation(tmp_path, small_sam_checkpoint):
     assert {"model", "optimizer", "trainer", "best_model", "trainer_progress"} <= set(state)
     # epochs follow their version's length: the progress records the epoch ignite would derive wrongly
     assert state["trainer_progress"] == {"epoch": 2, "iteration": state["trainer"]["iteration"]}
-    model = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True)
-    assert not any(k.startswith("image_encoder.") for k in model)
+    model = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True)["model"]
+    assert model and not any(k.startswith("image_encoder.") for k in model)
 
     evaluate = ConfigWorkflow(config_file=[TRAIN, DEMO, EVALUATE], workflow_type=None, meta_file=META_FILE,
                               logging_file=None, run_id="evaluating", protocol="oracle", **overrides)
@@ -318,23 +318,31 @@ def test_both_methods_pass_the_training_workflow_checks_with_rank_zero_gates(met
     evaluator get is gated on is_main_process (multi_gpu_train.yaml: rank 0), in both methods."""
     from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
+    from scripts.engine.progress import EpochProgress
+    from scripts.engine.run_folders import RunGuard
+
+    gated = {"StatsHandler": StatsHandler, "TensorBoardStatsHandler": TensorBoardStatsHandler,
+             "scripts.engine.progress.EpochProgress": EpochProgress, "scripts.engine.run_folders.RunGuard": RunGuard}
     overrides = demo_overrides(**prepared, **({"cache_taps": False} if method == "distillation_sam" else {}))
     workflow = checked_workflow(config_files(method, "demo"), "train", **overrides)
     network = workflow.parser.get_parsed_content("network_def")
     assert type(network).__name__ == {"surgical_sam": "SurgicalSAM", "distillation_sam": "DistillationSAM"}[method]
+    expected = {"train": {"TensorBoardStatsHandler", "scripts.engine.progress.EpochProgress",
+                          "scripts.engine.run_folders.RunGuard"},
+                "validate": {"StatsHandler", "TensorBoardStatsHandler"}}
     for section in ("train", "validate"):
-        loggers = [h for h in workflow.parser[f"{section}#handlers"]
-                   if isinstance(h, dict) and h["_target_"] in ("StatsHandler", "TensorBoardStatsHandler")]
-        assert len(loggers) == 2 and all(h.get("_disabled_") == "$not @is_main_process" for h in loggers), section
+        loggers = [h for h in workflow.parser[f"{section}#handlers"] if isinstance(h, dict) and h["_target_"] in gated]
+        assert {h["_target_"] for h in loggers} == expected[section], section
+        assert all(h.get("_disabled_") == "$not @is_main_process" for h in loggers), section
     trainer = workflow.parser.get_parsed_content("train#trainer")
     handlers = [h for event in trainer._event_handlers.values() for h, *_ in event]
     attached = {type(getattr(h, "__self__", h)) for h in handlers}
-    assert {StatsHandler, TensorBoardStatsHandler} <= attached
+    assert {EpochProgress, TensorBoardStatsHandler, RunGuard} <= attached
 
     workflow.parser["is_main_process"] = False  # another rank: the loggers are not built
     for section in ("train", "validate"):
         built = workflow.parser.get_parsed_content(f"{section}#handlers", lazy=False)
-        assert not any(isinstance(h, (StatsHandler, TensorBoardStatsHandler)) for h in built), section
+        assert not any(isinstance(h, tuple(gated.values())) for h in built), section
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_COMMANDS))

@@ -164,8 +164,9 @@ def make_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0, overwri
         path: file to write.
         variant: SAM variant (tiny, vit_b, vit_l, vit_h); ``tiny`` is the demo's.
         seed: seed of the random weights.
-        overwrite: replace an existing file.
+        overwrite: write although ``path`` exists; the existing file is kept beside it under a new name (said).
     """
+    from scripts.files import keep_aside
     from scripts.sam.backbone import SAM_VARIANTS, save_random_sam_checkpoint
 
     if path is None or path == "":
@@ -178,9 +179,16 @@ def make_sam_checkpoint(path: str, variant: str = "tiny", seed: int = 0, overwri
             f"{path} is the name of the official {variant} weights; random weights under that name would be "
             "mistaken for them. Choose another file name."
         )
-    if os.path.exists(str(path)) and not overwrite:
-        raise _fail(f"{path} exists: pass --overwrite to replace it.")
+    kept = None
+    if os.path.exists(str(path)):
+        if not overwrite:
+            raise _fail(f"{path} exists: pass --overwrite to write a new one there (the old file is kept beside it).")
+        if os.path.isdir(str(path)):
+            raise _fail(f"{path} is a folder: give a file name for the checkpoint.")
+        kept = keep_aside(str(path))
     written = save_random_sam_checkpoint(str(path), variant=variant, seed=int(seed))
+    if kept is not None:
+        print(f"the file that was at {path} is kept as {kept}")
     size_mb = os.path.getsize(written) / 2**20
     print(f"wrote a random-weight SAM {variant} checkpoint (seed {seed}, {size_mb:.1f} MiB) to {written}")
     print("  random weights: for tests and the demo only; real results need the official SAM weights.")
@@ -805,8 +813,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     import fire
 
     apply_process_settings()
+    from scripts.errors import DEBUG_ENVIRONMENT, user_error_in
 
-    fire.Fire(COMMANDS, command=None if argv is None else list(argv), name=PROG, serialize=_quiet)
+    try:
+        fire.Fire(COMMANDS, command=None if argv is None else list(argv), name=PROG, serialize=_quiet)
+    except Exception as error:  # a user error (also one MONAI wrapped) that no command turned into its own message
+        found = user_error_in(error)
+        if found is None or os.environ.get(DEBUG_ENVIRONMENT, "").strip() not in ("", "0"):
+            raise
+        raise _fail(str(found)) from None
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["TEMPORARY_SUFFIX", "atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "temporary_path"]
+           "keep_aside", "temporary_path"]
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -68,3 +69,19 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 def atomic_write_json(path: str | os.PathLike, content: Any, indent: int | None = 2, newline: bool = True) -> str:
     """Write ``content`` as JSON to ``path`` atomically (:func:`atomic_write`)."""
     return atomic_write_text(path, json.dumps(content, indent=indent) + ("\n" if newline else ""))
+
+
+def keep_aside(path: str | os.PathLike) -> str:
+    """Move the file ``path`` to a new name beside it, ``<name>.kept-<date>-<time>[-N]<suffix>``; returns the new path.
+
+    For a command about to write a file where one it did not write already is: the old file is kept, never
+    replaced (the suffix stays, so a kept ``model.pt`` still loads as one).
+    """
+    path = os.fspath(path)
+    stem, suffix = os.path.splitext(path)
+    base = f"{stem}.kept-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, number = base + suffix, 1
+    while os.path.lexists(target):
+        target, number = f"{base}-{number}{suffix}", number + 1
+    os.rename(path, target)
+    return target

@@ -53,7 +53,11 @@ DEMO_VAL_SEQUENCES = 4
 DEMO_FRAMES_PER_SEQUENCE = 12
 #: Entries a folder made by the demo holds; anything else means it is not (only) demo data.
 #: (``videos`` holds the demo video that scripts.data.demo_video makes from these frames.)
-DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR, "videos"})
+#: Written first into every folder the generator makes: what tells a demo folder (also one left unfinished) from a
+#: user's frames in the same layout. Without it (or a finished demo's dataset.json) nothing is replaced.
+DEMO_MARKER = ".surgical_sam_demo"
+DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR, "videos",
+                          DEMO_MARKER})
 
 #: Tip shapes, one per class in turn (class k gets TIP_SHAPES[(k - 1) % len]).
 TIP_SHAPES = ("fork", "jaw", "clamp", "blade", "probe", "ring", "clip", "hook")
@@ -438,14 +442,17 @@ def _split_classes(rng: np.random.Generator, num_classes: int, num_sequences: in
 
 
 def _check_only_demo_content(out_dir: str) -> None:
-    """DatasetError unless ``out_dir`` holds nothing but what the demo writes."""
-    foreign = sorted(set(os.listdir(out_dir)) - DEMO_ENTRIES)
-    if foreign:
-        raise DatasetError(
-            f"{out_dir} holds files the demo did not make ({name_files(foreign)}): the demo only writes into an "
-            "empty folder or one holding demo data; choose another --out_dir or empty the folder."
-        )
+    """DatasetError unless ``out_dir`` holds nothing but what the demo wrote (its marker or a demo dataset.json)."""
+    entries = sorted(os.listdir(out_dir))
+    foreign = sorted(set(entries) - DEMO_ENTRIES)
     description_path = os.path.join(out_dir, DESCRIPTION_FILE)
+    owned = os.path.isfile(os.path.join(out_dir, DEMO_MARKER)) or os.path.isfile(description_path)
+    if foreign or not owned:
+        raise DatasetError(
+            f"{out_dir} holds files the demo did not make ({name_files(foreign or entries)}): the demo only writes "
+            "into an empty folder or one it made, and never replaces your files; choose another --out_dir. For your "
+            "own frames and label maps use `surgical-sam prepare_custom --config my_data.yaml --out_dir NEW_FOLDER`."
+        )
     if os.path.isfile(description_path):
         try:
             generator = read_dataset_description(out_dir).get("generator", {})
@@ -506,6 +513,8 @@ def make_demo_dataset(
             raise DatasetError(f"{out_dir} already holds a demo dataset: pass overwrite=True to replace it.")
         _clear_demo_content(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, DEMO_MARKER), "w") as handle:  # first: the folder is the demo's from now on
+        handle.write("made by surgical-sam's demo generator (scripts.data.demo); it may replace this folder\n")
 
     description = {
         "name": "surgical-sam-demo",

@@ -27,7 +27,7 @@ def ensure_demo_video(demo_dir: str, fps: float = 8.0, split: str = "validation"
     """
     description = os.path.join(demo_dir, "dataset.json")
     if not os.path.isfile(description):
-        raise DatasetError(f"no demo dataset in {demo_dir}: run `surgical-sam demo` (or make_demo_data) first")
+        raise DatasetError(f"no demo dataset in {demo_dir}: run `surgical-sam demo` first")
     path = os.path.join(demo_dir, VIDEOS_DIR, DEMO_VIDEO)
     if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(description):
         return path

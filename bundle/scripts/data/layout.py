@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import BundleError, MissingInputError
 from ..files import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ _LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 _warned_frame_modes: set[str] = set()
 
 
-class DatasetError(ValueError):
+class DatasetError(BundleError, ValueError):
     """A dataset folder, description or file that the bundle cannot use as it is."""
 
 
@@ -78,10 +79,14 @@ def name_files(paths: Iterable[object], limit: int = MAX_NAMED_FILES) -> str:
     return shown
 
 
-def _demo_hint(dataset_dir: str) -> str:
+def prepare_hint(dataset_dir: str) -> str:
+    """How to make a dataset folder, with commands that never write over a user's files: prepare one's own frames
+    into a new folder, or run the demo (which keeps its data in the bundle)."""
     return (
-        "prepare a dataset (see README) or run the demo: "
-        f"`surgical-sam make_demo_data --out_dir {dataset_dir}`"
+        "prepare your frames and label maps into a new folder with `surgical-sam prepare_custom --config "
+        "my_data.yaml --out_dir NEW_FOLDER` (or a prepare_* command of a public dataset, see the model card) and "
+        f"pass --dataset_dir NEW_FOLDER instead of {dataset_dir}; to try the bundle on generated data, run "
+        "`surgical-sam demo`"
     )
 
 
@@ -154,12 +159,12 @@ def read_dataset_description(dataset_dir: str | os.PathLike) -> dict:
     """
     dataset_dir = str(dataset_dir)
     if not os.path.isdir(dataset_dir):
-        raise DatasetError(f"dataset folder {dataset_dir} does not exist: {_demo_hint(dataset_dir)}.")
+        raise DatasetError(f"dataset folder {dataset_dir} does not exist: {prepare_hint(dataset_dir)}.")
     path = os.path.join(dataset_dir, DESCRIPTION_FILE)
     if not os.path.isfile(path):
         raise DatasetError(
             f"{path} is missing: the dataset folder needs a {DESCRIPTION_FILE} describing classes and splits; "
-            f"{_demo_hint(dataset_dir)}."
+            f"{prepare_hint(dataset_dir)}."
         )
     try:
         with open(path, encoding="utf-8") as handle:
@@ -205,9 +210,8 @@ def dataset_fact(dataset_dir: str | os.PathLike, name: str):
     path = os.path.join(str(dataset_dir), DESCRIPTION_FILE)
     if not os.path.isfile(path):
         raise DatasetError(
-            f"{name} comes from the dataset's {DESCRIPTION_FILE}, but {path} does not exist: prepare the dataset "
-            f"(`surgical-sam prepare_* ... --out_dir {dataset_dir}`, see the model card) or pass --dataset_dir; "
-            f"for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`. Without a dataset "
+            f"{name} comes from the dataset's {DESCRIPTION_FILE}, but {path} does not exist: "
+            f"{prepare_hint(dataset_dir)}. Without a dataset "
             f"(e.g. the original release's features) set --{name} in the config or on the command line."
         )
     description = read_dataset_description(dataset_dir)
@@ -219,7 +223,7 @@ def dataset_fact(dataset_dir: str | os.PathLike, name: str):
     return [int(v) for v in description["frame_size"]]
 
 
-def raise_input_problems(problems: list[str], job: str, error: type[Exception] = FileNotFoundError) -> None:
+def raise_input_problems(problems: list[str], job: str, error: type[Exception] = MissingInputError) -> None:
     """``error`` "cannot <job>:" naming every problem on a line of its own; nothing when there is none."""
     if problems:
         raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))

@@ -8,6 +8,7 @@ import os
 import zipfile
 from pathlib import Path
 
+from ..errors import BundleError
 from ..files import atomic_write
 
 #: What a packed bundle holds (paths relative to the bundle folder); everything else (data/, eval/, embedding
@@ -20,7 +21,7 @@ PACKED_FILES = ("large_files.yml", "LICENSE", "models/model.pt")
 UNPACKED_SUFFIXES = (".pyc", ".pyo", ".pth", ".md5", ".tmp")
 
 
-class PackError(ValueError):
+class PackError(BundleError, ValueError):
     """The bundle cannot be packed as asked (not a bundle folder, bad metadata.json, output inside the bundle)."""
 
 
@@ -81,6 +82,9 @@ def pack_bundle(root: Path, out_dir: str, with_onnx: bool = False) -> tuple[Path
     target = Path(out_dir).resolve() / f"{name}_v{version}.zip"
     if root in target.parents:
         raise PackError(f"--out_dir {out_dir} is inside the bundle {root}: choose a folder outside it.")
+    if target.exists() and not _is_a_pack_of(target, name):
+        raise PackError(f"{target} exists and is not a zip that pack wrote (one folder {name}/ inside): it is left "
+                        "as it is; choose another --out_dir or move that file.")
     files = packed_files(root)
     if with_onnx:
         from .onnx_backend import packed_onnx_files
@@ -97,3 +101,14 @@ def pack_bundle(root: Path, out_dir: str, with_onnx: bool = False) -> tuple[Path
 
     atomic_write(target, write_zip)
     return target, files, name, version
+
+
+def _is_a_pack_of(path: Path, name: str) -> bool:
+    """Whether ``path`` is a zip of the layout :func:`pack_bundle` writes (every member under ``name/``): pack
+    replaces such a file, never another."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(members) and all(member.startswith(name + "/") for member in members)

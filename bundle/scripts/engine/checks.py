@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 
-from ..data.layout import raise_input_problems
+from ..data.layout import prepare_hint, raise_input_problems
+from ..errors import MissingInputError
 from ..sam.backbone import missing_sam_weights
 
 
@@ -30,8 +31,7 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
     stale: list[str] = []  # StaleCacheError: the cache is there but made for other inputs
     if not os.path.isfile(os.path.join(dataset_dir, "dataset.json")):
         missing.append(
-            f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing). Prepare one (see the model card) "
-            f"or pass --dataset_dir; for the demo data run `surgical-sam make_demo_data --out_dir {dataset_dir}`."
+            f"dataset: no prepared dataset at {dataset_dir} (dataset.json missing): {prepare_hint(dataset_dir)}."
         )
     missing += missing_sam_weights(sam_variant, sam_checkpoint)
     if not missing:  # the cache's own check (the one EmbeddingCache opens it with), in this run's words
@@ -40,7 +40,7 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
         hint = "<the same config files as this run>"
         missing += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_missing]
         stale += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_stale]
-    raise_input_problems(missing + stale, job, FileNotFoundError if missing else StaleCacheError)
+    raise_input_problems(missing + stale, job, MissingInputError if missing else StaleCacheError)
 
 
 def check_dataset_facts(dataset_dir: str, facts: dict, cache_dir: str | None = None, job: str = "train",

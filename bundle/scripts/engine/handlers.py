@@ -18,10 +18,13 @@ import zipfile
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader
 
+from ..errors import BundleError
 from ..evaluation.metrics import FRAME_STATS_FILE, SCALAR_METRIC_KEYS
 from ..evaluation.report import format_metrics_table
+from ..files import TEMPORARY_SUFFIX, keep_aside
+from .checkpoints import AtomicCheckpointSaver
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +165,31 @@ class BestModelState:
 
 #: Key of the ``EngineProgress`` in the training state.
 PROGRESS_KEY = "trainer_progress"
+#: Key of the run's settings (:class:`RunSettings`) in the training state.
+SETTINGS_KEY = "run_settings"
+
+
+class ResumeSettingsError(BundleError, ValueError):
+    """A run would resume a training state saved with other settings."""
+
+
+class RunSettings:
+    """The settings of a training run (learning rate, batch size, method, classes, ...), saved with its state so
+    that a resumed run can say which of its own differ. Plain values only (JSON's types)."""
+
+    def __init__(self, settings: dict) -> None:
+        self.settings = json.loads(json.dumps(settings or {}))  # tuples -> lists, as they come back
+
+    def state_dict(self) -> dict:
+        return dict(self.settings)
+
+    def load_state_dict(self, state: dict) -> None:  # compared when attaching (TrainingState), never loaded
+        pass
+
+    def differences(self, saved: dict) -> list[str]:
+        """``name: the training state has X, this run has Y`` for every setting both know and that differs."""
+        return [f"{name}: the training state has {saved[name]!r}, this run has {value!r}"
+                for name, value in self.settings.items() if name in saved and saved[name] != value]
 
 
 class TrainingState:
@@ -169,12 +197,21 @@ class TrainingState:
 
     The saved dict is ``save_dict`` plus the trainer itself (added at attach time, so the config
     needs no reference from the trainer's handlers back to the trainer). A killed run started again
-    with the same command continues from the newest ``checkpoint_epoch=N.pt``; ``resume=False``
-    starts afresh (the old state is then replaced).
+    with the same command continues from the newest ``checkpoint_epoch=N.pt`` (and says so); ``resume=False``
+    starts afresh (the old state is then replaced). Files are written atomically (:class:`AtomicCheckpointSaver`).
+
+    ``settings`` (learning rate, batch size, method, classes, ...) are saved with the state; a run that would
+    resume a state saved with other settings stops, naming each, unless ``resume_with_changes`` (then it goes on
+    with its own settings, the learning rate applied to the resumed optimizer). ``model_file``: the best model's
+    file; when the run does not resume, a file already there (which this run did not start from) is kept aside
+    under a new name, said, never replaced.
     """
 
-    def __init__(self, checkpoint_dir: str, save_dict: dict, resume: bool = True) -> None:
+    def __init__(self, checkpoint_dir: str, save_dict: dict, resume: bool = True, settings: dict | None = None,
+                 resume_with_changes: bool = False, model_file: str | None = None) -> None:
         self.checkpoint_dir, self.save_dict, self.resume = checkpoint_dir, dict(save_dict), resume
+        self.settings = RunSettings(settings or {})
+        self.resume_with_changes, self.model_file = bool(resume_with_changes), model_file
 
     def numbered_checkpoints(self) -> list[tuple[int, str]]:
         """(epoch, path) of every ``checkpoint_epoch=N.pt`` in the folder, newest first."""
@@ -186,7 +223,7 @@ class TrainingState:
         return sorted(found, reverse=True)
 
     def latest_checkpoint(self) -> str | None:
-        # MONAI's CheckpointSaver writes in place (not atomically): a run killed while saving leaves a
+        # earlier bundles wrote in place (MONAI's CheckpointSaver): a run killed while saving left a
         # truncated file, which must not block resuming from the previous, complete one.
         for _, path in self.numbered_checkpoints():
             if zipfile.is_zipfile(path):  # torch.save's format; a truncated file lacks the zip directory
@@ -196,33 +233,80 @@ class TrainingState:
 
     def attach(self, engine: Engine) -> None:
         # the progress after the trainer: it corrects the epoch ignite derives from a variable epoch length
-        state = {**self.save_dict, "trainer": engine, PROGRESS_KEY: EngineProgress(engine)}
+        state = {**self.save_dict, "trainer": engine, PROGRESS_KEY: EngineProgress(engine), SETTINGS_KEY: self.settings}
         latest = self.latest_checkpoint() if self.resume else None
         if latest is not None:
-            logger.info("resuming training from %s", latest)
-            load = state
-            if PROGRESS_KEY not in torch.load(latest, map_location="cpu", weights_only=True):
+            saved = torch.load(latest, map_location="cpu", weights_only=True)
+            self._compare_settings(latest, saved.get(SETTINGS_KEY))
+            progress = saved.get(PROGRESS_KEY) or {}
+            logger.info("resuming training from %s (after epoch %s; --resume false starts afresh)", latest,
+                        progress.get("epoch", "?"))
+            load = {k: v for k, v in state.items() if k != SETTINGS_KEY}
+            if PROGRESS_KEY not in saved:
                 # saved by a bundle before 0.4, whose epochs all had the first one's length: ignite's own
                 # epoch = iteration // epoch_length is right for it
-                load = {k: v for k, v in state.items() if k != PROGRESS_KEY}
+                load = {k: v for k, v in load.items() if k != PROGRESS_KEY}
             CheckpointLoader(load_path=latest, load_dict=load, map_location="cpu").attach(engine)
+            if self.resume_with_changes:
+                engine.add_event_handler(Events.STARTED, self._apply_learning_rate, saved.get(SETTINGS_KEY) or {})
+        elif self.model_file and os.path.isfile(self.model_file) and idist.get_rank() == 0:
+            kept = keep_aside(self.model_file)
+            logger.warning("%s was there before this run, which does not start from it: kept as %s", self.model_file,
+                           kept)
         # n_saved=None: ignite's own pruning deletes the previous file BEFORE writing the next one (in
         # place), so a kill in between would leave no complete state. Older files (also those of
         # earlier, killed runs) are removed below, once this epoch's file is written (handlers run in
         # the order they were attached).
-        CheckpointSaver(save_dir=self.checkpoint_dir, save_dict=state, save_interval=1, n_saved=None,
-                        epoch_level=True).attach(engine)
+        AtomicCheckpointSaver(save_dir=self.checkpoint_dir, save_dict=state, save_interval=1, n_saved=None,
+                              epoch_level=True).attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._remove_older_checkpoints)
+
+    def _compare_settings(self, latest: str, saved: dict | None) -> None:
+        if saved is None:
+            logger.warning("the training state %s has no record of its settings (saved by an older bundle): this "
+                           "run's are not compared with it", latest)
+            return
+        differences = self.settings.differences(saved)
+        if not differences:
+            return
+        listed = "\n  - " + "\n  - ".join(differences)
+        if self.resume_with_changes:
+            logger.warning("resuming %s with this run's settings (--resume_with_changes true):%s", latest, listed)
+            return
+        raise ResumeSettingsError(
+            f"this run would resume the training state {latest}, saved with other settings:{listed}\n"
+            "Run with the saved settings to continue it, --resume false to start afresh (its state is then "
+            "replaced), --output_dir NEW_FOLDER for a run of its own, or --resume_with_changes true to continue it "
+            "with this run's settings.")
+
+    def _apply_learning_rate(self, engine: Engine, saved: dict) -> None:
+        """After loading (resume_with_changes): the run's learning rate replaces the saved one in the optimizer and
+        its schedulers, scaled so that a schedule goes on from where it was."""
+        new, old = self.settings.settings.get("learning_rate"), saved.get("learning_rate")
+        if not new or not old or new == old:
+            return
+        scale = float(new) / float(old)
+        optimizer, scheduler = self.save_dict.get("optimizer"), self.save_dict.get("lr_scheduler")
+        for group in getattr(optimizer, "param_groups", []):
+            for key in ("lr", "initial_lr"):
+                if key in group:
+                    group[key] *= scale
+        for part in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+            if hasattr(part, "base_lrs"):
+                part.base_lrs = [rate * scale for rate in part.base_lrs]
+        logger.info("learning rate %s applied to the resumed optimizer (was %s)", new, old)
 
     def _remove_older_checkpoints(self, engine: Engine) -> None:
         if idist.get_rank() != 0:
             return
-        for epoch, path in self.numbered_checkpoints():
-            if epoch < engine.state.epoch:
-                try:
-                    os.remove(path)
-                except FileNotFoundError:
-                    pass
+        older = [path for epoch, path in self.numbered_checkpoints() if epoch < engine.state.epoch]
+        # and what a run killed while writing left under the atomic writer's temporary name (this epoch's is done)
+        older += glob.glob(os.path.join(self.checkpoint_dir, "checkpoint_epoch=*.pt" + TEMPORARY_SUFFIX))
+        for path in older:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 class MetricsReport:
@@ -269,7 +353,7 @@ class MetricsReport:
 
 
 # ------------------------------------------------------------------------------- inference past bad frames
-class UnreadableFramesError(RuntimeError):
+class UnreadableFramesError(BundleError, RuntimeError):
     """Some frames of an inference run could not be read (every other frame was segmented and written)."""
 
 
@@ -314,6 +398,8 @@ class UnreadableFrames:
 
     def report(self, engine: Engine | None = None) -> None:
         if not self.skipped:
+            logger.info("inference finished: %d frame(s) of %s segmented, written to %s", self.seen, self.frames_dir,
+                        self.output_dir)
             return
         raise UnreadableFramesError(
             f"{len(self.skipped)} of {self.seen} frame(s) in {self.frames_dir} could not be read and were not "

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from ..errors import BundleError
 from ..files import atomic_write
 from ..sam.checkpoint import read_checkpoint_dict, state_dict_mismatch
 
@@ -45,7 +46,7 @@ BUNDLE_PREFIXES = {PROMPT_ENCODER_KEY: "class_prompt_encoder.", DECODER_KEY: "ma
 SAM_PROMPT_ENCODER_PREFIX = "prompt_encoder."
 
 
-class OriginalCheckpointError(ValueError):
+class OriginalCheckpointError(BundleError, ValueError):
     """The file is not an original SurgicalSAM checkpoint that fits the requested configuration."""
 
 
