@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import BundleError
 from ..sam.backbone import get_variant, sam_weights_not_found
 from ..sam.checkpoint import memoised_md5
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -20,7 +21,7 @@ from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 CACHE_FORMAT_VERSION = 2
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(BundleError, RuntimeError):
     """The cache on disk was made for other inputs than this run's, or is incomplete."""
 
 

@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import BundleError
 from ..sam.backbone import build_sam, get_variant
 from ..sam.fast_encoder import frozen_encoder_forward
 from ..sam.geometry import frames_to_sam_input, masks_to_embedding_grid
@@ -69,7 +70,7 @@ from .layout import check_dataset, class_names, load_datalist, read_dataset_desc
 logger = logging.getLogger(__name__)
 
 
-class CacheSpaceError(OSError):
+class CacheSpaceError(BundleError, OSError):
     """The cache would not fit in the free space of its disk."""
 
 
