@@ -51,6 +51,18 @@ def small_cache_dir(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
     return cache_dir
 
 
+@pytest.fixture
+def prepared(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint):
+    """The small demo with a private copy of the shared cache (a run's initialize re-checks and may rewrite its
+    index) and a run folder ``out_dir`` under ``tmp_path``."""
+    import shutil
+
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(small_cache_dir, cache_dir)
+    return {"dataset_dir": small_demo_dir, "cache_dir": cache_dir, "sam_checkpoint": small_sam_checkpoint,
+            "out_dir": tmp_path / "run"}
+
+
 def bundle_copy_ignore(bundle_root: str):
     """``shutil.copytree`` ignore for copying the bundle without its generated data, eval output and weights.
 

@@ -1245,18 +1245,16 @@ studies = sys.argv[2]
 first, where = access_token(studies)
 again, _ = access_token(studies)
 mode = os.stat(where).st_mode & 0o777
+def refusal():
+    try:
+        access_token(studies)
+        return "accepted"
+    except AuthSetupError as error:
+        return str(error)
 os.chmod(where, 0o644)
-try:
-    access_token(studies)
-    readable = "accepted"
-except AuthSetupError as error:
-    readable = str(error)
+readable = refusal()
 os.environ["SURGICALSAM_TOKEN"] = "short"
-try:
-    access_token(studies)
-    short = "accepted"
-except AuthSetupError as error:
-    short = str(error)
+short = refusal()
 os.environ["SURGICALSAM_TOKEN"] = "a-team-token-of-32-characters-ok"
 given = access_token(studies)
 print(json.dumps({"same": first == again, "length": len(first), "mode": mode, "readable": readable, "short": short,

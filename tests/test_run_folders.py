@@ -84,8 +84,8 @@ def demo_run(prepared, **extra):
     from monai.bundle import ConfigWorkflow
 
     overrides = {"dataset_dir": str(prepared["dataset_dir"]), "cache_dir": str(prepared["cache_dir"]),
-                 "sam_checkpoint": str(prepared["sam_checkpoint"]), "output_dir": str(prepared["out"] / "eval"),
-                 "ckpt_dir": str(prepared["out"] / "models"), "frame_size": list(SMALL_DEMO["frame_size"]),
+                 "sam_checkpoint": str(prepared["sam_checkpoint"]), "output_dir": str(prepared["out_dir"] / "eval"),
+                 "ckpt_dir": str(prepared["out_dir"] / "models"), "frame_size": list(SMALL_DEMO["frame_size"]),
                  "augmentation_versions": SMALL_CACHE_VERSIONS, "batch_size": 8, "num_epochs": 1,
                  "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")},
                  **extra}
@@ -102,16 +102,8 @@ def demo_run(prepared, **extra):
     return workflow
 
 
-@pytest.fixture
-def prepared(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint):
-    cache_dir = tmp_path / "cache"
-    shutil.copytree(small_cache_dir, cache_dir)
-    return {"dataset_dir": small_demo_dir, "cache_dir": cache_dir, "sam_checkpoint": small_sam_checkpoint,
-            "out": tmp_path / "run"}
-
-
 def test_training_keeps_an_old_model_aside_records_its_settings_and_resumes_only_with_them(prepared, caplog):
-    models = prepared["out"] / "models"
+    models = prepared["out_dir"] / "models"
     models.mkdir(parents=True)
     (models / "model.pt").write_bytes(b"a model of another run")
     with caplog.at_level(logging.INFO):

@@ -42,15 +42,6 @@ def demo_overrides(dataset_dir, cache_dir, sam_checkpoint, out_dir, **extra) -> 
     }
 
 
-@pytest.fixture
-def prepared(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint):
-    """A private copy of the shared cache (the demo's initialize re-checks and may rewrite its index)."""
-    cache_dir = tmp_path / "cache"
-    shutil.copytree(small_cache_dir, cache_dir)
-    return {"dataset_dir": small_demo_dir, "cache_dir": cache_dir, "sam_checkpoint": small_sam_checkpoint,
-            "out_dir": tmp_path / "run"}
-
-
 # -------------------------------------------------------------------------------------- properties
 def test_train_workflow_properties(prepared):
     workflow = checked_workflow([TRAIN, DEMO], "train", **demo_overrides(**prepared))

@@ -85,20 +85,26 @@ def check_arguments(kwargs: dict) -> None:
                 check_name(params[key], key.replace("_", " "))
 
 
-def checked_names(endpoint):
-    """``endpoint`` (sync or async) with :func:`check_arguments` first; same signature for FastAPI."""
-    if getattr(endpoint, "_names_checked", False):
-        return endpoint
+def check_first(endpoint, check):
+    """``endpoint`` (sync or async) that runs ``check(kwargs)`` before it; the same signature for FastAPI."""
     if inspect.iscoroutinefunction(endpoint):
         @functools.wraps(endpoint)
         async def wrapped(*args, **kwargs):
-            check_arguments(kwargs)
+            check(kwargs)
             return await endpoint(*args, **kwargs)
     else:
         @functools.wraps(endpoint)
         def wrapped(*args, **kwargs):
-            check_arguments(kwargs)
+            check(kwargs)
             return endpoint(*args, **kwargs)
+    return wrapped
+
+
+def checked_names(endpoint):
+    """``endpoint`` with :func:`check_arguments` first (:func:`check_first`)."""
+    if getattr(endpoint, "_names_checked", False):
+        return endpoint
+    wrapped = check_first(endpoint, check_arguments)
     wrapped._names_checked = True
     return wrapped
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import os
@@ -22,6 +21,8 @@ import threading
 from collections.abc import Sequence
 
 from fastapi import HTTPException
+
+from .names import check_first
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +50,7 @@ def _check_params(kwargs: dict) -> None:
 
 
 def _json_errors_are_400(endpoint):
-    if inspect.iscoroutinefunction(endpoint):
-        @functools.wraps(endpoint)
-        async def wrapped(*args, **kwargs):
-            _check_params(kwargs)
-            return await endpoint(*args, **kwargs)
-    else:
-        @functools.wraps(endpoint)
-        def wrapped(*args, **kwargs):
-            _check_params(kwargs)
-            return endpoint(*args, **kwargs)
-    return wrapped
+    return check_first(endpoint, _check_params)
 
 
 def _threaded_inference(endpoint):
