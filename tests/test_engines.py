@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -680,3 +681,22 @@ def test_micro_batch_iteration_in_monai_trainer_equals_monai_iteration():
         assert float((micro_params[name] - value).abs().max()) <= 1e-5, name
     with pytest.raises(ValueError, match="accumulation_steps"):
         _one_trainer_iteration(2, accumulation_steps=2)
+
+
+def test_epoch_progress_counts_the_samples_of_a_decollated_batch(caplog):
+    """MONAI's trainer decollates ``engine.state.batch`` into per-sample dicts after each iteration: the rate
+    counts those samples (it counted each sample's first dimension, 256 embedding channels, 16x too many)."""
+    from scripts.engine.progress import EpochProgress
+
+    data = [{"image": torch.randn(256, 2, 2), "label": torch.randn(1)} for _ in range(10)]
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 1))
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=torch.utils.data.DataLoader(data, batch_size=4),
+        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.1), loss_function=torch.nn.MSELoss())
+    progress = EpochProgress()
+    progress.attach(trainer)
+    with caplog.at_level(logging.INFO, logger="scripts.engine.progress"):
+        trainer.run()
+    assert isinstance(trainer.state.batch, list)  # decollated, as in every training run
+    assert progress.samples == 10 and progress.iterations == 3
+    assert "epoch 1/1: loss" in caplog.text and "(mean of 3 iterations)" in caplog.text

@@ -16,9 +16,12 @@ logger = logging.getLogger(__name__)
 
 
 def _batch_size(batch) -> int:
-    """Samples in a batch: the first dimension of its first tensor (1 when it has none)."""
+    """Samples in a batch: the length of a decollated batch (a list of per-sample dicts, as MONAI's engines leave
+    ``engine.state.batch`` after an iteration), else the first dimension of its first tensor (0 when it has none)."""
     if torch.is_tensor(batch):
         return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, (list, tuple)) and batch and all(isinstance(item, dict) for item in batch):
+        return len(batch)
     if isinstance(batch, dict):
         batch = list(batch.values())
     if isinstance(batch, (list, tuple)):
