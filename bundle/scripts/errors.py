@@ -6,8 +6,9 @@ usual base (``DatasetError(BundleError, ValueError)``), so code that catches ``V
 
 Under ``python -m monai.bundle run`` MONAI wraps every error of a config expression in ``RuntimeError: Failed to
 evaluate ConfigExpression`` after some sixty lines of traceback. :func:`install_user_error_hook` (the configs'
-first ``initialize`` step) replaces Python's report of an uncaught error whose cause chain holds a
-``BundleError`` by that error's message alone, the fix as its last lines; the exit code stays 1. With
+second ``initialize`` step, after the process settings) replaces Python's report of an uncaught error whose
+cause chain holds a ``BundleError`` by that error's message alone, the fix as its last lines; the exit code
+stays 1. With
 ``SURGICAL_SAM_DEBUG=1`` in the environment the full traceback is printed as before.
 """
 
