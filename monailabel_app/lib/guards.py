@@ -49,11 +49,13 @@ def check_infer_request(request: dict) -> None:
                                                     f"got {extension!r}")
 
 
-def _json_object(text: str, what: str) -> dict:
+def json_object(text: str, what: str, example: str = "") -> dict:
+    """``text`` as a JSON object ({} when empty), else HTTPException 400 naming ``what`` (and ``example``)."""
     try:
         value = json.loads(text) if text else {}
     except json.JSONDecodeError as error:
-        raise HTTPException(status_code=400, detail=f"{what} is not JSON ({error}): send a JSON object") from None
+        raise HTTPException(status_code=400, detail=f"{what} is not JSON ({error}): send a JSON object"
+                                                    f"{', e.g. ' + example if example else ''}") from None
     if not isinstance(value, dict):
         raise HTTPException(status_code=400, detail=f"{what} must be a JSON object, got {type(value).__name__}")
     return value
@@ -151,7 +153,7 @@ def _user():
 
 
 def api_put_image_info(image: str, info: str = Form("{}")):
-    values = _json_object(info, "info")
+    values = json_object(info, "info")
     datastore = _instance().datastore()
     if image not in datastore.list_images():
         raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
@@ -159,7 +161,7 @@ def api_put_image_info(image: str, info: str = Form("{}")):
 
 
 def _put_label_info(label: str, tag: str, info: str):
-    values = _json_object(info, "info")
+    values = json_object(info, "info")
     datastore = _instance().datastore()
     if tag not in datastore.get_labels_by_image_id(label):
         raise HTTPException(status_code=404, detail=f"no label {label!r} with tag {tag!r} in the datastore")

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 
 from fastapi import HTTPException
 
+from .guards import json_object
 from .names import check_first
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,7 @@ def server_app():
 def _check_params(kwargs: dict) -> None:
     params = kwargs.get("params")
     if isinstance(params, str) and params:
-        try:
-            value = json.loads(params)
-        except json.JSONDecodeError as error:
-            raise HTTPException(status_code=400, detail=f"params is not JSON ({error}): send a JSON object, "
-                                                        'e.g. params={"device": "cpu"}') from None
-        if not isinstance(value, dict):
-            raise HTTPException(status_code=400, detail=f"params must be a JSON object, got {type(value).__name__}")
+        json_object(params, "params", example='params={"device": "cpu"}')
 
 
 def _json_errors_are_400(endpoint):
