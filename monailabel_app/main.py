@@ -26,6 +26,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from lib import uploads
 from lib.activelearning import MostUncertain, SurgicalSAMUncertainty, UncertaintyScoring
 from lib.auth import access_token, protect
 from lib.batch import PerFrameBatchInfer
@@ -36,7 +37,6 @@ from lib.labels import class_table
 from lib.reservations import Reservations, ReservedView, client_of, reserve_seconds
 from lib.server import install, server_app
 from lib.trainers import SurgicalSAMTrainTask
-from lib import uploads
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class SurgicalSAMApp(MONAILabelApp):
             if not os.path.isfile(os.path.join(self.bundle, name)):
                 raise FileNotFoundError(
                     f"{os.path.join(self.bundle, name)} is missing: make the bundle folder first with "
-                    f"`surgical-sam monailabel_bundle {self.bundle} --model_file MODEL.pt --sam_checkpoint SAM.pth`")
+                    f"`surgical-sam monailabel_bundle {self.bundle} --model_file MODEL.pt --sam_checkpoint SAM.pth`"
+                )
         import torch
 
         threads = conf.get("threads") or max(1, (os.cpu_count() or 2) // 2)
@@ -83,23 +84,34 @@ class SurgicalSAMApp(MONAILabelApp):
         self._reservations = Reservations(reserve_seconds(conf))
         uploads.configure(conf)
         self.class_table = class_table(self.bundle)
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="SurgicalSAM",
-                         description="Surgical instrument segmentation of endoscopic frames (SurgicalSAM + SAM prompts)",
-                         version="0.1.0")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SurgicalSAM",
+            description="Surgical instrument segmentation of endoscopic frames (SurgicalSAM + SAM prompts)",
+            version="0.1.0",
+        )
 
     def init_datastore(self):
-        return CheckedLocalDatastore(self.studies, class_table=self.class_table, bundle=self.bundle,
-                                     extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-                                     auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                                     read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        return CheckedLocalDatastore(
+            self.studies,
+            class_table=self.class_table,
+            bundle=self.bundle,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
 
     def init_infers(self) -> dict[str, InferTask]:
         auto = SurgicalSAMAuto(self.bundle, self.conf, type="segmentation")
         if not auto.is_valid():
             raise RuntimeError(f"the bundle at {self.bundle} is not a valid MONAI Label bundle (see the log)")
-        infers = {"surgicalsam": auto,
-                  "surgicalsam_class": share_network(SurgicalSAMClass(self.bundle, self.conf, type="segmentation"), auto),
-                  "sam_prompt": share_network(SAMPrompt(self.bundle, self.conf), auto)}
+        infers = {
+            "surgicalsam": auto,
+            "surgicalsam_class": share_network(SurgicalSAMClass(self.bundle, self.conf, type="segmentation"), auto),
+            "sam_prompt": share_network(SAMPrompt(self.bundle, self.conf), auto),
+        }
         for name, task in infers.items():
             task.description = f"{MODELS[name]}. {task.description or ''}".strip()
         self._uncertainty = share_network(SurgicalSAMUncertainty(self.bundle, self.conf, type="segmentation"), auto)
@@ -137,8 +149,9 @@ class SurgicalSAMApp(MONAILabelApp):
         strategy = request.get("strategy") or "random"
         task = self._strategies.get(strategy)
         if task is None:
-            raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r}; strategies: "
-                                                        f"{sorted(self._strategies)}")
+            raise HTTPException(
+                status_code=404, detail=f"unknown strategy {strategy!r}; strategies: {sorted(self._strategies)}"
+            )
         client_id = client_of(request)
         with self._reservations.lock:
             view = ReservedView(self.datastore(), self._reservations.held_by_others(client_id))
@@ -182,8 +195,12 @@ class SurgicalSAMApp(MONAILabelApp):
         try:
             result = super().infer(request, datastore)
             if save_label and result.get("file") and os.path.exists(result["file"]):
-                result["label"] = datastore.save_label(image, result["file"], request.get("label_tag") or "original",
-                                                       {"model": model, "params": result.get("params")})
+                result["label"] = datastore.save_label(
+                    image,
+                    result["file"],
+                    request.get("label_tag") or "original",
+                    {"model": model, "params": result.get("params")},
+                )
             return result
         except HTTPException:
             raise

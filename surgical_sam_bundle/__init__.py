@@ -32,9 +32,11 @@ def bundle_folder(cwd: str | None = None) -> Path:
         return here
     if is_this_bundle(CHECKOUT_BUNDLE):
         return CHECKOUT_BUNDLE
-    raise SystemExit(f"surgical-sam: {here} is not a bundle folder (configs/metadata.json, scripts/cli.py) and this "
-                     f"install has no checkout beside it ({CHECKOUT_BUNDLE} missing): run the command inside the "
-                     "bundle folder, or install the repository with 'pip install -e .'")
+    raise SystemExit(
+        f"surgical-sam: {here} is not a bundle folder (configs/metadata.json, scripts/cli.py) and this "
+        f"install has no checkout beside it ({CHECKOUT_BUNDLE} missing): run the command inside the "
+        "bundle folder, or install the repository with 'pip install -e .'"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -46,8 +46,9 @@ def small_cache_dir(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
     from scripts.data.embedding_cache import precompute_embeddings
 
     cache_dir = str(tmp_path_factory.mktemp("small_cache") / "tiny")
-    precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
-                          augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    precompute_embeddings(
+        small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, augmentation_versions=SMALL_CACHE_VERSIONS, seed=666
+    )
     return cache_dir
 
 
@@ -59,8 +60,12 @@ def prepared(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint):
 
     cache_dir = tmp_path / "cache"
     shutil.copytree(small_cache_dir, cache_dir)
-    return {"dataset_dir": small_demo_dir, "cache_dir": cache_dir, "sam_checkpoint": small_sam_checkpoint,
-            "out_dir": tmp_path / "run"}
+    return {
+        "dataset_dir": small_demo_dir,
+        "cache_dir": cache_dir,
+        "sam_checkpoint": small_sam_checkpoint,
+        "out_dir": tmp_path / "run",
+    }
 
 
 def bundle_copy_ignore(bundle_root: str):
@@ -119,8 +124,9 @@ def checked_workflow(config_files, workflow_type: str, **overrides):
     initialised, after asserting that check_properties finds every required ``workflow_type`` property."""
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=list(config_files), workflow_type=workflow_type, meta_file=META_FILE,
-                              logging_file=None, **overrides)
+    workflow = ConfigWorkflow(
+        config_file=list(config_files), workflow_type=workflow_type, meta_file=META_FILE, logging_file=None, **overrides
+    )
     workflow.initialize()
     missing = workflow.check_properties()
     assert not (set(missing or []) - allowed_missing()), f"missing or wrong {workflow_type} properties: {missing}"

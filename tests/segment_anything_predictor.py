@@ -41,18 +41,23 @@ def main(request_file: str, out_file: str) -> None:
     else:
         tensor = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
         size = resized_shape(frame.shape[:2], predictor.model.image_encoder.img_size)
-        predictor.set_torch_image(F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True),
-                                  frame.shape[:2])
+        predictor.set_torch_image(
+            F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True), frame.shape[:2]
+        )
     out = {}
     for index, prompts in enumerate(request["prompts"]):
         points = prompts.get("foreground", []) + prompts.get("background", [])
         coords = np.array(points, np.float32) if points else None
-        labels = np.array([1] * len(prompts.get("foreground", [])) + [0] * len(prompts.get("background", []))) \
-            if points else None
+        labels = (
+            np.array([1] * len(prompts.get("foreground", [])) + [0] * len(prompts.get("background", [])))
+            if points
+            else None
+        )
         box = np.array(prompts["box"], np.float32) if "box" in prompts else None
         with torch.no_grad():
-            logits, scores, _ = predictor.predict(coords, labels, box, multimask_output=box is None and len(points) == 1,
-                                                  return_logits=True)
+            logits, scores, _ = predictor.predict(
+                coords, labels, box, multimask_output=box is None and len(points) == 1, return_logits=True
+            )
         out[f"logits_{index}"] = logits[int(np.argmax(scores))].astype(np.float32)
     np.savez(out_file, **out)
 

@@ -12,9 +12,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import use_float64_dense_pe
 from PIL import Image
 
-from conftest import use_float64_dense_pe
 from scripts import cli
 from scripts.benchmark import format_benchmark_table, run_benchmark
 
@@ -29,9 +29,11 @@ def test_make_demo_data_writes_dataset(tmp_path, capsys):
     summary = cli.make_demo_data(out_dir=str(out_dir), frame_size="32,40", num_classes=3, seed=1)
     description = json.loads((out_dir / "dataset.json").read_text())
     assert description["frame_size"] == [32, 40]
-    assert list(description["classes"].values()) == summary["classes"] == [
-        "Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver"
-    ]
+    assert (
+        list(description["classes"].values())
+        == summary["classes"]
+        == ["Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver"]
+    )
     assert summary["frames"] == {"training": 192, "validation": 48}  # the demo's 16 + 4 sequences of 12 frames
     assert (out_dir / "preview.png").is_file()
     printed = capsys.readouterr().out
@@ -64,10 +66,12 @@ def test_missing_dataset_hints_name_a_command_that_is_safe_on_the_users_folder(t
     users = tmp_path / "my_frames"
     write_png(users / "images" / "case_1" / "0001.png", [[1, 2], [3, 4]])
     messages = []
-    for call in (lambda: check_training_inputs(str(users), "tiny", None, str(tmp_path / "cache")),
-                 lambda: dataset_fact(str(users), "class_names"),
-                 lambda: read_dataset_description(users),
-                 lambda: read_dataset_description(tmp_path / "nowhere")):
+    for call in (
+        lambda: check_training_inputs(str(users), "tiny", None, str(tmp_path / "cache")),
+        lambda: dataset_fact(str(users), "class_names"),
+        lambda: read_dataset_description(users),
+        lambda: read_dataset_description(tmp_path / "nowhere"),
+    ):
         with pytest.raises((FileNotFoundError, DatasetError)) as error:
             call()
         messages.append(str(error.value))
@@ -85,8 +89,13 @@ def test_score_crafted_case(tmp_path, capsys):
     write_png(pred / "seq_1" / "b.png", [[0, 1, 0, 0], [0, 0, 0, 0]])
     output = tmp_path / "out" / "metrics.json"
 
-    result = cli.score(pred_dir=str(pred), gt_dir=str(gt), class_names="bipolar,prograsp,needle",
-                       protocol="auto", output_file=str(output))
+    result = cli.score(
+        pred_dir=str(pred),
+        gt_dir=str(gt),
+        class_names="bipolar,prograsp,needle",
+        protocol="auto",
+        output_file=str(output),
+    )
     written = json.loads(output.read_text())
     assert written["protocol"] == "auto"
     assert written["challenge_iou"] == pytest.approx(100 * 2 / 3)
@@ -101,12 +110,18 @@ def test_score_crafted_case(tmp_path, capsys):
     # oracle: frame b has no entry, so IoU equals Challenge IoU; names read from a dataset.json
     dataset = tmp_path / "dataset"
     dataset.mkdir()
-    (dataset / "dataset.json").write_text(json.dumps({
-        "classes": {"1": "bipolar", "2": "prograsp", "3": "needle"}, "ignore_index": 255,
-        "training": [{"image": "images/x.png", "label": "labels/x.png"}],
-    }))
-    oracle = cli.score(pred_dir=str(pred), gt_dir=str(gt), dataset_dir=str(dataset), protocol="oracle",
-                       output_file=None)
+    (dataset / "dataset.json").write_text(
+        json.dumps(
+            {
+                "classes": {"1": "bipolar", "2": "prograsp", "3": "needle"},
+                "ignore_index": 255,
+                "training": [{"image": "images/x.png", "label": "labels/x.png"}],
+            }
+        )
+    )
+    oracle = cli.score(
+        pred_dir=str(pred), gt_dir=str(gt), dataset_dir=str(dataset), protocol="oracle", output_file=None
+    )
     assert oracle["iou"] == pytest.approx(100 * 2 / 3) and oracle["challenge_iou"] == pytest.approx(100 * 2 / 3)
 
 
@@ -142,13 +157,32 @@ def test_make_sam_checkpoint_overwrite_keeps_the_old_file_beside_it(tmp_path, ca
 
 
 def test_run_benchmark_tiny():
-    result = run_benchmark(batch_size=2, num_classes=3, num_tokens=2, frame_size=(64, 80), steps=1,
-                           encoder_frames=1, inference_frames=1, device="cpu", sam_variant="tiny")
+    result = run_benchmark(
+        batch_size=2,
+        num_classes=3,
+        num_tokens=2,
+        frame_size=(64, 80),
+        steps=1,
+        encoder_frames=1,
+        inference_frames=1,
+        device="cpu",
+        sam_variant="tiny",
+    )
     assert result["settings"]["embedding_shape"] == [256, 16, 16]
-    for key in ("train_samples_per_s", "train_samples_per_s_original", "train_samples_per_s_original_equal_terms",
-                "train_speedup", "train_speedup_equal_terms", "infer_masks_per_s", "infer_masks_per_s_original",
-                "infer_masks_per_s_original_equal_terms", "infer_speedup", "infer_speedup_equal_terms",
-                "train_peak_rss_gib", "encoder_frames_per_s"):
+    for key in (
+        "train_samples_per_s",
+        "train_samples_per_s_original",
+        "train_samples_per_s_original_equal_terms",
+        "train_speedup",
+        "train_speedup_equal_terms",
+        "infer_masks_per_s",
+        "infer_masks_per_s_original",
+        "infer_masks_per_s_original_equal_terms",
+        "infer_speedup",
+        "infer_speedup_equal_terms",
+        "train_peak_rss_gib",
+        "encoder_frames_per_s",
+    ):
         assert result[key] > 0, key
     assert result["device"] == "cpu" and result["threads"] >= 1 and result["torch_version"] == torch.__version__
     # each path in its own process: the original out of the box without the bundle's settings, the others with
@@ -159,7 +193,10 @@ def test_run_benchmark_tiny():
     # OpenMP's wait policy reaches the workers through their environment, before their torch loads
     assert paths["original_out_of_the_box"]["process_settings"]["openmp"]["OMP_WAIT_POLICY"]["value"] is None
     assert paths["bundle"]["process_settings"]["openmp"]["OMP_WAIT_POLICY"] == {
-        "value": os.environ["OMP_WAIT_POLICY"], "set_by": "environment", "in_force_here": True}
+        "value": os.environ["OMP_WAIT_POLICY"],
+        "set_by": "environment",
+        "in_force_here": True,
+    }
     # same weights and data: the bundle's path and the copy of the original's give the same loss and step
     assert result["train_loss_abs_diff"] < 1e-5
     assert result["data_batch_read_s"] > 0 and result["data_batch_read_share_of_step"] > 0
@@ -190,8 +227,15 @@ def test_bundle_training_step_equals_the_original_operations(batch, micro_batch_
     from scripts import benchmark as bm
     from scripts.surgical_sam.loss import SurgicalSAMLoss, class_embeddings_from_masks
 
-    cfg = dict(batch_size=batch, num_classes=3, num_tokens=2, frame_size=[48, 72], inference_frames=1,
-               sam_variant="tiny", seed=0)
+    cfg = dict(
+        batch_size=batch,
+        num_classes=3,
+        num_tokens=2,
+        frame_size=[48, 72],
+        inference_frames=1,
+        sam_variant="tiny",
+        seed=0,
+    )
     runs = []
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # the network, the data and the optimizer in float64
@@ -220,7 +264,10 @@ def _one_step(bm, cfg, path, loss_cls, class_embeddings_from_masks, micro_batch_
         class_embeddings, _ = class_embeddings_from_masks(embeddings, targets["grid_mask"])
         loss = bm.original_training_step(model, optimizer, embeddings, targets, class_embeddings)
     else:
-        loss = float(bm.bundle_training_step(model, optimizer, loss_cls(), embeddings, targets,
-                                             micro_batch_size=micro_batch_size))
+        loss = float(
+            bm.bundle_training_step(
+                model, optimizer, loss_cls(), embeddings, targets, micro_batch_size=micro_batch_size
+            )
+        )
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss, grads, {k: v.clone() for k, v in model.state_dict().items()}

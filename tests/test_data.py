@@ -40,8 +40,9 @@ from scripts.data.layout import (
 
 FRAME_SIZE = (48, 64)
 NUM_CLASSES = 7
-DEMO_KWARGS = dict(frame_size=FRAME_SIZE, num_classes=NUM_CLASSES, train_sequences=2, val_sequences=1,
-                   frames_per_sequence=8, seed=3)
+DEMO_KWARGS = dict(
+    frame_size=FRAME_SIZE, num_classes=NUM_CLASSES, train_sequences=2, val_sequences=1, frames_per_sequence=8, seed=3
+)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -64,8 +65,13 @@ def _small_dataset(dataset_dir: Path, num_frames: int = 3, frame_size=(16, 20), 
         label = rng.integers(0, num_classes + 1, size=frame_size).astype(np.uint8)
         entries.append(write_sample(dataset_dir, "seq_a", f"{index:03d}", image, label, num_classes))
     description = {
-        "name": "tiny", "description": "test", "classes": {str(k): f"tool {k}" for k in range(1, num_classes + 1)},
-        "ignore_index": 255, "frame_size": list(frame_size), "training": entries[:-1], "validation": entries[-1:],
+        "name": "tiny",
+        "description": "test",
+        "classes": {str(k): f"tool {k}" for k in range(1, num_classes + 1)},
+        "ignore_index": 255,
+        "frame_size": list(frame_size),
+        "training": entries[:-1],
+        "validation": entries[-1:],
     }
     write_dataset_description(dataset_dir, description)
     return description
@@ -222,8 +228,14 @@ def test_check_dataset_label_values_outside_class_table(tmp_path):
 def test_check_dataset_mixed_frame_sizes(tmp_path):
     description = _small_dataset(tmp_path, num_frames=4)
     rng = np.random.default_rng(2)
-    entry = write_sample(tmp_path, "seq_b", "000", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
-                         np.zeros((20, 24), dtype=np.uint8), 3)
+    entry = write_sample(
+        tmp_path,
+        "seq_b",
+        "000",
+        rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
+        np.zeros((20, 24), dtype=np.uint8),
+        3,
+    )
     description["training"].append(entry)
     write_dataset_description(tmp_path, description)
     with pytest.raises(DatasetError, match="2 different sizes") as error:
@@ -283,7 +295,9 @@ def test_demo_frames_and_binary_annotations(demo_dir):
         for class_id in present:  # instruments are reasonably large
             assert (label == class_id).mean() > 0.005
     assert 0 in instruments_per_frame  # a few frames without instruments
-    assert max(instruments_per_frame) <= 3 and sum(n > 0 for n in instruments_per_frame) > len(instruments_per_frame) // 2
+    assert (
+        max(instruments_per_frame) <= 3 and sum(n > 0 for n in instruments_per_frame) > len(instruments_per_frame) // 2
+    )
 
 
 def test_demo_is_deterministic(demo_dir, tmp_path):
@@ -296,8 +310,14 @@ def test_demo_is_deterministic(demo_dir, tmp_path):
 
 
 def test_demo_many_classes_named_generically(tmp_path):
-    make_demo_dataset(str(tmp_path / "d"), frame_size=(32, 40), num_classes=9, train_sequences=3, val_sequences=1,
-                      frames_per_sequence=3)
+    make_demo_dataset(
+        str(tmp_path / "d"),
+        frame_size=(32, 40),
+        num_classes=9,
+        train_sequences=3,
+        val_sequences=1,
+        frames_per_sequence=3,
+    )
     description = read_dataset_description(tmp_path / "d")
     assert class_names(description) == [f"class_{k}" for k in range(1, 10)]
     assert check_dataset(tmp_path / "d")["frame_size"] == [32, 40]
@@ -390,7 +410,8 @@ def test_flip_versions_give_flipped_copies_per_frame():
         out_image, out_label = augment_frame(image, label, 1, f"seq_1/{index:05d}")
         candidates = {
             (h, v): (np.flip(np.flip(image, 1) if h else image, 0) if v else (np.flip(image, 1) if h else image))
-            for h in (False, True) for v in (False, True)
+            for h in (False, True)
+            for v in (False, True)
         }
         matches = [flip for flip, candidate in candidates.items() if np.array_equal(out_image, candidate)]
         assert len(matches) == 1
@@ -407,8 +428,10 @@ def test_colour_jitter_changes_colours_not_geometry():
     changed = 0
     for index in range(6):
         out_image, out_label = augment_frame(image, label, 35, f"s/{index}", draws="always")
-        assert any(np.array_equal(out_label, candidate)
-                   for candidate in (label, label[::-1], label[:, ::-1], label[::-1, ::-1]))
+        assert any(
+            np.array_equal(out_label, candidate)
+            for candidate in (label, label[::-1], label[:, ::-1], label[::-1, ::-1])
+        )
         changed += not any(
             np.array_equal(out_image, candidate)
             for candidate in (image, image[::-1], image[:, ::-1], image[::-1, ::-1])
@@ -472,9 +495,11 @@ def test_scaled_masks_equal_pils_resize_of_each_class_mask():
     label[rng.integers(0, 40, 60), rng.integers(0, 52, 60)] = 6  # fragments
     for size in ((42, 54), (45, 58), (47, 62)):
         out = resize_class_masks(torch.from_numpy(label[None]).float(), size)[0].numpy()
-        expected = {value: np.asarray(Image.fromarray((label == value).astype(np.uint8)).resize(size[::-1],
-                                                                                              Image.BILINEAR)) == 1
-                    for value in (1, 3, 6, 255)}
+        expected = {
+            value: np.asarray(Image.fromarray((label == value).astype(np.uint8)).resize(size[::-1], Image.BILINEAR))
+            == 1
+            for value in (1, 3, 6, 255)
+        }
         claims = sum(mask.astype(int) for mask in expected.values())
         for value, mask in expected.items():
             # where PIL's rounding leaves two class masks on (ties), the label map holds one of them
@@ -518,9 +543,12 @@ def test_colour_adjustments_equal_pils_image_enhance():
     rng = np.random.default_rng(5)
     image = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
     ours, pil = image.transpose(2, 0, 1).astype(np.float64), Image.fromarray(image)
-    for adjust, enhancer, factor in ((adjust_contrast, ImageEnhance.Contrast, 1.31), (adjust_brightness,
-                                     ImageEnhance.Brightness, 0.77), (adjust_saturation, ImageEnhance.Color, 1.18),
-                                     (adjust_brightness, ImageEnhance.Brightness, 1.4)):
+    for adjust, enhancer, factor in (
+        (adjust_contrast, ImageEnhance.Contrast, 1.31),
+        (adjust_brightness, ImageEnhance.Brightness, 0.77),
+        (adjust_saturation, ImageEnhance.Color, 1.18),
+        (adjust_brightness, ImageEnhance.Brightness, 1.4),
+    ):
         ours, pil = adjust(ours, factor), enhancer(pil).enhance(factor)
         assert np.array_equal(ours.transpose(1, 2, 0), np.asarray(pil))
     assert np.array_equal(adjust_brightness(ours, 1.0), ours)
@@ -553,9 +581,14 @@ def test_the_generator_defaults_are_the_demo_set_so_make_demo_data_makes_what_th
     from monai.bundle import ConfigParser
 
     config = ConfigParser()  # each method's demo command, merged
-    config.read_config([str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / f"{name}.yaml") for name in files])
-    defaults = {name: parameter.default for name, parameter in inspect.signature(make_demo_dataset).parameters.items()
-                if parameter.default is not inspect.Parameter.empty}
+    config.read_config(
+        [str(Path(__file__).resolve().parents[1] / "bundle" / "configs" / f"{name}.yaml") for name in files]
+    )
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(make_demo_dataset).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
     assert tuple(config["frame_size"]) == tuple(defaults["frame_size"])
     assert "demo_class_names(7)" in str(config["class_names"]) and defaults["num_classes"] == 7
     for key, value in config["demo_data"].items():

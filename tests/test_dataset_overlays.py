@@ -4,8 +4,8 @@ properties, and a short train + evaluate run on a tiny original layout."""
 
 from __future__ import annotations
 
-import json
 import glob
+import json
 import os
 import shutil
 
@@ -20,9 +20,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
 TRAIN, EVALUATE, E2018, E2017, CHOLEC, ORIGINAL, CROSS = (
     os.path.join(CONFIGS, f"{name}.yaml")
-    for name in ("train", "evaluate", "endovis2018", "endovis2017", "cholecseg8k", "original_layout", "cross_dataset"))
-E2017_NAMES = ["Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver", "Vessel Sealer", "Grasping Retractor",
-               "Monopolar Curved Scissors", "Other"]
+    for name in ("train", "evaluate", "endovis2018", "endovis2017", "cholecseg8k", "original_layout", "cross_dataset")
+)
+E2017_NAMES = [
+    "Bipolar Forceps",
+    "Prograsp Forceps",
+    "Large Needle Driver",
+    "Vessel Sealer",
+    "Grasping Retractor",
+    "Monopolar Curved Scissors",
+    "Other",
+]
 
 pytestmark = pytest.mark.usefixtures("restore_root_logging")  # ConfigWorkflow reconfigures the root logger
 
@@ -52,8 +60,11 @@ def test_endovis2017_values_and_per_fold_folders():
         assert parser.get_parsed_content("val_split") == f"fold{fold}_validation"
         root = parser.get_parsed_content("bundle_root")
         assert parser.get_parsed_content("sam_checkpoint") == root + "/models/sam_vit_h_4b8939.pth"
-        folders[fold] = (parser.get_parsed_content("ckpt_dir"), parser.get_parsed_content("output_dir"),
-                         parser.get_parsed_content("training_state_dir"))
+        folders[fold] = (
+            parser.get_parsed_content("ckpt_dir"),
+            parser.get_parsed_content("output_dir"),
+            parser.get_parsed_content("training_state_dir"),
+        )
         assert folders[fold][0].endswith(f"models/endovis2017/fold{fold}")
     assert len({f for triple in folders.values() for f in triple}) == 12  # no two folds share a folder
     evaluation = parsed([TRAIN, E2017, EVALUATE], fold=3, protocol="oracle")
@@ -83,29 +94,49 @@ def fold_data(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
         description = json.load(handle)
     sequences = sorted({item["sequence"] for item in description["training"]})
     description["fold2_training"] = description["validation"] + [
-        i for i in description["training"] if i["sequence"] == sequences[0]]
+        i for i in description["training"] if i["sequence"] == sequences[0]
+    ]
     description["fold2_validation"] = [i for i in description["training"] if i["sequence"] == sequences[1]]
     # EndoVis2017 data for the EndoVis2017 overlay: its class names are checked against dataset.json's by name
     description["classes"] = {str(i): name for i, name in enumerate(E2017_NAMES, start=1)}
     with open(os.path.join(data, "dataset.json"), "w") as handle:
         json.dump(description, handle)
     cache = str(root / "cache")
-    precompute_embeddings(data, cache, "tiny", small_sam_checkpoint,
-                          splits=("training", "validation", "fold2_training", "fold2_validation"),
-                          augmentation_versions=1)
+    precompute_embeddings(
+        data,
+        cache,
+        "tiny",
+        small_sam_checkpoint,
+        splits=("training", "validation", "fold2_training", "fold2_validation"),
+        augmentation_versions=1,
+    )
     return data, cache
 
 
 def small_overrides(tmp_path, sam_checkpoint, **extra):
-    return {"sam_variant": "tiny", "sam_checkpoint": str(sam_checkpoint), "bundle_root": str(tmp_path / "bundle"),
-            "augmentation_versions": 1, "num_workers": 0, "batch_size": 4, "val_batch_size": 2, **extra}
+    return {
+        "sam_variant": "tiny",
+        "sam_checkpoint": str(sam_checkpoint),
+        "bundle_root": str(tmp_path / "bundle"),
+        "augmentation_versions": 1,
+        "num_workers": 0,
+        "batch_size": 4,
+        "val_batch_size": 2,
+        **extra,
+    }
 
 
 def test_endovis2017_fold_workflow_properties(tmp_path, fold_data, small_sam_checkpoint):
     data, cache = fold_data
-    workflow = checked_workflow([TRAIN, E2017], "train", fold=2, dataset_dir=data, cache_dir=cache,
-                                frame_size=list(SMALL_DEMO["frame_size"]),
-                                **small_overrides(tmp_path, small_sam_checkpoint))
+    workflow = checked_workflow(
+        [TRAIN, E2017],
+        "train",
+        fold=2,
+        dataset_dir=data,
+        cache_dir=cache,
+        frame_size=list(SMALL_DEMO["frame_size"]),
+        **small_overrides(tmp_path, small_sam_checkpoint),
+    )
     assert workflow.train_dataset.split == "fold2_training"
     keys = {e["key"] for e in workflow.parser.get_parsed_content("validate#dataset").entries}
     assert keys == {e["key"] for e in workflow.parser.get_parsed_content("embedding_cache").entries("fold2_validation")}
@@ -117,29 +148,56 @@ def test_cholecseg8k_workflow_properties(tmp_path, small_sam_checkpoint):
     from scripts.data.demo import make_demo_dataset
     from scripts.data.embedding_cache import precompute_embeddings
 
-    data = make_demo_dataset(str(tmp_path / "data"), frame_size=(48, 80), num_classes=12, train_sequences=1,
-                             val_sequences=1, frames_per_sequence=3)
+    data = make_demo_dataset(
+        str(tmp_path / "data"),
+        frame_size=(48, 80),
+        num_classes=12,
+        train_sequences=1,
+        val_sequences=1,
+        frames_per_sequence=3,
+    )
     cache = str(tmp_path / "cache")
     precompute_embeddings(data, cache, "tiny", small_sam_checkpoint, augmentation_versions=1)
-    workflow = checked_workflow([TRAIN, CHOLEC], "train", dataset_dir=data, cache_dir=cache, frame_size=[48, 80],
-                                **small_overrides(tmp_path, small_sam_checkpoint))
+    workflow = checked_workflow(
+        [TRAIN, CHOLEC],
+        "train",
+        dataset_dir=data,
+        cache_dir=cache,
+        frame_size=[48, 80],
+        **small_overrides(tmp_path, small_sam_checkpoint),
+    )
     assert workflow.parser.get_parsed_content("network").num_classes == 12
 
 
 def test_cross_dataset_overlay_maps_shared_classes(tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint):
     """An EndoVis2017 model scored on EndoVis2018-named data: BF, PF, LND and MCS are shared."""
-    workflow = ConfigWorkflow(config_file=[TRAIN, E2017, EVALUATE, CROSS], workflow_type=None, meta_file=META_FILE,
-                              logging_file=None, dataset_dir=small_demo_dir, cache_dir=small_cache_dir,
-                              frame_size=list(SMALL_DEMO["frame_size"]), val_split="validation", train_split="training",
-                              **small_overrides(tmp_path, small_sam_checkpoint))
+    workflow = ConfigWorkflow(
+        config_file=[TRAIN, E2017, EVALUATE, CROSS],
+        workflow_type=None,
+        meta_file=META_FILE,
+        logging_file=None,
+        dataset_dir=small_demo_dir,
+        cache_dir=small_cache_dir,
+        frame_size=list(SMALL_DEMO["frame_size"]),
+        val_split="validation",
+        train_split="training",
+        **small_overrides(tmp_path, small_sam_checkpoint),
+    )
     workflow.initialize()
     parser = workflow.parser
     shared = parser.get_parsed_content("shared_classes")
     assert [(m, e) for m, e, _ in shared] == [(1, 1), (2, 2), (3, 3), (6, 4)]
     lut = parser.get_parsed_content("validate#prepare_batch").label_lut
     assert lut[:8] == [0, 1, 2, 3, 6, 255, 255, 255]
-    assert parser.get_parsed_content("validate#inferer").allowed.tolist() == [True, True, True, False, False, True,
-                                                                             False]
+    assert parser.get_parsed_content("validate#inferer").allowed.tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
     assert parser.get_parsed_content("metrics_file").endswith("cross_dataset/oracle/metrics.json")
     assert parser.get_parsed_content("validate#evaluator") is not None
 
@@ -147,15 +205,27 @@ def test_cross_dataset_overlay_maps_shared_classes(tmp_path, small_cache_dir, sm
 def test_original_layout_train_and_evaluate(tmp_path, small_sam_checkpoint):
     """Train one epoch on a tiny original layout, then evaluate: metrics.json and frame_stats.json."""
     make_2018(str(tmp_path / "data"), versions=1)
-    common = dict(data_root=str(tmp_path / "data"), class_names=LAYOUT_NAMES, frame_size=list(LAYOUT_FRAME),
-                  ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), num_epochs=1,
-                  **small_overrides(tmp_path, small_sam_checkpoint))
+    common = dict(
+        data_root=str(tmp_path / "data"),
+        class_names=LAYOUT_NAMES,
+        frame_size=list(LAYOUT_FRAME),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        num_epochs=1,
+        **small_overrides(tmp_path, small_sam_checkpoint),
+    )
     train = checked_workflow([TRAIN, E2018, ORIGINAL], "train", **common)
     train.run()
     train.finalize()
     assert os.path.isfile(tmp_path / "models" / "model.pt")
-    evaluate = ConfigWorkflow(config_file=[TRAIN, E2018, EVALUATE, ORIGINAL], workflow_type=None,
-                              meta_file=META_FILE, logging_file=None, run_id="evaluating", **common)
+    evaluate = ConfigWorkflow(
+        config_file=[TRAIN, E2018, EVALUATE, ORIGINAL],
+        workflow_type=None,
+        meta_file=META_FILE,
+        logging_file=None,
+        run_id="evaluating",
+        **common,
+    )
     evaluate.initialize()
     evaluate.run()
     evaluate.finalize()
@@ -170,9 +240,16 @@ def test_original_layout_train_and_evaluate(tmp_path, small_sam_checkpoint):
 
 def test_original_layout_missing_data_fails_at_once(tmp_path, small_sam_checkpoint):
     make_2018(str(tmp_path / "data"), versions=0)
-    workflow = ConfigWorkflow(config_file=[TRAIN, E2018, ORIGINAL], workflow_type="train", meta_file=META_FILE,
-                              logging_file=None, data_root=str(tmp_path / "data"), class_names=LAYOUT_NAMES,
-                              frame_size=list(LAYOUT_FRAME), **small_overrides(tmp_path, small_sam_checkpoint))
+    workflow = ConfigWorkflow(
+        config_file=[TRAIN, E2018, ORIGINAL],
+        workflow_type="train",
+        meta_file=META_FILE,
+        logging_file=None,
+        data_root=str(tmp_path / "data"),
+        class_names=LAYOUT_NAMES,
+        frame_size=list(LAYOUT_FRAME),
+        **small_overrides(tmp_path, small_sam_checkpoint),
+    )
     workflow.initialize()
     with pytest.raises(RuntimeError) as error:  # MONAI wraps the expression's error
         workflow.parser.get_parsed_content("training#0")
@@ -188,7 +265,9 @@ def test_class_names_are_written_once_per_dataset():
     copies = []
     for path in sorted(glob.glob(os.path.join(os.path.dirname(TRAIN), "*.yaml"))):
         text = open(path).read()
-        copies += [f"{os.path.basename(path)}: {name}" for name in ("Vessel Sealer", "Suction Instrument") if name in text]
+        copies += [
+            f"{os.path.basename(path)}: {name}" for name in ("Vessel Sealer", "Suction Instrument") if name in text
+        ]
     assert not copies, copies
     assert all(name in CLASS_TABLES for name in ("endovis2018", "endovis2017"))
     with pytest.raises(RuntimeError) as raised:  # MONAI wraps the component's error

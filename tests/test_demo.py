@@ -44,8 +44,9 @@ def check_onnx_on_demo_model(bundle_dir, work_dir) -> dict:
 
     bundle_dir = os.path.abspath(str(bundle_dir))
     parser = ConfigParser()
-    parser.read_config([os.path.join(bundle_dir, "configs", name)
-                        for name in ("inference.yaml", "demo_inference.yaml")])
+    parser.read_config(
+        [os.path.join(bundle_dir, "configs", name) for name in ("inference.yaml", "demo_inference.yaml")]
+    )
     parser["bundle_root"] = bundle_dir
     parser["device"] = "$torch.device('cpu')"
     network, inferer = parser.get_parsed_content("network_def"), parser.get_parsed_content("inferer")
@@ -65,7 +66,11 @@ def test_demo_from_a_fresh_bundle_copy(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE_ROOT, bundle, ignore=bundle_copy_ignore(BUNDLE_ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.cli", "demo"], cwd=bundle, capture_output=True, text=True, timeout=1800,
+        [sys.executable, "-m", "scripts.cli", "demo"],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
@@ -75,8 +80,14 @@ def test_demo_from_a_fresh_bundle_copy(tmp_path):
             metrics[protocol] = json.load(handle)
         assert metrics[protocol]["protocol"] == protocol
         assert set(metrics[protocol]["class_iou"]) == {
-            "Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver", "Monopolar Curved Scissors",
-            "Ultrasound Probe", "Suction Instrument", "Clip Applier"}
+            "Bipolar Forceps",
+            "Prograsp Forceps",
+            "Large Needle Driver",
+            "Monopolar Curved Scissors",
+            "Ultrasound Probe",
+            "Suction Instrument",
+            "Clip Applier",
+        }
     assert "demo: oracle Challenge IoU" in output
     assert metrics["oracle"]["challenge_iou"] >= 70.0, metrics["oracle"]
     assert metrics["oracle"]["iou"] == pytest.approx(metrics["oracle"]["challenge_iou"])  # true by construction

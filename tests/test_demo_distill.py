@@ -26,8 +26,12 @@ def test_demo_distill_from_a_fresh_bundle_copy(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE_ROOT, bundle, ignore=bundle_copy_ignore(BUNDLE_ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.cli", "demo_distill", "--epochs", "6"], cwd=bundle, capture_output=True,
-        text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+        [sys.executable, "-m", "scripts.cli", "demo_distill", "--epochs", "6"],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-
 import glob
 import json
 import math
@@ -15,16 +14,16 @@ import torch
 from conftest import META_FILE, SMALL_CACHE_VERSIONS, SMALL_DEMO, checked_workflow
 from monai.bundle import ConfigWorkflow
 
+from scripts.distillation_sam.adapter import default_tap_blocks
+from scripts.distillation_sam.checks import check_distill_inputs
 from scripts.distillation_sam.datasets import FrameLabelDataset
 from scripts.distillation_sam.inferer import SemanticInferer
-from scripts.distillation_sam.checks import check_distill_inputs
 from scripts.distillation_sam.loss import DistillationSAMLoss
-from scripts.sam.batched_mask_decoder import decode_masks
-from scripts.distillation_sam.adapter import default_tap_blocks
 from scripts.distillation_sam.network import DistillationSAM, semantic_logits
 from scripts.distillation_sam.pvt import PyramidVisionTransformer
-from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
 from scripts.distillation_sam.teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
+from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
+from scripts.sam.batched_mask_decoder import decode_masks
 
 NUM_CLASSES = 3
 FRAME_SIZE = (48, 64)
@@ -49,9 +48,11 @@ def frames_and_labels(batch: int = 2, seed: int = 1):
 # ----------------------------------------------------------------------------------------------- PVT
 @pytest.mark.parametrize(
     "size, expected",
-    [((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)]),
-     ((96, 128), [(24, 32), (12, 16), (6, 8), (3, 4)]),
-     ((50, 70), [(13, 18), (7, 9), (4, 5), (2, 3)])],
+    [
+        ((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)]),
+        ((96, 128), [(24, 32), (12, 16), (6, 8), (3, 4)]),
+        ((50, 70), [(13, 18), (7, 9), (4, 5), (2, 3)]),
+    ],
 )
 def test_pvt_stage_shapes(size, expected):
     torch.manual_seed(0)
@@ -152,8 +153,9 @@ def test_teacher_embeddings_equal_prompt_encoder(tiny_sam_checkpoint):
         assert torch.equal(sparse, ref_sparse) and torch.equal(dense, ref_dense)
         assert dense.shape == (1, 256, *GRID) and sparse.shape == (1, 2, 256)
 
-        prompts = sample_teacher_prompts(mask, TINY.image_size, GRID, "box+points", num_points=3,
-                                         generator=torch.Generator().manual_seed(0))
+        prompts = sample_teacher_prompts(
+            mask, TINY.image_size, GRID, "box+points", num_points=3, generator=torch.Generator().manual_seed(0)
+        )
         points, labels = prompts.points, prompts.point_labels
         assert points.shape == (1, 3, 2) and torch.equal(labels, torch.ones(1, 3, dtype=torch.long))
         assert bool(mask[0, points[0, :, 1].long(), points[0, :, 0].long()].all())  # inside the mask
@@ -170,8 +172,10 @@ def test_teacher_points_scaled_to_sam_input_and_seeded():
     assert torch.equal(prompts.boxes if prompts.boxes is not None else torch.zeros(0), torch.zeros(0))
     wide = torch.zeros(2, 96, 128, dtype=torch.bool)
     wide[:, 10:80, 20:120] = True
-    draw = [sample_teacher_prompts(wide, 256, GRID, "points", 4, 2, torch.Generator().manual_seed(s)).points
-            for s in (3, 3, 4)]
+    draw = [
+        sample_teacher_prompts(wide, 256, GRID, "points", 4, 2, torch.Generator().manual_seed(s)).points
+        for s in (3, 3, 4)
+    ]
     assert torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
     with pytest.raises(ValueError, match="strategy must be one of"):
         sample_teacher_prompts(wide, 256, GRID, "scribble")
@@ -183,8 +187,9 @@ def test_teacher_empty_mask_gives_not_a_point_tokens(tiny_sam_checkpoint):
     not_a_point = prompt_encoder.not_a_point_embed.weight
     with torch.no_grad():
         for strategy, tokens in (("box", 2), ("points", 3), ("box+points", 4)):
-            prompts = sample_teacher_prompts(empty, TINY.image_size, GRID, strategy, num_points=1,
-                                             num_negative_points=1)
+            prompts = sample_teacher_prompts(
+                empty, TINY.image_size, GRID, strategy, num_points=1, num_negative_points=1
+            )
             sparse, dense = teacher_prompt_embeddings(prompt_encoder, prompts)
             assert sparse.shape == (1, tokens, 256)
             assert torch.allclose(sparse[0], not_a_point.expand(tokens, -1)), strategy
@@ -212,8 +217,9 @@ def test_frozen_parts_unchanged_after_a_step(tiny_sam_checkpoint):
     assert not any(m.training for m in (model.image_encoder, model.prompt_encoder, model.mask_decoder))
     frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
     frozen.update({f"buffer:{k}": v.clone() for k, v in model.named_buffers()})
-    assert frozen and all(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.", "buffer:"))
-                          for k in frozen)
+    assert frozen and all(
+        k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.", "buffer:")) for k in frozen
+    )
     adapter_before = {k: v.clone() for k, v in model.adapter.named_parameters()}
     head_before = {k: v.clone() for k, v in model.class_head.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -246,8 +252,7 @@ def test_forward_shapes_and_label_map(tiny_sam_checkpoint):
     assert out["dense"].shape == out["teacher_dense"].shape == (2, 256, *GRID)
     assert out["sparse"].shape == (2, 16, 256)
     assert out["label_map"].dtype == torch.long and torch.equal(out["label_map"], out["semantic_logits"].argmax(1))
-    assert torch.allclose(out["semantic_low_res"],
-                          semantic_logits(out["mask_logits"], out["class_logits"]), atol=1e-6)
+    assert torch.allclose(out["semantic_low_res"], semantic_logits(out["mask_logits"], out["class_logits"]), atol=1e-6)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(torch.zeros(2, 1, *FRAME_SIZE))
 
@@ -256,9 +261,15 @@ def test_semantic_logits_and_label_map_on_crafted_case():
     # Two tokens, three channels (background + 2 classes), a 1x3 image.
     mask_logits = torch.tensor([[[[4.0, -2.0, 0.0]], [[-1.0, 3.0, 0.0]]]])  # (1, 2, 1, 3)
     class_logits = torch.log(torch.tensor([[[0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))  # softmax = those rows
-    expected = torch.tensor([[[[0.1 * 4 + 0.2 * -1, 0.1 * -2 + 0.2 * 3, 0.0]],
-                              [[0.8 * 4 + 0.2 * -1, 0.8 * -2 + 0.2 * 3, 0.0]],
-                              [[0.1 * 4 + 0.6 * -1, 0.1 * -2 + 0.6 * 3, 0.0]]]])
+    expected = torch.tensor(
+        [
+            [
+                [[0.1 * 4 + 0.2 * -1, 0.1 * -2 + 0.2 * 3, 0.0]],
+                [[0.8 * 4 + 0.2 * -1, 0.8 * -2 + 0.2 * 3, 0.0]],
+                [[0.1 * 4 + 0.6 * -1, 0.1 * -2 + 0.6 * 3, 0.0]],
+            ]
+        ]
+    )
     result = semantic_logits(mask_logits, class_logits)
     assert torch.allclose(result, expected, atol=1e-6)
     # pixel 0: class 1 wins (3.0); pixel 1: class 2 (1.6); pixel 2: all tie at 0 -> background
@@ -272,14 +283,20 @@ def test_semantic_logits_and_label_map_on_crafted_case():
 def test_decode_masks_all_outputs_matches_single_and_multimask(tiny_sam_checkpoint):
     sam = build_sam("tiny", tiny_sam_checkpoint)
     generator = torch.Generator().manual_seed(0)
-    args = (sam.mask_decoder, torch.randn(2, 256, *GRID, generator=generator), sam.prompt_encoder.get_dense_pe(),
-            torch.randn(2, 5, 256, generator=generator), torch.randn(2, 256, *GRID, generator=generator))
+    args = (
+        sam.mask_decoder,
+        torch.randn(2, 256, *GRID, generator=generator),
+        sam.prompt_encoder.get_dense_pe(),
+        torch.randn(2, 5, 256, generator=generator),
+        torch.randn(2, 256, *GRID, generator=generator),
+    )
     with torch.no_grad():
         every, every_iou, tokens = decode_masks(*args, return_mask_tokens=True, all_mask_outputs=True)
         single, _ = decode_masks(*args, multimask_output=False)
         multi, multi_iou = decode_masks(*args, multimask_output=True)
-        exact, _ = decode_masks(copy.deepcopy(sam.mask_decoder).double(), *[a.double() for a in args[1:]],
-                                all_mask_outputs=True)
+        exact, _ = decode_masks(
+            copy.deepcopy(sam.mask_decoder).double(), *[a.double() for a in args[1:]], all_mask_outputs=True
+        )
     assert every.shape[1] == 4 and tokens.shape == (2, 4, 256)
     # one product over 1, 3 or 4 mask tokens may round differently (BLAS kernels by shape): the slices agree
     # within the float32 rounding of the all-token path itself, measured against float64
@@ -299,8 +316,15 @@ def test_teacher_uses_foreground_of_all_classes(tiny_sam_checkpoint):
     prompts = sample_teacher_prompts(foreground, TINY.image_size, GRID, "box")
     with torch.no_grad():
         sparse, reference_dense = teacher_prompt_embeddings(model.prompt_encoder, prompts)
-        _, _, reference = decode_masks(model.mask_decoder, embedding, model.prompt_encoder.get_dense_pe(), sparse,
-                                       reference_dense, return_mask_tokens=True, all_mask_outputs=True)
+        _, _, reference = decode_masks(
+            model.mask_decoder,
+            embedding,
+            model.prompt_encoder.get_dense_pe(),
+            sparse,
+            reference_dense,
+            return_mask_tokens=True,
+            all_mask_outputs=True,
+        )
     assert torch.equal(tokens, reference) and torch.equal(dense, reference_dense)
     assert not tokens.requires_grad
 
@@ -329,8 +353,13 @@ def test_bad_configuration_errors():
 def test_kd_terms_zero_when_student_equals_teacher():
     generator = torch.Generator().manual_seed(0)
     tokens, dense = torch.randn(2, 4, 256, generator=generator), torch.randn(2, 256, 4, 4, generator=generator)
-    pred = {"semantic_logits": torch.randn(2, 3, 8, 8, generator=generator), "mask_tokens": tokens,
-            "teacher_mask_tokens": tokens.clone(), "dense": dense, "teacher_dense": dense.clone()}
+    pred = {
+        "semantic_logits": torch.randn(2, 3, 8, 8, generator=generator),
+        "mask_tokens": tokens,
+        "teacher_mask_tokens": tokens.clone(),
+        "dense": dense,
+        "teacher_dense": dense.clone(),
+    }
     label = torch.randint(0, 3, (2, 8, 8), generator=generator)
     loss = DistillationSAMLoss(ce_weight=0.0, token_kd_weight=1.0, dense_kd_weight=1.0)
     assert loss(pred, label).item() == 0.0
@@ -369,36 +398,57 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
 # Distillation-SAM's commands: its overlays merged over SurgicalSAM's configs
 TRAIN_DISTILL, DEMO_DISTILL, EVALUATE_DISTILL, INFERENCE_DISTILL, DEMO_INFERENCE = (
-    [os.path.join(CONFIGS, f"{name}.yaml") for name in names] for names in (
-        ("train", "train_distill"), ("demo", "demo_distill"), ("evaluate", "evaluate_distill"),
-        ("inference", "inference_distill"), ("demo_inference",)))
+    [os.path.join(CONFIGS, f"{name}.yaml") for name in names]
+    for names in (
+        ("train", "train_distill"),
+        ("demo", "demo_distill"),
+        ("evaluate", "evaluate_distill"),
+        ("inference", "inference_distill"),
+        ("demo_inference",),
+    )
+)
 
 
 def distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint, **extra) -> dict:
     cache_dir = tmp_path / "cache"  # a private copy: the demo's initialize re-checks the cache
     shutil.copytree(small_cache_dir, cache_dir)
     return {
-        "dataset_dir": str(small_demo_dir), "cache_dir": str(cache_dir), "sam_checkpoint": str(small_sam_checkpoint),
-        "output_dir": str(tmp_path / "run" / "eval"), "ckpt_dir": str(tmp_path / "run" / "models"),
-        "frame_size": list(SMALL_DEMO["frame_size"]), "augmentation_versions": SMALL_CACHE_VERSIONS,
+        "dataset_dir": str(small_demo_dir),
+        "cache_dir": str(cache_dir),
+        "sam_checkpoint": str(small_sam_checkpoint),
+        "output_dir": str(tmp_path / "run" / "eval"),
+        "ckpt_dir": str(tmp_path / "run" / "models"),
+        "frame_size": list(SMALL_DEMO["frame_size"]),
+        "augmentation_versions": SMALL_CACHE_VERSIONS,
         "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")},
         **extra,
     }
 
 
-def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
-                                          small_sam_checkpoint):
+def test_train_distill_workflow_properties(
+    tmp_path, restore_root_logging, small_demo_dir, small_cache_dir, small_sam_checkpoint
+):
     # demo.yaml's prepare and demo_distill.yaml's prepare_cache fill train.yaml's initialize: it makes the tap cache
     # through the one cache_precompute component that the `precompute` run calls too
-    overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint, cache_taps=True,
-                                  tap_cache_dir=str(tmp_path / "tap_cache"))
+    overrides = distill_overrides(
+        tmp_path,
+        small_demo_dir,
+        small_cache_dir,
+        small_sam_checkpoint,
+        cache_taps=True,
+        tap_cache_dir=str(tmp_path / "tap_cache"),
+    )
     workflow = checked_workflow(TRAIN_DISTILL + DEMO_DISTILL, "train", **overrides)
     assert isinstance(workflow.network_def, DistillationSAM)
     with open(tmp_path / "tap_cache" / "manifest.json") as handle:
         manifest = json.load(handle)
-    assert manifest["complete"] and manifest["identity"]["taps"] == list(workflow.parser.get_parsed_content("tap_blocks"))
+    assert manifest["complete"] and manifest["identity"]["taps"] == list(
+        workflow.parser.get_parsed_content("tap_blocks")
+    )
     assert workflow.parser["precompute"][-1] == "$@cache_precompute()"
-    assert workflow.parser["prepare_cache"] == ["$scripts.distillation_sam.datasets.prepare_tap_cache(@cache_taps, @cache_precompute)"]
+    assert workflow.parser["prepare_cache"] == [
+        "$scripts.distillation_sam.datasets.prepare_tap_cache(@cache_taps, @cache_precompute)"
+    ]
     assert isinstance(workflow.parser.get_parsed_content("optimizer"), torch.optim.AdamW)
     assert workflow.parser.get_parsed_content("validate#best_model_saver#key_metric_filename") == "distill_model.pt"
     sample = workflow.train_dataset[0]
@@ -408,23 +458,41 @@ def test_train_distill_workflow_properties(tmp_path, restore_root_logging, small
 
 def test_infer_distill_workflow_properties(tmp_path, restore_root_logging, small_demo_dir, small_sam_checkpoint):
     workflow = checked_workflow(
-        INFERENCE_DISTILL + DEMO_INFERENCE, "infer",
-        dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
-        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]),
+        INFERENCE_DISTILL + DEMO_INFERENCE,
+        "infer",
+        dataset_dir=os.path.join(small_demo_dir, "images"),
+        sam_variant="tiny",
+        sam_checkpoint=small_sam_checkpoint,
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        frame_size=list(SMALL_DEMO["frame_size"]),
     )
     assert isinstance(workflow.network_def, DistillationSAM)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache_taps", [True, False])
-def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_logging, small_demo_dir, small_cache_dir,
-                                                    small_sam_checkpoint, cache_taps):
+def test_distill_demo_training_evaluation_inference(
+    tmp_path, restore_root_logging, small_demo_dir, small_cache_dir, small_sam_checkpoint, cache_taps
+):
     """demo_distill.yaml end to end on the small demo data: tap cache (made in initialize) or raw frames."""
-    overrides = distill_overrides(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint,
-                                  num_epochs=1, batch_size=4, cache_taps=cache_taps,
-                                  tap_cache_dir=str(tmp_path / "tap_cache"))
-    train = ConfigWorkflow(config_file=TRAIN_DISTILL + DEMO_DISTILL, workflow_type="train", meta_file=META_FILE,
-                           logging_file=None, **overrides)
+    overrides = distill_overrides(
+        tmp_path,
+        small_demo_dir,
+        small_cache_dir,
+        small_sam_checkpoint,
+        num_epochs=1,
+        batch_size=4,
+        cache_taps=cache_taps,
+        tap_cache_dir=str(tmp_path / "tap_cache"),
+    )
+    train = ConfigWorkflow(
+        config_file=TRAIN_DISTILL + DEMO_DISTILL,
+        workflow_type="train",
+        meta_file=META_FILE,
+        logging_file=None,
+        **overrides,
+    )
     train.initialize()
     train.run()
     train.finalize()
@@ -433,8 +501,14 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
     saved = torch.load(model_file, map_location="cpu", weights_only=True)["model"]
     assert saved and not any(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")) for k in saved)
 
-    evaluate = ConfigWorkflow(config_file=TRAIN_DISTILL + DEMO_DISTILL + EVALUATE_DISTILL, workflow_type=None,
-                              meta_file=META_FILE, logging_file=None, run_id="evaluating", **overrides)
+    evaluate = ConfigWorkflow(
+        config_file=TRAIN_DISTILL + DEMO_DISTILL + EVALUATE_DISTILL,
+        workflow_type=None,
+        meta_file=META_FILE,
+        logging_file=None,
+        run_id="evaluating",
+        **overrides,
+    )
     evaluate.initialize()
     evaluate.run()
     evaluate.finalize()
@@ -445,10 +519,19 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
 
     # the demo model has demo adapter settings: inference needs the same pvt / pvt_input_size / logit_scale
     infer = ConfigWorkflow(
-        config_file=INFERENCE_DISTILL + DEMO_INFERENCE, workflow_type="infer", meta_file=META_FILE, logging_file=None,
-        dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
-        output_dir=str(tmp_path / "out"), model_file=model_file, frame_size=list(SMALL_DEMO["frame_size"]),
-        pvt={"embed_dims": [32, 64, 160, 256]}, pvt_input_size=128, logit_scale=10.0,
+        config_file=INFERENCE_DISTILL + DEMO_INFERENCE,
+        workflow_type="infer",
+        meta_file=META_FILE,
+        logging_file=None,
+        dataset_dir=os.path.join(small_demo_dir, "images"),
+        sam_variant="tiny",
+        sam_checkpoint=small_sam_checkpoint,
+        output_dir=str(tmp_path / "out"),
+        model_file=model_file,
+        frame_size=list(SMALL_DEMO["frame_size"]),
+        pvt={"embed_dims": [32, 64, 160, 256]},
+        pvt_input_size=128,
+        logit_scale=10.0,
     )
     infer.initialize()
     infer.run()
@@ -458,8 +541,13 @@ def test_distill_demo_training_evaluation_inference(tmp_path, restore_root_loggi
 
 def test_check_distill_inputs_names_every_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)dataset: no prepared dataset.*SAM weights.*model: "):
-        check_distill_inputs(str(tmp_path), "vit_b", str(tmp_path / "sam_vit_b_01ec64.pth"),
-                             str(tmp_path / "distill_model.pt"), job="evaluate")
+        check_distill_inputs(
+            str(tmp_path),
+            "vit_b",
+            str(tmp_path / "sam_vit_b_01ec64.pth"),
+            str(tmp_path / "distill_model.pt"),
+            job="evaluate",
+        )
 
 
 def test_frame_dataset_augments_by_epoch_and_inferer_output(small_demo_dir):

@@ -16,14 +16,19 @@ from PIL import Image
 
 from scripts.data.augmentation import version_for_epoch
 from scripts.data.embedding_cache import (
-    MANIFEST_NAME, EmbeddingCache, StaleCacheError, cache_identity, cache_problems, precompute_embeddings,
+    MANIFEST_NAME,
+    EmbeddingCache,
+    StaleCacheError,
+    cache_identity,
+    cache_problems,
+    precompute_embeddings,
 )
-from scripts.surgical_sam.datasets import CachedFrameDataset, CachedPromptDataset
 from scripts.data.layout import DatasetError, load_datalist, read_frame, read_label_map
 from scripts.sam.backbone import build_sam, save_random_sam_checkpoint
 from scripts.sam.checkpoint import file_md5
-from scripts.surgical_sam.batches import PromptedSampleBatch
 from scripts.sam.geometry import frames_to_sam_input, masks_to_embedding_grid
+from scripts.surgical_sam.batches import PromptedSampleBatch
+from scripts.surgical_sam.datasets import CachedFrameDataset, CachedPromptDataset
 
 NUM_CLASSES = 7  # the demo's EndoVis2018 classes
 GRID = (16, 16)  # the tiny variant's embedding grid
@@ -37,8 +42,10 @@ def identity(checkpoint: str, variant: str = "tiny") -> dict:
 
 def cache_files(cache_dir: str, pattern: str = "**/*.npy") -> dict[str, int]:
     """relative path -> mtime_ns of the matching files."""
-    return {os.path.relpath(p, cache_dir): os.stat(p).st_mtime_ns
-            for p in glob.glob(os.path.join(cache_dir, pattern), recursive=True)}
+    return {
+        os.path.relpath(p, cache_dir): os.stat(p).st_mtime_ns
+        for p in glob.glob(os.path.join(cache_dir, pattern), recursive=True)
+    }
 
 
 @pytest.fixture
@@ -75,8 +82,10 @@ def test_manifest_identity(small_cache_dir, small_sam_checkpoint):
 def test_versions_per_split(cache, small_cache_dir):
     assert cache.versions("training") == list(range(SMALL_CACHE_VERSIONS + 1))
     assert cache.versions("validation") == [0]
-    frames_per_split = {"training": SMALL_DEMO["train_sequences"] * SMALL_DEMO["frames_per_sequence"],
-                        "validation": SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]}
+    frames_per_split = {
+        "training": SMALL_DEMO["train_sequences"] * SMALL_DEMO["frames_per_sequence"],
+        "validation": SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"],
+    }
     for split, versions in (("training", range(SMALL_CACHE_VERSIONS + 1)), ("validation", [0])):
         for version in versions:
             files = {os.path.join(small_cache_dir, e["embedding"]) for e in cache.entries(split, version)}
@@ -181,23 +190,27 @@ def test_precompute_never_mixes_in_another_dataset(tmp_path, small_cache_dir, sm
     item = load_datalist(other_data, "training")[2]
     Image.fromarray(255 - read_frame(item["image"])).save(item["image"])
     before = cache_files(cache_dir)
-    precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
-                          augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    precompute_embeddings(
+        other_data, cache_dir, "tiny", small_sam_checkpoint, augmentation_versions=SMALL_CACHE_VERSIONS, seed=666
+    )
     after = cache_files(cache_dir)
     assert {k for k in after if after[k] != before[k]} == {
-        os.path.join("entries", f"v{v:02d}", item["key"] + ".npy") for v in range(SMALL_CACHE_VERSIONS + 1)}
+        os.path.join("entries", f"v{v:02d}", item["key"] + ".npy") for v in range(SMALL_CACHE_VERSIONS + 1)
+    }
     EmbeddingCache(cache_dir, identity(small_sam_checkpoint), dataset_dir=other_data).entries("training", 1)
     with pytest.raises(StaleCacheError, match="changed or vanished"):  # made for other_data now
         EmbeddingCache(cache_dir, identity(small_sam_checkpoint), dataset_dir=small_demo_dir).entries("training", 1)
     files_before = cache_files(cache_dir, "**/*")
     with pytest.raises(StaleCacheError, match="seed"):
-        precompute_embeddings(other_data, cache_dir, "tiny", small_sam_checkpoint,
-                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=1)
+        precompute_embeddings(
+            other_data, cache_dir, "tiny", small_sam_checkpoint, augmentation_versions=SMALL_CACHE_VERSIONS, seed=1
+        )
     assert cache_files(cache_dir, "**/*") == files_before
 
 
-def test_precompute_refuses_a_cache_of_other_augmentation_draws(tmp_path, small_cache_dir, small_demo_dir,
-                                                               small_sam_checkpoint):
+def test_precompute_refuses_a_cache_of_other_augmentation_draws(
+    tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint
+):
     """The draws (original probabilities or always-on) are recorded; a cache of other draws, or one of a bundle
     that did not record them (always-on), is not extended with entries of the new draws once it holds versions
     past the flips-only ones (1..10), which both draw alike."""
@@ -215,21 +228,41 @@ def test_precompute_refuses_a_cache_of_other_augmentation_draws(tmp_path, small_
     with open(manifest_path) as handle:
         assert json.load(handle)["augmentation_draws"] == "original"
     # versions 0..2 only (flips): always-on and original draws are the same, the cache is extended
-    precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
-                          augmentation_versions=SMALL_CACHE_VERSIONS, seed=666, augmentation_draws="always")
+    precompute_embeddings(
+        small_demo_dir,
+        cache_dir,
+        "tiny",
+        small_sam_checkpoint,
+        augmentation_versions=SMALL_CACHE_VERSIONS,
+        seed=666,
+        augmentation_draws="always",
+    )
     edit_manifest(lambda m: m.update(augmentation_draws="original"))
     # a manifest listing version 11 (scale and crop): the draws differ there
     edit_manifest(lambda m: m["splits"]["training"].append(11))
     files_before = cache_files(cache_dir, "**/*")
     with pytest.raises(StaleCacheError, match="augmentation_draws 'original', not 'always'"):
-        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
-                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=666, augmentation_draws="always")
+        precompute_embeddings(
+            small_demo_dir,
+            cache_dir,
+            "tiny",
+            small_sam_checkpoint,
+            augmentation_versions=SMALL_CACHE_VERSIONS,
+            seed=666,
+            augmentation_draws="always",
+        )
     assert cache_files(cache_dir, "**/*") == files_before
     edit_manifest(lambda m: m.pop("augmentation_draws"))
     files_before = cache_files(cache_dir, "**/*")
     with pytest.raises(StaleCacheError, match="bundle 0.3 or older"):
-        precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
-                              augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+        precompute_embeddings(
+            small_demo_dir,
+            cache_dir,
+            "tiny",
+            small_sam_checkpoint,
+            augmentation_versions=SMALL_CACHE_VERSIONS,
+            seed=666,
+        )
     assert cache_files(cache_dir, "**/*") == files_before
     with pytest.raises(ValueError, match="augmentation_draws"):
         precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, augmentation_draws="often")
@@ -333,8 +366,9 @@ def test_resume_recomputes_only_missing_entries(tmp_path, small_cache_dir, small
         os.remove(os.path.join(cache_dir, relative))
     mark_incomplete(cache_dir)
 
-    result = precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint,
-                                   augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    result = precompute_embeddings(
+        small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, augmentation_versions=SMALL_CACHE_VERSIONS, seed=666
+    )
     assert result["complete"] is True
     after = cache_files(cache_dir)
     assert set(after) == set(before)
@@ -373,8 +407,10 @@ def test_prompt_dataset_items(cache):
         embedding, label = cache.load(dataset.entries[entry_index])
         assert torch.equal(item["mask"][0], label == class_id)
         assert torch.equal(item["image_embeddings"].float(), embedding)
-        assert torch.equal(item["grid_mask"], masks_to_embedding_grid((label == class_id)[None].float(), cache.image_size,
-                                                                      cache.grid_size)[0])
+        assert torch.equal(
+            item["grid_mask"],
+            masks_to_embedding_grid((label == class_id)[None].float(), cache.image_size, cache.grid_size)[0],
+        )
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     assert batch["image_embeddings"].shape == (4, EMBED_DIM, *GRID)
     assert batch["class_id"].shape == (4,)
@@ -466,7 +502,11 @@ def test_precompute_checks_the_dataset_first(tmp_path, small_demo_dir, small_sam
         precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("training",))
     message = str(error.value)
     assert os.path.basename(first["label" if damage == "label_value" else "image"]) in message
-    assert ("9" in message) if damage == "label_value" else ("32x40" in message or "(32, 40)" in message or "32, 40" in message)
+    assert (
+        ("9" in message)
+        if damage == "label_value"
+        else ("32x40" in message or "(32, 40)" in message or "32, 40" in message)
+    )
     assert not glob.glob(os.path.join(cache_dir, "**", "*.npy"), recursive=True)
 
 
@@ -479,12 +519,15 @@ def add_fold_splits(dataset_dir: str) -> tuple[list[str], list[str]]:
         description = json.load(handle)
     sequences = sorted({item["sequence"] for item in description["training"]})
     description["fold1_training"] = description["validation"] + [
-        item for item in description["training"] if item["sequence"] == sequences[0]]
+        item for item in description["training"] if item["sequence"] == sequences[0]
+    ]
     description["fold1_validation"] = [item for item in description["training"] if item["sequence"] == sequences[1]]
     with open(path, "w") as handle:
         json.dump(description, handle)
-    return ([f"{i['sequence']}/{i['frame']}" for i in description["fold1_training"]],
-            [f"{i['sequence']}/{i['frame']}" for i in description["fold1_validation"]])
+    return (
+        [f"{i['sequence']}/{i['frame']}" for i in description["fold1_training"]],
+        [f"{i['sequence']}/{i['frame']}" for i in description["fold1_validation"]],
+    )
 
 
 def test_new_splits_reuse_the_entries_of_other_splits(tmp_path, small_cache_dir, small_demo_dir, small_sam_checkpoint):
@@ -492,18 +535,33 @@ def test_new_splits_reuse_the_entries_of_other_splits(tmp_path, small_cache_dir,
     shutil.copytree(small_demo_dir, data)
     fold_training, fold_validation = add_fold_splits(data)
     cache_dir = str(tmp_path / "cache")
-    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("training", "validation"),
-                          augmentation_versions=1, seed=666)
+    precompute_embeddings(
+        data,
+        cache_dir,
+        "tiny",
+        small_sam_checkpoint,
+        splits=("training", "validation"),
+        augmentation_versions=1,
+        seed=666,
+    )
     before = cache_files(cache_dir)
     # training v0 + v1 (8 frames each) + validation v0 (4 frames): one file per (version, frame)
     assert len(before) == 8 + 8 + 4
-    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("fold1_training", "fold1_validation"),
-                          augmentation_versions=1, seed=666)
+    precompute_embeddings(
+        data,
+        cache_dir,
+        "tiny",
+        small_sam_checkpoint,
+        splits=("fold1_training", "fold1_validation"),
+        augmentation_versions=1,
+        seed=666,
+    )
     after = cache_files(cache_dir)
     # new: version 1 of the 4 former validation frames, now training frames; nothing else encoded again
     new = sorted(set(after) - set(before))
-    assert new == sorted(os.path.join("entries", "v01", key + ".npy") for key in fold_training
-                         if key not in fold_training[4:])
+    assert new == sorted(
+        os.path.join("entries", "v01", key + ".npy") for key in fold_training if key not in fold_training[4:]
+    )
     assert all(after[k] == before[k] for k in before)
     cache = EmbeddingCache(cache_dir, identity(small_sam_checkpoint))
     assert cache.versions("fold1_training") == [0, 1]  # *_training splits are augmented by default
@@ -525,8 +583,9 @@ def test_new_split_does_not_reuse_an_entry_of_a_changed_frame(tmp_path, small_de
     item = load_datalist(data, "validation")[0]
     Image.fromarray(255 - read_frame(item["image"])).save(item["image"])
     before = cache_files(cache_dir)
-    precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("fold1_training",),
-                          augmented_splits=())
+    precompute_embeddings(
+        data, cache_dir, "tiny", small_sam_checkpoint, splits=("fold1_training",), augmented_splits=()
+    )
     after = cache_files(cache_dir)
     changed = {k for k in before if after[k] != before[k]}
     assert changed == {os.path.join("entries", "v00", item["key"] + ".npy")}
@@ -554,8 +613,14 @@ def test_old_format_cache_is_stale(tmp_path, small_cache_dir, small_demo_dir, sm
 
 def test_augmented_splits_must_be_precomputed(tmp_path, small_demo_dir, small_sam_checkpoint):
     with pytest.raises(ValueError, match="augmented_splits"):
-        precompute_embeddings(small_demo_dir, str(tmp_path / "c"), "tiny", small_sam_checkpoint,
-                              splits=("validation",), augmented_splits=("training",))
+        precompute_embeddings(
+            small_demo_dir,
+            str(tmp_path / "c"),
+            "tiny",
+            small_sam_checkpoint,
+            splits=("validation",),
+            augmented_splits=("training",),
+        )
 
 
 def test_cache_problems_is_the_check_the_cache_opens_with(tmp_path, small_cache_dir, small_sam_checkpoint):
@@ -587,8 +652,9 @@ def prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint, splits=(
     """A private copy of the demo data with its cache at train.yaml's default place (<data>/embedding_cache/tiny)."""
     data = str(tmp_path / "data")
     shutil.copytree(small_demo_dir, data)
-    precompute_embeddings(data, os.path.join(data, "embedding_cache", "tiny"), "tiny", small_sam_checkpoint,
-                          splits=splits)
+    precompute_embeddings(
+        data, os.path.join(data, "embedding_cache", "tiny"), "tiny", small_sam_checkpoint, splits=splits
+    )
     return data
 
 
@@ -611,8 +677,7 @@ def test_moved_dataset_keeps_its_cache(tmp_path, caplog, small_demo_dir, small_s
         assert json.load(handle)["dataset"]["dataset_dir"] == moved
 
 
-def test_copied_dataset_re_encodes_the_file_edited_in_the_copy(tmp_path, caplog, small_demo_dir,
-                                                               small_sam_checkpoint):
+def test_copied_dataset_re_encodes_the_file_edited_in_the_copy(tmp_path, caplog, small_demo_dir, small_sam_checkpoint):
     """`cp -r` (new mtimes) then a label edited in the copy: training refuses to use the old entry, naming the
     file; precompute re-encodes that entry alone, and says so in one line."""
     data = prepared_with_cache(tmp_path, small_demo_dir, small_sam_checkpoint)
@@ -636,7 +701,8 @@ def test_copied_dataset_re_encodes_the_file_edited_in_the_copy(tmp_path, caplog,
     after = cache_files(cache_dir, "**/*.*")
     entry_files = {k for k in after if k.startswith("entries")}
     assert {k for k in entry_files if after[k] != before.get(k)} == {
-        os.path.join("entries", "v00", item["key"] + suffix) for suffix in (".npy", "_label.png")}
+        os.path.join("entries", "v00", item["key"] + suffix) for suffix in (".npy", "_label.png")
+    }
     entries = {e["key"]: e for e in EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")}
     _, cached_label = EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).load(entries[item["key"]])
     np.testing.assert_array_equal(cached_label.numpy(), label)
@@ -652,8 +718,10 @@ def as_absolute_path_cache(cache_dir: str) -> None:
         with open(os.path.join(cache_dir, MANIFEST_NAME)) as handle:
             root = json.load(handle)["dataset"]["dataset_dir"]
         for entry in index["entries"]:
-            entry["sources"] = {kind: [os.path.join(root, source["path"]), source["size"], source["mtime_ns"]]
-                                for kind, source in entry["sources"].items()}
+            entry["sources"] = {
+                kind: [os.path.join(root, source["path"]), source["size"], source["mtime_ns"]]
+                for kind, source in entry["sources"].items()
+            }
         with open(index_path, "w") as handle:
             json.dump(index, handle)
 
@@ -666,8 +734,14 @@ def test_cache_of_absolute_paths_keeps_loading_after_a_move(tmp_path, small_demo
     as_absolute_path_cache(os.path.join(data, "embedding_cache", "tiny"))
     copy = str(tmp_path / "copy")
     shutil.copytree(data, copy, copy_function=shutil.copy)
-    assert len(EmbeddingCache(os.path.join(data, "embedding_cache", "tiny"),
-                              identity(small_sam_checkpoint)).entries("validation")) == 4
+    assert (
+        len(
+            EmbeddingCache(os.path.join(data, "embedding_cache", "tiny"), identity(small_sam_checkpoint)).entries(
+                "validation"
+            )
+        )
+        == 4
+    )
     moved = str(tmp_path / "moved")
     shutil.move(data, moved)
     cache_dir = os.path.join(moved, "embedding_cache", "tiny")
@@ -679,12 +753,14 @@ def test_cache_of_absolute_paths_keeps_loading_after_a_move(tmp_path, small_demo
         assert all(e["sources"]["label"]["blake2b"] for e in json.load(handle)["entries"])
     with pytest.raises(StaleCacheError, match="absolute paths.*run precompute"):
         EmbeddingCache(os.path.join(copy, "embedding_cache", "tiny"), identity(small_sam_checkpoint)).entries(
-            "validation")
+            "validation"
+        )
 
 
 # ------------------------------------------------------------------------------- failed precompute runs
-def test_precompute_with_a_truncated_checkpoint_leaves_no_identity_behind(tmp_path, small_demo_dir,
-                                                                          small_sam_checkpoint):
+def test_precompute_with_a_truncated_checkpoint_leaves_no_identity_behind(
+    tmp_path, small_demo_dir, small_sam_checkpoint
+):
     """A corrupt SAM file stops precompute with a message naming it; the right file is then accepted."""
     truncated = tmp_path / "sam_tiny.pth"
     data = open(small_sam_checkpoint, "rb").read()
@@ -713,8 +789,9 @@ def test_disk_estimate_is_the_real_entry_size(tmp_path, caplog, small_sam_checkp
     embedding and a label PNG), not raw label pixels: within 20 % at 480x640 frames."""
     from scripts.data.demo import make_demo_dataset
 
-    data = make_demo_dataset(str(tmp_path / "data"), frame_size=(480, 640), train_sequences=1, val_sequences=1,
-                             frames_per_sequence=2)
+    data = make_demo_dataset(
+        str(tmp_path / "data"), frame_size=(480, 640), train_sequences=1, val_sequences=1, frames_per_sequence=2
+    )
     cache_dir = str(tmp_path / "cache")
     with caplog.at_level("INFO", logger="scripts.data"):
         precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))

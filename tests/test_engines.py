@@ -9,18 +9,22 @@ import os
 
 import pytest
 import torch
+from conftest import use_float64_dense_pe
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from torch import nn
 
-from conftest import use_float64_dense_pe
-from scripts.engine.handlers import (
-    AugmentationVersionHandler, GradientNormClipping, MetricsReport, TrainingState, endovis_metric_inputs,
-)
+from scripts.data.embedding_cache import StaleCacheError
 from scripts.engine.batches import FrameBatch
 from scripts.engine.checks import check_evaluation_inputs, check_training_inputs
+from scripts.engine.handlers import (
+    AugmentationVersionHandler,
+    GradientNormClipping,
+    MetricsReport,
+    TrainingState,
+    endovis_metric_inputs,
+)
 from scripts.surgical_sam.batches import MicroBatchIteration, PromptedSampleBatch
-from scripts.data.embedding_cache import StaleCacheError
 from scripts.surgical_sam.inferer import ClassPromptInferer
 
 NUM_CLASSES = 3
@@ -46,7 +50,11 @@ def test_prompted_sample_batch():
 
 
 def test_frame_batch():
-    batch = {"image_embeddings": torch.randn(2, 256, 4, 4), "label": torch.randint(0, 4, (2, 1, H, W)), "key": ["a", "b"]}
+    batch = {
+        "image_embeddings": torch.randn(2, 256, 4, 4),
+        "label": torch.randint(0, 4, (2, 1, H, W)),
+        "key": ["a", "b"],
+    }
     inputs, label, args, kwargs = FrameBatch()(batch, torch.device("cpu"))
     assert torch.equal(inputs, batch["image_embeddings"]) and torch.equal(label, batch["label"])
     assert args == () and torch.equal(kwargs["gt_label"], batch["label"])
@@ -76,7 +84,7 @@ class FakePromptable:
 
 def square(top, left, size=4):
     mask = torch.full((H, W), -5.0)
-    mask[top:top + size, left:left + size] = 5.0
+    mask[top : top + size, left : left + size] = 5.0
     return mask
 
 
@@ -127,7 +135,9 @@ def test_auto_prompts_every_class(fake_network):
 
 def test_auto_min_mask_fraction(fake_network):
     # the squares have 16 pixels of the H*W = 80: 16/80 = 0.2 counts, anything above does not
-    output = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.2)(torch.zeros(3, 256, 4, 4), fake_network)
+    output = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.2)(
+        torch.zeros(3, 256, 4, 4), fake_network
+    )
     assert output["present"].any()
     inferer = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.201)
     output = inferer(torch.zeros(3, 256, 4, 4), fake_network)
@@ -154,7 +164,9 @@ def test_oracle_keeps_small_masks_that_auto_drops():
     assert not output["present"].any() and not output["label_map"].any()
     # the same mask passes at 0.5% under auto too: the threshold, not the protocol, dropped it
     auto = ClassPromptInferer(NUM_CLASSES, protocol="auto", min_mask_fraction=0.005)
-    assert auto(torch.zeros(1, 256, 4, 4), FakePromptable(logits, quality))["present"].tolist() == [[False, True, False]]
+    assert auto(torch.zeros(1, 256, 4, 4), FakePromptable(logits, quality))["present"].tolist() == [
+        [False, True, False]
+    ]
 
 
 def test_label_map_merge_by_quality(fake_network):
@@ -234,9 +246,12 @@ def make_trainer(checkpoint_dir, max_epochs, seed, resume=True):
     network = nn.Linear(4, 1)
     optimizer = torch.optim.Adam(network.parameters(), lr=0.01)
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=max_epochs,
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
         train_data_loader=torch.utils.data.DataLoader(TinyData(), batch_size=2),
-        network=network, optimizer=optimizer, loss_function=nn.MSELoss(),
+        network=network,
+        optimizer=optimizer,
+        loss_function=nn.MSELoss(),
     )
     state = TrainingState(str(checkpoint_dir), save_dict={"model": network, "optimizer": optimizer}, resume=resume)
     state.attach(trainer)
@@ -312,9 +327,12 @@ def test_training_state_keeps_previous_until_next_is_written(tmp_path, monkeypat
 
     trainer.run()
     assert seen == [
-        ("writing", "checkpoint_epoch=1.pt", []), ["checkpoint_epoch=1.pt"],
-        ("writing", "checkpoint_epoch=2.pt", ["checkpoint_epoch=1.pt"]), ["checkpoint_epoch=2.pt"],
-        ("writing", "checkpoint_epoch=3.pt", ["checkpoint_epoch=2.pt"]), ["checkpoint_epoch=3.pt"],
+        ("writing", "checkpoint_epoch=1.pt", []),
+        ["checkpoint_epoch=1.pt"],
+        ("writing", "checkpoint_epoch=2.pt", ["checkpoint_epoch=1.pt"]),
+        ["checkpoint_epoch=2.pt"],
+        ("writing", "checkpoint_epoch=3.pt", ["checkpoint_epoch=2.pt"]),
+        ["checkpoint_epoch=3.pt"],
     ]
 
 
@@ -364,7 +382,6 @@ def test_augmentation_version_handler():
     assert dataset.epochs == [0, 1, 2]  # 0-based epochs
 
 
-
 class VersionedSamples(torch.utils.data.Dataset):
     """A training set whose sample list changes length with the epoch (as augmentation versions do)."""
 
@@ -407,9 +424,12 @@ def _versioned_trainer(checkpoint_dir, lengths, max_epochs, seen):
     optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
     dataset = VersionedSamples(lengths)
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=max_epochs,
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
         train_data_loader=torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True),
-        network=network, optimizer=optimizer, loss_function=nn.MSELoss(),
+        network=network,
+        optimizer=optimizer,
+        loss_function=nn.MSELoss(),
     )
     AugmentationVersionHandler(dataset).attach(trainer)
     TrainingState(str(checkpoint_dir), save_dict={"model": network, "optimizer": optimizer}).attach(trainer)
@@ -455,10 +475,13 @@ def _one_sgd_step(max_norm, accumulation_steps=1):
     network = nn.Linear(2, 1, bias=False)
     nn.init.zeros_(network.weight)
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": torch.tensor([[3.0, 4.0]]),
-                                                                      "label": torch.zeros(1, 1)}],
-        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=1.0),
-        loss_function=lambda pred, label: pred.sum(), accumulation_steps=accumulation_steps,
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"image": torch.tensor([[3.0, 4.0]]), "label": torch.zeros(1, 1)}],
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=1.0),
+        loss_function=lambda pred, label: pred.sum(),
+        accumulation_steps=accumulation_steps,
     )
     clipping = GradientNormClipping(max_norm)
     clipping.attach(trainer)
@@ -492,8 +515,16 @@ def test_metrics_report_writes_json(tmp_path, capsys):
 
     @engine.on(Events.EPOCH_COMPLETED)
     def set_metrics(engine):
-        engine.state.metrics.update({"challenge_iou": 50.0, "iou": 40.0, "mc_iou": float("nan"), "miou": 30.0,
-                                     "class_iou": {"A": 60.0, "B": float("nan")}, "num_frames": 2})
+        engine.state.metrics.update(
+            {
+                "challenge_iou": 50.0,
+                "iou": 40.0,
+                "mc_iou": float("nan"),
+                "miou": 30.0,
+                "class_iou": {"A": 60.0, "B": float("nan")},
+                "num_frames": 2,
+            }
+        )
 
     engine.run([0], max_epochs=1)
     with open(output_file) as handle:
@@ -548,14 +579,16 @@ def test_check_training_inputs_stale_cache(tmp_path, small_demo_dir, small_cache
 
 def test_check_training_inputs_ok(small_demo_dir, small_sam_checkpoint, small_cache_dir):
     check_training_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir)
-    check_training_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir,
-                          splits=["training", "validation"])
+    check_training_inputs(
+        small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir, splits=["training", "validation"]
+    )
 
 
 def test_check_training_inputs_split_not_in_cache(small_demo_dir, small_sam_checkpoint, small_cache_dir):
     with pytest.raises(FileNotFoundError, match="no 'fold2_training' split") as error:
-        check_training_inputs(small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir,
-                              splits=["fold2_training", "validation"])
+        check_training_inputs(
+            small_demo_dir, "tiny", small_sam_checkpoint, small_cache_dir, splits=["fold2_training", "validation"]
+        )
     assert "monai.bundle run precompute" in str(error.value)
 
 
@@ -572,8 +605,9 @@ def test_check_evaluation_inputs_missing_model(tmp_path, small_demo_dir, small_s
 
 def test_check_evaluation_inputs_lists_model_with_other_problems(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
-        check_evaluation_inputs(str(tmp_path / "d"), "tiny", str(tmp_path / "s.pth"), str(tmp_path / "c"),
-                                str(tmp_path / "model.pt"))
+        check_evaluation_inputs(
+            str(tmp_path / "d"), "tiny", str(tmp_path / "s.pth"), str(tmp_path / "c"), str(tmp_path / "model.pt")
+        )
     message = str(error.value)
     assert "model.pt" in message and "dataset.json missing" in message and "s.pth" in message
 
@@ -582,8 +616,15 @@ def test_check_evaluation_inputs_lists_model_with_other_problems(tmp_path):
 def _tiny_training_batch(batch, num_classes, seed=0):
     from scripts import benchmark
 
-    cfg = dict(batch_size=batch, num_classes=num_classes, num_tokens=2, frame_size=[40, 56], inference_frames=1,
-               sam_variant="tiny", seed=seed)
+    cfg = dict(
+        batch_size=batch,
+        num_classes=num_classes,
+        num_tokens=2,
+        frame_size=[40, 56],
+        inference_frames=1,
+        sam_variant="tiny",
+        seed=seed,
+    )
     model, embeddings, targets, _ = benchmark._model_and_data(cfg, torch.device("cpu"))
     if batch > 2:  # an absent-class prompt (empty target) and a sample whose grid mask is empty
         targets["mask"][0] = 0
@@ -596,7 +637,9 @@ def _gradients(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("batch", "num_classes", "micro_batch_size"), [(5, 3, 2), (5, 3, 1), (4, 1, 3), (1, 2, 1), (3, 2, 8)])
+@pytest.mark.parametrize(
+    ("batch", "num_classes", "micro_batch_size"), [(5, 3, 2), (5, 3, 1), (4, 1, 3), (1, 2, 1), (3, 2, 8)]
+)
 def test_micro_batched_backward_equals_the_whole_batch(batch, num_classes, micro_batch_size):
     """Slices of the batch through forward and backward, the contrastive term once over the whole batch:
     the whole batch's loss (<= 1e-5) and gradients (<= 1e-4 relative), also with absent-class prompts,
@@ -622,8 +665,9 @@ def _float64_gradients_equal(batch, num_classes, micro_batch_size, loss_fn, micr
     plain_loss.backward()
     expected = _gradients(model)
     model.zero_grad(set_to_none=True)
-    loss, pred = micro_batched_backward(model, loss_fn, embeddings, targets, {"class_ids": targets["class_id"]},
-                                        micro_batch_size)
+    loss, pred = micro_batched_backward(
+        model, loss_fn, embeddings, targets, {"class_ids": targets["class_id"]}, micro_batch_size
+    )
     assert not loss.requires_grad
     assert abs(float(loss) - float(plain_loss)) <= 1e-5 * max(1.0, abs(float(plain_loss)))
     got = _gradients(model)
@@ -651,20 +695,39 @@ def _one_trainer_iteration(micro_batch_size, accumulation_steps=1):
     from scripts.surgical_sam.loss import SurgicalSAMLoss
 
     model, embeddings, targets = _tiny_training_batch(5, 3)
-    batch = [{"image_embeddings": embeddings[i], "mask": targets["mask"][i], "grid_mask": targets["grid_mask"][i],
-              "class_id": targets["class_id"][i]} for i in range(5)]
+    batch = [
+        {
+            "image_embeddings": embeddings[i],
+            "mask": targets["mask"][i],
+            "grid_mask": targets["grid_mask"][i],
+            "class_id": targets["class_id"][i],
+        }
+        for i in range(5)
+    ]
     loader = torch.utils.data.DataLoader(batch, batch_size=5)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=model, optimizer=optimizer,
-        loss_function=SurgicalSAMLoss(), prepare_batch=PromptedSampleBatch(), inferer=AutocastInferer(),
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=loader,
+        network=model,
+        optimizer=optimizer,
+        loss_function=SurgicalSAMLoss(),
+        prepare_batch=PromptedSampleBatch(),
+        inferer=AutocastInferer(),
         iteration_update=None if micro_batch_size == "monai" else MicroBatchIteration(micro_batch_size),
-        accumulation_steps=accumulation_steps, decollate=False)
+        accumulation_steps=accumulation_steps,
+        decollate=False,
+    )
     seen = []
     clipping = GradientNormClipping(max_norm=1e9)
     clipping.attach(trainer)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: seen.append(
-        (float(engine.state.output["loss"]), engine.state.output["pred"]["logits"].shape[0], clipping.last_norm)))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda engine: seen.append(
+            (float(engine.state.output["loss"]), engine.state.output["pred"]["logits"].shape[0], clipping.last_norm)
+        ),
+    )
     trainer.run()
     return seen, {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -691,8 +754,13 @@ def test_epoch_progress_counts_the_samples_of_a_decollated_batch(caplog):
     data = [{"image": torch.randn(256, 2, 2), "label": torch.randn(1)} for _ in range(10)]
     network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 1))
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=torch.utils.data.DataLoader(data, batch_size=4),
-        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.1), loss_function=torch.nn.MSELoss())
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=torch.utils.data.DataLoader(data, batch_size=4),
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
+        loss_function=torch.nn.MSELoss(),
+    )
     progress = EpochProgress()
     progress.attach(trainer)
     with caplog.at_level(logging.INFO, logger="scripts.engine.progress"):

@@ -33,11 +33,31 @@ def test_the_bundles_errors_keep_their_usual_bases_and_are_found_behind_monais_w
 
 
 def run_training(dataset_dir: Path, tmp_path: Path, **environment) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-               str(BUNDLE / "configs" / "train.yaml"), "--dataset_dir", str(dataset_dir), "--bundle_root",
-               str(tmp_path / "bundle_root"), "--sam_variant", "tiny", "--device", "cpu"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-                          env={**os.environ, "PYTHONPATH": str(BUNDLE), **environment})
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(BUNDLE / "configs" / "train.yaml"),
+        "--dataset_dir",
+        str(dataset_dir),
+        "--bundle_root",
+        str(tmp_path / "bundle_root"),
+        "--sam_variant",
+        "tiny",
+        "--device",
+        "cpu",
+    ]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+        env={**os.environ, "PYTHONPATH": str(BUNDLE), **environment},
+    )
 
 
 @pytest.mark.parametrize("debug", [False, True])

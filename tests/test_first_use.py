@@ -38,14 +38,18 @@ def make_custom_raw(root: Path, sequences=("case_1", "case_2", "case_3"), size=(
         labels[: size[0] // 2, : size[1] // 2] = 1 + index % 2
         write_image(root / "labels" / sequence / "img_0.png", labels)
     config = root / "data.yaml"
-    config.write_text(f"frames_dir: frames\nlabels_dir: labels\nclasses: {{1: Grasper, 2: Hook}}\n"
-                      f"validation_sequences: [{sequences[-1]}]\n")
+    config.write_text(
+        f"frames_dir: frames\nlabels_dir: labels\nclasses: {{1: Grasper, 2: Hook}}\n"
+        f"validation_sequences: [{sequences[-1]}]\n"
+    )
     return config
 
 
 def npy_stamps(cache_dir: str) -> dict[str, int]:
-    return {os.path.relpath(p, cache_dir): os.stat(p).st_mtime_ns
-            for p in glob.glob(os.path.join(cache_dir, "**", "*.npy"), recursive=True)}
+    return {
+        os.path.relpath(p, cache_dir): os.stat(p).st_mtime_ns
+        for p in glob.glob(os.path.join(cache_dir, "**", "*.npy"), recursive=True)
+    }
 
 
 # ------------------------------------------------------------------ item 2: preparing again over the cache
@@ -138,8 +142,10 @@ def test_a_cache_of_another_checkpoint_is_a_stale_cache(tmp_path, small_demo_dir
     other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1)
     model = tmp_path / "model.pt"
     model.write_bytes(b"")
-    for check in (lambda: check_training_inputs(small_demo_dir, "tiny", other, small_cache_dir),
-                  lambda: check_evaluation_inputs(small_demo_dir, "tiny", other, small_cache_dir, str(model))):
+    for check in (
+        lambda: check_training_inputs(small_demo_dir, "tiny", other, small_cache_dir),
+        lambda: check_evaluation_inputs(small_demo_dir, "tiny", other, small_cache_dir, str(model)),
+    ):
         with pytest.raises(StaleCacheError) as error:
             check()
         assert not isinstance(error.value, FileNotFoundError)
@@ -160,8 +166,17 @@ def test_bundle_root_is_the_bundle_whose_configs_run(tmp_path):
     copy = tmp_path / "second_clone" / "bundle"
     shutil.copytree(BUNDLE, copy, ignore=bundle_copy_ignore(str(BUNDLE)))
     env = {**os.environ, "PYTHONPATH": str(BUNDLE)}  # the first checkout's code comes first
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-               str(copy / "configs" / "train.yaml"), "--dataset_dir", str(tmp_path / "no_data")]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(copy / "configs" / "train.yaml"),
+        "--dataset_dir",
+        str(tmp_path / "no_data"),
+    ]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "cannot train" in output, output[-3000:]
@@ -195,10 +210,18 @@ def demo_model(tmp_path, tiny_sam_checkpoint):
 def run_inference(frames_dir, output_dir, model_file, sam_checkpoint, **overrides):
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=INFERENCE_CONFIGS, workflow_type="infer", logging_file=None,
-                              meta_file=str(BUNDLE / "configs" / "metadata.json"), dataset_dir=str(frames_dir),
-                              output_dir=str(output_dir), model_file=model_file, sam_checkpoint=sam_checkpoint,
-                              device="cpu", **overrides)
+    workflow = ConfigWorkflow(
+        config_file=INFERENCE_CONFIGS,
+        workflow_type="infer",
+        logging_file=None,
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        dataset_dir=str(frames_dir),
+        output_dir=str(output_dir),
+        model_file=model_file,
+        sam_checkpoint=sam_checkpoint,
+        device="cpu",
+        **overrides,
+    )
     workflow.initialize()
     workflow.run()
 
@@ -232,11 +255,27 @@ def test_inference_exits_non_zero_after_writing_the_other_frames(tmp_path, demo_
     frames = tmp_path / "frames"
     write_image(frames / "good.png", np.zeros((64, 80, 3)))
     (frames / "bad.png").write_text("not an image")
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE_CONFIGS),
-               "--dataset_dir", str(frames), "--output_dir", str(tmp_path / "out"), "--model_file", demo_model,
-               "--sam_checkpoint", tiny_sam_checkpoint, "--device", "cpu"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(BUNDLE)})
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(INFERENCE_CONFIGS),
+        "--dataset_dir",
+        str(frames),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_file",
+        demo_model,
+        "--sam_checkpoint",
+        tiny_sam_checkpoint,
+        "--device",
+        "cpu",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(BUNDLE)}
+    )
     assert result.returncode != 0
     assert "1 of 2 frame(s)" in result.stderr + result.stdout and str(frames / "bad.png") in result.stderr
     assert (tmp_path / "out" / "good_seg.png").is_file()
@@ -251,8 +290,9 @@ def test_inference_frame_crop_segments_only_the_window(tmp_path, demo_model, tin
     raw[6:70, 12:92] = window
     write_image(tmp_path / "raw" / "f.png", raw)
     write_image(tmp_path / "cropped" / "f.png", window)
-    run_inference(tmp_path / "raw", tmp_path / "out_raw", demo_model, tiny_sam_checkpoint,
-                  frame_crop=[[6, 70], [12, 92]])
+    run_inference(
+        tmp_path / "raw", tmp_path / "out_raw", demo_model, tiny_sam_checkpoint, frame_crop=[[6, 70], [12, 92]]
+    )
     run_inference(tmp_path / "cropped", tmp_path / "out_cropped", demo_model, tiny_sam_checkpoint)
     full = np.asarray(Image.open(tmp_path / "out_raw" / "f_seg.png"))
     expected = np.asarray(Image.open(tmp_path / "out_cropped" / "f_seg.png"))
@@ -286,8 +326,9 @@ def make_endovis2017_raw(raw: Path, numbers) -> None:
         mask = np.zeros((1080, 1920), np.uint8)
         mask[300:400, 400:600] = 10
         (folder / "ground_truth" / "Bipolar_Forceps_labels").mkdir(parents=True)
-        Image.fromarray(mask).save(folder / "ground_truth" / "Bipolar_Forceps_labels" / "frame000.png",
-                                   compress_level=1)
+        Image.fromarray(mask).save(
+            folder / "ground_truth" / "Bipolar_Forceps_labels" / "frame000.png", compress_level=1
+        )
 
 
 def test_partial_endovis2017_download_is_prepared_with_the_folds_it_allows(tmp_path, capsys):
@@ -298,13 +339,16 @@ def test_partial_endovis2017_download_is_prepared_with_the_folds_it_allows(tmp_p
     out = tmp_path / "endovis2017"
     summary = prepare_endovis2017(str(tmp_path / "raw"), str(out), progress=False)
     description = read_dataset_description(out)
-    sequences = {split: sorted({e["sequence"] for e in description[split]})
-                 for split in available_splits(description)}
+    sequences = {split: sorted({e["sequence"] for e in description[split]}) for split in available_splits(description)}
     assert sequences == {
-        "fold0_training": ["seq_2", "seq_4"], "fold0_validation": ["seq_1"],
-        "fold1_training": ["seq_1", "seq_4"], "fold1_validation": ["seq_2"],
-        "fold2_training": ["seq_1", "seq_2"], "fold2_validation": ["seq_4"],
-        "training": ["seq_2", "seq_4"], "validation": ["seq_1"],
+        "fold0_training": ["seq_2", "seq_4"],
+        "fold0_validation": ["seq_1"],
+        "fold1_training": ["seq_1", "seq_4"],
+        "fold1_validation": ["seq_2"],
+        "fold2_training": ["seq_1", "seq_2"],
+        "fold2_validation": ["seq_4"],
+        "training": ["seq_2", "seq_4"],
+        "validation": ["seq_1"],
     }
     assert set(description["incomplete_folds"]) == {"fold0", "fold1", "fold2"}
     assert "instrument_dataset_3 (validation)" in description["incomplete_folds"]["fold0"]
@@ -355,11 +399,28 @@ def own_data_workflow(config_files, tmp_path, own_data, sam_checkpoint, run_id="
     from monai.bundle import ConfigWorkflow
 
     data, cache = own_data
-    settings = {"dataset_dir": data, "cache_dir": cache, "sam_variant": "tiny", "sam_checkpoint": sam_checkpoint,
-                "bundle_root": str(tmp_path / "bundle"), "augmentation_versions": 1, "num_workers": 0,
-                "batch_size": 2, "val_batch_size": 2, "num_epochs": 1, "device": "cpu", **overrides}
-    workflow = ConfigWorkflow(config_file=list(config_files), workflow_type=None, logging_file=None,
-                              meta_file=str(BUNDLE / "configs" / "metadata.json"), run_id=run_id, **settings)
+    settings = {
+        "dataset_dir": data,
+        "cache_dir": cache,
+        "sam_variant": "tiny",
+        "sam_checkpoint": sam_checkpoint,
+        "bundle_root": str(tmp_path / "bundle"),
+        "augmentation_versions": 1,
+        "num_workers": 0,
+        "batch_size": 2,
+        "val_batch_size": 2,
+        "num_epochs": 1,
+        "device": "cpu",
+        **overrides,
+    }
+    workflow = ConfigWorkflow(
+        config_file=list(config_files),
+        workflow_type=None,
+        logging_file=None,
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        run_id=run_id,
+        **settings,
+    )
     workflow.initialize()
     return workflow
 
@@ -402,8 +463,14 @@ def test_a_setting_that_disagrees_with_dataset_json_fails_before_any_work(tmp_pa
     assert "frame_size" in message and "[1024, 1280]" in message and "[16, 20]" in message
     assert not (tmp_path / "bundle").exists()  # nothing was trained or written
     # same count, other names: found by name, not by count
-    workflow = own_data_workflow([TRAIN, EVALUATE], tmp_path, own_data, small_sam_checkpoint, run_id="evaluating",
-                                 class_names=["Hook", "Grasper"])
+    workflow = own_data_workflow(
+        [TRAIN, EVALUATE],
+        tmp_path,
+        own_data,
+        small_sam_checkpoint,
+        run_id="evaluating",
+        class_names=["Hook", "Grasper"],
+    )
     (tmp_path / "model.pt").write_bytes(b"")
     workflow.parser["model_file"] = str(tmp_path / "model.pt")
     error = expression_error(workflow.run)
@@ -446,29 +513,41 @@ def test_frame_crop_in_the_monailabel_seam(tmp_path):
 # ------------------------------------------------------------------ item 10: the docs' commands
 def test_docs_give_the_newcomers_commands():
     card = (BUNDLE / "docs" / "README.md").read_text()
-    table = card[card.index("## Commands"):card.index("### Dataset overlays")]
-    assert ("`python -m monai.bundle run --config_file \"['bundle/configs/inference.yaml',"
-            "'bundle/configs/demo_inference.yaml']\" --dataset_dir FRAMES`") in table
-    own = card[card.index("**Your own data**"):card.index("**Cross-dataset**")]
-    for command in ("surgical-sam prepare_custom --config raw/classes.yaml --out_dir data/mine",
-                    "run precompute --config_file bundle/configs/train.yaml --dataset_dir data/mine",
-                    "run training   --config_file bundle/configs/train.yaml --dataset_dir data/mine",
-                    "run evaluating", "--class_names \"['Grasper','Hook']\"", "--frame_size \"[480, 640]\""):
+    table = card[card.index("## Commands") : card.index("### Dataset overlays")]
+    assert (
+        "`python -m monai.bundle run --config_file \"['bundle/configs/inference.yaml',"
+        "'bundle/configs/demo_inference.yaml']\" --dataset_dir FRAMES`"
+    ) in table
+    own = card[card.index("**Your own data**") : card.index("**Cross-dataset**")]
+    for command in (
+        "surgical-sam prepare_custom --config raw/classes.yaml --out_dir data/mine",
+        "run precompute --config_file bundle/configs/train.yaml --dataset_dir data/mine",
+        "run training   --config_file bundle/configs/train.yaml --dataset_dir data/mine",
+        "run evaluating",
+        "--class_names \"['Grasper','Hook']\"",
+        '--frame_size "[480, 640]"',
+    ):
         assert command in own, command
     for key in ("frames_dir: frames", "labels_dir: labels", "classes: {1: Grasper, 2: Hook}"):
         assert key in own
 
 
-@pytest.mark.parametrize("command", ["prepare_endovis2017", "prepare_endovis2018", "prepare_cholecseg8k",
-                                     "prepare_custom"])
+@pytest.mark.parametrize(
+    "command", ["prepare_endovis2017", "prepare_endovis2018", "prepare_cholecseg8k", "prepare_custom"]
+)
 def test_prepare_help_shows_the_raw_layout(command):
     import importlib
     import subprocess
     import sys
 
     module = importlib.import_module(f"scripts.data.prepare.{command.split('_', 1)[1]}")
-    result = subprocess.run([sys.executable, "-m", "scripts.cli", command, "--help"], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(BUNDLE), "PAGER": "cat"})
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(BUNDLE), "PAGER": "cat"},
+    )
     shown = result.stdout + result.stderr
     for line in module.EXPECTED_LAYOUT.splitlines():
         assert line.strip() in shown, (line, shown[:2000])

@@ -22,10 +22,17 @@ GLUE = ("scripts.engine", "scripts.monailabel_glue", "scripts.deploy", "scripts.
 SAM_CORE = ("scripts.sam",)
 METHODS = ("scripts.surgical_sam", "scripts.distillation_sam")
 #: The methods' networks: tensors and modules only.
-NETWORKS = ("scripts.surgical_sam.network", "scripts.surgical_sam.prototype_prompt_encoder",
-            "scripts.surgical_sam.original_checkpoint", "scripts.surgical_sam.label_map_network",
-            "scripts.surgical_sam.onnx_parts", "scripts.distillation_sam.network", "scripts.distillation_sam.adapter",
-            "scripts.distillation_sam.pvt", "scripts.distillation_sam.teacher_prompts")
+NETWORKS = (
+    "scripts.surgical_sam.network",
+    "scripts.surgical_sam.prototype_prompt_encoder",
+    "scripts.surgical_sam.original_checkpoint",
+    "scripts.surgical_sam.label_map_network",
+    "scripts.surgical_sam.onnx_parts",
+    "scripts.distillation_sam.network",
+    "scripts.distillation_sam.adapter",
+    "scripts.distillation_sam.pvt",
+    "scripts.distillation_sam.teacher_prompts",
+)
 LOWER_ROOMS = SAM_CORE + NETWORKS + ("scripts.data", "scripts.evaluation", "scripts.files", "scripts.errors")
 
 
@@ -86,8 +93,9 @@ def test_the_sam_core_imports_only_itself(module):
 
 @pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, NETWORKS)))
 def test_networks_import_only_networks(module):
-    others = sorted(name for name in IMPORTS[module]
-                    if not _inside(name, NETWORKS + SAM_CORE + ("scripts.files", "scripts.errors")))
+    others = sorted(
+        name for name in IMPORTS[module] if not _inside(name, NETWORKS + SAM_CORE + ("scripts.files", "scripts.errors"))
+    )
     assert not others, f"{module} imports {others}: networks take tensors and modules, not data or evaluation"
 
 
@@ -110,10 +118,13 @@ def test_data_takes_only_the_shared_sam_core_no_preparation_and_no_demo(module):
     assert not methods, f"{module} imports a method's module {methods}"
     if not _inside(module, ("scripts.data.prepare",)):
         preparation = sorted(name for name in IMPORTS[module] if _inside(name, ("scripts.data.prepare",)))
-        assert not preparation, (f"{module} imports {preparation}: dataset facts are in scripts.data.datasets, "
-                                 "preparations only write datasets")
-    assert "scripts.data.demo" not in IMPORTS[module], (f"{module} imports the demo generator: what it shares "
-                                                        "(e.g. scripts.data.overlay) has a module of its own")
+        assert not preparation, (
+            f"{module} imports {preparation}: dataset facts are in scripts.data.datasets, "
+            "preparations only write datasets"
+        )
+    assert "scripts.data.demo" not in IMPORTS[module], (
+        f"{module} imports the demo generator: what it shares (e.g. scripts.data.overlay) has a module of its own"
+    )
 
 
 def test_no_private_name_is_imported_from_another_module():
@@ -124,6 +135,9 @@ def test_no_private_name_is_imported_from_another_module():
         for path in sorted(folder.rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("scripts")):
-                    private += [f"{path.relative_to(repo)}:{node.lineno} {alias.name}" for alias in node.names
-                                if alias.name.startswith("_") and not alias.name.startswith("__")]
+                    private += [
+                        f"{path.relative_to(repo)}:{node.lineno} {alias.name}"
+                        for alias in node.names
+                        if alias.name.startswith("_") and not alias.name.startswith("__")
+                    ]
     assert not private, private

@@ -43,10 +43,16 @@ def model_file(tmp_path, tiny_sam_checkpoint):
 
 def run_inference(frames_dir, output_dir, model_file, sam_checkpoint, **overrides):
     workflow = ConfigWorkflow(
-        config_file=CONFIGS, workflow_type="infer", logging_file=None,
+        config_file=CONFIGS,
+        workflow_type="infer",
+        logging_file=None,
         meta_file=os.path.join(BUNDLE_ROOT, "configs", "metadata.json"),
-        dataset_dir=frames_dir, output_dir=output_dir, model_file=model_file, sam_checkpoint=sam_checkpoint,
-        device="cpu", **overrides,
+        dataset_dir=frames_dir,
+        output_dir=output_dir,
+        model_file=model_file,
+        sam_checkpoint=sam_checkpoint,
+        device="cpu",
+        **overrides,
     )
     workflow.initialize()
     workflow.run()

@@ -12,10 +12,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK_FILE = os.path.join(REPO_ROOT, "constraints.txt")
@@ -75,7 +75,9 @@ def test_metadata_versions_are_the_locked_ones():
     runtime = {requirement_name(r) for r in tomllib.loads(read("pyproject.toml"))["project"]["dependencies"]}
     assert {canonical(p) for p in packages} == runtime - {"torch", "monai", "numpy"}
     for package, version in packages.items():
-        assert pins.get(canonical(package)) == version, f"metadata.json says {package} {version}, constraints.txt {pins.get(canonical(package))}"
+        assert pins.get(canonical(package)) == version, (
+            f"metadata.json says {package} {version}, constraints.txt {pins.get(canonical(package))}"
+        )
 
 
 def test_every_install_command_uses_the_lock():
@@ -87,7 +89,9 @@ def test_every_install_command_uses_the_lock():
     for line in ci.splitlines():
         if "pip install" in line:
             assert "-c constraints.txt" in line, line
-    assert "-c \"$constraints\"" in read("tools", "setup_monailabel.sh") and "constraints.txt" in read("tools", "setup_monailabel.sh")
+    assert '-c "$constraints"' in read("tools", "setup_monailabel.sh") and "constraints.txt" in read(
+        "tools", "setup_monailabel.sh"
+    )
 
 
 def test_ci_runs_exactly_the_readme_test_command_which_makes_the_monailabel_venv():
@@ -106,8 +110,13 @@ def test_monailabel_setup_finds_the_environment_it_made_up_to_date():
         if os.environ.get("MONAILABEL_ABSENT") == "1" or os.environ.get("MONAILABEL_PYTHON"):
             pytest.skip("no MONAI Label environment made by tools/setup_monailabel.sh in this checkout")
         pytest.fail("no .venv-monailabel made by tools/setup_monailabel.sh: run the README's test command")
-    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "setup_monailabel.sh"), "--check"],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        ["bash", os.path.join(REPO_ROOT, "tools", "setup_monailabel.sh"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr + " (run tools/setup_monailabel.sh)"
     assert "up to date" in result.stdout
 
@@ -126,13 +135,22 @@ def test_the_install_puts_no_top_level_scripts_package(tmp_path):
     several into one server: tests/test_monailabel_server.py serves two)."""
     setuptools = tomllib.loads(read("pyproject.toml"))["tool"]["setuptools"]
     assert setuptools["packages"] == ["surgical_sam_bundle"] and "package-dir" not in setuptools
-    probe = ("import importlib.util as u; launcher = u.find_spec('surgical_sam_bundle'); "
-             "print(u.find_spec('scripts') is None, launcher and launcher.origin)")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=environment_without_pythonpath(),
-                            capture_output=True, text=True, timeout=60)
+    probe = (
+        "import importlib.util as u; launcher = u.find_spec('surgical_sam_bundle'); "
+        "print(u.find_spec('scripts') is None, launcher and launcher.origin)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=environment_without_pythonpath(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", os.path.join(REPO_ROOT, "surgical_sam_bundle", "__init__.py")], (
-        f"{result.stdout} (a stale install? run: pip install -c constraints.txt -e .)")
+        f"{result.stdout} (a stale install? run: pip install -c constraints.txt -e .)"
+    )
 
 
 def test_the_repository_root_resolves_scripts_to_the_bundle():
@@ -140,8 +158,14 @@ def test_the_repository_root_resolves_scripts_to_the_bundle():
     ``python -m monai.bundle run --config_file bundle/configs/...`` commands run there."""
     link = os.path.join(REPO_ROOT, "scripts")
     assert os.path.islink(link) and os.readlink(link) == os.path.join("bundle", "scripts")
-    result = subprocess.run([sys.executable, "-c", "import scripts; print(scripts.BUNDLE_ROOT)"], cwd=REPO_ROOT,
-                            env=environment_without_pythonpath(), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", "import scripts; print(scripts.BUNDLE_ROOT)"],
+        cwd=REPO_ROOT,
+        env=environment_without_pythonpath(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == os.path.realpath(os.path.join(REPO_ROOT, "bundle"))
 
@@ -154,8 +178,14 @@ def test_surgical_sam_runs_the_bundle_of_the_folder_it_is_called_from(tmp_path):
     assert os.access(command, os.X_OK), f"no {command}: install the repository (the README's first command)"
 
     def pack_from(cwd, out_dir) -> str:
-        result = subprocess.run([command, "pack", "--out_dir", str(out_dir)], cwd=cwd, capture_output=True,
-                                text=True, timeout=120, env=environment_without_pythonpath())
+        result = subprocess.run(
+            [command, "pack", "--out_dir", str(out_dir)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=environment_without_pythonpath(),
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from scripts.surgical_sam.loss import (
-    PrototypeContrastiveLoss, SurgicalSAMLoss, class_embeddings_from_masks, surgical_sam_dice_loss,
+    PrototypeContrastiveLoss,
+    SurgicalSAMLoss,
+    class_embeddings_from_masks,
+    surgical_sam_dice_loss,
 )
 
 
@@ -17,9 +20,7 @@ def reference_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
     """The paper's Dice written out: per sample d = 2 sum(pt) / ((sum p^2 + 1e-3) + (sum t^2 + 1e-3))."""
     probabilities = torch.sigmoid(logits).flatten(1)
     target = target.flatten(1)
-    dice = 2 * (probabilities * target).sum(1) / (
-        (probabilities.pow(2).sum(1) + 1e-3) + (target.pow(2).sum(1) + 1e-3)
-    )
+    dice = 2 * (probabilities * target).sum(1) / ((probabilities.pow(2).sum(1) + 1e-3) + (target.pow(2).sum(1) + 1e-3))
     return (1 - dice).mean()
 
 
@@ -109,8 +110,7 @@ def test_pcl_hand_computed():
     loss_0 = -math.log(math.exp(1 / temperature) / (math.exp(1 / temperature) + math.exp(0.0)))
     # sample 1, class 2: positive s=1; negatives samples 0 (s=0) and 2 (s=1/sqrt 2)
     loss_1 = -math.log(
-        math.exp(1 / temperature)
-        / (math.exp(1 / temperature) + math.exp(0.0) + math.exp(root_half / temperature))
+        math.exp(1 / temperature) / (math.exp(1 / temperature) + math.exp(0.0) + math.exp(root_half / temperature))
     )
     # sample 2, class 1: positive s=1/sqrt 2; negative sample 1 with s=0
     loss_2 = -math.log(math.exp(root_half / temperature) / (math.exp(root_half / temperature) + math.exp(0.0)))
@@ -258,8 +258,9 @@ def indexed_surgical_sam_loss(pred, target, absent_weight=1.0):
     if valid.any():
         total = total + PrototypeContrastiveLoss(0.07)(pred["prototypes"], pooled[valid], target["class_id"][valid])
     if (~has_target).any():
-        bce = F.binary_cross_entropy_with_logits(logits[~has_target], torch.zeros_like(logits[~has_target]),
-                                                 reduction="none")
+        bce = F.binary_cross_entropy_with_logits(
+            logits[~has_target], torch.zeros_like(logits[~has_target]), reduction="none"
+        )
         total = total + absent_weight * bce.flatten(1).mean(1).mean()
     return total
 
@@ -277,8 +278,13 @@ def test_weighted_loss_equals_the_indexed_one_with_gradients(absent):
         loss.backward()
         grads = [pred[k].grad for k in ("logits", "image_embeddings", "prototypes")]
         # no valid sample: the indexed loss leaves no gradient, the weighted one a zero gradient
-        results.append([loss.detach()] + [torch.zeros_like(pred[k]) if g is None else g for k, g in
-                                          zip(("logits", "image_embeddings", "prototypes"), grads)])
+        results.append(
+            [loss.detach()]
+            + [
+                torch.zeros_like(pred[k]) if g is None else g
+                for k, g in zip(("logits", "image_embeddings", "prototypes"), grads)
+            ]
+        )
     for fast, plain in zip(*results):
         assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-7)
 
@@ -286,8 +292,15 @@ def test_weighted_loss_equals_the_indexed_one_with_gradients(absent):
 def _monai_squared_dice(reduction):
     from monai.losses import DiceLoss
 
-    return DiceLoss(include_background=True, sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=2e-3,
-                    batch=False, reduction=reduction)
+    return DiceLoss(
+        include_background=True,
+        sigmoid=True,
+        squared_pred=True,
+        smooth_nr=0.0,
+        smooth_dr=2e-3,
+        batch=False,
+        reduction=reduction,
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 13, 17), (2, 3, 9, 11), (2, 2, 5, 6, 7), (1, 1, 1, 1)])
@@ -324,8 +337,10 @@ def test_dice_loss_gradient_rounds_less_than_monais_in_float32():
     ours, monai_loss = surgical_sam_dice_loss(), _monai_squared_dice("mean")
     exact = gradient(ours, torch.float64)
     torch.testing.assert_close(exact, gradient(monai_loss, torch.float64), rtol=1e-9, atol=1e-16)
-    rms = {name: float((gradient(loss, torch.float32) - exact).pow(2).mean().sqrt() / exact.abs().max())
-           for name, loss in (("ours", ours), ("monai", monai_loss))}
+    rms = {
+        name: float((gradient(loss, torch.float32) - exact).pow(2).mean().sqrt() / exact.abs().max())
+        for name, loss in (("ours", ours), ("monai", monai_loss))
+    }
     assert rms["ours"] < 1e-6 and rms["ours"] * 2 < rms["monai"], rms
 
 

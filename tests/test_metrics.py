@@ -12,9 +12,9 @@ import torch
 from ignite.engine import Engine
 from PIL import Image
 
+from scripts.evaluation.label_map import merge_class_masks
 from scripts.evaluation.metrics import EndoVisMetric, endovis_metrics, frame_statistics, score_label_map_folders
 from scripts.evaluation.report import format_metric, format_metrics_table
-from scripts.evaluation.label_map import merge_class_masks
 
 NUM_CLASSES = 4
 CLASS_NAMES = ["bipolar", "prograsp", "needle", "never_seen"]
@@ -308,8 +308,16 @@ def test_score_label_map_folders_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------ report tables
 def test_format_metrics_table_nan_and_none():
-    table = format_metrics_table({"protocol": "oracle", "challenge_iou": 12.345, "iou": float("nan"), "mc_iou": None,
-                                  "class_iou": {"Bipolar Forceps": float("nan"), "Clip Applier": 7.0}, "num_frames": 3})
+    table = format_metrics_table(
+        {
+            "protocol": "oracle",
+            "challenge_iou": 12.345,
+            "iou": float("nan"),
+            "mc_iou": None,
+            "class_iou": {"Bipolar Forceps": float("nan"), "Clip Applier": 7.0},
+            "num_frames": 3,
+        }
+    )
     lines = table.splitlines()
     assert lines[0].startswith("protocol: oracle") and "frames: 3" in lines[0]
     assert "12.35" in table
@@ -321,5 +329,9 @@ def test_format_metrics_table_nan_and_none():
 
 
 def test_format_metric_is_one_rule_for_tables_and_summaries():
-    assert format_metric(12.345) == " 12.35" and format_metric(None) == "   n/a" and format_metric(float("nan")) == "   n/a"
+    assert (
+        format_metric(12.345) == " 12.35"
+        and format_metric(None) == "   n/a"
+        and format_metric(float("nan")) == "   n/a"
+    )
     assert format_metric(12.345, 0, 1) == "12.3" and format_metric(None, 0, 1) == "n/a"  # the demo's summary line

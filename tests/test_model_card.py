@@ -70,34 +70,48 @@ def test_layout_tree_names_every_file_and_no_other():
         assert on_disk - named == set(), f"not in the model card's layout: {sorted(on_disk - named)}"
     tests = {os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "tests", "*.py"))}
     assert tests - listed == set(), f"test files not in the model card's layout: {sorted(tests - listed)}"
-    app = {os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "monailabel_app", "*"))
-           if not p.endswith(".md")}
+    app = {
+        os.path.relpath(p, REPO_ROOT)
+        for p in glob.glob(os.path.join(REPO_ROOT, "monailabel_app", "*"))
+        if not p.endswith(".md")
+    }
     assert app - listed == set(), f"monailabel_app entries not in the model card's layout: {sorted(app - listed)}"
 
 
 def test_layout_tree_parser_reads_levels_and_lists():
     """The parser the layout test relies on: levels by prefix, folders, comma lists, continuation lines."""
-    section = ("```text\n"
-               "top/                 a room\n"
-               "├── a.py             one\n"
-               "├── sub/\n"
-               "│   └── b.py, c.py\n"
-               "│                     the two\n"
-               "└── d.yaml           last\n"
-               "other/\n"
-               "```\n")
-    assert tree_paths(section) == {"top", "top/a.py", "top/sub", "top/sub/b.py", "top/sub/c.py", "top/d.yaml",
-                                   "other"}
+    section = (
+        "```text\n"
+        "top/                 a room\n"
+        "├── a.py             one\n"
+        "├── sub/\n"
+        "│   └── b.py, c.py\n"
+        "│                     the two\n"
+        "└── d.yaml           last\n"
+        "other/\n"
+        "```\n"
+    )
+    assert tree_paths(section) == {"top", "top/a.py", "top/sub", "top/sub/b.py", "top/sub/c.py", "top/d.yaml", "other"}
 
 
 def test_diagram_is_valid_svg_naming_both_methods_and_real_parts():
     root = ElementTree.parse(DIAGRAM).getroot()
     assert root.tag == f"{{{SVG}}}svg"
-    text = " ".join("".join(element.itertext()) for tag in ("title", "desc", "text")
-                    for element in root.iter(f"{{{SVG}}}{tag}"))
+    text = " ".join(
+        "".join(element.itertext()) for tag in ("title", "desc", "text") for element in root.iter(f"{{{SVG}}}{tag}")
+    )
     assert "SurgicalSAM" in text and "Distillation-SAM" in text
-    for stage in ("Preparation", "dataset.json", "Embedding cache", "Tap cache", "Training", "Evaluation",
-                  "Inference", "MONAI Label", "ONNX"):
+    for stage in (
+        "Preparation",
+        "dataset.json",
+        "Embedding cache",
+        "Tap cache",
+        "Training",
+        "Evaluation",
+        "Inference",
+        "MONAI Label",
+        "ONNX",
+    ):
         assert stage in text, stage
     # every file it names exists, and every class name is one the code defines
     names = set(re.findall(r"[\w*]+\.(?:py|yaml)\b", text))
@@ -106,12 +120,16 @@ def test_diagram_is_valid_svg_naming_both_methods_and_real_parts():
     basenames = {os.path.basename(p) for p in sources}
     for name in names:
         assert any(re.fullmatch(re.escape(name).replace(r"\*", ".*"), b) for b in basenames), name
-    code = "".join(open(p).read() for p in glob.glob(os.path.join(REPO_ROOT, "bundle", "scripts", "**", "*.py"),
-                                                     recursive=True))
+    code = "".join(
+        open(p).read() for p in glob.glob(os.path.join(REPO_ROOT, "bundle", "scripts", "**", "*.py"), recursive=True)
+    )
     classes = set(re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b", text)) - {"SurgicalSAM"} - MONAI_LABEL_TASKS
     assert classes, "the diagram names no class"
-    glue = "".join(open(p).read() for p in glob.glob(os.path.join(REPO_ROOT, "bundle", "scripts", "*.py"))
-                   + glob.glob(os.path.join(REPO_ROOT, "monailabel_app", "lib", "*.py")))
+    glue = "".join(
+        open(p).read()
+        for p in glob.glob(os.path.join(REPO_ROOT, "bundle", "scripts", "*.py"))
+        + glob.glob(os.path.join(REPO_ROOT, "monailabel_app", "lib", "*.py"))
+    )
     assert all(task in glue for task in MONAI_LABEL_TASKS)  # the tasks the bundle's MONAI Label glue serves
     undefined = sorted(c for c in classes if not re.search(rf"^class {c}\b", code, re.MULTILINE))
     assert not undefined, f"the diagram names classes the code does not define: {undefined}"

@@ -50,15 +50,19 @@ def test_bundle_writer_transposes_back(tmp_path):
 
     label_map = (torch.arange(35).reshape(5, 7) % 8).to(torch.uint8)
     SaveLabelMapd(keys="pred", output_dir=str(tmp_path), write_overlay=False, xy_order=True)(
-        {"pred": label_map.t(), "image": None})
+        {"pred": label_map.t(), "image": None}
+    )
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "frame_seg.png")), label_map.numpy())
 
 
-@pytest.mark.parametrize("pred, message", [
-    (torch.zeros(2, 1, 5, 7), "singleton"),
-    (torch.zeros(7), "singleton"),
-    (torch.full((1, 5, 7), 300), "0..255"),
-])
+@pytest.mark.parametrize(
+    "pred, message",
+    [
+        (torch.zeros(2, 1, 5, 7), "singleton"),
+        (torch.zeros(7), "singleton"),
+        (torch.full((1, 5, 7), 300), "0..255"),
+    ],
+)
 def test_label_mask_refuses_what_is_not_one_map(pred, message):
     with pytest.raises(ValueError, match=message):
         LabelMaskd(keys="pred")({"pred": pred})
@@ -70,12 +74,15 @@ def tiny_network(small_sam_checkpoint):
     return SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()
 
 
-@pytest.mark.parametrize("prompts", [
-    {"foreground": [[10, 20]]},
-    {"foreground": [[10, 20], [30, 40]], "background": [[70, 5]]},
-    {"box": [5, 6, 50, 60]},
-    {"foreground": [[12, 30]], "box": [0, 0, 40, 63]},
-])
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        {"foreground": [[10, 20]]},
+        {"foreground": [[10, 20], [30, 40]], "background": [[70, 5]]},
+        {"box": [5, 6, 50, 60]},
+        {"foreground": [[12, 30]], "box": [0, 0, 40, 63]},
+    ],
+)
 def test_point_prompts_match_segment_anything(tiny_network, small_sam_checkpoint, prompts):
     """Our path (network's encoder + SAM prompt encoder + the checkpoint's own decoder) gives the logits
     segment-anything's Sam.forward gives for the same frame and prompts."""
@@ -102,20 +109,23 @@ def test_point_prompts_match_segment_anything(tiny_network, small_sam_checkpoint
     with torch.no_grad():
         out = sam([item], multimask_output=multimask)[0]
     best = int(out["iou_predictions"][0].argmax())
-    expected = sam.postprocess_masks(out["low_res_logits"][:, best:best + 1], new_hw, FRAME)
+    expected = sam.postprocess_masks(out["low_res_logits"][:, best : best + 1], new_hw, FRAME)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("prompts, message", [
-    ({}, "at least one"),
-    ({"foreground": [[80, 10]]}, "outside the frame"),
-    ({"background": [[-1, 10]]}, "outside the frame"),
-    ({"foreground": [[1]]}, "not \\[x, y\\]"),
-    ({"foreground": [["a", 2]]}, "not \\[x, y\\]"),
-    ({"box": [10, 10, 5, 20]}, "x0 < x1"),
-    ({"box": [0, 0, 81, 10]}, "x0 < x1"),
-    ({"box": [0, 0, 10]}, "\\[x0, y0, x1, y1\\]"),
-])
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ({}, "at least one"),
+        ({"foreground": [[80, 10]]}, "outside the frame"),
+        ({"background": [[-1, 10]]}, "outside the frame"),
+        ({"foreground": [[1]]}, "not \\[x, y\\]"),
+        ({"foreground": [["a", 2]]}, "not \\[x, y\\]"),
+        ({"box": [10, 10, 5, 20]}, "x0 < x1"),
+        ({"box": [0, 0, 81, 10]}, "x0 < x1"),
+        ({"box": [0, 0, 10]}, "\\[x0, y0, x1, y1\\]"),
+    ],
+)
 def test_bad_prompts_are_refused(prompts, message):
     with pytest.raises(PromptError, match=message):
         check_prompts(FRAME, **prompts)
@@ -147,14 +157,32 @@ def _run_like_bundle_train_task(bundle_dir, train, val, epochs=1, load=True, **s
     # BundleTrainTask looks for its CheckpointLoader with handler.get("_target_"): every entry is a dict
     assert all(isinstance(handler, dict) for handler in handlers), handlers
     if load:
-        handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": os.path.join(bundle_dir, "models", "model.pt"),
-                            "load_dict": {"model": "$@network"}, "strict": False})
+        handlers.insert(
+            0,
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": os.path.join(bundle_dir, "models", "model.pt"),
+                "load_dict": {"model": "$@network"},
+                "strict": False,
+            },
+        )
     displayable = {**parser.get("monailabel_settings"), **settings}
-    monai.bundle.run(run_id="run", init_id=None, final_id=None, meta_file=os.path.join(configs, "metadata.json"),
-                     config_file=os.path.join(configs, "train.json"),
-                     **{"bundle_root": bundle_dir, "train#trainer#max_epochs": epochs, "train#dataset#data": train,
-                        "device": "cpu", "train#handlers": handlers, "validate#dataset#data": val,
-                        "monailabel_settings": displayable})
+    monai.bundle.run(
+        run_id="run",
+        init_id=None,
+        final_id=None,
+        meta_file=os.path.join(configs, "metadata.json"),
+        config_file=os.path.join(configs, "train.json"),
+        **{
+            "bundle_root": bundle_dir,
+            "train#trainer#max_epochs": epochs,
+            "train#dataset#data": train,
+            "device": "cpu",
+            "train#handlers": handlers,
+            "validate#dataset#data": val,
+            "monailabel_settings": displayable,
+        },
+    )
 
 
 @pytest.fixture
@@ -162,8 +190,12 @@ def label_bundle(tmp_path, small_sam_checkpoint):
     network = SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint)
     model = str(tmp_path / "model0.pt")
     torch.save(network.state_dict(), model)
-    out = make_monailabel_bundle(str(tmp_path / "app" / "model" / "surgicalsam"), model_file=model,
-                                 sam_checkpoint=small_sam_checkpoint, settings=TINY)
+    out = make_monailabel_bundle(
+        str(tmp_path / "app" / "model" / "surgicalsam"),
+        model_file=model,
+        sam_checkpoint=small_sam_checkpoint,
+        settings=TINY,
+    )
     return out, model
 
 
@@ -173,19 +205,49 @@ def test_cli_makes_the_bundle_folder(tmp_path, small_sam_checkpoint, capsys):
     model = str(tmp_path / "model.pt")
     torch.save(SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint).state_dict(), model)
     out = str(tmp_path / "app" / "model" / "surgicalsam")
-    main(["monailabel_bundle", out, "--model_file", model, "--sam_checkpoint", small_sam_checkpoint,
-          "--sam_variant", "tiny", "--frame_size", "64,80"])
+    main(
+        [
+            "monailabel_bundle",
+            out,
+            "--model_file",
+            model,
+            "--sam_checkpoint",
+            small_sam_checkpoint,
+            "--sam_variant",
+            "tiny",
+            "--frame_size",
+            "64,80",
+        ]
+    )
     assert "monailabel start_server" in capsys.readouterr().out
     assert json.load(open(os.path.join(out, "configs", "train.json")))["frame_size"] == list(FRAME)
     with pytest.raises(SystemExit, match="not empty"):
-        main(["monailabel_bundle", out, "--model_file", model, "--sam_checkpoint", small_sam_checkpoint,
-              "--sam_variant", "tiny", "--frame_size", "64,80"])
+        main(
+            [
+                "monailabel_bundle",
+                out,
+                "--model_file",
+                model,
+                "--sam_checkpoint",
+                small_sam_checkpoint,
+                "--sam_variant",
+                "tiny",
+                "--frame_size",
+                "64,80",
+            ]
+        )
 
 
 def test_bundle_folder_has_what_monailabel_reads(label_bundle):
     out, _ = label_bundle
-    for name in ("configs/inference.json", "configs/train.json", "configs/metadata.json", "models/model.pt",
-                 "models/sam_tiny.pth", "scripts/__init__.py"):
+    for name in (
+        "configs/inference.json",
+        "configs/train.json",
+        "configs/metadata.json",
+        "models/model.pt",
+        "models/sam_tiny.pth",
+        "scripts/__init__.py",
+    ):
         assert os.path.isfile(os.path.join(out, name)), name
     inference = json.load(open(os.path.join(out, "configs", "inference.json")))
     for key in ("network_def", "preprocessing", "postprocessing", "inferer"):
@@ -203,8 +265,12 @@ def test_bundle_refuses_a_model_it_cannot_load(tmp_path, small_sam_checkpoint, w
     bad = {"state_dict": state} if wrap == "state_dict" else {"module." + k: v for k, v in state.items()}
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not fit"):
-        make_monailabel_bundle(str(tmp_path / "out"), model_file=str(tmp_path / "bad.pt"),
-                               sam_checkpoint=small_sam_checkpoint, settings=TINY)
+        make_monailabel_bundle(
+            str(tmp_path / "out"),
+            model_file=str(tmp_path / "bad.pt"),
+            sam_checkpoint=small_sam_checkpoint,
+            settings=TINY,
+        )
 
 
 def test_monailabel_loading_cannot_give_random_weights(small_sam_checkpoint):
@@ -241,9 +307,9 @@ def test_training_as_bundle_train_task_runs_it(label_bundle, small_demo_dir):
 def _auto_iou(bundle_dir, datalist, sam_checkpoint) -> float:
     """Challenge IoU of the bundle's models/model.pt on ``datalist`` under the automatic protocol, on the
     frames' embeddings as the training's validation computes them."""
-    from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.evaluation.metrics import EndoVisMetric
     from scripts.monailabel_glue.training import DatalistFrameDataset, FrameEmbedder
+    from scripts.surgical_sam.inferer import ClassPromptInferer
 
     network = SurgicalSAM(7, 2, FRAME, "tiny", sam_checkpoint).eval()
     network.load_state_dict(load_model_state(os.path.join(bundle_dir, "models", "model.pt")))

@@ -18,10 +18,23 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-
-from test_monailabel_server import (CHROMIUM, FRAME, REPO, REQUEST_TIMEOUT_S, TINY, TOKENS, Server, _multipart,
-                                    _studies, _train_result, png_array, png_bytes, request, server_studies,
-                                    setup)  # noqa: F401 (setup: the module's fixture)
+from test_monailabel_server import (
+    CHROMIUM,
+    FRAME,
+    REPO,
+    REQUEST_TIMEOUT_S,
+    TINY,
+    TOKENS,
+    Server,
+    _multipart,
+    _studies,
+    _train_result,
+    png_array,
+    png_bytes,
+    request,
+    server_studies,
+    setup,  # noqa: F401 (setup: the module's fixture)
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_root_logging")]
 
@@ -32,6 +45,7 @@ HUGE = (5000, 5000)  # a frame of the studies folder with more pixels than the d
 def png_of_size(width: int, height: int) -> bytes:
     """A valid black grayscale PNG of ``width`` x ``height``, made without holding its pixels (a few hundred KB
     for 12000 x 12000: the decompression bomb of the issue)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -48,8 +62,13 @@ def chunked_upload(url: str, content: bytes, headers: dict | None = None) -> tup
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_S)
     try:
-        connection.request("PUT", f"{parts.path}?{parts.query}", body=(body[i:i + 65536] for i in range(0, len(body), 65536)),
-                           headers={"Content-Type": content_type, **(headers or {})}, encode_chunked=True)
+        connection.request(
+            "PUT",
+            f"{parts.path}?{parts.query}",
+            body=(body[i : i + 65536] for i in range(0, len(body), 65536)),
+            headers={"Content-Type": content_type, **(headers or {})},
+            encode_chunked=True,
+        )
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -68,14 +87,20 @@ def guarded(setup, tmp_path_factory):
     with open(os.path.join(studies, "huge.png"), "wb") as handle:
         handle.write(png_of_size(*HUGE))
     shutil.copyfile(setup["frames"]["seq1_00000"][0], os.path.join(os.path.dirname(app), "cwdframe.png"))
-    bundle = make_monailabel_bundle(os.path.join(app, "model", "surgicalsam"), model_file=setup["model"],
-                                    sam_checkpoint=setup["sam"], settings=TINY)
+    bundle = make_monailabel_bundle(
+        os.path.join(app, "model", "surgicalsam"), model_file=setup["model"], sam_checkpoint=setup["sam"], settings=TINY
+    )
     tmpdir = str(tmp_path_factory.mktemp("server_tmp"))
     previous = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = tmpdir
     try:
-        server = Server(setup["python"], app, studies, {"threads": "1", "max_upload_mb": str(MAX_UPLOAD_MB)},
-                        str(setup["root"] / "guarded.log"))
+        server = Server(
+            setup["python"],
+            app,
+            studies,
+            {"threads": "1", "max_upload_mb": str(MAX_UPLOAD_MB)},
+            str(setup["root"] / "guarded.log"),
+        )
     finally:
         if previous is None:
             os.environ.pop("TMPDIR")
@@ -116,8 +141,11 @@ def test_ids_and_tags_are_names_not_paths(guarded, setup):
         request(f"{url}/datastore/label?image=seq1_00001&tag=%2e%2e", "PUT", files={"label": ("l.png", label)}),
         request(f"{url}/datastore/label?image=../seq1_00001&tag=final", "PUT", files={"label": ("l.png", label)}),
         server.infer("surgicalsam", image="seq1_00001", params={"save_label": True, "label_tag": ".."}),
-        request(f"{url}/datastore/image?image=../../../../{outside.strip('/')}/escaped", "PUT",
-                files={"file": ("f.png", frame)}),
+        request(
+            f"{url}/datastore/image?image=../../../../{outside.strip('/')}/escaped",
+            "PUT",
+            files={"file": ("f.png", frame)},
+        ),
         request(f"{url}/datastore/image?image=..%2fescaped", "PUT", files={"file": ("f.png", frame)}),
         request(f"{url}/datastore/image", "PUT", files={"file": ("..", frame)}),
         request(f"{url}/datastore/image?image=.hidden", "PUT", files={"file": ("f.png", frame)}),
@@ -126,8 +154,11 @@ def test_ids_and_tags_are_names_not_paths(guarded, setup):
         request(f"{url}/datastore/label?id=seq1_00001&tag=..", "DELETE"),
         request(f"{url}/datastore/image?id=..%5cseq1_00001", "DELETE"),
         request(f"{url}/datastore/image/info?image=sub/dir/f"),
-        request(f"{url}/batch/infer/surgicalsam?images=all&run_sync=true", "POST",
-                json_body={"label_tag": "../x", "device": "cpu"}),
+        request(
+            f"{url}/batch/infer/surgicalsam?images=all&run_sync=true",
+            "POST",
+            json_body={"label_tag": "../x", "device": "cpu"},
+        ),
     ]
     for index, (status, body) in enumerate(cases):
         assert status == 400, (index, status, body[:300])
@@ -174,8 +205,15 @@ def test_uploads_and_frames_are_bounded_and_leave_no_temporary_file(guarded):
         (lambda: server.infer("surgicalsam", image=None, file=too_large), 413, "max_upload_mb"),
         (lambda: server.put_label("seq1_00000", too_large), 413, "max_upload_mb"),
         (lambda: server.put_image("fartoolarge", far_too_large), 413, "max_upload_mb"),  # Content-Length says so
-        (lambda: chunked_upload(f"{server.url}/datastore/image?image=chunked", far_too_large,
-                                {"Authorization": f"Bearer {TOKENS[server.url]}"}), 413, "max_upload_mb"),
+        (
+            lambda: chunked_upload(
+                f"{server.url}/datastore/image?image=chunked",
+                far_too_large,
+                {"Authorization": f"Bearer {TOKENS[server.url]}"},
+            ),
+            413,
+            "max_upload_mb",
+        ),
         (lambda: server.put_image("corrupt", b"\x89PNG\r\n\x1a\n not a frame"), 400, "cannot read frame"),
         (lambda: server.put_label("seq1_00000", b"not a png"), 400, "not a readable image"),
     ]
@@ -247,13 +285,21 @@ def test_labels_are_lossless_and_hold_the_served_class_table(guarded, setup):
 
     label = _label(setup, "seq3_00001")
     own_names = json.dumps({"label_names": {"Grasper": 1, "Hook": 2}})
-    status, body = request(f"{server.url}/datastore/label?image=seq3_00001&tag=final", "PUT",
-                           fields={"params": own_names}, files={"label": ("l.png", label)})
+    status, body = request(
+        f"{server.url}/datastore/label?image=seq3_00001&tag=final",
+        "PUT",
+        fields={"params": own_names},
+        files={"label": ("l.png", label)},
+    )
     assert status == 400 and "disagree with the served bundle's class table" in _detail(body), body[:300]
     assert "Grasper = 1" in _detail(body) and "Bipolar Forceps" in _detail(body)
     slicer_names = json.dumps({"label_info": [{"name": channels["1"], "idx": 1}, {"name": channels["2"], "idx": 2}]})
-    status, body = request(f"{server.url}/datastore/label?image=seq3_00001&tag=final", "PUT",
-                           fields={"params": slicer_names}, files={"label": ("l.png", label)})
+    status, body = request(
+        f"{server.url}/datastore/label?image=seq3_00001&tag=final",
+        "PUT",
+        fields={"params": slicer_names},
+        files={"label": ("l.png", label)},
+    )
     assert status == 200, body[:300]
     table = json.loads(request(server.url + "/info/")[1])["class_table"]
     assert table["classes"] == channels and table["unlabelled"] == 255 and "metadata.json" in table["source"]

@@ -44,8 +44,10 @@ def monailabel_python() -> str:
         return path
     if os.environ.get("MONAILABEL_ABSENT") == "1":
         pytest.skip("MONAILABEL_ABSENT=1: MONAI Label deliberately not installed")
-    pytest.fail(f"no MONAI Label environment at {path}: run tools/setup_monailabel.sh (or set MONAILABEL_PYTHON; "
-                "MONAILABEL_ABSENT=1 skips these tests on purpose)")
+    pytest.fail(
+        f"no MONAI Label environment at {path}: run tools/setup_monailabel.sh (or set MONAILABEL_PYTHON; "
+        "MONAILABEL_ABSENT=1 skips these tests on purpose)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -55,8 +57,10 @@ def _multipart(fields: dict, files: dict) -> tuple[bytes, str]:
     for name, value in fields.items():
         body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
     for name, (filename, content) in files.items():
-        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-                   "Content-Type: application/octet-stream\r\n\r\n".encode())
+        body.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+        )
         body.write(content + b"\r\n")
     body.write(f"--{boundary}--\r\n".encode())
     return body.getvalue(), f"multipart/form-data; boundary={boundary}"
@@ -67,8 +71,15 @@ TOKENS: dict[str, str] = {}
 SERVER_TOKEN = object()
 
 
-def request(url: str, method: str = "GET", fields: dict | None = None, files: dict | None = None,
-            json_body: dict | None = None, token=SERVER_TOKEN, headers: dict | None = None) -> tuple[int, bytes]:
+def request(
+    url: str,
+    method: str = "GET",
+    fields: dict | None = None,
+    files: dict | None = None,
+    json_body: dict | None = None,
+    token=SERVER_TOKEN,
+    headers: dict | None = None,
+) -> tuple[int, bytes]:
     """(status, body); HTTP errors are returned, not raised. Bounded by REQUEST_TIMEOUT_S. Sends
     ``Authorization: Bearer <token>``: by default the token of the server ``url`` belongs to (``TOKENS``);
     ``token`` None sends none, a string sends that one."""
@@ -95,24 +106,53 @@ class Server:
     server made it, and sent with every ``request`` to this server; default: the bundle's app's place for it,
     ``<studies>/.surgicalsam_token``, which the stock app never makes)."""
 
-    def __init__(self, python: str, app: str, studies: str, conf: dict, log: str, token_file: str | None = None,
-                 env: dict | None = None) -> None:
+    def __init__(
+        self,
+        python: str,
+        app: str,
+        studies: str,
+        conf: dict,
+        log: str,
+        token_file: str | None = None,
+        env: dict | None = None,
+    ) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url, self.log, self.studies = f"http://127.0.0.1:{self.port}", log, studies
         token_file = token_file or os.path.join(studies, ".surgicalsam_token")
-        command = [python, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies,
-                   "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [
+            python,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            app,
+            "--studies",
+            studies,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         for key, value in conf.items():
             command += ["--conf", key, value]
-        env = {k: v for k, v in {**os.environ, **(env or {})}.items()
-               if k not in ("PYTHONPATH", "VIRTUAL_ENV") and (k != "SURGICALSAM_TOKEN" or k in (env or {}))}
+        env = {
+            k: v
+            for k, v in {**os.environ, **(env or {})}.items()
+            if k not in ("PYTHONPATH", "VIRTUAL_ENV") and (k != "SURGICALSAM_TOKEN" or k in (env or {}))
+        }
         env.update(OMP_NUM_THREADS="1", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
         if env.get("SURGICALSAM_TOKEN"):
             TOKENS[self.url] = env["SURGICALSAM_TOKEN"]
-        self.process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                                        cwd=os.path.dirname(app), start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=os.path.dirname(app),
+            start_new_session=True,
+        )
         deadline = time.time() + START_TIMEOUT_S
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -149,22 +189,32 @@ class Server:
     def alive(self) -> bool:
         return request(self.url + "/info/")[0] == 200
 
-    def infer(self, model: str, image: str | None = "seq1_00000", params: dict | None = None, file: bytes | None = None):
-        query = f"output=image" + (f"&image={image}" if image else "")
+    def infer(
+        self, model: str, image: str | None = "seq1_00000", params: dict | None = None, file: bytes | None = None
+    ):
+        query = "output=image" + (f"&image={image}" if image else "")
         files = {"file": ("frame.png", file)} if file is not None else None
-        return request(f"{self.url}/infer/{model}?{query}", "POST", fields={"params": json.dumps({**PNG, **(params or {})})},
-                       files=files)
+        return request(
+            f"{self.url}/infer/{model}?{query}",
+            "POST",
+            fields={"params": json.dumps({**PNG, **(params or {})})},
+            files=files,
+        )
 
     def put_image(self, image: str, content: bytes):
         return request(f"{self.url}/datastore/image?image={image}", "PUT", files={"file": ("frame.png", content)})
 
     def put_label(self, image: str, content: bytes):
-        return request(f"{self.url}/datastore/label?image={image}&tag=final", "PUT",
-                       files={"label": ("label.png", content)})
+        return request(
+            f"{self.url}/datastore/label?image={image}&tag=final", "PUT", files={"label": ("label.png", content)}
+        )
 
     def train(self, model: str = "surgicalsam", **params) -> dict:
-        status, body = request(f"{self.url}/train/{model}", "POST",
-                               json_body={"max_epochs": 1, "device": "cpu", "val_split": 0.0, **params})
+        status, body = request(
+            f"{self.url}/train/{model}",
+            "POST",
+            json_body={"max_epochs": 1, "device": "cpu", "val_split": 0.0, **params},
+        )
         assert status == 200, body
         deadline = time.time() + TRAIN_TIMEOUT_S
         while time.time() < deadline:
@@ -245,8 +295,8 @@ def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction
     """The bundle's own label map for a frame (the same network and model file, in this process); with
     ``as_cached`` from the frame's embedding rounded to float16, as the app's training caches and validates it."""
     from scripts.data.layout import read_frame
-    from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.monailabel_glue.bundle_folder import load_model_state
+    from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.surgical_sam.network import SurgicalSAM
 
     network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
@@ -267,13 +317,22 @@ def _stock_app(setup, name: str) -> tuple[str, str]:
     the bundle in its ``model/surgicalsam`` folder: (app folder, bundle folder)."""
     from scripts.monailabel_glue.bundle_folder import make_monailabel_bundle
 
-    sample = subprocess.run([setup["python"], "-c", "import os, sys; print(os.path.join(sys.prefix, 'monailabel', "
-                             "'sample-apps', 'monaibundle'))"], capture_output=True, text=True, check=True).stdout.strip()
+    sample = subprocess.run(
+        [
+            setup["python"],
+            "-c",
+            "import os, sys; print(os.path.join(sys.prefix, 'monailabel', 'sample-apps', 'monaibundle'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert os.path.isfile(os.path.join(sample, "main.py")), f"no monaibundle sample app at {sample}"
     app = str(setup["root"] / name)
     shutil.copytree(sample, app)
-    bundle = make_monailabel_bundle(os.path.join(app, "model", "surgicalsam"), model_file=setup["model"],
-                                    sam_checkpoint=setup["sam"], settings=TINY)
+    bundle = make_monailabel_bundle(
+        os.path.join(app, "model", "surgicalsam"), model_file=setup["model"], sam_checkpoint=setup["sam"], settings=TINY
+    )
     return app, bundle
 
 
@@ -284,8 +343,13 @@ STOCK_CONF = {"zoo_source": "github", "sam2": "false"}
 def stock(setup):
     """The monaibundle sample app serving the bundle."""
     app, bundle = _stock_app(setup, "stock_app")
-    server = Server(setup["python"], app, _studies(setup, "stock_studies"), {"models": "surgicalsam", **STOCK_CONF},
-                    str(setup["root"] / "stock.log"))
+    server = Server(
+        setup["python"],
+        app,
+        _studies(setup, "stock_studies"),
+        {"models": "surgicalsam", **STOCK_CONF},
+        str(setup["root"] / "stock.log"),
+    )
     yield server, bundle
     server.stop()
 
@@ -320,8 +384,13 @@ def two_bundles(setup):
     os.makedirs(os.path.join(second, "models"))
     state = second_bundle_weights(setup["frames"]["seq1_00000"][0])
     torch.save(state, os.path.join(second, "models", "model.pt"))
-    server = Server(setup["python"], app, _studies(setup, "two_bundle_studies"),
-                    {"models": "surgicalsam,brightpixels", **STOCK_CONF}, str(setup["root"] / "two_bundles.log"))
+    server = Server(
+        setup["python"],
+        app,
+        _studies(setup, "two_bundle_studies"),
+        {"models": "surgicalsam,brightpixels", **STOCK_CONF},
+        str(setup["root"] / "two_bundles.log"),
+    )
     yield server, bundle, state
     server.stop()
 
@@ -336,7 +405,9 @@ def _ambiguous_frame(setup, studies):
     counts = {}
     for path in sorted(glob.glob(os.path.join(studies, "*.*"))):
         with torch.no_grad():
-            counts[os.path.splitext(os.path.basename(path))[0]] = inferer.uncertainty(_frame_tensor(path), network)["pixels"][0].tolist()
+            counts[os.path.splitext(os.path.basename(path))[0]] = inferer.uncertainty(_frame_tensor(path), network)[
+                "pixels"
+            ][0].tolist()
     every = [c for frame in counts.values() for c in frame]
     area = FRAME[0] * FRAME[1]
     for image_id in sorted(counts):
@@ -358,9 +429,12 @@ def own(setup):
     shutil.copytree(os.path.join(REPO, "monailabel_app"), app, ignore=shutil.ignore_patterns("model", "__pycache__"))
     studies = _studies(setup, "own_studies")
     setup["ambiguous"], setup["own_min_mask_fraction"] = _ambiguous_frame(setup, studies)
-    bundle = make_monailabel_bundle(os.path.join(app, "model", "surgicalsam"), model_file=setup["model"],
-                                    sam_checkpoint=setup["sam"],
-                                    settings={**TINY, "min_mask_fraction": setup["own_min_mask_fraction"]})
+    bundle = make_monailabel_bundle(
+        os.path.join(app, "model", "surgicalsam"),
+        model_file=setup["model"],
+        sam_checkpoint=setup["sam"],
+        settings={**TINY, "min_mask_fraction": setup["own_min_mask_fraction"]},
+    )
     with open(os.path.join(studies, "broken.png"), "wb") as handle:  # on disk, not through the datastore's PUT
         handle.write(b"\x89PNG\r\n\x1a\n this is not a frame")
     server = Server(setup["python"], app, studies, {"threads": "1"}, str(setup["root"] / "own.log"))
@@ -373,9 +447,15 @@ def test_stock_info_lists_instrument_labels(stock):
     server, _ = stock
     info = json.loads(request(server.url + "/info/")[1])
     model = info["models"]["surgicalsam"]
-    assert model["labels"] == {"bipolar forceps": 1, "prograsp forceps": 2, "large needle driver": 3,
-                               "monopolar curved scissors": 4, "ultrasound probe": 5, "suction instrument": 6,
-                               "clip applier": 7}
+    assert model["labels"] == {
+        "bipolar forceps": 1,
+        "prograsp forceps": 2,
+        "large needle driver": 3,
+        "monopolar curved scissors": 4,
+        "ultrasound probe": 5,
+        "suction instrument": 6,
+        "clip applier": 7,
+    }
     assert model["dimension"] == 2
     assert "surgicalsam" in info["trainers"]
 
@@ -398,8 +478,10 @@ def test_stock_app_serves_two_bundles_each_with_its_own_scripts(two_bundles, set
     assert models["brightpixels"]["labels"] == {"bright": 1} and models["brightpixels"]["dimension"] == 2
     assert len(models["surgicalsam"]["labels"]) == 7
     frame_file = setup["frames"]["seq1_00000"][0]
-    expected = {"surgicalsam": _expected_auto(setup, os.path.join(bundle, "models", "model.pt"), "seq1_00000"),
-                "brightpixels": second_bundle_label_map(frame_file, state)}
+    expected = {
+        "surgicalsam": _expected_auto(setup, os.path.join(bundle, "models", "model.pt"), "seq1_00000"),
+        "brightpixels": second_bundle_label_map(frame_file, state),
+    }
     assert not np.array_equal(expected["surgicalsam"], expected["brightpixels"])
     assert 0.2 < expected["brightpixels"].mean() < 0.8
     for model in ("surgicalsam", "brightpixels", "surgicalsam", "brightpixels"):
@@ -411,8 +493,11 @@ def test_stock_app_serves_two_bundles_each_with_its_own_scripts(two_bundles, set
 def test_stock_jpg_frame_gives_a_png_label_map(stock):
     """No result_extension in the request: the bundle's displayable_configs make it PNG, not the frame's JPG."""
     server, _ = stock
-    status, body = request(f"{server.url}/infer/surgicalsam?image=jpgframe&output=image", "POST",
-                           fields={"params": json.dumps({"device": "cpu"})})
+    status, body = request(
+        f"{server.url}/infer/surgicalsam?image=jpgframe&output=image",
+        "POST",
+        fields={"params": json.dumps({"device": "cpu"})},
+    )
     assert status == 200, body[:300]
     assert body[:8] == b"\x89PNG\r\n\x1a\n"
     mask = png_array(body)
@@ -448,8 +533,9 @@ def test_stock_malformed_requests_fail_and_the_server_keeps_serving(stock):
     # These two are answered by MONAI Label's /infer endpoint itself (monailabel/endpoints/infer.py
     # run_inference) before any app or bundle code runs, so only the bundle's own app turns them into 400
     # (test_own_malformed_requests_get_4xx_with_a_message); the app README says so.
-    status, body = request(f"{server.url}/infer/surgicalsam?image=seq1_00000&output=image", "POST",
-                           fields={"params": "{not json"})
+    status, body = request(
+        f"{server.url}/infer/surgicalsam?image=seq1_00000&output=image", "POST", fields={"params": "{not json"}
+    )
     assert status == 500 and body == b"Internal Server Error", (status, body[:300])  # json.loads(params), unguarded
     status, body = request(f"{server.url}/infer/surgicalsam?output=image", "POST", fields={"params": "{}"})
     assert status == 500 and b"Neither Image nor File" in body, (status, body[:300])  # its own HTTPException(500)
@@ -512,8 +598,9 @@ def test_stock_label_of_another_size_the_train_status_says_why(stock, setup):
         details = task.get("details", [])
         assert task["status"] == "ERROR", details[-5:]
         last = details[-1]
-        assert "the label map of frame seq2_00000 is 10x12 (height x width) but the frame is 64x80" in last, \
-            details[-5:]
+        assert "the label map of frame seq2_00000 is 10x12 (height x width) but the frame is 64x80" in last, details[
+            -5:
+        ]
         assert "PUT /datastore/label?image=seq2_00000&tag=final" in last, last
         assert not any("Failed to instantiate" in line for line in details), details
         assert open(model_file, "rb").read() == before
@@ -536,8 +623,10 @@ def test_own_auto_and_class_prompt(own, setup):
     model_file = os.path.join(bundle, "models", "model.pt")
     status, body = server.infer("surgicalsam")
     assert status == 200
-    np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000",
-                                                                  min_mask_fraction=setup["own_min_mask_fraction"]))
+    np.testing.assert_array_equal(
+        png_array(body),
+        _expected_auto(setup, model_file, "seq1_00000", min_mask_fraction=setup["own_min_mask_fraction"]),
+    )
     for params, class_id in (({"class_name": "Prograsp Forceps"}, 2), ({"class_id": 5}, 5)):
         status, body = server.infer("surgicalsam_class", params=params)
         assert status == 200, body[:300]
@@ -555,9 +644,11 @@ def test_own_sam_clicks_and_box(own, setup):
     network = SurgicalSAM(7, 2, FRAME, "tiny", setup["sam"], with_image_encoder=True).eval()
     prompter = SamPointPrompter(network, "tiny", setup["sam"])
     frame = torch.from_numpy(read_frame(setup["frames"]["seq1_00000"][0])).permute(2, 0, 1)[None].float()
-    cases = [({"foreground": [[10, 20]], "background": [[70, 50]], "class_id": 3}, 3),
-             ({"box": [5, 5, 60, 50]}, 1),
-             ({"foreground": [[30, 30]], "box": [0, 0, 79, 63], "class_name": "clip applier"}, 7)]
+    cases = [
+        ({"foreground": [[10, 20]], "background": [[70, 50]], "class_id": 3}, 3),
+        ({"box": [5, 5, 60, 50]}, 1),
+        ({"foreground": [[30, 30]], "box": [0, 0, 79, 63], "class_name": "clip applier"}, 7),
+    ]
     for params, value in cases:
         status, body = server.infer("sam_prompt", params=params)
         assert status == 200, body[:300]
@@ -568,21 +659,34 @@ def test_own_sam_clicks_and_box(own, setup):
         np.testing.assert_array_equal(mask, (logits[0, 0] > 0).numpy().astype(np.uint8) * value)
 
 
-SAM_PROMPTS = [{"foreground": [[10, 20]]}, {"foreground": [[10, 20], [30, 40]], "background": [[70, 5]]},
-               {"box": [5, 6, 50, 60]}, {"foreground": [[12, 30]], "box": [0, 0, 40, 63]}]
+SAM_PROMPTS = [
+    {"foreground": [[10, 20]]},
+    {"foreground": [[10, 20], [30, 40]], "background": [[70, 5]]},
+    {"box": [5, 6, 50, 60]},
+    {"foreground": [[12, 30]], "box": [0, 0, 40, 63]},
+]
 
 
 def _segment_anything_predictor(setup, frame_file, prompts, resize, out_dir):
     """segment-anything's SamPredictor on the same SAM weights (tests/segment_anything_predictor.py, run in
     the MONAI Label environment, which has the torchvision it imports) -> logits (H, W) per prompt."""
-    request_file, out_file = os.path.join(out_dir, f"request_{resize}.json"), os.path.join(out_dir, f"logits_{resize}.npz")
+    request_file, out_file = (
+        os.path.join(out_dir, f"request_{resize}.json"),
+        os.path.join(out_dir, f"logits_{resize}.npz"),
+    )
     with open(request_file, "w") as handle:
-        json.dump({"variant": "tiny", "checkpoint": setup["sam"], "frame": frame_file, "prompts": prompts,
-                   "resize": resize}, handle)
+        json.dump(
+            {"variant": "tiny", "checkpoint": setup["sam"], "frame": frame_file, "prompts": prompts, "resize": resize},
+            handle,
+        )
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     env.update(PYTHONPATH=os.path.join(REPO, "bundle"), OMP_NUM_THREADS="1")
-    subprocess.run([setup["python"], os.path.join(REPO, "tests", "segment_anything_predictor.py"), request_file, out_file],
-                   check=True, env=env, timeout=REQUEST_TIMEOUT_S)
+    subprocess.run(
+        [setup["python"], os.path.join(REPO, "tests", "segment_anything_predictor.py"), request_file, out_file],
+        check=True,
+        env=env,
+        timeout=REQUEST_TIMEOUT_S,
+    )
     logits = np.load(out_file)
     return [logits[f"logits_{i}"] for i in range(len(prompts))]
 
@@ -606,14 +710,22 @@ def test_own_sam_prompt_agrees_with_segment_anythings_predictor(own, setup, tmp_
         served = png_array(body) > 0
         with torch.no_grad():
             logits = prompter(_frame_tensor(frame_file), **prompts)[0][0, 0].numpy()
-        np.testing.assert_array_equal(served, logits > 0)  # the served mask is these logits' (as test_own_sam_clicks_and_box)
+        np.testing.assert_array_equal(
+            served, logits > 0
+        )  # the served mask is these logits' (as test_own_sam_clicks_and_box)
         np.testing.assert_allclose(logits, same_input, atol=1e-4, rtol=0)
         np.testing.assert_array_equal(served, same_input > 0)
         theirs = reference > 0
-        figures.append({"prompts": prompts, "mask_iou": round(float((served & theirs).sum() / (served | theirs).sum()), 4),
-                        "pixels_differing": int((served ^ theirs).sum()), "pixels": int(served.size),
-                        "max_logit_difference": round(float(np.abs(logits - reference).max()), 4),
-                        "logit_range": [round(float(reference.min()), 3), round(float(reference.max()), 3)]})
+        figures.append(
+            {
+                "prompts": prompts,
+                "mask_iou": round(float((served & theirs).sum() / (served | theirs).sum()), 4),
+                "pixels_differing": int((served ^ theirs).sum()),
+                "pixels": int(served.size),
+                "max_logit_difference": round(float(np.abs(logits - reference).max()), 4),
+                "logit_range": [round(float(reference.min()), 3), round(float(reference.max()), 3)],
+            }
+        )
     with capsys.disabled():
         print("\nsam_prompt against SamPredictor (its own resize):", json.dumps(figures))
     for figure in figures:
@@ -639,12 +751,28 @@ def test_own_malformed_requests_get_4xx_with_a_message(own, setup):
         (server.put_label("seq1_00001", png_bytes(np.full(FRAME, 9, np.uint8))), 400, "outside 0..7"),
         (server.put_label("nosuch", label), 404, "not in the datastore"),
         (server.put_image("newframe", b"not a png"), 400, "cannot read frame"),
-        (request(f"{server.url}/infer/surgicalsam?image=seq1_00000&output=image", "POST",
-                 fields={"params": "{not json"}), 400, "params is not JSON"),
-        (request(f"{server.url}/infer/surgicalsam?output=image", "POST", fields={"params": "{}"}), 400,
-         "give an image id"),
-        (request(f"{server.url}/datastore/image?image=newframe", "PUT", fields={"params": "[1"},
-                 files={"file": ("f.png", png_bytes(frame))}), 400, "params is not JSON"),
+        (
+            request(
+                f"{server.url}/infer/surgicalsam?image=seq1_00000&output=image", "POST", fields={"params": "{not json"}
+            ),
+            400,
+            "params is not JSON",
+        ),
+        (
+            request(f"{server.url}/infer/surgicalsam?output=image", "POST", fields={"params": "{}"}),
+            400,
+            "give an image id",
+        ),
+        (
+            request(
+                f"{server.url}/datastore/image?image=newframe",
+                "PUT",
+                fields={"params": "[1"},
+                files={"file": ("f.png", png_bytes(frame))},
+            ),
+            400,
+            "params is not JSON",
+        ),
         (request(f"{server.url}/train/nosuch", "POST", json_body={}), 404, "this app trains ['surgicalsam']"),
     ]
     for (status, body), expected, message in cases:
@@ -669,10 +797,14 @@ def test_own_most_uncertain_serves_the_ambiguous_frame_first(own, setup):
     assert served["surgicalsam_uncertainty"]["presence_margin"] == 0.0
     # label it: the next frame served is another one, with a larger margin
     assert server.put_label(ambiguous, open(setup["frames"][ambiguous][1], "rb").read())[0] == 200
-    following = json.loads(request(f"{server.url}/activelearning/most_uncertain", "POST", json_body={"device": "cpu"})[1])
+    following = json.loads(
+        request(f"{server.url}/activelearning/most_uncertain", "POST", json_body={"device": "cpu"})[1]
+    )
     assert following["id"] not in (ambiguous, "broken") and following["surgicalsam_uncertainty"]["presence_margin"] > 0
     wait_for_no_task(server, "scoring")  # next_sample starts MONAI Label's automatic scoring in the background
-    status, body = request(f"{server.url}/scoring/surgicalsam_uncertainty?run_sync=true", "POST", json_body={"device": "cpu"})
+    status, body = request(
+        f"{server.url}/scoring/surgicalsam_uncertainty?run_sync=true", "POST", json_body={"device": "cpu"}
+    )
     assert status == 200, body[:300]
     scored = json.loads(body)
     assert set(scored["failed"]) == {"broken"} and "cannot read frame" in scored["failed"]["broken"]
@@ -683,17 +815,29 @@ def test_own_most_uncertain_serves_the_ambiguous_frame_first(own, setup):
 def test_own_batch_pre_annotation_on_cpu_reports_each_frame(own, setup):
     """No multi_gpu in the request, no GPU: frames run on the CPU; the corrupt frame is reported, the others saved."""
     server, bundle = own
-    status, body = request(f"{server.url}/batch/infer/surgicalsam?images=all&run_sync=true", "POST",
-                           json_body={"max_batch_size": 3, "label_tag": "original"})
+    status, body = request(
+        f"{server.url}/batch/infer/surgicalsam?images=all&run_sync=true",
+        "POST",
+        json_body={"max_batch_size": 3, "label_tag": "original"},
+    )
     assert status == 200, body[:500]
     report = json.loads(body)
     assert list(report["images"]) == ["broken", "jpgframe", "seq1_00000"]
-    assert report["images"]["broken"]["status"] == "error" and "cannot read frame" in report["images"]["broken"]["reason"]
+    assert (
+        report["images"]["broken"]["status"] == "error" and "cannot read frame" in report["images"]["broken"]["reason"]
+    )
     assert report["failed"] == ["broken"] and report["ok"] == 2
     saved = glob.glob(os.path.join(server_studies(server), "labels", "original", "seq1_00000.*"))
     assert saved, "the pre-label was not saved"
-    np.testing.assert_array_equal(np.asarray(Image.open(saved[0])), _expected_auto(
-        setup, os.path.join(bundle, "models", "model.pt"), "seq1_00000", min_mask_fraction=setup["own_min_mask_fraction"]))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(saved[0])),
+        _expected_auto(
+            setup,
+            os.path.join(bundle, "models", "model.pt"),
+            "seq1_00000",
+            min_mask_fraction=setup["own_min_mask_fraction"],
+        ),
+    )
 
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -706,6 +850,7 @@ def test_own_review_page_in_a_browser(own, setup, tmp_path):
     if not os.path.isfile(CHROMIUM):
         pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set CHROMIUM)")
     from playwright.sync_api import sync_playwright
+
     from scripts.sam.prompting import SamPointPrompter
 
     server, bundle = own
@@ -729,29 +874,43 @@ def test_own_review_page_in_a_browser(own, setup, tmp_path):
             listed = page.eval_on_selector_all("#frames li", "items => items.map(i => i.dataset.id)")
             assert image_id in listed and "seq1_00000" in listed
             page.click(f"#frames li[data-id='{image_id}']")
-            page.wait_for_function(f"document.getElementById('status').textContent === '{image_id}: automatic pre-label'",
-                                   timeout=60_000)
+            page.wait_for_function(
+                f"document.getElementById('status').textContent === '{image_id}: automatic pre-label'", timeout=60_000
+            )
             shown = np.array(page.evaluate("Array.from(state.label)"), np.uint8).reshape(FRAME)
             np.testing.assert_array_equal(shown, auto)
             canvas = page.locator("#overlay").bounding_box()
             scale = canvas["width"] / FRAME[1]
-            clip = {"x": round(canvas["x"]), "y": round(canvas["y"]), "width": round(FRAME[1] * scale),
-                    "height": round(FRAME[0] * scale)}
+            clip = {
+                "x": round(canvas["x"]),
+                "y": round(canvas["y"]),
+                "width": round(FRAME[1] * scale),
+                "height": round(FRAME[0] * scale),
+            }
             before = page.screenshot(path=str(tmp_path / "before.png"), clip=clip)
             page.select_option("#class", str(class_id))
-            at = lambda x, y: (canvas["x"] + (x + 0.5) * scale, canvas["y"] + (y + 0.5) * scale)
+
+            def at(x, y):
+                return canvas["x"] + (x + 0.5) * scale, canvas["y"] + (y + 0.5) * scale
+
             page.mouse.move(*at(box[0], box[1]))
             page.mouse.down()
             page.mouse.move(*at(box[2], box[3]), steps=5)
             page.mouse.up()
             assert page.text_content("#prompts") == f"clicks: box {', '.join(map(str, box))}"
             page.click("#sam")
-            page.wait_for_function("document.getElementById('status').textContent.includes('SAM mask added')", timeout=60_000)
-            np.testing.assert_array_equal(np.array(page.evaluate("Array.from(state.label)"), np.uint8).reshape(FRAME), expected)
+            page.wait_for_function(
+                "document.getElementById('status').textContent.includes('SAM mask added')", timeout=60_000
+            )
+            np.testing.assert_array_equal(
+                np.array(page.evaluate("Array.from(state.label)"), np.uint8).reshape(FRAME), expected
+            )
             after = page.screenshot(path=str(tmp_path / "after.png"), clip=clip)
             page.screenshot(path=str(tmp_path / "page.png"))
             page.click("#save")
-            page.wait_for_function(f"document.getElementById('status').textContent === '{image_id}: saved'", timeout=60_000)
+            page.wait_for_function(
+                f"document.getElementById('status').textContent === '{image_id}: saved'", timeout=60_000
+            )
             assert not errors, errors
             assert len(asked) == 1 and "Access token" in asked[0], asked
         finally:
@@ -760,8 +919,13 @@ def test_own_review_page_in_a_browser(own, setup, tmp_path):
     assert status == 200
     np.testing.assert_array_equal(png_array(body), expected)
     # the screenshots differ exactly where the label map changed (each frame pixel is scale x scale on screen)
-    shot_before, shot_after = (np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).astype(int) for b in (before, after))
-    assert shot_before.shape == shot_after.shape and shot_before.shape[:2] == (round(FRAME[0] * scale), round(FRAME[1] * scale))
+    shot_before, shot_after = (
+        np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).astype(int) for b in (before, after)
+    )
+    assert shot_before.shape == shot_after.shape and shot_before.shape[:2] == (
+        round(FRAME[0] * scale),
+        round(FRAME[1] * scale),
+    )
     on_screen = np.abs(shot_before - shot_after).sum(-1) > 30
     in_label = np.kron(expected != auto, np.ones((int(scale), int(scale)), bool))
     assert in_label.any(), "SAM's mask changed nothing: the check would prove nothing"
@@ -778,11 +942,13 @@ def test_own_info_answers_while_inferences_run(own, setup, capsys):
     load = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load)
     server, _ = own
-    figures = load.measure(server.url, "seq1_00000", requests=4, clients=4, timeout=REQUEST_TIMEOUT_S,
-                           token=TOKENS[server.url])
+    figures = load.measure(
+        server.url, "seq1_00000", requests=4, clients=4, timeout=REQUEST_TIMEOUT_S, token=TOKENS[server.url]
+    )
     wait_for_no_task(server, "scoring")  # an earlier next_sample's background scoring would hold the scoring slot
-    figures["endpoints"] = load.measure_endpoints(server.url, "seq1_00000", repeats=3, timeout=REQUEST_TIMEOUT_S,
-                                                  token=TOKENS[server.url])
+    figures["endpoints"] = load.measure_endpoints(
+        server.url, "seq1_00000", repeats=3, timeout=REQUEST_TIMEOUT_S, token=TOKENS[server.url]
+    )
     wait_for_no_task(server, "scoring")  # the background scoring the last next_sample started
     with capsys.disabled():
         print("\nload figures:", json.dumps(figures))
@@ -795,7 +961,7 @@ def _train_result(task: dict) -> dict:
     """The train task's result: the JSON MONAI Label logs last in the status details ("... Result: {...}")."""
     for line in reversed(task.get("details", [])):
         if "{" in line and '"served_model"' in line:
-            return json.loads(line[line.index("{"):])
+            return json.loads(line[line.index("{") :])
     pytest.fail("no result line in the train status:\n" + "\n".join(task.get("details", [])))
 
 
@@ -822,8 +988,14 @@ def test_own_training_never_makes_the_served_model_worse(own, setup):
         assert server.put_label(image_id, open(setup["frames"][image_id][1], "rb").read())[0] == 200
     tau = setup["own_min_mask_fraction"]
     before = torch.load(model_file, weights_only=True)
-    task = server.train(max_epochs=3, val_split=0.5, learning_rate=1e-3, early_stopping_patience=2,
-                        absent_prompts_per_frame=1, gradient_clip_norm=1.0)
+    task = server.train(
+        max_epochs=3,
+        val_split=0.5,
+        learning_rate=1e-3,
+        early_stopping_patience=2,
+        absent_prompts_per_frame=1,
+        gradient_clip_norm=1.0,
+    )
     assert task["status"] == "DONE", "\n".join(task.get("details", [])[-30:])
     result = _train_result(task)
     assert result["settings"]["learning_rate"] == 1e-3 and result["settings"]["early_stopping_patience"] == 2
@@ -849,7 +1021,7 @@ def _clear_labels(server: Server) -> None:
     """Remove every saved label of the datastore (earlier tests of the module leave theirs)."""
     objects = json.loads(request(f"{server.url}/datastore/?output=all")[1])["objects"]
     for image_id, entry in objects.items():
-        for tag in (entry.get("labels") or {}):
+        for tag in entry.get("labels") or {}:
             assert request(f"{server.url}/datastore/label?id={image_id}&tag={tag}", "DELETE")[0] == 200
 
 
@@ -885,9 +1057,13 @@ def test_own_labels_of_one_video_keep_the_served_model_unless_asked(own, setup):
     assert result["settings"]["replace_from_one_video"] is True and "every labelled frame" not in result["reason"]
     assert "hold" not in result and "candidate_model" not in result and not os.path.exists(candidate)
     assert (result["baseline"], result["best"], result["best_epoch"]) == pytest.approx(
-        (held["baseline"], held["best"], held["best_epoch"]))
+        (held["baseline"], held["best"], held["best_epoch"])
+    )
     # (MONAI's best-model saver rewrites models/model.pt with the served weights at epoch 0: compare weights)
-    before_state, after_state = torch.load(io.BytesIO(before), weights_only=True), torch.load(model_file, weights_only=True)
+    before_state, after_state = (
+        torch.load(io.BytesIO(before), weights_only=True),
+        torch.load(model_file, weights_only=True),
+    )
     changed = any(not torch.equal(before_state[k], after_state[k]) for k in before_state)
     assert changed == (result["served_model"] == "replaced") == (result["best_epoch"] > 0), result
     if result["served_model"] == "kept":
@@ -929,13 +1105,29 @@ for name, data, settings, val_split in (("one", items[:5], {}, 0.5), ("one_asked
     partitions[name] = [len(train), None if val is None else len(val), task._split]
 print(json.dumps({"videos": [video_of(i) for i in ids], "splits": splits, "one": one, "partitions": partitions}))
 """
-    done = subprocess.run([setup["python"], "-c", code, os.path.join(REPO, "monailabel_app")], capture_output=True,
-                          text=True, timeout=REQUEST_TIMEOUT_S)
+    done = subprocess.run(
+        [setup["python"], "-c", code, os.path.join(REPO, "monailabel_app")],
+        capture_output=True,
+        text=True,
+        timeout=REQUEST_TIMEOUT_S,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     unnamed = "(frames without a video name)"  # bare frame numbers (ffmpeg's %05d) and ids without a number
-    assert out["videos"] == ["seq_1", "seq1", unnamed, unnamed, "a_b", "video_12", unnamed, unnamed, unnamed,
-                             "video01", "video01", "Case"]
+    assert out["videos"] == [
+        "seq_1",
+        "seq1",
+        unnamed,
+        unnamed,
+        "a_b",
+        "video_12",
+        unnamed,
+        unnamed,
+        unnamed,
+        "video01",
+        "video01",
+        "Case",
+    ]
     sizes = {"seq_1": 5, "seq_3": 2, "seq_5": 3, "seq_7": 2, unnamed: 1}
     for val_split, runs in out["splits"].items():
         assert all(run == runs[0] for run in runs), f"val_split {val_split}: the split depends on the order"
@@ -943,7 +1135,9 @@ print(json.dumps({"videos": [video_of(i) for i in ids], "splits": splits, "one":
         assert train_videos and val_videos and not set(train_videos) & set(val_videos)
         assert sorted(train_videos + val_videos) == sorted(sizes)
         assert len(val) == sum(sizes[v] for v in val_videos) and len(train) + len(val) == 13
-        assert {os.path.basename(p).rsplit("_", 1)[0] if "_" in os.path.basename(p) else unnamed for p in val} == set(val_videos)
+        assert {os.path.basename(p).rsplit("_", 1)[0] if "_" in os.path.basename(p) else unnamed for p in val} == set(
+            val_videos
+        )
         # as close to val_split of the frames as whole videos taken in turn allow: within the largest video
         assert abs(len(val) - float(val_split) * 13) <= max(sizes.values()), (val_split, val_videos)
     assert out["splits"]["0.1"][0][3] != out["splits"]["0.9"][0][3]
@@ -978,9 +1172,11 @@ def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
         task = server.train(val_split=0.0)
         assert task["status"] == "ERROR"
         last = task["details"][-1]
-        assert "training failed: TrainingRefused: no labelled frame can be trained on" in last and \
-               "seq1_00001': 'its label map is 10x10 (height x width) but the frame is 64x80" in last and \
-               "PUT /datastore/label?image=seq1_00001" in last, task["details"][-5:]
+        assert (
+            "training failed: TrainingRefused: no labelled frame can be trained on" in last
+            and "seq1_00001': 'its label map is 10x10 (height x width) but the frame is 64x80" in last
+            and "PUT /datastore/label?image=seq1_00001" in last
+        ), task["details"][-5:]
     finally:
         with open(label_file, "wb") as handle:
             handle.write(good)
@@ -989,8 +1185,14 @@ def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
 def test_own_label_then_train(own, setup):
     server, bundle = own
     # no validation frames: the final model replaces the served one only when the request says so
-    label_then_train(server, bundle, setup, ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000"), val_split=0.0,
-                     replace_unvalidated=True)
+    label_then_train(
+        server,
+        bundle,
+        setup,
+        ("seq1_00000", "seq1_00001", "seq1_00002", "seq3_00000"),
+        val_split=0.0,
+        replace_unvalidated=True,
+    )
     assert server.infer("sam_prompt", params={"box": [5, 5, 60, 50]})[0] == 200
 
 
@@ -1009,8 +1211,13 @@ def _run_in_monailabel(setup, code: str, *args: str) -> dict:
     """Run ``code`` in MONAI Label's environment with the app's folder first on sys.path; its last output line
     is JSON."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "SURGICALSAM_TOKEN")}
-    done = subprocess.run([setup["python"], "-c", code, os.path.join(REPO, "monailabel_app"), *args], capture_output=True,
-                          text=True, timeout=REQUEST_TIMEOUT_S, env=env)
+    done = subprocess.run(
+        [setup["python"], "-c", code, os.path.join(REPO, "monailabel_app"), *args],
+        capture_output=True,
+        text=True,
+        timeout=REQUEST_TIMEOUT_S,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -1028,14 +1235,25 @@ def test_own_server_needs_its_access_token(own, setup):
     assert len(token) >= 32 and TOKENS[server.url] == token
     assert open(server.log, errors="replace").read().count(token) == 1, "the token is not printed exactly once"
     frame = open(setup["frames"]["seq1_00000"][0], "rb").read()
-    doors = [("GET", "/info/"), ("GET", "/logs/"), ("GET", "/model/surgicalsam"), ("GET", "/datastore/?output=all"),
-             ("GET", "/datastore/image?image=seq1_00000"), ("POST", "/infer/surgicalsam?image=seq1_00000"),
-             ("PUT", "/model/surgicalsam"), ("DELETE", "/datastore/image?id=seq1_00000"), ("POST", "/train/surgicalsam"),
-             ("GET", "/"), ("GET", "/openapi.json"), ("GET", "/auth/token/valid")]
+    doors = [
+        ("GET", "/info/"),
+        ("GET", "/logs/"),
+        ("GET", "/model/surgicalsam"),
+        ("GET", "/datastore/?output=all"),
+        ("GET", "/datastore/image?image=seq1_00000"),
+        ("POST", "/infer/surgicalsam?image=seq1_00000"),
+        ("PUT", "/model/surgicalsam"),
+        ("DELETE", "/datastore/image?id=seq1_00000"),
+        ("POST", "/train/surgicalsam"),
+        ("GET", "/"),
+        ("GET", "/openapi.json"),
+        ("GET", "/auth/token/valid"),
+    ]
     for method, path in doors:
         for wrong in (None, "not-the-token", token + "x"):
-            status, body = request(server.url + path, method, files={"file": ("f.png", frame)} if method == "PUT" else None,
-                                   token=wrong)
+            status, body = request(
+                server.url + path, method, files={"file": ("f.png", frame)} if method == "PUT" else None, token=wrong
+            )
             assert status == 401, (method, path, wrong, status, body[:200])
         assert "Authorization: Bearer" in json.loads(body)["detail"]
     assert request(server.url + "/info/")[0] == 200
@@ -1044,7 +1262,9 @@ def test_own_server_needs_its_access_token(own, setup):
     assert request(server.url + "/review/", token=None)[0] == 200  # the page itself (it asks for the token)
     assert request(server.url + "/review/review.js", token=None)[0] == 200
     assert "seq1_00000" in json.loads(request(server.url + "/datastore/?output=all")[1])["objects"]  # nothing deleted
-    client = _run_in_monailabel(setup, """
+    client = _run_in_monailabel(
+        setup,
+        """
 import json, sys
 from monailabel.client import MONAILabelClient
 url, token = sys.argv[2], sys.argv[3]
@@ -1063,20 +1283,33 @@ except Exception as error:
 client.update_auth(client.auth_token("anyone", token))
 print(json.dumps({"enabled": enabled, "without": without, "wrong": wrong, "valid": client.auth_valid_token(),
                   "models": sorted(client.info()["models"])}))
-""", server.url, token)
-    assert client == {"enabled": True, "without": "401", "wrong": "401", "valid": True,
-                      "models": ["sam_prompt", "surgicalsam", "surgicalsam_class"]}, client
+""",
+        server.url,
+        token,
+    )
+    assert client == {
+        "enabled": True,
+        "without": "401",
+        "wrong": "401",
+        "valid": True,
+        "models": ["sam_prompt", "surgicalsam", "surgicalsam_class"],
+    }, client
 
 
 def test_own_server_allows_no_other_origin(own):
     """No browser origin is allowed by default (MONAI Label echoed any origin, with credentials allowed)."""
     server, _ = own
-    status, headers = _raw(server.url + "/info/", headers={"Origin": "http://evil.example",
-                                                           "Authorization": f"Bearer {TOKENS.get(server.url)}"})
+    status, headers = _raw(
+        server.url + "/info/",
+        headers={"Origin": "http://evil.example", "Authorization": f"Bearer {TOKENS.get(server.url)}"},
+    )
     assert status == 200 and "access-control-allow-origin" not in headers, headers
     assert "access-control-allow-credentials" not in headers, headers
-    status, headers = _raw(server.url + "/info/", "OPTIONS", headers={"Origin": "http://evil.example",
-                                                                       "Access-Control-Request-Method": "PUT"})
+    status, headers = _raw(
+        server.url + "/info/",
+        "OPTIONS",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "PUT"},
+    )
     assert status >= 400 and "access-control-allow-origin" not in headers, (status, headers)
 
 
@@ -1101,8 +1334,10 @@ def test_own_model_upload_must_load_into_the_bundles_network(own, setup):
     assert open(model_file, "rb").read() == replacement
     status, body = server.infer("surgicalsam")
     assert status == 200
-    np.testing.assert_array_equal(png_array(body), _expected_auto(setup, model_file, "seq1_00000",
-                                                                  min_mask_fraction=setup["own_min_mask_fraction"]))
+    np.testing.assert_array_equal(
+        png_array(body),
+        _expected_auto(setup, model_file, "seq1_00000", min_mask_fraction=setup["own_min_mask_fraction"]),
+    )
 
 
 def test_own_bad_requests_answer_4xx_at_once(own, setup):
@@ -1111,11 +1346,28 @@ def test_own_bad_requests_answer_4xx_at_once(own, setup):
     frame = png_bytes(np.asarray(Image.open(setup["frames"]["seq1_00000"][0])))
     cases = [
         (request(f"{server.url}/datastore/image?id=nosuch", "DELETE"), 404, "not in the datastore"),
-        (request(f"{server.url}/datastore/image/info?image=seq1_00000", "PUT", fields={"info": "{not json"}), 400, "not JSON"),
-        (request(f"{server.url}/datastore/image/info?image=nosuch", "PUT", fields={"info": "{}"}), 404, "not in the datastore"),
-        (request(f"{server.url}/datastore/label/info?label=seq1_00000&tag=final", "PUT", fields={"info": "[1"}), 400, "not JSON"),
-        (request(f"{server.url}/datastore/updatelabelinfo?label=seq1_00000&tag=nosuch", "PUT", fields={"params": "{}"}),
-         404, "no label"),
+        (
+            request(f"{server.url}/datastore/image/info?image=seq1_00000", "PUT", fields={"info": "{not json"}),
+            400,
+            "not JSON",
+        ),
+        (
+            request(f"{server.url}/datastore/image/info?image=nosuch", "PUT", fields={"info": "{}"}),
+            404,
+            "not in the datastore",
+        ),
+        (
+            request(f"{server.url}/datastore/label/info?label=seq1_00000&tag=final", "PUT", fields={"info": "[1"}),
+            400,
+            "not JSON",
+        ),
+        (
+            request(
+                f"{server.url}/datastore/updatelabelinfo?label=seq1_00000&tag=nosuch", "PUT", fields={"params": "{}"}
+            ),
+            404,
+            "no label",
+        ),
         (request(f"{server.url}/activelearning/x", "POST", json_body={}), 404, "unknown strategy"),
         (server.infer("surgicalsam", params={"device": "nonsense"}), 400, "device must be"),
         (server.infer("surgicalsam", params={"result_extension": "/../x"}), 400, "result_extension"),
@@ -1158,7 +1410,9 @@ def test_own_datastore_reload_keeps_frames_in_the_studies_folder(setup, tmp_path
     studies.mkdir()
     for image_id in ("seq1_00000", "seq1_00001"):
         shutil.copyfile(setup["frames"][image_id][0], studies / f"{image_id}.png")
-    out = _run_in_monailabel(setup, """
+    out = _run_in_monailabel(
+        setup,
+        """
 import json, os, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 sys.setswitchinterval(1e-6)
@@ -1187,7 +1441,10 @@ while time.time() < deadline:
 done.set()
 worker.join()
 print(json.dumps({"bad": bad[:5], "n_bad": len(bad), "reads": reads, "reloads": reloads[0]}))
-""", str(studies), os.path.join(REPO, "bundle"))
+""",
+        str(studies),
+        os.path.join(REPO, "bundle"),
+    )
     assert out["reloads"] > 100 and out["reads"] > 100, out
     assert out["n_bad"] == 0, out
 
@@ -1206,19 +1463,26 @@ def test_own_next_sample_reserves_the_frame_for_its_client(own, setup):
     studies = os.path.realpath(server_studies(server))
     assert studies.encode() not in body and server.studies.encode() not in body, body[:500]
     assert "path" not in alice and alice["client_id"] == "alice" and alice["reserved_s"] > 0
-    bob = _run_in_monailabel(setup, """
+    bob = _run_in_monailabel(
+        setup,
+        """
 import json, sys
 from monailabel.client import MONAILabelClient
 client = MONAILabelClient(sys.argv[2], client_id="bob")
 client.update_auth({"token_type": "Bearer", "access_token": sys.argv[3]})
 print(json.dumps(client.next_sample("most_uncertain", {"device": "cpu"})))
-""", server.url, TOKENS[server.url])
+""",
+        server.url,
+        TOKENS[server.url],
+    )
     assert bob["id"] != alice["id"] and bob["client_id"] == "bob", (alice, bob)
     assert "path" not in bob and studies not in json.dumps(bob)
     again = json.loads(request(url, "POST", json_body={"device": "cpu", "client_id": "alice"})[1])
     assert again["id"] == alice["id"], (alice, again)
     # reservations lapse after reserve_s and move with the client (the class the server uses, on its own clock)
-    out = _run_in_monailabel(setup, """
+    out = _run_in_monailabel(
+        setup,
+        """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from lib.reservations import Reservations
@@ -1231,14 +1495,17 @@ moved = sorted(held.held_by_others("carol"))
 bob_sees = sorted(held.held_by_others("bob"))
 now[0] = 61
 print(json.dumps({"first": first, "moved": moved, "bob_sees": bob_sees, "lapsed": sorted(held.held_by_others("carol"))}))
-""")
+""",
+    )
     assert out == {"first": ["a", "b"], "moved": ["b", "c"], "bob_sees": ["c"], "lapsed": []}, out
 
 
 def test_own_access_token_comes_from_the_environment_or_a_private_file(setup, tmp_path):
     """lib/auth.py's token: $SURGICALSAM_TOKEN when set (refused when short), else the studies folder's file,
     made once (0600) and the same at the next start; a file others may read is refused, nothing changed."""
-    out = _run_in_monailabel(setup, """
+    out = _run_in_monailabel(
+        setup,
+        """
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 from lib.auth import AuthSetupError, access_token
@@ -1260,7 +1527,9 @@ os.environ["SURGICALSAM_TOKEN"] = "a-team-token-of-32-characters-ok"
 given = access_token(studies)
 print(json.dumps({"same": first == again, "length": len(first), "mode": mode, "readable": readable, "short": short,
                   "given": given, "kept": open(where).read().strip() == first}))
-""", str(tmp_path))
+""",
+        str(tmp_path),
+    )
     assert out["same"] and out["length"] >= 32 and out["mode"] == 0o600 and out["kept"], out
     assert "may be read by other users" in out["readable"] and "chmod 600" in out["readable"], out
     assert "at least 16" in out["short"], out

@@ -56,8 +56,22 @@ def free_port() -> int:
 
 def torchrun(args: list[str], tmp_path, timeout: int = 600) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=os.path.join(REPO_ROOT, "bundle"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "monai.bundle", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "monai.bundle",
+        *args,
+    ]
     result = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
@@ -66,8 +80,11 @@ def torchrun(args: list[str], tmp_path, timeout: int = 600) -> str:
 
 def cache_contents(cache_dir: str) -> dict[str, str]:
     """Relative path -> kind of every file of a cache (no temporary files left)."""
-    files = sorted(os.path.relpath(p, cache_dir) for p in glob.glob(os.path.join(cache_dir, "**", "*"), recursive=True)
-                   if os.path.isfile(p))
+    files = sorted(
+        os.path.relpath(p, cache_dir)
+        for p in glob.glob(os.path.join(cache_dir, "**", "*"), recursive=True)
+        if os.path.isfile(p)
+    )
     return {path: os.path.splitext(path)[1] for path in files if not path.endswith(".md5")}
 
 
@@ -91,17 +108,28 @@ def test_two_processes_train_the_demo_and_precompute_like_one(tmp_path):
     overrides_file = tmp_path / "overrides.yaml"
     overrides_file.write_text(yaml.safe_dump(overrides))
     config_files = str([TRAIN, DEMO, str(overrides_file), MULTI_GPU])
-    output = torchrun(["run", "training", "--config_file", config_files, "--meta_file",
-                       os.path.join(CONFIGS, "metadata.json"), "--logging_file", os.path.join(CONFIGS, "logging.conf")],
-                      tmp_path)
+    output = torchrun(
+        [
+            "run",
+            "training",
+            "--config_file",
+            config_files,
+            "--meta_file",
+            os.path.join(CONFIGS, "metadata.json"),
+            "--logging_file",
+            os.path.join(CONFIGS, "logging.conf"),
+        ],
+        tmp_path,
+    )
     assert "rank 1 of 2 encodes" in output and "rank 0 of 2 encodes" in output
 
     # rank 0 alone wrote the files: one process id in every TensorBoard file name, the newest training state,
     # the best model
     events = glob.glob(str(run_dir / "eval" / "events.out.tfevents.*"))
     assert events and len({os.path.basename(p).split(".")[4] for p in events}) == 1, events
-    assert sorted(os.path.basename(p) for p in glob.glob(str(run_dir / "eval" / "training_state" / "*.pt"))) == \
-        ["checkpoint_epoch=2.pt"]
+    assert sorted(os.path.basename(p) for p in glob.glob(str(run_dir / "eval" / "training_state" / "*.pt"))) == [
+        "checkpoint_epoch=2.pt"
+    ]
     saved = torch.load(run_dir / "models" / "model.pt", map_location="cpu")
     state = saved["model"]
     assert saved["model_info"]["class_names"] and saved["model_info"]["frame_size"] == list(SMALL_DEMO["frame_size"])
@@ -111,16 +139,24 @@ def test_two_processes_train_the_demo_and_precompute_like_one(tmp_path):
 
     # the 2-rank cache equals a 1-process precompute of the same data
     single_dir = str(tmp_path / "cache_single")
-    precompute_embeddings(dataset_dir, single_dir, "tiny", overrides["sam_checkpoint"],
-                          splits=["training", "validation"], augmented_splits=["training"],
-                          augmentation_versions=SMALL_CACHE_VERSIONS, seed=666)
+    precompute_embeddings(
+        dataset_dir,
+        single_dir,
+        "tiny",
+        overrides["sam_checkpoint"],
+        splits=["training", "validation"],
+        augmented_splits=["training"],
+        augmentation_versions=SMALL_CACHE_VERSIONS,
+        seed=666,
+    )
     two, one = cache_contents(overrides["cache_dir"]), cache_contents(single_dir)
     assert two == one
     for path, kind in one.items():
         first, second = os.path.join(single_dir, path), os.path.join(overrides["cache_dir"], path)
         if kind == ".npy":
-            np.testing.assert_allclose(np.load(first).astype(np.float32), np.load(second).astype(np.float32),
-                                       atol=2e-3, rtol=2e-3)
+            np.testing.assert_allclose(
+                np.load(first).astype(np.float32), np.load(second).astype(np.float32), atol=2e-3, rtol=2e-3
+            )
         elif kind == ".png":
             with open(first, "rb") as a, open(second, "rb") as b:
                 assert a.read() == b.read(), path
@@ -151,11 +187,23 @@ def test_metrics_report_writes_on_rank_zero_only(tmp_path, monkeypatch):
 
 
 def test_overlay_without_torchrun_fails_clearly(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO_ROOT, "bundle"))
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str([TRAIN, MULTI_GPU]),
-               "--dataset_dir", str(tmp_path / "none")]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str([TRAIN, MULTI_GPU]),
+        "--dataset_dir",
+        str(tmp_path / "none"),
+    ]
     result = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True, timeout=120, env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -174,8 +222,10 @@ def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, met
     from monai.bundle import ConfigParser
 
     # training logs its epochs through EpochProgress (one line per epoch), validation through StatsHandler
-    writers = {"train": ("scripts.engine.progress.EpochProgress", "TensorBoardStatsHandler"),
-               "validate": ("StatsHandler", "TensorBoardStatsHandler")}
+    writers = {
+        "train": ("scripts.engine.progress.EpochProgress", "TensorBoardStatsHandler"),
+        "validate": ("StatsHandler", "TensorBoardStatsHandler"),
+    }
     for is_main_process in (True, False):
         parser = ConfigParser()
         parser.read_config([os.path.join(CONFIGS, name) for name in method_configs] + [MULTI_GPU])
@@ -188,8 +238,9 @@ def test_both_methods_write_logs_and_tensorboard_on_rank_zero_only(tmp_path, met
                 if isinstance(handler, dict) and handler.get("_target_") in writers[section]:
                     built = parser.get_parsed_content(f"{section}#handlers#{index}")
                     gated.append((section, handler["_target_"], built is not None))
-        assert sorted(gated) == sorted((section, writer, is_main_process)
-                                       for section in ("train", "validate") for writer in writers[section]), gated
+        assert sorted(gated) == sorted(
+            (section, writer, is_main_process) for section in ("train", "validate") for writer in writers[section]
+        ), gated
 
 
 @pytest.mark.parametrize("method_configs", METHOD_CONFIGS)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.sam.batched_mask_decoder import decode_masks
-from scripts.surgical_sam.prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
 from scripts.sam.backbone import build_sam, get_variant
+from scripts.sam.batched_mask_decoder import decode_masks
 from scripts.sam.geometry import low_res_logits_to_frame
 from scripts.surgical_sam.network import SurgicalSAM
+from scripts.surgical_sam.prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
 
 NUM_CLASSES = 3
 FRAME_SIZE = (96, 128)
@@ -151,8 +151,9 @@ def reference_prompt_encoder(encoder, image, prototypes, class_ids):
 def test_prototype_prompt_encoder_matches_reference_on_any_grid(grid):
     torch.manual_seed(0)
     num_classes, num_tokens, dim = 3, 2, 8
-    encoder = PrototypePromptEncoder(num_classes, num_tokens, grid, embed_dim=dim, dense_hidden_dim=5,
-                                     sparse_hidden_dim=4)
+    encoder = PrototypePromptEncoder(
+        num_classes, num_tokens, grid, embed_dim=dim, dense_hidden_dim=5, sparse_hidden_dim=4
+    )
     with torch.no_grad():
         for embedding in encoder.pn_cls_embeddings:
             embedding.weight.normal_()
@@ -181,7 +182,11 @@ def plain_prompt_encoder(encoder, image, prototypes, class_ids):
     tokens = encoder.sparse_fc_2(encoder.relu(encoder.sparse_fc_1(tokens)))
     tokens = tokens.reshape(batch, encoder.num_classes, encoder.num_tokens, dim)
     is_prompted = nn.functional.one_hot(index, encoder.num_classes).to(tokens.dtype)[..., None, None]
-    tokens = tokens + is_prompted * encoder.pn_cls_embeddings[1].weight + (1 - is_prompted) * encoder.pn_cls_embeddings[0].weight
+    tokens = (
+        tokens
+        + is_prompted * encoder.pn_cls_embeddings[1].weight
+        + (1 - is_prompted) * encoder.pn_cls_embeddings[0].weight
+    )
     return dense, tokens.reshape(batch, -1, dim)
 
 
@@ -204,7 +209,10 @@ def test_prompt_encoder_without_the_activated_tensor_equals_the_plain_one(grid, 
     prototypes = (0.5 * torch.randn(num_classes, dim, dtype=torch.float64)).requires_grad_()
     class_ids = torch.randint(1, num_classes + 1, (batch,))
     encoder = encoder.double()
-    weights = torch.randn(batch, dim, *grid, dtype=torch.float64), torch.randn(batch, num_classes * 2, dim, dtype=torch.float64)
+    weights = (
+        torch.randn(batch, dim, *grid, dtype=torch.float64),
+        torch.randn(batch, num_classes * 2, dim, dtype=torch.float64),
+    )
     results = []
     for forward in (encoder, lambda *args: plain_prompt_encoder(encoder, *args)):
         encoder.zero_grad()
@@ -244,7 +252,11 @@ def test_frame_prompts_then_pair_prompts_equal_forward():
 def test_prompt_encoder_under_bf16_autocast_is_close_to_float32():
     torch.manual_seed(6)
     encoder = PrototypePromptEncoder(3, 2, (4, 4), embed_dim=16, dense_hidden_dim=8, sparse_hidden_dim=8)
-    image, prototypes, class_ids = torch.randn(2, 16, 4, 4, requires_grad=True), torch.randn(3, 16), torch.tensor([1, 3])
+    image, prototypes, class_ids = (
+        torch.randn(2, 16, 4, 4, requires_grad=True),
+        torch.randn(3, 16),
+        torch.tensor([1, 3]),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dense, sparse = encoder(image, prototypes, class_ids)
     (dense.float().sum() + sparse.float().sum()).backward()
@@ -481,8 +493,9 @@ def test_load_state_dict_for_other_configuration_raises(source, target):
 def test_sam_checkpoint_is_loaded(tiny_sam_checkpoint):
     sam_state = torch.load(tiny_sam_checkpoint, weights_only=True)
     torch.manual_seed(5)
-    model = SurgicalSAM(NUM_CLASSES, 2, FRAME_SIZE, sam_variant="tiny", sam_checkpoint=tiny_sam_checkpoint,
-                        with_image_encoder=True)
+    model = SurgicalSAM(
+        NUM_CLASSES, 2, FRAME_SIZE, sam_variant="tiny", sam_checkpoint=tiny_sam_checkpoint, with_image_encoder=True
+    )
     for part in ("mask_decoder", "prompt_encoder", "image_encoder"):
         for key, value in getattr(model, part).state_dict().items():
             assert torch.equal(value, sam_state[f"{part}.{key}"]), f"{part}.{key}"
@@ -521,8 +534,11 @@ def test_gradients_reach_trainable_parts_only():
     prototype_grad = model.prototypes.class_embeddings.weight.grad
     assert prototype_grad is not None and prototype_grad.abs().sum() > 0
     encoder_grads = {k: g for k, g in grads(model.class_prompt_encoder).items() if "pn_cls_embeddings" not in k}
-    assert set(encoder_grads) == {f"{layer}.{kind}" for layer in ("dense_fc_1", "dense_fc_2", "sparse_fc_1",
-                                                                  "sparse_fc_2") for kind in ("weight", "bias")}
+    assert set(encoder_grads) == {
+        f"{layer}.{kind}"
+        for layer in ("dense_fc_1", "dense_fc_2", "sparse_fc_1", "sparse_fc_2")
+        for kind in ("weight", "bias")
+    }
     for name, grad in encoder_grads.items():
         assert grad is not None and grad.abs().sum() > 0, name
     decoder_grads = grads(model.mask_decoder)
@@ -569,8 +585,9 @@ def test_hypernetwork_masks_on_channels_last_features_equal_the_plain_product(to
     grad_hyper, grad_features = torch.autograd.grad((fast * weight).sum(), (hyper_in, features))
     plain_leaf = plain_features.clone().requires_grad_()
     hyper_leaf = hyper_in.detach().clone().requires_grad_()
-    expected = torch.autograd.grad(((hyper_leaf @ plain_leaf.reshape(2, 8, 63)).reshape(2, tokens, 7, 9) * weight).sum(),
-                                   (hyper_leaf, plain_leaf))
+    expected = torch.autograd.grad(
+        ((hyper_leaf @ plain_leaf.reshape(2, 8, 63)).reshape(2, tokens, 7, 9) * weight).sum(), (hyper_leaf, plain_leaf)
+    )
     for got, want in zip((grad_hyper, grad_features), expected):
         assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
     assert grad_features.is_contiguous(memory_format=torch.channels_last)
@@ -588,8 +605,9 @@ def test_decode_masks_keeps_a_zero_gradient_on_the_unused_hypernetworks():
     assert all(float(p.grad.abs().max()) == 0 for mlp in mlps[1:] for p in mlp.parameters())
 
 
-@pytest.mark.parametrize(("kernel", "bias", "channels_last"), [((2, 2), True, True), ((2, 2), False, False),
-                                                                ((3, 2), True, True)])
+@pytest.mark.parametrize(
+    ("kernel", "bias", "channels_last"), [((2, 2), True, True), ((2, 2), False, False), ((3, 2), True, True)]
+)
 def test_transposed_conv_as_product_equals_the_convolution(kernel, bias, channels_last):
     """kernel == stride transposed convolution as one product: the module's output (<= 1e-5) and the
     gradients of input, weight and bias (<= 1e-4 relative), odd sizes, batch 1."""

@@ -36,11 +36,13 @@ def to_original(model: SurgicalSAM) -> dict:
     state = model.state_dict()
 
     def part(prefix):
-        return {k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}
 
-    return {"prototype_prompt_encoder_state_dict": part("class_prompt_encoder."),
-            "sam_decoder_state_dict": part("mask_decoder."),
-            "prototypes_state_dict": part("prototypes.")}
+    return {
+        "prototype_prompt_encoder_state_dict": part("class_prompt_encoder."),
+        "sam_decoder_state_dict": part("mask_decoder."),
+        "prototypes_state_dict": part("prototypes."),
+    }
 
 
 @pytest.fixture
@@ -78,9 +80,13 @@ def original_forward(original: dict, sam_checkpoint: str, features: torch.Tensor
         tokens = tokens + encoder["pn_cls_embeddings.1.weight" if k == class_id - 1 else "pn_cls_embeddings.0.weight"]
         sparse_tokens.append(tokens)
     sparse = torch.cat(sparse_tokens)[None]  # (1, C*n, d)
-    low_res, _ = sam.mask_decoder(image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                  multimask_output=False)
+    low_res, _ = sam.mask_decoder(
+        image_embeddings=features,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
     # SAM's postprocess: up to the padded input, crop the resized frame, down to the frame size
     scale = IMAGE_SIZE / max(FRAME)
     valid = (int(FRAME[0] * scale + 0.5), int(FRAME[1] * scale + 0.5))
@@ -124,8 +130,19 @@ def test_checked_counts(tmp_path, original_file, small_sam_checkpoint):
     convert_original_checkpoint(src, dst, small_sam_checkpoint, num_classes=3, num_tokens=2)
 
 
-@pytest.mark.parametrize("damage", ["no_prototypes", "sam_file", "bundle_file", "extra_key", "missing_key",
-                                    "encoder_shape", "decoder_shape", "prototype_shape"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "no_prototypes",
+        "sam_file",
+        "bundle_file",
+        "extra_key",
+        "missing_key",
+        "encoder_shape",
+        "decoder_shape",
+        "prototype_shape",
+    ],
+)
 def test_wrong_files_are_named(tmp_path, original_file, small_sam_checkpoint, damage):
     src, _ = original_file
     original = torch.load(src, map_location="cpu", weights_only=True)
@@ -136,7 +153,7 @@ def test_wrong_files_are_named(tmp_path, original_file, small_sam_checkpoint, da
         "extra_key": "1 unexpected keys \\(e.g. \\['extra.weight'\\]\\)",
         "missing_key": "1 missing keys \\(e.g. \\['dense_fc_1.bias'\\]\\)",
         "encoder_shape": "prompt_encoder_state_dict has tensors of unexpected shape: 1 keys of another shape \\(e.g. "
-                         "dense_fc_2.bias: \\(3,\\) in the file, \\(256,\\) in the original encoder\\)",
+        "dense_fc_2.bias: \\(3,\\) in the file, \\(256,\\) in the original encoder\\)",
         "decoder_shape": "of another shape",
         "prototype_shape": "must be \\(C, d\\)",
     }[damage]
@@ -178,7 +195,20 @@ def test_convert_from_the_command_line(tmp_path, original_file, small_sam_checkp
 
     src, trained = original_file
     dst = tmp_path / "model.pt"
-    main(["convert_original_checkpoint", "--src", src, "--dst", str(dst), "--sam_checkpoint", small_sam_checkpoint,
-          "--num_classes", "3", "--num_tokens", "2"])
+    main(
+        [
+            "convert_original_checkpoint",
+            "--src",
+            src,
+            "--dst",
+            str(dst),
+            "--sam_checkpoint",
+            small_sam_checkpoint,
+            "--num_classes",
+            "3",
+            "--num_tokens",
+            "2",
+        ]
+    )
     state = torch.load(dst, map_location="cpu", weights_only=True)["model"]
     torch.testing.assert_close(state["prototypes.class_embeddings.weight"], trained.prototypes.class_embeddings.weight)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.surgical_sam.datasets import CachedFrameDataset, CachedPromptDataset
 from scripts.data.original_layout import (
     OriginalLayoutError,
     OriginalLayoutReader,
     check_original_layout_inputs,
 )
+from scripts.surgical_sam.datasets import CachedFrameDataset, CachedPromptDataset
 
 NAMES = ["Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver"]
 GRID, DIM, FRAME = 16, 256, (64, 80)  # the tiny SAM variant: 16x16 grid of d = 256, on 64x80 frames
@@ -31,13 +31,16 @@ def box(top, bottom, left, right):
 FRAMES = {"00000": {1: box(0, 32, 0, 40), 2: box(40, 64, 40, 80)}, "00001": {3: box(8, 48, 16, 56)}, "00002": {}}
 
 
-def write_frame(folder, sequence, frame, masks, seed, features_dir="sam_features_h", dtype=np.float32,
-                shape=(GRID, GRID, DIM)):
+def write_frame(
+    folder, sequence, frame, masks, seed, features_dir="sam_features_h", dtype=np.float32, shape=(GRID, GRID, DIM)
+):
     rng = np.random.default_rng(seed)
     for sub in ("images", "binary_annotations", features_dir):
         os.makedirs(os.path.join(folder, sub, sequence), exist_ok=True)
     np.save(os.path.join(folder, features_dir, sequence, f"{frame}.npy"), rng.standard_normal(shape).astype(dtype))
-    Image.fromarray(np.zeros((*FRAME, 3), dtype=np.uint8)).save(os.path.join(folder, "images", sequence, f"{frame}.png"))
+    Image.fromarray(np.zeros((*FRAME, 3), dtype=np.uint8)).save(
+        os.path.join(folder, "images", sequence, f"{frame}.png")
+    )
     for class_id, mask in masks.items():
         Image.fromarray(mask).save(os.path.join(folder, "binary_annotations", sequence, f"{frame}_class{class_id}.png"))
 
@@ -151,8 +154,7 @@ def test_endovis_2017_folds(tmp_path):
     root = make_2017(str(tmp_path))
     reader = reader_for(root, fold=1, augmentation_versions=1)
     assert [e["key"] for e in reader.entries("validation")] == ["seq2/frame000", "seq5/frame000"]
-    assert [e["key"] for e in reader.entries("fold1_training", 1)] == [
-        f"seq{k}/frame000" for k in (1, 3, 4, 6, 7, 8)]
+    assert [e["key"] for e in reader.entries("fold1_training", 1)] == [f"seq{k}/frame000" for k in (1, 3, 4, 6, 7, 8)]
     assert [e["key"] for e in reader.entries("fold3_validation")] == ["seq6/frame000", "seq7/frame000"]
     assert reader.versions("fold0_training") == [0, 1]
     with pytest.raises(OriginalLayoutError, match="fold must be one of"):
@@ -209,8 +211,14 @@ def test_check_inputs_names_every_problem(tmp_path, endovis_2018):
     reader = reader_for(endovis_2018)
     check_original_layout_inputs(reader, ["training", "validation"], "tiny", None, frame_size=FRAME)
     with pytest.raises(FileNotFoundError) as error:
-        check_original_layout_inputs(reader, ["validation"], "tiny", str(tmp_path / "sam.pth"),
-                                     model_file=str(tmp_path / "model.pt"), frame_size=(1024, 1280))
+        check_original_layout_inputs(
+            reader,
+            ["validation"],
+            "tiny",
+            str(tmp_path / "sam.pth"),
+            model_file=str(tmp_path / "model.pt"),
+            frame_size=(1024, 1280),
+        )
     message = str(error.value)
     assert "frame size: the 'validation' frames are [64, 80] but frame_size is [1024, 1280]" in message
     assert "sam.pth not found" in message and "model.pt not found" in message

@@ -4,19 +4,18 @@ classes (Table 4), on crafted label maps with hand-computed numbers."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.evaluation.class_mapping import eval_to_model_lut, model_classes_to_prompt, remap_labels, shared_classes
 from scripts.cli import pool_metrics
 from scripts.engine.batches import FrameBatch
 from scripts.engine.handlers import MetricsReport
-from scripts.surgical_sam.inferer import ClassPromptInferer
+from scripts.evaluation.class_mapping import eval_to_model_lut, model_classes_to_prompt, remap_labels, shared_classes
 from scripts.evaluation.metrics import EndoVisMetric
 from scripts.evaluation.pooling import pool_frame_statistics, read_frame_statistics
+from scripts.surgical_sam.inferer import ClassPromptInferer
 
 NAMES = ["A", "B"]
 
@@ -63,8 +62,11 @@ def test_per_fold_metrics_and_frame_stats_file(tmp_path):
 
 
 def test_pooling_concatenates_frames_not_means(tmp_path, capsys):
-    files = [evaluate(pairs, tmp_path / f"fold{i}" / "auto" / "metrics.json") and
-             str(tmp_path / f"fold{i}" / "auto" / "metrics.json") for i, pairs in enumerate((FOLD0, FOLD1))]
+    files = [
+        evaluate(pairs, tmp_path / f"fold{i}" / "auto" / "metrics.json")
+        and str(tmp_path / f"fold{i}" / "auto" / "metrics.json")
+        for i, pairs in enumerate((FOLD0, FOLD1))
+    ]
     pooled = pool_metrics(",".join(files), output=str(tmp_path / "pooled.json"))
     # Challenge list [0.5, 0.75, 0]; IoU list [0.5, 0.75, 0, 0]; class 1 [0.5, 0]; class 2 [0.75, 0];
     # cumulative I = 1 + 3, U = 2 + 4 + 1.
@@ -115,16 +117,22 @@ EVAL = ["large_needle_driver", "Clip Applier", "bipolar forceps"]
 def test_shared_classes_by_name_and_class_map():
     assert shared_classes(MODEL, EVAL) == [(1, 3, "Bipolar Forceps"), (3, 1, "Large Needle Driver")]
     assert shared_classes(MODEL, EVAL, {"Vessel Sealer": "Clip Applier"}) == [
-        (1, 3, "Bipolar Forceps"), (2, 2, "Vessel Sealer"), (3, 1, "Large Needle Driver")]
+        (1, 3, "Bipolar Forceps"),
+        (2, 2, "Vessel Sealer"),
+        (3, 1, "Large Needle Driver"),
+    ]
     assert shared_classes(MODEL, EVAL, {"Vessel Sealer": "Clip Applier"}, shared_only_from_map=True) == [
-        (2, 2, "Vessel Sealer")]
+        (2, 2, "Vessel Sealer")
+    ]
     with pytest.raises(ValueError, match="not a class of the model"):
         shared_classes(MODEL, EVAL, {"Grasper": "Clip Applier"})
     with pytest.raises(ValueError, match="share no name"):
         shared_classes(["X"], ["Y"])
     # an explicit pair wins over equal names: Bipolar Forceps then has no partner
     assert shared_classes(MODEL, EVAL, {"Vessel Sealer": "bipolar forceps"}) == [
-        (2, 3, "Vessel Sealer"), (3, 1, "Large Needle Driver")]
+        (2, 3, "Vessel Sealer"),
+        (3, 1, "Large Needle Driver"),
+    ]
     with pytest.raises(ValueError, match="several model classes"):
         shared_classes(MODEL, EVAL, {"Vessel Sealer": "bipolar forceps", "Bipolar Forceps": "Bipolar_Forceps"})
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from scripts import cli
 from scripts.data.layout import DatasetError, check_dataset, read_dataset_description
-from scripts.data.prepare import common
 from scripts.data.prepare import cholecseg8k as cholec
+from scripts.data.prepare import common
 from scripts.data.prepare.cholecseg8k import prepare_cholecseg8k
 from scripts.data.prepare.custom import prepare_custom
 from scripts.data.prepare.endovis2017 import fold_splits, instrument_type, prepare_endovis2017
@@ -38,8 +38,11 @@ def read(path: Path) -> np.ndarray:
 
 def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Relative path -> (content, mtime_ns) of every file below ``folder``."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def summary_of(out_dir: Path) -> dict:
@@ -63,7 +66,7 @@ def raw_frame_2017(number: int) -> np.ndarray:
 
 def box(rows, cols, value) -> np.ndarray:
     mask = np.zeros(RAW_2017, dtype=np.uint8)
-    mask[rows[0]:rows[1], cols[0]:cols[1]] = value
+    mask[rows[0] : rows[1], cols[0] : cols[1]] = value
     return mask
 
 
@@ -86,32 +89,64 @@ def endovis2017(tmp_path_factory):
     prograsp = box((100, 200), (400, 500), 10) + box((100, 200), (500, 550), 20) + box((100, 200), (550, 600), 30)
     prograsp += box((0, 20), (400, 600), 10)
     bipolar = box((150, 250), (550, 700), 30)
-    dataset(1, {"Right_Prograsp_Forceps_labels": {"frame000.png": prograsp},
-                "Maryland_Bipolar_Forceps_labels": {"frame000.png": bipolar}})
+    dataset(
+        1,
+        {
+            "Right_Prograsp_Forceps_labels": {"frame000.png": prograsp},
+            "Maryland_Bipolar_Forceps_labels": {"frame000.png": bipolar},
+        },
+    )
     full = np.zeros(RAW_2017, np.uint8)
     full[bipolar > 0] = 1
     full[prograsp > 0] = 2  # "Right_..." sorts after "Maryland_...": the later folder wins
     expected["seq_1"] = full
     # 2: a needle driver and a folder of no known type (ignored, 10x20 pixels)
-    dataset(2, {"Left_Large_Needle_Driver_labels": {"frame000.png": box((500, 600), (1000, 1100), 20)},
-                "Mystery_Tool_labels": {"frame000.png": box((700, 710), (700, 720), 10)}})
+    dataset(
+        2,
+        {
+            "Left_Large_Needle_Driver_labels": {"frame000.png": box((500, 600), (1000, 1100), 20)},
+            "Mystery_Tool_labels": {"frame000.png": box((700, 710), (700, 720), 10)},
+        },
+    )
     full = box((500, 600), (1000, 1100), 3)
     full[700:710, 700:720] = 255
     expected["seq_2"] = full
     # 3: 'Other' at the bottom edge (rows 1040:1052 survive the crop); 'Other' masks are not part-coded
-    dataset(3, {"Other_labels": {"frame000.png": box((1040, 1080), (0, 1920), 10),
-                                 "frame001.png": box((30, 40), (330, 340), 255)}}, frames=("frame000.png", "frame001.png"))
+    dataset(
+        3,
+        {
+            "Other_labels": {
+                "frame000.png": box((1040, 1080), (0, 1920), 10),
+                "frame001.png": box((30, 40), (330, 340), 255),
+            }
+        },
+        frames=("frame000.png", "frame001.png"),
+    )
     expected["seq_3"] = box((1040, 1080), (0, 1920), 7)
     expected["seq_3/frame001"] = box((30, 40), (330, 340), 7)
     # 4: vessel sealer; frame001 is 1080x1900
-    dataset(4, {"Vessel_Sealer_labels": {"frame000.png": box((300, 400), (300, 400), 10),
-                                         "frame001.png": box((300, 400), (300, 400), 10)}})
+    dataset(
+        4,
+        {
+            "Vessel_Sealer_labels": {
+                "frame000.png": box((300, 400), (300, 400), 10),
+                "frame001.png": box((300, 400), (300, 400), 10),
+            }
+        },
+    )
     write_image(raw / "instrument_dataset_4" / "left_frames" / "frame001.png", raw_frame_2017(4)[:, :1900])
     expected["seq_4"] = box((300, 400), (300, 400), 4)
     # 5: a retractor; frame001's (part-coded) mask holds 40
-    dataset(5, {"Grasping_Retractor_labels": {"frame000.png": box((800, 900), (1500, 1700), 20),
-                                              "frame001.png": box((10, 20), (10, 20), 40)}},
-            frames=("frame000.png", "frame001.png"))
+    dataset(
+        5,
+        {
+            "Grasping_Retractor_labels": {
+                "frame000.png": box((800, 900), (1500, 1700), 20),
+                "frame001.png": box((10, 20), (10, 20), 40),
+            }
+        },
+        frames=("frame000.png", "frame001.png"),
+    )
     expected["seq_5"] = box((800, 900), (1500, 1700), 5)
     dataset(6, {"Monopolar_Curved_Scissors_labels": {"frame000.png": box((28, 29), (320, 321), 30)}})
     expected["seq_6"] = box((28, 29), (320, 321), 6)
@@ -136,14 +171,17 @@ def test_endovis2017_crop_and_type_merge(endovis2017):
         np.testing.assert_array_equal(image, raw_frame_2017(number)[28:1052, 320:1600])
         label = read(out / "labels" / sequence / "frame000.png")
         np.testing.assert_array_equal(label, expected[sequence][28:1052, 320:1600])
-    np.testing.assert_array_equal(read(out / "labels" / "seq_3" / "frame001.png"),
-                                  expected["seq_3/frame001"][28:1052, 320:1600])
+    np.testing.assert_array_equal(
+        read(out / "labels" / "seq_3" / "frame001.png"), expected["seq_3/frame001"][28:1052, 320:1600]
+    )
     label = read(out / "labels" / "seq_6" / "frame000.png")
     assert label[0, 0] == 6 and label.sum() == 6  # raw pixel (28, 320) is the crop's corner
     binary = read(out / "binary_annotations" / "seq_1" / "frame000_class2.png")
     np.testing.assert_array_equal(binary, (expected["seq_1"][28:1052, 320:1600] == 2) * 255)
     assert sorted(p.name for p in (out / "binary_annotations" / "seq_1").iterdir()) == [
-        "frame000_class1.png", "frame000_class2.png"]
+        "frame000_class1.png",
+        "frame000_class2.png",
+    ]
     assert not (out / "images" / "seq_5" / "frame001.png").exists()
     check_dataset(out)  # training / validation (= fold 0) hold every frame
 
@@ -152,11 +190,19 @@ def test_endovis2017_folds_and_description(endovis2017):
     _, out, _, _ = endovis2017
     description = read_dataset_description(out)
     assert set(fold_splits()) == {f"fold{i}_{s}" for i in range(4) for s in ("training", "validation")} | {
-        "training", "validation"}
+        "training",
+        "validation",
+    }
     assert set(fold_splits()) <= set(description)
-    assert description["classes"] == {"1": "Bipolar Forceps", "2": "Prograsp Forceps", "3": "Large Needle Driver",
-                                      "4": "Vessel Sealer", "5": "Grasping Retractor",
-                                      "6": "Monopolar Curved Scissors", "7": "Other"}
+    assert description["classes"] == {
+        "1": "Bipolar Forceps",
+        "2": "Prograsp Forceps",
+        "3": "Large Needle Driver",
+        "4": "Vessel Sealer",
+        "5": "Grasping Retractor",
+        "6": "Monopolar Curved Scissors",
+        "7": "Other",
+    }
     assert description["frame_size"] == [1024, 1280] and description["ignore_index"] == 255
     folds = {0: [1, 3], 1: [2, 5], 2: [4, 8], 3: [6, 7]}
     for fold, validation in folds.items():
@@ -166,8 +212,12 @@ def test_endovis2017_folds_and_description(endovis2017):
     assert description["training"] == description["fold0_training"]
     assert description["validation"] == description["fold0_validation"]
     assert [e["frame"] for e in description["validation"]] == ["frame000", "frame000", "frame001"]
-    assert description["validation"][0] == {"image": "images/seq_1/frame000.png", "label": "labels/seq_1/frame000.png",
-                                            "sequence": "seq_1", "frame": "frame000"}
+    assert description["validation"][0] == {
+        "image": "images/seq_1/frame000.png",
+        "label": "labels/seq_1/frame000.png",
+        "sequence": "seq_1",
+        "frame": "frame000",
+    }
 
 
 def test_endovis2017_summary(endovis2017):
@@ -176,22 +226,34 @@ def test_endovis2017_summary(endovis2017):
     assert {k: v for k, v in summary.items() if k not in ("written", "reused")} == written
     assert written["frames"] == 9 and summary["written"] == 9
     assert written["frames_per_split"]["fold0_validation"] == 3 and written["frames_per_split"]["fold0_training"] == 6
-    assert written["frames_per_class"] == {"Bipolar Forceps": 2, "Prograsp Forceps": 1, "Large Needle Driver": 1,
-                                           "Vessel Sealer": 1, "Grasping Retractor": 1,
-                                           "Monopolar Curved Scissors": 1, "Other": 2}
+    assert written["frames_per_class"] == {
+        "Bipolar Forceps": 2,
+        "Prograsp Forceps": 1,
+        "Large Needle Driver": 1,
+        "Vessel Sealer": 1,
+        "Grasping Retractor": 1,
+        "Monopolar Curved Scissors": 1,
+        "Other": 2,
+    }
     assert written["pixels_per_class"]["Other"] == 12 * 1280 + 100
     assert written["pixels_per_class"]["Large Needle Driver"] == 100 * 100
     assert written["pixels_per_class"]["Prograsp Forceps"] == 100 * 200  # the rows above the crop are gone
     assert written["ignored_pixels"] == 200
-    assert written["notes"] == {"frames with overlaps": 1, "overlap pixels": 2500,
-                                "pixels of unknown instrument folders": 200}
+    assert written["notes"] == {
+        "frames with overlaps": 1,
+        "overlap pixels": 2500,
+        "pixels of unknown instrument folders": 200,
+    }
     reasons = skipped_reasons(written)
-    assert "unknown instrument folder" in reasons[os.path.join("instrument_dataset_2", "ground_truth",
-                                                               "Mystery_Tool_labels")]
+    assert (
+        "unknown instrument folder"
+        in reasons[os.path.join("instrument_dataset_2", "ground_truth", "Mystery_Tool_labels")]
+    )
     bad_mask = [r for f, r in reasons.items() if f.endswith(os.path.join("Grasping_Retractor_labels", "frame001.png"))]
     assert bad_mask and "unexpected mask values [40]" in bad_mask[0]
-    wrong_size = [r for f, r in reasons.items() if f.endswith(os.path.join("instrument_dataset_4", "left_frames",
-                                                                           "frame001.png"))]
+    wrong_size = [
+        r for f, r in reasons.items() if f.endswith(os.path.join("instrument_dataset_4", "left_frames", "frame001.png"))
+    ]
     assert wrong_size and "1080x1900" in wrong_size[0]
     assert reasons[str(raw / "instrument_dataset_9")] == "no ground_truth folder"
     assert len(reasons) == 4
@@ -205,8 +267,9 @@ def test_endovis2017_rerun_rewrites_nothing(endovis2017):
     assert files_of(out) == before
 
 
-@pytest.mark.parametrize("name", ["Left_Prograsp_Forceps_labels", "Right_Prograsp_Forceps_labels",
-                                  "Prograsp_Forceps_labels"])
+@pytest.mark.parametrize(
+    "name", ["Left_Prograsp_Forceps_labels", "Right_Prograsp_Forceps_labels", "Prograsp_Forceps_labels"]
+)
 def test_endovis2017_left_right_names(name):
     assert instrument_type(name) == 2
     assert instrument_type("Maryland_Bipolar_Forceps_labels") == 1
@@ -242,7 +305,7 @@ def frame_2018(value: int) -> np.ndarray:
 
 def mask_2018(rows, cols, value=1) -> np.ndarray:
     mask = np.zeros(SIZE_2018, np.uint8)
-    mask[rows[0]:rows[1], cols[0]:cols[1]] = value
+    mask[rows[0] : rows[1], cols[0] : cols[1]] = value
     return mask
 
 
@@ -287,14 +350,23 @@ def test_endovis2018_isinet_instance_masks(tmp_path):
     np.testing.assert_array_equal(read(out / "labels" / "seq_2" / "frame000.png"), expected)
 
     description = read_dataset_description(out)
-    assert list(description["classes"].values()) == ["Bipolar Forceps", "Prograsp Forceps", "Large Needle Driver",
-                                                     "Monopolar Curved Scissors", "Ultrasound Probe",
-                                                     "Suction Instrument", "Clip Applier"]
+    assert list(description["classes"].values()) == [
+        "Bipolar Forceps",
+        "Prograsp Forceps",
+        "Large Needle Driver",
+        "Monopolar Curved Scissors",
+        "Ultrasound Probe",
+        "Suction Instrument",
+        "Clip Applier",
+    ]
     assert [e["frame"] for e in description["training"]] == ["frame000", "frame001"]
     assert [e["sequence"] for e in description["validation"]] == ["seq_2"]
     assert summary["sequences"] == {"training": ["seq_1"], "validation": ["seq_2"]}
-    assert summary["notes"] == {"frames with overlaps": 1, "overlap pixels": 50 * 50,
-                                "pixels of instances outside the class table": 200}
+    assert summary["notes"] == {
+        "frames with overlaps": 1,
+        "overlap pixels": 50 * 50,
+        "pixels of instances outside the class table": 200,
+    }
     # seq_1 (it wins its overlap) and seq_2
     assert summary["pixels_per_class"]["Monopolar Curved Scissors"] == 100 * 100 + 100 * 100
     reasons = skipped_reasons(summary)
@@ -362,8 +434,11 @@ def colour_frame(seed: int, shape=(6, 8)) -> tuple[np.ndarray, np.ndarray, np.nd
     return frame, mask, labels
 
 
-def make_cholec_raw(raw: Path, clips=(("video01", "video01_00080"), ("video01", "video01_00160"),
-                                      ("video12", "video12_15750")), frames_per_clip=2) -> dict:
+def make_cholec_raw(
+    raw: Path,
+    clips=(("video01", "video01_00080"), ("video01", "video01_00160"), ("video12", "video12_15750")),
+    frames_per_clip=2,
+) -> dict:
     expected = {}
     seed = 0
     for video, clip in clips:
@@ -384,8 +459,10 @@ def test_cholecseg8k_colour_mapping_and_split(tmp_path):
     # an RGBA mask: the alpha is dropped
     frame, mask, labels = colour_frame(99)
     write_image(raw / "video12" / "video12_15750" / "frame_90_endo.png", frame)
-    write_image(raw / "video12" / "video12_15750" / "frame_90_endo_color_mask.png",
-                np.concatenate([mask, np.full((*mask.shape[:2], 1), 255, np.uint8)], axis=2))
+    write_image(
+        raw / "video12" / "video12_15750" / "frame_90_endo_color_mask.png",
+        np.concatenate([mask, np.full((*mask.shape[:2], 1), 255, np.uint8)], axis=2),
+    )
     expected[("video12_15750", "frame_90")] = (frame, labels)
     # a frame whose mask is missing and one whose mask is grey
     write_image(raw / "video01" / "video01_00160" / "frame_95_endo.png", frame)
@@ -411,8 +488,10 @@ def test_cholecseg8k_colour_mapping_and_split(tmp_path):
     assert summary["frames_per_split"] == {"training": 4, "validation": 3}
     all_labels = np.stack([labels for _, labels in expected.values()])
     edge_and_stray = int(np.count_nonzero(all_labels == 255)) - len(expected)
-    assert summary["notes"] == {"unknown colour 1,2,3 (pixels)": len(expected),
-                                "unknown colour 255,255,255 (pixels)": edge_and_stray}
+    assert summary["notes"] == {
+        "unknown colour 1,2,3 (pixels)": len(expected),
+        "unknown colour 255,255,255 (pixels)": edge_and_stray,
+    }
     assert summary["ignored_pixels"] == edge_and_stray + len(expected)
     assert summary["background_pixels"] == int(np.count_nonzero(all_labels == 0))
     assert summary["pixels_per_class"]["Liver"] == int(np.count_nonzero(all_labels == 2))
@@ -457,11 +536,17 @@ def test_rerun_keeps_files_and_redoes_changed_sources(tmp_path):
     assert (third["written"], third["reused"]) == (1, 5)
     np.testing.assert_array_equal(read(out / "labels" / "video01_00080" / "frame_80.png"), labels)
     assert sorted(p.name for p in (out / "binary_annotations" / "video01_00080").glob("frame_80_*")) == [
-        "frame_80_class5.png"]  # masks of classes the frame lost are gone
+        "frame_80_class5.png"
+    ]  # masks of classes the frame lost are gone
     after = files_of(out)
     changed = {k for k in after if after[k] != before.get(k)}
-    assert changed <= {"labels/video01_00080/frame_80.png", "binary_annotations/video01_00080/frame_80_class5.png",
-                       "dataset.json", common.SUMMARY_FILE, common.STATE_FILE}
+    assert changed <= {
+        "labels/video01_00080/frame_80.png",
+        "binary_annotations/video01_00080/frame_80_class5.png",
+        "dataset.json",
+        common.SUMMARY_FILE,
+        common.STATE_FILE,
+    }
     # a source that disappears takes its outputs with it
     os.remove(raw / "video12" / "video12_15750" / "frame_81_endo.png")
     fourth = prepare_cholecseg8k(str(raw), str(out), progress=False)
@@ -508,7 +593,8 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     again = prepare_cholecseg8k(str(raw), str(out), progress=False)
     assert (again["written"], again["reused"]) == (2, 4)  # the state was not saved: both are redone
     assert {k: v[0] for k, v in files_of(out).items() if k != common.STATE_FILE} == {
-        k: v for k, v in clean_files.items() if k != common.STATE_FILE}
+        k: v for k, v in clean_files.items() if k != common.STATE_FILE
+    }
 
 
 def test_out_dir_with_other_content_is_refused(tmp_path):
@@ -553,8 +639,10 @@ def test_custom_config(tmp_path):
     write_image(tmp_path / "frames" / "case_2" / "img_1.png", np.zeros((8, 10, 3)))
     write_image(tmp_path / "labels" / "case_2" / "img_1.png", np.full((8, 10), 3))  # 3 is no class
     config = tmp_path / "data.yaml"
-    config.write_text("frames_dir: frames\nlabels_dir: labels\nclasses: {1: grasper, 2: hook}\nignore_index: 250\n"
-                      "validation_sequences: [case_2]\nname: lab\n")
+    config.write_text(
+        "frames_dir: frames\nlabels_dir: labels\nclasses: {1: grasper, 2: hook}\nignore_index: 250\n"
+        "validation_sequences: [case_2]\nname: lab\n"
+    )
     out = tmp_path / "out"
     summary = prepare_custom(str(config), str(out), progress=False)
     for sequence, (frame, labels) in expected.items():
@@ -584,11 +672,13 @@ def test_custom_sizes_fraction_and_errors(tmp_path):
     write_image(tmp_path / "frames" / "case_1" / "img_0.jpg", np.zeros((8, 10, 3)))
     with pytest.raises(DatasetError, match="same output frame\\(s\\) case_1/img_0 "):
         prepare_custom(str(config), str(tmp_path / "out"))
-    for text, message in (("frames_dir: f\n", "lacks labels_dir, classes"),
-                          ("frames_dir: f\nlabels_dir: l\nclasses: {1: a}\ncolour: red\n", "unknown key"),
-                          ("frames_dir: nowhere\nlabels_dir: labels\nclasses: {1: a}\n", "does not exist"),
-                          ("frames_dir: frames\nlabels_dir: labels\nclasses: {1: a, 3: b}\n", "1..C without gaps"),
-                          ("frames_dir: frames\nlabels_dir: labels\nclasses: {1: a}\nresize: 5\n", "resize must be")):
+    for text, message in (
+        ("frames_dir: f\n", "lacks labels_dir, classes"),
+        ("frames_dir: f\nlabels_dir: l\nclasses: {1: a}\ncolour: red\n", "unknown key"),
+        ("frames_dir: nowhere\nlabels_dir: labels\nclasses: {1: a}\n", "does not exist"),
+        ("frames_dir: frames\nlabels_dir: labels\nclasses: {1: a, 3: b}\n", "1..C without gaps"),
+        ("frames_dir: frames\nlabels_dir: labels\nclasses: {1: a}\nresize: 5\n", "resize must be"),
+    ):
         config.write_text(text)
         with pytest.raises(DatasetError, match=message):
             prepare_custom(str(config), str(tmp_path / f"out_{len(text)}"))
@@ -617,8 +707,9 @@ def test_cli_prepare_commands(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--out_dir is required"):
         cli.prepare_endovis2018(raw_dir=str(tmp_path / "empty"), out_dir="")
     make_custom(tmp_path / "lab")
-    (tmp_path / "lab" / "c.yaml").write_text("frames_dir: frames\nlabels_dir: labels\nclasses: {1: a, 2: b}\n"
-                                             "ignore_index: 250\n")
+    (tmp_path / "lab" / "c.yaml").write_text(
+        "frames_dir: frames\nlabels_dir: labels\nclasses: {1: a, 2: b}\nignore_index: 250\n"
+    )
     summary = cli.prepare_custom(config=str(tmp_path / "lab" / "c.yaml"), out_dir=str(tmp_path / "lab_out"))
     assert summary["frames_per_split"] == {"training": 2, "validation": 1}
     with pytest.raises(SystemExit, match="--config .* does not exist"):

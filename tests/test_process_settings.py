@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -36,8 +36,13 @@ PROBE = textwrap.dedent("""
 
 def probe(apply: bool) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    done = subprocess.run([sys.executable, "-c", PROBE.format(bundle=BUNDLE_ROOT, apply=apply)], env=env,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(bundle=BUNDLE_ROOT, apply=apply)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(done.stdout.split("RETURNED")[1])
 
 
@@ -54,8 +59,11 @@ def test_apply_is_idempotent_and_recorded():
     assert apply_process_settings() is first and current_process_settings() is first
     assert first["torch_threads"] >= 1
     if sys.platform.startswith("linux"):
-        assert first["allocator"]["mallopt"] == {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2**31 - 1,
-                                                 "M_TOP_PAD": 64 * 2**20}
+        assert first["allocator"]["mallopt"] == {
+            "M_MMAP_MAX": 0,
+            "M_TRIM_THRESHOLD": 2**31 - 1,
+            "M_TOP_PAD": 64 * 2**20,
+        }
 
 
 # An overlay that writes its own `initialize` replaces the one it is merged over, so each must start with the
@@ -76,8 +84,12 @@ def test_the_video_demo_keeps_inference_initialize():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([os.path.join(BUNDLE_ROOT, "configs", name)
-                        for name in ("inference.yaml", "demo_inference.yaml", "demo_video.yaml")])
+    parser.read_config(
+        [
+            os.path.join(BUNDLE_ROOT, "configs", name)
+            for name in ("inference.yaml", "demo_inference.yaml", "demo_video.yaml")
+        ]
+    )
     initialize = parser["initialize"]
     assert initialize[0] == "$scripts.engine.process_settings.apply_process_settings()"
     assert initialize[-1]["_target_"] == "scripts.data.demo_video.ensure_demo_video"

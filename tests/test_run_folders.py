@@ -38,8 +38,9 @@ def lock_in_another_process(folder, stay: bool) -> subprocess.Popen | None:
         os._exit(0)  # like a kill: no clean-up
     """)
     bundle = os.path.join(os.path.dirname(CONFIGS))
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": bundle})
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": bundle}
+    )
     assert process.stdout.readline().strip() == "locked"
     if not stay:
         process.wait(timeout=60)
@@ -83,14 +84,22 @@ def test_a_folder_without_room_or_that_cannot_be_made_is_named(tmp_path):
 def demo_run(prepared, **extra):
     from monai.bundle import ConfigWorkflow
 
-    overrides = {"dataset_dir": str(prepared["dataset_dir"]), "cache_dir": str(prepared["cache_dir"]),
-                 "sam_checkpoint": str(prepared["sam_checkpoint"]), "output_dir": str(prepared["out_dir"] / "eval"),
-                 "ckpt_dir": str(prepared["out_dir"] / "models"), "frame_size": list(SMALL_DEMO["frame_size"]),
-                 "augmentation_versions": SMALL_CACHE_VERSIONS, "batch_size": 8, "num_epochs": 1,
-                 "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")},
-                 **extra}
-    workflow = ConfigWorkflow(config_file=[TRAIN, DEMO], workflow_type="train", meta_file=META_FILE,
-                              logging_file=False, **overrides)
+    overrides = {
+        "dataset_dir": str(prepared["dataset_dir"]),
+        "cache_dir": str(prepared["cache_dir"]),
+        "sam_checkpoint": str(prepared["sam_checkpoint"]),
+        "output_dir": str(prepared["out_dir"] / "eval"),
+        "ckpt_dir": str(prepared["out_dir"] / "models"),
+        "frame_size": list(SMALL_DEMO["frame_size"]),
+        "augmentation_versions": SMALL_CACHE_VERSIONS,
+        "batch_size": 8,
+        "num_epochs": 1,
+        "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")},
+        **extra,
+    }
+    workflow = ConfigWorkflow(
+        config_file=[TRAIN, DEMO], workflow_type="train", meta_file=META_FILE, logging_file=False, **overrides
+    )
     for name, logger in logging.root.manager.loggerDict.items():  # an earlier workflow's logging.conf disabled them
         if name.startswith("scripts") and isinstance(logger, logging.Logger):
             logger.disabled = False

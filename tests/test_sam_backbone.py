@@ -14,11 +14,26 @@ import pytest
 import torch
 
 from scripts.sam.backbone import (
-    SAM_DOWNLOAD_URL, SAM_VARIANTS, build_sam, get_variant, guess_variant, import_sam_modeling, load_sam_checkpoint, save_random_sam_checkpoint,
+    SAM_DOWNLOAD_URL,
+    SAM_VARIANTS,
+    build_sam,
+    get_variant,
+    guess_variant,
+    import_sam_modeling,
+    load_sam_checkpoint,
+    save_random_sam_checkpoint,
 )
 from scripts.sam.checkpoint import file_md5, memoised_md5
 from scripts.sam.geometry import (
-    SAM_PIXEL_MEAN, SAM_PIXEL_STD, bilinear_source_lines, frames_to_sam_input, low_res_logits_to_frame, masks_to_embedding_grid, masks_to_mask_input, pil_bilinear_resize_lines, resized_shape,
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    bilinear_source_lines,
+    frames_to_sam_input,
+    low_res_logits_to_frame,
+    masks_to_embedding_grid,
+    masks_to_mask_input,
+    pil_bilinear_resize_lines,
+    resized_shape,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +70,13 @@ def test_build_tiny_is_segment_anything_sam():
     assert out.shape == (2, 256, grid, grid)
     assert sam.prompt_encoder.get_dense_pe().shape == (1, 256, grid, grid)
     with torch.no_grad():
-        masks, iou = sam.mask_decoder(out[:1], sam.prompt_encoder.get_dense_pe(), torch.randn(1, 2, 256),
-                                      torch.randn(1, 256, grid, grid), multimask_output=False)
+        masks, iou = sam.mask_decoder(
+            out[:1],
+            sam.prompt_encoder.get_dense_pe(),
+            torch.randn(1, 2, 256),
+            torch.randn(1, 256, grid, grid),
+            multimask_output=False,
+        )
     assert masks.shape == (1, 1, 4 * grid, 4 * grid) and iou.shape == (1, 1)
 
 
@@ -318,12 +338,15 @@ def test_masks_to_embedding_grid_fragmented_mask_by_hand():
     # cell (2, 1): (39, 23) and (39, 24) are background: 0 of 2 -> off
     # cell (2, 2): the block covers (39, 40) but not (39, 39): 1 of 2 -> on
     # cell (2, 3): the block covers (39, 55) and (39, 56): 2 of 2 -> on
-    expected = torch.tensor([
-        [1, 0, 0, 0],
-        [1, 0, 0, 0],
-        [1, 0, 1, 1],
-        [0, 0, 0, 0],  # rows 55, 56: all padding
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0],
+            [1, 0, 0, 0],
+            [1, 0, 1, 1],
+            [0, 0, 0, 0],  # rows 55, 56: all padding
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(masks_to_embedding_grid(mask, 64, (4, 4))[0], expected)
 
 
@@ -337,7 +360,10 @@ def test_masks_to_embedding_grid_is_the_originals_preprocessing():
     masks = torch.zeros(3, 1024, 1280, dtype=torch.bool)
     for index in range(3):
         for _ in range(60):
-            top, left = torch.randint(0, 1000, (1,), generator=generator), torch.randint(0, 1260, (1,), generator=generator)
+            top, left = (
+                torch.randint(0, 1000, (1,), generator=generator),
+                torch.randint(0, 1260, (1,), generator=generator),
+            )
             size = torch.randint(2, 40, (2,), generator=generator)
             masks[index, top : top + size[0], left : left + size[1]] = True
         masks[index] ^= torch.rand(1024, 1280, generator=generator) < 0.02 * index  # speckle
@@ -346,8 +372,9 @@ def test_masks_to_embedding_grid_is_the_originals_preprocessing():
         rgb = np.zeros((1024, 1280, 3), dtype=np.uint8)
         rgb[..., 0] = mask.numpy().astype(np.uint8) * 255
         resized = np.asarray(Image.fromarray(rgb).resize((1024, 819), Image.BILINEAR))
-        values = (torch.from_numpy(resized).permute(2, 0, 1).float() - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)) \
-            / torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+        values = (
+            torch.from_numpy(resized).permute(2, 0, 1).float() - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+        ) / torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
         values = torch.nn.functional.pad(values, (0, 0, 0, 1024 - 819))[None]
         expected.append(torch.nn.functional.interpolate(values, size=(64, 64), mode="bilinear")[0, 0] > 0)
     grid = masks_to_embedding_grid(masks, 1024, (64, 64))
@@ -386,9 +413,15 @@ def test_low_res_logits_to_frame_crops_the_padding():
     assert body.abs().max() <= 1.0 + 1e-6
 
 
-@pytest.mark.parametrize(("low_hw", "image_size", "frame_hw", "channels"),
-                         [((24, 24), 96, (50, 73), 1), ((24, 24), 96, (73, 50), 3), ((32, 32), 128, (64, 128), 1),
-                          ((16, 16), 64, (64, 64), 2)])
+@pytest.mark.parametrize(
+    ("low_hw", "image_size", "frame_hw", "channels"),
+    [
+        ((24, 24), 96, (50, 73), 1),
+        ((24, 24), 96, (73, 50), 3),
+        ((32, 32), 128, (64, 128), 1),
+        ((16, 16), 64, (64, 64), 2),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_resize_by_products_equals_the_interpolation(low_hw, image_size, frame_hw, channels, dtype):
     """The training path's two matrix products and SAM's two bilinear resizes: the same map (odd and
@@ -432,24 +465,39 @@ def test_resize_by_products_keeps_float32_under_autocast():
     assert half.grad is not None and half.grad.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("size_hw, resized_hw", [((1024, 1280), (819, 1024)), ((128, 160), (205, 256)), ((37, 53), (100, 143)),
-                                                 ((50, 80), (50, 120)), ((90, 60), (45, 60)), ((7, 9), (3, 4)),
-                                                 ((1080, 1920), (576, 1024))])
+@pytest.mark.parametrize(
+    "size_hw, resized_hw",
+    [
+        ((1024, 1280), (819, 1024)),
+        ((128, 160), (205, 256)),
+        ((37, 53), (100, 143)),
+        ((50, 80), (50, 120)),
+        ((90, 60), (45, 60)),
+        ((7, 9), (3, 4)),
+        ((1080, 1920), (576, 1024)),
+    ],
+)
 def test_pil_bilinear_resize_lines_equals_pils_resize(size_hw, resized_hw):
     # down, up, odd, one side unchanged (PIL skips that pass), tiny; every line and a random subset of lines
     from PIL import Image
 
     generator = np.random.default_rng(5)
-    images = {"random": generator.integers(0, 256, (2, *size_hw), dtype=np.uint8),
-              "binary": generator.random((2, *size_hw)) < 0.3}
+    images = {
+        "random": generator.integers(0, 256, (2, *size_hw), dtype=np.uint8),
+        "binary": generator.random((2, *size_hw)) < 0.3,
+    }
     for kind, image in images.items():
         as_uint8 = image.astype(np.uint8) * 255 if kind == "binary" else image
-        expected = np.stack([np.asarray(Image.fromarray(one).resize(resized_hw[::-1], Image.BILINEAR)) for one in as_uint8])
+        expected = np.stack(
+            [np.asarray(Image.fromarray(one).resize(resized_hw[::-1], Image.BILINEAR)) for one in as_uint8]
+        )
         every = pil_bilinear_resize_lines(image, resized_hw, np.arange(resized_hw[0]), np.arange(resized_hw[1]))
         assert every.dtype == np.uint8 and np.array_equal(every, expected), kind
         rows = np.sort(generator.choice(resized_hw[0], max(1, resized_hw[0] // 3), replace=False))
         cols = np.sort(generator.choice(resized_hw[1], max(1, resized_hw[1] // 3), replace=False))
-        assert np.array_equal(pil_bilinear_resize_lines(image, resized_hw, rows, cols), expected[:, rows][:, :, cols]), kind
+        assert np.array_equal(
+            pil_bilinear_resize_lines(image, resized_hw, rows, cols), expected[:, rows][:, :, cols]
+        ), kind
 
 
 def test_bilinear_source_lines_only_at_whole_even_strides():
@@ -460,9 +508,18 @@ def test_bilinear_source_lines_only_at_whole_even_strides():
     assert bilinear_source_lines(64, 64) is None  # stride 1
 
 
-@pytest.mark.parametrize("frame_hw, image_size, grid", [((1024, 1280), 1024, 64), ((1280, 1024), 1024, 64),
-                                                        ((128, 160), 256, 16), ((37, 53), 64, 4), ((64, 64), 64, 8),
-                                                        ((30, 50), 60, 4), ((50, 30), 64, 5)])
+@pytest.mark.parametrize(
+    "frame_hw, image_size, grid",
+    [
+        ((1024, 1280), 1024, 64),
+        ((1280, 1024), 1024, 64),
+        ((128, 160), 256, 16),
+        ((37, 53), 64, 4),
+        ((64, 64), 64, 8),
+        ((30, 50), 60, 4),
+        ((50, 30), 64, 5),
+    ],
+)
 def test_masks_to_embedding_grid_on_the_read_lines_equals_the_whole_image(frame_hw, image_size, grid):
     # the plain computation written out: PIL's resize of the whole 0/255 mask, normalise, pad, bilinear to
     # the grid, > 0 (strides 16, 16, 16, 8 read lines alone; 15 and 12.8 take the whole image)
@@ -479,7 +536,9 @@ def test_masks_to_embedding_grid_on_the_read_lines_equals_the_whole_image(frame_
             image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
         values = (torch.from_numpy(image.astype(np.float32)) - 123.675) / 58.395
         values = torch.nn.functional.pad(values, (0, image_size - new_w, 0, image_size - new_h))
-        expected.append(torch.nn.functional.interpolate(values[None, None], size=(grid, grid), mode="bilinear")[0, 0] > 0)
+        expected.append(
+            torch.nn.functional.interpolate(values[None, None], size=(grid, grid), mode="bilinear")[0, 0] > 0
+        )
     expected = torch.stack(expected)
     assert torch.equal(masks_to_embedding_grid(masks, image_size, (grid, grid)), expected)
     assert torch.equal(masks_to_embedding_grid(masks.float(), image_size, (grid, grid)), expected)  # float masks too

@@ -23,10 +23,19 @@ def small_encoder(variant: str, image_size: int, depth: int = 2, global_blocks: 
     """An encoder with ``variant``'s width, heads and window, on a small input and a few blocks, random weights."""
     spec = SAM_VARIANTS[variant]
     encoder = import_sam_modeling().ImageEncoderViT(
-        img_size=image_size, patch_size=spec.patch_size, embed_dim=spec.encoder_embed_dim, depth=depth,
-        num_heads=spec.encoder_num_heads, mlp_ratio=4, out_chans=spec.prompt_embed_dim, qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=spec.window_size,
-        global_attn_indexes=global_blocks)
+        img_size=image_size,
+        patch_size=spec.patch_size,
+        embed_dim=spec.encoder_embed_dim,
+        depth=depth,
+        num_heads=spec.encoder_num_heads,
+        mlp_ratio=4,
+        out_chans=spec.prompt_embed_dim,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=spec.window_size,
+        global_attn_indexes=global_blocks,
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in encoder.named_parameters():
@@ -42,9 +51,11 @@ def errors_against_float64(encoder: nn.Module, x: torch.Tensor, **fast_kwargs) -
         plain = encoder(x)
         fast, _ = fast_encoder_forward(encoder, x, **fast_kwargs)
     scale = exact.abs().max().item()
-    return ((plain.double() - exact).abs().max().item() / scale,
-            (fast.double() - exact).abs().max().item() / scale,
-            (fast - plain).abs().max().item() / scale)
+    return (
+        (plain.double() - exact).abs().max().item() / scale,
+        (fast.double() - exact).abs().max().item() / scale,
+        (fast - plain).abs().max().item() / scale,
+    )
 
 
 def assert_equal_to_float32_rounding(plain_error: float, fast_error: float, difference: float) -> None:
@@ -66,9 +77,19 @@ def test_fast_forward_equals_the_encoder_on_odd_padding_and_several_blocks():
     """A 9x9 grid under windows of 4 (pad 3), windowed blocks on both sides of two global ones."""
     spec = SAM_VARIANTS["tiny"]
     encoder = import_sam_modeling().ImageEncoderViT(
-        img_size=144, patch_size=16, embed_dim=spec.encoder_embed_dim, depth=4, num_heads=3, mlp_ratio=4,
-        out_chans=32, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=4,
-        global_attn_indexes=(1, 2))
+        img_size=144,
+        patch_size=16,
+        embed_dim=spec.encoder_embed_dim,
+        depth=4,
+        num_heads=3,
+        mlp_ratio=4,
+        out_chans=32,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=4,
+        global_attn_indexes=(1, 2),
+    )
     with torch.no_grad():
         for parameter in encoder.parameters():
             parameter.normal_(0, 0.1)
@@ -105,8 +126,10 @@ def test_relative_position_mask_is_the_decomposed_terms():
     """Entry (i, j) is q_i . R_h[y_i - y_j + h - 1] + q_i . R_w[x_i - x_j + w - 1], written out."""
     height, width, channels = 3, 4, 5
     q = torch.randn(2, height * width, channels, dtype=torch.float64)
-    rel_h, rel_w = torch.randn(2 * height - 1, channels, dtype=torch.float64), torch.randn(2 * width - 1, channels,
-                                                                                            dtype=torch.float64)
+    rel_h, rel_w = (
+        torch.randn(2 * height - 1, channels, dtype=torch.float64),
+        torch.randn(2 * width - 1, channels, dtype=torch.float64),
+    )
     mask = relative_position_mask(q, rel_h, rel_w, (height, width))
     assert mask.shape == (2, 12, 12)
     for i in range(height * width):

@@ -20,11 +20,11 @@ from conftest import bundle_copy_ignore
 from PIL import Image
 
 import scripts
-from scripts.deploy.packing import bundle_name
 from scripts.cli import pack
+from scripts.deploy.packing import bundle_name
+from scripts.sam.backbone import SAM_DOWNLOAD_URL, SAM_VARIANTS
 from scripts.surgical_sam.inferer import ClassPromptInferer
 from scripts.surgical_sam.label_map_network import SurgicalSAMLabelMap
-from scripts.sam.backbone import SAM_DOWNLOAD_URL, SAM_VARIANTS
 from scripts.surgical_sam.network import SurgicalSAM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,8 +86,12 @@ def test_metadata_data_format_names_the_config_classes():
     # train.yaml reads its class names from dataset.json; the EndoVis2018 overlay states the model's
     from monai.bundle import ConfigParser
 
-    for config in (("train.yaml", "endovis2018.yaml"), ("inference.yaml",), ("inference.yaml", "inference_distill.yaml"),
-                   ("train.yaml", "monailabel_train.yaml")):
+    for config in (
+        ("train.yaml", "endovis2018.yaml"),
+        ("inference.yaml",),
+        ("inference.yaml", "inference_distill.yaml"),
+        ("train.yaml", "monailabel_train.yaml"),
+    ):
         parser = ConfigParser()  # (the overlays over train.yaml or inference.yaml, as they are run)
         parser.read_config([os.path.join(BUNDLE, "configs", name) for name in config])
         names = parser.get_parsed_content("class_names")
@@ -109,8 +113,12 @@ def test_large_files_list_every_sam_checkpoint_with_its_md5():
     # the configs' SAM checkpoint is the official file of sam_variant, in ckpt_dir
     from monai.bundle import ConfigParser
 
-    for configs, default in ((("train.yaml",), "vit_h"), (("train.yaml", "train_distill.yaml"), "vit_b"),
-                             (("inference.yaml",), "vit_h"), (("inference.yaml", "inference_distill.yaml"), "vit_b")):
+    for configs, default in (
+        (("train.yaml",), "vit_h"),
+        (("train.yaml", "train_distill.yaml"), "vit_b"),
+        (("inference.yaml",), "vit_h"),
+        (("inference.yaml", "inference_distill.yaml"), "vit_b"),
+    ):
         for variant in (None, "vit_h", "vit_l", "vit_b"):
             parser = ConfigParser()
             parser.read_config([os.path.join(BUNDLE, "configs", config) for config in configs])
@@ -153,27 +161,52 @@ def test_label_map_network_rejects_bad_input(tiny_sam_checkpoint):
 
 def run_bundle_command(*args: str, cwd: str = BUNDLE, timeout: int = 300) -> str:
     command = [sys.executable, "-m", "monai.bundle", *args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env=env_without_repo())
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env_without_repo())
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
 
 
 def test_verify_net_in_out_on_the_tiny_demo_sam(tiny_sam_checkpoint):
-    output = run_bundle_command("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                                "--config_file", EXPORT_CONFIGS, "--sam_checkpoint", tiny_sam_checkpoint,
-                                "--device", "cpu", "--any", "40")
+    output = run_bundle_command(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        EXPORT_CONFIGS,
+        "--sam_checkpoint",
+        tiny_sam_checkpoint,
+        "--device",
+        "cpu",
+        "--any",
+        "40",
+    )
     assert "verified with no error" in output
 
 
 def test_torchscript_export_equals_the_eager_network(tmp_path, demo_model_file, tiny_sam_checkpoint):
     ts_file = str(tmp_path / "model.ts")
-    run_bundle_command("ckpt_export", "network_def", "--filepath", ts_file, "--ckpt_file", demo_model_file,
-                       "--key_in_ckpt", "model",  # the model card's command: a trained model.pt nests its weights
-                       "--meta_file", "configs/metadata.json", "--config_file", EXPORT_CONFIGS,
-                       "--sam_checkpoint", tiny_sam_checkpoint, "--use_trace", "true",
-                       "--input_shape", "[1, 3, 64, 80]")
+    run_bundle_command(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        ts_file,
+        "--ckpt_file",
+        demo_model_file,
+        "--key_in_ckpt",
+        "model",  # the model card's command: a trained model.pt nests its weights
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        EXPORT_CONFIGS,
+        "--sam_checkpoint",
+        tiny_sam_checkpoint,
+        "--use_trace",
+        "true",
+        "--input_shape",
+        "[1, 3, 64, 80]",
+    )
     extra = {"metadata.json": "", "inference.json": ""}
     exported = torch.jit.load(ts_file, _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == load_metadata()["version"]
@@ -198,8 +231,14 @@ def bundle_copy(tmp_path):
     """The bundle without generated files, plus what pack must leave out and a trained model.pt."""
     copy = tmp_path / "bundle"
     shutil.copytree(BUNDLE, copy, ignore=bundle_copy_ignore(BUNDLE))
-    for junk in ("data/demo/images/x.png", "eval/demo/metrics.json", "models/sam_vit_b_01ec64.pth",
-                 "models/sam_vit_b_01ec64.pth.md5", "scripts/__pycache__/cli.cpython-311.pyc", "models/model.ts"):
+    for junk in (
+        "data/demo/images/x.png",
+        "eval/demo/metrics.json",
+        "models/sam_vit_b_01ec64.pth",
+        "models/sam_vit_b_01ec64.pth.md5",
+        "scripts/__pycache__/cli.cpython-311.pyc",
+        "models/model.ts",
+    ):
         (copy / junk).parent.mkdir(parents=True, exist_ok=True)
         (copy / junk).write_bytes(b"x")
     return copy
@@ -214,13 +253,26 @@ def test_pack_holds_the_bundle_and_nothing_generated(tmp_path, bundle_copy):
     with zipfile.ZipFile(zip_path) as archive:
         names = archive.namelist()
     assert all(n.startswith(name + "/") for n in names)
-    inside = {n[len(name) + 1:] for n in names}
-    assert {"configs/metadata.json", "configs/train.yaml", "configs/inference.yaml", "configs/export.yaml",
-            "scripts/__init__.py", "scripts/cli.py", "docs/README.md", "large_files.yml", "LICENSE", "models/model.pt"} <= inside
+    inside = {n[len(name) + 1 :] for n in names}
+    assert {
+        "configs/metadata.json",
+        "configs/train.yaml",
+        "configs/inference.yaml",
+        "configs/export.yaml",
+        "scripts/__init__.py",
+        "scripts/cli.py",
+        "docs/README.md",
+        "large_files.yml",
+        "LICENSE",
+        "models/model.pt",
+    } <= inside
     with zipfile.ZipFile(zip_path) as archive:
         assert archive.read(f"{name}/LICENSE").decode().split()[:3] == ["Apache", "License", "Version"]
-    assert not [n for n in inside if n.startswith(("data/", "eval/")) or n.endswith((".pth", ".md5", ".pyc", ".ts"))
-                or "__pycache__" in n]
+    assert not [
+        n
+        for n in inside
+        if n.startswith(("data/", "eval/")) or n.endswith((".pth", ".md5", ".pyc", ".ts")) or "__pycache__" in n
+    ]
 
 
 def test_pack_without_model_and_bad_bundle_root(tmp_path, bundle_copy, capsys):
@@ -250,15 +302,26 @@ def test_pack_replaces_its_own_zip_but_never_another_file(tmp_path, bundle_copy)
 def test_packed_bundle_downloads_and_runs_inference_alone(tmp_path, bundle_copy, tiny_sam_checkpoint):
     """pack -> monai.bundle download --url file://... -> demo inference inside the unpacked folder only."""
     torch.manual_seed(1)
-    torch.save(SurgicalSAM(7, 2, (128, 160), "tiny", tiny_sam_checkpoint).state_dict(),
-               bundle_copy / "models" / "model.pt")
+    torch.save(
+        SurgicalSAM(7, 2, (128, 160), "tiny", tiny_sam_checkpoint).state_dict(), bundle_copy / "models" / "model.pt"
+    )
     zip_path = pack(out_dir=str(tmp_path / "dist"), bundle_root=str(bundle_copy))
     name, version = bundle_name(load_metadata()), load_metadata()["version"]
     target = tmp_path / "downloaded"
     target.mkdir()
     elsewhere = str(tmp_path)  # download runs outside any bundle
-    run_bundle_command("download", "--name", name, "--version", version, "--url", f"file://{zip_path}",
-                       "--bundle_dir", str(target), cwd=elsewhere)
+    run_bundle_command(
+        "download",
+        "--name",
+        name,
+        "--version",
+        version,
+        "--url",
+        f"file://{zip_path}",
+        "--bundle_dir",
+        str(target),
+        cwd=elsewhere,
+    )
     unpacked = target / name
     assert (unpacked / "configs" / "metadata.json").is_file() and (unpacked / "models" / "model.pt").is_file()
     # a few demo-like frames; the tiny SAM checkpoint where demo_inference.yaml expects it
@@ -270,11 +333,25 @@ def test_packed_bundle_downloads_and_runs_inference_alone(tmp_path, bundle_copy,
     (unpacked / "data").mkdir()
     shutil.copy(tiny_sam_checkpoint, unpacked / "data" / "sam_tiny_demo.pth")
     # the unpacked folder's own scripts: cwd first on sys.path, no PYTHONPATH to the repo
-    result = subprocess.run([sys.executable, "-c", "import scripts; print(scripts.__file__)"], cwd=unpacked,
-                            capture_output=True, text=True, env=env_without_repo(), timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", "import scripts; print(scripts.__file__)"],
+        cwd=unpacked,
+        capture_output=True,
+        text=True,
+        env=env_without_repo(),
+        timeout=60,
+    )
     assert os.path.dirname(result.stdout.strip()) == str(unpacked / "scripts"), result.stdout + result.stderr
-    run_bundle_command("run", "--config_file", "['configs/inference.yaml','configs/demo_inference.yaml']",
-                       "--meta_file", "configs/metadata.json", "--dataset_dir", str(frames), cwd=str(unpacked))
+    run_bundle_command(
+        "run",
+        "--config_file",
+        "['configs/inference.yaml','configs/demo_inference.yaml']",
+        "--meta_file",
+        "configs/metadata.json",
+        "--dataset_dir",
+        str(frames),
+        cwd=str(unpacked),
+    )
     # output_dir defaults to <bundle_root>/eval/demo/inference, bundle_root being the imported scripts' folder
     written = sorted(p.name for p in (unpacked / "eval" / "demo" / "inference").rglob("*.png"))
     assert [n for n in written if "overlay" not in n], written

@@ -17,11 +17,18 @@ from PIL import Image
 import scripts.data.embedding_cache as embedding_cache
 from scripts.data.augmentation import augment_frame
 from scripts.data.embedding_cache import (
-    MANIFEST_NAME, CacheSpaceError, EmbeddingCache, StaleCacheError, cache_identity, check_disk_space, entry_bytes, precompute_embeddings,
+    MANIFEST_NAME,
+    CacheSpaceError,
+    EmbeddingCache,
+    StaleCacheError,
+    cache_identity,
+    check_disk_space,
+    entry_bytes,
+    precompute_embeddings,
 )
 from scripts.data.layout import load_datalist, read_frame, read_label_map
-from scripts.distillation_sam.datasets import CachedTapDataset, FrameLabelDataset, distillation_dataset
 from scripts.distillation_sam.batches import DistillationBatch
+from scripts.distillation_sam.datasets import CachedTapDataset, FrameLabelDataset, distillation_dataset
 from scripts.distillation_sam.network import DistillationSAM
 from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
 from scripts.sam.geometry import frames_to_sam_input
@@ -37,8 +44,9 @@ CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
 def tap_cache_dir(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
     """Tap cache of the small demo data (training versions 0..1, validation 0). Read-only."""
     cache_dir = str(tmp_path_factory.mktemp("tap_cache") / "tiny_taps1-2")
-    precompute_embeddings(small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, augmentation_versions=VERSIONS,
-                          seed=666, taps=TAPS)
+    precompute_embeddings(
+        small_demo_dir, cache_dir, "tiny", small_sam_checkpoint, augmentation_versions=VERSIONS, seed=666, taps=TAPS
+    )
     return cache_dir
 
 
@@ -68,8 +76,9 @@ def test_cached_taps_equal_live_encoder(tap_cache_dir, small_demo_dir, small_sam
         embedding, label = cache.load(entry)
         taps, frame = cache.load_taps(entry)
         item = sources[entry["key"]]
-        image, expected_label = augment_frame(read_frame(item["image"]), read_label_map(item["label"], 7), version,
-                                              entry["key"], seed=666)
+        image, expected_label = augment_frame(
+            read_frame(item["image"]), read_label_map(item["label"], 7), version, entry["key"], seed=666
+        )
         assert torch.equal(frame, torch.from_numpy(image.transpose(2, 0, 1).copy()).float())  # lossless frame
         assert torch.equal(label, torch.from_numpy(expected_label.astype(np.int64)))
         with torch.no_grad():
@@ -84,8 +93,14 @@ def test_network_on_cached_taps_matches_live(tap_cache_dir, small_sam_checkpoint
     dataset = CachedTapDataset(cache, "validation", num_classes=7)
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
     torch.manual_seed(0)
-    model = DistillationSAM(7, SMALL_DEMO["frame_size"], sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
-                            pvt={"embed_dims": (32, 64, 160, 256)}, pvt_input_size=128).eval()
+    model = DistillationSAM(
+        7,
+        SMALL_DEMO["frame_size"],
+        sam_variant="tiny",
+        sam_checkpoint=small_sam_checkpoint,
+        pvt={"embed_dims": (32, 64, 160, 256)},
+        pvt_input_size=128,
+    ).eval()
     frames, label, args, kwargs = DistillationBatch()(batch)
     assert set(kwargs) == {"embedding", "taps", "label"} and kwargs["taps"].shape == (2, 2, 16, 16, 96) and not args
     with torch.no_grad():
@@ -106,8 +121,13 @@ def test_other_taps_or_encoder_refused(tmp_path, tap_cache_dir, small_demo_dir, 
     with pytest.raises(StaleCacheError, match="sam_checkpoint_md5"):
         EmbeddingCache(tap_cache_dir, cache_identity("tiny", other, TAPS))
     with pytest.raises(StaleCacheError, match="taps: cache None"):  # a SurgicalSAM cache is no tap cache
-        distillation_dataset(small_demo_dir, "training", 7, tap_cache_dir=small_cache_dir,
-                             tap_cache_identity=cache_identity("tiny", small_sam_checkpoint, TAPS))
+        distillation_dataset(
+            small_demo_dir,
+            "training",
+            7,
+            tap_cache_dir=small_cache_dir,
+            tap_cache_identity=cache_identity("tiny", small_sam_checkpoint, TAPS),
+        )
     copy = str(tmp_path / "copy")
     shutil.copytree(tap_cache_dir, copy)
     before = sorted(os.listdir(copy))
@@ -147,21 +167,34 @@ def test_disk_space_refused_before_writing(tmp_path, monkeypatch, small_demo_dir
     monkeypatch.setattr(embedding_cache.shutil, "disk_usage", lambda path: Usage(10_000))
     cache_dir = tmp_path / "cache"
     with pytest.raises(CacheSpaceError, match="cache_taps: false"):
-        precompute_embeddings(small_demo_dir, str(cache_dir), "tiny", small_sam_checkpoint, splits=("validation",),
-                              taps=TAPS)
+        precompute_embeddings(
+            small_demo_dir, str(cache_dir), "tiny", small_sam_checkpoint, splits=("validation",), taps=TAPS
+        )
     assert not any(name.endswith(".npy") for _, _, names in os.walk(cache_dir) for name in names)
     assert free > 0
 
 
 def test_cache_taps_workflow_option(tmp_path, tap_cache_dir, small_demo_dir, small_sam_checkpoint):
-    common = {"dataset_dir": str(small_demo_dir), "sam_checkpoint": str(small_sam_checkpoint),
-              "output_dir": str(tmp_path / "eval"), "ckpt_dir": str(tmp_path / "models"),
-              "frame_size": list(SMALL_DEMO["frame_size"]), "augmentation_versions": VERSIONS,
-              "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")}}
+    common = {
+        "dataset_dir": str(small_demo_dir),
+        "sam_checkpoint": str(small_sam_checkpoint),
+        "output_dir": str(tmp_path / "eval"),
+        "ckpt_dir": str(tmp_path / "models"),
+        "frame_size": list(SMALL_DEMO["frame_size"]),
+        "augmentation_versions": VERSIONS,
+        "demo_data": {k: SMALL_DEMO[k] for k in ("train_sequences", "val_sequences", "frames_per_sequence")},
+    }
     files = [os.path.join(CONFIGS, f"{name}.yaml") for name in ("train", "train_distill", "demo", "demo_distill")]
     for cache_taps, kind in ((True, CachedTapDataset), (False, FrameLabelDataset)):
-        workflow = ConfigWorkflow(config_file=files, workflow_type="train", logging_file=None, meta_file=None,
-                                  tap_cache_dir=tap_cache_dir, cache_taps=cache_taps, **common)
+        workflow = ConfigWorkflow(
+            config_file=files,
+            workflow_type="train",
+            logging_file=None,
+            meta_file=None,
+            tap_cache_dir=tap_cache_dir,
+            cache_taps=cache_taps,
+            **common,
+        )
         workflow.initialize()  # the cache exists: initialize only checks it
         assert isinstance(workflow.train_dataset, kind)
         assert isinstance(workflow.parser.get_parsed_content("validate#dataset"), kind)

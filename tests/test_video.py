@@ -14,25 +14,25 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import META_FILE, SMALL_DEMO
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from scripts import BUNDLE_ROOT
 from scripts.data.layout import DatasetError, read_frame
 from scripts.data.video_io import VideoError, legend_panel, open_sequence, write_video
-from scripts.surgical_sam.inferer import ClassPromptInferer
-from scripts.distillation_sam.network import DistillationSAM
-from scripts.surgical_sam.network import SurgicalSAM
 from scripts.deploy.temporal import TemporalPresence, class_switches, evaluate_temporal
-
-from conftest import META_FILE, SMALL_DEMO
+from scripts.distillation_sam.network import DistillationSAM
+from scripts.surgical_sam.inferer import ClassPromptInferer
+from scripts.surgical_sam.network import SurgicalSAM
 
 pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
 INFERENCE = [os.path.join(CONFIGS, name) for name in ("inference.yaml", "demo_inference.yaml")]
-INFERENCE_DISTILL = [os.path.join(CONFIGS, name)
-                     for name in ("inference.yaml", "inference_distill.yaml", "demo_inference.yaml")]
+INFERENCE_DISTILL = [
+    os.path.join(CONFIGS, name) for name in ("inference.yaml", "inference_distill.yaml", "demo_inference.yaml")
+]
 FPS = 8
 FRAME_SIZE = list(SMALL_DEMO["frame_size"])
 
@@ -62,10 +62,20 @@ def model_file(tmp_path_factory, small_sam_checkpoint):
 
 
 def run_video(source, output_dir, model_file, sam_checkpoint, configs=INFERENCE, **overrides) -> dict:
-    workflow = ConfigWorkflow(config_file=configs, workflow_type=None, run_id="video", meta_file=META_FILE,
-                              logging_file=None, dataset_dir=str(source), output_dir=str(output_dir),
-                              model_file=model_file, sam_checkpoint=sam_checkpoint, frame_size=FRAME_SIZE,
-                              device="cpu", **overrides)
+    workflow = ConfigWorkflow(
+        config_file=configs,
+        workflow_type=None,
+        run_id="video",
+        meta_file=META_FILE,
+        logging_file=None,
+        dataset_dir=str(source),
+        output_dir=str(output_dir),
+        model_file=model_file,
+        sam_checkpoint=sam_checkpoint,
+        frame_size=FRAME_SIZE,
+        device="cpu",
+        **overrides,
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -99,8 +109,10 @@ def reference(video_file, model_file, small_sam_checkpoint):
 
 
 def label_maps(output_dir) -> dict[int, np.ndarray]:
-    return {int(os.path.basename(p)[:-4]): np.asarray(Image.open(p))
-            for p in sorted(glob.glob(os.path.join(output_dir, "labels", "*.png")))}
+    return {
+        int(os.path.basename(p)[:-4]): np.asarray(Image.open(p))
+        for p in sorted(glob.glob(os.path.join(output_dir, "labels", "*.png")))
+    }
 
 
 def reference_label_maps(video, model_file, sam_checkpoint, **inferer_kwargs) -> list[np.ndarray]:
@@ -109,8 +121,10 @@ def reference_label_maps(video, model_file, sam_checkpoint, **inferer_kwargs) ->
     model.load_state_dict(torch.load(model_file, weights_only=True)["model"])
     inferer = ClassPromptInferer(7, "auto", 0.01, output="label_map", **inferer_kwargs)
     with torch.no_grad():
-        return [inferer(torch.from_numpy(f.image).permute(2, 0, 1)[None].float(), model)[0, 0].numpy()
-                for f in open_sequence(video)]
+        return [
+            inferer(torch.from_numpy(f.image).permute(2, 0, 1)[None].float(), model)[0, 0].numpy()
+            for f in open_sequence(video)
+        ]
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -184,8 +198,9 @@ def test_video_inference_outputs_equal_frame_by_frame_inference(video_run, refer
 
 
 @pytest.mark.slow
-def test_video_inference_resumes_and_keeps_what_was_written(tmp_path, video_run, video_file, model_file,
-                                                            small_sam_checkpoint):
+def test_video_inference_resumes_and_keeps_what_was_written(
+    tmp_path, video_run, video_file, model_file, small_sam_checkpoint
+):
     out = tmp_path / "out"
     shutil.copytree(video_run, out)
     first = label_maps(out)
@@ -203,8 +218,15 @@ def test_video_inference_resumes_and_keeps_what_was_written(tmp_path, video_run,
 
 @pytest.mark.slow
 def test_npz_stack_holds_the_same_label_maps(tmp_path, video_run, video_file, model_file, small_sam_checkpoint):
-    run_video(video_file, tmp_path / "npz", model_file, small_sam_checkpoint, label_format="npz",
-              write_overlay_video=False, frame_stride=2)
+    run_video(
+        video_file,
+        tmp_path / "npz",
+        model_file,
+        small_sam_checkpoint,
+        label_format="npz",
+        write_overlay_video=False,
+        frame_stride=2,
+    )
     assert not os.path.exists(tmp_path / "npz" / "overlay.mp4") and not os.path.exists(tmp_path / "npz" / "labels")
     with np.load(tmp_path / "npz" / "labels.npz") as stack:
         assert sorted(stack.files) == [f"{i:06d}" for i in range(0, NUM_FRAMES, 2)]
@@ -213,8 +235,9 @@ def test_npz_stack_holds_the_same_label_maps(tmp_path, video_run, video_file, mo
 
 
 @pytest.mark.slow
-def test_corrupt_and_truncated_videos_keep_what_was_written(tmp_path, video_run, video_file, model_file,
-                                                             small_sam_checkpoint, small_demo_dir):
+def test_corrupt_and_truncated_videos_keep_what_was_written(
+    tmp_path, video_run, video_file, model_file, small_sam_checkpoint, small_demo_dir
+):
     out = tmp_path / "out"
     shutil.copytree(video_run, out)
     before = label_maps(out)
@@ -228,8 +251,9 @@ def test_corrupt_and_truncated_videos_keep_what_was_written(tmp_path, video_run,
     truncated = tmp_path / "truncated.mp4"
     truncated.write_bytes(data[: len(data) * 6 // 10])
     cut = tmp_path / "cut"
-    video_error(lambda: run_video(truncated, cut, model_file, small_sam_checkpoint, frame_stride=3),
-                "ends early: .*kept")
+    video_error(
+        lambda: run_video(truncated, cut, model_file, small_sam_checkpoint, frame_stride=3), "ends early: .*kept"
+    )
     decoded = []
     with pytest.raises(VideoError):
         for frame in open_sequence(str(truncated), stride=3):
@@ -259,21 +283,24 @@ def damaged_in_the_middle(path: str, damaged: str) -> int:
         times = sorted(pts for _, _, pts in packets)
     position, size, pts = packets[len(packets) // 2]
     data = bytearray(open(path, "rb").read())
-    data[position + size // 2: position + size] = bytes(size - size // 2)
+    data[position + size // 2 : position + size] = bytes(size - size // 2)
     open(damaged, "wb").write(data)
     return times.index(pts)
 
 
-def test_video_damaged_mid_file_names_its_damaged_frames_and_is_not_complete(tmp_path, model_file,
-                                                                             small_sam_checkpoint, small_demo_dir):
+def test_video_damaged_mid_file_names_its_damaged_frames_and_is_not_complete(
+    tmp_path, model_file, small_sam_checkpoint, small_demo_dir
+):
     """The decoder's errors are counted and named (frame index and time); those frames are not segmented (no
     garbage label maps), the others are, and the run ends with an error (non-zero exit) and complete: false."""
     full = write_video(str(tmp_path / "full.mp4"), demo_frames(small_demo_dir), FPS)
     damaged = str(tmp_path / "damaged.mp4")
     index = damaged_in_the_middle(full, damaged)
     out = tmp_path / "out"
-    video_error(lambda: run_video(damaged, out, model_file, small_sam_checkpoint),
-                rf"1 damaged frame.*{index} \(at {index / FPS:.3f} s\)")
+    video_error(
+        lambda: run_video(damaged, out, model_file, small_sam_checkpoint),
+        rf"1 damaged frame.*{index} \(at {index / FPS:.3f} s\)",
+    )
     with open(out / "summary.json") as handle:
         summary = json.load(handle)
     assert summary["complete"] is False and summary["decode_errors"] == 1
@@ -295,12 +322,25 @@ def test_plain_run_on_a_video_file_says_it_is_a_video(tmp_path, video_file):
 @pytest.mark.slow
 def test_distillation_video_inference(tmp_path, video_file, small_sam_checkpoint):
     torch.manual_seed(0)
-    model = DistillationSAM(7, FRAME_SIZE, sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
-                            pvt={"embed_dims": [32, 64, 160, 256]}, pvt_input_size=64)
+    model = DistillationSAM(
+        7,
+        FRAME_SIZE,
+        sam_variant="tiny",
+        sam_checkpoint=small_sam_checkpoint,
+        pvt={"embed_dims": [32, 64, 160, 256]},
+        pvt_input_size=64,
+    )
     torch.save({"model": model.state_dict()}, tmp_path / "distill.pt")
-    summary = run_video(video_file, tmp_path / "out", str(tmp_path / "distill.pt"), small_sam_checkpoint,
-                        configs=INFERENCE_DISTILL, pvt={"embed_dims": [32, 64, 160, 256]}, pvt_input_size=64,
-                        frame_stride=4)
+    summary = run_video(
+        video_file,
+        tmp_path / "out",
+        str(tmp_path / "distill.pt"),
+        small_sam_checkpoint,
+        configs=INFERENCE_DISTILL,
+        pvt={"embed_dims": [32, 64, 160, 256]},
+        pvt_input_size=64,
+        frame_stride=4,
+    )
     assert summary["complete"] and summary["frames_written"] == 2
     model.eval()
     frame = next(iter(open_sequence(video_file)))
@@ -335,24 +375,29 @@ def test_class_switches_count_appearances_and_disappearances():
 
 
 @pytest.mark.slow
-def test_temporal_video_inference_and_evaluation(tmp_path, video_file, model_file, small_sam_checkpoint,
-                                                 small_demo_dir):
+def test_temporal_video_inference_and_evaluation(
+    tmp_path, video_file, model_file, small_sam_checkpoint, small_demo_dir
+):
     """The video run's temporal rule is the evaluation's (and the inferer's) on the same frames."""
-    summary = run_video(video_file, tmp_path / "out", model_file, small_sam_checkpoint, temporal_min_run=2,
-                        temporal_off_fraction=0.002)
+    summary = run_video(
+        video_file, tmp_path / "out", model_file, small_sam_checkpoint, temporal_min_run=2, temporal_off_fraction=0.002
+    )
     assert summary["temporal"] == {"on_fraction": 0.01, "off_fraction": 0.002, "min_run": 2}
     model = SurgicalSAM(7, 2, FRAME_SIZE, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()
     model.load_state_dict(torch.load(model_file, weights_only=True)["model"])
     rule = TemporalPresence(7, 0.01, 0.002, 2)
     inferer = ClassPromptInferer(7, "auto", 0.01, output="label_map")
     with torch.no_grad():
-        expected = [inferer(torch.from_numpy(f.image).permute(2, 0, 1)[None].float(), model, temporal=rule)[0, 0]
-                    for f in open_sequence(video_file)]
+        expected = [
+            inferer(torch.from_numpy(f.image).permute(2, 0, 1)[None].float(), model, temporal=rule)[0, 0]
+            for f in open_sequence(video_file)
+        ]
     written = label_maps(tmp_path / "out")
     for index, label_map in enumerate(expected):
         np.testing.assert_array_equal(written[index], label_map.numpy())
-    results = evaluate_temporal(model, small_demo_dir, {"frame": TemporalPresence(7, 0.01),
-                                                        "temporal": TemporalPresence(7, 0.01, 0.002, 2)})
+    results = evaluate_temporal(
+        model, small_demo_dir, {"frame": TemporalPresence(7, 0.01), "temporal": TemporalPresence(7, 0.01, 0.002, 2)}
+    )
     assert results["frame"]["frames"] == SMALL_DEMO["val_sequences"] * SMALL_DEMO["frames_per_sequence"]
     for result in results.values():
         assert set(result) >= {"iou", "challenge_iou", "switches_per_100_frames"}
@@ -412,29 +457,50 @@ def test_onnx_agreement_checks_fail_on_another_network(onnx_export, small_sam_ch
     with torch.no_grad():
         other.image_encoder.neck[-1].weight.mul_(1.001)  # the encoder's last LayerNorm2d scale, 0.1% off
     frames = torch.stack([torch.from_numpy(f).permute(2, 0, 1).float() for f in demo_frames(small_demo_dir)[:1]])
-    result = compare_backends(other, OnnxSurgicalSAM(str(onnx_export / "onnx")), frames,
-                              ClassPromptInferer(7, "auto", 0.01, output="label_map"), reference=True)
+    result = compare_backends(
+        other,
+        OnnxSurgicalSAM(str(onnx_export / "onnx")),
+        frames,
+        ClassPromptInferer(7, "auto", 0.01, output="label_map"),
+        reference=True,
+    )
     failures = agreement_failures(result)
     assert any(f.startswith("encoder") for f in failures), failures
     assert any("float64" in f for f in failures), failures
 
 
 @pytest.mark.slow
-def test_export_workflow_and_onnx_backend_video_inference(tmp_path, model_file, video_run, video_file,
-                                                          small_sam_checkpoint):
+def test_export_workflow_and_onnx_backend_video_inference(
+    tmp_path, model_file, video_run, video_file, small_sam_checkpoint
+):
     """inference.yaml's `run export_onnx`, then `run video` with backend onnxruntime: the torch run's label maps."""
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     shutil.copy(model_file, ckpt_dir / "model.pt")
-    workflow = ConfigWorkflow(config_file=INFERENCE, workflow_type=None, run_id="export_onnx", meta_file=META_FILE,
-                              logging_file=None, ckpt_dir=str(ckpt_dir), sam_checkpoint=small_sam_checkpoint,
-                              frame_size=FRAME_SIZE, device="cpu")
+    workflow = ConfigWorkflow(
+        config_file=INFERENCE,
+        workflow_type=None,
+        run_id="export_onnx",
+        meta_file=META_FILE,
+        logging_file=None,
+        ckpt_dir=str(ckpt_dir),
+        sam_checkpoint=small_sam_checkpoint,
+        frame_size=FRAME_SIZE,
+        device="cpu",
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
     assert json.loads((ckpt_dir / "onnx" / "onnx.json").read_text())["class_names"][0] == "Bipolar Forceps"
-    summary = run_video(video_file, tmp_path / "out", str(ckpt_dir / "model.pt"), small_sam_checkpoint,
-                        backend="onnxruntime", ckpt_dir=str(ckpt_dir), write_overlay_video=False)
+    summary = run_video(
+        video_file,
+        tmp_path / "out",
+        str(ckpt_dir / "model.pt"),
+        small_sam_checkpoint,
+        backend="onnxruntime",
+        ckpt_dir=str(ckpt_dir),
+        write_overlay_video=False,
+    )
     assert summary["backend"] == "onnxruntime" and summary["frames_written"] == NUM_FRAMES
     torch_maps, onnx_maps = label_maps(video_run), label_maps(tmp_path / "out")
     equal = np.mean([np.mean(torch_maps[i] == onnx_maps[i]) for i in torch_maps])
@@ -484,10 +550,19 @@ def test_demo_video_command_writes_the_overlay_video(tmp_path, small_demo_dir, m
     demo = tmp_path / "demo"
     shutil.copytree(small_demo_dir, demo)
     out = tmp_path / "video"
-    workflow = ConfigWorkflow(config_file=INFERENCE + [os.path.join(CONFIGS, "demo_video.yaml")], workflow_type=None,
-                              run_id="video", meta_file=META_FILE, logging_file=None, demo_dir=str(demo),
-                              output_dir=str(out), model_file=model_file, sam_checkpoint=small_sam_checkpoint,
-                              frame_size=FRAME_SIZE, device="cpu")
+    workflow = ConfigWorkflow(
+        config_file=INFERENCE + [os.path.join(CONFIGS, "demo_video.yaml")],
+        workflow_type=None,
+        run_id="video",
+        meta_file=META_FILE,
+        logging_file=None,
+        demo_dir=str(demo),
+        output_dir=str(out),
+        model_file=model_file,
+        sam_checkpoint=small_sam_checkpoint,
+        frame_size=FRAME_SIZE,
+        device="cpu",
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -498,16 +573,26 @@ def test_demo_video_command_writes_the_overlay_video(tmp_path, small_demo_dir, m
     assert label_maps(out).keys() == set(range(held_out))
 
 
-def test_video_measures_commands_write_the_model_card_tables(tmp_path, onnx_export, small_demo_dir,
-                                                             small_sam_checkpoint):
+def test_video_measures_commands_write_the_model_card_tables(
+    tmp_path, onnx_export, small_demo_dir, small_sam_checkpoint
+):
     """video_measures.yaml's `run temporal_table` and `run onnx_speed` (the model card's commands) on the small
     demo's held-out split: every rule's measures, and both backends' speed and agreement from one run."""
     configs = INFERENCE + [os.path.join(CONFIGS, "video_measures.yaml")]
-    common = dict(meta_file=META_FILE, logging_file=None, evaluation_dataset=small_demo_dir,
-                  measures_dir=str(tmp_path), model_file=str(onnx_export / "model.pt"),
-                  sam_checkpoint=small_sam_checkpoint, frame_size=FRAME_SIZE, device="cpu")
-    for run_id, overrides in (("temporal_table", {}), ("onnx_speed", {"onnx_dir": str(onnx_export / "onnx"),
-                                                                       "speed_frames": 2})):
+    common = dict(
+        meta_file=META_FILE,
+        logging_file=None,
+        evaluation_dataset=small_demo_dir,
+        measures_dir=str(tmp_path),
+        model_file=str(onnx_export / "model.pt"),
+        sam_checkpoint=small_sam_checkpoint,
+        frame_size=FRAME_SIZE,
+        device="cpu",
+    )
+    for run_id, overrides in (
+        ("temporal_table", {}),
+        ("onnx_speed", {"onnx_dir": str(onnx_export / "onnx"), "speed_frames": 2}),
+    ):
         workflow = ConfigWorkflow(config_file=configs, workflow_type=None, run_id=run_id, **common, **overrides)
         workflow.initialize()
         workflow.run()

@@ -60,9 +60,14 @@ def test_train_workflow_properties(prepared):
 def test_infer_workflow_properties(tmp_path, small_demo_dir, small_sam_checkpoint):
     config_files = [INFERENCE] + ([DEMO_INFERENCE] if os.path.isfile(DEMO_INFERENCE) else [])
     workflow = checked_workflow(
-        config_files, "infer",
-        dataset_dir=os.path.join(small_demo_dir, "images"), sam_variant="tiny", sam_checkpoint=small_sam_checkpoint,
-        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]),
+        config_files,
+        "infer",
+        dataset_dir=os.path.join(small_demo_dir, "images"),
+        sam_variant="tiny",
+        sam_checkpoint=small_sam_checkpoint,
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        frame_size=list(SMALL_DEMO["frame_size"]),
     )
     assert len(workflow.dataset) == 12  # every frame of the small demo
 
@@ -72,8 +77,19 @@ def test_cli_training_without_inputs_fails_at_once(tmp_path):
     dataset_dir = str(tmp_path / "empty")
     os.makedirs(dataset_dir)
     checkpoint = str(tmp_path / "missing" / "sam_vit_h_4b8939.pth")
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
-               "--dataset_dir", dataset_dir, "--sam_checkpoint", checkpoint]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        "--dataset_dir",
+        dataset_dir,
+        "--sam_checkpoint",
+        checkpoint,
+    ]
     start = time.monotonic()
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
@@ -88,10 +104,20 @@ def test_cli_training_without_inputs_fails_at_once(tmp_path):
 def test_copied_bundle_runs_from_its_own_folder(tmp_path):
     """The bundle folder alone (no repo around it) resolves its own scripts and bundle_root."""
     copy = tmp_path / "bundle_copy"
-    shutil.copytree(os.path.join(REPO_ROOT, "bundle"), copy,
-                    ignore=bundle_copy_ignore(os.path.join(REPO_ROOT, "bundle")))
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml",
-               "--dataset_dir", str(tmp_path / "no_data")]
+    shutil.copytree(
+        os.path.join(REPO_ROOT, "bundle"), copy, ignore=bundle_copy_ignore(os.path.join(REPO_ROOT, "bundle"))
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.yaml",
+        "--dataset_dir",
+        str(tmp_path / "no_data"),
+    ]
     result = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -111,10 +137,12 @@ def training_state_files(output_dir, complete_only: bool = False) -> list[str]:
 @pytest.mark.slow
 def test_demo_training_then_evaluation(tmp_path, small_sam_checkpoint):
     # Everything from the demo's own initialize: data, (existing) SAM checkpoint, cache.
-    overrides = demo_overrides(tmp_path / "data", tmp_path / "cache", small_sam_checkpoint, tmp_path / "run",
-                               num_epochs=2, batch_size=8)
-    train = ConfigWorkflow(config_file=[TRAIN, DEMO], workflow_type="train", meta_file=META_FILE,
-                           logging_file=None, **overrides)
+    overrides = demo_overrides(
+        tmp_path / "data", tmp_path / "cache", small_sam_checkpoint, tmp_path / "run", num_epochs=2, batch_size=8
+    )
+    train = ConfigWorkflow(
+        config_file=[TRAIN, DEMO], workflow_type="train", meta_file=META_FILE, logging_file=None, **overrides
+    )
     train.initialize()
     assert os.path.isfile(tmp_path / "data" / "dataset.json")
     assert os.path.isfile(tmp_path / "cache" / "manifest.json")
@@ -123,16 +151,24 @@ def test_demo_training_then_evaluation(tmp_path, small_sam_checkpoint):
     ckpt_dir, output_dir = overrides["ckpt_dir"], overrides["output_dir"]
     assert os.path.isfile(os.path.join(ckpt_dir, "model.pt"))
     assert training_state_files(output_dir) == ["checkpoint_epoch=2.pt"]
-    state = torch.load(os.path.join(output_dir, "training_state", "checkpoint_epoch=2.pt"), map_location="cpu",
-                       weights_only=False)
+    state = torch.load(
+        os.path.join(output_dir, "training_state", "checkpoint_epoch=2.pt"), map_location="cpu", weights_only=False
+    )
     assert {"model", "optimizer", "trainer", "best_model", "trainer_progress"} <= set(state)
     # epochs follow their version's length: the progress records the epoch ignite would derive wrongly
     assert state["trainer_progress"] == {"epoch": 2, "iteration": state["trainer"]["iteration"]}
     model = torch.load(os.path.join(ckpt_dir, "model.pt"), map_location="cpu", weights_only=True)["model"]
     assert model and not any(k.startswith("image_encoder.") for k in model)
 
-    evaluate = ConfigWorkflow(config_file=[TRAIN, DEMO, EVALUATE], workflow_type=None, meta_file=META_FILE,
-                              logging_file=None, run_id="evaluating", protocol="oracle", **overrides)
+    evaluate = ConfigWorkflow(
+        config_file=[TRAIN, DEMO, EVALUATE],
+        workflow_type=None,
+        meta_file=META_FILE,
+        logging_file=None,
+        run_id="evaluating",
+        protocol="oracle",
+        **overrides,
+    )
     evaluate.initialize()
     evaluate.run()
     evaluate.finalize()
@@ -153,21 +189,32 @@ def test_demo_training_then_evaluation(tmp_path, small_sam_checkpoint):
 def test_training_killed_and_resumed(tmp_path, small_demo_dir, small_cache_dir, small_sam_checkpoint):
     cache_dir = tmp_path / "cache"
     shutil.copytree(small_cache_dir, cache_dir)
-    overrides = demo_overrides(small_demo_dir, cache_dir, small_sam_checkpoint, tmp_path / "run",
-                               num_epochs=3, batch_size=8)
+    overrides = demo_overrides(
+        small_demo_dir, cache_dir, small_sam_checkpoint, tmp_path / "run", num_epochs=3, batch_size=8
+    )
     overlay = tmp_path / "overlay.yaml"
     with open(overlay, "w") as handle:
         yaml.safe_dump(overrides, handle)
-    command = [sys.executable, "-m", "monai.bundle", "run", "training",
-               "--config_file", repr([TRAIN, DEMO, str(overlay)])]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        repr([TRAIN, DEMO, str(overlay)]),
+    ]
     output_dir = overrides["output_dir"]
 
     with open(tmp_path / "first.log", "w") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
-            while (not training_state_files(output_dir, complete_only=True) and process.poll() is None
-                   and time.monotonic() < deadline):
+            while (
+                not training_state_files(output_dir, complete_only=True)
+                and process.poll() is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.02)
             killed_at = training_state_files(output_dir, complete_only=True)
             process.send_signal(signal.SIGKILL)
@@ -185,8 +232,9 @@ def test_training_killed_and_resumed(tmp_path, small_demo_dir, small_cache_dir, 
     assert training_state_files(output_dir) == ["checkpoint_epoch=3.pt"]
     assert "epoch 1: augmentation version" not in second_log  # not restarted at epoch 1
     assert "epoch 3: augmentation version" in second_log
-    state = torch.load(os.path.join(output_dir, "training_state", "checkpoint_epoch=3.pt"), map_location="cpu",
-                       weights_only=False)
+    state = torch.load(
+        os.path.join(output_dir, "training_state", "checkpoint_epoch=3.pt"), map_location="cpu", weights_only=False
+    )
     assert state["trainer_progress"] == {"epoch": 3, "iteration": state["trainer"]["iteration"]}
     assert os.path.isfile(os.path.join(overrides["ckpt_dir"], "model.pt"))
 
@@ -207,11 +255,18 @@ def test_no_overlay_reaches_into_a_list_by_position():
 
 #: Each method's commands: the config files merged, in order (Distillation-SAM's overlays go over SurgicalSAM's).
 METHOD_COMMANDS = {
-    "surgical_sam": {"train": ("train",), "demo": ("train", "demo"), "evaluate": ("train", "evaluate"),
-                     "infer": ("inference",)},
-    "distillation_sam": {"train": ("train", "train_distill"), "demo": ("train", "train_distill", "demo", "demo_distill"),
-                         "evaluate": ("train", "train_distill", "evaluate", "evaluate_distill"),
-                         "infer": ("inference", "inference_distill")},
+    "surgical_sam": {
+        "train": ("train",),
+        "demo": ("train", "demo"),
+        "evaluate": ("train", "evaluate"),
+        "infer": ("inference",),
+    },
+    "distillation_sam": {
+        "train": ("train", "train_distill"),
+        "demo": ("train", "train_distill", "demo", "demo_distill"),
+        "evaluate": ("train", "train_distill", "evaluate", "evaluate_distill"),
+        "infer": ("inference", "inference_distill"),
+    },
 }
 
 
@@ -234,15 +289,22 @@ def test_the_precompute_call_is_written_once(method):
     parser = ConfigParser()
     parser.read_config(config_files(method, "demo"))
     assert parser["precompute"][-1] == "$@cache_precompute()"
-    assert parser["prepare_cache"] == {
-        "surgical_sam": ["$@cache_precompute()"],
-        "distillation_sam": ["$scripts.distillation_sam.datasets.prepare_tap_cache(@cache_taps, @cache_precompute)"]}[method]
+    assert (
+        parser["prepare_cache"]
+        == {
+            "surgical_sam": ["$@cache_precompute()"],
+            "distillation_sam": [
+                "$scripts.distillation_sam.datasets.prepare_tap_cache(@cache_taps, @cache_precompute)"
+            ],
+        }[method]
+    )
     parser["device"] = "cpu"
     component = parser.get_parsed_content("cache_precompute", instantiate=True)
     assert isinstance(component, functools.partial) and component.func is precompute_embeddings
     assert (component.keywords.get("taps") is not None) == (method == "distillation_sam")
     assert component.keywords["cache_dir"] == parser.get_parsed_content(
-        {"surgical_sam": "cache_dir", "distillation_sam": "tap_cache_dir"}[method])
+        {"surgical_sam": "cache_dir", "distillation_sam": "tap_cache_dir"}[method]
+    )
 
 
 def test_the_first_use_tap_cache_step_runs_the_precompute_with_cache_taps_only():
@@ -295,11 +357,16 @@ def test_an_overlay_writes_only_what_it_changes(command):
         before = ConfigParser()
         before.read_config([os.path.join(CONFIGS, f"{n}.yaml") for n in names[:index]])
         overlay = yaml.safe_load(open(os.path.join(CONFIGS, f"{name}.yaml")))
-        copies = [key for key, value in overlay.items() if not key.startswith("+") and key in before
-                  and before[key] == value]
+        copies = [
+            key for key, value in overlay.items() if not key.startswith("+") and key in before and before[key] == value
+        ]
         assert not copies, f"{name} repeats {copies} of {names[:index]}"
-        shared = [key for key in overlay if key.split("#")[-1] in ("handlers", "dataloader", "evaluator", "trainer")
-                  or key in ("train", "validate", "initialize", "run", "training", "evaluating")]
+        shared = [
+            key
+            for key in overlay
+            if key.split("#")[-1] in ("handlers", "dataloader", "evaluator", "trainer")
+            or key in ("train", "validate", "initialize", "run", "training", "evaluating")
+        ]
         assert not shared, f"{name} rewrites the shared skeleton: {shared}"
 
 
@@ -312,15 +379,24 @@ def test_both_methods_pass_the_training_workflow_checks_with_rank_zero_gates(met
     from scripts.engine.progress import EpochProgress
     from scripts.engine.run_folders import RunGuard
 
-    gated = {"StatsHandler": StatsHandler, "TensorBoardStatsHandler": TensorBoardStatsHandler,
-             "scripts.engine.progress.EpochProgress": EpochProgress, "scripts.engine.run_folders.RunGuard": RunGuard}
+    gated = {
+        "StatsHandler": StatsHandler,
+        "TensorBoardStatsHandler": TensorBoardStatsHandler,
+        "scripts.engine.progress.EpochProgress": EpochProgress,
+        "scripts.engine.run_folders.RunGuard": RunGuard,
+    }
     overrides = demo_overrides(**prepared, **({"cache_taps": False} if method == "distillation_sam" else {}))
     workflow = checked_workflow(config_files(method, "demo"), "train", **overrides)
     network = workflow.parser.get_parsed_content("network_def")
     assert type(network).__name__ == {"surgical_sam": "SurgicalSAM", "distillation_sam": "DistillationSAM"}[method]
-    expected = {"train": {"TensorBoardStatsHandler", "scripts.engine.progress.EpochProgress",
-                          "scripts.engine.run_folders.RunGuard"},
-                "validate": {"StatsHandler", "TensorBoardStatsHandler"}}
+    expected = {
+        "train": {
+            "TensorBoardStatsHandler",
+            "scripts.engine.progress.EpochProgress",
+            "scripts.engine.run_folders.RunGuard",
+        },
+        "validate": {"StatsHandler", "TensorBoardStatsHandler"},
+    }
     for section in ("train", "validate"):
         loggers = [h for h in workflow.parser[f"{section}#handlers"] if isinstance(h, dict) and h["_target_"] in gated]
         assert {h["_target_"] for h in loggers} == expected[section], section
@@ -339,8 +415,14 @@ def test_both_methods_pass_the_training_workflow_checks_with_rank_zero_gates(met
 @pytest.mark.parametrize("method", sorted(METHOD_COMMANDS))
 def test_both_methods_pass_the_inference_workflow_checks(method, tmp_path, small_demo_dir, small_sam_checkpoint):
     workflow = checked_workflow(
-        config_files(method, "infer") + [DEMO_INFERENCE], "infer",
-        dataset_dir=os.path.join(small_demo_dir, "images"), sam_checkpoint=small_sam_checkpoint,
-        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), frame_size=list(SMALL_DEMO["frame_size"]))
+        config_files(method, "infer") + [DEMO_INFERENCE],
+        "infer",
+        dataset_dir=os.path.join(small_demo_dir, "images"),
+        sam_checkpoint=small_sam_checkpoint,
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        frame_size=list(SMALL_DEMO["frame_size"]),
+    )
     assert workflow.parser.get_parsed_content("model_file").endswith(
-        {"surgical_sam": "model.pt", "distillation_sam": "distill_model.pt"}[method])
+        {"surgical_sam": "model.pt", "distillation_sam": "distill_model.pt"}[method]
+    )

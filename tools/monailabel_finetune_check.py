@@ -50,8 +50,9 @@ def make_studies(studies: str, dataset_dir: str) -> int:
     return len(items)
 
 
-def _request(url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None,
-             timeout: float = 120.0) -> tuple[int, bytes]:
+def _request(
+    url: str, method: str = "GET", data: bytes | None = None, headers: dict | None = None, timeout: float = 120.0
+) -> tuple[int, bytes]:
     token = os.environ.get("SURGICALSAM_TOKEN")
     headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -66,17 +67,28 @@ def put_label(url: str, image_id: str, label_file: str) -> None:
     boundary = uuid.uuid4().hex
     with open(label_file, "rb") as handle:
         content = handle.read()
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="label"; filename="label.png"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
-    status, answer = _request(f"{url}/datastore/label?image={image_id}&tag=final", "PUT", body,
-                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="label"; filename="label.png"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, answer = _request(
+        f"{url}/datastore/label?image={image_id}&tag=final",
+        "PUT",
+        body,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     if status != 200:
         raise RuntimeError(f"PUT label of {image_id} answered {status}: {answer[:300]!r}")
 
 
 def train(url: str, settings: dict, timeout: float) -> dict:
-    status, answer = _request(f"{url}/train/surgicalsam", "POST", json.dumps(settings).encode(),
-                              {"Content-Type": "application/json"})
+    status, answer = _request(
+        f"{url}/train/surgicalsam", "POST", json.dumps(settings).encode(), {"Content-Type": "application/json"}
+    )
     if status != 200:
         raise RuntimeError(f"POST /train answered {status}: {answer[:300]!r}")
     deadline = time.time() + timeout
@@ -91,7 +103,7 @@ def train(url: str, settings: dict, timeout: float) -> dict:
 def train_result(task: dict) -> dict:
     for line in reversed(task.get("details", [])):
         if "{" in line and '"served_model"' in line:
-            return json.loads(line[line.index("{"):])
+            return json.loads(line[line.index("{") :])
     raise RuntimeError("no result in the train status: " + " | ".join(task.get("details", [])[-5:]))
 
 
@@ -123,12 +135,22 @@ def held_out_scores(bundle: str, model_file: str, dataset_dir: str, device: str 
             pred = inferer(frame, network).long().reshape(label.shape)
         wrong_extra += len(set(np.unique(pred.numpy())) - set(np.unique(label.numpy())) - {0})
         metric.update((pred[None], label[None]))
-    return {"challenge_iou": round(float(metric.compute()["challenge_iou"]), 2), "wrong_extra_classes": wrong_extra,
-            "frames": len(items)}
+    return {
+        "challenge_iou": round(float(metric.compute()["challenge_iou"]), 2),
+        "wrong_extra_classes": wrong_extra,
+        "frames": len(items),
+    }
 
 
-def check(url: str, bundle: str, dataset_dir: str, label_frames: int, settings: dict, train_timeout: float,
-          label_ids: list[str] | None = None) -> dict:
+def check(
+    url: str,
+    bundle: str,
+    dataset_dir: str,
+    label_frames: int,
+    settings: dict,
+    train_timeout: float,
+    label_ids: list[str] | None = None,
+) -> dict:
     model_file = os.path.join(bundle, "models", "model.pt")
     training = _items(dataset_dir, "training")
     if label_ids:
@@ -148,10 +170,17 @@ def check(url: str, bundle: str, dataset_dir: str, label_frames: int, settings: 
     if task["status"] != "DONE":
         raise RuntimeError("training ended in " + task["status"] + ": " + " | ".join(task.get("details", [])[-5:]))
     result = train_result(task)
-    return {"labelled": [_image_id(item) for item in labelled], "settings": settings, "before": before,
-            "after": held_out_scores(bundle, model_file, dataset_dir), "train_seconds": seconds,
-            "served_model": result["served_model"], "reason": result["reason"],
-            "validation_frames": result.get("validation_frames"), "epochs_run": result.get("epochs_run")}
+    return {
+        "labelled": [_image_id(item) for item in labelled],
+        "settings": settings,
+        "before": before,
+        "after": held_out_scores(bundle, model_file, dataset_dir),
+        "train_seconds": seconds,
+        "served_model": result["served_model"],
+        "reason": result["reason"],
+        "validation_frames": result.get("validation_frames"),
+        "epochs_run": result.get("epochs_run"),
+    }
 
 
 def main(argv=None) -> None:
@@ -171,8 +200,20 @@ def main(argv=None) -> None:
     if not args.bundle:
         parser.error("--bundle is needed (the served bundle folder)")
     label_ids = [i.strip() for i in args.labels.split(",") if i.strip()] if args.labels else None
-    print(json.dumps(check(args.url, args.bundle, args.dataset_dir, args.label_frames, json.loads(args.train),
-                           args.train_timeout, label_ids), indent=2))
+    print(
+        json.dumps(
+            check(
+                args.url,
+                args.bundle,
+                args.dataset_dir,
+                args.label_frames,
+                json.loads(args.train),
+                args.train_timeout,
+                label_ids,
+            ),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

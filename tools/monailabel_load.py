@@ -29,14 +29,24 @@ def _auth(token: str | None) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _timed(url: str, method: str = "GET", form: dict | None = None, json_body: dict | None = None,
-           timeout: float = 120.0, token: str | None = None) -> float:
+def _timed(
+    url: str,
+    method: str = "GET",
+    form: dict | None = None,
+    json_body: dict | None = None,
+    timeout: float = 120.0,
+    token: str | None = None,
+) -> float:
     """Seconds from sending one request to having read its whole answer (which must be 200)."""
     data, headers = None, _auth(token)
     if form is not None:
         boundary = uuid.uuid4().hex
-        data = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
-                       for k, v in form.items()).encode() + f"--{boundary}--\r\n".encode()
+        data = (
+            "".join(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in form.items()
+            ).encode()
+            + f"--{boundary}--\r\n".encode()
+        )
         headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
     elif json_body is not None:
         data, headers["Content-Type"] = json.dumps(json_body).encode(), "application/json"
@@ -52,8 +62,13 @@ def _timed(url: str, method: str = "GET", form: dict | None = None, json_body: d
 def _infer(url: str, image: str, timeout: float, token: str | None = None) -> float:
     """Seconds for one automatic pre-label of ``image`` (``surgicalsam``, PNG label map)."""
     params = json.dumps({"result_extension": ".png", "result_dtype": "uint8"})
-    return _timed(f"{url}/infer/surgicalsam?image={image}&output=image", "POST", form={"params": params},
-                  timeout=timeout, token=token)
+    return _timed(
+        f"{url}/infer/surgicalsam?image={image}&output=image",
+        "POST",
+        form={"params": params},
+        timeout=timeout,
+        token=token,
+    )
 
 
 def endpoint_requests(url: str, image: str) -> dict:
@@ -65,20 +80,38 @@ def endpoint_requests(url: str, image: str) -> dict:
         "GET /datastore/?output=all": {"url": f"{url}/datastore/?output=all"},
         "GET /datastore/image": {"url": f"{url}/datastore/image?image={image}"},
         "GET /review/": {"url": f"{url}/review/"},
-        "POST /infer/surgicalsam": {"url": infer.format("surgicalsam"), "method": "POST",
-                                    "form": {"params": json.dumps(png)}},
-        "POST /infer/surgicalsam_class": {"url": infer.format("surgicalsam_class"), "method": "POST",
-                                          "form": {"params": json.dumps({**png, "class_id": 2})}},
-        "POST /infer/sam_prompt (one click)": {"url": infer.format("sam_prompt"), "method": "POST",
-                                               "form": {"params": json.dumps({**png, "foreground": [[10, 10]]})}},
-        "POST /infer/sam_prompt (box)": {"url": infer.format("sam_prompt"), "method": "POST",
-                                         "form": {"params": json.dumps({**png, "box": [0, 0, 20, 20]})}},
+        "POST /infer/surgicalsam": {
+            "url": infer.format("surgicalsam"),
+            "method": "POST",
+            "form": {"params": json.dumps(png)},
+        },
+        "POST /infer/surgicalsam_class": {
+            "url": infer.format("surgicalsam_class"),
+            "method": "POST",
+            "form": {"params": json.dumps({**png, "class_id": 2})},
+        },
+        "POST /infer/sam_prompt (one click)": {
+            "url": infer.format("sam_prompt"),
+            "method": "POST",
+            "form": {"params": json.dumps({**png, "foreground": [[10, 10]]})},
+        },
+        "POST /infer/sam_prompt (box)": {
+            "url": infer.format("sam_prompt"),
+            "method": "POST",
+            "form": {"params": json.dumps({**png, "box": [0, 0, 20, 20]})},
+        },
         # scoring before active learning: each next_sample starts MONAI Label's scoring in the background, and
         # a scoring request answers 429 while one runs
         "POST /scoring/surgicalsam_uncertainty (run_sync)": {
-            "url": f"{url}/scoring/surgicalsam_uncertainty?run_sync=true", "method": "POST", "json_body": {}},
-        "POST /activelearning/most_uncertain": {"url": f"{url}/activelearning/most_uncertain", "method": "POST",
-                                                "json_body": {}},
+            "url": f"{url}/scoring/surgicalsam_uncertainty?run_sync=true",
+            "method": "POST",
+            "json_body": {},
+        },
+        "POST /activelearning/most_uncertain": {
+            "url": f"{url}/activelearning/most_uncertain",
+            "method": "POST",
+            "json_body": {},
+        },
     }
 
 
@@ -92,7 +125,9 @@ def measure_endpoints(url: str, image: str, repeats: int = 3, timeout: float = 1
 
 def _info(url: str, timeout: float, token: str | None = None) -> float:
     start = time.perf_counter()
-    with urllib.request.urlopen(urllib.request.Request(f"{url}/info/", headers=_auth(token)), timeout=timeout) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{url}/info/", headers=_auth(token)), timeout=timeout
+    ) as response:
         response.read()
     return time.perf_counter() - start
 
@@ -101,8 +136,9 @@ def _summary(latencies: list[float]) -> dict:
     return {"n": len(latencies), "median_s": round(statistics.median(latencies), 3), "max_s": round(max(latencies), 3)}
 
 
-def measure(url: str, image: str, requests: int = 8, clients: int = 4, timeout: float = 120.0,
-            token: str | None = None) -> dict:
+def measure(
+    url: str, image: str, requests: int = 8, clients: int = 4, timeout: float = 120.0, token: str | None = None
+) -> dict:
     _infer(url, image, timeout, token)  # warm-up: loads the network
     start = time.perf_counter()
     sequential = [_infer(url, image, timeout, token) for _ in range(requests)]
@@ -123,9 +159,11 @@ def measure(url: str, image: str, requests: int = 8, clients: int = 4, timeout: 
     parallel_wall = time.perf_counter() - start
     done.set()
     poller.join(timeout)
-    return {"sequential": {**_summary(sequential), "wall_s": round(sequential_wall, 2)},
-            f"{clients}_way": {**_summary(parallel), "wall_s": round(parallel_wall, 2)},
-            "info_during_inference": _summary(info) if info else None}
+    return {
+        "sequential": {**_summary(sequential), "wall_s": round(sequential_wall, 2)},
+        f"{clients}_way": {**_summary(parallel), "wall_s": round(parallel_wall, 2)},
+        "info_during_inference": _summary(info) if info else None,
+    }
 
 
 def main(argv=None) -> None:
@@ -135,8 +173,11 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="calls of each endpoint (0: skip the endpoint figures)")
-    parser.add_argument("--token", default=os.environ.get("SURGICALSAM_TOKEN"),
-                        help="the server's access token (default: $SURGICALSAM_TOKEN)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SURGICALSAM_TOKEN"),
+        help="the server's access token (default: $SURGICALSAM_TOKEN)",
+    )
     args = parser.parse_args(argv)
     figures = measure(args.url, args.image, args.requests, args.clients, token=args.token)
     if args.repeats:

@@ -54,5 +54,10 @@ def run_bundle_root() -> str:
             "running the configs of the bundle %s with the code (scripts/) of %s, which comes first on the Python "
             "path (run from another checkout's root, or a PYTHONPATH?); bundle_root, hence models/, data/ and eval/, "
             "is %s. To run this bundle's own code: cd %s (or its repository's root), or set PYTHONPATH=%s.",
-            root, BUNDLE_ROOT, root, root, root)
+            root,
+            BUNDLE_ROOT,
+            root,
+            root,
+            root,
+        )
     return root

@@ -24,6 +24,7 @@ The prompt side (prototypes, class prompt encoder, mask decoder) is the same for
 (d = 256 on a 64x64 grid), so ``vit_b`` without a checkpoint stands in for ``vit_h`` in parts 1-2;
 part 3 does depend on the encoder and is measured with the variant asked for.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,10 +40,10 @@ import numpy as np
 import torch
 
 from .distillation_sam.loss import DistillationSAMLoss
-from .surgical_sam.loss import SurgicalSAMLoss
 from .sam.backbone import get_variant
-from .surgical_sam.batches import PromptedSampleBatch, micro_batched_backward
 from .sam.geometry import masks_to_embedding_grid, resize_by_interpolation
+from .surgical_sam.batches import PromptedSampleBatch, micro_batched_backward
+from .surgical_sam.loss import SurgicalSAMLoss
 from .surgical_sam.network import SurgicalSAM
 
 __all__ = ["format_benchmark_table", "run_benchmark"]
@@ -72,8 +73,13 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[f
 
 
 def _random_targets(
-    generator: torch.Generator, batch: int, num_classes: int, frame_hw: Sequence[int], image_size: int,
-    grid_hw: Sequence[int], device: torch.device,
+    generator: torch.Generator,
+    batch: int,
+    num_classes: int,
+    frame_hw: Sequence[int],
+    image_size: int,
+    grid_hw: Sequence[int],
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """(frame, class) training samples: a random rectangle per sample, big enough to survive the grid."""
     height, width = frame_hw
@@ -153,13 +159,16 @@ def original_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return 1 - dice.mean()
 
 
-def original_ntxent_loss(prototypes: torch.Tensor, class_embeddings: torch.Tensor, class_ids: torch.Tensor,
-                         temperature: float = 0.07) -> torch.Tensor:
+def original_ntxent_loss(
+    prototypes: torch.Tensor, class_embeddings: torch.Tensor, class_ids: torch.Tensor, temperature: float = 0.07
+) -> torch.Tensor:
     """The original's contrastive loss, NTXent with the prototypes (labels 1..C) as anchors and the
     samples' class embeddings as references: for each (prototype c, sample b of class c) pair,
     -log(exp(s/t) / (exp(s/t) + sum over samples b' of another class of exp(s(c, b')/t))), mean over pairs.
     """
-    cosine = torch.nn.functional.normalize(prototypes, dim=1) @ torch.nn.functional.normalize(class_embeddings, dim=1).t()
+    cosine = (
+        torch.nn.functional.normalize(prototypes, dim=1) @ torch.nn.functional.normalize(class_embeddings, dim=1).t()
+    )
     scaled = cosine / temperature  # (C, B)
     anchor_labels = torch.arange(1, prototypes.shape[0] + 1, device=prototypes.device)
     positive_pairs = anchor_labels[:, None] == class_ids[None, :]  # (C, B)
@@ -175,7 +184,8 @@ def original_training_step(model, optimizer, embeddings, targets, class_embeddin
     optimizer.zero_grad(set_to_none=True)
     logits, prototypes = original_forward(model, embeddings, targets["class_id"])
     loss = original_dice_loss(logits, targets["mask"]) + original_ntxent_loss(
-        prototypes, class_embeddings, targets["class_id"])
+        prototypes, class_embeddings, targets["class_id"]
+    )
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -192,8 +202,9 @@ def original_merge(masks: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor
 def original_inference(model: SurgicalSAM, embeddings: torch.Tensor, pairs_per_batch: int) -> torch.Tensor:
     """The original's automatic inference: every (frame, class) pair through :func:`original_forward`
     in batches, then the label map of each frame. -> (B, H, W) long."""
-    frames, classes = torch.meshgrid(torch.arange(embeddings.shape[0]), torch.arange(1, model.num_classes + 1),
-                                     indexing="ij")
+    frames, classes = torch.meshgrid(
+        torch.arange(embeddings.shape[0]), torch.arange(1, model.num_classes + 1), indexing="ij"
+    )
     frames, classes = frames.reshape(-1), classes.reshape(-1)
     masks = []
     for start in range(0, frames.numel(), pairs_per_batch):
@@ -206,8 +217,9 @@ def original_inference(model: SurgicalSAM, embeddings: torch.Tensor, pairs_per_b
 
 
 # ----------------------------------------------------------------------------------- the bundle's
-def bundle_training_step(model, optimizer, loss_fn, embeddings, targets, autocast: bool = False,
-                         micro_batch_size: int | None = None) -> torch.Tensor:
+def bundle_training_step(
+    model, optimizer, loss_fn, embeddings, targets, autocast: bool = False, micro_batch_size: int | None = None
+) -> torch.Tensor:
     """One training step as the bundle's trainer runs it (``MicroBatchIteration``); -> the loss as a tensor
     (no host sync)."""
     optimizer.zero_grad(set_to_none=True)
@@ -217,8 +229,9 @@ def bundle_training_step(model, optimizer, loss_fn, embeddings, targets, autocas
             output = network(data, class_ids)
         return {k: v.float() for k, v in output.items()} if autocast else output  # as AutocastInferer
 
-    loss, _ = micro_batched_backward(model, loss_fn, embeddings, targets, {"class_ids": targets["class_id"]},
-                                     micro_batch_size, forward=forward)
+    loss, _ = micro_batched_backward(
+        model, loss_fn, embeddings, targets, {"class_ids": targets["class_id"]}, micro_batch_size, forward=forward
+    )
     optimizer.step()
     return loss
 
@@ -272,9 +285,15 @@ def _distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, de
         taps = torch.stack(taps, 1)
     loss_fn = DistillationSAMLoss(ignore_index=255)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
-    out: dict[str, Any] = {"sam_variant": sam_variant, "batch_size": batch, "frame_size": list(frame_hw),
-                           "taps": list(model.taps), "trainable_parameters": model.trainable_parameter_counts()["total"]}
+    out: dict[str, Any] = {
+        "sam_variant": sam_variant,
+        "batch_size": batch,
+        "frame_size": list(frame_hw),
+        "taps": list(model.taps),
+        "trainable_parameters": model.trainable_parameter_counts()["total"],
+    }
     for name, cached in (("raw_frames", {}), ("tap_cache", {"embedding": embedding, "taps": taps})):
+
         def step():
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(frames, label=label, **cached), label)
@@ -296,9 +315,12 @@ def _distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, de
             for path in paths:
                 torch.from_numpy(np.load(path).astype(np.float32))
         read_seconds = (time.perf_counter() - start) / steps
-    out["cache"] = {"array_bytes_per_entry": entry_bytes(identity), "npy_bytes_per_entry": npy_bytes,
-                    "read_s_per_entry": read_seconds}
-    del model, optimizer, frames, embedding, taps
+    out["cache"] = {
+        "array_bytes_per_entry": entry_bytes(identity),
+        "npy_bytes_per_entry": npy_bytes,
+        "read_s_per_entry": read_seconds,
+    }
+    model = optimizer = frames = embedding = taps = None  # released before the next measurement
     return out
 
 
@@ -312,12 +334,19 @@ def _model_and_data(cfg: dict, device: torch.device):
     grid = variant.grid_size
     generator = torch.Generator().manual_seed(cfg["seed"])
     embeddings = torch.randn(cfg["batch_size"], variant.prompt_embed_dim, grid, grid, generator=generator).to(device)
-    targets = _random_targets(generator, cfg["batch_size"], cfg["num_classes"], cfg["frame_size"],
-                              variant.image_size, (grid, grid), device)
+    targets = _random_targets(
+        generator, cfg["batch_size"], cfg["num_classes"], cfg["frame_size"], variant.image_size, (grid, grid), device
+    )
     frames = torch.randn(cfg["inference_frames"], variant.prompt_embed_dim, grid, grid, generator=generator).to(device)
     torch.manual_seed(cfg["seed"])
-    model = SurgicalSAM(cfg["num_classes"], cfg["num_tokens"], cfg["frame_size"], sam_variant=cfg["sam_variant"],
-                        sam_checkpoint=None, with_image_encoder=False).to(device)
+    model = SurgicalSAM(
+        cfg["num_classes"],
+        cfg["num_tokens"],
+        cfg["frame_size"],
+        sam_variant=cfg["sam_variant"],
+        sam_checkpoint=None,
+        with_image_encoder=False,
+    ).to(device)
     return model, embeddings, targets, frames
 
 
@@ -329,8 +358,8 @@ def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[i
     from types import SimpleNamespace
 
     from .data.embedding_cache import EmbeddingCache
-    from .surgical_sam.datasets import prompt_sample
     from .data.layout import write_label_map
+    from .surgical_sam.datasets import prompt_sample
 
     variant = get_variant(cfg["sam_variant"])
     with tempfile.TemporaryDirectory() as folder:
@@ -346,8 +375,11 @@ def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[i
         items = []
         for _ in range(cfg["batch_size"]):
             frame_embedding, frame_label = EmbeddingCache.load(cache, entry, as_stored=True)
-            items.append(prompt_sample(frame_embedding, frame_label, 1, variant.image_size,
-                                       (variant.grid_size, variant.grid_size)))
+            items.append(
+                prompt_sample(
+                    frame_embedding, frame_label, 1, variant.image_size, (variant.grid_size, variant.grid_size)
+                )
+            )
         PromptedSampleBatch()(torch.utils.data.default_collate(items), device)
         _sync(device)
         return time.perf_counter() - start
@@ -356,8 +388,8 @@ def _batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[i
 def _worker(cfg: dict) -> dict[str, Any]:
     """Parts 1, 2 and 4 for one path (``cfg["path"]``), in this process; parameters after the first step
     are written to ``cfg["params_file"]`` for the comparison between paths."""
-    from .surgical_sam.loss import class_embeddings_from_masks
     from .engine.process_settings import apply_process_settings, current_process_settings
+    from .surgical_sam.loss import class_embeddings_from_masks
 
     path = cfg["path"]
     if path != "original_out_of_the_box":
@@ -371,8 +403,9 @@ def _worker(cfg: dict) -> dict[str, Any]:
         network = torch.compile(model) if cfg.get("compile") else model
 
         def step():
-            return bundle_training_step(network, optimizer, loss_fn, embeddings, targets, cfg.get("amp", False),
-                                        cfg.get("micro_batch_size"))
+            return bundle_training_step(
+                network, optimizer, loss_fn, embeddings, targets, cfg.get("amp", False), cfg.get("micro_batch_size")
+            )
     else:
         # the original loads the class embeddings with each sample: data, not part of the step
         class_embeddings, _valid = class_embeddings_from_masks(embeddings, targets["grid_mask"])
@@ -389,7 +422,7 @@ def _worker(cfg: dict) -> dict[str, Any]:
     if path == "bundle":
         read = _batch_read_seconds(cfg, embeddings[0], cfg["frame_size"])
         out["data"] = {"batch_read_s": read, "batch_read_share_of_step": read / seconds}
-    del optimizer
+    optimizer = None  # released before inference is measured
     model.eval()
     num_classes = cfg["num_classes"]
     with torch.no_grad():
@@ -402,15 +435,19 @@ def _worker(cfg: dict) -> dict[str, Any]:
                 infer()  # warm-up
                 seconds, label_map = _timed(infer, device, cfg["steps"])
         else:
+
             def infer():
                 return original_inference(model, frames, cfg["batch_size"])
 
             infer()
             seconds, label_map = _timed(infer, device, cfg["steps"])
     masks = cfg["inference_frames"] * num_classes
-    out["inference_cached"] = {"s_per_call": seconds, "masks_per_s": masks / seconds,
-                               "frames_per_s": cfg["inference_frames"] / seconds,
-                               "label_map_shape": list(label_map.shape)}
+    out["inference_cached"] = {
+        "s_per_call": seconds,
+        "masks_per_s": masks / seconds,
+        "frames_per_s": cfg["inference_frames"] / seconds,
+        "label_map_shape": list(label_map.shape),
+    }
     out["peak_rss_gib"] = _peak_rss_mb() / 1024
     return out
 
@@ -422,9 +459,19 @@ def _encoder_worker(cfg: dict) -> dict[str, Any]:
     apply_process_settings()
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    model = SurgicalSAM(cfg["num_classes"], cfg["num_tokens"], cfg["frame_size"], sam_variant=cfg["sam_variant"],
-                        sam_checkpoint=None, with_image_encoder=True).to(device).eval()
-    raw = (torch.rand(cfg["encoder_frames"], 3, *cfg["frame_size"], generator=torch.Generator().manual_seed(1)) * 255)
+    model = (
+        SurgicalSAM(
+            cfg["num_classes"],
+            cfg["num_tokens"],
+            cfg["frame_size"],
+            sam_variant=cfg["sam_variant"],
+            sam_checkpoint=None,
+            with_image_encoder=True,
+        )
+        .to(device)
+        .eval()
+    )
+    raw = torch.rand(cfg["encoder_frames"], 3, *cfg["frame_size"], generator=torch.Generator().manual_seed(1)) * 255
     raw = raw.to(device)
     out: dict[str, Any] = {}
     settings = [("fp32", False)] + ([] if cfg["quick"] else [("bf16_autocast", True)])
@@ -467,13 +514,15 @@ def _run_worker(kind: str, cfg: dict, plain: bool, say) -> dict[str, Any]:
     bundle_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([bundle_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     say(f"{kind} {cfg.get('path', '')}: a fresh process")
-    done = subprocess.run([sys.executable, "-m", "scripts.benchmark", kind, json.dumps(cfg)], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark", kind, json.dumps(cfg)], env=env, capture_output=True, text=True
+    )
     for line in done.stdout.splitlines():
         if line.startswith(WORKER_MARK):
-            return json.loads(line[len(WORKER_MARK):])
-    raise RuntimeError(f"benchmark worker {kind} {cfg.get('path', '')} failed (exit {done.returncode}):\n"
-                       f"{done.stderr[-4000:]}")
+            return json.loads(line[len(WORKER_MARK) :])
+    raise RuntimeError(
+        f"benchmark worker {kind} {cfg.get('path', '')} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+    )
 
 
 def _compare_paths(cfg: dict, amp: bool, say) -> dict[str, Any]:
@@ -487,8 +536,12 @@ def _compare_paths(cfg: dict, amp: bool, say) -> dict[str, Any]:
         for name, extra in runs:
             path = "bundle" if name.startswith("bundle") else name
             params_file = os.path.join(folder, f"{name}.pt")
-            paths[name] = _run_worker("worker", {**cfg, **extra, "path": path, "params_file": params_file},
-                                      plain=name == "original_out_of_the_box", say=say)
+            paths[name] = _run_worker(
+                "worker",
+                {**cfg, **extra, "path": path, "params_file": params_file},
+                plain=name == "original_out_of_the_box",
+                say=say,
+            )
             params[name] = torch.load(params_file)
     reference = params["original_equal_terms"]
     for name, record in paths.items():
@@ -511,7 +564,8 @@ def _path_figures(paths: dict[str, Any], amp: bool) -> dict[str, Any]:
         "infer_masks_per_s_original": plain["inference_cached"]["masks_per_s"],
         "infer_masks_per_s_original_equal_terms": equal["inference_cached"]["masks_per_s"],
         "infer_speedup": bundle["inference_cached"]["masks_per_s"] / plain["inference_cached"]["masks_per_s"],
-        "infer_speedup_equal_terms": bundle["inference_cached"]["masks_per_s"] / equal["inference_cached"]["masks_per_s"],
+        "infer_speedup_equal_terms": bundle["inference_cached"]["masks_per_s"]
+        / equal["inference_cached"]["masks_per_s"],
         "train_peak_rss_gib": bundle["train_peak_rss_gib"],
         "train_peak_rss_gib_original": plain["train_peak_rss_gib"],
         "train_peak_rss_gib_original_equal_terms": equal["train_peak_rss_gib"],
@@ -601,14 +655,30 @@ def run_benchmark(
         if verbose:
             print(f"[benchmark] {message}", flush=True)
 
-    cfg = {"batch_size": int(batch_size), "num_classes": int(num_classes), "num_tokens": int(num_tokens),
-           "frame_size": list(frame_hw), "steps": steps, "inference_frames": int(inference_frames),
-           "encoder_frames": int(encoder_frames), "device": str(device), "sam_variant": sam_variant, "seed": seed,
-           "quick": bool(quick), "compile": bool(compile),
-           "micro_batch_size": None if micro_batch_size is None else int(micro_batch_size)}
+    cfg = {
+        "batch_size": int(batch_size),
+        "num_classes": int(num_classes),
+        "num_tokens": int(num_tokens),
+        "frame_size": list(frame_hw),
+        "steps": steps,
+        "inference_frames": int(inference_frames),
+        "encoder_frames": int(encoder_frames),
+        "device": str(device),
+        "sam_variant": sam_variant,
+        "seed": seed,
+        "quick": bool(quick),
+        "compile": bool(compile),
+        "micro_batch_size": None if micro_batch_size is None else int(micro_batch_size),
+    }
     result: dict[str, Any] = {
-        "settings": {**cfg, "embedding_shape": [embed_dim, grid, grid], "amp": bool(amp),
-                     "device_name": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or platform.machine()},
+        "settings": {
+            **cfg,
+            "embedding_shape": [embed_dim, grid, grid],
+            "amp": bool(amp),
+            "device_name": torch.cuda.get_device_name(device)
+            if on_cuda
+            else platform.processor() or platform.machine(),
+        },
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -634,8 +704,15 @@ def run_benchmark(
 
         apply_process_settings()
         result["distill"] = _distill_benchmark(
-            int(distill_batch_size), num_classes, distill_sam_variant or sam_variant,
-            tuple(distill_frame_size or frame_hw), distill_pvt, steps, device, seed, say,
+            int(distill_batch_size),
+            num_classes,
+            distill_sam_variant or sam_variant,
+            tuple(distill_frame_size or frame_hw),
+            distill_pvt,
+            steps,
+            device,
+            seed,
+            say,
         )
         result["distill"]["peak_rss_gib"] = _peak_rss_mb() / 1024
     result["seconds"] = time.perf_counter() - start
@@ -668,8 +745,10 @@ def format_benchmark_table(result: dict[str, Any]) -> str:
         f"  {'-' * 76}",
         row("1. training samples/s, this bundle", f"{result['train_samples_per_s']:.2f}"),
         row("   the original, out of the box (plain environment)", f"{result['train_samples_per_s_original']:.2f}"),
-        row("   the original on equal terms (the bundle's process settings)",
-            f"{result['train_samples_per_s_original_equal_terms']:.2f}"),
+        row(
+            "   the original on equal terms (the bundle's process settings)",
+            f"{result['train_samples_per_s_original_equal_terms']:.2f}",
+        ),
         row("   speed-up over the original out of the box", f"{result['train_speedup']:.2f}x"),
         row("   speed-up over the original on equal terms", f"{result['train_speedup_equal_terms']:.2f}x"),
         row("   |loss - original's loss| at the first step", f"{result['train_loss_abs_diff']:.2e}"),
@@ -681,25 +760,45 @@ def format_benchmark_table(result: dict[str, Any]) -> str:
         row("   speed-up over the original on equal terms", f"{result['infer_speedup_equal_terms']:.2f}x"),
     ]
     if "train_samples_per_s_amp" in result:
-        lines += [row("   bf16 autocast: training samples/s", f"{result['train_samples_per_s_amp']:.2f}"),
-                  row("   bf16 autocast: inference masks/s", f"{result['infer_masks_per_s_amp']:.2f}"),
-                  row("   bf16 autocast: |loss - fp32 original's| at the first step",
-                      f"{result['train_loss_abs_diff_amp']:.2e}")]
+        lines += [
+            row("   bf16 autocast: training samples/s", f"{result['train_samples_per_s_amp']:.2f}"),
+            row("   bf16 autocast: inference masks/s", f"{result['infer_masks_per_s_amp']:.2f}"),
+            row(
+                "   bf16 autocast: |loss - fp32 original's| at the first step",
+                f"{result['train_loss_abs_diff_amp']:.2e}",
+            ),
+        ]
     encoder = result.get("encoder")
     if encoder is None:
         lines.append(row("3. precompute with the image encoder, frames/s", "skipped"))
     else:
-        lines.append(row(f"3. precompute with the image encoder ({s['sam_variant']}, fp32), frames/s",
-                         f"{encoder['fp32']['frames_per_s']:.3f}"))
+        lines.append(
+            row(
+                f"3. precompute with the image encoder ({s['sam_variant']}, fp32), frames/s",
+                f"{encoder['fp32']['frames_per_s']:.3f}",
+            )
+        )
         if "bf16_autocast" in encoder:
             lines.append(row("   bf16 autocast, frames/s", f"{encoder['bf16_autocast']['frames_per_s']:.3f}"))
-            lines.append(row("   bf16 autocast, max |embedding - fp32|",
-                             f"{encoder['bf16_autocast']['max_abs_diff_from_fp32']:.2e}"))
-    lines.append(row(f"   data path: a batch of {s['batch_size']} read from the cache (s; share of a step)",
-                     f"{result['data_batch_read_s']:.3f}; {100 * result['data_batch_read_share_of_step']:.1f}%"))
+            lines.append(
+                row(
+                    "   bf16 autocast, max |embedding - fp32|",
+                    f"{encoder['bf16_autocast']['max_abs_diff_from_fp32']:.2e}",
+                )
+            )
+    lines.append(
+        row(
+            f"   data path: a batch of {s['batch_size']} read from the cache (s; share of a step)",
+            f"{result['data_batch_read_s']:.3f}; {100 * result['data_batch_read_share_of_step']:.1f}%",
+        )
+    )
     lines.append(row("4. peak RSS of the training step, this bundle (GiB)", f"{result['train_peak_rss_gib']:.2f}"))
-    lines.append(row("   the original out of the box / on equal terms (GiB)",
-                     f"{result['train_peak_rss_gib_original']:.2f} / {result['train_peak_rss_gib_original_equal_terms']:.2f}"))
+    lines.append(
+        row(
+            "   the original out of the box / on equal terms (GiB)",
+            f"{result['train_peak_rss_gib_original']:.2f} / {result['train_peak_rss_gib_original_equal_terms']:.2f}",
+        )
+    )
     if encoder is not None:
         lines.append(row("   peak RSS of the encoder part (GiB)", f"{encoder['peak_rss_gib']:.2f}"))
     cache = result["cache"]
@@ -716,10 +815,16 @@ def format_benchmark_table(result: dict[str, Any]) -> str:
         lines += [
             f"  6. Distillation-SAM on SAM {distill['sam_variant']} (taps {distill['taps']}, "
             f"{distill['trainable_parameters']:,d} trainable), batch {distill['batch_size']}, frame {h}x{w}",
-            row("   training from raw frames (encoder each step), samples/s", f"{distill['raw_frames']['samples_per_s']:.3f}"),
+            row(
+                "   training from raw frames (encoder each step), samples/s",
+                f"{distill['raw_frames']['samples_per_s']:.3f}",
+            ),
             row("   training from the tap cache, samples/s", f"{distill['tap_cache']['samples_per_s']:.3f}"),
             row("   speed-up of the tap cache (reads not counted)", f"{distill['cache_speedup']:.2f}x"),
-            row("   tap cache read per entry, float16 .npy -> float32 (s)", f"{distill['cache']['read_s_per_entry']:.4f}"),
+            row(
+                "   tap cache read per entry, float16 .npy -> float32 (s)",
+                f"{distill['cache']['read_s_per_entry']:.4f}",
+            ),
             row("   tap cache per (frame, version): arrays (bytes)", f"{distill['cache']['array_bytes_per_entry']:,d}"),
             row("   the two .npy files with headers (bytes)", f"{distill['cache']['npy_bytes_per_entry']:,d}"),
             row("   + the augmented frame PNG and label PNG (at most H*W*4 bytes)", f"{h * w * 4:,d}"),

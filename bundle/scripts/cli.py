@@ -36,9 +36,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMANDS", "benchmark", "convert_original_checkpoint", "demo", "demo_distill", "main", "make_demo_data",
-           "make_sam_checkpoint", "monailabel_bundle", "pack", "pool_metrics", "prepare_cholecseg8k",
-           "prepare_custom", "prepare_endovis2017", "prepare_endovis2018", "score"]
+__all__ = [
+    "COMMANDS",
+    "benchmark",
+    "convert_original_checkpoint",
+    "demo",
+    "demo_distill",
+    "main",
+    "make_demo_data",
+    "make_sam_checkpoint",
+    "monailabel_bundle",
+    "pack",
+    "pool_metrics",
+    "prepare_cholecseg8k",
+    "prepare_custom",
+    "prepare_endovis2017",
+    "prepare_endovis2018",
+    "score",
+]
 
 PROG = "surgical-sam"
 
@@ -339,8 +354,9 @@ def benchmark(
         verbose=True,
         distill_batch_size=_positive_int(distill_batch_size, "distill_batch_size", minimum=0),
         distill_sam_variant=None if distill_sam_variant in (None, "") else str(distill_sam_variant),
-        distill_frame_size=None if distill_frame_size in (None, "") else _int_pair(distill_frame_size,
-                                                                                     "distill_frame_size"),
+        distill_frame_size=None
+        if distill_frame_size in (None, "")
+        else _int_pair(distill_frame_size, "distill_frame_size"),
         quick=bool(quick),
         amp=bool(amp),
         compile=bool(compile),
@@ -458,8 +474,9 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     return results
 
 
-def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fresh: bool = False,
-                 cache_taps: bool | None = None) -> dict:
+def demo_distill(
+    epochs: int | None = None, bundle_root: str | None = None, fresh: bool = False, cache_taps: bool | None = None
+) -> dict:
     """Distillation-SAM on the demo data: train, then evaluate (auto protocol: it needs no class prompt).
 
     Equivalent to ``python -m monai.bundle run training --config_file`` with ``train.yaml``, ``train_distill.yaml``,
@@ -482,8 +499,17 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
     from scripts.evaluation.report import format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(
-        bundle_root, ("train.yaml", "train_distill.yaml", "demo.yaml", "demo_distill.yaml", "evaluate.yaml",
-                      "evaluate_distill.yaml"), epochs, fresh
+        bundle_root,
+        (
+            "train.yaml",
+            "train_distill.yaml",
+            "demo.yaml",
+            "demo_distill.yaml",
+            "evaluate.yaml",
+            "evaluate_distill.yaml",
+        ),
+        epochs,
+        fresh,
     )
     if cache_taps is not None:
         if not isinstance(cache_taps, bool):
@@ -507,9 +533,11 @@ def demo_distill(epochs: int | None = None, bundle_root: str | None = None, fres
     print(format_metrics_table(result))
     print(f"  (written to {metrics_file})")
     print()
-    summary = (f"demo_distill: auto Challenge IoU {format_metric(result.get('challenge_iou'), 0, 1)}, "
-               f"IoU {format_metric(result.get('iou'), 0, 1)}, mcIoU {format_metric(result.get('mc_iou'), 0, 1)} "
-               "(held-out demo frames)")
+    summary = (
+        f"demo_distill: auto Challenge IoU {format_metric(result.get('challenge_iou'), 0, 1)}, "
+        f"IoU {format_metric(result.get('iou'), 0, 1)}, mcIoU {format_metric(result.get('mc_iou'), 0, 1)} "
+        "(held-out demo frames)"
+    )
     print(summary)
     return {"auto": result, "summary": summary}
 
@@ -632,8 +660,9 @@ _document_raw_layouts()
 
 
 # ------------------------------------------------------------------- original checkpoints and pooled folds
-def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str | None = None, num_classes: Any = None,
-                                num_tokens: Any = None) -> dict:
+def convert_original_checkpoint(
+    src: str, dst: str, sam_checkpoint: str | None = None, num_classes: Any = None, num_tokens: Any = None
+) -> dict:
     """Convert a checkpoint of the original SurgicalSAM code into the bundle's models/model.pt.
 
     Args:
@@ -664,8 +693,10 @@ def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str | None =
         raise _fail(f"{error}{hint}") from None
     except OriginalCheckpointError as error:
         raise _fail(str(error)) from None
-    print(f"converted {src} -> {dst}: num_classes {info['num_classes']}, num_tokens {info['num_tokens']}; "
-          "set the same num_classes / num_tokens (and class_names) in the config that loads it.")
+    print(
+        f"converted {src} -> {dst}: num_classes {info['num_classes']}, num_tokens {info['num_tokens']}; "
+        "set the same num_classes / num_tokens (and class_names) in the config that loads it."
+    )
     return info
 
 
@@ -680,9 +711,9 @@ def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dic
         inputs: comma-separated paths.
         output: where to write the pooled metrics (JSON); "" to write nothing.
     """
-    from scripts.evaluation.report import format_pooled_table
     from scripts.evaluation.metrics import json_safe
     from scripts.evaluation.pooling import pool_frame_statistics
+    from scripts.evaluation.report import format_pooled_table
 
     paths = [p.strip() for p in inputs.split(",")] if isinstance(inputs, str) else [str(p) for p in (inputs or [])]
     paths = [p for p in paths if p]
@@ -702,9 +733,16 @@ def pool_metrics(inputs: Any, output: str | None = "pooled_metrics.json") -> dic
 
 
 # ------------------------------------------------------------------------------------------- MONAI Label
-def monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoint: str | None = None,
-                      sam_variant: str | None = None, frame_size: Any = None, num_tokens: Any = None,
-                      train_overlays: Any = None, inference_overlays: Any = None) -> str:
+def monailabel_bundle(
+    out_dir: str,
+    model_file: str | None = None,
+    sam_checkpoint: str | None = None,
+    sam_variant: str | None = None,
+    frame_size: Any = None,
+    num_tokens: Any = None,
+    train_overlays: Any = None,
+    inference_overlays: Any = None,
+) -> str:
     """Make the bundle folder a MONAI Label app serves: ``<app>/model/<name>``.
 
     Copies configs/scripts/docs, the model (``models/model.pt``, checked to load into the network) and the
@@ -739,14 +777,21 @@ def monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoin
             if not os.path.isfile(path):
                 raise _fail(f"--{name}_overlays: {path} does not exist")
     try:
-        out = make_monailabel_bundle(str(out_dir), model_file=model_file, sam_checkpoint=str(sam_checkpoint),
-                                     settings=settings, train_overlays=overlays["train"],
-                                     inference_overlays=overlays["inference"])
+        out = make_monailabel_bundle(
+            str(out_dir),
+            model_file=model_file,
+            sam_checkpoint=str(sam_checkpoint),
+            settings=settings,
+            train_overlays=overlays["train"],
+            inference_overlays=overlays["inference"],
+        )
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
-    print(f"MONAI Label bundle written to {out}; start the server with\n"
-          f"  monailabel start_server --app {os.path.dirname(os.path.dirname(os.path.abspath(out)))} --studies FRAMES "
-          "--host 127.0.0.1 --port 8000")
+    print(
+        f"MONAI Label bundle written to {out}; start the server with\n"
+        f"  monailabel start_server --app {os.path.dirname(os.path.dirname(os.path.abspath(out)))} --studies FRAMES "
+        "--host 127.0.0.1 --port 8000"
+    )
     return out
 
 
@@ -773,11 +818,15 @@ def pack(out_dir: str, bundle_root: str | None = None, with_onnx: bool = False) 
     except PackError as error:
         raise _fail(str(error)) from None
     has_model = "models/model.pt" in files
-    print(f"packed {len(files)} files of {root} into {target} ({target.stat().st_size / 2**20:.1f} MiB"
-          f"{', with models/model.pt' if has_model else ', no trained models/model.pt'}"
-          f"{', with the ONNX graphs' if with_onnx else ''})")
-    print(f"unpack with: python -m monai.bundle download --name {name} --version {version} --url file://{target} "
-          "--bundle_dir DIR")
+    print(
+        f"packed {len(files)} files of {root} into {target} ({target.stat().st_size / 2**20:.1f} MiB"
+        f"{', with models/model.pt' if has_model else ', no trained models/model.pt'}"
+        f"{', with the ONNX graphs' if with_onnx else ''})"
+    )
+    print(
+        f"unpack with: python -m monai.bundle download --name {name} --version {version} --url file://{target} "
+        "--bundle_dir DIR"
+    )
     return str(target)
 
 

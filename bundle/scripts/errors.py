@@ -18,8 +18,14 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["DEBUG_ENVIRONMENT", "BundleError", "MissingInputError", "format_user_error", "install_user_error_hook",
-           "user_error_in"]
+__all__ = [
+    "DEBUG_ENVIRONMENT",
+    "BundleError",
+    "MissingInputError",
+    "format_user_error",
+    "install_user_error_hook",
+    "user_error_in",
+]
 
 #: Set to 1 to see the full traceback of a user error.
 DEBUG_ENVIRONMENT = "SURGICAL_SAM_DEBUG"
@@ -47,8 +53,10 @@ def user_error_in(error: BaseException | None) -> BundleError | None:
 
 def format_user_error(error: BundleError) -> str:
     """The report of a user error: one line saying what stopped, then the message (its fix last)."""
-    return (f"The run stopped: {type(error).__name__} (for the full traceback run again with "
-            f"{DEBUG_ENVIRONMENT}=1).\n{error}")
+    return (
+        f"The run stopped: {type(error).__name__} (for the full traceback run again with "
+        f"{DEBUG_ENVIRONMENT}=1).\n{error}"
+    )
 
 
 def _report(previous, kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:

@@ -16,8 +16,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TEMPORARY_SUFFIX", "atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "keep_aside", "temporary_path"]
+__all__ = [
+    "TEMPORARY_SUFFIX",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "keep_aside",
+    "temporary_path",
+]
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -28,8 +35,9 @@ def temporary_path(path: str | os.PathLike, keep_suffix: bool = False) -> str:
     return path + TEMPORARY_SUFFIX + (os.path.splitext(path)[1] if keep_suffix else "")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], keep_suffix: bool = False,
-                 make_dirs: bool = True) -> str:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[str], Any], keep_suffix: bool = False, make_dirs: bool = True
+) -> str:
     """Call ``write(temporary)`` to make the file, then move it to ``path``; returns ``path``.
 
     Args:
@@ -54,6 +62,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], keep_suff
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+
     def write(temporary: str) -> None:
         with open(temporary, "wb") as handle:
             handle.write(data)

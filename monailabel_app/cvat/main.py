@@ -50,8 +50,7 @@ def handler(context, event):
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "frame.png")
         frame.save(path)
-        request = {"model": context.user_data.model, "image": path, "result_extension": ".png",
-                   "result_dtype": "uint8"}
+        request = {"model": context.user_data.model, "image": path, "result_extension": ".png", "result_dtype": "uint8"}
         if context.user_data.interactor:
             request.update(foreground=data.get("pos_points") or [], background=data.get("neg_points") or [])
         result = context.user_data.app.infer(request)
@@ -61,6 +60,10 @@ def handler(context, event):
         points = np.array(polygons[0]).reshape(-1, 2).tolist() if polygons else []
         return context.Response(body=json.dumps(points), headers={}, content_type="application/json", status_code=200)
     names = {value: name for name, value in context.user_data.app.info()["labels"].items()}
-    shapes = [{"label": names.get(int(value), str(int(value))), "points": polygon, "type": "polygon"}
-              for value in np.unique(label) if value for polygon in _polygons(label == value)]
+    shapes = [
+        {"label": names.get(int(value), str(int(value))), "points": polygon, "type": "polygon"}
+        for value in np.unique(label)
+        if value
+        for polygon in _polygons(label == value)
+    ]
     return context.Response(body=json.dumps(shapes), headers={}, content_type="application/json", status_code=200)

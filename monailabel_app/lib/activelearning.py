@@ -44,8 +44,11 @@ class SurgicalSAMUncertainty(BundleInferTask):
             data[self.output_label_key] = inferer(frames, network)[0]
         quality = float(found["min_quality"][0])
         data.setdefault(self.output_json_key, {}).update(  # JSON has no infinity: None = no class found
-            presence_margin=float(found["presence_margin"][0]), min_quality=None if math.isinf(quality) else quality,
-            pixels=found["pixels"][0].tolist(), min_pixels=int(found["min_pixels"]))
+            presence_margin=float(found["presence_margin"][0]),
+            min_quality=None if math.isinf(quality) else quality,
+            pixels=found["pixels"][0].tolist(),
+            min_pixels=int(found["min_pixels"]),
+        )
         return data
 
     def model_identity(self) -> str:
@@ -60,12 +63,21 @@ class _Scorer:
 
     def score(self, image_id: str, datastore, device: str) -> dict:
         """The frame's score (not yet written to the datastore)."""
-        label_file, result = self.task({"image": datastore.get_image_uri(image_id), "device": device,
-                                        "result_extension": ".png", "result_dtype": "uint8"})
+        label_file, result = self.task(
+            {
+                "image": datastore.get_image_uri(image_id),
+                "device": device,
+                "result_extension": ".png",
+                "result_dtype": "uint8",
+            }
+        )
         if isinstance(label_file, str) and os.path.isfile(label_file):
             os.remove(label_file)
-        return {"presence_margin": result["presence_margin"], "min_quality": result["min_quality"],
-                "model": self.task.model_identity()}
+        return {
+            "presence_margin": result["presence_margin"],
+            "min_quality": result["min_quality"],
+            "model": self.task.model_identity(),
+        }
 
     @staticmethod
     def write(scores: dict[str, dict], datastore) -> None:
@@ -90,8 +102,10 @@ def _device(request: dict) -> str:
 
 class UncertaintyScoring(ScoringMethod):
     def __init__(self, task: SurgicalSAMUncertainty) -> None:
-        super().__init__("Scores every unlabelled frame by the automatic model's uncertainty (presence margin, "
-                         "lowest quality); kept in the image info as " + INFO_KEY)
+        super().__init__(
+            "Scores every unlabelled frame by the automatic model's uncertainty (presence margin, "
+            "lowest quality); kept in the image info as " + INFO_KEY
+        )
         self.scorer = _Scorer(task)
 
     def __call__(self, request, datastore):
@@ -113,8 +127,10 @@ class UncertaintyScoring(ScoringMethod):
 
 class MostUncertain(Strategy):
     def __init__(self, task: SurgicalSAMUncertainty) -> None:
-        super().__init__("The unlabelled frame the automatic model is least sure about (smallest presence margin, "
-                         "then lowest quality)")
+        super().__init__(
+            "The unlabelled frame the automatic model is least sure about (smallest presence margin, "
+            "then lowest quality)"
+        )
         self.scorer = _Scorer(task)
 
     def __call__(self, request, datastore):
@@ -135,6 +151,11 @@ class MostUncertain(Strategy):
         if not ranked:
             return None
         margin, quality, image_id, score = min(ranked, key=lambda item: (item[0], item[1], item[2]))
-        logger.info("most uncertain of %d unlabelled frames: %s (presence margin %.4f, min quality %s)",
-                    len(ranked), image_id, margin, "none" if math.isinf(quality) else f"{quality:.4f}")
+        logger.info(
+            "most uncertain of %d unlabelled frames: %s (presence margin %.4f, min quality %s)",
+            len(ranked),
+            image_id,
+            margin,
+            "none" if math.isinf(quality) else f"{quality:.4f}",
+        )
         return {"id": image_id, INFO_KEY: score}

@@ -53,8 +53,10 @@ def access_token(studies: str) -> tuple[str, str]:
     given = os.environ.get(TOKEN_ENV)
     if given is not None:
         if len(given.strip()) < MIN_TOKEN_LENGTH:
-            raise AuthSetupError(f"${TOKEN_ENV} is {len(given.strip())} characters: use at least {MIN_TOKEN_LENGTH} "
-                                 f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+            raise AuthSetupError(
+                f"${TOKEN_ENV} is {len(given.strip())} characters: use at least {MIN_TOKEN_LENGTH} "
+                f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
         return given.strip(), f"${TOKEN_ENV}"
     path = token_file(studies)
     try:
@@ -62,20 +64,28 @@ def access_token(studies: str) -> tuple[str, str]:
     except FileExistsError:
         mode = stat.S_IMODE(os.stat(path).st_mode)
         if mode & 0o077:
-            raise AuthSetupError(f"{path} may be read by other users (mode {mode:o}): run `chmod 600 {path}`, or "
-                                 f"delete it to have a new token made") from None
+            raise AuthSetupError(
+                f"{path} may be read by other users (mode {mode:o}): run `chmod 600 {path}`, or "
+                f"delete it to have a new token made"
+            ) from None
         with open(path) as handle:
             token = handle.read().strip()
         if len(token) < MIN_TOKEN_LENGTH:
-            raise AuthSetupError(f"{path} holds no token of at least {MIN_TOKEN_LENGTH} characters: delete it to have "
-                                 "a new token made, or write one there")
+            raise AuthSetupError(
+                f"{path} holds no token of at least {MIN_TOKEN_LENGTH} characters: delete it to have "
+                "a new token made, or write one there"
+            )
         return token, path
     token = secrets.token_urlsafe(32)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(token + "\n")
     # printed on the console only (MONAI Label's log file and GET /logs/ never hold it)
-    print(f"\nSurgicalSAM app: new access token (kept in {path}, mode 0600; send it as "
-          f"'Authorization: Bearer <token>'):\n\n    {token}\n", file=sys.stderr, flush=True)
+    print(
+        f"\nSurgicalSAM app: new access token (kept in {path}, mode 0600; send it as "
+        f"'Authorization: Bearer <token>'):\n\n    {token}\n",
+        file=sys.stderr,
+        flush=True,
+    )
     return token, path
 
 
@@ -113,8 +123,10 @@ class TokenMiddleware:
             return await send({"type": "websocket.close", "code": 1008})
         from starlette.responses import JSONResponse
 
-        detail = ("this server needs its access token: send 'Authorization: Bearer <token>' (the token is in the "
-                  f"studies folder's {TOKEN_FILE} or ${TOKEN_ENV}; see the app README, 'Security')")
+        detail = (
+            "this server needs its access token: send 'Authorization: Bearer <token>' (the token is in the "
+            f"studies folder's {TOKEN_FILE} or ${TOKEN_ENV}; see the app README, 'Security')"
+        )
         if token is not None:
             detail = "wrong access token: " + detail
         response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -136,17 +148,26 @@ def protect(fastapi_app, token: str | None) -> None:
     from fastapi.middleware.cors import CORSMiddleware
 
     origins = allowed_origins()
-    middleware = [Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
-                             allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=["Authorization", "Content-Type"])]
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    ]
     if token is not None:
         middleware.append(Middleware(TokenMiddleware, token=token))
     fastapi_app.user_middleware = middleware
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
     if token is not None:
         _install_auth_routes(fastapi_app, token)
-    logger.info("SurgicalSAM app: %s; browser origins allowed: %s",
-                "access token required" if token is not None else "NO ACCESS TOKEN (--conf auth false)",
-                origins or "none")
+    logger.info(
+        "SurgicalSAM app: %s; browser origins allowed: %s",
+        "access token required" if token is not None else "NO ACCESS TOKEN (--conf auth false)",
+        origins or "none",
+    )
 
 
 def _install_auth_routes(fastapi_app, token: str) -> None:
@@ -161,8 +182,11 @@ def _install_auth_routes(fastapi_app, token: str) -> None:
 
     async def auth_token(username: str = Form(""), password: str = Form("")):
         if not hmac.compare_digest(password.encode(), token.encode()):
-            raise HTTPException(status_code=401, detail="wrong access token (send it as the password)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                status_code=401,
+                detail="wrong access token (send it as the password)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return {"access_token": token, "token_type": "Bearer"}
 
     async def auth_token_valid():  # behind TokenMiddleware: reached only with the token
@@ -171,7 +195,14 @@ def _install_auth_routes(fastapi_app, token: str) -> None:
     routes = fastapi_app.router.routes
     if any(getattr(r, "name", "") == "surgicalsam_auth_enabled" for r in routes):
         return
-    for path, method, endpoint in (("/auth/token/valid", "GET", auth_token_valid), ("/auth/token", "POST", auth_token),
-                                   ("/auth/", "GET", auth_enabled)):
-        routes.insert(0, APIRoute(path, endpoint, methods=[method], name=f"surgicalsam_{endpoint.__name__}",
-                                  include_in_schema=False))
+    for path, method, endpoint in (
+        ("/auth/token/valid", "GET", auth_token_valid),
+        ("/auth/token", "POST", auth_token),
+        ("/auth/", "GET", auth_enabled),
+    ):
+        routes.insert(
+            0,
+            APIRoute(
+                path, endpoint, methods=[method], name=f"surgicalsam_{endpoint.__name__}", include_in_schema=False
+            ),
+        )

@@ -45,8 +45,13 @@ class PerFrameBatchInfer(BatchInferTask):
         start, report = time.time(), {}
         for index, image_id in enumerate(image_ids):
             req = copy.deepcopy(request)
-            req.update(image=image_id, save_label=True, label_tag=label_tag, device=devices[index % len(devices)],
-                       multi_gpu=False)
+            req.update(
+                image=image_id,
+                save_label=True,
+                label_tag=label_tag,
+                device=devices[index % len(devices)],
+                multi_gpu=False,
+            )
             try:
                 result = infer(req, datastore)
                 if result.get("file"):
@@ -58,6 +63,11 @@ class PerFrameBatchInfer(BatchInferTask):
                 logger.warning("batch inference of %s failed", image_id, exc_info=True)
                 report[image_id] = {"status": "error", "reason": f"{type(error).__name__}: {error}"}
         failed = sorted(k for k, v in report.items() if v["status"] != "ok")
-        logger.info("batch inference: %d ok, %d failed %s in %.1f s", len(report) - len(failed), len(failed),
-                    failed, time.time() - start)
+        logger.info(
+            "batch inference: %d ok, %d failed %s in %.1f s",
+            len(report) - len(failed),
+            len(failed),
+            failed,
+            time.time() - start,
+        )
         return {"images": report, "ok": len(report) - len(failed), "failed": failed}

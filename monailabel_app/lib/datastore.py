@@ -91,14 +91,22 @@ class CheckedLocalDatastore(LocalDatastore):
         if existing is not None:
             tags = sorted(tag for tag in existing.labels if self.get_label_uri(image_id, tag))
             if tags:
-                raise HTTPException(status_code=409, detail=(
-                    f"image {image_id!r} has labels {tags}, drawn on the frame stored now: the replacement is "
-                    f"refused and the labels kept. Upload the new frame under another id, or delete the labels "
-                    f"first (DELETE /datastore/label?id={image_id}&tag=TAG) if they no longer apply"))
+                raise HTTPException(
+                    status_code=409,
+                    detail=(
+                        f"image {image_id!r} has labels {tags}, drawn on the frame stored now: the replacement is "
+                        f"refused and the labels kept. Upload the new frame under another id, or delete the labels "
+                        f"first (DELETE /datastore/label?id={image_id}&tag=TAG) if they no longer apply"
+                    ),
+                )
             if existing.image.ext != extension:
-                raise HTTPException(status_code=409, detail=(
-                    f"image {image_id!r} is stored as {image_id}{existing.image.ext}: a replacement must be of that "
-                    f"format ({extension or 'no extension'} sent), or use another id"))
+                raise HTTPException(
+                    status_code=409,
+                    detail=(
+                        f"image {image_id!r} is stored as {image_id}{existing.image.ext}: a replacement must be of that "
+                        f"format ({extension or 'no extension'} sent), or use another id"
+                    ),
+                )
         return super().add_image(image_id, image_filename, image_info)
 
     def remove_image(self, image_id):
@@ -135,8 +143,11 @@ class CheckedLocalDatastore(LocalDatastore):
                 logger.info("image %s: its file is gone, removed from the datastore", image_id)
                 removed += 1
                 continue
-            labels = {tag: label for tag, label in entry.labels.items()
-                      if os.path.exists(os.path.join(model.label_path(tag), self._filename(image_id, label.ext)))}
+            labels = {
+                tag: label
+                for tag, label in entry.labels.items()
+                if os.path.exists(os.path.join(model.label_path(tag), self._filename(image_id, label.ext)))
+            }
             removed += len(entry.labels) - len(labels)
             kept[image_id] = entry.model_copy(update={"labels": labels})
         model.objects = kept
@@ -165,8 +176,9 @@ class CheckedLocalDatastore(LocalDatastore):
         if image_id not in self.list_images():
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
         self._inside_studies(os.path.join(self._datastore.label_path(label_tag), image_id), "label tag")
-        problem = (label_problem(label_filename, self.get_image_uri(image_id), self.class_table)
-                   or declared_names_problem(label_info or {}, self.class_table))
+        problem = label_problem(
+            label_filename, self.get_image_uri(image_id), self.class_table
+        ) or declared_names_problem(label_info or {}, self.class_table)
         if problem:
             raise HTTPException(status_code=400, detail=f"label for {image_id!r} refused: {problem}")
         return super().save_label(image_id, label_filename, label_tag, label_info)

@@ -41,12 +41,14 @@ def check_infer_request(request: dict) -> None:
         if not match:
             raise HTTPException(status_code=400, detail=f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         if match.group(2) and int(match.group(2)[1:]) >= max(torch.cuda.device_count(), 1):
-            raise HTTPException(status_code=400, detail=f"device {device!r}: this server has "
-                                                        f"{torch.cuda.device_count()} GPU(s)")
+            raise HTTPException(
+                status_code=400, detail=f"device {device!r}: this server has {torch.cuda.device_count()} GPU(s)"
+            )
     extension = request.get("result_extension")
     if extension not in (None, "") and not (isinstance(extension, str) and RESULT_EXTENSION.match(extension)):
-        raise HTTPException(status_code=400, detail=f"result_extension must be a file extension such as '.png', "
-                                                    f"got {extension!r}")
+        raise HTTPException(
+            status_code=400, detail=f"result_extension must be a file extension such as '.png', got {extension!r}"
+        )
 
 
 def json_object(text: str, what: str, example: str = "") -> dict:
@@ -54,8 +56,10 @@ def json_object(text: str, what: str, example: str = "") -> dict:
     try:
         value = json.loads(text) if text else {}
     except json.JSONDecodeError as error:
-        raise HTTPException(status_code=400, detail=f"{what} is not JSON ({error}): send a JSON object"
-                                                    f"{', e.g. ' + example if example else ''}") from None
+        raise HTTPException(
+            status_code=400,
+            detail=f"{what} is not JSON ({error}): send a JSON object{', e.g. ' + example if example else ''}",
+        ) from None
     if not isinstance(value, dict):
         raise HTTPException(status_code=400, detail=f"{what} must be a JSON object, got {type(value).__name__}")
     return value
@@ -84,8 +88,9 @@ def _bundle_model_checker(bundle: str):
 
 def update_model_checked(model: str, upload_file: str) -> dict:
     """Replace ``model``'s ``models/model.pt`` with ``upload_file`` if it loads into the bundle's network."""
-    from lib.server import inference_lock
     from monailabel.utils.others.generic import file_checksum
+
+    from lib.server import inference_lock
 
     instance = _instance()
     task = instance._infers.get(model)
@@ -97,8 +102,11 @@ def update_model_checked(model: str, upload_file: str) -> dict:
         try:
             _bundle_model_checker(bundle)(bundle, upload_file)
         except (ValueError, RuntimeError, OSError) as error:
-            raise HTTPException(status_code=400, detail=f"model file refused, the served model is unchanged: "
-                                                        f"{str(error).replace(upload_file, 'the upload')}") from None
+            raise HTTPException(
+                status_code=400,
+                detail=f"model file refused, the served model is unchanged: "
+                f"{str(error).replace(upload_file, 'the upload')}",
+            ) from None
         os.replace(upload_file, target)  # same folder: one rename, never a half-written model.pt
     logger.info("model %s: %s replaced by an upload that loads into the network", model, target)
     return {"checksum": file_checksum(target), "modified_time": int(os.stat(target).st_mtime)}
@@ -125,8 +133,9 @@ async def api_update_model(model: str, file: UploadFile = File(...)):
 
 def _known(name: str, names, what: str) -> None:
     if name not in names:
-        raise HTTPException(status_code=404, detail=f"unknown {what} {name!r}; this app has {sorted(names)} "
-                                                    "(GET /info/ lists them)")
+        raise HTTPException(
+            status_code=404, detail=f"unknown {what} {name!r}; this app has {sorted(names)} (GET /info/ lists them)"
+        )
 
 
 def _scoring_known_only(endpoint):
@@ -138,8 +147,12 @@ def _scoring_known_only(endpoint):
 
 
 def _batch_known_only(endpoint):
-    async def api_run(model: str, images: Optional[BatchInferImageType] = BatchInferImageType.IMAGES_ALL,
-                      params: Optional[dict] = None, run_sync: Optional[bool] = False):
+    async def api_run(
+        model: str,
+        images: Optional[BatchInferImageType] = BatchInferImageType.IMAGES_ALL,
+        params: Optional[dict] = None,
+        run_sync: Optional[bool] = False,
+    ):
         _known(model, _instance()._infers, "model")
         return await endpoint(model=model, images=images, params=params or {}, run_sync=run_sync, user=_user())
 
@@ -177,8 +190,11 @@ def api_update_label_info(label: str, tag: str, params: str = Form("{}")):
 
 
 def api_next_sample(strategy: str, params: Optional[dict] = None):
-    request = {**(_instance().info().get("config", {}).get("activelearning", {})), **(params or {}),
-               "strategy": strategy}
+    request = {
+        **(_instance().info().get("config", {}).get("activelearning", {})),
+        **(params or {}),
+        "strategy": strategy,
+    }
     return _instance().next_sample(request) or {}
 
 
@@ -186,13 +202,15 @@ def routes() -> list[tuple[str, str, object]]:
     """(path under MONAI Label's API prefix, method, endpoint) of the routes put in front of MONAI Label's."""
     from monailabel.endpoints import batch_infer, scoring
 
-    return [("/model/{model}", "PUT", api_update_model),
-            ("/scoring/{method}", "POST", _scoring_known_only(scoring.api_run_method)),
-            ("/batch/infer/{model}", "POST", _batch_known_only(batch_infer.api_run)),
-            ("/datastore/image/info", "PUT", api_put_image_info),
-            ("/datastore/label/info", "PUT", api_put_label_info),
-            ("/datastore/updatelabelinfo", "PUT", api_update_label_info),
-            ("/activelearning/{strategy}", "POST", api_next_sample)]
+    return [
+        ("/model/{model}", "PUT", api_update_model),
+        ("/scoring/{method}", "POST", _scoring_known_only(scoring.api_run_method)),
+        ("/batch/infer/{model}", "POST", _batch_known_only(batch_infer.api_run)),
+        ("/datastore/image/info", "PUT", api_put_image_info),
+        ("/datastore/label/info", "PUT", api_put_label_info),
+        ("/datastore/updatelabelinfo", "PUT", api_update_label_info),
+        ("/activelearning/{strategy}", "POST", api_next_sample),
+    ]
 
 
 def install_guards(fastapi_app) -> None:
@@ -205,5 +223,13 @@ def install_guards(fastapi_app) -> None:
         return
     for path, method, endpoint in reversed(routes()):
         endpoint._surgicalsam_guard = True
-        table.insert(0, APIRoute(settings.MONAI_LABEL_API_STR + path, endpoint, methods=[method],
-                                 name=f"surgicalsam_guard_{endpoint.__name__}", include_in_schema=False))
+        table.insert(
+            0,
+            APIRoute(
+                settings.MONAI_LABEL_API_STR + path,
+                endpoint,
+                methods=[method],
+                name=f"surgicalsam_guard_{endpoint.__name__}",
+                include_in_schema=False,
+            ),
+        )

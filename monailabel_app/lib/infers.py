@@ -44,14 +44,16 @@ class _Prompted(BundleInferTask):
         if data.get("class_id") not in (None, ""):
             value = data["class_id"]
             if isinstance(value, bool) or not str(value).strip().isdigit() or int(value) not in names.values():
-                raise HTTPException(status_code=400, detail=f"class_id must be one of {sorted(names.values())}, "
-                                                            f"got {value!r}")
+                raise HTTPException(
+                    status_code=400, detail=f"class_id must be one of {sorted(names.values())}, got {value!r}"
+                )
             return int(value)
         if data.get("class_name") not in (None, ""):
             name = str(data["class_name"]).strip().lower()
             if name not in names:
-                raise HTTPException(status_code=400, detail=f"unknown class_name {data['class_name']!r}; known: "
-                                                            f"{sorted(names)}")
+                raise HTTPException(
+                    status_code=400, detail=f"unknown class_name {data['class_name']!r}; known: {sorted(names)}"
+                )
             return names[name]
         if required:
             raise HTTPException(status_code=400, detail=f"give class_name (one of {sorted(names)}) or class_id")
@@ -106,8 +108,12 @@ class SAMPrompt(_Prompted):
         frames = torch.as_tensor(data[self.input_key])[None].float().to(torch.device(device))
         prompter = self._prompter(network, device)
         try:
-            logits, quality = prompter(frames, foreground=data.get("foreground") or [],
-                                       background=data.get("background") or [], box=data.get("box") or None)
+            logits, quality = prompter(
+                frames,
+                foreground=data.get("foreground") or [],
+                background=data.get("background") or [],
+                box=data.get("box") or None,
+            )
         except ValueError as error:  # PromptError: a click or box that does not fit the frame
             raise HTTPException(status_code=400, detail=str(error)) from error
         data[self.output_label_key] = (logits[0] > 0).long() * class_id

@@ -29,15 +29,21 @@ def class_table(bundle: str) -> dict:
     with open(os.path.join(bundle, "configs", "metadata.json")) as handle:
         channels = json.load(handle)["network_data_format"]["outputs"]["pred"]["channel_def"]
     classes = {str(int(value)): str(name) for value, name in sorted(channels.items(), key=lambda item: int(item[0]))}
-    return {"source": TABLE_SOURCE, "bundle": os.path.basename(os.path.normpath(bundle)), "classes": classes,
-            "unlabelled": IGNORE_INDEX}
+    return {
+        "source": TABLE_SOURCE,
+        "bundle": os.path.basename(os.path.normpath(bundle)),
+        "classes": classes,
+        "unlabelled": IGNORE_INDEX,
+    }
 
 
 def describe(table: dict) -> str:
     """``0 background, 1 Bipolar Forceps, ..., 255 unlabelled`` and where the table comes from."""
     values = ", ".join(f"{value} {name}" for value, name in table["classes"].items())
-    return (f"the served bundle's class table ({table['bundle']} {table['source']}; GET /info/ class_table): "
-            f"{values}, {table['unlabelled']} unlabelled")
+    return (
+        f"the served bundle's class table ({table['bundle']} {table['source']}; GET /info/ class_table): "
+        f"{values}, {table['unlabelled']} unlabelled"
+    )
 
 
 def image_size(path: str) -> tuple[int, int] | None:
@@ -57,17 +63,23 @@ def label_problem(label_path: str, frame_path: str, table: dict) -> str | None:
         with Image.open(label_path) as label:
             label_format, mode, size = label.format, label.mode, label.size
             if label_format not in LABEL_FORMATS:
-                return (f"format {label_format}: label maps must be PNG (lossless); a lossy format such as JPEG "
-                        f"changes class ids at every edge")
+                return (
+                    f"format {label_format}: label maps must be PNG (lossless); a lossy format such as JPEG "
+                    f"changes class ids at every edge"
+                )
             if mode not in LABEL_MODES:
-                return (f"image mode {mode!r}: a label map is one channel of class ids (values of "
-                        f"{describe(table)}), not a colour image")
+                return (
+                    f"image mode {mode!r}: a label map is one channel of class ids (values of "
+                    f"{describe(table)}), not a colour image"
+                )
             frame_size = image_size(frame_path)
             if frame_size is None:
                 return "its frame could not be read"
             if size != frame_size:
-                return (f"size {size[0]}x{size[1]} differs from the frame's {frame_size[0]}x{frame_size[1]} "
-                        f"(width x height)")
+                return (
+                    f"size {size[0]}x{size[1]} differs from the frame's {frame_size[0]}x{frame_size[1]} "
+                    f"(width x height)"
+                )
             label.load()
             values = np.asarray(label)
     except Exception as error:  # PIL raises several types for a corrupt or foreign file
@@ -89,8 +101,13 @@ def declared_names_problem(params: dict, table: dict) -> str | None:
         declared.update({str(name): value for name, value in names.items()})
     info = params.get("label_info")
     if isinstance(info, list):
-        declared.update({str(item.get("name")): item.get("idx", item.get("value")) for item in info
-                         if isinstance(item, dict) and "name" in item})
+        declared.update(
+            {
+                str(item.get("name")): item.get("idx", item.get("value"))
+                for item in info
+                if isinstance(item, dict) and "name" in item
+            }
+        )
     by_value = table["classes"]
     wrong = []
     for name, value in declared.items():
@@ -112,6 +129,8 @@ def fit_problem(frame_path: str, label_path: str) -> str | None:
     if label_size is None:
         return f"label map {os.path.basename(label_path)} cannot be read"
     if frame_size != label_size:
-        return (f"its label map is {label_size[1]}x{label_size[0]} (height x width) but the frame is "
-                f"{frame_size[1]}x{frame_size[0]}")
+        return (
+            f"its label map is {label_size[1]}x{label_size[0]} (height x width) but the frame is "
+            f"{frame_size[1]}x{frame_size[0]}"
+        )
     return None

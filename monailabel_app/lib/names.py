@@ -22,8 +22,10 @@ import re
 from fastapi import HTTPException
 
 NAME = re.compile(r"^[A-Za-z0-9_+\-][A-Za-z0-9_+.\-]{0,127}$")
-RULE = ("1 to 128 characters of letters, digits, '_', '-', '+' and '.', not starting with '.' "
-        "(names, not paths: no '/', '\\\\', '..')")
+RULE = (
+    "1 to 128 characters of letters, digits, '_', '-', '+' and '.', not starting with '.' "
+    "(names, not paths: no '/', '\\\\', '..')"
+)
 #: endpoint arguments (query or form) that hold an image id or a label tag
 NAME_ARGUMENTS = {"image": "image id", "label": "image id", "id": "image id", "tag": "label tag"}
 #: keys of an endpoint's params (JSON) that hold a label tag
@@ -78,8 +80,11 @@ def check_arguments(kwargs: dict) -> None:
     for argument in ("params", "body"):
         params = _params(kwargs.get(argument))
         if "image" in params:
-            raise HTTPException(status_code=400, detail="params may not name the image: give the image id in "
-                                                        "the query (?image=ID) or upload the frame (file=...)")
+            raise HTTPException(
+                status_code=400,
+                detail="params may not name the image: give the image id in "
+                "the query (?image=ID) or upload the frame (file=...)",
+            )
         for key in PARAMS_TAGS:
             if params.get(key) not in (None, ""):
                 check_name(params[key], key.replace("_", " "))
@@ -88,15 +93,18 @@ def check_arguments(kwargs: dict) -> None:
 def check_first(endpoint, check):
     """``endpoint`` (sync or async) that runs ``check(kwargs)`` before it; the same signature for FastAPI."""
     if inspect.iscoroutinefunction(endpoint):
+
         @functools.wraps(endpoint)
         async def wrapped(*args, **kwargs):
             check(kwargs)
             return await endpoint(*args, **kwargs)
     else:
+
         @functools.wraps(endpoint)
         def wrapped(*args, **kwargs):
             check(kwargs)
             return endpoint(*args, **kwargs)
+
     return wrapped
 
 
@@ -120,9 +128,19 @@ def _takes_names(endpoint) -> bool:
 def _guarded_copy(route, path: str):
     from fastapi.routing import APIRoute
 
-    return APIRoute(path, checked_names(route.endpoint), methods=list(route.methods), name=route.name,
-                    dependencies=route.dependencies, response_class=route.response_class, status_code=route.status_code,
-                    summary=route.summary, tags=route.tags, include_in_schema=False, response_model=route.response_model)
+    return APIRoute(
+        path,
+        checked_names(route.endpoint),
+        methods=list(route.methods),
+        name=route.name,
+        dependencies=route.dependencies,
+        response_class=route.response_class,
+        status_code=route.status_code,
+        summary=route.summary,
+        tags=route.tags,
+        include_in_schema=False,
+        response_model=route.response_model,
+    )
 
 
 def guard_names(fastapi_app) -> int:

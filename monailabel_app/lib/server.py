@@ -51,8 +51,9 @@ def _threaded_inference(endpoint):
     from starlette.concurrency import run_in_threadpool
 
     @functools.wraps(endpoint)
-    async def wrapped(background_tasks, model, image="", session_id="", params="{}", file=None, label=None,
-                      output=None, user=None):
+    async def wrapped(
+        background_tasks, model, image="", session_id="", params="{}", file=None, label=None, output=None, user=None
+    ):
         _check_params({"params": params})
         if not file and not image and not session_id:
             raise HTTPException(status_code=400, detail="give an image id (?image=ID) or upload a frame (file=...)")
@@ -73,19 +74,23 @@ def _known_trainers_only(endpoint, trainers: Sequence[str]):
     async def wrapped(*args, **kwargs):
         model = kwargs.get("model")
         if model not in trainers:
-            raise HTTPException(status_code=404, detail=f"unknown model {model!r} to train; this app trains "
-                                                        f"{list(trainers)} (GET /info/ lists them)")
+            raise HTTPException(
+                status_code=404,
+                detail=f"unknown model {model!r} to train; this app trains {list(trainers)} (GET /info/ lists them)",
+            )
         return await endpoint(*args, **kwargs)
 
     return wrapped
 
 
 #: MONAI Label 0.8.5 endpoints wrapped here: (module, endpoint function, path, method)
-WRAPPED = (("monailabel.endpoints.infer", "api_run_inference", "/infer/{model}", "POST"),
-           ("monailabel.endpoints.train", "api_run_model", "/train/{model}", "POST"),
-           ("lib.uploads", "api_add_image", "/datastore/image", "PUT"),
-           ("lib.uploads", "api_add_image", "/datastore/", "PUT"),
-           ("lib.uploads", "api_save_label", "/datastore/label", "PUT"))
+WRAPPED = (
+    ("monailabel.endpoints.infer", "api_run_inference", "/infer/{model}", "POST"),
+    ("monailabel.endpoints.train", "api_run_model", "/train/{model}", "POST"),
+    ("lib.uploads", "api_add_image", "/datastore/image", "PUT"),
+    ("lib.uploads", "api_add_image", "/datastore/", "PUT"),
+    ("lib.uploads", "api_save_label", "/datastore/label", "PUT"),
+)
 
 
 def install(fastapi_app, *, trainers: Sequence[str]) -> None:
@@ -115,8 +120,16 @@ def install(fastapi_app, *, trainers: Sequence[str]) -> None:
         else:
             endpoint = _json_errors_are_400(original)
         endpoint._surgicalsam = True
-        routes.insert(0, APIRoute(settings.MONAI_LABEL_API_STR + path, endpoint, methods=[method], name=f"surgicalsam_{name}",
-                                  include_in_schema=False))
+        routes.insert(
+            0,
+            APIRoute(
+                settings.MONAI_LABEL_API_STR + path,
+                endpoint,
+                methods=[method],
+                name=f"surgicalsam_{name}",
+                include_in_schema=False,
+            ),
+        )
     from .names import guard_names
     from .uploads import limit_request_bodies
 
@@ -124,5 +137,7 @@ def install(fastapi_app, *, trainers: Sequence[str]) -> None:
     limit_request_bodies(fastapi_app)
     if os.path.isdir(STATIC_DIR):
         fastapi_app.mount("/review", StaticFiles(directory=STATIC_DIR, html=True), name="review")
-    logger.info("SurgicalSAM app: inference in a worker thread, 400 for malformed params, 404 for training an "
-                "unknown model, /review/ page")
+    logger.info(
+        "SurgicalSAM app: inference in a worker thread, 400 for malformed params, 404 for training an "
+        "unknown model, /review/ page"
+    )

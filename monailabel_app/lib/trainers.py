@@ -17,8 +17,8 @@ Label does, but the served model is kept unless ``replace_from_one_video`` is se
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import logging
 import os
 import re
@@ -145,8 +145,14 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         if not settings.get("learning_rate", 1):
             raise TrainingRefused("learning_rate must be > 0")
         val_split = request.get("val_split", REQUEST_DEFAULTS["val_split"])
-        if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not (val_split == -1 or 0 <= val_split < 1):
-            raise TrainingRefused(f"val_split must be in [0, 1) (or -1: the bundle's own validation list), got {val_split!r}")
+        if (
+            isinstance(val_split, bool)
+            or not isinstance(val_split, (int, float))
+            or not (val_split == -1 or 0 <= val_split < 1)
+        ):
+            raise TrainingRefused(
+                f"val_split must be in [0, 1) (or -1: the bundle's own validation list), got {val_split!r}"
+            )
         epochs = request.get("max_epochs", REQUEST_DEFAULTS["max_epochs"])
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise TrainingRefused(f"max_epochs must be a whole number >= 1, got {epochs!r}")
@@ -193,8 +199,9 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             problem = fit_problem(item["image"], item["label"])
             if problem:
                 frame = image_id(item["image"])
-                self._skipped[frame] = (f"{problem}: skipped; save a label that fits it again "
-                                        f"(PUT /datastore/label?image={frame})")
+                self._skipped[frame] = (
+                    f"{problem}: skipped; save a label that fits it again (PUT /datastore/label?image={frame})"
+                )
                 logger.warning("frame %s %s", frame, self._skipped[frame])
             else:
                 kept.append(item)
@@ -211,8 +218,13 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         videos = videos_of(datalist)
         if val_split > 0 and len(videos) >= 2:
             training, validation, training_videos, validation_videos = split_by_video(datalist, val_split)
-            logger.info("validation split by video: %d frames of %s for validation, %d frames of %s for training",
-                        len(validation), validation_videos, len(training), training_videos)
+            logger.info(
+                "validation split by video: %d frames of %s for validation, %d frames of %s for training",
+                len(validation),
+                validation_videos,
+                len(training),
+                training_videos,
+            )
         else:
             training, validation = super()._partition_datalist(datalist, request, shuffle)
             training_videos, validation_videos = videos_of(training), videos_of(validation)
@@ -222,8 +234,13 @@ class SurgicalSAMTrainTask(BundleTrainTask):
                 f"every labelled frame is from video {videos[0]}, so its validation frames are neighbours of its "
                 f"training frames and say nothing about other videos; label frames of at least two videos, or set "
                 f"replace_from_one_video"
-                + (" (image ids without a video name count as one video: name frames <video>_<number> or "
-                   "<video>_frame<number>)" if videos[0] == UNNAMED_VIDEO else ""))
+                + (
+                    " (image ids without a video name count as one video: name frames <video>_<number> or "
+                    "<video>_frame<number>)"
+                    if videos[0] == UNNAMED_VIDEO
+                    else ""
+                )
+            )
             self._split["candidate_dir"] = self._candidate_dir
         return training, validation
 

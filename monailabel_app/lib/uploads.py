@@ -79,8 +79,10 @@ def pixels_problem(path: str, what: str = "frame") -> str | None:
     except Exception:
         return None
     if width * height > LIMITS.max_pixels:
-        return (f"{what} of {width}x{height} = {width * height} pixels refused: more than max_pixels "
-                f"{LIMITS.max_pixels} (the server's --conf max_pixels)")
+        return (
+            f"{what} of {width}x{height} = {width * height} pixels refused: more than max_pixels "
+            f"{LIMITS.max_pixels} (the server's --conf max_pixels)"
+        )
     return None
 
 
@@ -109,8 +111,11 @@ def upload_folder() -> str:
 
 
 def _too_large() -> HTTPException:
-    return HTTPException(status_code=413, detail=f"upload larger than max_upload_mb {LIMITS.max_upload_bytes >> 20} "
-                                                 f"MiB (the server's --conf max_upload_mb)")
+    return HTTPException(
+        status_code=413,
+        detail=f"upload larger than max_upload_mb {LIMITS.max_upload_bytes >> 20} "
+        f"MiB (the server's --conf max_upload_mb)",
+    )
 
 
 @contextlib.contextmanager
@@ -173,9 +178,13 @@ def _params(params: str) -> dict:
     return json.loads(params) if params else {}  # malformed params are answered 400 before this runs
 
 
-def api_add_image(background_tasks: BackgroundTasks, image: Optional[str] = None, params: str = Form("{}"),
-                  file: UploadFile = File(...),
-                  user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+def api_add_image(
+    background_tasks: BackgroundTasks,
+    image: Optional[str] = None,
+    params: str = Form("{}"),
+    file: UploadFile = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
     """``PUT /datastore/image``: MONAI Label's, on a bounded upload removed whatever the outcome. The image id
     is ``image``, else the upload's file name without its extension (either checked as a name); ``replaced``
     says whether a stored frame of that id was replaced (one with labels is refused, lib/datastore.py)."""
@@ -195,9 +204,14 @@ def api_add_image(background_tasks: BackgroundTasks, image: Optional[str] = None
     return {"image": stored, "replaced": replaced}
 
 
-def api_save_label(background_tasks: BackgroundTasks, image: str, params: str = Form("{}"), tag: str = "",
-                   label: UploadFile = File(...),
-                   user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))):
+def api_save_label(
+    background_tasks: BackgroundTasks,
+    image: str,
+    params: str = Form("{}"),
+    tag: str = "",
+    label: UploadFile = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
     """``PUT /datastore/label``: MONAI Label's, on a bounded upload removed whatever the outcome."""
     from monailabel.interfaces.datastore import DefaultLabelTag
     from monailabel.interfaces.utils.app import app_instance
@@ -230,8 +244,11 @@ def run_inference(background_tasks, model, image="", session_id="", params="{}",
         raise HTTPException(status_code=400, detail="output dicom_seg needs a DICOM datastore; this one holds frames")
     request_params = _params(params)
     if "image" in request_params:
-        raise HTTPException(status_code=400, detail="params may not name the image: give the image id in the "
-                                                    "query (?image=ID) or upload the frame (file=...)")
+        raise HTTPException(
+            status_code=400,
+            detail="params may not name the image: give the image id in the "
+            "query (?image=ID) or upload the frame (file=...)",
+        )
     instance = app_instance()
     request = {"model": model, "image": image}
     with contextlib.ExitStack() as uploads:
@@ -300,8 +317,13 @@ def _bounded(route_app):
 
 async def _answer_too_large(send):
     body = json.dumps({"detail": _too_large().detail}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

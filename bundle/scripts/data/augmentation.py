@@ -173,7 +173,9 @@ def augment_frame(
     version = _check_version(version)
     check_augmentation_draws(draws)
     if image.ndim != 3 or image.shape[2] != 3 or label.shape != image.shape[:2]:
-        raise ValueError(f"expected image (H, W, 3) and label (H, W) of the same size, got {image.shape} and {label.shape}.")
+        raise ValueError(
+            f"expected image (H, W, 3) and label (H, W) of the same size, got {image.shape} and {label.shape}."
+        )
     if version == 0:
         return image.copy(), label.copy()
     height, width = label.shape

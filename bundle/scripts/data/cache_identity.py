@@ -59,8 +59,9 @@ def cache_identity(sam_variant: str, sam_checkpoint: str | None, taps: Sequence[
     if taps is not None:
         blocks = [int(k) for k in taps]
         if not blocks or any(not 1 <= k <= spec.encoder_depth for k in blocks):
-            raise ValueError(f"taps must be 1-based blocks in 1..{spec.encoder_depth} for {sam_variant}, "
-                             f"got {list(taps)}")
+            raise ValueError(
+                f"taps must be 1-based blocks in 1..{spec.encoder_depth} for {sam_variant}, got {list(taps)}"
+            )
         identity.update({"taps": blocks, "tap_dim": spec.encoder_embed_dim, "contents": "embedding+taps+frame"})
     return identity
 
@@ -88,6 +89,7 @@ def entry_npy_bytes(identity: dict) -> int:
     for shape, dtype in entry_arrays(identity):
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
-            header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+            header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        )
         total += header.tell() + int(np.prod(shape)) * dtype.itemsize
     return total

@@ -52,8 +52,10 @@ def source_record(path: str, dataset_dir: str, known: Iterable[dict] = ()) -> di
     the same path, size and mtime when there is one, else from the file's bytes."""
     stat = os.stat(path)
     record = {"path": relative_path(path, dataset_dir), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    reused = next((r["blake2b"] for r in known if r.get("blake2b") and r.get("path") == record["path"]
-                   and _same_stamp(r, stat)), None)
+    reused = next(
+        (r["blake2b"] for r in known if r.get("blake2b") and r.get("path") == record["path"] and _same_stamp(r, stat)),
+        None,
+    )
     record["blake2b"] = reused or file_digest(path)
     return record
 
@@ -69,8 +71,13 @@ def normalised_sources(sources: dict, made_from: str | None) -> dict:
         else:
             path, size, mtime_ns = source
             inside = made_from and not os.path.relpath(path, made_from).startswith("..")
-            records[kind] = {"path": relative_path(path, made_from) if inside else path, "size": size,
-                             "mtime_ns": mtime_ns, "blake2b": None, "absolute": True}
+            records[kind] = {
+                "path": relative_path(path, made_from) if inside else path,
+                "size": size,
+                "mtime_ns": mtime_ns,
+                "blake2b": None,
+                "absolute": True,
+            }
     return records
 
 
@@ -116,8 +123,12 @@ def log_dataset_location(dataset_dir: str, made_from: str | None) -> None:
     """Say in one line that the cache made from ``made_from`` serves the dataset now at ``dataset_dir``."""
     if made_from and os.path.abspath(made_from) != os.path.abspath(dataset_dir):
         how = "copied" if os.path.isdir(made_from) else "moved"
-        logger.info("dataset %s from %s: cache kept (entries are checked by content; now at %s)", how, made_from,
-                    os.path.abspath(dataset_dir))
+        logger.info(
+            "dataset %s from %s: cache kept (entries are checked by content; now at %s)",
+            how,
+            made_from,
+            os.path.abspath(dataset_dir),
+        )
 
 
 def log_changes(changes: dict[tuple[str, str], int]) -> None:

@@ -69,8 +69,10 @@ def identity_diff(found: dict | None, expected: dict) -> str:
 def _split_problem(manifest: dict, cache_dir: str, split: str) -> str | None:
     if split in manifest["splits"]:
         return None
-    return (f"the embedding cache at {cache_dir} has no {split!r} split (it has {sorted(manifest['splits'])}): "
-            f"run {PRECOMPUTE_COMMAND}")
+    return (
+        f"the embedding cache at {cache_dir} has no {split!r} split (it has {sorted(manifest['splits'])}): "
+        f"run {PRECOMPUTE_COMMAND}"
+    )
 
 
 def cache_problems(cache_dir: str, identity: dict, splits: Sequence[str] = ()) -> tuple[list[str], list[str]]:
@@ -88,13 +90,18 @@ def cache_problems(cache_dir: str, identity: dict, splits: Sequence[str] = ()) -
     with open(manifest_path) as handle:
         manifest = json.load(handle)
     try:
-        check_format(manifest, cache_dir, f"delete that folder (or choose a new cache_dir) and rebuild it with "
-                                           f"{PRECOMPUTE_COMMAND}")
+        check_format(
+            manifest,
+            cache_dir,
+            f"delete that folder (or choose a new cache_dir) and rebuild it with {PRECOMPUTE_COMMAND}",
+        )
     except StaleCacheError as error:
         return [], [str(error)]
     if manifest.get("identity") != identity and not holds_entries(cache_dir):
-        return [f"no embedding cache at {cache_dir} (a precompute stopped there before it encoded any frame): make "
-                f"it with {PRECOMPUTE_COMMAND}"], []
+        return [
+            f"no embedding cache at {cache_dir} (a precompute stopped there before it encoded any frame): make "
+            f"it with {PRECOMPUTE_COMMAND}"
+        ], []
     if manifest.get("identity") != identity:
         return [], [
             f"the embedding cache at {cache_dir} was made for other inputs than this run "
@@ -104,8 +111,9 @@ def cache_problems(cache_dir: str, identity: dict, splits: Sequence[str] = ()) -
             "--cache_dir at a cache made for this run's encoder and weights."
         ]
     if not manifest.get("complete"):
-        return [], [f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): "
-                    f"run {PRECOMPUTE_COMMAND}"]
+        return [], [
+            f"the embedding cache at {cache_dir} is incomplete (precompute was interrupted): run {PRECOMPUTE_COMMAND}"
+        ]
     return [problem for split in splits if (problem := _split_problem(manifest, cache_dir, split))], []
 
 
@@ -130,8 +138,9 @@ class EmbeddingCache:
             (:func:`cache_problems` says which).
     """
 
-    def __init__(self, cache_dir: str, identity: dict, check_sources: bool = True,
-                 dataset_dir: str | None = None) -> None:
+    def __init__(
+        self, cache_dir: str, identity: dict, check_sources: bool = True, dataset_dir: str | None = None
+    ) -> None:
         self.cache_dir = cache_dir
         missing, stale = cache_problems(cache_dir, identity)
         if missing:
@@ -188,9 +197,12 @@ class EmbeddingCache:
                     problems.append(problem)
                     absolute = absolute or record.get("absolute", False)
         if problems:
-            older = (" This cache was made by a bundle up to 0.6, which recorded its sources by absolute paths and "
-                     "file times: precompute records them by content and keeps the entries of unchanged files."
-                     if absolute else "")
+            older = (
+                " This cache was made by a bundle up to 0.6, which recorded its sources by absolute paths and "
+                "file times: precompute records them by content and keeps the entries of unchanged files."
+                if absolute
+                else ""
+            )
             raise StaleCacheError(
                 f"{len(problems)} source files changed or vanished since the embedding cache at {self.cache_dir} was "
                 f"made from the dataset at {self.dataset_dir} ({'; '.join(problems[:3])}).{older} Re-encode those "
@@ -212,8 +224,10 @@ class EmbeddingCache:
     def load_taps(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Tap cache only -> taps (n_taps, h, w, C_vit) float32 and the augmented frame (3, H, W) float32 0..255."""
         if "taps" not in entry:
-            raise StaleCacheError(f"the cache at {self.cache_dir} holds no encoder taps (a SurgicalSAM embedding "
-                                  f"cache?): make a tap cache with {PRECOMPUTE_COMMAND}")
+            raise StaleCacheError(
+                f"the cache at {self.cache_dir} holds no encoder taps (a SurgicalSAM embedding "
+                f"cache?): make a tap cache with {PRECOMPUTE_COMMAND}"
+            )
         taps = torch.from_numpy(np.load(os.path.join(self.cache_dir, entry["taps"])).astype(np.float32))
         frame = np.asarray(Image.open(os.path.join(self.cache_dir, entry["frame"])).convert("RGB"))
         return taps, torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1))).float()

@@ -49,8 +49,11 @@ CHOLECSEG8K_COLOUR_TABLE = (
 #: CholecSeg8k, class ids 1..12 (label 0, the background, is never prompted).
 CHOLECSEG8K_CLASS_NAMES = tuple(name for _, name in CHOLECSEG8K_COLOUR_TABLE[1:])
 #: The class tables by dataset name, as the configs name them.
-CLASS_TABLES = {"endovis2018": ENDOVIS2018_CLASS_NAMES, "endovis2017": ENDOVIS2017_CLASS_NAMES,
-                "cholecseg8k": CHOLECSEG8K_CLASS_NAMES}
+CLASS_TABLES = {
+    "endovis2018": ENDOVIS2018_CLASS_NAMES,
+    "endovis2017": ENDOVIS2017_CLASS_NAMES,
+    "cholecseg8k": CHOLECSEG8K_CLASS_NAMES,
+}
 #: EndoVis2017 cross-validation folds: the validation datasets (instrument_dataset_K) of each fold.
 ENDOVIS2017_FOLDS = ((1, 3), (2, 5), (4, 8), (6, 7))
 
@@ -58,6 +61,8 @@ ENDOVIS2017_FOLDS = ((1, 3), (2, 5), (4, 8), (6, 7))
 def class_names(dataset: str) -> list[str]:
     """The class names (ids 1..C) of a known dataset, e.g. ``class_names("endovis2018")``."""
     if dataset not in CLASS_TABLES:
-        raise ValueError(f"unknown dataset {dataset!r}: choose one of {sorted(CLASS_TABLES)}, or write class_names "
-                         "as a list in the config")
+        raise ValueError(
+            f"unknown dataset {dataset!r}: choose one of {sorted(CLASS_TABLES)}, or write class_names "
+            "as a list in the config"
+        )
     return list(CLASS_TABLES[dataset])

@@ -56,8 +56,9 @@ DEMO_FRAMES_PER_SEQUENCE = 12
 #: Written first into every folder the generator makes: what tells a demo folder (also one left unfinished) from a
 #: user's frames in the same layout. Without it (or a finished demo's dataset.json) nothing is replaced.
 DEMO_MARKER = ".surgical_sam_demo"
-DEMO_ENTRIES = frozenset({DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR, "videos",
-                          DEMO_MARKER})
+DEMO_ENTRIES = frozenset(
+    {DESCRIPTION_FILE, PREVIEW_FILE, IMAGES_DIR, LABELS_DIR, BINARY_ANNOTATIONS_DIR, "videos", DEMO_MARKER}
+)
 
 #: Tip shapes, one per class in turn (class k gets TIP_SHAPES[(k - 1) % len]).
 TIP_SHAPES = ("fork", "jaw", "clamp", "blade", "probe", "ring", "clip", "hook")
@@ -217,7 +218,11 @@ def tip_mask(shape: str, along: np.ndarray, across: np.ndarray, yy, xx, tip, dir
             mask |= outer & ~window
         return mask
     if shape == "clamp":  # short, wide, blunt closed jaws (needle driver)
-        return (along >= 0) & (along <= 1.3 * width) & (np.abs(across) <= 0.62 * width * (1.0 - 0.3 * along / (1.3 * width)))
+        return (
+            (along >= 0)
+            & (along <= 1.3 * width)
+            & (np.abs(across) <= 0.62 * width * (1.0 - 0.3 * along / (1.3 * width)))
+        )
     if shape == "blade":  # a curved blade bending to one side (scissors)
         centre = tip + normal * 2.2 * width
         distance = np.hypot(yy - centre[0], xx - centre[1])
@@ -237,7 +242,9 @@ def tip_mask(shape: str, along: np.ndarray, across: np.ndarray, yy, xx, tip, dir
         return mask
     if shape == "hook":  # an L-shaped hook bent sideways
         corner = tip + direction * 1.6 * width
-        return capsule(yy, xx, tip, corner, 0.22 * width) | capsule(yy, xx, corner, corner + normal * 0.9 * width, 0.22 * width)
+        return capsule(yy, xx, tip, corner, 0.22 * width) | capsule(
+            yy, xx, corner, corner + normal * 0.9 * width, 0.22 * width
+        )
     raise ValueError(f"unknown tip shape {shape!r}; known: {TIP_SHAPES}.")
 
 
@@ -403,8 +410,15 @@ def render_sequence(
             for appearance in appearances:
                 if appearance.first_frame <= frame_index < appearance.end_frame:
                     draw_instrument(
-                        image, label_map, yy, xx, appearance.class_id, appearance.pivot,
-                        appearance.tip_at(frame_index), min(height, width), appearance.opening_at(frame_index),
+                        image,
+                        label_map,
+                        yy,
+                        xx,
+                        appearance.class_id,
+                        appearance.pivot,
+                        appearance.tip_at(frame_index),
+                        min(height, width),
+                        appearance.opening_at(frame_index),
                     )
         image *= darkening
         image += rng.normal(0.0, 3.0, size=image.shape)  # sensor noise
@@ -573,8 +587,14 @@ def ensure_demo_dataset(
             return out_dir
         _check_only_demo_content(out_dir)
     return make_demo_dataset(
-        out_dir, frame_size=frame_size, num_classes=num_classes, train_sequences=train_sequences,
-        val_sequences=val_sequences, frames_per_sequence=frames_per_sequence, seed=seed, overwrite=True,
+        out_dir,
+        frame_size=frame_size,
+        num_classes=num_classes,
+        train_sequences=train_sequences,
+        val_sequences=val_sequences,
+        frames_per_sequence=frames_per_sequence,
+        seed=seed,
+        overwrite=True,
     )
 
 

@@ -49,21 +49,39 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import BundleError
+from ..files import atomic_write, atomic_write_json
 from ..sam.backbone import build_sam, get_variant
 from ..sam.fast_encoder import frozen_encoder_forward
 from ..sam.geometry import frames_to_sam_input, masks_to_embedding_grid
-from ..files import atomic_write, atomic_write_json
 from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws
 from .cache_identity import (  # noqa: F401  (re-exported: the cache's callers import them from here)
-    CACHE_FORMAT_VERSION, StaleCacheError, cache_identity, checkpoint_fingerprint, entry_bytes, entry_npy_bytes,
+    CACHE_FORMAT_VERSION,
+    StaleCacheError,
+    cache_identity,
+    checkpoint_fingerprint,
+    entry_bytes,
+    entry_npy_bytes,
 )
 from .cache_sources import (
-    SOURCE_NAMES, log_changes, log_dataset_location, normalised_sources, relative_path, same_source,
+    SOURCE_NAMES,
+    log_changes,
+    log_dataset_location,
+    normalised_sources,
+    relative_path,
+    same_source,
     source_record,
 )
 from .cache_store import (  # noqa: F401  (EmbeddingCache, cache_problems and the names: re-exported)
-    ENTRIES_DIR, MANIFEST_NAME, PRECOMPUTE_COMMAND, EmbeddingCache, cache_problems, check_format, entry_paths,
-    holds_entries, identity_diff, index_path,
+    ENTRIES_DIR,
+    MANIFEST_NAME,
+    PRECOMPUTE_COMMAND,
+    EmbeddingCache,
+    cache_problems,
+    check_format,
+    entry_paths,
+    holds_entries,
+    identity_diff,
+    index_path,
 )
 from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
 
@@ -93,8 +111,13 @@ def check_disk_space(cache_dir: str, needed_bytes: int, what: str) -> int:
             "augmentation_versions; for the tap cache fewer taps), or train without it (cache_taps: false)."
         )
     if needed_bytes > SPACE_WARN_FRACTION * free:
-        logger.warning("%s will take %.2f GiB of the %.2f GiB free on the disk of %s", what, needed_bytes / 2**30,
-                       free / 2**30, cache_dir)
+        logger.warning(
+            "%s will take %.2f GiB of the %.2f GiB free on the disk of %s",
+            what,
+            needed_bytes / 2**30,
+            free / 2**30,
+            cache_dir,
+        )
     return free
 
 
@@ -114,8 +137,9 @@ def _barrier(world: int) -> None:
 class _FrameVersionDataset(Dataset):
     """(frame, version) pairs -> augmented frame (3, H, W) uint8 and label map (H, W) uint8."""
 
-    def __init__(self, items: list[tuple[dict, int]], num_classes: int, ignore_index: int, seed: int,
-                 draws: str = "original") -> None:
+    def __init__(
+        self, items: list[tuple[dict, int]], num_classes: int, ignore_index: int, seed: int, draws: str = "original"
+    ) -> None:
         self.items, self.num_classes, self.ignore_index, self.seed = items, num_classes, ignore_index, seed
         self.draws = draws
 
@@ -128,8 +152,9 @@ class _FrameVersionDataset(Dataset):
         label = read_label_map(item["label"], self.num_classes, self.ignore_index)
         if image.shape[:2] != label.shape:
             raise ValueError(f"frame {item['image']} is {image.shape[:2]} but its label map is {label.shape}")
-        image, label = augment_frame(image, label, version, item["key"], seed=self.seed, ignore_index=self.ignore_index,
-                                     draws=self.draws)
+        image, label = augment_frame(
+            image, label, version, item["key"], seed=self.seed, ignore_index=self.ignore_index, draws=self.draws
+        )
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
             "label": torch.from_numpy(np.ascontiguousarray(label)),
@@ -209,19 +234,42 @@ def precompute_embeddings(
     _barrier(world)  # every rank has listed what is missing before any rank writes
     share = todo[rank::world]
     if world > 1:
-        logger.info("precompute: rank %d of %d encodes %d of the %d missing entries", rank, world, len(share),
-                    len(todo))
+        logger.info(
+            "precompute: rank %d of %d encodes %d of the %d missing entries", rank, world, len(share), len(todo)
+        )
     if share:
         encoder = build_sam(sam_variant, sam_checkpoint).image_encoder.to(device).eval()
-        _encode(encoder, share, cache_dir, "+".join(splits), spec.image_size, len(names), ignore_index, seed,
-                batch_size, num_workers, device, taps, augmentation_draws)
+        _encode(
+            encoder,
+            share,
+            cache_dir,
+            "+".join(splits),
+            spec.image_size,
+            len(names),
+            ignore_index,
+            seed,
+            batch_size,
+            num_workers,
+            device,
+            taps,
+            augmentation_draws,
+        )
         del encoder
     _barrier(world)  # every entry is written
     if rank == 0:
         for split in splits:
             for version in plan[split]:
-                _write_index(cache_dir, split, version, datalists[split], sources, spec.image_size, spec.grid_size,
-                             len(names), with_taps)
+                _write_index(
+                    cache_dir,
+                    split,
+                    version,
+                    datalists[split],
+                    sources,
+                    spec.image_size,
+                    spec.grid_size,
+                    len(names),
+                    with_taps,
+                )
         manifest["complete"] = True
         atomic_write_json(manifest_path, manifest, indent=1, newline=False)
     _barrier(world)  # no rank reads the cache before it is complete
@@ -248,27 +296,37 @@ def _cache_to_extend(cache_dir: str, identity: dict, seed: int, augmentation_dra
     check_format(existing, cache_dir, what_to_do)
     if not holds_entries(cache_dir):
         if existing.get("identity") != identity:
-            logger.info("precompute: %s holds no entry yet (an earlier precompute stopped before encoding any): "
-                        "it is made for this encoder", cache_dir)
+            logger.info(
+                "precompute: %s holds no entry yet (an earlier precompute stopped before encoding any): "
+                "it is made for this encoder",
+                cache_dir,
+            )
         return {}
     if existing.get("identity") != identity:
-        raise StaleCacheError(f"{cache_dir} holds embeddings of another encoder or input "
-                              f"({identity_diff(existing.get('identity'), identity)}); {what_to_do}")
+        raise StaleCacheError(
+            f"{cache_dir} holds embeddings of another encoder or input "
+            f"({identity_diff(existing.get('identity'), identity)}); {what_to_do}"
+        )
     if existing.get("augmentation_seed", seed) != seed:
-        raise StaleCacheError(f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, "
-                              f"not {seed}; {what_to_do}")
+        raise StaleCacheError(
+            f"{cache_dir} holds augmentations drawn with seed {existing['augmentation_seed']}, not {seed}; {what_to_do}"
+        )
     # caches made before the draws were recorded applied every version's transform every time; versions
     # 1..VERSIONS_PER_GROUP (flips only) are drawn the same way under either draws
     found_draws = existing.get("augmentation_draws", "always-on (a cache of bundle 0.3 or older)")
-    if found_draws != augmentation_draws and any(max(v) > VERSIONS_PER_GROUP
-                                                 for v in existing.get("splits", {}).values()):
-        raise StaleCacheError(f"{cache_dir} holds augmentations with augmentation_draws {found_draws!r}, not "
-                              f"{augmentation_draws!r}; {what_to_do}")
+    if found_draws != augmentation_draws and any(
+        max(v) > VERSIONS_PER_GROUP for v in existing.get("splits", {}).values()
+    ):
+        raise StaleCacheError(
+            f"{cache_dir} holds augmentations with augmentation_draws {found_draws!r}, not "
+            f"{augmentation_draws!r}; {what_to_do}"
+        )
     return existing
 
 
-def _version_plan(splits: Sequence[str], augmented_splits: Sequence[str] | None,
-                  augmentation_versions: int) -> dict[str, list[int]]:
+def _version_plan(
+    splits: Sequence[str], augmented_splits: Sequence[str] | None, augmentation_versions: int
+) -> dict[str, list[int]]:
     """split -> the augmentation versions to encode: 0..``augmentation_versions`` for the augmented splits
     (default: ``training`` and ``*_training``), 0 for the others."""
     if augmented_splits is None:
@@ -301,42 +359,66 @@ def entry_disk_bytes(identity: dict, datalist: list[dict], num_classes: int, ign
     return entry_npy_bytes(identity) + (int(np.ceil(np.mean(png))) if png else 0)
 
 
-def _check_disk_use(cache_dir: str, identity: dict, datalists: dict[str, list[dict]], plan: dict[str, list[int]],
-                    with_taps: bool, num_classes: int, ignore_index: int) -> None:
+def _check_disk_use(
+    cache_dir: str,
+    identity: dict,
+    datalists: dict[str, list[dict]],
+    plan: dict[str, list[int]],
+    with_taps: bool,
+    num_classes: int,
+    ignore_index: int,
+) -> None:
     """Log the cache's disk use (bytes per entry x entries, :func:`entry_disk_bytes`) and refuse when the missing
     entries do not fit (:class:`CacheSpaceError`)."""
     what = "the tap cache" if with_taps else "the embedding cache"
-    per_entry = entry_disk_bytes(identity, [item for split in plan for item in datalists[split]], num_classes,
-                                 ignore_index)
+    per_entry = entry_disk_bytes(
+        identity, [item for split in plan for item in datalists[split]], num_classes, ignore_index
+    )
     total_entries = sum(len(datalists[s]) * len(plan[s]) for s in plan)
     # entries are shared by splits: a (version, frame) listed by two splits is written once
-    missing_entries = len({
-        (version, item["key"]) for split in plan for version in plan[split] for item in datalists[split]
-        if not os.path.isfile(entry_paths(cache_dir, version, item["key"], with_taps)[0])
-    })
+    missing_entries = len(
+        {
+            (version, item["key"])
+            for split in plan
+            for version in plan[split]
+            for item in datalists[split]
+            if not os.path.isfile(entry_paths(cache_dir, version, item["key"], with_taps)[0])
+        }
+    )
     logger.info(
         "precompute: %s: %d bytes per entry x %d entries (%s) = %.2f GiB in %s; %d entries to write",
-        what, per_entry, total_entries,
+        what,
+        per_entry,
+        total_entries,
         ", ".join(f"{s}: {len(datalists[s])} frames x {len(plan[s])} versions" for s in plan),
-        total_entries * per_entry / 2**30, cache_dir, missing_entries,
+        total_entries * per_entry / 2**30,
+        cache_dir,
+        missing_entries,
     )
     check_disk_space(cache_dir, missing_entries * per_entry, what)
 
 
-def _entries_to_encode(cache_dir: str, plan: dict[str, list[int]], datalists: dict[str, list[dict]],
-                       with_taps: bool) -> list[tuple[dict, int]]:
+def _entries_to_encode(
+    cache_dir: str, plan: dict[str, list[int]], datalists: dict[str, list[dict]], with_taps: bool
+) -> list[tuple[dict, int]]:
     """The unique (datalist item, version) pairs whose entry files are missing, in plan order (entries are
     shared by splits: a frame already encoded for another split or by an earlier run is not listed)."""
     todo, listed = [], set()
     for split, versions in plan.items():
         for version in versions:
             pending = [
-                item for item in datalists[split]
+                item
+                for item in datalists[split]
                 if not all(os.path.isfile(p) for p in entry_paths(cache_dir, version, item["key"], with_taps))
             ]
             if len(pending) < len(datalists[split]):
-                logger.info("precompute %s v%02d: %d of %d frames already encoded (shared with other splits or an "
-                            "earlier run)", split, version, len(datalists[split]) - len(pending), len(datalists[split]))
+                logger.info(
+                    "precompute %s v%02d: %d of %d frames already encoded (shared with other splits or an earlier run)",
+                    split,
+                    version,
+                    len(datalists[split]) - len(pending),
+                    len(datalists[split]),
+                )
             for item in pending:
                 if (version, item["key"]) not in listed:
                     listed.add((version, item["key"]))
@@ -348,20 +430,21 @@ def _recorded_sources(cache_dir: str, version: int, made_from: str | None) -> di
     """key -> the sources (normalised records, :func:`~.cache_sources.normalised_sources`) that the indexes of
     ANY split of ``version`` record for it (entries are shared by splits)."""
     recorded: dict[str, list[dict]] = {}
-    for index_path in sorted(glob.glob(os.path.join(cache_dir, "index", f"*_v{version:02d}.json"))):
-        with open(index_path) as handle:
+    for index_file in sorted(glob.glob(os.path.join(cache_dir, "index", f"*_v{version:02d}.json"))):
+        with open(index_file) as handle:
             for entry in json.load(handle)["entries"]:
                 recorded.setdefault(entry["key"], []).append(normalised_sources(entry["sources"], made_from))
     return recorded
 
 
-def _source_records(cache_dir: str, dataset_dir: str, datalists: dict[str, list[dict]],
-                    made_from: str | None) -> dict[str, dict]:
+def _source_records(
+    cache_dir: str, dataset_dir: str, datalists: dict[str, list[dict]], made_from: str | None
+) -> dict[str, dict]:
     """key -> ``{"image": record, "label": record}`` (:func:`~.cache_sources.source_record`) of every frame to
     precompute: each file's bytes are hashed once, or not at all where an index records its path, size and mtime."""
     known: dict[str, list[dict]] = {}
-    for index_path in glob.glob(os.path.join(cache_dir, "index", "*.json")):
-        with open(index_path) as handle:
+    for index_file in glob.glob(os.path.join(cache_dir, "index", "*.json")):
+        with open(index_file) as handle:
             for entry in json.load(handle)["entries"]:
                 for record in normalised_sources(entry["sources"], made_from).values():
                     known.setdefault(record["path"], []).append(record)
@@ -369,9 +452,10 @@ def _source_records(cache_dir: str, dataset_dir: str, datalists: dict[str, list[
     for datalist in datalists.values():
         for item in datalist:
             if item["key"] not in records:
-                records[item["key"]] = {kind: source_record(item[kind], dataset_dir,
-                                                            known.get(relative_path(item[kind], dataset_dir), ()))
-                                        for kind in SOURCE_NAMES}
+                records[item["key"]] = {
+                    kind: source_record(item[kind], dataset_dir, known.get(relative_path(item[kind], dataset_dir), ()))
+                    for kind in SOURCE_NAMES
+                }
     return records
 
 
@@ -381,13 +465,25 @@ def _source_change(recorded: dict, current: dict, key: str) -> list[tuple[str, s
     for kind, name in SOURCE_NAMES.items():
         if not same_source(recorded[kind], current[kind]):
             was = recorded[kind]["path"]
-            changes.append((kind, f"{name} {was} changed" if was == current[kind]["path"]
-                            else f"{name} of {key} is now {current[kind]['path']} (was {was})"))
+            changes.append(
+                (
+                    kind,
+                    f"{name} {was} changed"
+                    if was == current[kind]["path"]
+                    else f"{name} of {key} is now {current[kind]['path']} (was {was})",
+                )
+            )
     return changes
 
 
-def _drop_entries_of_changed_sources(cache_dir: str, plan: dict[str, list[int]], datalists: dict[str, list[dict]],
-                                     sources: dict[str, dict], made_from: str | None, with_taps: bool = False) -> None:
+def _drop_entries_of_changed_sources(
+    cache_dir: str,
+    plan: dict[str, list[int]],
+    datalists: dict[str, list[dict]],
+    sources: dict[str, dict],
+    made_from: str | None,
+    with_taps: bool = False,
+) -> None:
     """Delete cached entries whose frame or label map changed (by content) since they were encoded, so they are
     redone; one line per changed file says so.
 
@@ -424,12 +520,26 @@ def _save_png(path: str, array: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_index, seed, batch_size, num_workers,
-            device, taps=None, draws="original"):
+def _encode(
+    encoder,
+    todo,
+    cache_dir,
+    split,
+    image_size,
+    num_classes,
+    ignore_index,
+    seed,
+    batch_size,
+    num_workers,
+    device,
+    taps=None,
+    draws="original",
+):
     """Encode the (frame, version) pairs of ``todo``; with ``taps`` also store the tapped tokens and the frame."""
     loader = DataLoader(
-        _FrameVersionDataset(todo, num_classes, ignore_index, seed, draws), batch_size=batch_size,
-        num_workers=num_workers
+        _FrameVersionDataset(todo, num_classes, ignore_index, seed, draws),
+        batch_size=batch_size,
+        num_workers=num_workers,
     )
     done = 0
     for batch in loader:
@@ -451,8 +561,9 @@ def _encode(encoder, todo, cache_dir, split, image_size, num_classes, ignore_ind
         logger.info("precompute %s: %d/%d (frame size %s)", split, done, len(todo), sizes.pop())
 
 
-def _write_index(cache_dir, split, version, datalist, sources, image_size, grid_size, num_classes,
-                 with_taps=False) -> None:
+def _write_index(
+    cache_dir, split, version, datalist, sources, image_size, grid_size, num_classes, with_taps=False
+) -> None:
     """Write the index of one split and version: per frame its entry files, classes and ``sources`` (key ->
     records of :func:`~.cache_sources.source_record`)."""
     entries = []
@@ -466,17 +577,26 @@ def _write_index(cache_dir, split, version, datalist, sources, image_size, grid_
             masks = torch.from_numpy(np.stack([label == c for c in present]))
             on_grid = masks_to_embedding_grid(masks, image_size, (grid_size, grid_size)).flatten(1).any(1)
             grid_present = [c for c, on in zip(present, on_grid.tolist()) if on]
-        extra = {"taps": os.path.relpath(paths[2], cache_dir), "frame": os.path.relpath(paths[3], cache_dir)} \
-            if with_taps else {}
-        entries.append({
-            "key": item["key"],
-            "embedding": os.path.relpath(embedding_path, cache_dir),
-            "label": os.path.relpath(label_path, cache_dir),
-            **extra,
-            "classes": present,
-            "grid_classes": grid_present,
-            "frame_size": list(label.shape),
-            "sources": sources[item["key"]],
-        })
-    atomic_write_json(index_path(cache_dir, split, version), {"split": split, "version": version, "entries": entries},
-                      indent=1, newline=False)
+        extra = (
+            {"taps": os.path.relpath(paths[2], cache_dir), "frame": os.path.relpath(paths[3], cache_dir)}
+            if with_taps
+            else {}
+        )
+        entries.append(
+            {
+                "key": item["key"],
+                "embedding": os.path.relpath(embedding_path, cache_dir),
+                "label": os.path.relpath(label_path, cache_dir),
+                **extra,
+                "classes": present,
+                "grid_classes": grid_present,
+                "frame_size": list(label.shape),
+                "sources": sources[item["key"]],
+            }
+        )
+    atomic_write_json(
+        index_path(cache_dir, split, version),
+        {"split": split, "version": version, "entries": entries},
+        indent=1,
+        newline=False,
+    )

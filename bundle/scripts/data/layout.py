@@ -114,7 +114,7 @@ def validate_description(description: object, source: str = DESCRIPTION_FILE) ->
         ids = sorted(int(key) for key in classes)
     except (TypeError, ValueError):
         raise DatasetError(
-            f"{source}: the keys of 'classes' must be integer ids written as strings (\"1\", \"2\", ...), "
+            f'{source}: the keys of \'classes\' must be integer ids written as strings ("1", "2", ...), '
             f"found {sorted(map(str, classes))}."
         ) from None
     expected = list(range(1, len(ids) + 1))
@@ -218,8 +218,10 @@ def dataset_fact(dataset_dir: str | os.PathLike, name: str):
     if name == "class_names":
         return class_names(description)
     if description.get("frame_size") is None:
-        raise DatasetError(f"{path} has no frame_size: add \"frame_size\": [H, W] (the size of every frame) or pass "
-                           "--frame_size \"[H, W]\".")
+        raise DatasetError(
+            f'{path} has no frame_size: add "frame_size": [H, W] (the size of every frame) or pass '
+            '--frame_size "[H, W]".'
+        )
     return [int(v) for v in description["frame_size"]]
 
 
@@ -229,8 +231,9 @@ def raise_input_problems(problems: list[str], job: str, error: type[Exception] =
         raise error(f"cannot {job}:\n  - " + "\n  - ".join(problems))
 
 
-def dataset_fact_problems(dataset_dir: str | os.PathLike, class_names: Sequence[str] | None = None,
-                          frame_size: Sequence[int] | None = None) -> list[str]:
+def dataset_fact_problems(
+    dataset_dir: str | os.PathLike, class_names: Sequence[str] | None = None, frame_size: Sequence[int] | None = None
+) -> list[str]:
     """How the run's ``class_names`` / ``frame_size`` disagree with dataset.json, one line each; [] when they
     agree (None: not compared). Class names are compared by id and name, not by count."""
     description = read_dataset_description(dataset_dir)
@@ -255,7 +258,7 @@ def dataset_fact_problems(dataset_dir: str | os.PathLike, class_names: Sequence[
         if given_size != found_size:
             problems.append(
                 f"frame_size: the run's {given_size} disagrees with {source}, which has {found_size}. Leave "
-                f"frame_size out to use the dataset's, or pass --frame_size \"{found_size}\"."
+                f'frame_size out to use the dataset\'s, or pass --frame_size "{found_size}".'
             )
     return problems
 
@@ -285,8 +288,11 @@ def load_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
     source = os.path.join(dataset_dir, DESCRIPTION_FILE)
     splits = available_splits(description)
     if split not in splits:
-        why = (description.get("left_out_splits") or {}).get(split) if isinstance(
-            description.get("left_out_splits"), dict) else None
+        why = (
+            (description.get("left_out_splits") or {}).get(split)
+            if isinstance(description.get("left_out_splits"), dict)
+            else None
+        )
         reason = f" (the preparation could not make it: {why})" if why else ""
         raise DatasetError(
             f"{source} has no split '{split}'{reason}: available splits are {splits or 'none'}; "
@@ -365,7 +371,9 @@ def read_frame(path: str | os.PathLike, advice: str = DATASET_FILE_ADVICE) -> np
     if mode in _CONVERTED_FRAME_MODES:
         if mode not in _warned_frame_modes:
             _warned_frame_modes.add(mode)
-            logger.warning("%s: %s (further %s frames are converted silently).", path, _CONVERTED_FRAME_MODES[mode], mode)
+            logger.warning(
+                "%s: %s (further %s frames are converted silently).", path, _CONVERTED_FRAME_MODES[mode], mode
+            )
         image = image.convert("RGB")
     elif mode != "RGB":
         raise DatasetError(
@@ -375,9 +383,7 @@ def read_frame(path: str | os.PathLike, advice: str = DATASET_FILE_ADVICE) -> np
     return np.asarray(image, dtype=np.uint8).copy()
 
 
-def read_label_map(
-    path: str | os.PathLike, num_classes: int, ignore_index: int = DEFAULT_IGNORE_INDEX
-) -> np.ndarray:
+def read_label_map(path: str | os.PathLike, num_classes: int, ignore_index: int = DEFAULT_IGNORE_INDEX) -> np.ndarray:
     """Read a label map of class ids as a uint8 array (H, W).
 
     Args:
@@ -442,14 +448,18 @@ def write_sample(
         the dataset.json entry of the frame (paths relative to ``dataset_dir``).
     """
     if image.shape[:2] != label_map.shape:
-        raise ValueError(f"frame {image.shape[:2]} and label map {label_map.shape} of {sequence}/{frame} differ in size.")
+        raise ValueError(
+            f"frame {image.shape[:2]} and label map {label_map.shape} of {sequence}/{frame} differ in size."
+        )
     image_rel = f"{IMAGES_DIR}/{sequence}/{frame}.png"
     label_rel = f"{LABELS_DIR}/{sequence}/{frame}.png"
     write_frame(os.path.join(str(dataset_dir), image_rel), image)
     write_label_map(os.path.join(str(dataset_dir), label_rel), label_map)
     for class_id in np.unique(label_map):
         if 1 <= class_id <= num_classes:
-            binary_path = os.path.join(str(dataset_dir), BINARY_ANNOTATIONS_DIR, sequence, f"{frame}_class{class_id}.png")
+            binary_path = os.path.join(
+                str(dataset_dir), BINARY_ANNOTATIONS_DIR, sequence, f"{frame}_class{class_id}.png"
+            )
             write_label_map(binary_path, (label_map == class_id).astype(np.uint8) * 255)
     return {"image": image_rel, "label": label_rel, "sequence": sequence, "frame": frame}
 
@@ -494,8 +504,10 @@ def check_dataset(dataset_dir: str | os.PathLike, splits: Sequence[str] = DEFAUL
             frame_size = tuple(image.shape[:2])
             frames_by_size.setdefault(frame_size, []).append(item["image"])
             if label_map.shape != frame_size:
-                pair_mismatches.append(f"{item['label']} ({label_map.shape[0]}x{label_map.shape[1]} vs frame "
-                                       f"{frame_size[0]}x{frame_size[1]})")
+                pair_mismatches.append(
+                    f"{item['label']} ({label_map.shape[0]}x{label_map.shape[1]} vs frame "
+                    f"{frame_size[0]}x{frame_size[1]})"
+                )
                 continue
             counts = np.bincount(label_map.ravel(), minlength=256)[: num_classes + 1]
             pixels += counts
@@ -533,8 +545,10 @@ def check_dataset(dataset_dir: str | os.PathLike, splits: Sequence[str] = DEFAUL
     if sections:
         if len(sections) == 1:
             raise DatasetError(f"{dataset_dir}: {sections[0]}")
-        raise DatasetError(f"{dataset_dir} has {len(sections)} kind(s) of problem:\n" + "\n".join(
-            f"- {section}" for section in sections))
+        raise DatasetError(
+            f"{dataset_dir} has {len(sections)} kind(s) of problem:\n"
+            + "\n".join(f"- {section}" for section in sections)
+        )
     if frames_by_size:
         (frame_size,) = frames_by_size
         summary["frame_size"] = list(frame_size)

@@ -75,9 +75,17 @@ class OriginalLayoutReader:
         ignore_index: label value of ambiguous (overlapping) pixels.
     """
 
-    def __init__(self, root: str, class_names: Sequence[str], sam_variant: str = "vit_h", layout: str | None = None,
-                 fold: int = 0, augmentation_versions: int = 40, features_dir: str = "sam_features_h",
-                 ignore_index: int = 255) -> None:
+    def __init__(
+        self,
+        root: str,
+        class_names: Sequence[str],
+        sam_variant: str = "vit_h",
+        layout: str | None = None,
+        fold: int = 0,
+        augmentation_versions: int = 40,
+        features_dir: str = "sam_features_h",
+        ignore_index: int = 255,
+    ) -> None:
         self.cache_dir = self.root = os.path.abspath(str(root))
         if not os.path.isdir(self.root):
             raise OriginalLayoutError(
@@ -86,7 +94,9 @@ class OriginalLayoutReader:
             )
         self.layout = layout or os.path.basename(self.root.rstrip(os.sep))
         if self.layout not in LAYOUTS:
-            raise OriginalLayoutError(f"layout must be one of {LAYOUTS} (the original's folder names), got {self.layout!r}")
+            raise OriginalLayoutError(
+                f"layout must be one of {LAYOUTS} (the original's folder names), got {self.layout!r}"
+            )
         if self.layout == ENDOVIS_2017 and int(fold) not in ENDOVIS_2017_FOLDS:
             raise OriginalLayoutError(f"fold must be one of {sorted(ENDOVIS_2017_FOLDS)}, got {fold!r}")
         spec = get_variant(sam_variant)
@@ -123,18 +133,26 @@ class OriginalLayoutReader:
         table = {}
         for fold, held_out in ENDOVIS_2017_FOLDS.items():
             train = [f"seq{k}" for k in ENDOVIS_2017_SEQUENCES if k not in held_out]
-            table[f"fold{fold}_training"] = {"versions": training_versions, "folder": self._version_dir,
-                                             "sequences": train}
-            table[f"fold{fold}_validation"] = {"versions": [0], "folder": self._version_dir,
-                                               "sequences": [f"seq{k}" for k in held_out]}
+            table[f"fold{fold}_training"] = {
+                "versions": training_versions,
+                "folder": self._version_dir,
+                "sequences": train,
+            }
+            table[f"fold{fold}_validation"] = {
+                "versions": [0],
+                "folder": self._version_dir,
+                "sequences": [f"seq{k}" for k in held_out],
+            }
         table["training"] = table[f"fold{self.fold}_training"]
         table["validation"] = table[f"fold{self.fold}_validation"]
         return table
 
     def versions(self, split: str) -> list[int]:
         if split not in self._splits:
-            raise OriginalLayoutError(f"the original {self.layout} layout has no split {split!r}: choose one of "
-                                      f"{sorted(self._splits)} (train_split / val_split in the config)")
+            raise OriginalLayoutError(
+                f"the original {self.layout} layout has no split {split!r}: choose one of "
+                f"{sorted(self._splits)} (train_split / val_split in the config)"
+            )
         return list(self._splits[split]["versions"])
 
     def check(self, splits: Sequence[str]) -> None:
@@ -173,10 +191,13 @@ class OriginalLayoutReader:
         features_root, masks_root = os.path.join(folder, self.features_dir), os.path.join(folder, MASKS_DIR)
         for path in (features_root, masks_root):
             if not os.path.isdir(path):
-                raise OriginalLayoutError(f"{path} not found: split {split!r} version {version} of the original "
-                                          f"{self.layout} layout needs it (run the original preparation)")
-        sequences = info["sequences"] or sorted(d for d in os.listdir(features_root)
-                                                if os.path.isdir(os.path.join(features_root, d)))
+                raise OriginalLayoutError(
+                    f"{path} not found: split {split!r} version {version} of the original "
+                    f"{self.layout} layout needs it (run the original preparation)"
+                )
+        sequences = info["sequences"] or sorted(
+            d for d in os.listdir(features_root) if os.path.isdir(os.path.join(features_root, d))
+        )
         entries, orphans, bad_names = [], [], []
         for sequence in sequences:
             feature_dir = os.path.join(features_root, sequence)
@@ -200,11 +221,15 @@ class OriginalLayoutReader:
                 masks.setdefault(match["frame"], {})[class_id] = os.path.join(mask_dir, name)
             orphans += [os.path.join(mask_dir, f"{frame}_class*.png") for frame in sorted(set(masks) - set(frames))]
             for frame in frames:
-                entries.append(self._entry(sequence, frame, os.path.join(feature_dir, f"{frame}.npy"),
-                                           masks.get(frame, {}), folder))
+                entries.append(
+                    self._entry(
+                        sequence, frame, os.path.join(feature_dir, f"{frame}.npy"), masks.get(frame, {}), folder
+                    )
+                )
         if bad_names:
-            raise OriginalLayoutError(f"{len(bad_names)} mask file(s) not named <frame>_class<c>.png: "
-                                      f"{name_files(bad_names)}")
+            raise OriginalLayoutError(
+                f"{len(bad_names)} mask file(s) not named <frame>_class<c>.png: {name_files(bad_names)}"
+            )
         if orphans:
             raise OriginalLayoutError(
                 f"{len(orphans)} frame(s) have masks but no features file in {features_root}: {name_files(orphans)}; "
@@ -221,11 +246,23 @@ class OriginalLayoutReader:
         classes = [c for c in sorted(own) if own[c].any()]
         grid_classes = []
         if classes:
-            on = masks_to_embedding_grid(torch.from_numpy(np.stack([own[c] for c in classes])), self.image_size,
-                                         self.grid_size).flatten(1).any(1)
+            on = (
+                masks_to_embedding_grid(
+                    torch.from_numpy(np.stack([own[c] for c in classes])), self.image_size, self.grid_size
+                )
+                .flatten(1)
+                .any(1)
+            )
             grid_classes = [c for c, keep in zip(classes, on.tolist()) if keep]
-        return {"key": f"{sequence}/{frame}", "embedding": feature_path, "masks": {str(c): p for c, p in masks.items()},
-                "image_folder": folder, "classes": classes, "grid_classes": grid_classes, "frame_size": frame_size}
+        return {
+            "key": f"{sequence}/{frame}",
+            "embedding": feature_path,
+            "masks": {str(c): p for c, p in masks.items()},
+            "image_folder": folder,
+            "classes": classes,
+            "grid_classes": grid_classes,
+            "frame_size": frame_size,
+        }
 
     def _image_size(self, folder: str, sequence: str, frame: str) -> list[int]:
         for extension in _IMAGE_EXTENSIONS:
@@ -246,8 +283,10 @@ class OriginalLayoutReader:
             with Image.open(path) as image:
                 mask = np.asarray(image.convert("L")) > 127
             if out and mask.shape != next(iter(out.values())).shape:
-                raise OriginalLayoutError(f"{path} is {mask.shape} but the other masks of {sequence}/{frame} are "
-                                          f"{next(iter(out.values())).shape}")
+                raise OriginalLayoutError(
+                    f"{path} is {mask.shape} but the other masks of {sequence}/{frame} are "
+                    f"{next(iter(out.values())).shape}"
+                )
             out[class_id] = mask
         return out
 
@@ -263,8 +302,13 @@ class OriginalLayoutReader:
         overlap = count > 1
         if overlap.any():
             label[overlap] = self.ignore_index
-            logger.warning("%s/%s in %s: %d pixels on in several class masks are ignored", sequence, frame, folder,
-                           int(overlap.sum()))
+            logger.warning(
+                "%s/%s in %s: %d pixels on in several class masks are ignored",
+                sequence,
+                frame,
+                folder,
+                int(overlap.sum()),
+            )
         return label
 
     # -------------------------------------------------------------------------------------------- load
@@ -272,7 +316,9 @@ class OriginalLayoutReader:
         try:
             features = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as error:
-            raise OriginalLayoutError(f"{path} could not be read as .npy ({error}): recompute that frame's features") from None
+            raise OriginalLayoutError(
+                f"{path} could not be read as .npy ({error}): recompute that frame's features"
+            ) from None
         expected = (*self.grid_size, self.embed_dim)
         if features.shape != expected or features.dtype != np.float32:
             raise OriginalLayoutError(
@@ -310,9 +356,14 @@ class OriginalLayoutReader:
         return list(self.entries("validation", 0)[0]["frame_size"])
 
 
-def check_original_layout_inputs(reader: OriginalLayoutReader, splits: Sequence[str], sam_variant: str,
-                                 sam_checkpoint: str | None, model_file: str | None = None,
-                                 frame_size: Sequence[int] | None = None) -> None:
+def check_original_layout_inputs(
+    reader: OriginalLayoutReader,
+    splits: Sequence[str],
+    sam_variant: str,
+    sam_checkpoint: str | None,
+    model_file: str | None = None,
+    frame_size: Sequence[int] | None = None,
+) -> None:
     """The original-layout counterpart of ``engines.check_training_inputs``: every problem named at once.
 
     ``frame_size`` (the config's) must equal the size of the validation frames (read from their masks or
@@ -335,10 +386,14 @@ def check_original_layout_inputs(reader: OriginalLayoutReader, splits: Sequence[
                 problems.append(f"data: {error}")
             else:
                 if found != [int(x) for x in frame_size]:
-                    problems.append(f"frame size: the {split!r} frames are {found} but frame_size is {list(frame_size)}:"
-                                    f" pass --frame_size \"{found}\"")
+                    problems.append(
+                        f"frame size: the {split!r} frames are {found} but frame_size is {list(frame_size)}:"
+                        f' pass --frame_size "{found}"'
+                    )
     problems += missing_sam_weights(sam_variant, sam_checkpoint)
     if model_file is not None and not os.path.isfile(model_file):
-        problems.append(f"model: {model_file} not found. Train first, convert an original checkpoint "
-                        "(surgical-sam convert_original_checkpoint) or pass --model_file PATH.")
+        problems.append(
+            f"model: {model_file} not found. Train first, convert an original checkpoint "
+            "(surgical-sam convert_original_checkpoint) or pass --model_file PATH."
+        )
     raise_input_problems(problems, "run on the original layout")

@@ -19,8 +19,8 @@ from monai.data import Dataset, MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
-from .overlay import overlay
 from .layout import DatasetError, read_frame
+from .overlay import overlay
 from .video_io import VIDEO_EXTENSIONS
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -32,14 +32,19 @@ def list_frames(folder: str, extensions: Sequence[str] = FRAME_EXTENSIONS) -> li
         raise DatasetError(
             f"{folder} is a video file, and `run` segments a folder of frames: segment the video with `python -m "
             f"monai.bundle run video --config_file <the same config files> --dataset_dir {folder}` (label maps, "
-            "per-frame JSON and an overlay video), or pass --dataset_dir FOLDER_OF_FRAMES")
+            "per-frame JSON and an overlay video), or pass --dataset_dir FOLDER_OF_FRAMES"
+        )
     if os.path.isfile(folder):
-        raise DatasetError(f"{folder} is a file, not a folder of frames: pass --dataset_dir FOLDER_OF_FRAMES (or a "
-                           f"video, {', '.join(VIDEO_EXTENSIONS)}, to `run video`)")
+        raise DatasetError(
+            f"{folder} is a file, not a folder of frames: pass --dataset_dir FOLDER_OF_FRAMES (or a "
+            f"video, {', '.join(VIDEO_EXTENSIONS)}, to `run video`)"
+        )
     if not os.path.isdir(folder):
         raise DatasetError(f"frame folder {folder} does not exist: pass --dataset_dir FOLDER_OF_FRAMES")
     frames = sorted(
-        os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
         if name.lower().endswith(tuple(extensions)) and not name.endswith(("_overlay.png", "_seg.png"))
     )
     if not frames:
@@ -59,8 +64,9 @@ def frame_crop_box(crop) -> tuple[int, int, int, int] | None:
     try:
         (row0, row1), (col0, col1) = ((int(a), int(b)) for a, b in crop)
     except (TypeError, ValueError):
-        raise ValueError(f"frame_crop must be [[row0, row1], [col0, col1]] (e.g. [[28, 1052], [320, 1600]]) or null, "
-                         f"got {crop!r}") from None
+        raise ValueError(
+            f"frame_crop must be [[row0, row1], [col0, col1]] (e.g. [[28, 1052], [320, 1600]]) or null, got {crop!r}"
+        ) from None
     if not (0 <= row0 < row1 and 0 <= col0 < col1):
         raise ValueError(f"frame_crop {crop!r}: need 0 <= row0 < row1 and 0 <= col0 < col1")
     return row0, row1, col0, col1
@@ -93,11 +99,18 @@ class LoadFramed(MapTransform):
                     raise DatasetError(
                         f"frame {path} is {array.shape[0]}x{array.shape[1]}, smaller than frame_crop rows "
                         f"{row0}:{row1}, columns {col0}:{col1}: set frame_crop to fit these frames, or null for "
-                        "whole frames")
+                        "whole frames"
+                    )
                 array = array[row0:row1, col0:col1]
             frame = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
-            result[key] = MetaTensor(frame, meta={"filename_or_obj": path, "spatial_shape": list(frame.shape[1:]),
-                                                  "original_spatial_shape": original})
+            result[key] = MetaTensor(
+                frame,
+                meta={
+                    "filename_or_obj": path,
+                    "spatial_shape": list(frame.shape[1:]),
+                    "original_spatial_shape": original,
+                },
+            )
         return result
 
 
@@ -123,8 +136,9 @@ class UncropLabeld(MapTransform):
         image = result.get(self.image_key)
         shape = getattr(image, "meta", {}).get("original_spatial_shape")
         if shape is None:
-            raise ValueError(f"{self.image_key} has no original_spatial_shape metadata: load frames with "
-                             "LoadFramed(crop=...)")
+            raise ValueError(
+                f"{self.image_key} has no original_spatial_shape metadata: load frames with LoadFramed(crop=...)"
+            )
         height, width = (int(v) for v in shape)
         for key in self.key_iterator(result):
             value = torch.as_tensor(result[key])
@@ -175,7 +189,9 @@ class LabelMaskd(MapTransform):
         image_key: the frame, whose metadata is updated with ``xy_order``.
     """
 
-    def __init__(self, keys, xy_order: bool = False, image_key: str = "image", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys, xy_order: bool = False, image_key: str = "image", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.xy_order, self.image_key = xy_order, image_key
 
@@ -184,12 +200,16 @@ class LabelMaskd(MapTransform):
         for key in self.key_iterator(result):
             value = torch.as_tensor(result[key]).detach()
             if value.ndim < 2 or any(int(s) != 1 for s in value.shape[:-2]):
-                raise ValueError(f"{key}: expected one label map (..., H, W) with singleton leading axes, "
-                                 f"got shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"{key}: expected one label map (..., H, W) with singleton leading axes, "
+                    f"got shape {tuple(value.shape)}"
+                )
             value = value.reshape(value.shape[-2:])
             if value.numel() and (int(value.min()) < 0 or int(value.max()) > 255):
-                raise ValueError(f"{key}: label values must be in 0..255 for a uint8 mask, got "
-                                 f"{int(value.min())}..{int(value.max())}")
+                raise ValueError(
+                    f"{key}: label values must be in 0..255 for a uint8 mask, got "
+                    f"{int(value.min())}..{int(value.max())}"
+                )
             value = value.to(torch.uint8).cpu()
             if self.xy_order:
                 height, width = value.shape
@@ -214,8 +234,16 @@ class SaveLabelMapd(MapTransform):
         xy_order: the prediction comes as (W, H) (``LabelMaskd(xy_order=True)``); it is transposed back.
     """
 
-    def __init__(self, keys, output_dir: str, input_dir: str | None = None, image_key: str = "image",
-                 write_overlay: bool = True, write_nifti: bool = False, xy_order: bool = False) -> None:
+    def __init__(
+        self,
+        keys,
+        output_dir: str,
+        input_dir: str | None = None,
+        image_key: str = "image",
+        write_overlay: bool = True,
+        write_nifti: bool = False,
+        xy_order: bool = False,
+    ) -> None:
         super().__init__(keys)
         self.output_dir, self.input_dir, self.image_key = output_dir, input_dir, image_key
         self.write_overlay, self.write_nifti, self.xy_order = write_overlay, write_nifti, xy_order

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..files import temporary_path
-from .overlay import OVERLAY_COLOURS, overlay
 from .layout import DatasetError, read_frame
+from .overlay import OVERLAY_COLOURS, overlay
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 
@@ -59,8 +59,14 @@ class FrameSequence:
         folder_fps: frame rate given to a folder of frames (its frames' times and the overlay video's rate).
     """
 
-    def __init__(self, source: str, stride: int = 1, start_time: float | None = None, end_time: float | None = None,
-                 folder_fps: float = 25.0) -> None:
+    def __init__(
+        self,
+        source: str,
+        stride: int = 1,
+        start_time: float | None = None,
+        end_time: float | None = None,
+        folder_fps: float = 25.0,
+    ) -> None:
         if int(stride) < 1:
             raise ValueError(f"frame stride must be >= 1, got {stride}")
         if start_time is not None and end_time is not None and float(end_time) <= float(start_time):
@@ -78,8 +84,10 @@ class FrameSequence:
         self.decode_errors = 0
         if self.is_video:
             if not self.source.lower().endswith(VIDEO_EXTENSIONS):
-                raise VideoError(f"{self.source} is not a video file the bundle reads ({', '.join(VIDEO_EXTENSIONS)}) "
-                                 "nor a folder of frames: pass one of those")
+                raise VideoError(
+                    f"{self.source} is not a video file the bundle reads ({', '.join(VIDEO_EXTENSIONS)}) "
+                    "nor a folder of frames: pass one of those"
+                )
             self.fps, self.declared_frames = self._probe()
             self._files: list[str] = []
         elif os.path.isdir(self.source):
@@ -88,8 +96,9 @@ class FrameSequence:
             self._files = [item["image"] for item in list_frames(self.source)]
             self.fps, self.declared_frames = float(folder_fps), len(self._files)
         else:
-            raise VideoError(f"{self.source} does not exist: pass a video file ({', '.join(VIDEO_EXTENSIONS)}) "
-                             "or a folder of frames")
+            raise VideoError(
+                f"{self.source} does not exist: pass a video file ({', '.join(VIDEO_EXTENSIONS)}) or a folder of frames"
+            )
 
     def _open(self):
         import av
@@ -97,9 +106,11 @@ class FrameSequence:
         try:
             return av.open(self.source)
         except (av.error.FFmpegError, OSError, ValueError) as error:
-            raise VideoError(f"cannot open video {self.source}: {error}. The file is not a readable video (corrupt, "
-                             "or cut before its header): check it plays, or re-encode it, e.g. "
-                             "ffmpeg -i IN -c:v libx264 OUT.mp4") from None
+            raise VideoError(
+                f"cannot open video {self.source}: {error}. The file is not a readable video (corrupt, "
+                "or cut before its header): check it plays, or re-encode it, e.g. "
+                "ffmpeg -i IN -c:v libx264 OUT.mp4"
+            ) from None
 
     def _probe(self) -> tuple[float, int]:
         with self._open() as container:
@@ -108,8 +119,10 @@ class FrameSequence:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             if not rate:
-                raise VideoError(f"{self.source}: the frame rate cannot be read from the file; re-encode it "
-                                 "(ffmpeg -i IN -c:v libx264 OUT.mp4)")
+                raise VideoError(
+                    f"{self.source}: the frame rate cannot be read from the file; re-encode it "
+                    "(ffmpeg -i IN -c:v libx264 OUT.mp4)"
+                )
             frames = int(stream.frames or 0)
             if not frames and container.duration:  # containers without a frame count (mkv): from the duration
                 frames = int(round(container.duration / 1_000_000 * float(rate)))
@@ -189,20 +202,31 @@ class FrameSequence:
         if self.damaged_frames:
             named = ", ".join(f"{f['index']} (at {f['time']:.3f} s)" for f in self.damaged_frames[:20])
             more = f" and {len(self.damaged_frames) - 20} more" if len(self.damaged_frames) > 20 else ""
-            reasons.append(f"{len(self.damaged_frames)} damaged frame(s) that the decoder could not restore were not "
-                           f"segmented: {named}{more} (frames after them up to the next key frame may carry the "
-                           "damage too)")
+            reasons.append(
+                f"{len(self.damaged_frames)} damaged frame(s) that the decoder could not restore were not "
+                f"segmented: {named}{more} (frames after them up to the next key frame may carry the "
+                "damage too)"
+            )
         if problem is not None or short:
-            reasons.append(f"it ends early: {decoded} frames decoded "
-                           f"({problem or f'the container announces {self.declared_frames} frames'})")
+            reasons.append(
+                f"it ends early: {decoded} frames decoded "
+                f"({problem or f'the container announces {self.declared_frames} frames'})"
+            )
         if reasons:
-            raise VideoError(f"video {self.source}: {'; '.join(reasons)}. The file is truncated or damaged; the output "
-                             "of every good frame is kept. Re-encode or re-copy the video and run again: frames "
-                             "already written are skipped.")
+            raise VideoError(
+                f"video {self.source}: {'; '.join(reasons)}. The file is truncated or damaged; the output "
+                "of every good frame is kept. Re-encode or re-copy the video and run again: frames "
+                "already written are skipped."
+            )
 
 
-def open_sequence(source: str, stride: int = 1, start_time: float | None = None, end_time: float | None = None,
-                  folder_fps: float = 25.0) -> FrameSequence:
+def open_sequence(
+    source: str,
+    stride: int = 1,
+    start_time: float | None = None,
+    end_time: float | None = None,
+    folder_fps: float = 25.0,
+) -> FrameSequence:
     """A :class:`FrameSequence` over ``source`` (a video file or a folder of frames)."""
     return FrameSequence(source, stride, start_time, end_time, folder_fps)
 
@@ -222,7 +246,7 @@ def legend_panel(class_names: Sequence[str], height: int) -> np.ndarray:
     fits = max(1, height // row)
     shown = list(enumerate(class_names, start=1))
     if len(shown) > fits:
-        shown = shown[:fits - 1] + [(0, f"+{len(shown) - fits + 1} more")]
+        shown = shown[: fits - 1] + [(0, f"+{len(shown) - fits + 1} more")]
     width = 8 + row + max(int(font.getlength(name)) for _, name in shown) + 6
     width += width % 2  # even sizes for yuv420p
     panel = Image.new("RGB", (width, height))
@@ -252,8 +276,9 @@ class OverlayVideoWriter:
 
     def write(self, image: np.ndarray, label_map: np.ndarray) -> None:
         """image (H, W, 3) uint8, label_map (H, W) with values 0..C."""
-        import av
         from fractions import Fraction
+
+        import av
 
         tinted = overlay(image, label_map, self.alpha)
         if self._container is None:
@@ -265,8 +290,8 @@ class OverlayVideoWriter:
             self._stream.pix_fmt = "yuv420p"
             self._stream.options = {"crf": "18"}
         padded = np.zeros((self._stream.height, self._stream.width, 3), dtype=np.uint8)
-        padded[:tinted.shape[0], :tinted.shape[1]] = tinted
-        padded[:, -self._legend.shape[1]:] = self._legend
+        padded[: tinted.shape[0], : tinted.shape[1]] = tinted
+        padded[:, -self._legend.shape[1] :] = self._legend
         for packet in self._stream.encode(av.VideoFrame.from_ndarray(padded, format="rgb24")):
             self._container.mux(packet)
 
@@ -281,12 +306,14 @@ class OverlayVideoWriter:
         os.replace(self._partial, self.path)
 
 
-def write_video(path: str, frames: Sequence[np.ndarray] | Iterator[np.ndarray], fps: float,
-                codec: str = "libx264") -> str:
+def write_video(
+    path: str, frames: Sequence[np.ndarray] | Iterator[np.ndarray], fps: float, codec: str = "libx264"
+) -> str:
     """Encode frames (H, W, 3) uint8 (even H and W for H.264) as a video; the container follows the suffix
     (mp4 and mov with their index first, so that a player, or this module, can read a partial copy)."""
-    import av
     from fractions import Fraction
+
+    import av
 
     options = {"movflags": "+faststart"} if path.lower().endswith((".mp4", ".mov")) else {}
     with av.open(path, "w", options=options) as container:

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..surgical_sam.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
 from ..sam.checkpoint import file_md5
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from ..surgical_sam.network import SurgicalSAM
+from ..surgical_sam.onnx_parts import SurgicalSAMClassDecoder, SurgicalSAMEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,22 @@ def load_model_file(network: torch.nn.Module, model_file: str, map_location="cpu
     if not os.path.isfile(model_file):
         raise FileNotFoundError(f"trained model {model_file} not found: train first or pass --model_file PATH")
     checkpoint = torch.load(model_file, map_location=map_location, weights_only=True)
-    state = checkpoint["model"] if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) else checkpoint
+    state = (
+        checkpoint["model"]
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
+        else checkpoint
+    )
     network.load_state_dict(state)
     return network
 
 
-def export_onnx(model: SurgicalSAM, out_dir: str, opset: int = DEFAULT_OPSET, sam_variant: str | None = None,
-                class_names: Sequence[str] | None = None) -> dict:
+def export_onnx(
+    model: SurgicalSAM,
+    out_dir: str,
+    opset: int = DEFAULT_OPSET,
+    sam_variant: str | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict:
     """Write the two graphs of ``model`` and ``onnx.json`` into ``out_dir``; return the manifest.
 
     Args:
@@ -85,14 +94,31 @@ def export_onnx(model: SurgicalSAM, out_dir: str, opset: int = DEFAULT_OPSET, sa
         warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic that it records as constants
         # the TorchScript-based exporter: segment-anything's modules trace cleanly and dynamic_axes
         # keeps the batch axes free (the exporter SAM's own scripts/export_onnx_model.py uses)
-        torch.onnx.export(encoder, (sam_input,), paths["image_encoder"], input_names=["sam_input"],
-                          output_names=["image_embeddings"], opset_version=opset, dynamo=False,
-                          dynamic_axes={"sam_input": {0: "frames"}, "image_embeddings": {0: "frames"}})
-        torch.onnx.export(decoder, (embeddings, class_ids), paths["class_decoder"],
-                          input_names=["image_embeddings", "class_ids"], output_names=["low_res_logits", "quality"],
-                          opset_version=opset, dynamo=False,
-                          dynamic_axes={"image_embeddings": {0: "pairs"}, "class_ids": {0: "pairs"},
-                                        "low_res_logits": {0: "pairs"}, "quality": {0: "pairs"}})
+        torch.onnx.export(
+            encoder,
+            (sam_input,),
+            paths["image_encoder"],
+            input_names=["sam_input"],
+            output_names=["image_embeddings"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"sam_input": {0: "frames"}, "image_embeddings": {0: "frames"}},
+        )
+        torch.onnx.export(
+            decoder,
+            (embeddings, class_ids),
+            paths["class_decoder"],
+            input_names=["image_embeddings", "class_ids"],
+            output_names=["low_res_logits", "quality"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={
+                "image_embeddings": {0: "pairs"},
+                "class_ids": {0: "pairs"},
+                "low_res_logits": {0: "pairs"},
+                "quality": {0: "pairs"},
+            },
+        )
     low_res_side = 4 * grid_h
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -105,20 +131,22 @@ def export_onnx(model: SurgicalSAM, out_dir: str, opset: int = DEFAULT_OPSET, sa
         "pixel_std": list(SAM_PIXEL_STD),
         "graphs": {
             "image_encoder": {
-                "file": ENCODER_FILE, "md5": file_md5(paths["image_encoder"]),
+                "file": ENCODER_FILE,
+                "md5": file_md5(paths["image_encoder"]),
                 "inputs": {"sam_input": ["frames", 3, side, side]},
                 "outputs": {"image_embeddings": ["frames", dim, grid_h, grid_w]},
             },
             "class_decoder": {
-                "file": DECODER_FILE, "md5": file_md5(paths["class_decoder"]),
+                "file": DECODER_FILE,
+                "md5": file_md5(paths["class_decoder"]),
                 "inputs": {"image_embeddings": ["pairs", dim, grid_h, grid_w], "class_ids": ["pairs"]},
                 "outputs": {"low_res_logits": ["pairs", 1, low_res_side, low_res_side], "quality": ["pairs"]},
             },
         },
         "preprocessing": "RGB 0..255 frame, longest side resized to image_size (bilinear, antialiased), "
-                         "normalised by pixel_mean/pixel_std, zero-padded bottom/right to image_size x image_size",
+        "normalised by pixel_mean/pixel_std, zero-padded bottom/right to image_size x image_size",
         "postprocessing": "low_res_logits bilinear to image_size x image_size, crop the resized frame's region, "
-                          "bilinear to the frame size; a class's mask is logits > 0",
+        "bilinear to the frame size; a class's mask is logits > 0",
     }
     with open(os.path.join(out_dir, MANIFEST_FILE), "w") as handle:
         json.dump(manifest, handle, indent=2)
@@ -150,8 +178,9 @@ class _TwoGraphSurgicalSAM:
     def decode(self, embeddings: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def predict_classes(self, inputs: torch.Tensor, class_mask: torch.Tensor,
-                        pairs_per_pass: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_classes(
+        self, inputs: torch.Tensor, class_mask: torch.Tensor, pairs_per_pass: int = 32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`SurgicalSAM.predict_classes` for frames: frames (B, 3, H, W), class_mask (B, C) bool ->
         logits (B, C, H, W) (-inf where not prompted) and quality (B, C) (-inf where not prompted), in the
         graphs' dtype."""
@@ -164,7 +193,7 @@ class _TwoGraphSurgicalSAM:
         quality = torch.full((batch, self.num_classes), float("-inf"), dtype=embeddings.dtype)
         frame_index, class_index = class_mask.nonzero(as_tuple=True)
         for start in range(0, frame_index.numel(), pairs_per_pass):
-            frames, classes = frame_index[start:start + pairs_per_pass], class_index[start:start + pairs_per_pass]
+            frames, classes = frame_index[start : start + pairs_per_pass], class_index[start : start + pairs_per_pass]
             low_res, pair_quality = self.decode(embeddings[frames], classes + 1)
             logits[frames, classes] = low_res_logits_to_frame(low_res, self.image_size, frame_hw)[:, 0]
             quality[frames, classes] = pair_quality
@@ -196,10 +225,12 @@ class OnnxSurgicalSAM(_TwoGraphSurgicalSAM):
             options.intra_op_num_threads = int(num_threads)
         providers = list(providers) if providers else ["CPUExecutionProvider"]
         graphs = self.manifest["graphs"]
-        self.encoder = ort.InferenceSession(os.path.join(onnx_dir, graphs["image_encoder"]["file"]), options,
-                                            providers=providers)
-        self.decoder = ort.InferenceSession(os.path.join(onnx_dir, graphs["class_decoder"]["file"]), options,
-                                            providers=providers)
+        self.encoder = ort.InferenceSession(
+            os.path.join(onnx_dir, graphs["image_encoder"]["file"]), options, providers=providers
+        )
+        self.decoder = ort.InferenceSession(
+            os.path.join(onnx_dir, graphs["class_decoder"]["file"]), options, providers=providers
+        )
 
     def embed_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames (B, 3, H, W) RGB 0..255 -> image embeddings (B, d, h, w)."""
@@ -209,8 +240,10 @@ class OnnxSurgicalSAM(_TwoGraphSurgicalSAM):
 
     def decode(self, embeddings: torch.Tensor, class_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (N, d, h, w), class ids (N,) in 1..C -> low-res logits (N, 1, 4h, 4w), quality (N,)."""
-        low_res, quality = self.decoder.run(None, {"image_embeddings": embeddings.contiguous().numpy(),
-                                                   "class_ids": class_ids.long().contiguous().numpy()})
+        low_res, quality = self.decoder.run(
+            None,
+            {"image_embeddings": embeddings.contiguous().numpy(), "class_ids": class_ids.long().contiguous().numpy()},
+        )
         return torch.from_numpy(low_res), torch.from_numpy(quality)
 
 
@@ -241,8 +274,14 @@ class Float64SurgicalSAM(_TwoGraphSurgicalSAM):
             return self.decoder(embeddings.double(), class_ids.long())
 
 
-def compare_backends(model: SurgicalSAM, onnx_model: OnnxSurgicalSAM, frames: torch.Tensor, inferer,
-                     reference: bool = False, frames_per_pass: int = 4) -> dict:
+def compare_backends(
+    model: SurgicalSAM,
+    onnx_model: OnnxSurgicalSAM,
+    frames: torch.Tensor,
+    inferer,
+    reference: bool = False,
+    frames_per_pass: int = 4,
+) -> dict:
     """Run both backends on ``frames`` (B, 3, H, W), ``frames_per_pass`` frames at a time, every class prompted.
 
     Returns a dict of:
@@ -256,11 +295,22 @@ def compare_backends(model: SurgicalSAM, onnx_model: OnnxSurgicalSAM, frames: to
         ``{torch,onnx}_float64_rms_error`` (root mean square over the same logits).
     """
     reference_model = Float64SurgicalSAM(model) if reference else None
-    stats = {"logit": 0.0, "quality": 0.0, "embedding": 0.0, "embedding_max": 0.0, "equal": 0.0, "pixels": 0,
-             "torch_max": 0.0, "onnx_max": 0.0, "torch_sq": 0.0, "onnx_sq": 0.0, "logits": 0}
+    stats = {
+        "logit": 0.0,
+        "quality": 0.0,
+        "embedding": 0.0,
+        "embedding_max": 0.0,
+        "equal": 0.0,
+        "pixels": 0,
+        "torch_max": 0.0,
+        "onnx_max": 0.0,
+        "torch_sq": 0.0,
+        "onnx_sq": 0.0,
+        "logits": 0,
+    }
     with torch.no_grad():
         for start in range(0, frames.shape[0], frames_per_pass):
-            batch = frames[start:start + frames_per_pass]
+            batch = frames[start : start + frames_per_pass]
             every = torch.ones(batch.shape[0], model.num_classes, dtype=torch.bool)
             torch_logits, torch_quality = model.predict_classes(batch, every)
             onnx_logits, onnx_quality = onnx_model.predict_classes(batch, every)
@@ -279,7 +329,7 @@ def compare_backends(model: SurgicalSAM, onnx_model: OnnxSurgicalSAM, frames: to
                 for name, logits in (("torch", torch_logits), ("onnx", onnx_logits)):
                     error = logits.double() - exact
                     stats[f"{name}_max"] = max(stats[f"{name}_max"], float(error.abs().max()))
-                    stats[f"{name}_sq"] += float((error ** 2).sum())
+                    stats[f"{name}_sq"] += float((error**2).sum())
                 stats["logits"] += exact.numel()
     result = {
         "frames": int(frames.shape[0]),
@@ -297,9 +347,13 @@ def compare_backends(model: SurgicalSAM, onnx_model: OnnxSurgicalSAM, frames: to
     return result
 
 
-def agreement_failures(result: dict, max_logit_difference: float = 1e-3, min_equal_label_pixels: float = 0.999,
-                       max_relative_embedding_difference: float = 1e-5,
-                       max_error_ratio: dict | None = None) -> list[str]:
+def agreement_failures(
+    result: dict,
+    max_logit_difference: float = 1e-3,
+    min_equal_label_pixels: float = 0.999,
+    max_relative_embedding_difference: float = 1e-5,
+    max_error_ratio: dict | None = None,
+) -> list[str]:
     """What of :func:`compare_backends`'s ``result`` fails the checks of the ONNX export (empty: it passes).
 
     - equal label-map pixels >= ``min_equal_label_pixels``;
@@ -316,23 +370,29 @@ def agreement_failures(result: dict, max_logit_difference: float = 1e-3, min_equ
     ratios = {"rms": 2.0, "max": 4.0, **(max_error_ratio or {})}
     failures = []
     if result["equal_label_pixels"] < min_equal_label_pixels:
-        failures.append(f"equal label pixels {100 * result['equal_label_pixels']:.3f}% < "
-                        f"{100 * min_equal_label_pixels:.1f}%")
+        failures.append(
+            f"equal label pixels {100 * result['equal_label_pixels']:.3f}% < {100 * min_equal_label_pixels:.1f}%"
+        )
     if result["max_abs_embedding_difference"] > max_relative_embedding_difference * result["max_abs_embedding"]:
-        failures.append(f"encoder: max |embedding difference| {result['max_abs_embedding_difference']:.2e} > "
-                        f"{max_relative_embedding_difference:g} x max |embedding| {result['max_abs_embedding']:.2f}")
+        failures.append(
+            f"encoder: max |embedding difference| {result['max_abs_embedding_difference']:.2e} > "
+            f"{max_relative_embedding_difference:g} x max |embedding| {result['max_abs_embedding']:.2f}"
+        )
     if result["max_abs_logit_difference"] > max_logit_difference:
         if "onnx_float64_max_error" not in result:
-            failures.append(f"max |logit difference| {result['max_abs_logit_difference']:.2e} > "
-                            f"{max_logit_difference:g}")
+            failures.append(
+                f"max |logit difference| {result['max_abs_logit_difference']:.2e} > {max_logit_difference:g}"
+            )
         else:
             for measure in ("max", "rms"):
                 onnx_error = result[f"onnx_float64_{measure}_error"]
                 torch_error = result[f"torch_float64_{measure}_error"]
                 if onnx_error > ratios[measure] * torch_error:
-                    failures.append(f"max |logit difference| {result['max_abs_logit_difference']:.2e} > "
-                                    f"{max_logit_difference:g}, and the ONNX path's {measure} error from float64 "
-                                    f"{onnx_error:.2e} > {ratios[measure]:g} x torch's {torch_error:.2e}")
+                    failures.append(
+                        f"max |logit difference| {result['max_abs_logit_difference']:.2e} > "
+                        f"{max_logit_difference:g}, and the ONNX path's {measure} error from float64 "
+                        f"{onnx_error:.2e} > {ratios[measure]:g} x torch's {torch_error:.2e}"
+                    )
     return failures
 
 
@@ -347,15 +407,22 @@ def benchmark_backends(models: dict, frames: torch.Tensor, inferer, repeats: int
             start = time.perf_counter()
             for _ in range(repeats):
                 for index in range(frames.shape[0]):
-                    inferer(frames[index:index + 1], model)
+                    inferer(frames[index : index + 1], model)
             elapsed = time.perf_counter() - start
-            results[name] = {"frames_per_second": repeats * frames.shape[0] / elapsed,
-                             "frames": int(repeats * frames.shape[0])}
+            results[name] = {
+                "frames_per_second": repeats * frames.shape[0] / elapsed,
+                "frames": int(repeats * frames.shape[0]),
+            }
     return results
 
 
-def export_model_file(network: SurgicalSAM, model_file: str, out_dir: str, sam_variant: str | None = None,
-                      class_names: Sequence[str] | None = None) -> dict:
+def export_model_file(
+    network: SurgicalSAM,
+    model_file: str,
+    out_dir: str,
+    sam_variant: str | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict:
     """inference.yaml's ``run export_onnx``: load the trained ``model_file`` into ``network`` and export it."""
     return export_onnx(load_model_file(network, model_file), out_dir, sam_variant=sam_variant, class_names=class_names)
 
@@ -378,9 +445,18 @@ def packed_onnx_files(onnx_dir: str) -> list[str]:
     return files
 
 
-def speed_report(network: SurgicalSAM, model_file: str | None, onnx_dir: str, frames_dir: str, inferer,
-                 num_frames: int | None = None, repeats: int = 2, output_file: str | None = None,
-                 reference: bool = True, split: str = "validation") -> dict:
+def speed_report(
+    network: SurgicalSAM,
+    model_file: str | None,
+    onnx_dir: str,
+    frames_dir: str,
+    inferer,
+    num_frames: int | None = None,
+    repeats: int = 2,
+    output_file: str | None = None,
+    reference: bool = True,
+    split: str = "validation",
+) -> dict:
     """video_measures.yaml's ``onnx_speed``: torch and ONNX Runtime on the same ``num_frames`` frames of
     ``frames_dir`` (a folder of frames, or a prepared dataset: the frames of its ``split``; None: all) in one
     process (CPU, the same thread count), plus their agreement (:func:`compare_backends`,
@@ -405,21 +481,32 @@ def speed_report(network: SurgicalSAM, model_file: str | None, onnx_dir: str, fr
     speed = benchmark_backends({"torch": network, "onnxruntime": onnx_model}, frames, inferer, repeats=repeats)
     import onnxruntime
 
-    report = {"frames_dir": os.path.abspath(frames_dir), "frames": len(paths), "frame_size": list(frames.shape[-2:]),
-              "threads": threads, "device": "cpu",
-              "torch_version": torch.__version__, "onnxruntime_version": onnxruntime.__version__,
-              "speed": speed, "agreement": agreement}
+    report = {
+        "frames_dir": os.path.abspath(frames_dir),
+        "frames": len(paths),
+        "frame_size": list(frames.shape[-2:]),
+        "threads": threads,
+        "device": "cpu",
+        "torch_version": torch.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
+        "speed": speed,
+        "agreement": agreement,
+    }
     if output_file:
         os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
         with open(output_file, "w") as handle:
             json.dump(report, handle, indent=2)
-    print(f"torch {speed['torch']['frames_per_second']:.2f} frames/s, ONNX Runtime "
-          f"{speed['onnxruntime']['frames_per_second']:.2f} frames/s ({threads} threads, {tuple(frames.shape[-2:])} "
-          f"frames); max |logit difference| {agreement['max_abs_logit_difference']:.2e}, equal label pixels "
-          f"{100 * agreement['equal_label_pixels']:.3f}%")
+    print(
+        f"torch {speed['torch']['frames_per_second']:.2f} frames/s, ONNX Runtime "
+        f"{speed['onnxruntime']['frames_per_second']:.2f} frames/s ({threads} threads, {tuple(frames.shape[-2:])} "
+        f"frames); max |logit difference| {agreement['max_abs_logit_difference']:.2e}, equal label pixels "
+        f"{100 * agreement['equal_label_pixels']:.3f}%"
+    )
     if reference:
-        print(f"from the float64 evaluation of the same graphs: torch max {agreement['torch_float64_max_error']:.2e} "
-              f"(RMS {agreement['torch_float64_rms_error']:.2e}), ONNX Runtime max "
-              f"{agreement['onnx_float64_max_error']:.2e} (RMS {agreement['onnx_float64_rms_error']:.2e}); "
-              f"checks: {'; '.join(agreement['failures']) or 'passed'}")
+        print(
+            f"from the float64 evaluation of the same graphs: torch max {agreement['torch_float64_max_error']:.2e} "
+            f"(RMS {agreement['torch_float64_rms_error']:.2e}), ONNX Runtime max "
+            f"{agreement['onnx_float64_max_error']:.2e} (RMS {agreement['onnx_float64_rms_error']:.2e}); "
+            f"checks: {'; '.join(agreement['failures']) or 'passed'}"
+        )
     return report

@@ -83,8 +83,10 @@ def pack_bundle(root: Path, out_dir: str, with_onnx: bool = False) -> tuple[Path
     if root in target.parents:
         raise PackError(f"--out_dir {out_dir} is inside the bundle {root}: choose a folder outside it.")
     if target.exists() and not _is_a_pack_of(target, name):
-        raise PackError(f"{target} exists and is not a zip that pack wrote (one folder {name}/ inside): it is left "
-                        "as it is; choose another --out_dir or move that file.")
+        raise PackError(
+            f"{target} exists and is not a zip that pack wrote (one folder {name}/ inside): it is left "
+            "as it is; choose another --out_dir or move that file."
+        )
     files = packed_files(root)
     if with_onnx:
         from .onnx_backend import packed_onnx_files

@@ -33,8 +33,9 @@ class TemporalPresence:
         min_run: consecutive frames a change must persist before it is taken (1: at once).
     """
 
-    def __init__(self, num_classes: int, on_fraction: float, off_fraction: float | None = None,
-                 min_run: int = 1) -> None:
+    def __init__(
+        self, num_classes: int, on_fraction: float, off_fraction: float | None = None, min_run: int = 1
+    ) -> None:
         off_fraction = on_fraction if off_fraction is None else off_fraction
         if not 0.0 <= float(off_fraction) <= float(on_fraction) < 1.0:
             raise ValueError(f"need 0 <= off_fraction <= on_fraction < 1, got on {on_fraction}, off {off_fraction}")
@@ -78,7 +79,7 @@ class TemporalPresence:
 def classes_shown(label_map: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Label map (H, W), values 0..C -> (C,) bool, the classes it shows."""
     counts = torch.bincount(torch.as_tensor(label_map).flatten().long().cpu(), minlength=num_classes + 1)
-    return counts[1:num_classes + 1] > 0
+    return counts[1 : num_classes + 1] > 0
 
 
 def class_switches(label_maps: Sequence[torch.Tensor], num_classes: int) -> int:
@@ -96,8 +97,9 @@ def switches_per_100_frames(switches: int, transitions: int) -> float:
     return 100.0 * switches / transitions if transitions else float("nan")
 
 
-def evaluate_temporal(network, dataset_dir: str, rules: dict, split: str = "validation",
-                      pairs_per_pass: int = 32) -> dict:
+def evaluate_temporal(
+    network, dataset_dir: str, rules: dict, split: str = "validation", pairs_per_pass: int = 32
+) -> dict:
     """Automatic-protocol metrics and class switches of several presence rules on a dataset's videos.
 
     Each sequence of ``split`` is run in frame order (the network once per frame); every rule decides
@@ -117,8 +119,8 @@ def evaluate_temporal(network, dataset_dir: str, rules: dict, split: str = "vali
 
     from ..data.layout import class_names as dataset_class_names
     from ..data.layout import load_datalist, read_dataset_description, read_frame, read_label_map
-    from ..evaluation.metrics import endovis_metrics, frame_statistics
     from ..evaluation.label_map import merge_class_masks
+    from ..evaluation.metrics import endovis_metrics, frame_statistics
 
     description = read_dataset_description(dataset_dir)
     names = dataset_class_names(description)
@@ -142,8 +144,9 @@ def evaluate_temporal(network, dataset_dir: str, rules: dict, split: str = "vali
             frame = torch.from_numpy(read_frame(image_path)).permute(2, 0, 1)[None].float()
             gt = torch.as_tensor(read_label_map(label_path, num_classes, ignore_index)).long()
             with torch.no_grad():
-                logits, quality = network.predict_classes(frame, torch.ones(1, num_classes, dtype=torch.bool),
-                                                          pairs_per_pass=pairs_per_pass)
+                logits, quality = network.predict_classes(
+                    frame, torch.ones(1, num_classes, dtype=torch.bool), pairs_per_pass=pairs_per_pass
+                )
             masks = logits > 0
             for name, rule in rules.items():
                 present = rule(masks)[0]
@@ -158,16 +161,26 @@ def evaluate_temporal(network, dataset_dir: str, rules: dict, split: str = "vali
     for name, rule in rules.items():
         metrics = endovis_metrics(stats[name], names)
         results[name] = {
-            "iou": metrics["iou"], "challenge_iou": metrics["challenge_iou"], "mc_iou": metrics["mc_iou"],
-            "switches": switches[name], "switches_per_100_frames": switches_per_100_frames(switches[name], transitions),
-            "frames": sum(len(items) for items in sequences.values()), "sequences": len(sequences),
+            "iou": metrics["iou"],
+            "challenge_iou": metrics["challenge_iou"],
+            "mc_iou": metrics["mc_iou"],
+            "switches": switches[name],
+            "switches_per_100_frames": switches_per_100_frames(switches[name], transitions),
+            "frames": sum(len(items) for items in sequences.values()),
+            "sequences": len(sequences),
             "rule": rule.describe(),
         }
     return results
 
 
-def temporal_report(network, model_file: str | None, dataset_dir: str, rules: dict, output_file: str | None = None,
-                    split: str = "validation") -> dict:
+def temporal_report(
+    network,
+    model_file: str | None,
+    dataset_dir: str,
+    rules: dict,
+    output_file: str | None = None,
+    split: str = "validation",
+) -> dict:
     """video_measures.yaml's ``temporal_table``: load ``model_file`` into ``network`` (SurgicalSAM with its
     image encoder), run :func:`evaluate_temporal` and write the results as JSON to ``output_file``."""
     import json
@@ -184,6 +197,8 @@ def temporal_report(network, model_file: str | None, dataset_dir: str, rules: di
         with open(output_file, "w") as handle:
             json.dump({"dataset": os.path.abspath(dataset_dir), "split": split, "results": results}, handle, indent=2)
     for name, result in results.items():
-        print(f"{name:>12}: IoU {result['iou']:.2f}, Challenge IoU {result['challenge_iou']:.2f}, class switches per "
-              f"100 frames {result['switches_per_100_frames']:.1f} ({result['frames']} frames, {result['rule']})")
+        print(
+            f"{name:>12}: IoU {result['iou']:.2f}, Challenge IoU {result['challenge_iou']:.2f}, class switches per "
+            f"100 frames {result['switches_per_100_frames']:.1f} ({result['frames']} frames, {result['rule']})"
+        )
     return results

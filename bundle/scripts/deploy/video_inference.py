@@ -70,8 +70,10 @@ class LabelStore:
             try:
                 self._zip = zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED)
             except zipfile.BadZipFile:
-                raise VideoError(f"{path} is damaged (an earlier run was killed before closing it): delete it and "
-                                 f"{os.path.join(output_dir, FRAMES_DIR)} to start again") from None
+                raise VideoError(
+                    f"{path} is damaged (an earlier run was killed before closing it): delete it and "
+                    f"{os.path.join(output_dir, FRAMES_DIR)} to start again"
+                ) from None
             self._members = set(self._zip.namelist())
 
     def has(self, index: int) -> bool:
@@ -83,7 +85,9 @@ class LabelStore:
         if self._zip is None:
             buffer = io.BytesIO()
             Image.fromarray(label_map).save(buffer, format="PNG")
-            atomic_write_bytes(os.path.join(self.output_dir, LABELS_DIR, _frame_name(index) + ".png"), buffer.getvalue())
+            atomic_write_bytes(
+                os.path.join(self.output_dir, LABELS_DIR, _frame_name(index) + ".png"), buffer.getvalue()
+            )
             return
         buffer = io.BytesIO()
         np.save(buffer, label_map)
@@ -127,12 +131,26 @@ class VideoInference:
         progress: show a progress bar (frames, frames/s).
     """
 
-    def __init__(self, source: str, output_dir: str, network, inferer, class_names: Sequence[str],
-                 model_file: str | None = None, backend: str = "torch", onnx_dir: str | None = None,
-                 label_format: str = "png", write_overlay_video: bool = True, frame_stride: int = 1,
-                 start_time: float | None = None, end_time: float | None = None, folder_fps: float = 25.0,
-                 temporal: TemporalPresence | None = None, device: str | torch.device = "cpu",
-                 progress: bool = True) -> None:
+    def __init__(
+        self,
+        source: str,
+        output_dir: str,
+        network,
+        inferer,
+        class_names: Sequence[str],
+        model_file: str | None = None,
+        backend: str = "torch",
+        onnx_dir: str | None = None,
+        label_format: str = "png",
+        write_overlay_video: bool = True,
+        frame_stride: int = 1,
+        start_time: float | None = None,
+        end_time: float | None = None,
+        folder_fps: float = 25.0,
+        temporal: TemporalPresence | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> None:
         self.backend = check_backend(backend)
         if label_format not in LABEL_FORMATS:
             raise ValueError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
@@ -141,15 +159,22 @@ class VideoInference:
             inferer = copy.copy(inferer)
             inferer.output = "dict"
         elif temporal is not None:
-            raise ValueError("temporal consistency decides the presence of prompted classes: it needs the "
-                             "class-prompt inferer (SurgicalSAM), not this one")
+            raise ValueError(
+                "temporal consistency decides the presence of prompted classes: it needs the "
+                "class-prompt inferer (SurgicalSAM), not this one"
+            )
         if backend == "onnxruntime" and not self.class_prompted:
             raise ValueError("the onnxruntime backend runs the exported SurgicalSAM graphs; use backend torch here")
         self.source, self.output_dir, self.network, self.inferer = str(source), str(output_dir), network, inferer
         self.class_names, self.model_file, self.onnx_dir = list(class_names), model_file, onnx_dir
         self.label_format, self.write_overlay_video = label_format, bool(write_overlay_video)
         self.frame_stride, self.start_time, self.end_time = int(frame_stride), start_time, end_time
-        self.folder_fps, self.temporal, self.device, self.progress = folder_fps, temporal, torch.device(device), progress
+        self.folder_fps, self.temporal, self.device, self.progress = (
+            folder_fps,
+            temporal,
+            torch.device(device),
+            progress,
+        )
 
     # ------------------------------------------------------------------------------------------ model
     def _model(self):
@@ -181,10 +206,18 @@ class VideoInference:
                 quality = ((probabilities * one_hot).flatten(1).sum(1) / pixels.clamp(min=1))[1:].cpu()
                 mask_pixels = None
         label_map = label_map.cpu()
-        area = torch.bincount(label_map.flatten().long(), minlength=num_classes + 1)[1:num_classes + 1].float()
+        area = torch.bincount(label_map.flatten().long(), minlength=num_classes + 1)[1 : num_classes + 1].float()
         area = area / label_map.numel()
-        classes = [{"id": c, "name": self.class_names[c - 1], "quality": round(float(quality[c - 1]), 6),
-                    "area": round(float(area[c - 1]), 6)} for c in range(1, num_classes + 1) if area[c - 1] > 0]
+        classes = [
+            {
+                "id": c,
+                "name": self.class_names[c - 1],
+                "quality": round(float(quality[c - 1]), 6),
+                "area": round(float(area[c - 1]), 6),
+            }
+            for c in range(1, num_classes + 1)
+            if area[c - 1] > 0
+        ]
         record = {"classes": classes}
         if mask_pixels is not None:
             record["mask_pixels"] = [int(v) for v in mask_pixels]
@@ -197,8 +230,13 @@ class VideoInference:
         os.makedirs(os.path.join(self.output_dir, FRAMES_DIR), exist_ok=True)
         model = self._model()
         store = LabelStore(self.output_dir, self.label_format)
-        overlay = (OverlayVideoWriter(os.path.join(self.output_dir, OVERLAY_FILE), sequence.fps / self.frame_stride,
-                                      self.class_names) if self.write_overlay_video else None)
+        overlay = (
+            OverlayVideoWriter(
+                os.path.join(self.output_dir, OVERLAY_FILE), sequence.fps / self.frame_stride, self.class_names
+            )
+            if self.write_overlay_video
+            else None
+        )
         if self.temporal is not None:
             self.temporal.reset()
         counts = {"written": 0, "skipped": 0}
@@ -208,8 +246,12 @@ class VideoInference:
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=sequence.expected_frames(), unit="frame", desc=os.path.basename(self.source.rstrip("/")),
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=sequence.expected_frames(),
+                unit="frame",
+                desc=os.path.basename(self.source.rstrip("/")),
+                dynamic_ncols=True,
+            )
         try:
             for frame in sequence:
                 json_path = os.path.join(self.output_dir, FRAMES_DIR, _frame_name(frame.index) + ".json")
@@ -243,18 +285,30 @@ class VideoInference:
                 overlay.close()
         elapsed = time.perf_counter() - started
         summary = {
-            "source": os.path.abspath(self.source), "fps": sequence.fps, "frame_stride": self.frame_stride,
-            "start_time": self.start_time, "end_time": self.end_time, "backend": self.backend,
+            "source": os.path.abspath(self.source),
+            "fps": sequence.fps,
+            "frame_stride": self.frame_stride,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "backend": self.backend,
             "label_format": self.label_format,
             "temporal": None if self.temporal is None else self.temporal.describe(),
-            "frames_written": counts["written"], "frames_skipped": counts["skipped"],
+            "frames_written": counts["written"],
+            "frames_skipped": counts["skipped"],
             "frames_per_class": dict(zip(self.class_names, frames_per_class)),
-            "seconds": round(elapsed, 3), "complete": error is None, "error": None if error is None else str(error),
-            "decode_errors": sequence.decode_errors, "damaged_frames": sequence.damaged_frames,
+            "seconds": round(elapsed, 3),
+            "complete": error is None,
+            "error": None if error is None else str(error),
+            "decode_errors": sequence.decode_errors,
+            "damaged_frames": sequence.damaged_frames,
         }
         atomic_write_bytes(os.path.join(self.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
         if error is not None:
             raise error
-        logger.info("video inference: %d frames written, %d already there, into %s", counts["written"],
-                    counts["skipped"], self.output_dir)
+        logger.info(
+            "video inference: %d frames written, %d already there, into %s",
+            counts["written"],
+            counts["skipped"],
+            self.output_dir,
+        )
         return summary

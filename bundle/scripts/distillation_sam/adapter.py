@@ -54,8 +54,13 @@ class CrossAttentionBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor | None = None,
-                key_pe: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor | None = None,
+        key_pe: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q = self.norm_q(queries)
         kv = self.norm_kv(keys)
         q_in = q if query_pe is None else q + query_pe
@@ -96,12 +101,8 @@ class DistillationAdapter(nn.Module):
         self.pvt = PyramidVisionTransformer(**dict(pvt or {}))
         self.lateral = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in self.pvt.embed_dims)
         self.fuse = nn.Conv2d(len(self.pvt.embed_dims) * embed_dim, embed_dim, kernel_size=1)
-        self.tap_proj = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(c), nn.Linear(c, embed_dim)) for c in tap_dims
-        )
-        self.tap_blocks = nn.ModuleList(
-            CrossAttentionBlock(embed_dim, num_heads, mlp_dim) for _ in tap_dims
-        )
+        self.tap_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(c), nn.Linear(c, embed_dim)) for c in tap_dims)
+        self.tap_blocks = nn.ModuleList(CrossAttentionBlock(embed_dim, num_heads, mlp_dim) for _ in tap_dims)
         self.dense_out = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim))
         self.queries = nn.Embedding(num_queries, embed_dim)
         self.query_block = CrossAttentionBlock(embed_dim, num_heads, mlp_dim)

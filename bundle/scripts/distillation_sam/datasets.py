@@ -21,16 +21,25 @@ from ..data.augmentation import augment_frame, version_for_epoch
 from ..data.embedding_cache import EmbeddingCache
 from ..data.layout import DEFAULT_IGNORE_INDEX, load_datalist, read_frame, read_label_map
 
-__all__ = ["FrameLabelDataset", "CachedTapDataset", "distillation_dataset", "tap_blocks", "tap_cache_folder",
-           "used_tap_cache_dir", "tap_cache_identity", "prepare_tap_cache", "TRAIN_CONFIG_FILES"]
+__all__ = [
+    "FrameLabelDataset",
+    "CachedTapDataset",
+    "distillation_dataset",
+    "tap_blocks",
+    "tap_cache_folder",
+    "used_tap_cache_dir",
+    "tap_cache_identity",
+    "prepare_tap_cache",
+    "TRAIN_CONFIG_FILES",
+]
 #: keys of the cached encoder outputs a batch may carry; passed to ``DistillationSAM.forward``.
 CACHED_KEYS = ("embedding", "taps")
 
 
 def tap_blocks(sam_variant: str, taps=None, num_taps: int = 3) -> list[int]:
     """The 1-based ViT blocks a ``DistillationSAM`` with these settings taps (``taps`` None: evenly spaced)."""
-    from .adapter import default_tap_blocks
     from ..sam.backbone import get_variant
+    from .adapter import default_tap_blocks
 
     if taps is None:
         return list(default_tap_blocks(get_variant(sam_variant).encoder_depth, num_taps))
@@ -59,8 +68,15 @@ class FrameLabelDataset(Dataset):
         ignore_index: label value of unlabelled pixels.
     """
 
-    def __init__(self, dataset_dir: str, split: str, num_classes: int, augmentation_versions: int = 0,
-                 seed: int = 666, ignore_index: int = DEFAULT_IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        dataset_dir: str,
+        split: str,
+        num_classes: int,
+        augmentation_versions: int = 0,
+        seed: int = 666,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+    ) -> None:
         self.datalist = load_datalist(dataset_dir, split)
         self.num_classes, self.augmentation_versions = num_classes, augmentation_versions
         self.seed, self.ignore_index = seed, ignore_index
@@ -101,11 +117,15 @@ class CachedTapDataset(Dataset):
 
     def __init__(self, cache: EmbeddingCache, split: str, num_classes: int | None = None) -> None:
         if "taps" not in cache.manifest["identity"]:
-            raise ValueError(f"{cache.cache_dir} is an embedding cache without encoder taps; Distillation-SAM needs "
-                             f"a tap cache (python -m monai.bundle run precompute --config_file {TRAIN_CONFIG_FILES} ...)")
+            raise ValueError(
+                f"{cache.cache_dir} is an embedding cache without encoder taps; Distillation-SAM needs "
+                f"a tap cache (python -m monai.bundle run precompute --config_file {TRAIN_CONFIG_FILES} ...)"
+            )
         if num_classes is not None and num_classes != len(cache.class_names):
-            raise ValueError(f"num_classes={num_classes} but the cached dataset has {len(cache.class_names)} classes "
-                             f"({cache.class_names})")
+            raise ValueError(
+                f"num_classes={num_classes} but the cached dataset has {len(cache.class_names)} classes "
+                f"({cache.class_names})"
+            )
         self.cache, self.split = cache, split
         self.num_versions = max(cache.versions(split))
         self.set_epoch(0)
@@ -125,9 +145,17 @@ class CachedTapDataset(Dataset):
         taps, image = self.cache.load_taps(entry)
         return {"image": image, "label": label[None], "embedding": embedding, "taps": taps, "key": entry["key"]}
 
-def distillation_dataset(dataset_dir: str, split: str, num_classes: int, augmentation_versions: int = 0,
-                         seed: int = 666, ignore_index: int = DEFAULT_IGNORE_INDEX, tap_cache_dir: str | None = None,
-                         tap_cache_identity: dict | None = None) -> Dataset:
+
+def distillation_dataset(
+    dataset_dir: str,
+    split: str,
+    num_classes: int,
+    augmentation_versions: int = 0,
+    seed: int = 666,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    tap_cache_dir: str | None = None,
+    tap_cache_identity: dict | None = None,
+) -> Dataset:
     """:class:`CachedTapDataset` of ``tap_cache_dir`` (checked against ``tap_cache_identity``: a cache of
     another encoder, checkpoint, taps or input size raises ``StaleCacheError``), or, when it is None,
     :class:`FrameLabelDataset` of ``dataset_dir`` (augmentation on the fly, encoder in every step)."""
@@ -149,8 +177,9 @@ def used_tap_cache_dir(cache_taps: bool, tap_cache_dir: str) -> str | None:
     return tap_cache_dir if cache_taps else None
 
 
-def tap_cache_identity(cache_taps: bool, sam_variant: str, sam_checkpoint: str | None,
-                       tap_blocks: Sequence[int]) -> dict | None:
+def tap_cache_identity(
+    cache_taps: bool, sam_variant: str, sam_checkpoint: str | None, tap_blocks: Sequence[int]
+) -> dict | None:
     """The identity the tap cache is checked against with ``cache_taps`` (``cache_identity`` with the taps), None
     without: a run on raw frames does not fingerprint the SAM checkpoint."""
     from ..data.embedding_cache import cache_identity

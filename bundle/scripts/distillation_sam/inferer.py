@@ -30,5 +30,7 @@ class SemanticInferer(Inferer):
         label_map = network(inputs, **cached)["label_map"].unsqueeze(1)
         if self.output == "label_map":
             return label_map
-        return {"label_map": label_map,
-                "has_entry": torch.ones(label_map.shape[0], dtype=torch.bool, device=label_map.device)}
+        return {
+            "label_map": label_map,
+            "has_entry": torch.ones(label_map.shape[0], dtype=torch.bool, device=label_map.device),
+        }

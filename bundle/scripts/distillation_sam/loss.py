@@ -33,15 +33,20 @@ class DistillationSAMLoss(nn.Module):
     After each call, ``last_terms`` holds the unweighted terms (floats) for logging.
     """
 
-    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 0.0, token_kd_weight: float = 0.1,
-                 dense_kd_weight: float = 0.1, ignore_index: int | None = None,
-                 dice_include_background: bool = False) -> None:
+    def __init__(
+        self,
+        ce_weight: float = 1.0,
+        dice_weight: float = 0.0,
+        token_kd_weight: float = 0.1,
+        dense_kd_weight: float = 0.1,
+        ignore_index: int | None = None,
+        dice_include_background: bool = False,
+    ) -> None:
         super().__init__()
         self.ce_weight, self.dice_weight = float(ce_weight), float(dice_weight)
         self.token_kd_weight, self.dense_kd_weight = float(token_kd_weight), float(dense_kd_weight)
         self.ignore_index = ignore_index
-        self.dice = DiceLoss(include_background=dice_include_background, softmax=False, batch=False,
-                             reduction="mean")
+        self.dice = DiceLoss(include_background=dice_include_background, softmax=False, batch=False, reduction="mean")
         self.last_terms: dict[str, float] = {}
 
     def _label(self, target, logits: torch.Tensor) -> torch.Tensor:
@@ -50,8 +55,10 @@ class DistillationSAMLoss(nn.Module):
             label = label[:, 0]
         expected = (logits.shape[0], *logits.shape[2:])
         if tuple(label.shape) != expected:
-            raise ValueError(f"label of shape {tuple(label.shape)} does not match the semantic logits "
-                             f"{tuple(logits.shape)}: expected (B, H, W) = {expected} or (B, 1, H, W).")
+            raise ValueError(
+                f"label of shape {tuple(label.shape)} does not match the semantic logits "
+                f"{tuple(logits.shape)}: expected (B, H, W) = {expected} or (B, 1, H, W)."
+            )
         return label.long()
 
     def forward(self, pred: Mapping[str, torch.Tensor], target) -> torch.Tensor:
@@ -71,8 +78,10 @@ class DistillationSAMLoss(nn.Module):
         valid = torch.ones_like(label, dtype=torch.bool) if self.ignore_index is None else label != self.ignore_index
         bad = valid & ((label < 0) | (label >= num_channels))
         if bool(bad.any()):
-            raise ValueError(f"label values must be in 0..{num_channels - 1} (or ignore_index={self.ignore_index}), "
-                             f"got {sorted(set(label[bad].unique().tolist()))[:5]}")
+            raise ValueError(
+                f"label values must be in 0..{num_channels - 1} (or ignore_index={self.ignore_index}), "
+                f"got {sorted(set(label[bad].unique().tolist()))[:5]}"
+            )
         safe_label = torch.where(valid, label, torch.zeros_like(label))
         terms = {}
         if bool(valid.any()):
@@ -94,8 +103,10 @@ class DistillationSAMLoss(nn.Module):
             if not weight:
                 continue
             if teacher_key not in pred:
-                raise KeyError(f"the {name} term (weight {weight}) needs {teacher_key!r} in the network output: "
-                               "call the network with the label map (training) or set the weight to 0")
+                raise KeyError(
+                    f"the {name} term (weight {weight}) needs {teacher_key!r} in the network output: "
+                    "call the network with the label map (training) or set the weight to 0"
+                )
             terms[name] = F.mse_loss(pred[student_key], pred[teacher_key].detach())
             total = total + weight * terms[name]
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}

@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sam.batched_mask_decoder import decode_masks
-from .adapter import DistillationAdapter, default_tap_blocks
 from ..sam.backbone import build_sam, get_variant
+from ..sam.batched_mask_decoder import decode_masks
+from ..sam.checkpoint import state_dict_mismatch
 from ..sam.fast_encoder import frozen_encoder_forward
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
-from ..sam.checkpoint import state_dict_mismatch
+from .adapter import DistillationAdapter, default_tap_blocks
 from .teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,10 @@ class ClassHead(nn.Module):
     def __init__(self, num_classes: int, embed_dim: int = 256, hidden_dim: int = 256) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim), nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(embed_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
             nn.Linear(hidden_dim, num_classes + 1),
         )
 
@@ -91,8 +93,9 @@ def semantic_logits(mask_logits: torch.Tensor, class_logits: torch.Tensor, combi
     if combine not in COMBINE_MODES:
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
     if mask_logits.shape[:2] != class_logits.shape[:2]:
-        raise ValueError(f"mask logits {tuple(mask_logits.shape)} and class logits {tuple(class_logits.shape)} "
-                         "must agree on (B, T)")
+        raise ValueError(
+            f"mask logits {tuple(mask_logits.shape)} and class logits {tuple(class_logits.shape)} must agree on (B, T)"
+        )
     masks = mask_logits if combine == "logits" else mask_logits.sigmoid()
     return torch.einsum("btk,bthw->bkhw", class_logits.softmax(-1), masks)
 
@@ -173,16 +176,22 @@ class DistillationSAM(nn.Module):
         self.teacher_num_negative_points = teacher_num_negative_points
         self.ignore_index = ignore_index
         if pvt_input_size is not None and int(pvt_input_size) < 32:
-            raise ValueError(f"pvt_input_size must be None (the SAM input size) or at least 32 (the PVT downsamples "
-                             f"by 32), got {pvt_input_size}")
+            raise ValueError(
+                f"pvt_input_size must be None (the SAM input size) or at least 32 (the PVT downsamples "
+                f"by 32), got {pvt_input_size}"
+            )
         self.pvt_input_size = None if pvt_input_size is None else int(pvt_input_size)
 
         self.image_encoder = sam.image_encoder.requires_grad_(False)
         self.prompt_encoder = sam.prompt_encoder.requires_grad_(False)
         self.mask_decoder = sam.mask_decoder.requires_grad_(False)
         self.adapter = DistillationAdapter(
-            [variant.encoder_embed_dim] * len(self.taps), self.embed_dim, num_heads=8,
-            num_queries=num_queries, mlp_dim=adapter_mlp_dim, pvt=pvt,
+            [variant.encoder_embed_dim] * len(self.taps),
+            self.embed_dim,
+            num_heads=8,
+            num_queries=num_queries,
+            mlp_dim=adapter_mlp_dim,
+            pvt=pvt,
         )
         self.class_head = ClassHead(num_classes, self.embed_dim, class_head_hidden_dim)
         if logit_scale is not None and not float(logit_scale) > 0:
@@ -210,7 +219,7 @@ class DistillationSAM(nn.Module):
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in [k for k in state if k[len(prefix):].startswith(FROZEN_PREFIXES)]:
+        for key in [k for k in state if k[len(prefix) :].startswith(FROZEN_PREFIXES)]:
             del state[key]
         return state
 
@@ -228,9 +237,12 @@ class DistillationSAM(nn.Module):
         return super().load_state_dict(given, strict=False, assign=assign)
 
     # -------------------------------------------------------------------------------------- forward
-    def encode(self, frames: torch.Tensor, embedding: torch.Tensor | None = None,
-               taps: Sequence[torch.Tensor] | torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def encode(
+        self,
+        frames: torch.Tensor,
+        embedding: torch.Tensor | None = None,
+        taps: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Frames (B, 3, H, W) 0..255 -> SAM input (B, 3, S, S), embedding (B, d, h, w), taps [(B, h, w, C_vit)].
 
         ``embedding`` and ``taps`` (a list of (B, h, w, C_vit) or one (B, n_taps, h, w, C_vit) tensor, e.g.
@@ -249,11 +261,15 @@ class DistillationSAM(nn.Module):
             taps = list(taps.unbind(1))
         expected = (frames.shape[0], self.embed_dim, *self.grid_size)
         if tuple(embedding.shape) != expected:
-            raise ValueError(f"cached embedding of shape {tuple(embedding.shape)}, expected {expected}: the cache was "
-                             "made by another SAM variant")
+            raise ValueError(
+                f"cached embedding of shape {tuple(embedding.shape)}, expected {expected}: the cache was "
+                "made by another SAM variant"
+            )
         if len(taps) != len(self.taps):
-            raise ValueError(f"got {len(taps)} cached taps, this network taps blocks {self.taps}: rebuild the tap "
-                             "cache for these taps (precompute)")
+            raise ValueError(
+                f"got {len(taps)} cached taps, this network taps blocks {self.taps}: rebuild the tap "
+                "cache for these taps (precompute)"
+            )
         return sam_input, embedding.to(sam_input.dtype), [t.to(sam_input.dtype) for t in taps]
 
     def adapter_input(self, sam_input: torch.Tensor) -> torch.Tensor:
@@ -263,9 +279,14 @@ class DistillationSAM(nn.Module):
         size = (self.pvt_input_size, self.pvt_input_size)
         return F.interpolate(sam_input, size=size, mode="bilinear", align_corners=False, antialias=True)
 
-    def forward(self, frames: torch.Tensor, label: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, embedding: torch.Tensor | None = None,
-                taps: Sequence[torch.Tensor] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        frames: torch.Tensor,
+        label: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        embedding: torch.Tensor | None = None,
+        taps: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """
         Args:
             frames: (B, 3, H, W) RGB on the 0..255 scale.
@@ -320,17 +341,28 @@ class DistillationSAM(nn.Module):
         return mask
 
     @torch.no_grad()
-    def teacher(self, image_embeddings: torch.Tensor, label: torch.Tensor,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher(
+        self, image_embeddings: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher of each frame (see module docstring): embeddings (B, d, h, w) and label maps (B, H, W)
         -> decoder mask tokens (B, 4, d) and dense embedding (B, d, h, w), without gradient."""
         prompts = sample_teacher_prompts(
-            self.foreground(label), self.image_size, self.grid_size, self.teacher_strategy,
-            self.teacher_num_points, self.teacher_num_negative_points, generator,
+            self.foreground(label),
+            self.image_size,
+            self.grid_size,
+            self.teacher_strategy,
+            self.teacher_num_points,
+            self.teacher_num_negative_points,
+            generator,
         )
         sparse, dense = teacher_prompt_embeddings(self.prompt_encoder, prompts)
         _, _, tokens = decode_masks(
-            self.mask_decoder, image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
-            return_mask_tokens=True, all_mask_outputs=True,
+            self.mask_decoder,
+            image_embeddings,
+            self.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            return_mask_tokens=True,
+            all_mask_outputs=True,
         )
         return tokens, dense

@@ -161,8 +161,14 @@ class PyramidVisionTransformer(nn.Module):
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        sizes = {"embed_dims": embed_dims, "depths": depths, "num_heads": num_heads,
-                 "patch_sizes": patch_sizes, "sr_ratios": sr_ratios, "mlp_ratios": mlp_ratios}
+        sizes = {
+            "embed_dims": embed_dims,
+            "depths": depths,
+            "num_heads": num_heads,
+            "patch_sizes": patch_sizes,
+            "sr_ratios": sr_ratios,
+            "mlp_ratios": mlp_ratios,
+        }
         lengths = {name: len(value) for name, value in sizes.items()}
         if set(lengths.values()) != {4}:
             raise ValueError(f"PVT has 4 stages: every per-stage size needs 4 entries, got lengths {lengths}")
@@ -177,9 +183,13 @@ class PyramidVisionTransformer(nn.Module):
             pos = nn.Parameter(torch.zeros(1, grid * grid, embed_dims[i]))
             nn.init.trunc_normal_(pos, std=0.02)
             setattr(self, f"pos_embed{stage}", pos)
-            setattr(self, f"block{stage}", nn.ModuleList(
-                Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i]) for _ in range(depths[i])
-            ))
+            setattr(
+                self,
+                f"block{stage}",
+                nn.ModuleList(
+                    Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i]) for _ in range(depths[i])
+                ),
+            )
             channels = embed_dims[i]
         self.norm = nn.LayerNorm(embed_dims[-1], eps=1e-6)
         self._init_weights()

@@ -101,10 +101,14 @@ def sample_teacher_prompts(
             negative, has_negative = _draw(~flat[b], num_negative_points, generator)
             index = torch.cat([positive, negative])
             coords.append(torch.stack([index % width, index // width], dim=-1).float())
-            point_labels.append(torch.cat([
-                torch.full((num_points,), 1 if has_positive else -1),
-                torch.full((num_negative_points,), 0 if has_negative and has_positive else -1),
-            ]))
+            point_labels.append(
+                torch.cat(
+                    [
+                        torch.full((num_points,), 1 if has_positive else -1),
+                        torch.full((num_negative_points,), 0 if has_negative and has_positive else -1),
+                    ]
+                )
+            )
         points = torch.stack(coords).to(device) * scale
         labels = torch.stack(point_labels).to(device)
         points = torch.where(labels[..., None] == -1, torch.zeros_like(points), points)

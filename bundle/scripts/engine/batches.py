@@ -13,8 +13,9 @@ class FrameBatch(PrepareBatch):
     evaluation, see ``scripts.evaluation.class_mapping``); None leaves them as they are.
     """
 
-    def __init__(self, image_key: str = "image_embeddings", label_key: str = "label",
-                 label_lut: list[int] | None = None) -> None:
+    def __init__(
+        self, image_key: str = "image_embeddings", label_key: str = "label", label_lut: list[int] | None = None
+    ) -> None:
         self.image_key, self.label_key, self.label_lut = image_key, label_key, label_lut
         if label_lut is not None and len(label_lut) != 256:
             raise ValueError(f"label_lut must have 256 entries (one per uint8 label value), got {len(label_lut)}")

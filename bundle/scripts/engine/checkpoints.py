@@ -28,8 +28,15 @@ from ..errors import BundleError
 from ..files import atomic_write
 from ..sam.checkpoint import memoised_md5
 
-__all__ = ["MODEL_INFO_KEY", "AtomicCheckpointSaver", "CheckpointWriteError", "ModelInfo", "ModelInfoError",
-           "check_model_info", "read_model_info"]
+__all__ = [
+    "MODEL_INFO_KEY",
+    "AtomicCheckpointSaver",
+    "CheckpointWriteError",
+    "ModelInfo",
+    "ModelInfoError",
+    "check_model_info",
+    "read_model_info",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +65,22 @@ class ModelInfo:
         num_tokens: SurgicalSAM's tokens per class (None for a method without them).
     """
 
-    def __init__(self, method: str, class_names: Sequence[str], frame_size: Sequence[int], sam_variant: str,
-                 sam_checkpoint: str | None = None, num_tokens: int | None = None) -> None:
-        self.info = {"method": str(method), "class_names": [str(n) for n in class_names],
-                     "frame_size": [int(v) for v in frame_size], "sam_variant": str(sam_variant),
-                     "num_tokens": None if num_tokens is None else int(num_tokens)}
+    def __init__(
+        self,
+        method: str,
+        class_names: Sequence[str],
+        frame_size: Sequence[int],
+        sam_variant: str,
+        sam_checkpoint: str | None = None,
+        num_tokens: int | None = None,
+    ) -> None:
+        self.info = {
+            "method": str(method),
+            "class_names": [str(n) for n in class_names],
+            "frame_size": [int(v) for v in frame_size],
+            "sam_variant": str(sam_variant),
+            "num_tokens": None if num_tokens is None else int(num_tokens),
+        }
         self.sam_checkpoint = sam_checkpoint
 
     def state_dict(self) -> dict:
@@ -82,9 +100,14 @@ def read_model_info(model_file: str) -> dict | None:
     return dict(info) if isinstance(info, Mapping) else None
 
 
-def check_model_info(model_file: str, class_names: Sequence[str] | None = None,
-                     frame_size: Sequence[int] | None = None, method: str | None = None,
-                     sam_variant: str | None = None, sam_checkpoint: str | None = None) -> dict | None:
+def check_model_info(
+    model_file: str,
+    class_names: Sequence[str] | None = None,
+    frame_size: Sequence[int] | None = None,
+    method: str | None = None,
+    sam_variant: str | None = None,
+    sam_checkpoint: str | None = None,
+) -> dict | None:
     """Compare the run's settings with the model file's ``model_info``; returns it (None for an older file).
 
     Raises:
@@ -100,24 +123,41 @@ def check_model_info(model_file: str, class_names: Sequence[str] | None = None,
     if info is None:
         if model_file not in _said_without_info:
             _said_without_info.add(model_file)
-            logger.warning("%s has no record of its classes and frame size (saved by an older bundle or converted): "
-                           "it is loaded as it is, and the run's class_names and frame_size are trusted", model_file)
+            logger.warning(
+                "%s has no record of its classes and frame size (saved by an older bundle or converted): "
+                "it is loaded as it is, and the run's class_names and frame_size are trusted",
+                model_file,
+            )
         return None
-    wanted = {"method": method, "class_names": None if class_names is None else [str(n) for n in class_names],
-              "frame_size": None if frame_size is None else [int(v) for v in frame_size], "sam_variant": sam_variant}
-    differences = [f"{key}: the model file has {info.get(key)!r}, this run has {value!r}"
-                   for key, value in wanted.items() if value is not None and key in info and info[key] != value]
+    wanted = {
+        "method": method,
+        "class_names": None if class_names is None else [str(n) for n in class_names],
+        "frame_size": None if frame_size is None else [int(v) for v in frame_size],
+        "sam_variant": sam_variant,
+    }
+    differences = [
+        f"{key}: the model file has {info.get(key)!r}, this run has {value!r}"
+        for key, value in wanted.items()
+        if value is not None and key in info and info[key] != value
+    ]
     if differences:
         raise ModelInfoError(
-            f"{model_file} was trained with other settings than this run's:\n  - " + "\n  - ".join(differences)
-            + f"\nRun with the model's settings (e.g. --class_names \"{info.get('class_names')}\" --frame_size "
-            f"\"{info.get('frame_size')}\" --sam_variant {info.get('sam_variant')}), or pass the model file "
-            "trained for these (--model_file PATH).")
+            f"{model_file} was trained with other settings than this run's:\n  - "
+            + "\n  - ".join(differences)
+            + f'\nRun with the model\'s settings (e.g. --class_names "{info.get("class_names")}" --frame_size '
+            f'"{info.get("frame_size")}" --sam_variant {info.get("sam_variant")}), or pass the model file '
+            "trained for these (--model_file PATH)."
+        )
     recorded = info.get("sam_checkpoint_md5")
     if recorded and sam_checkpoint and os.path.isfile(sam_checkpoint) and memoised_md5(sam_checkpoint) != recorded:
-        logger.warning("%s was trained with a SAM checkpoint of md5 %s, this run uses %s (md5 %s): its results may "
-                       "differ from the validated ones", model_file, recorded, sam_checkpoint,
-                       memoised_md5(sam_checkpoint))
+        logger.warning(
+            "%s was trained with a SAM checkpoint of md5 %s, this run uses %s (md5 %s): its results may "
+            "differ from the validated ones",
+            model_file,
+            recorded,
+            sam_checkpoint,
+            memoised_md5(sam_checkpoint),
+        )
     return info
 
 

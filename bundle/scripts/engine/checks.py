@@ -12,9 +12,16 @@ from ..sam.backbone import missing_sam_weights
 
 
 # ------------------------------------------------------------------------------------------ input checks
-def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
-                          config_hint: str = "bundle/configs/train.yaml", job: str = "train",
-                          extra_problems: list[str] | None = None, splits: list[str] | None = None) -> None:
+def check_training_inputs(
+    dataset_dir: str,
+    sam_variant: str,
+    sam_checkpoint: str | None,
+    cache_dir: str,
+    config_hint: str = "bundle/configs/train.yaml",
+    job: str = "train",
+    extra_problems: list[str] | None = None,
+    splits: list[str] | None = None,
+) -> None:
     """Fail at once, naming every missing input and the command that makes it.
 
     ``splits``: the dataset.json splits the run reads (train_split, val_split); each must be in the cache.
@@ -35,16 +42,22 @@ def check_training_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: st
         )
     missing += missing_sam_weights(sam_variant, sam_checkpoint)
     if not missing:  # the cache's own check (the one EmbeddingCache opens it with), in this run's words
-        cache_missing, cache_stale = cache_problems(cache_dir, cache_identity(sam_variant, sam_checkpoint),
-                                                    splits or [])
+        cache_missing, cache_stale = cache_problems(
+            cache_dir, cache_identity(sam_variant, sam_checkpoint), splits or []
+        )
         hint = "<the same config files as this run>"
         missing += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_missing]
         stale += [f"embeddings: {problem}".replace(hint, config_hint) for problem in cache_stale]
     raise_input_problems(missing + stale, job, MissingInputError if missing else StaleCacheError)
 
 
-def check_dataset_facts(dataset_dir: str, facts: dict, cache_dir: str | None = None, job: str = "train",
-                        config_hint: str = "bundle/configs/train.yaml") -> None:
+def check_dataset_facts(
+    dataset_dir: str,
+    facts: dict,
+    cache_dir: str | None = None,
+    job: str = "train",
+    config_hint: str = "bundle/configs/train.yaml",
+) -> None:
     """Fail before any work when the run's ``class_names`` / ``frame_size`` disagree with dataset.json.
 
     ``facts``: train.yaml's ``dataset_facts_checked`` (a value None is not compared). Class names are compared
@@ -66,19 +79,32 @@ def check_dataset_facts(dataset_dir: str, facts: dict, cache_dir: str | None = N
         with open(manifest) as handle:
             cached = (json.load(handle).get("dataset") or {}).get("class_names")
         if cached is not None and list(cached) != [str(n) for n in names]:
-            raise_input_problems([
-                f"embeddings: the cache at {cache_dir} was made for the classes {cached}, not the run's class_names "
-                f"{list(names)}: it is not used. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and run "
-                f"precompute (python -m monai.bundle run precompute --config_file {config_hint} ...)."], job,
-                StaleCacheError)
+            raise_input_problems(
+                [
+                    f"embeddings: the cache at {cache_dir} was made for the classes {cached}, not the run's class_names "
+                    f"{list(names)}: it is not used. Pass --cache_dir NEW_FOLDER (or delete {cache_dir}) and run "
+                    f"precompute (python -m monai.bundle run precompute --config_file {config_hint} ...)."
+                ],
+                job,
+                StaleCacheError,
+            )
 
 
-def check_evaluation_inputs(dataset_dir: str, sam_variant: str, sam_checkpoint: str | None, cache_dir: str,
-                            model_file: str, splits: list[str] | None = None) -> None:
+def check_evaluation_inputs(
+    dataset_dir: str,
+    sam_variant: str,
+    sam_checkpoint: str | None,
+    cache_dir: str,
+    model_file: str,
+    splits: list[str] | None = None,
+) -> None:
     """As :func:`check_training_inputs`, and the trained model must exist."""
     extra = []
     if not os.path.isfile(model_file):
-        extra.append(f"model: {model_file} not found. Train first (python -m monai.bundle run training "
-                     "--config_file bundle/configs/train.yaml ...) or pass --model_file PATH.")
-    check_training_inputs(dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra,
-                          splits=splits)
+        extra.append(
+            f"model: {model_file} not found. Train first (python -m monai.bundle run training "
+            "--config_file bundle/configs/train.yaml ...) or pass --model_file PATH."
+        )
+    check_training_inputs(
+        dataset_dir, sam_variant, sam_checkpoint, cache_dir, job="evaluate", extra_problems=extra, splits=splits
+    )

@@ -78,8 +78,12 @@ def init_distributed(backend: str | None = None) -> None:
     if backend == "nccl":
         rank_device()
     torch.distributed.init_process_group(backend=backend)
-    logger.info("process group initialised: rank %d of %d (%s)", torch.distributed.get_rank(),
-                torch.distributed.get_world_size(), backend)
+    logger.info(
+        "process group initialised: rank %d of %d (%s)",
+        torch.distributed.get_rank(),
+        torch.distributed.get_world_size(),
+        backend,
+    )
 
 
 def rank_device() -> torch.device:

@@ -76,8 +76,9 @@ class AugmentationVersionHandler:
             engine.set_data(loader)
             if hasattr(loader, "__len__") and len(loader):
                 engine.state.epoch_length = len(loader)
-        logger.info("epoch %d: augmentation version %d, %d samples", engine.state.epoch,
-                    self.dataset.version, len(self.dataset))
+        logger.info(
+            "epoch %d: augmentation version %d, %d samples", engine.state.epoch, self.dataset.version, len(self.dataset)
+        )
 
 
 class EngineProgress:
@@ -128,8 +129,10 @@ class GradientNormClipping:
         if self.max_norm is None:
             return
         if getattr(engine, "accumulation_steps", 1) > 1:
-            raise ValueError("GradientNormClipping does not support gradient accumulation: set "
-                             "accumulation_steps to 1 or disable clipping (max_norm null)")
+            raise ValueError(
+                "GradientNormClipping does not support gradient accumulation: set "
+                "accumulation_steps to 1 or disable clipping (max_norm null)"
+            )
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -154,8 +157,11 @@ class BestModelState:
         state = self.evaluator.state
         # MONAI's CheckpointSaver loads its key-metric record but has no state_dict(): read ignite's.
         record = self.best_model_saver._key_metric_checkpoint.state_dict()
-        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch),
-                "saver": record}
+        return {
+            "best_metric": float(state.best_metric),
+            "best_metric_epoch": int(state.best_metric_epoch),
+            "saver": record,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.evaluator.state.best_metric = state["best_metric"]
@@ -188,8 +194,11 @@ class RunSettings:
 
     def differences(self, saved: dict) -> list[str]:
         """``name: the training state has X, this run has Y`` for every setting both know and that differs."""
-        return [f"{name}: the training state has {saved[name]!r}, this run has {value!r}"
-                for name, value in self.settings.items() if name in saved and saved[name] != value]
+        return [
+            f"{name}: the training state has {saved[name]!r}, this run has {value!r}"
+            for name, value in self.settings.items()
+            if name in saved and saved[name] != value
+        ]
 
 
 class TrainingState:
@@ -207,8 +216,15 @@ class TrainingState:
     under a new name, said, never replaced.
     """
 
-    def __init__(self, checkpoint_dir: str, save_dict: dict, resume: bool = True, settings: dict | None = None,
-                 resume_with_changes: bool = False, model_file: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        save_dict: dict,
+        resume: bool = True,
+        settings: dict | None = None,
+        resume_with_changes: bool = False,
+        model_file: str | None = None,
+    ) -> None:
         self.checkpoint_dir, self.save_dict, self.resume = checkpoint_dir, dict(save_dict), resume
         self.settings = RunSettings(settings or {})
         self.resume_with_changes, self.model_file = bool(resume_with_changes), model_file
@@ -239,8 +255,11 @@ class TrainingState:
             saved = torch.load(latest, map_location="cpu", weights_only=True)
             self._compare_settings(latest, saved.get(SETTINGS_KEY))
             progress = saved.get(PROGRESS_KEY) or {}
-            logger.info("resuming training from %s (after epoch %s; --resume false starts afresh)", latest,
-                        progress.get("epoch", "?"))
+            logger.info(
+                "resuming training from %s (after epoch %s; --resume false starts afresh)",
+                latest,
+                progress.get("epoch", "?"),
+            )
             load = {k: v for k, v in state.items() if k != SETTINGS_KEY}
             if PROGRESS_KEY not in saved:
                 # saved by a bundle before 0.4, whose epochs all had the first one's length: ignite's own
@@ -251,20 +270,25 @@ class TrainingState:
                 engine.add_event_handler(Events.STARTED, self._apply_learning_rate, saved.get(SETTINGS_KEY) or {})
         elif self.model_file and os.path.isfile(self.model_file) and idist.get_rank() == 0:
             kept = keep_aside(self.model_file)
-            logger.warning("%s was there before this run, which does not start from it: kept as %s", self.model_file,
-                           kept)
+            logger.warning(
+                "%s was there before this run, which does not start from it: kept as %s", self.model_file, kept
+            )
         # n_saved=None: ignite's own pruning deletes the previous file BEFORE writing the next one (in
         # place), so a kill in between would leave no complete state. Older files (also those of
         # earlier, killed runs) are removed below, once this epoch's file is written (handlers run in
         # the order they were attached).
-        AtomicCheckpointSaver(save_dir=self.checkpoint_dir, save_dict=state, save_interval=1, n_saved=None,
-                              epoch_level=True).attach(engine)
+        AtomicCheckpointSaver(
+            save_dir=self.checkpoint_dir, save_dict=state, save_interval=1, n_saved=None, epoch_level=True
+        ).attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._remove_older_checkpoints)
 
     def _compare_settings(self, latest: str, saved: dict | None) -> None:
         if saved is None:
-            logger.warning("the training state %s has no record of its settings (saved by an older bundle): this "
-                           "run's are not compared with it", latest)
+            logger.warning(
+                "the training state %s has no record of its settings (saved by an older bundle): this "
+                "run's are not compared with it",
+                latest,
+            )
             return
         differences = self.settings.differences(saved)
         if not differences:
@@ -277,7 +301,8 @@ class TrainingState:
             f"this run would resume the training state {latest}, saved with other settings:{listed}\n"
             "Run with the saved settings to continue it, --resume false to start afresh (its state is then "
             "replaced), --output_dir NEW_FOLDER for a run of its own, or --resume_with_changes true to continue it "
-            "with this run's settings.")
+            "with this run's settings."
+        )
 
     def _apply_learning_rate(self, engine: Engine, saved: dict) -> None:
         """After loading (resume_with_changes): the run's learning rate replaces the saved one in the optimizer and
@@ -398,12 +423,17 @@ class UnreadableFrames:
 
     def report(self, engine: Engine | None = None) -> None:
         if not self.skipped:
-            logger.info("inference finished: %d frame(s) of %s segmented, written to %s", self.seen, self.frames_dir,
-                        self.output_dir)
+            logger.info(
+                "inference finished: %d frame(s) of %s segmented, written to %s",
+                self.seen,
+                self.frames_dir,
+                self.output_dir,
+            )
             return
         raise UnreadableFramesError(
             f"{len(self.skipped)} of {self.seen} frame(s) in {self.frames_dir} could not be read and were not "
-            f"segmented; every other frame was written to {self.output_dir}:\n  - " + "\n  - ".join(self.skipped)
+            f"segmented; every other frame was written to {self.output_dir}:\n  - "
+            + "\n  - ".join(self.skipped)
             + "\nReplace each file named above with an 8-bit RGB or grey PNG/JPEG (or move it out of the frame folder) "
             "and run the same command again."
         )

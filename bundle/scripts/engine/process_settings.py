@@ -38,8 +38,13 @@ import logging
 import os
 import sys
 
-__all__ = ["MALLOPT_SETTINGS", "OPENMP_ENVIRONMENT", "apply_process_settings", "current_process_settings",
-           "set_openmp_environment"]
+__all__ = [
+    "MALLOPT_SETTINGS",
+    "OPENMP_ENVIRONMENT",
+    "apply_process_settings",
+    "current_process_settings",
+    "set_openmp_environment",
+]
 
 # mallopt parameter numbers of glibc's malloc.h
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -87,13 +92,21 @@ def set_openmp_environment() -> dict:
     for name, value in OPENMP_ENVIRONMENT:
         set_by = "environment" if name in os.environ else "bundle"
         os.environ.setdefault(name, value)
-        record[name] = {"value": os.environ[name], "set_by": set_by,
-                        # a value found was there when OpenMP loaded; the bundle's only if it came first
-                        "in_force_here": set_by == "environment" or not loaded}
+        record[name] = {
+            "value": os.environ[name],
+            "set_by": set_by,
+            # a value found was there when OpenMP loaded; the bundle's only if it came first
+            "in_force_here": set_by == "environment" or not loaded,
+        }
         if not record[name]["in_force_here"]:
             logging.getLogger(__name__).info(
                 "%s=%s reaches only the processes started from here: OpenMP was loaded before it was set (start "
-                "with %s=%s python -m monai.bundle run ... to have it in this process too)", name, value, name, value)
+                "with %s=%s python -m monai.bundle run ... to have it in this process too)",
+                name,
+                value,
+                name,
+                value,
+            )
     _openmp = record
     return record
 
@@ -157,7 +170,17 @@ def current_process_settings() -> dict:
 
     if _applied is not None:
         return _applied
-    openmp = _openmp or {name: {"value": os.environ.get(name), "set_by": "environment" if name in os.environ else None,
-                                "in_force_here": name in os.environ} for name, _ in OPENMP_ENVIRONMENT}
-    return {"allocator": "unchanged (apply_process_settings not called)", "openmp": openmp,
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
+    openmp = _openmp or {
+        name: {
+            "value": os.environ.get(name),
+            "set_by": "environment" if name in os.environ else None,
+            "in_force_here": name in os.environ,
+        }
+        for name, _ in OPENMP_ENVIRONMENT
+    }
+    return {
+        "allocator": "unchanged (apply_process_settings not called)",
+        "openmp": openmp,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+    }

@@ -65,5 +65,12 @@ class EpochProgress:
         seconds = time.perf_counter() - self.started
         loss = self.loss_sum / self.iterations if self.iterations else math.nan
         rate = self.samples / seconds if seconds > 0 else math.nan
-        logger.info("epoch %d/%s: loss %.4f (mean of %d iterations), %.1f samples/s, %.1f s", engine.state.epoch,
-                    engine.state.max_epochs, loss, self.iterations, rate, seconds)
+        logger.info(
+            "epoch %d/%s: loss %.4f (mean of %d iterations), %.1f samples/s, %.1f s",
+            engine.state.epoch,
+            engine.state.max_epochs,
+            loss,
+            self.iterations,
+            rate,
+            seconds,
+        )

@@ -79,9 +79,13 @@ class RunLock:
     def __init__(self, folders: list[str]) -> None:
         self.paths = [os.path.join(folder, LOCK_FILE) for folder in dict.fromkeys(os.path.abspath(f) for f in folders)]
         self.held: list[str] = []
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
-                       "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                       "command": " ".join(sys.argv)}
+        self.record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "process_start": _process_start(os.getpid()),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
 
     def acquire(self) -> None:
         """Take every lock, or none: RunFolderError naming the run that holds one."""
@@ -114,14 +118,21 @@ class RunLock:
         here = holder.get("host") == self.record["host"]
         mine = here and holder.get("pid") == self.record["pid"]  # an earlier run of this process (e.g. a notebook)
         if not mine:
-            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-                   f" ({holder.get('command', 'command unknown')})")
+            who = (
+                f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+                f" ({holder.get('command', 'command unknown')})"
+            )
             if not here or _running(holder):
-                advice = ("wait for it to end or stop it, or give this run other folders (--output_dir, --ckpt_dir)"
-                          if here else f"if that run is over, delete {path}")
-                raise RunFolderError(f"another training run is using {os.path.dirname(path)}: {who}. Two runs in "
-                                     f"one folder would resume each other's state and write the same model: "
-                                     f"{advice}.")
+                advice = (
+                    "wait for it to end or stop it, or give this run other folders (--output_dir, --ckpt_dir)"
+                    if here
+                    else f"if that run is over, delete {path}"
+                )
+                raise RunFolderError(
+                    f"another training run is using {os.path.dirname(path)}: {who}. Two runs in "
+                    f"one folder would resume each other's state and write the same model: "
+                    f"{advice}."
+                )
             logger.warning("taking over the lock %s of a run that is no longer running (%s)", path, who)
         with open(path, "w") as handle:
             handle.write(text)
@@ -158,13 +169,16 @@ def check_room(needed: dict[str, int]) -> None:
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
                 pass
         except OSError as error:
-            problems.append(f"{folder} cannot be written ({error.strerror or error}): fix its permissions or pass "
-                            "another folder")
+            problems.append(
+                f"{folder} cannot be written ({error.strerror or error}): fix its permissions or pass another folder"
+            )
             continue
         free = shutil.disk_usage(folder).free
         if free < size:
-            problems.append(f"{folder} has {free / 2**20:.0f} MiB free, the run's checkpoints need about "
-                            f"{size / 2**20:.0f} MiB: free some space or pass another folder")
+            problems.append(
+                f"{folder} has {free / 2**20:.0f} MiB free, the run's checkpoints need about "
+                f"{size / 2**20:.0f} MiB: free some space or pass another folder"
+            )
     if problems:
         raise RunFolderError("cannot train:\n  - " + "\n  - ".join(problems))
 
@@ -180,8 +194,15 @@ class RunGuard:
         validator: the evaluator that picks the best model (its best metric is reported at the end).
     """
 
-    def __init__(self, model_file: str, training_state_dir: str, output_dir: str, network: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer | None = None, validator: Engine | None = None) -> None:
+    def __init__(
+        self,
+        model_file: str,
+        training_state_dir: str,
+        output_dir: str,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        validator: Engine | None = None,
+    ) -> None:
         self.model_file, self.training_state_dir, self.output_dir = model_file, training_state_dir, output_dir
         self.network, self.optimizer, self.validator = network, optimizer, validator
         model_dir = os.path.dirname(os.path.abspath(model_file))
@@ -195,23 +216,37 @@ class RunGuard:
         state = checkpoint_bytes(self.network, self.optimizer)
         needed: dict[str, int] = {}
         # a new file is written beside the old one before the old one goes (atomic writes), with 10 % to spare
-        for folder, size in ((os.path.dirname(os.path.abspath(self.model_file)), 2 * model),
-                             (os.path.abspath(self.training_state_dir), 2 * state),
-                             (os.path.abspath(self.output_dir), 2**20)):
+        for folder, size in (
+            (os.path.dirname(os.path.abspath(self.model_file)), 2 * model),
+            (os.path.abspath(self.training_state_dir), 2 * state),
+            (os.path.abspath(self.output_dir), 2**20),
+        ):
             needed[folder] = needed.get(folder, 0) + int(1.1 * size)
         check_room(needed)
-        logger.info("training: the best model goes to %s, the training state to %s, metrics and TensorBoard logs "
-                    "to %s", self.model_file, self.training_state_dir, self.output_dir)
+        logger.info(
+            "training: the best model goes to %s, the training state to %s, metrics and TensorBoard logs to %s",
+            self.model_file,
+            self.training_state_dir,
+            self.output_dir,
+        )
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def completed(self, engine: Engine) -> None:
         best = ""
         if self.validator is not None and getattr(self.validator.state, "best_metric_epoch", -1) not in (-1, None):
-            best = (f" (best validation {self.validator.state.best_metric:.4f} at epoch "
-                    f"{self.validator.state.best_metric_epoch})")
+            best = (
+                f" (best validation {self.validator.state.best_metric:.4f} at epoch "
+                f"{self.validator.state.best_metric_epoch})"
+            )
         where = self.model_file
         if not os.path.isfile(where):
             where += " (not written: no epoch validated)"
-        logger.info("training finished after %d epochs: model %s%s; training state in %s; TensorBoard logs in %s",
-                    engine.state.epoch, where, best, self.training_state_dir, self.output_dir)
+        logger.info(
+            "training finished after %d epochs: model %s%s; training state in %s; TensorBoard logs in %s",
+            engine.state.epoch,
+            where,
+            best,
+            self.training_state_dir,
+            self.output_dir,
+        )
         self.lock.release()

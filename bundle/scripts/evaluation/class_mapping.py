@@ -52,8 +52,9 @@ def shared_classes(
         if _normalise(model_name) not in model:
             raise ValueError(f"class_map: {model_name!r} is not a class of the model ({list(model_class_names)})")
         if _normalise(eval_name) not in evaluation:
-            raise ValueError(f"class_map: {eval_name!r} is not a class of the evaluation dataset "
-                             f"({list(eval_class_names)})")
+            raise ValueError(
+                f"class_map: {eval_name!r} is not a class of the evaluation dataset ({list(eval_class_names)})"
+            )
         pairs[model[_normalise(model_name)]] = evaluation[_normalise(eval_name)]
     if not shared_only_from_map:
         for name, model_id in model.items():
@@ -62,7 +63,9 @@ def shared_classes(
     taken = list(pairs.values())
     repeated = sorted({eval_class_names[e - 1] for e in taken if taken.count(e) > 1})
     if repeated:
-        raise ValueError(f"class_map pairs the evaluation classes {repeated} with several model classes: pair each once")
+        raise ValueError(
+            f"class_map pairs the evaluation classes {repeated} with several model classes: pair each once"
+        )
     if not pairs:
         raise ValueError(
             f"the model's classes {list(model_class_names)} and the evaluation dataset's {list(eval_class_names)} "
@@ -71,7 +74,9 @@ def shared_classes(
     return [(m, e, str(model_class_names[m - 1])) for m, e in sorted(pairs.items())]
 
 
-def eval_to_model_lut(pairs: Sequence[tuple[int, int, str]], num_eval_classes: int, ignore_index: int = 255) -> list[int]:
+def eval_to_model_lut(
+    pairs: Sequence[tuple[int, int, str]], num_eval_classes: int, ignore_index: int = 255
+) -> list[int]:
     """Look-up table (256,) from evaluation label values to model label values.
 
     0 stays background, a shared evaluation class becomes its model id, an unshared one ``ignore_index``,

@@ -416,7 +416,10 @@ def score_label_map_folders(
 
 # ------------------------------------------------------------------------------------------- pooling
 def frame_statistics_record(
-    stats: torch.Tensor, has_entry: torch.Tensor | Sequence[bool], class_names: Sequence[str], protocol: str | None = None
+    stats: torch.Tensor,
+    has_entry: torch.Tensor | Sequence[bool],
+    class_names: Sequence[str],
+    protocol: str | None = None,
 ) -> dict[str, Any]:
     """The per-frame statistics as a JSON-able dict (the content of ``frame_stats.json``).
 
@@ -429,7 +432,9 @@ def frame_statistics_record(
     stats = torch.as_tensor(stats, dtype=torch.float64).cpu()
     entries = [bool(x) for x in torch.as_tensor(has_entry).reshape(-1).tolist()]
     if stats.ndim != 3 or stats.shape[1:] != (len(class_names), NUM_STATISTICS) or len(entries) != stats.shape[0]:
-        raise ValueError(f"stats {tuple(stats.shape)} and has_entry ({len(entries)}) do not fit {len(class_names)} classes")
+        raise ValueError(
+            f"stats {tuple(stats.shape)} and has_entry ({len(entries)}) do not fit {len(class_names)} classes"
+        )
     return {
         "format": FRAME_STATS_FORMAT,
         "protocol": protocol,

@@ -30,14 +30,18 @@ def read_frame_statistics(path: str | Path) -> dict[str, Any]:
             )
         path = beside
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass the metrics.json (or frame_stats.json) of each evaluated fold.")
+        raise FileNotFoundError(
+            f"{path} not found: pass the metrics.json (or frame_stats.json) of each evaluated fold."
+        )
     record = json.loads(path.read_text())
     if not isinstance(record, dict) or record.get("format") != FRAME_STATS_FORMAT or "stats" not in record:
         raise ValueError(f"{path} is not a frame statistics file (format {FRAME_STATS_FORMAT}) written by evaluation.")
     names = list(record["class_names"])
     stats = torch.tensor(record["stats"], dtype=torch.float64).reshape(-1, len(names), NUM_STATISTICS)
     if stats.shape[0] != len(record["has_entry"]):
-        raise ValueError(f"{path}: {stats.shape[0]} frames of statistics but {len(record['has_entry'])} has_entry flags.")
+        raise ValueError(
+            f"{path}: {stats.shape[0]} frames of statistics but {len(record['has_entry'])} has_entry flags."
+        )
     return {**record, "stats": stats, "path": str(path)}
 
 
@@ -61,11 +65,15 @@ def pool_frame_statistics(paths: Sequence[str | Path]) -> dict[str, Any]:
     names, protocol = records[0]["class_names"], records[0].get("protocol")
     for record in records[1:]:
         if record["class_names"] != names:
-            raise ValueError(f"cannot pool {record['path']}: its classes {record['class_names']} differ from {names} "
-                             f"of {records[0]['path']}.")
+            raise ValueError(
+                f"cannot pool {record['path']}: its classes {record['class_names']} differ from {names} "
+                f"of {records[0]['path']}."
+            )
         if record.get("protocol") != protocol:
-            raise ValueError(f"cannot pool {record['path']} ({record.get('protocol')} protocol) with "
-                             f"{records[0]['path']} ({protocol} protocol): pool each protocol separately.")
+            raise ValueError(
+                f"cannot pool {record['path']} ({record.get('protocol')} protocol) with "
+                f"{records[0]['path']} ({protocol} protocol): pool each protocol separately."
+            )
     stats = torch.cat([r["stats"] for r in records])
     has_entry = [flag for r in records for flag in r["has_entry"]]
     result = endovis_metrics(stats, names, has_entry)

@@ -25,14 +25,22 @@ def format_pooled_table(pooled: dict) -> str:
     """Per-input rows and the pooled row of :func:`pool_frame_statistics`, then the pooled
     class IoUs."""
     keys = SCALAR_METRIC_KEYS
-    lines = [f"protocol: {pooled.get('protocol')}   pooled over {len(pooled.get('per_input', {}))} evaluations",
-             f"  {'':<40}" + "".join(f"{k:>14}" for k in keys) + f"{'frames':>8}"]
+    lines = [
+        f"protocol: {pooled.get('protocol')}   pooled over {len(pooled.get('per_input', {}))} evaluations",
+        f"  {'':<40}" + "".join(f"{k:>14}" for k in keys) + f"{'frames':>8}",
+    ]
     for path, metrics in (pooled.get("per_input") or {}).items():
         label = path if len(path) <= 40 else "..." + path[-37:]
-        lines.append(f"  {label:<40}" + "".join(f"{format_metric(metrics.get(k)):>14}" for k in keys)
-                     + f"{metrics.get('num_frames', ''):>8}")
-    lines.append(f"  {'pooled':<40}" + "".join(f"{format_metric(pooled.get(k)):>14}" for k in keys)
-                 + f"{pooled.get('num_frames', ''):>8}")
+        lines.append(
+            f"  {label:<40}"
+            + "".join(f"{format_metric(metrics.get(k)):>14}" for k in keys)
+            + f"{metrics.get('num_frames', ''):>8}"
+        )
+    lines.append(
+        f"  {'pooled':<40}"
+        + "".join(f"{format_metric(pooled.get(k)):>14}" for k in keys)
+        + f"{pooled.get('num_frames', ''):>8}"
+    )
     for name, value in (pooled.get("class_iou") or {}).items():
         lines.append(f"    IoU {name:<28}{format_metric(value)}")
     return "\n".join(lines)

@@ -30,18 +30,28 @@ def load_model_state(path: str) -> dict:
     """The state dict in a bundle ``model.pt``: the file itself or its ``"model"`` entry (as MONAI Label reads it)."""
     from ..sam.checkpoint import read_checkpoint_dict
 
-    checkpoint = read_checkpoint_dict(path, "model file", expected="a state dict",
-                                      hint="; pass the trained SurgicalSAM weights (models/model.pt) as --model_file")
+    checkpoint = read_checkpoint_dict(
+        path,
+        "model file",
+        expected="a state dict",
+        hint="; pass the trained SurgicalSAM weights (models/model.pt) as --model_file",
+    )
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: its 'model' entry is a {type(state).__name__}, not a state dict")
     return state
 
 
-def make_monailabel_bundle(out_dir: str, model_file: str | None = None, sam_checkpoint: str | None = None,
-                           settings: Mapping | None = None, train_overlays: Sequence[str] = (),
-                           inference_overlays: Sequence[str] = (), check_model: bool = True,
-                           bundle_root: str = BUNDLE_ROOT) -> str:
+def make_monailabel_bundle(
+    out_dir: str,
+    model_file: str | None = None,
+    sam_checkpoint: str | None = None,
+    settings: Mapping | None = None,
+    train_overlays: Sequence[str] = (),
+    inference_overlays: Sequence[str] = (),
+    check_model: bool = True,
+    bundle_root: str = BUNDLE_ROOT,
+) -> str:
     """Copy the bundle to ``out_dir`` (a MONAI Label app's ``model/<name>``) ready for MONAI Label.
 
     Args:
@@ -74,8 +84,10 @@ def make_monailabel_bundle(out_dir: str, model_file: str | None = None, sam_chec
         settings["sam_checkpoint"] = f"$@ckpt_dir + '/{name}'"
     model_file = model_file or os.path.join(bundle_root, "models", "model.pt")
     inference = _read_merged([os.path.join(configs, "inference.yaml"), *inference_overlays], settings)
-    train = _read_merged([os.path.join(configs, "train.yaml"), os.path.join(configs, MONAILABEL_TRAIN_OVERLAY),
-                          *train_overlays], settings)
+    train = _read_merged(
+        [os.path.join(configs, "train.yaml"), os.path.join(configs, MONAILABEL_TRAIN_OVERLAY), *train_overlays],
+        settings,
+    )
     for name, config in (("inference.json", inference), ("train.json", train)):
         with open(os.path.join(out_dir, "configs", name), "w") as handle:
             json.dump(config, handle, indent=2)
@@ -84,7 +96,9 @@ def make_monailabel_bundle(out_dir: str, model_file: str | None = None, sam_chec
             check_model_file(out_dir, model_file)
         shutil.copyfile(model_file, os.path.join(out_dir, "models", "model.pt"))
     else:
-        logger.warning("no model file (%s): MONAI Label lists no inference model until models/model.pt exists", model_file)
+        logger.warning(
+            "no model file (%s): MONAI Label lists no inference model until models/model.pt exists", model_file
+        )
     return out_dir
 
 

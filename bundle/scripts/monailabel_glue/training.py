@@ -38,12 +38,13 @@ from monai.handlers import ValidationHandler
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..surgical_sam.datasets import prompt_sample, prompt_samples
 from ..data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
 from ..files import atomic_write
 from ..sam.geometry import frames_to_sam_input, masks_to_embedding_grid
+from ..surgical_sam.datasets import prompt_sample, prompt_samples
 
 logger = logging.getLogger(__name__)
+
 
 def _file_digest(path: str) -> str:
     digest = hashlib.sha256()
@@ -96,9 +97,16 @@ class FrameEmbedder:
         cache_dir: folder for embeddings on disk (None: memory only).
     """
 
-    def __init__(self, sam_variant: str, sam_checkpoint: str | None, frame_size: Sequence[int], num_classes: int,
-                 device: str | torch.device = "cpu", cache_dir: str | None = None,
-                 ignore_index: int = DEFAULT_IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        sam_variant: str,
+        sam_checkpoint: str | None,
+        frame_size: Sequence[int],
+        num_classes: int,
+        device: str | torch.device = "cpu",
+        cache_dir: str | None = None,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
+    ) -> None:
         from ..data.embedding_cache import cache_identity
 
         self.sam_variant, self.sam_checkpoint = sam_variant, sam_checkpoint
@@ -135,7 +143,8 @@ class FrameEmbedder:
                 f"the label map of frame {image_id} is {label.shape[0]}x{label.shape[1]} (height x width) but the frame is "
                 f"{frame.shape[0]}x{frame.shape[1]} (label map {label_path}, frame {image_path}): save a label map of "
                 f"the frame's size (PUT /datastore/label?image={image_id}&tag={tag}) or remove this one "
-                f"(DELETE /datastore/label?id={image_id}&tag={tag}), then train again")
+                f"(DELETE /datastore/label?id={image_id}&tag={tag}), then train again"
+            )
         height, width = self.frame_size
         if frame.shape[:2] != (height, width):
             frame = np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
@@ -174,9 +183,13 @@ class FrameEmbedder:
                 frame, label = self.load_pair(image_path, label_path)
             except DatasetError as error:  # said as the train status's last line (see TrainingDataRefused)
                 raise TrainingDataRefused(str(error)) from None
-            result.append({"image_embeddings": self.embedding(image_path, frame),
-                           "label": torch.from_numpy(np.ascontiguousarray(label)),
-                           "key": _image_id(image_path)})
+            result.append(
+                {
+                    "image_embeddings": self.embedding(image_path, frame),
+                    "label": torch.from_numpy(np.ascontiguousarray(label)),
+                    "key": _image_id(image_path),
+                }
+            )
         logger.info("MONAI Label datalist: %d frames embedded (%s)", len(result), self.sam_variant)
         return result
 
@@ -189,12 +202,24 @@ class DatalistPromptDataset(Dataset):
     adds prompts of absent classes with an empty target (redrawn per epoch by :meth:`set_epoch`).
     """
 
-    def __init__(self, data: Sequence[Mapping], embedder: FrameEmbedder, num_classes: int,
-                 absent_prompts_per_frame: int = 0, seed: int = 666) -> None:
+    def __init__(
+        self,
+        data: Sequence[Mapping],
+        embedder: FrameEmbedder,
+        num_classes: int,
+        absent_prompts_per_frame: int = 0,
+        seed: int = 666,
+    ) -> None:
         if not data:
-            raise TrainingDataRefused("no labelled frames to train on: save label maps for some frames first "
-                               "(MONAI Label: PUT /datastore/label?image=ID)")
-        self.num_classes, self.absent_prompts_per_frame, self.seed = int(num_classes), int(absent_prompts_per_frame), seed
+            raise TrainingDataRefused(
+                "no labelled frames to train on: save label maps for some frames first "
+                "(MONAI Label: PUT /datastore/label?image=ID)"
+            )
+        self.num_classes, self.absent_prompts_per_frame, self.seed = (
+            int(num_classes),
+            int(absent_prompts_per_frame),
+            seed,
+        )
         self.frames = embedder.items(data)
         embedder.release()
         from ..sam.backbone import get_variant
@@ -204,20 +229,26 @@ class DatalistPromptDataset(Dataset):
         for frame in self.frames:
             label = frame["label"].long()
             present = [c for c in range(1, self.num_classes + 1) if bool((label == c).any())]
-            grid = masks_to_embedding_grid(torch.stack([(label == c) for c in present]), self.image_size,
-                                           self.grid_size) if present else torch.zeros(0)
+            grid = (
+                masks_to_embedding_grid(torch.stack([(label == c) for c in present]), self.image_size, self.grid_size)
+                if present
+                else torch.zeros(0)
+            )
             frame["classes"] = present
             frame["grid_classes"] = [c for c, g in zip(present, grid) if bool(g.any())]
         self.set_epoch(0)
         if not any(frame["grid_classes"] for frame in self.frames):
-            raise TrainingDataRefused(f"none of the {len(self.frames)} labelled frames shows an instrument (label values "
-                               f"1..{self.num_classes}) large enough to train on")
+            raise TrainingDataRefused(
+                f"none of the {len(self.frames)} labelled frames shows an instrument (label values "
+                f"1..{self.num_classes}) large enough to train on"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         # one "version" per epoch: datastore frames are not augmented, only the absent prompts are redrawn
         self.version = int(epoch)
-        self.samples = prompt_samples(self.frames, self.num_classes, self.absent_prompts_per_frame,
-                                      np.random.default_rng([self.seed, epoch]))
+        self.samples = prompt_samples(
+            self.frames, self.num_classes, self.absent_prompts_per_frame, np.random.default_rng([self.seed, epoch])
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -240,8 +271,11 @@ class DatalistFrameDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         frame = self.frames[index]
-        return {"image_embeddings": frame["image_embeddings"].float(), "label": frame["label"].long()[None],
-                "key": frame["key"]}
+        return {
+            "image_embeddings": frame["image_embeddings"].float(),
+            "label": frame["label"].long()[None],
+            "key": frame["key"],
+        }
 
 
 class OptionalValidationHandler(ValidationHandler):
@@ -263,8 +297,9 @@ class FinalModelSaver:
     writes the bare state dict), so MONAI Label and the bundle read both alike.
     """
 
-    def __init__(self, network: torch.nn.Module, path: str, validator: Engine | None = None,
-                 replace_unvalidated: bool = True) -> None:
+    def __init__(
+        self, network: torch.nn.Module, path: str, validator: Engine | None = None, replace_unvalidated: bool = True
+    ) -> None:
         self.network, self.path, self.validator = network, path, validator
         self.replace_unvalidated = bool(replace_unvalidated)
         self.written = False
@@ -273,7 +308,10 @@ class FinalModelSaver:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        validated = self.validator is not None and getattr(self.validator.state, "best_metric_epoch", -1) not in (-1, None)
+        validated = self.validator is not None and getattr(self.validator.state, "best_metric_epoch", -1) not in (
+            -1,
+            None,
+        )
         if validated:
             return
         if not self.replace_unvalidated:
@@ -310,8 +348,16 @@ class ServedModelGuard:
             (why) and ``candidate_dir`` (where the best-model saver was pointed instead of ``path``).
     """
 
-    def __init__(self, validator: Engine, result_file: str, network: torch.nn.Module, path: str,
-                 patience: int | None = 3, replace_unvalidated: bool = False, split: Mapping | None = None) -> None:
+    def __init__(
+        self,
+        validator: Engine,
+        result_file: str,
+        network: torch.nn.Module,
+        path: str,
+        patience: int | None = 3,
+        replace_unvalidated: bool = False,
+        split: Mapping | None = None,
+    ) -> None:
         self.validator, self.result_file = validator, result_file
         self.split = dict(split or {})
         self.patience = int(patience) if patience else 0
@@ -330,8 +376,9 @@ class ServedModelGuard:
         engine.add_event_handler(Events.COMPLETED, self.final_saver)
         engine.add_event_handler(Events.COMPLETED, self._report)
         if self.patience and self._validation_frames():
-            EarlyStopHandler(patience=self.patience, score_function=self._score, trainer=engine,
-                             epoch_level=True).attach(self.validator)
+            EarlyStopHandler(
+                patience=self.patience, score_function=self._score, trainer=engine, epoch_level=True
+            ).attach(self.validator)
 
     def _score(self, _engine: Engine) -> float:
         return float(self.validator.state.metrics[self.validator.state.key_metric_name])
@@ -339,34 +386,56 @@ class ServedModelGuard:
     def _record_baseline(self, engine: Engine) -> None:
         if getattr(self.validator.state, "best_metric_epoch", -1) == 0:
             self.baseline = float(self.validator.state.best_metric)
-            logger.info("served model before fine-tuning: %s %.4f on %d validation frames",
-                        self.validator.state.key_metric_name, self.baseline, len(self._validation_frames()))
+            logger.info(
+                "served model before fine-tuning: %s %.4f on %d validation frames",
+                self.validator.state.key_metric_name,
+                self.baseline,
+                len(self._validation_frames()),
+            )
 
     def summary(self, engine: Engine) -> dict:
         frames = self._validation_frames()
         best_epoch = getattr(self.validator.state, "best_metric_epoch", -1)
-        result = {"validation_frames": frames, "epochs_run": int(engine.state.epoch),
-                  "max_epochs": int(engine.state.max_epochs)}
-        result.update({key: value for key, value in self.split.items() if key in ("training_videos", "validation_videos")})
+        result = {
+            "validation_frames": frames,
+            "epochs_run": int(engine.state.epoch),
+            "max_epochs": int(engine.state.max_epochs),
+        }
+        result.update(
+            {key: value for key, value in self.split.items() if key in ("training_videos", "validation_videos")}
+        )
         if frames and self.baseline is not None:
             hold = self.split.get("hold")
-            result.update(metric=self.validator.state.key_metric_name, baseline=self.baseline,
-                          best=float(self.validator.state.best_metric), best_epoch=int(best_epoch),
-                          served_model="replaced" if best_epoch > 0 and not hold else "kept")
-            result["reason"] = (f"epoch {best_epoch} scored {result['best']:.4f} > {self.baseline:.4f}" if best_epoch > 0
-                                else f"no epoch scored above the served model's {self.baseline:.4f}")
+            result.update(
+                metric=self.validator.state.key_metric_name,
+                baseline=self.baseline,
+                best=float(self.validator.state.best_metric),
+                best_epoch=int(best_epoch),
+                served_model="replaced" if best_epoch > 0 and not hold else "kept",
+            )
+            result["reason"] = (
+                f"epoch {best_epoch} scored {result['best']:.4f} > {self.baseline:.4f}"
+                if best_epoch > 0
+                else f"no epoch scored above the served model's {self.baseline:.4f}"
+            )
             if hold:
                 candidate = os.path.join(self.split.get("candidate_dir", ""), os.path.basename(self.final_saver.path))
-                result["reason"] = (f"{hold} ({result['reason']}" + (f"; that checkpoint is {candidate}, not served)"
-                                                                    if best_epoch > 0 else ")"))
+                result["reason"] = f"{hold} ({result['reason']}" + (
+                    f"; that checkpoint is {candidate}, not served)" if best_epoch > 0 else ")"
+                )
                 if best_epoch > 0:
                     result["candidate_model"] = candidate
         else:
             written = self.final_saver.written
-            result.update(served_model="replaced" if written else "kept",
-                          reason="no validation frames: " + ("the final model was served (replace_unvalidated true)"
-                                                             if written else "nothing says a new model is better "
-                                                             "(give val_split > 0, or replace_unvalidated true)"))
+            result.update(
+                served_model="replaced" if written else "kept",
+                reason="no validation frames: "
+                + (
+                    "the final model was served (replace_unvalidated true)"
+                    if written
+                    else "nothing says a new model is better (give val_split > 0, or replace_unvalidated true)"
+                ),
+            )
         return result
 
     def _report(self, engine: Engine) -> None:

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..files import atomic_write
-from .geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .checkpoint import memoised_md5, read_checkpoint_dict, state_dict_mismatch
+from .geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +80,26 @@ class SamVariant:
 
 
 SAM_VARIANTS: dict[str, SamVariant] = {
-    "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31), checkpoint_name="sam_vit_h_4b8939.pth",
-                        md5="4b8939a88964f0f4ff5f5b2642c598a6"),
-    "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23), checkpoint_name="sam_vit_l_0b3195.pth",
-                        md5="0b3195507c641ddb6910d2bb5adee89c"),
-    "vit_b": SamVariant(768, 12, 12, (2, 5, 8, 11), checkpoint_name="sam_vit_b_01ec64.pth",
-                        md5="01ec64d29a2fca3f0661936605ae66f8"),
+    "vit_h": SamVariant(
+        1280, 32, 16, (7, 15, 23, 31), checkpoint_name="sam_vit_h_4b8939.pth", md5="4b8939a88964f0f4ff5f5b2642c598a6"
+    ),
+    "vit_l": SamVariant(
+        1024, 24, 16, (5, 11, 17, 23), checkpoint_name="sam_vit_l_0b3195.pth", md5="0b3195507c641ddb6910d2bb5adee89c"
+    ),
+    "vit_b": SamVariant(
+        768, 12, 12, (2, 5, 8, 11), checkpoint_name="sam_vit_b_01ec64.pth", md5="01ec64d29a2fca3f0661936605ae66f8"
+    ),
     # Small encoder for tests and the demo: 256x256 input, 16x16 patches -> 16x16 grid.
-    "tiny": SamVariant(96, 2, 2, (1,), image_size=256, patch_size=16, window_size=8,
-                       notes="random weights only: for tests and the demo"),
+    "tiny": SamVariant(
+        96,
+        2,
+        2,
+        (1,),
+        image_size=256,
+        patch_size=16,
+        window_size=8,
+        notes="random weights only: for tests and the demo",
+    ),
 }
 
 
@@ -150,7 +161,9 @@ def build_sam(variant: str = "vit_h", checkpoint: str | None = None, check_md5: 
 
 
 def tapped_encoder_forward(
-    image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int],
+    image_encoder: nn.Module,
+    x: torch.Tensor,
+    tap_blocks: Sequence[int],
     block_forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """segment-anything's ``ImageEncoderViT.forward``, also returning the tokens after some blocks.
@@ -217,8 +230,10 @@ def missing_sam_weights(sam_variant: str, sam_checkpoint: str | None) -> list[st
     exists or no path is given."""
     if sam_checkpoint is None or os.path.isfile(sam_checkpoint):
         return []
-    return [f"SAM weights: {sam_checkpoint} not found. {how_to_get_sam_weights(sam_variant, sam_checkpoint)}; "
-            "or pass --sam_checkpoint PATH."]
+    return [
+        f"SAM weights: {sam_checkpoint} not found. {how_to_get_sam_weights(sam_variant, sam_checkpoint)}; "
+        "or pass --sam_checkpoint PATH."
+    ]
 
 
 def load_sam_checkpoint(sam: nn.Module, path: str, variant: str, check_md5: bool = True) -> None:
@@ -240,8 +255,11 @@ def load_sam_checkpoint(sam: nn.Module, path: str, variant: str, check_md5: bool
                 f"is corrupt or incomplete. To fix: {how_to_get_sam_weights(variant, path)}."
             )
     state_dict = read_checkpoint_dict(
-        path, "SAM checkpoint", expected="a state dict",
-        hint=f". To fix: {how_to_get_sam_weights(variant, path)} (or pass --sam_checkpoint PATH).")
+        path,
+        "SAM checkpoint",
+        expected="a state dict",
+        hint=f". To fix: {how_to_get_sam_weights(variant, path)} (or pass --sam_checkpoint PATH).",
+    )
     if isinstance(state_dict.get("model"), dict):
         state_dict = state_dict["model"]
     details = state_dict_mismatch(state_dict, sam.state_dict(), expected_as=f"for {variant}")

@@ -87,9 +87,15 @@ def upscale(output_upscaling: nn.Sequential, features: torch.Tensor) -> torch.Te
 
 
 def _is_patch_transposed_conv(module: nn.Module) -> bool:
-    return (isinstance(module, nn.ConvTranspose2d) and tuple(module.kernel_size) == tuple(module.stride)
-            and tuple(module.padding) == (0, 0) and tuple(module.output_padding) == (0, 0)
-            and tuple(module.dilation) == (1, 1) and module.groups == 1 and module.padding_mode == "zeros")
+    return (
+        isinstance(module, nn.ConvTranspose2d)
+        and tuple(module.kernel_size) == tuple(module.stride)
+        and tuple(module.padding) == (0, 0)
+        and tuple(module.output_padding) == (0, 0)
+        and tuple(module.dilation) == (1, 1)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+    )
 
 
 def transposed_conv_as_product(conv: nn.ConvTranspose2d, features: torch.Tensor) -> torch.Tensor:

@@ -63,15 +63,18 @@ def describe_load_failure(cause: BaseException) -> str:
         detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
         detail = detail.split(" Check the documentation", 1)[0].split(" Please use `torch.serialization", 1)[0]
         if detail.startswith("Unsupported global"):
-            return (f"it holds Python objects other than tensors ({detail.rstrip('.')}); the bundle reads weights "
-                    "only: save the state dict alone, torch.save(model.state_dict(), path)")
+            return (
+                f"it holds Python objects other than tensors ({detail.rstrip('.')}); the bundle reads weights "
+                "only: save the state dict alone, torch.save(model.state_dict(), path)"
+            )
         return f"it is not a PyTorch weights file, or it is damaged (the unpickler found: {detail.rstrip('.')})"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"it is not a PyTorch weights file, or it is damaged ({type(cause).__name__}: {first})"
 
 
-def read_checkpoint_dict(path: str, what: str, error: type[Exception] = ValueError, hint: str = "",
-                         expected: str = "a dict") -> dict:
+def read_checkpoint_dict(
+    path: str, what: str, error: type[Exception] = ValueError, hint: str = "", expected: str = "a dict"
+) -> dict:
     """``torch.load`` (weights only, on CPU) a file that must hold a dict.
 
     Raises ``error`` naming ``what`` and ``path`` (and appending ``hint``) when the file cannot be read or
@@ -86,8 +89,9 @@ def read_checkpoint_dict(path: str, what: str, error: type[Exception] = ValueErr
     return content
 
 
-def state_dict_mismatch(state_dict: Mapping, expected: Mapping, expected_as: str = "here",
-                        optional_prefixes: Sequence[str] = ()) -> list[str]:
+def state_dict_mismatch(
+    state_dict: Mapping, expected: Mapping, expected_as: str = "here", optional_prefixes: Sequence[str] = ()
+) -> list[str]:
     """What keeps ``state_dict`` (from a file) from loading strictly into a module with ``expected``.
 
     Args:
@@ -105,7 +109,8 @@ def state_dict_mismatch(state_dict: Mapping, expected: Mapping, expected_as: str
     missing = sorted(k for k in set(expected) - set(state_dict) if not (optional and k.startswith(optional)))
     unexpected = sorted(k for k in set(state_dict) - set(expected) if not (optional and k.startswith(optional)))
     wrong_shape = sorted(
-        k for k in set(expected) & set(state_dict)
+        k
+        for k in set(expected) & set(state_dict)
         if tuple(getattr(state_dict[k], "shape", ())) != tuple(expected[k].shape)
     )
     details = []
@@ -115,7 +120,9 @@ def state_dict_mismatch(state_dict: Mapping, expected: Mapping, expected_as: str
         details.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
     if wrong_shape:
         k = wrong_shape[0]
-        details.append(f"{len(wrong_shape)} keys of another shape (e.g. {k}: "
-                       f"{tuple(getattr(state_dict[k], 'shape', ()))} in the file, {tuple(expected[k].shape)} "
-                       f"{expected_as})")
+        details.append(
+            f"{len(wrong_shape)} keys of another shape (e.g. {k}: "
+            f"{tuple(getattr(state_dict[k], 'shape', ()))} in the file, {tuple(expected[k].shape)} "
+            f"{expected_as})"
+        )
     return details

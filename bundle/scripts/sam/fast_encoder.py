@@ -28,8 +28,9 @@ from .backbone import import_sam_modeling, tapped_encoder_forward
 DEFAULT_MAX_MASK_BYTES = 256 * 2**20
 
 
-def relative_position_mask(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                           size: tuple[int, int]) -> torch.Tensor:
+def relative_position_mask(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """SAM's decomposed relative-position terms as an additive attention mask.
 
     Args:
@@ -76,8 +77,9 @@ def fast_attention(attention: nn.Module, x: torch.Tensor, max_mask_bytes: int = 
         for start in range(0, q.shape[0], step):
             part = slice(start, start + step)
             mask = relative_position_mask(q[part], attention.rel_pos_h, attention.rel_pos_w, (height, width))
-            out[part] = F.scaled_dot_product_attention(q[None, part], k[None, part], v[None, part],
-                                                       attn_mask=mask[None], scale=attention.scale)[0]
+            out[part] = F.scaled_dot_product_attention(
+                q[None, part], k[None, part], v[None, part], attn_mask=mask[None], scale=attention.scale
+            )[0]
     out = out.view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
     return attention.proj(out)
 
@@ -106,7 +108,9 @@ def fast_block(block: nn.Module, x: torch.Tensor, max_mask_bytes: int = DEFAULT_
 
 
 def fast_encoder_forward(
-    image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int] = (),
+    image_encoder: nn.Module,
+    x: torch.Tensor,
+    tap_blocks: Sequence[int] = (),
     max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """segment-anything's ``ImageEncoderViT.forward`` with :func:`fast_block`, also returning tapped tokens.
@@ -121,12 +125,14 @@ def fast_encoder_forward(
         the image embedding (B, d, S / p, S / p), equal to ``image_encoder(x)`` to float32 rounding, and the
         tapped tokens, one (B, S / p, S / p, C_vit) per entry of ``tap_blocks`` in the given order.
     """
-    return tapped_encoder_forward(image_encoder, x, tap_blocks,
-                                  block_forward=partial(fast_block, max_mask_bytes=max_mask_bytes))
+    return tapped_encoder_forward(
+        image_encoder, x, tap_blocks, block_forward=partial(fast_block, max_mask_bytes=max_mask_bytes)
+    )
 
 
-def frozen_encoder_forward(image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int] = ()
-                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def frozen_encoder_forward(
+    image_encoder: nn.Module, x: torch.Tensor, tap_blocks: Sequence[int] = ()
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The frozen encoder as the bundle runs it: :func:`fast_encoder_forward`, except while a graph is traced or
     exported (TorchScript, ONNX), where segment-anything's own operations are recorded.
 

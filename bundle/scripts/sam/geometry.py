@@ -81,8 +81,13 @@ def masks_to_embedding_grid(masks: torch.Tensor, image_size: int, grid_hw: Seque
     if rows is None or cols is None:
         images = binary.astype(np.uint8) * np.uint8(255)
         if (new_h, new_w) != (height, width):
-            images = np.stack([np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-                               for image in images]) if len(images) else np.zeros((0, new_h, new_w), np.uint8)
+            images = (
+                np.stack(
+                    [np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR)) for image in images]
+                )
+                if len(images)
+                else np.zeros((0, new_h, new_w), np.uint8)
+            )
         padded = _normalised_and_padded(images, image_size, image_size)
     else:
         # only the lines the bilinear resize to the grid reads, in order: they keep their weights of 1/2 in a
@@ -160,8 +165,9 @@ def _pil_resample_lines(images: np.ndarray, first: np.ndarray, weights: np.ndarr
     return np.clip(sums >> PIL_PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
-def pil_bilinear_resize_lines(images: np.ndarray, size_hw: Sequence[int], rows: np.ndarray,
-                              cols: np.ndarray) -> np.ndarray:
+def pil_bilinear_resize_lines(
+    images: np.ndarray, size_hw: Sequence[int], rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
     """Some rows and columns of PIL's antialiased bilinear resize, ``Image.resize((w, h), Image.BILINEAR)``,
     of 8-bit single-channel images, computed alone: what PIL's two passes (horizontal to a uint8 image,
     then vertical) give there, in its fixed-point arithmetic (tests hold it equal to PIL on every line).
@@ -254,8 +260,9 @@ def _linear_resize_matrix(in_size: int, out_size: int, dtype: torch.dtype) -> to
 
 
 @functools.lru_cache(maxsize=16)
-def frame_resize_matrices(low_res_hw: tuple[int, int], image_size: int, frame_hw: tuple[int, int],
-                          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def frame_resize_matrices(
+    low_res_hw: tuple[int, int], image_size: int, frame_hw: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`low_res_logits_to_frame`'s map as ``rows @ logits @ cols.T``, for logits of ``dtype``.
 
     Returns:
@@ -287,19 +294,17 @@ def resize_by_products(low_res_logits: torch.Tensor, image_size: int, frame_hw: 
     dtype = torch.float64 if low_res_logits.dtype == torch.float64 else torch.float32
     low_res_hw = (int(low_res_logits.shape[-2]), int(low_res_logits.shape[-1]))
     device = low_res_logits.device
-    rows, cols_t = _resize_matrices_on(low_res_hw, int(image_size), (int(frame_hw[0]), int(frame_hw[1])), dtype,
-                                       device)
+    rows, cols_t = _resize_matrices_on(low_res_hw, int(image_size), (int(frame_hw[0]), int(frame_hw[1])), dtype, device)
     with torch.autocast(device.type, enabled=False):
         logits = low_res_logits.to(dtype) @ cols_t  # (B, K, 4h, W)
         return rows @ logits  # (B, K, H, W)
 
 
 @functools.lru_cache(maxsize=16)
-def _resize_matrices_on(low_res_hw: tuple[int, int], image_size: int, frame_hw: tuple[int, int], dtype: torch.dtype,
-                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _resize_matrices_on(
+    low_res_hw: tuple[int, int], image_size: int, frame_hw: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`frame_resize_matrices` as rows (H, 4h) and cols.T (4w, W) in ``dtype`` on ``device``, made once:
     no copy to the device in the training step (from pageable memory it would wait for the host)."""
     rows, cols = frame_resize_matrices(low_res_hw, image_size, frame_hw, dtype)
     return rows.to(device, dtype), cols.T.contiguous().to(device, dtype)
-
-

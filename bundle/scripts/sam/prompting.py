@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .backbone import build_mask_decoder, get_variant
-from .geometry import low_res_logits_to_frame, resized_shape
 from .checkpoint import read_checkpoint_dict, state_dict_mismatch
+from .geometry import low_res_logits_to_frame, resized_shape
 
 DECODER_PREFIX = "mask_decoder."
 
@@ -26,22 +26,30 @@ class PromptError(ValueError):
 
 def load_sam_mask_decoder(sam_variant: str, sam_checkpoint: str) -> nn.Module:
     """The mask decoder of a SAM checkpoint (strict: every ``mask_decoder.*`` key, right shapes)."""
-    state = dict(read_checkpoint_dict(sam_checkpoint, "SAM checkpoint", expected="a state dict",
-                                      hint="; pass the SAM weights file as --sam_checkpoint PATH"))
+    state = dict(
+        read_checkpoint_dict(
+            sam_checkpoint,
+            "SAM checkpoint",
+            expected="a state dict",
+            hint="; pass the SAM weights file as --sam_checkpoint PATH",
+        )
+    )
     if isinstance(state.get("model"), dict):
         state = state["model"]
     decoder = build_mask_decoder(sam_variant)
-    sub = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
+    sub = {k[len(DECODER_PREFIX) :]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
     details = state_dict_mismatch(sub, decoder.state_dict(), expected_as=f"for {sam_variant}")
     if details:
-        raise ValueError(f"SAM checkpoint {sam_checkpoint}: its mask decoder does not match {sam_variant!r}: "
-                         f"{'; '.join(details)}")
+        raise ValueError(
+            f"SAM checkpoint {sam_checkpoint}: its mask decoder does not match {sam_variant!r}: {'; '.join(details)}"
+        )
     decoder.load_state_dict(sub, strict=True)
     return decoder.eval().requires_grad_(False)
 
 
-def check_prompts(frame_hw: Sequence[int], foreground: Sequence = (), background: Sequence = (),
-                  box: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def check_prompts(
+    frame_hw: Sequence[int], foreground: Sequence = (), background: Sequence = (), box: Sequence | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Validate clicks and a box against the frame -> (coords (N, 2) float, labels (N,) long, box (4,) or None).
 
     Raises:
@@ -54,29 +62,40 @@ def check_prompts(frame_hw: Sequence[int], foreground: Sequence = (), background
         if not isinstance(points, (list, tuple)):
             raise PromptError(f"{name} must be a list of [x, y] points, got {points!r}")
         for point in points:
-            if (not isinstance(point, (list, tuple)) or len(point) < 2
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point[:2])):
+            if (
+                not isinstance(point, (list, tuple))
+                or len(point) < 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point[:2])
+            ):
                 raise PromptError(f"{name} point {point!r} is not [x, y] (pixels)")
             x, y = float(point[0]), float(point[1])
             if not (0 <= x < width and 0 <= y < height):
-                raise PromptError(f"{name} point [{x:g}, {y:g}] is outside the frame (x in 0..{width - 1}, "
-                                  f"y in 0..{height - 1})")
+                raise PromptError(
+                    f"{name} point [{x:g}, {y:g}] is outside the frame (x in 0..{width - 1}, y in 0..{height - 1})"
+                )
             coords.append([x, y])
             labels.append(label)
     box_tensor = None
     if box is not None and len(box):
-        if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        if (
+            not isinstance(box, (list, tuple))
+            or len(box) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+        ):
             raise PromptError(f"box must be [x0, y0, x1, y1] (pixels), got {box!r}")
         x0, y0, x1, y1 = (float(v) for v in box)
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise PromptError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] must have x0 < x1 <= {width}, "
-                              f"y0 < y1 <= {height}, all >= 0")
+            raise PromptError(
+                f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] must have x0 < x1 <= {width}, y0 < y1 <= {height}, all >= 0"
+            )
         box_tensor = torch.tensor([x0, y0, x1, y1])
     if not coords and box_tensor is None:
         raise PromptError("give at least one foreground/background point or a box")
-    return (torch.tensor(coords, dtype=torch.float32).reshape(-1, 2), torch.tensor(labels, dtype=torch.long),
-            box_tensor)
+    return (
+        torch.tensor(coords, dtype=torch.float32).reshape(-1, 2),
+        torch.tensor(labels, dtype=torch.long),
+        box_tensor,
+    )
 
 
 class SamPointPrompter(nn.Module):
@@ -97,8 +116,14 @@ class SamPointPrompter(nn.Module):
         self.sam_mask_decoder = load_sam_mask_decoder(sam_variant, sam_checkpoint)
 
     @torch.no_grad()
-    def forward(self, frames: torch.Tensor, foreground: Sequence = (), background: Sequence = (),
-                box: Sequence | None = None, embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        frames: torch.Tensor,
+        foreground: Sequence = (),
+        background: Sequence = (),
+        box: Sequence | None = None,
+        embeddings: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             frames: (1, 3, H, W) RGB 0..255.
@@ -127,8 +152,11 @@ class SamPointPrompter(nn.Module):
         sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=None)
         multimask = box_t is None and coords.shape[0] == 1
         low_res, iou = self.sam_mask_decoder(
-            image_embeddings=embeddings, image_pe=prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense, multimask_output=multimask,
+            image_embeddings=embeddings,
+            image_pe=prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
         )
         best = iou.argmax(dim=1)
         low_res = low_res[torch.arange(low_res.shape[0], device=device), best][:, None]

@@ -38,8 +38,16 @@ def _batch_slice(value, part: slice, batch: int):
     return value
 
 
-def micro_batched_backward(network, loss_function, inputs: torch.Tensor, targets: dict, forward_kwargs: dict,
-                           micro_batch_size: int | None, forward=None, backward=None) -> tuple[torch.Tensor, dict]:
+def micro_batched_backward(
+    network,
+    loss_function,
+    inputs: torch.Tensor,
+    targets: dict,
+    forward_kwargs: dict,
+    micro_batch_size: int | None,
+    forward=None,
+    backward=None,
+) -> tuple[torch.Tensor, dict]:
     """Forward and backward of one SurgicalSAM training batch, in slices of ``micro_batch_size`` samples.
 
     The gradients are those of ``loss_function(network(inputs), targets)`` on the whole batch: the loss
@@ -66,8 +74,10 @@ def micro_batched_backward(network, loss_function, inputs: torch.Tensor, targets
         ``prototypes`` the last slice's).
     """
     if not hasattr(loss_function, "sample_terms"):
-        raise TypeError(f"micro_batch_size needs a loss that splits over samples (scripts.surgical_sam.loss.SurgicalSAMLoss), "
-                        f"got {type(loss_function).__name__}; set micro_batch_size: null for this loss")
+        raise TypeError(
+            f"micro_batch_size needs a loss that splits over samples (scripts.surgical_sam.loss.SurgicalSAMLoss), "
+            f"got {type(loss_function).__name__}; set micro_batch_size: null for this loss"
+        )
     forward = forward or (lambda data, net, **kwargs: net(data, **kwargs))
     backward = backward or (lambda loss: loss.backward())
     batch = int(inputs.shape[0])
@@ -87,8 +97,9 @@ def micro_batched_backward(network, loss_function, inputs: torch.Tensor, targets
         total = loss.detach() if total is None else total + loss.detach()
         outputs.append({key: value.detach() for key, value in pred.items()})
     # every output is per sample except the prototypes (C, d), the same in every slice
-    merged = {key: outputs[-1][key] if key == "prototypes" else torch.cat([out[key] for out in outputs])
-              for key in outputs[0]}
+    merged = {
+        key: outputs[-1][key] if key == "prototypes" else torch.cat([out[key] for out in outputs]) for key in outputs[0]
+    }
     return total, merged
 
 
@@ -131,8 +142,15 @@ class MicroBatchIteration:
                 return engine.inferer(data, network, **forward_kwargs)
 
         loss, pred = micro_batched_backward(
-            engine.network, engine.loss_function, inputs, targets, kwargs, self.micro_batch_size,
-            forward=forward, backward=(lambda part: scaler.scale(part).backward()) if scaler else None)
+            engine.network,
+            engine.loss_function,
+            inputs,
+            targets,
+            kwargs,
+            self.micro_batch_size,
+            forward=forward,
+            backward=(lambda part: scaler.scale(part).backward()) if scaler else None,
+        )
         engine.state.output[Keys.PRED] = pred
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output[Keys.LOSS] = loss

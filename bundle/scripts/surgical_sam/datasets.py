@@ -14,8 +14,9 @@ from ..data.embedding_cache import EmbeddingCache
 from ..sam.geometry import masks_to_embedding_grid
 
 
-def prompt_samples(frames: Sequence[dict], num_classes: int, absent_prompts_per_frame: int,
-                   rng: np.random.Generator) -> list[tuple[int, int]]:
+def prompt_samples(
+    frames: Sequence[dict], num_classes: int, absent_prompts_per_frame: int, rng: np.random.Generator
+) -> list[tuple[int, int]]:
     """The (frame index, class) training samples of one epoch.
 
     One sample per class of ``frame["grid_classes"]`` (present and still on the embedding grid), plus
@@ -31,8 +32,14 @@ def prompt_samples(frames: Sequence[dict], num_classes: int, absent_prompts_per_
     return samples
 
 
-def prompt_sample(image_embeddings: torch.Tensor, label: torch.Tensor, class_id: int, image_size: int,
-                  grid_size: Sequence[int], class_mask: bool = False) -> dict:
+def prompt_sample(
+    image_embeddings: torch.Tensor,
+    label: torch.Tensor,
+    class_id: int,
+    image_size: int,
+    grid_size: Sequence[int],
+    class_mask: bool = False,
+) -> dict:
     """One training item of a (frame, class) sample, what ``PromptedSampleBatch`` batches.
 
     Args:
@@ -50,8 +57,12 @@ def prompt_sample(image_embeddings: torch.Tensor, label: torch.Tensor, class_id:
     """
     on = (label != 0) if class_mask else (label == class_id)
     grid_mask = masks_to_embedding_grid(on[None], image_size, grid_size)[0]
-    return {"image_embeddings": image_embeddings, "mask": on[None], "grid_mask": grid_mask,
-            "class_id": torch.tensor(class_id)}
+    return {
+        "image_embeddings": image_embeddings,
+        "mask": on[None],
+        "grid_mask": grid_mask,
+        "class_id": torch.tensor(class_id),
+    }
 
 
 class CachedPromptDataset(Dataset):
@@ -66,13 +77,21 @@ class CachedPromptDataset(Dataset):
     ``class_id`` () long in 1..C.
     """
 
-    def __init__(self, cache: EmbeddingCache, split: str = "training", num_classes: int | None = None,
-                 absent_prompts_per_frame: int = 0, seed: int = 666) -> None:
+    def __init__(
+        self,
+        cache: EmbeddingCache,
+        split: str = "training",
+        num_classes: int | None = None,
+        absent_prompts_per_frame: int = 0,
+        seed: int = 666,
+    ) -> None:
         self.cache, self.split, self.seed = cache, split, seed
         self.num_classes = num_classes or len(cache.class_names)
         if self.num_classes != len(cache.class_names):
-            raise ValueError(f"num_classes={self.num_classes} but the cached dataset has {len(cache.class_names)} classes "
-                             f"({cache.class_names})")
+            raise ValueError(
+                f"num_classes={self.num_classes} but the cached dataset has {len(cache.class_names)} classes "
+                f"({cache.class_names})"
+            )
         self.absent_prompts_per_frame = absent_prompts_per_frame
         self.num_versions = max(cache.versions(split))
         # any reader with this interface works: EmbeddingCache, original_layout.OriginalLayoutReader
@@ -86,8 +105,9 @@ class CachedPromptDataset(Dataset):
         self.epoch = epoch
         self.version = version_for_epoch(epoch, self.num_versions)
         self.entries = self.cache.entries(self.split, self.version)
-        self.samples = prompt_samples(self.entries, self.num_classes, self.absent_prompts_per_frame,
-                                      np.random.default_rng([self.seed, epoch]))
+        self.samples = prompt_samples(
+            self.entries, self.num_classes, self.absent_prompts_per_frame, np.random.default_rng([self.seed, epoch])
+        )
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -17,8 +17,8 @@ import torch
 from monai.inferers import Inferer
 
 from ..engine.inferers import autocast
-from ..evaluation.metrics import PROTOCOLS
 from ..evaluation.label_map import merge_class_masks
+from ..evaluation.metrics import PROTOCOLS
 
 
 class ClassPromptInferer(Inferer):
@@ -38,15 +38,24 @@ class ClassPromptInferer(Inferer):
         amp: run the network under bf16 autocast (logits and qualities come back as float32).
     """
 
-    def __init__(self, num_classes: int, protocol: str = "auto", min_mask_fraction: float = 0.0,
-                 pairs_per_pass: int = 32, output: str = "dict", prompt_classes: list[int] | None = None,
-                 amp: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        protocol: str = "auto",
+        min_mask_fraction: float = 0.0,
+        pairs_per_pass: int = 32,
+        output: str = "dict",
+        prompt_classes: list[int] | None = None,
+        amp: bool = False,
+    ) -> None:
         self.amp = bool(amp)
         self.allowed = torch.ones(num_classes, dtype=torch.bool)
         if prompt_classes is not None:
             bad = [c for c in prompt_classes if not 1 <= int(c) <= num_classes]
             if bad or not len(prompt_classes):
-                raise ValueError(f"prompt_classes must be a non-empty list of ids in 1..{num_classes}, got {prompt_classes}")
+                raise ValueError(
+                    f"prompt_classes must be a non-empty list of ids in 1..{num_classes}, got {prompt_classes}"
+                )
             self.allowed = torch.zeros(num_classes, dtype=torch.bool)
             self.allowed[[int(c) - 1 for c in prompt_classes]] = True
         if protocol not in PROTOCOLS:
@@ -100,14 +109,21 @@ class ClassPromptInferer(Inferer):
             present = prompt & temporal(masks)
         class_ids = torch.arange(1, self.num_classes + 1, device=logits.device)
         label_map = torch.stack(
-            [merge_class_masks(masks[b][present[b]], class_ids[present[b]], quality[b][present[b]])
-             for b in range(inputs.shape[0])]
+            [
+                merge_class_masks(masks[b][present[b]], class_ids[present[b]], quality[b][present[b]])
+                for b in range(inputs.shape[0])
+            ]
         ).unsqueeze(1)
         if self.output == "label_map":
             return label_map
         has_entry = prompt.any(1) if self.protocol == "oracle" else torch.ones_like(prompt[:, 0])
-        return {"label_map": label_map, "has_entry": has_entry, "present": present, "quality": quality,
-                "mask_pixels": masks.flatten(2).sum(-1)}
+        return {
+            "label_map": label_map,
+            "has_entry": has_entry,
+            "present": present,
+            "quality": quality,
+            "mask_pixels": masks.flatten(2).sum(-1),
+        }
 
     def uncertainty(self, inputs: torch.Tensor, network) -> dict[str, torch.Tensor]:
         """How close the automatic decision on each frame is to going the other way (for active learning).
@@ -134,5 +150,9 @@ class ClassPromptInferer(Inferer):
         margin = ((pixels - min_pixels).abs().float() / min_pixels).masked_fill(~prompt, math.inf)
         present = prompt & (pixels >= min_pixels)
         min_quality = quality.float().masked_fill(~present, math.inf).min(1).values
-        return {"presence_margin": margin.min(1).values, "min_quality": min_quality, "pixels": pixels,
-                "min_pixels": torch.tensor(min_pixels)}
+        return {
+            "presence_margin": margin.min(1).values,
+            "min_quality": min_quality,
+            "pixels": pixels,
+            "min_pixels": torch.tensor(min_pixels),
+        }

@@ -37,14 +37,27 @@ class SurgicalSAMLabelMap(SurgicalSAM):
             of the frame (0: any pixel), as the automatic protocol's ``min_mask_fraction``.
     """
 
-    def __init__(self, num_classes: int, num_tokens: int, frame_size: Sequence[int], sam_variant: str = "vit_h",
-                 sam_checkpoint: str | None = None, min_mask_fraction: float = 0.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        num_tokens: int,
+        frame_size: Sequence[int],
+        sam_variant: str = "vit_h",
+        sam_checkpoint: str | None = None,
+        min_mask_fraction: float = 0.0,
+    ) -> None:
         if not 0.0 <= float(min_mask_fraction) < 1.0:
             raise ValueError(f"min_mask_fraction must be in [0, 1), got {min_mask_fraction}")
         if not 1 <= int(num_classes) <= 255:
             raise ValueError(f"the uint8 label map holds 1..255 classes, got num_classes={num_classes}")
-        super().__init__(num_classes, num_tokens, frame_size, sam_variant=sam_variant, sam_checkpoint=sam_checkpoint,
-                         with_image_encoder=True)
+        super().__init__(
+            num_classes,
+            num_tokens,
+            frame_size,
+            sam_variant=sam_variant,
+            sam_checkpoint=sam_checkpoint,
+            with_image_encoder=True,
+        )
         self.min_mask_fraction = float(min_mask_fraction)
 
     def class_logits(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +69,9 @@ class SurgicalSAMLabelMap(SurgicalSAM):
         pairs = embeddings.repeat_interleave(self.num_classes, dim=0)  # frame-major: (b, class 1..C)
         class_ids = torch.arange(1, self.num_classes + 1, device=embeddings.device).repeat(batch)
         dense, sparse = self.class_prompt_encoder(pairs, self.prototypes(), class_ids)
-        low_res, quality = decode_masks(self.mask_decoder, pairs, self.prompt_encoder.get_dense_pe(), sparse, dense,
-                                        False)
+        low_res, quality = decode_masks(
+            self.mask_decoder, pairs, self.prompt_encoder.get_dense_pe(), sparse, dense, False
+        )
         logits = low_res_logits_to_frame(low_res, self.image_size, (frame_h, frame_w))
         return logits.reshape(batch, self.num_classes, frame_h, frame_w), quality[:, 0].reshape(batch, self.num_classes)
 

@@ -257,7 +257,8 @@ class SurgicalSAMLoss(nn.Module):
         """
         counts = self.sample_counts(target["mask"])
         return self.sample_terms(pred, target, counts) + self.prototype_term(
-            pred["prototypes"], pred["image_embeddings"], target)
+            pred["prototypes"], pred["image_embeddings"], target
+        )
 
     @staticmethod
     def sample_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,8 +273,12 @@ class SurgicalSAMLoss(nn.Module):
         has_target = (mask.flatten(1).sum(dim=1) > 0).to(torch.float32)
         return has_target.sum().clamp_min(1.0), (1.0 - has_target).sum().clamp_min(1.0)
 
-    def sample_terms(self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-                     counts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def sample_terms(
+        self,
+        pred: Mapping[str, torch.Tensor],
+        target: Mapping[str, torch.Tensor],
+        counts: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
         """The Dice and absent terms of some of the batch's samples, over the whole batch's ``counts``.
 
         Both terms are sums over samples divided by a count of the batch, so the terms of the parts of
@@ -303,8 +308,9 @@ class SurgicalSAMLoss(nn.Module):
             total = total + self.absent_weight * (per_sample * absent).sum() / counts[1].to(logits.dtype)
         return total
 
-    def prototype_term(self, prototypes: torch.Tensor, image_embeddings: torch.Tensor,
-                       target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def prototype_term(
+        self, prototypes: torch.Tensor, image_embeddings: torch.Tensor, target: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         """``pcl_weight`` x PCL of the whole batch (it compares samples with each other).
 
         Args:

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..sam.batched_mask_decoder import decode_masks
-from .prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
 from ..sam.backbone import build_sam, get_variant
+from ..sam.batched_mask_decoder import decode_masks
+from ..sam.checkpoint import state_dict_mismatch
 from ..sam.fast_encoder import frozen_encoder_forward
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
-from ..sam.checkpoint import state_dict_mismatch
+from .prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,10 @@ class SurgicalSAM(nn.Module):
             if int(class_ids.min()) < 1 or int(class_ids.max()) > self.num_classes:
                 raise ValueError(f"class ids must be in 1..{self.num_classes}, got {class_ids.tolist()}")
         else:
-            torch._assert_async(((class_ids >= 1) & (class_ids <= self.num_classes)).all(),
-                                f"class ids must be in 1..{self.num_classes}")
+            torch._assert_async(
+                ((class_ids >= 1) & (class_ids <= self.num_classes)).all(),
+                f"class ids must be in 1..{self.num_classes}",
+            )
 
     def _decode_prompts(self, image_embeddings, dense, sparse) -> tuple[torch.Tensor, torch.Tensor]:
         low_res, quality = decode_masks(
@@ -202,7 +204,9 @@ class SurgicalSAM(nn.Module):
             frames = frame_index[start : start + pairs_per_pass]
             classes = class_index[start : start + pairs_per_pass]
             pair_embeddings = embeddings[frames]
-            dense, sparse = self.class_prompt_encoder.pair_prompts(pair_embeddings, scale[frames], tokens[frames], classes)
+            dense, sparse = self.class_prompt_encoder.pair_prompts(
+                pair_embeddings, scale[frames], tokens[frames], classes
+            )
             low_res, pair_quality = self._decode_prompts(pair_embeddings, dense, sparse)
             pair_logits = low_res_logits_to_frame(low_res, self.image_size, (frame_h, frame_w))[:, 0]
             logits[frames, classes] = pair_logits.to(logits.dtype)  # float32 also under autocast

@@ -35,14 +35,24 @@ PROTOTYPES_KEY = "prototypes_state_dict"
 ORIGINAL_KEYS = (PROMPT_ENCODER_KEY, DECODER_KEY, PROTOTYPES_KEY)
 #: Keys of the original prompt encoder (module names as in the original code).
 PROMPT_ENCODER_PARAMS = (
-    "dense_fc_1.weight", "dense_fc_1.bias", "dense_fc_2.weight", "dense_fc_2.bias",
-    "sparse_fc_1.weight", "sparse_fc_1.bias", "sparse_fc_2.weight", "sparse_fc_2.bias",
-    "pn_cls_embeddings.0.weight", "pn_cls_embeddings.1.weight",
+    "dense_fc_1.weight",
+    "dense_fc_1.bias",
+    "dense_fc_2.weight",
+    "dense_fc_2.bias",
+    "sparse_fc_1.weight",
+    "sparse_fc_1.bias",
+    "sparse_fc_2.weight",
+    "sparse_fc_2.bias",
+    "pn_cls_embeddings.0.weight",
+    "pn_cls_embeddings.1.weight",
 )
 PROTOTYPE_PARAM = "class_embeddings.weight"
 #: Bundle prefixes of the three parts and of the frozen SAM prompt encoder.
-BUNDLE_PREFIXES = {PROMPT_ENCODER_KEY: "class_prompt_encoder.", DECODER_KEY: "mask_decoder.",
-                   PROTOTYPES_KEY: "prototypes."}
+BUNDLE_PREFIXES = {
+    PROMPT_ENCODER_KEY: "class_prompt_encoder.",
+    DECODER_KEY: "mask_decoder.",
+    PROTOTYPES_KEY: "prototypes.",
+}
 SAM_PROMPT_ENCODER_PREFIX = "prompt_encoder."
 
 
@@ -59,8 +69,10 @@ def _load(path: str, what: str) -> dict:
 def _describe_foreign(content: dict) -> str:
     keys = list(content)
     if "model" in content and isinstance(content["model"], dict):
-        return ("it holds {'model': ...}: it looks like a bundle model.pt already (no conversion needed; "
-                "use it as models/model.pt)")
+        return (
+            "it holds {'model': ...}: it looks like a bundle model.pt already (no conversion needed; "
+            "use it as models/model.pt)"
+        )
     if any(str(k).startswith("image_encoder.") for k in keys):
         return "it holds SAM weights (image_encoder.*): pass it as --sam_checkpoint, and the SurgicalSAM checkpoint as --src"
     return f"its top-level keys are {keys[:6]}"
@@ -105,7 +117,9 @@ def original_to_bundle_state_dict(
         )
     class_embeddings = prototypes[PROTOTYPE_PARAM]
     if class_embeddings.ndim != 2:
-        raise OriginalCheckpointError(f"{source}: {PROTOTYPE_PARAM} must be (C, d), got {tuple(class_embeddings.shape)}")
+        raise OriginalCheckpointError(
+            f"{source}: {PROTOTYPE_PARAM} must be (C, d), got {tuple(class_embeddings.shape)}"
+        )
     found_classes, embed_dim = (int(x) for x in class_embeddings.shape)
     if num_classes is not None and int(num_classes) != found_classes:
         raise OriginalCheckpointError(
@@ -133,23 +147,33 @@ def original_to_bundle_state_dict(
     hidden_sparse = int(encoder["sparse_fc_1.weight"].shape[0])
     positions = int(encoder["sparse_fc_1.weight"].shape[1])
     expected_shapes = {
-        "dense_fc_1.weight": (hidden_dense, embed_dim, 1, 1), "dense_fc_1.bias": (hidden_dense,),
-        "dense_fc_2.weight": (embed_dim, hidden_dense, 1, 1), "dense_fc_2.bias": (embed_dim,),
-        "sparse_fc_1.weight": (hidden_sparse, positions, 1), "sparse_fc_1.bias": (hidden_sparse,),
-        "sparse_fc_2.weight": (found_tokens, hidden_sparse, 1), "sparse_fc_2.bias": (found_tokens,),
-        "pn_cls_embeddings.0.weight": (found_tokens, embed_dim), "pn_cls_embeddings.1.weight": (found_tokens, embed_dim),
+        "dense_fc_1.weight": (hidden_dense, embed_dim, 1, 1),
+        "dense_fc_1.bias": (hidden_dense,),
+        "dense_fc_2.weight": (embed_dim, hidden_dense, 1, 1),
+        "dense_fc_2.bias": (embed_dim,),
+        "sparse_fc_1.weight": (hidden_sparse, positions, 1),
+        "sparse_fc_1.bias": (hidden_sparse,),
+        "sparse_fc_2.weight": (found_tokens, hidden_sparse, 1),
+        "sparse_fc_2.bias": (found_tokens,),
+        "pn_cls_embeddings.0.weight": (found_tokens, embed_dim),
+        "pn_cls_embeddings.1.weight": (found_tokens, embed_dim),
     }
     expected = {k: torch.empty(shape, device="meta") for k, shape in expected_shapes.items()}
     details = state_dict_mismatch(encoder, expected, expected_as="in the original encoder")
     if details:
-        raise OriginalCheckpointError(f"{source}: {PROMPT_ENCODER_KEY} has tensors of unexpected shape: "
-                                      f"{'; '.join(details)}.")
+        raise OriginalCheckpointError(
+            f"{source}: {PROMPT_ENCODER_KEY} has tensors of unexpected shape: {'; '.join(details)}."
+        )
 
-    sam_decoder = {k.removeprefix("mask_decoder."): v for k, v in sam_state_dict.items() if k.startswith("mask_decoder.")}
+    sam_decoder = {
+        k.removeprefix("mask_decoder."): v for k, v in sam_state_dict.items() if k.startswith("mask_decoder.")
+    }
     sam_prompt = {k: v for k, v in sam_state_dict.items() if k.startswith(SAM_PROMPT_ENCODER_PREFIX)}
     if not sam_decoder or not sam_prompt:
-        raise OriginalCheckpointError("the SAM checkpoint has no mask_decoder.* / prompt_encoder.* keys: pass the "
-                                      "official SAM checkpoint the model was trained with (sam_vit_h_4b8939.pth)")
+        raise OriginalCheckpointError(
+            "the SAM checkpoint has no mask_decoder.* / prompt_encoder.* keys: pass the "
+            "official SAM checkpoint the model was trained with (sam_vit_h_4b8939.pth)"
+        )
     decoder = parts[DECODER_KEY]
     if any(k.startswith("mask_decoder.") for k in decoder):
         decoder = {k.removeprefix("mask_decoder."): v for k, v in decoder.items()}
@@ -164,12 +188,17 @@ def original_to_bundle_state_dict(
         tensors = decoder if part == DECODER_KEY else parts[part]
         state.update({prefix + k: v.detach().clone() for k, v in tensors.items()})
     state.update({k: v.detach().clone() for k, v in sam_prompt.items()})
-    return state, {"num_classes": found_classes, "num_tokens": found_tokens, "grid_positions": positions,
-                   "embed_dim": embed_dim}
+    return state, {
+        "num_classes": found_classes,
+        "num_tokens": found_tokens,
+        "grid_positions": positions,
+        "embed_dim": embed_dim,
+    }
 
 
-def convert_original_checkpoint(src: str, dst: str, sam_checkpoint: str, num_classes: int | None = None,
-                                num_tokens: int | None = None) -> dict:
+def convert_original_checkpoint(
+    src: str, dst: str, sam_checkpoint: str, num_classes: int | None = None, num_tokens: int | None = None
+) -> dict:
     """Read the original checkpoint ``src`` and the SAM checkpoint, write ``{"model": state_dict}`` to ``dst``.
 
     Returns the inferred configuration (num_classes, num_tokens, grid_positions = h*w, embed_dim).

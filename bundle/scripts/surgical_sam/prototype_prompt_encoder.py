@@ -160,7 +160,9 @@ class PrototypePromptEncoder(nn.Module):
         sparse = self.add_class_embeddings(self.class_tokens(image_embeddings, scale), class_index)
         return dense, sparse
 
-    def frame_prompts(self, image_embeddings: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def frame_prompts(
+        self, image_embeddings: torch.Tensor, prototypes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """What every class prompted on a frame shares: the scales (B, C, h*w) and class tokens (B, C, n, d).
 
         :meth:`pair_prompts` then makes the prompts of any (frame, class) pairs from them; together
@@ -206,7 +208,9 @@ class ScaledPositionMix(torch.autograd.Function):
         ctx.dtypes = (features.dtype, scale.dtype, weight.dtype, None if bias is None else bias.dtype)
         # contiguous: a permuted scale (an einsum's output) would make every W * s[b] a strided copy
         # plain tensors: a tensor subclass (MONAI's MetaTensor) has its own new_empty/out= rules
-        features, scale, weight = (t.as_subclass(torch.Tensor).to(dtype).contiguous() for t in (features, scale, weight))
+        features, scale, weight = (
+            t.as_subclass(torch.Tensor).to(dtype).contiguous() for t in (features, scale, weight)
+        )
         bias = None if bias is None else bias.as_subclass(torch.Tensor).to(dtype)
         with torch.autocast(device_type, enabled=False):
             return ScaledPositionMix._forward(ctx, features, scale, weight, bias)

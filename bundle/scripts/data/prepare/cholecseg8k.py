@@ -125,8 +125,9 @@ def find_frames(raw_dir: str) -> tuple[dict[str, list[str]], list[RawFrame]]:
                 sources = (frame_path, mask_path) if os.path.isfile(mask_path) else (frame_path,)
                 frames.append(RawFrame(clip, stem, sources, lambda f=frame_path, m=mask_path: _load(f, m)))
     if not frames:
-        raise layout_error(f"--raw_dir {raw_dir} holds videoNN folders but no frame_K_endo.png in their clip folders.",
-                           EXPECTED_LAYOUT)
+        raise layout_error(
+            f"--raw_dir {raw_dir} holds videoNN folders but no frame_K_endo.png in their clip folders.", EXPECTED_LAYOUT
+        )
     return clips, frames
 
 
@@ -175,5 +176,6 @@ def prepare_cholecseg8k(
         "ignore_index": IGNORE_INDEX,
     }
     settings = {"colours": [list(c) for c, _ in COLOUR_TABLE]}
-    return run_preparation(out_dir, PREPARER, description, frames, split_clips, raw_dir, settings=settings,
-                           check=check, progress=progress)
+    return run_preparation(
+        out_dir, PREPARER, description, frames, split_clips, raw_dir, settings=settings, check=check, progress=progress
+    )

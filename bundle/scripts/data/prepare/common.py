@@ -276,8 +276,10 @@ def is_embedding_cache_folder(path: str, depth: int = CACHE_SEARCH_DEPTH) -> boo
     except OSError:
         return False
     folders = [child for child in children if os.path.isdir(child)]
-    return bool(folders) and len(folders) == len(children) and all(
-        is_embedding_cache_folder(child, depth - 1) for child in folders
+    return (
+        bool(folders)
+        and len(folders) == len(children)
+        and all(is_embedding_cache_folder(child, depth - 1) for child in folders)
     )
 
 
@@ -295,8 +297,9 @@ def check_out_dir(out_dir: str, preparer: str) -> dict | None:
     entries = sorted(os.listdir(out_dir))
     if not entries:
         return None
-    foreign = [e for e in entries
-               if e not in OUTPUT_ENTRIES and not is_embedding_cache_folder(os.path.join(out_dir, e))]
+    foreign = [
+        e for e in entries if e not in OUTPUT_ENTRIES and not is_embedding_cache_folder(os.path.join(out_dir, e))
+    ]
     state_path = os.path.join(out_dir, STATE_FILE)
     state = None
     if os.path.isfile(state_path):
@@ -306,8 +309,10 @@ def check_out_dir(out_dir: str, preparer: str) -> dict | None:
         except (OSError, ValueError):
             state = None
     if foreign or not isinstance(state, dict):
-        what = f"files this command did not make ({name_files(foreign)})" if foreign else (
-            f"a dataset without the record {STATE_FILE} of a preparation"
+        what = (
+            f"files this command did not make ({name_files(foreign)})"
+            if foreign
+            else (f"a dataset without the record {STATE_FILE} of a preparation")
         )
         raise DatasetError(
             f"--out_dir {out_dir} is not empty and holds {what}: the preparation writes only into an empty "
@@ -326,9 +331,11 @@ def _frame_outputs(out_dir: str, sequence: str, frame: str) -> tuple[str, str, l
     label = os.path.join(out_dir, LABELS_DIR, sequence, f"{frame}.png")
     binary_dir = os.path.join(out_dir, BINARY_ANNOTATIONS_DIR, sequence)
     pattern = re.compile(re.escape(frame) + r"_class\d+\.png$")
-    binaries = [os.path.join(binary_dir, n) for n in os.listdir(binary_dir) if pattern.match(n)] if os.path.isdir(
-        binary_dir
-    ) else []
+    binaries = (
+        [os.path.join(binary_dir, n) for n in os.listdir(binary_dir) if pattern.match(n)]
+        if os.path.isdir(binary_dir)
+        else []
+    )
     return image, label, binaries
 
 
@@ -436,8 +443,9 @@ def run_preparation(
 
     in_some_split = set().union(*split_sequences.values()) if split_sequences else set()
     size = tuple(int(v) for v in frame_size) if frame_size is not None else None
-    written, reused, size = _prepare_frames(state, frames, old_frames, in_some_split, raw_root, size, num_classes,
-                                            skipped, progress)
+    written, reused, size = _prepare_frames(
+        state, frames, old_frames, in_some_split, raw_root, size, num_classes, skipped, progress
+    )
     _remove_dropped_frames(out_dir, old_frames, state.frames)
     state.save()
     if not state.frames:
@@ -446,8 +454,9 @@ def run_preparation(
             f"no usable frame was found for {preparer} ({len(skipped)} skipped{': ' + shown if shown else ''})."
         )
 
-    names = {class_id: description["classes"][str(class_id)]
-             for class_id in sorted(int(k) for k in description["classes"])}
+    names = {
+        class_id: description["classes"][str(class_id)] for class_id in sorted(int(k) for k in description["classes"])
+    }
     order = {raw.key: position for position, raw in enumerate(frames)}
     kept = sorted(state.frames, key=order.__getitem__)
     entries, left_out = _split_entries(preparer, split_sequences, kept, left_out_splits, optional_splits)
@@ -464,8 +473,10 @@ def run_preparation(
             for split in entries
         },
         **_class_counts([state.frames[k] for k in kept], names, ignore_index),
-        "per_split": {split: _class_counts([state.frames[f"{e['sequence']}/{e['frame']}"] for e in items], names,
-                                           ignore_index) for split, items in entries.items()},
+        "per_split": {
+            split: _class_counts([state.frames[f"{e['sequence']}/{e['frame']}"] for e in items], names, ignore_index)
+            for split, items in entries.items()
+        },
         "notes": _sum_notes(state.frames[k] for k in kept),
         "skipped": skipped,
         **({"left_out_splits": left_out} if left_out else {}),
@@ -513,9 +524,17 @@ class _PreparationState:
         )
 
 
-def _prepare_frames(state: _PreparationState, frames: Sequence[RawFrame], old_frames: Mapping, in_some_split: set,
-                    raw_root: str, size: tuple[int, int] | None, num_classes: int, skipped: list[dict],
-                    progress: bool) -> tuple[int, int, tuple[int, int] | None]:
+def _prepare_frames(
+    state: _PreparationState,
+    frames: Sequence[RawFrame],
+    old_frames: Mapping,
+    in_some_split: set,
+    raw_root: str,
+    size: tuple[int, int] | None,
+    num_classes: int,
+    skipped: list[dict],
+    progress: bool,
+) -> tuple[int, int, tuple[int, int] | None]:
     """Write every usable frame of a split into ``state.out_dir`` (keeping those an earlier run made from the same
     sources), recording each in ``state.frames`` and each unusable one in ``skipped``.
 
@@ -563,8 +582,7 @@ def _prepare_frames(state: _PreparationState, frames: Sequence[RawFrame], old_fr
     return written, reused, size
 
 
-def _still_prepared(out_dir: str, raw: RawFrame, old: dict | None, stamp: list,
-                    size: tuple[int, int] | None) -> bool:
+def _still_prepared(out_dir: str, raw: RawFrame, old: dict | None, stamp: list, size: tuple[int, int] | None) -> bool:
     """An earlier run wrote this frame from the same sources, its outputs are there, and it has the run's size."""
     image_path, label_path, _ = _frame_outputs(out_dir, raw.sequence, raw.frame)
     return (
@@ -606,8 +624,13 @@ def _remove_dropped_frames(out_dir: str, old_frames: Mapping, kept: Mapping) -> 
             _remove_frame_outputs(out_dir, sequence, frame)
 
 
-def _split_entries(preparer: str, split_sequences: Mapping[str, set], kept: Sequence[str],
-                   left_out_splits: Mapping[str, str] | None, optional_splits: bool) -> tuple[dict, dict]:
+def _split_entries(
+    preparer: str,
+    split_sequences: Mapping[str, set],
+    kept: Sequence[str],
+    left_out_splits: Mapping[str, str] | None,
+    optional_splits: bool,
+) -> tuple[dict, dict]:
     """dataset.json's splits: split -> entries of its kept frames (in the order of ``kept``), and the splits
     left out with why (given ones, plus with ``optional_splits`` those without a usable frame).
 
@@ -621,8 +644,10 @@ def _split_entries(preparer: str, split_sequences: Mapping[str, set], kept: Sequ
         if not keys:
             shown = name_files(sorted(sequences, key=natural_key)) or "none"
             if not optional_splits:
-                raise DatasetError(f"split '{split}' of {preparer} has no usable frame (its sequences: {shown}): "
-                                   "check the raw folder and the split.")
+                raise DatasetError(
+                    f"split '{split}' of {preparer} has no usable frame (its sequences: {shown}): "
+                    "check the raw folder and the split."
+                )
             left_out[split] = f"no usable frame in its sequences {shown}"
             continue
         entries[split] = [_entry(*key.rsplit("/", 1)) for key in keys]
@@ -634,8 +659,12 @@ def _split_entries(preparer: str, split_sequences: Mapping[str, set], kept: Sequ
 
 def _entry(sequence: str, frame: str) -> dict:
     """The dataset.json entry of a frame (as write_sample returns it)."""
-    return {"image": f"{IMAGES_DIR}/{sequence}/{frame}.png", "label": f"{LABELS_DIR}/{sequence}/{frame}.png",
-            "sequence": sequence, "frame": frame}
+    return {
+        "image": f"{IMAGES_DIR}/{sequence}/{frame}.png",
+        "label": f"{LABELS_DIR}/{sequence}/{frame}.png",
+        "sequence": sequence,
+        "frame": frame,
+    }
 
 
 def _covering_splits(entries: Mapping[str, list[dict]]) -> list[str]:

@@ -49,8 +49,16 @@ from scripts.data.prepare.common import (
 PREPARER = "prepare_custom"
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DEFAULT_VALIDATION_FRACTION = 0.2
-CONFIG_KEYS = {"frames_dir", "labels_dir", "classes", "ignore_index", "validation_sequences",
-               "validation_fraction", "resize", "name"}
+CONFIG_KEYS = {
+    "frames_dir",
+    "labels_dir",
+    "classes",
+    "ignore_index",
+    "validation_sequences",
+    "validation_fraction",
+    "resize",
+    "name",
+}
 
 EXPECTED_LAYOUT = """\
   <frames_dir>/<sequence>/<frame>.png|.jpg    (RGB frames)
@@ -97,8 +105,11 @@ def read_config(path: str) -> dict:
         config["validation_sequences"] = [str(s) for s in sequences]
     resize = config.get("resize")
     if resize is not None:
-        if (not isinstance(resize, (list, tuple)) or len(resize) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in resize)):
+        if (
+            not isinstance(resize, (list, tuple))
+            or len(resize) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in resize)
+        ):
             raise DatasetError(f"--config {path}: resize must be [height, width] in pixels, got {resize!r}.")
         config["resize"] = [int(v) for v in resize]
     config.setdefault("ignore_index", DEFAULT_IGNORE_INDEX)
@@ -109,8 +120,14 @@ def read_config(path: str) -> dict:
 
 
 def _frame_files(folder: str) -> list[str]:
-    return sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS)
-                   and os.path.isfile(os.path.join(folder, n))), key=natural_key)
+    return sorted(
+        (
+            n
+            for n in os.listdir(folder)
+            if n.lower().endswith(FRAME_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))
+        ),
+        key=natural_key,
+    )
 
 
 def find_sequences(frames_dir: str, labels_dir: str) -> dict[str, tuple[str, str]]:
@@ -126,8 +143,9 @@ def find_sequences(frames_dir: str, labels_dir: str) -> dict[str, tuple[str, str
         if os.path.isdir(os.path.join(frames_dir, name)) and _frame_files(os.path.join(frames_dir, name))
     }
     if not sequences:
-        raise layout_error(f"frames_dir {frames_dir} holds no frames (.png/.jpg) nor sequence folders with frames.",
-                           EXPECTED_LAYOUT)
+        raise layout_error(
+            f"frames_dir {frames_dir} holds no frames (.png/.jpg) nor sequence folders with frames.", EXPECTED_LAYOUT
+        )
     return sequences
 
 
@@ -142,8 +160,12 @@ def _image_size(path: str) -> tuple[int, int] | None:
 def _load(frame_path: str, label_path: str, num_classes: int, ignore_index: int, resize) -> LoadedFrame:
     image = read_raw_frame(frame_path)
     values = read_grey_label_map(
-        label_path, num_classes, ignore_index, image.shape[:2],
-        missing="every frame needs a label map of the same name (.png)", relation="its frame",
+        label_path,
+        num_classes,
+        ignore_index,
+        image.shape[:2],
+        missing="every frame needs a label map of the same name (.png)",
+        relation="its frame",
     )
     if resize is not None and tuple(resize) != image.shape[:2]:
         height, width = resize
@@ -157,8 +179,9 @@ def validation_sequences(sequences: list[str], config: Mapping) -> list[str]:
     if "validation_sequences" in config:
         absent = [s for s in config["validation_sequences"] if s not in sequences]
         if absent:
-            raise DatasetError(f"validation_sequences {absent} are not sequences of frames_dir (found: "
-                               f"{name_files(sequences)}).")
+            raise DatasetError(
+                f"validation_sequences {absent} are not sequences of frames_dir (found: {name_files(sequences)})."
+            )
         chosen = list(config["validation_sequences"])
     else:
         if len(sequences) < 2:
@@ -192,11 +215,18 @@ def prepare_custom(config_path: str, out_dir: str, check: bool = True, progress:
             if size is not None:
                 sizes.setdefault(size, []).append(os.path.relpath(frame_path, config["frames_dir"]))
             sources = (frame_path, label_path) if os.path.isfile(label_path) else (frame_path,)
-            frames.append(RawFrame(sequence, stem, sources, lambda f=frame_path, lab=label_path: _load(
-                f, lab, num_classes, ignore_index, resize)))
+            frames.append(
+                RawFrame(
+                    sequence,
+                    stem,
+                    sources,
+                    lambda f=frame_path, lab=label_path: _load(f, lab, num_classes, ignore_index, resize),
+                )
+            )
     if resize is None and len(sizes) > 1:
-        listing = "; ".join(f"{h}x{w}: {name_files(files, 5)}" for (h, w), files in
-                            sorted(sizes.items(), key=lambda kv: -len(kv[1])))
+        listing = "; ".join(
+            f"{h}x{w}: {name_files(files, 5)}" for (h, w), files in sorted(sizes.items(), key=lambda kv: -len(kv[1]))
+        )
         raise DatasetError(
             f"the frames of {config['frames_dir']} have {len(sizes)} sizes ({listing}): the bundle trains on one frame "
             "size; add `resize: [H, W]` to the config or make the frames one size."
@@ -212,5 +242,15 @@ def prepare_custom(config_path: str, out_dir: str, check: bool = True, progress:
     }
     settings = {"classes": config["classes"], "ignore_index": ignore_index, "resize": resize}
     root = os.path.commonpath([config["frames_dir"], config["labels_dir"]])
-    return run_preparation(out_dir, PREPARER, description, frames, split_sequences, root, settings=settings,
-                           frame_size=resize, check=check, progress=progress)
+    return run_preparation(
+        out_dir,
+        PREPARER,
+        description,
+        frames,
+        split_sequences,
+        root,
+        settings=settings,
+        frame_size=resize,
+        check=check,
+        progress=progress,
+    )

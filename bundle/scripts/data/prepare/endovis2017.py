@@ -127,8 +127,9 @@ def available_folds(present: set[int], folds=FOLDS) -> tuple[dict[str, list[str]
     for index in range(len(folds)):
         parts = {part: every[f"fold{index}_{part}"] for part in ("training", "validation")}
         missing = {part: [s for s in seqs if int(s.split("_")[1]) not in present] for part, seqs in parts.items()}
-        names = {part: ", ".join(f"instrument_dataset_{s.split('_')[1]}" for s in seqs)
-                 for part, seqs in missing.items()}
+        names = {
+            part: ", ".join(f"instrument_dataset_{s.split('_')[1]}" for s in seqs) for part, seqs in missing.items()
+        }
         if any(len(missing[part]) == len(parts[part]) for part in parts):
             empty = [part for part in parts if len(missing[part]) == len(parts[part])]
             reason = "; ".join(f"none of its {part} datasets ({names[part]}) is in the raw folder" for part in empty)
@@ -141,8 +142,10 @@ def available_folds(present: set[int], folds=FOLDS) -> tuple[dict[str, list[str]
             splits[f"fold{index}_{part}"] = [s for s in seqs if s not in missing[part]]
         lacking = [f"{names[part]} ({part})" for part in parts if missing[part]]
         if lacking:
-            incomplete[f"fold{index}"] = (f"made without {'; '.join(lacking)}: not in the raw folder, so its scores "
-                                          "are not comparable with the challenge's fold")
+            incomplete[f"fold{index}"] = (
+                f"made without {'; '.join(lacking)}: not in the raw folder, so its scores "
+                "are not comparable with the challenge's fold"
+            )
         if index == 0:
             splits["training"], splits["validation"] = list(splits["fold0_training"]), list(splits["fold0_validation"])
     return splits, left_out, incomplete
@@ -179,8 +182,9 @@ def _load(frame_path: str, masks: list[tuple[str, int | None]]) -> LoadedFrame:
     image = read_raw_frame(frame_path)
     check_size(frame_path, "frame", image.shape, RAW_SIZE)
     # masks are sorted by folder name: the later folder wins an overlap
-    instruments = ((read_part_mask(path, part_coded=class_id not in (None, OTHER_CLASS)) > 0, class_id)
-                   for path, class_id in masks)
+    instruments = (
+        (read_part_mask(path, part_coded=class_id not in (None, OTHER_CLASS)) > 0, class_id) for path, class_id in masks
+    )
     label_map, notes = paint_masks(RAW_SIZE, instruments, IGNORE_INDEX, "pixels of unknown instrument folders")
     return LoadedFrame(crop(image), crop(label_map), notes)
 
@@ -194,8 +198,11 @@ def find_frames(raw_dir: str) -> tuple[list[RawFrame], list[tuple[str, str]]]:
     if not os.path.isdir(raw_dir):
         raise layout_error(f"--raw_dir {raw_dir} does not exist.", EXPECTED_LAYOUT)
     datasets = sorted(
-        ((int(m.group(1)), name) for name in os.listdir(raw_dir) if (m := DATASET_PATTERN.match(name))
-         and os.path.isdir(os.path.join(raw_dir, name))),
+        (
+            (int(m.group(1)), name)
+            for name in os.listdir(raw_dir)
+            if (m := DATASET_PATTERN.match(name)) and os.path.isdir(os.path.join(raw_dir, name))
+        ),
     )
     if not datasets:
         raise layout_error(f"--raw_dir {raw_dir} holds no instrument_dataset_K folder.", EXPECTED_LAYOUT)
@@ -216,23 +223,29 @@ def find_frames(raw_dir: str) -> tuple[list[RawFrame], list[tuple[str, str]]]:
                 continue
             class_id = instrument_type(sub)
             if class_id is None:
-                problems.append((
-                    os.path.join(name, "ground_truth", sub),
-                    f"unknown instrument folder (known types: {', '.join(FOLDER_TYPES)}); "
-                    f"its pixels are set to the ignore value {IGNORE_INDEX}",
-                ))
+                problems.append(
+                    (
+                        os.path.join(name, "ground_truth", sub),
+                        f"unknown instrument folder (known types: {', '.join(FOLDER_TYPES)}); "
+                        f"its pixels are set to the ignore value {IGNORE_INDEX}",
+                    )
+                )
             instruments.append((os.path.join(truth_dir, sub), class_id))
         for frame_name in frame_names:
             frame_path = os.path.join(folder, "left_frames", frame_name)
             masks = [(os.path.join(sub, frame_name), class_id) for sub, class_id in instruments]
-            frames.append(RawFrame(
-                sequence=sequence_name(number),
-                frame=os.path.splitext(frame_name)[0],
-                sources=(frame_path, *(p for p, _ in masks if os.path.isfile(p))),
-                load=lambda f=frame_path, m=masks: _load(f, m),
-            ))
+            frames.append(
+                RawFrame(
+                    sequence=sequence_name(number),
+                    frame=os.path.splitext(frame_name)[0],
+                    sources=(frame_path, *(p for p, _ in masks if os.path.isfile(p))),
+                    load=lambda f=frame_path, m=masks: _load(f, m),
+                )
+            )
     if not frames:
-        raise layout_error(f"no instrument_dataset_K of --raw_dir {raw_dir} has a ground_truth folder.", EXPECTED_LAYOUT)
+        raise layout_error(
+            f"no instrument_dataset_K of --raw_dir {raw_dir} has a ground_truth folder.", EXPECTED_LAYOUT
+        )
     return frames, problems
 
 
@@ -255,13 +268,25 @@ def prepare_endovis2017(raw_dir: str, out_dir: str, check: bool = True, progress
         raise layout_error(
             f"--raw_dir {raw_dir} holds instrument_dataset_{', '.join(str(n) for n in sorted(present))} only: no "
             f"fold can be made ({'; '.join(f'{k}: {v}' for k, v in left_out.items() if k.endswith('_validation'))}). "
-            "Every fold needs one of its validation and one of its training datasets.", EXPECTED_LAYOUT)
+            "Every fold needs one of its validation and one of its training datasets.",
+            EXPECTED_LAYOUT,
+        )
     if incomplete:
         description["incomplete_folds"] = incomplete
     summary = run_preparation(
-        out_dir, PREPARER, description, frames, splits, raw_dir, settings=settings,
-        frame_size=(CROP_ROWS[1] - CROP_ROWS[0], CROP_COLS[1] - CROP_COLS[0]), problems=problems,
-        check=check, progress=progress, left_out_splits=left_out, optional_splits=True,
+        out_dir,
+        PREPARER,
+        description,
+        frames,
+        splits,
+        raw_dir,
+        settings=settings,
+        frame_size=(CROP_ROWS[1] - CROP_ROWS[0], CROP_COLS[1] - CROP_COLS[0]),
+        problems=problems,
+        check=check,
+        progress=progress,
+        left_out_splits=left_out,
+        optional_splits=True,
         extra_summary={"incomplete_folds": incomplete} if incomplete else None,
     )
     for fold, reason in incomplete.items():

@@ -141,7 +141,11 @@ def _load_instances(frame_path: str, instances: list[tuple[str, int | None]]) ->
 def _load_label_map(frame_path: str, label_path: str) -> LoadedFrame:
     image = _read_frame(frame_path)
     label_map = read_grey_label_map(
-        label_path, len(CLASS_NAMES), IGNORE_INDEX, FRAME_SIZE, missing="every frame needs its label map",
+        label_path,
+        len(CLASS_NAMES),
+        IGNORE_INDEX,
+        FRAME_SIZE,
+        missing="every frame needs its label map",
         grey_hint=f"0..{len(CLASS_NAMES)} (the challenge's colour part/organ labels are not instrument types)",
     )
     return LoadedFrame(image, label_map)
@@ -215,11 +219,13 @@ def find_frames(raw_dir: str, labels_dir: str | None = None, numbering: str = "a
             if class_id is not None and not 1 <= class_id <= len(CLASS_NAMES):
                 class_id = None
             if class_id is None:
-                problems.append((
-                    os.path.join(label_dir, name),
-                    f"class {raw_class} ({numbers} numbering) is not in the class table; its pixels are set to the "
-                    f"ignore value {IGNORE_INDEX}",
-                ))
+                problems.append(
+                    (
+                        os.path.join(label_dir, name),
+                        f"class {raw_class} ({numbers} numbering) is not in the class table; its pixels are set to the "
+                        f"ignore value {IGNORE_INDEX}",
+                    )
+                )
             instances[stem].append((os.path.join(label_dir, name), class_id))
         # ISINet's instrument_labels/ folder: instance masks (none in a frame: no instrument). A --labels_dir
         # folder without instance masks is read as label maps, so a frame without one is reported, not emptied.
@@ -229,17 +235,25 @@ def find_frames(raw_dir: str, labels_dir: str | None = None, numbering: str = "a
             frame_path = os.path.join(sequence_dir, "left_frames", frame_name)
             if use_instances:
                 masks = instances[stem]
-                frames.append(RawFrame(sequence, stem, (frame_path, *(p for p, _ in masks)),
-                                       lambda f=frame_path, m=masks: _load_instances(f, m)))
+                frames.append(
+                    RawFrame(
+                        sequence,
+                        stem,
+                        (frame_path, *(p for p, _ in masks)),
+                        lambda f=frame_path, m=masks: _load_instances(f, m),
+                    )
+                )
             else:
                 label_path = os.path.join(label_dir, frame_name)
                 sources = (frame_path, label_path) if os.path.isfile(label_path) else (frame_path,)
-                frames.append(RawFrame(sequence, stem, sources,
-                                       lambda f=frame_path, lab=label_path: _load_label_map(f, lab)))
+                frames.append(
+                    RawFrame(sequence, stem, sources, lambda f=frame_path, lab=label_path: _load_label_map(f, lab))
+                )
     if not frames:
         raise layout_error(
             f"no sequence of --raw_dir {raw_dir} has labels ({'; '.join(f'{p}: {r}' for p, r in problems[:3])}); "
-            "pass --labels_dir for labels kept elsewhere.", EXPECTED_LAYOUT,
+            "pass --labels_dir for labels kept elsewhere.",
+            EXPECTED_LAYOUT,
         )
     return frames, problems
 
@@ -267,6 +281,15 @@ def prepare_endovis2018(
     settings = {"numbering": numbering, "labels_dir": labels_dir is not None, "overlap": "later instance wins"}
     root = os.path.commonpath([raw_dir, labels_dir]) if labels_dir else raw_dir
     return run_preparation(
-        out_dir, PREPARER, description, frames, splits(), root, settings=settings, frame_size=FRAME_SIZE,
-        problems=problems, check=check, progress=progress,
+        out_dir,
+        PREPARER,
+        description,
+        frames,
+        splits(),
+        root,
+        settings=settings,
+        frame_size=FRAME_SIZE,
+        problems=problems,
+        check=check,
+        progress=progress,
     )
