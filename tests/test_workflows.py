@@ -343,6 +343,17 @@ def test_macro_files_are_read_from_the_working_directory(tmp_path, monkeypatch):
                 parser.get_parsed_content("shared")
 
 
+def test_no_config_holds_an_if_else_program():
+    """Configs are declarative: a choice between components is an overlay or an id, not `$ ... if ... else`."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")) + glob.glob(os.path.join(CONFIGS, "*.json"))):
+        for number, line in enumerate(open(path, encoding="utf-8"), 1):
+            code = line.split("#", 1)[0] if path.endswith(".yaml") else line
+            if "$" in code and " if " in code and " else " in code:
+                found.append(f"{os.path.basename(path)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
 @pytest.mark.parametrize("command", ["train", "demo", "evaluate", "infer"])
 def test_an_overlay_writes_only_what_it_changes(command):
     """No copies: every id a Distillation-SAM overlay sets differs from what the configs merged before it say (or
