@@ -68,15 +68,14 @@ def model_file(tmp_path_factory, small_sam_checkpoint):
     return path
 
 
-def run_video(source, output_dir, model_file, sam_checkpoint, configs=VIDEO, run_id="run", **overrides) -> dict:
+def video_workflow(configs, run_id: str, model_file, sam_checkpoint, **overrides) -> ConfigWorkflow:
+    """The initialized workflow ``run_id`` of ``configs`` with the test model, on the CPU at the test frame size."""
     workflow = ConfigWorkflow(
         config_file=configs,
         workflow_type=None,
         run_id=run_id,
         meta_file=META_FILE,
         logging_file=None,
-        dataset_dir=str(source),
-        output_dir=str(output_dir),
         model_file=model_file,
         sam_checkpoint=sam_checkpoint,
         frame_size=FRAME_SIZE,
@@ -84,6 +83,13 @@ def run_video(source, output_dir, model_file, sam_checkpoint, configs=VIDEO, run
         **overrides,
     )
     workflow.initialize()
+    return workflow
+
+
+def run_video(source, output_dir, model_file, sam_checkpoint, configs=VIDEO, run_id="run", **overrides) -> dict:
+    workflow = video_workflow(
+        configs, run_id, model_file, sam_checkpoint, dataset_dir=str(source), output_dir=str(output_dir), **overrides
+    )
     workflow.run()
     workflow.finalize()
     with open(os.path.join(output_dir, "summary.json")) as handle:
@@ -332,18 +338,7 @@ def test_the_old_run_ids_of_inference_yaml_name_their_overlay(run_id, overlay, m
     user error naming the overlay that now holds the workflow."""
     from scripts.errors import WorkflowMovedError, user_error_in
 
-    workflow = ConfigWorkflow(
-        config_file=INFERENCE,
-        workflow_type=None,
-        run_id=run_id,
-        meta_file=META_FILE,
-        logging_file=None,
-        model_file=model_file,
-        sam_checkpoint=small_sam_checkpoint,
-        frame_size=FRAME_SIZE,
-        device="cpu",
-    )
-    workflow.initialize()
+    workflow = video_workflow(INFERENCE, run_id, model_file, small_sam_checkpoint)
     with pytest.raises(Exception) as caught:
         workflow.run()
     found = user_error_in(caught.value)
