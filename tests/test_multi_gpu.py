@@ -1,4 +1,4 @@
-"""multi_gpu_train.yaml (issue 5 item 5): two processes on CPU (gloo, loopback) through torchrun on the small
+"""multi_gpu_train.yaml: two processes on CPU (gloo, loopback) through torchrun on the small
 demo; the sampler that follows the training set's per-epoch length; precompute split across ranks."""
 
 from __future__ import annotations
