@@ -142,3 +142,83 @@ def use_float64_dense_pe(model) -> None:
     dense_pe = model.prompt_encoder.get_dense_pe().double()
     layer.positional_encoding_gaussian_matrix = gaussian
     model.prompt_encoder.get_dense_pe = lambda: dense_pe
+
+
+def bundle_run_command(run_id: str, config_file, **settings) -> list[str]:
+    """``python -m monai.bundle run RUN_ID --config_file CONFIG_FILE --key value ...`` (this Python) as a list;
+    ``config_file`` a path or a list of paths (written as MONAI reads a list)."""
+    import sys
+
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(config_file)]
+    for key, value in settings.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+# ------------------------------------------------------------------------------------ raw data for tests
+def write_image(path, array) -> None:
+    """Write ``array`` (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA, as uint8, to the PNG ``path`` (folders made)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.asarray(array, dtype=np.uint8)
+    mode = "L" if array.ndim == 2 else {3: "RGB", 4: "RGBA"}[array.shape[2]]
+    Image.fromarray(array, mode=mode).save(path, compress_level=1)  # fast: the raw files are fabricated
+
+
+def make_custom_raw(root, sequences=("case_1", "case_2", "case_3"), size=(16, 20)):
+    """Raw frames and grey label maps of two classes, one frame per sequence, under ``root`` (a Path), for
+    ``prepare_custom``; returns its YAML config."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for index, sequence in enumerate(sequences):
+        write_image(root / "frames" / sequence / "img_0.png", rng.integers(0, 256, (*size, 3)))
+        labels = np.zeros(size, np.uint8)
+        labels[: size[0] // 2, : size[1] // 2] = 1 + index % 2
+        write_image(root / "labels" / sequence / "img_0.png", labels)
+    config = root / "data.yaml"
+    config.write_text(
+        f"frames_dir: frames\nlabels_dir: labels\nclasses: {{1: Grasper, 2: Hook}}\n"
+        f"validation_sequences: [{sequences[-1]}]\n"
+    )
+    return config
+
+
+# ------------------------------------------------------------------------------------------ MONAI Label
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def monailabel_python() -> str:
+    """The MONAI Label environment's python; fails (never skips silently) unless MONAILABEL_ABSENT=1."""
+    path = os.environ.get("MONAILABEL_PYTHON") or os.path.join(REPO_ROOT, ".venv-monailabel", "bin", "python")
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return path
+    if os.environ.get("MONAILABEL_ABSENT") == "1":
+        pytest.skip("MONAILABEL_ABSENT=1: MONAI Label deliberately not installed")
+    pytest.fail(
+        f"no MONAI Label environment at {path}: run tools/setup_monailabel.sh (or set MONAILABEL_PYTHON; "
+        "MONAILABEL_ABSENT=1 skips these tests on purpose)"
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
+    """Studies (the small demo frames, flat), the tiny SAM and a random-but-seeded SurgicalSAM model.pt."""
+    import glob
+
+    import torch
+
+    from scripts.surgical_sam.network import SurgicalSAM
+
+    python = monailabel_python()
+    root = tmp_path_factory.mktemp("monailabel")
+    torch.manual_seed(1)
+    model = str(root / "model0.pt")
+    torch.save(SurgicalSAM(7, 2, SMALL_DEMO["frame_size"], "tiny", small_sam_checkpoint).state_dict(), model)
+    frames = {}
+    for path in sorted(glob.glob(os.path.join(small_demo_dir, "images", "*", "*.png"))):
+        name = f"{os.path.basename(os.path.dirname(path)).replace('_', '')}_{os.path.basename(path)[:-4]}"
+        frames[name] = (path, path.replace(os.sep + "images" + os.sep, os.sep + "labels" + os.sep))
+    return {"python": python, "root": root, "model": model, "sam": small_sam_checkpoint, "frames": frames}

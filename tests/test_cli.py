@@ -15,7 +15,7 @@ import torch
 from conftest import use_float64_dense_pe
 from PIL import Image
 
-from scripts import cli
+from scripts import BUNDLE_ROOT, cli
 from scripts.benchmark import format_benchmark_table, run_benchmark
 
 
@@ -271,3 +271,26 @@ def _one_step(bm, cfg, path, loss_cls, class_embeddings_from_masks, micro_batch_
         )
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss, grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "command", ["prepare_endovis2017", "prepare_endovis2018", "prepare_cholecseg8k", "prepare_custom"]
+)
+def test_prepare_help_shows_the_raw_layout(command):
+    import importlib
+    import subprocess
+    import sys
+
+    module = importlib.import_module(f"scripts.data.prepare.{command.split('_', 1)[1]}")
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": BUNDLE_ROOT, "PAGER": "cat"},
+    )
+    shown = result.stdout + result.stderr
+    for line in module.EXPECTED_LAYOUT.splitlines():
+        assert line.strip() in shown, (line, shown[:2000])
+    if command == "prepare_custom":
+        assert "classes: {1: Grasper, 2: Hook}" in shown

@@ -799,3 +799,44 @@ def test_disk_estimate_is_the_real_entry_size(tmp_path, caplog, small_sam_checkp
     written = [os.path.getsize(p) for p in glob.glob(os.path.join(cache_dir, "entries", "**", "*.*"), recursive=True)]
     real = sum(written) / 2  # two validation frames
     assert 0.8 * real <= estimate <= 1.2 * real, (estimate, real)
+
+
+# -------------------------------------------------------------- bad labels and stale caches, said at once
+def test_precompute_reports_every_kind_of_bad_label_at_once(tmp_path, small_demo_dir, small_sam_checkpoint):
+    data = tmp_path / "data"
+    shutil.copytree(small_demo_dir, data)
+    items = load_datalist(str(data), "training")
+    unknown, rgb, small = items[0], items[1], items[2]
+    label = np.array(Image.open(unknown["label"]))
+    label[0, 0] = 9  # outside the 7-class table
+    Image.fromarray(label).save(unknown["label"])
+    Image.fromarray(np.zeros((*label.shape, 3), np.uint8)).save(rgb["label"])  # an RGB label map
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(small["label"])  # another size than its frame
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(DatasetError) as error:
+        precompute_embeddings(str(data), str(cache_dir), "tiny", small_sam_checkpoint, splits=("training",))
+    message = str(error.value)
+    assert "2 kind(s) of problem" in message
+    assert "[9]" in message and unknown["label"] in message
+    assert "'RGB'" in message and rgb["label"] in message
+    assert "differ in size from their frame" in message and small["label"] in message
+    assert not cache_dir.exists() or not glob.glob(str(cache_dir / "**" / "*.npy"), recursive=True)
+
+
+def test_a_cache_of_another_checkpoint_is_a_stale_cache(tmp_path, small_demo_dir, small_cache_dir):
+    from scripts.engine.checks import check_evaluation_inputs, check_training_inputs
+    from scripts.sam.backbone import save_random_sam_checkpoint
+
+    other = save_random_sam_checkpoint(str(tmp_path / "other.pth"), "tiny", seed=1)
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"")
+    for check in (
+        lambda: check_training_inputs(small_demo_dir, "tiny", other, small_cache_dir),
+        lambda: check_evaluation_inputs(small_demo_dir, "tiny", other, small_cache_dir, str(model)),
+    ):
+        with pytest.raises(StaleCacheError) as error:
+            check()
+        assert not isinstance(error.value, FileNotFoundError)
+        message = str(error.value)
+        assert "sam_checkpoint_md5" in message and "--cache_dir NEW_FOLDER" in message
+        assert "monai.bundle run precompute" in message

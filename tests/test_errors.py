@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bundle_run_command
 from PIL import Image
 
 from scripts.data.layout import DatasetError
@@ -33,23 +33,14 @@ def test_the_bundles_errors_keep_their_usual_bases_and_are_found_behind_monais_w
 
 
 def run_training(dataset_dir: Path, tmp_path: Path, **environment) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
+    command = bundle_run_command(
         "training",
-        "--config_file",
-        str(BUNDLE / "configs" / "train.yaml"),
-        "--dataset_dir",
-        str(dataset_dir),
-        "--bundle_root",
-        str(tmp_path / "bundle_root"),
-        "--sam_variant",
-        "tiny",
-        "--device",
-        "cpu",
-    ]
+        BUNDLE / "configs" / "train.yaml",
+        dataset_dir=dataset_dir,
+        bundle_root=tmp_path / "bundle_root",
+        sam_variant="tiny",
+        device="cpu",
+    )
     return subprocess.run(
         command,
         capture_output=True,

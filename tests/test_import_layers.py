@@ -4,7 +4,7 @@ Read from the source with ``ast`` (every import, also those inside functions), s
 check it. Rooms, low to high: files.py, errors.py and the shared SAM core (sam/); the methods' networks
 (surgical_sam/, distillation_sam/); data/; evaluation/; the methods' engine parts (losses, inferers,
 batches, datasets); above them the engine glue (engine/), the MONAI Label glue (monailabel_glue/), deployment
-(deploy/), the benchmark and the CLI.
+(deploy/), the benchmark, the CLI and its commands (commands/).
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 
 #: Engine glue, MONAI Label glue, deployment, the CLI and the commands built on them.
-GLUE = ("scripts.engine", "scripts.monailabel_glue", "scripts.deploy", "scripts.cli", "scripts.benchmark")
+GLUE = (
+    "scripts.engine",
+    "scripts.monailabel_glue",
+    "scripts.deploy",
+    "scripts.cli",
+    "scripts.commands",
+    "scripts.benchmark",
+)
 #: The shared SAM core: what data/ and the methods build on.
 SAM_CORE = ("scripts.sam",)
 METHODS = ("scripts.surgical_sam", "scripts.distillation_sam")

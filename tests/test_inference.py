@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_image
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
@@ -160,3 +161,117 @@ def test_uncertainty_margin_is_zero_on_the_presence_threshold(small_sam_checkpoi
     assert float(found["presence_margin"][0]) == 0.0
     quality = protocol["quality"].float().masked_fill(~protocol["present"], math.inf).min(1).values
     torch.testing.assert_close(found["min_quality"], quality)
+
+
+# --------------------------------------------------------------- unreadable frames and the frame crop
+def test_inference_writes_every_readable_frame_and_names_the_bad_ones(tmp_path, model_file, tiny_sam_checkpoint):
+    from scripts.engine.handlers import UnreadableFramesError
+
+    rng = np.random.default_rng(0)
+    frames = tmp_path / "frames"
+    for name in ("a.png", "c.png", "e.png"):
+        write_image(frames / name, rng.integers(0, 255, (64, 80, 3)))
+    (frames / "b.png").write_bytes((frames / "a.png").read_bytes()[:70])  # truncated
+    (frames / "d.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as error:
+        run_inference(str(frames), str(out), model_file, tiny_sam_checkpoint)
+    cause = error.value
+    while cause is not None and not isinstance(cause, UnreadableFramesError):  # MONAI wraps it in its expression's
+        cause = cause.__cause__
+    assert cause is not None, error.value
+    assert sorted(p.name for p in out.glob("*_seg.png")) == ["a_seg.png", "c_seg.png", "e_seg.png"]
+    message = str(cause)
+    assert "2 of 5 frame(s)" in message and str(frames / "b.png") in message and str(frames / "d.jpg") in message
+    assert "dataset.json" not in message and "move it out of the frame folder" in message
+
+
+def test_inference_exits_non_zero_after_writing_the_other_frames(tmp_path, model_file, tiny_sam_checkpoint):
+    import subprocess
+    import sys
+
+    frames = tmp_path / "frames"
+    write_image(frames / "good.png", np.zeros((64, 80, 3)))
+    (frames / "bad.png").write_text("not an image")
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIGS),
+        "--dataset_dir",
+        str(frames),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_file",
+        model_file,
+        "--sam_checkpoint",
+        tiny_sam_checkpoint,
+        "--device",
+        "cpu",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": BUNDLE_ROOT}
+    )
+    assert result.returncode != 0
+    assert "1 of 2 frame(s)" in result.stderr + result.stdout and str(frames / "bad.png") in result.stderr
+    assert (tmp_path / "out" / "good_seg.png").is_file()
+
+
+def test_inference_frame_crop_segments_only_the_window(tmp_path, model_file, tiny_sam_checkpoint):
+    """frame_crop: the window alone is segmented, as the frame cropped beforehand would be; the label map keeps
+    the raw frame's size with background outside the window."""
+    rng = np.random.default_rng(3)
+    raw = np.zeros((80, 100, 3), np.uint8)  # black borders around a 64x80 camera image
+    window = rng.integers(0, 255, (64, 80, 3)).astype(np.uint8)
+    raw[6:70, 12:92] = window
+    write_image(tmp_path / "raw" / "f.png", raw)
+    write_image(tmp_path / "cropped" / "f.png", window)
+    run_inference(
+        str(tmp_path / "raw"),
+        str(tmp_path / "out_raw"),
+        model_file,
+        tiny_sam_checkpoint,
+        frame_crop=[[6, 70], [12, 92]],
+    )
+    run_inference(str(tmp_path / "cropped"), str(tmp_path / "out_cropped"), model_file, tiny_sam_checkpoint)
+    full = np.asarray(Image.open(tmp_path / "out_raw" / "f_seg.png"))
+    expected = np.asarray(Image.open(tmp_path / "out_cropped" / "f_seg.png"))
+    assert full.shape == (80, 100)
+    np.testing.assert_array_equal(full[6:70, 12:92], expected)
+    assert not full[:6].any() and not full[70:].any() and not full[:, :12].any() and not full[:, 92:].any()
+    assert expected.any()  # the comparison is about a non-empty map
+    overlay = np.asarray(Image.open(tmp_path / "out_raw" / "f_overlay.png"))
+    assert overlay.shape == (80, 100, 3)
+
+
+def test_frame_crop_setting_errors(tmp_path):
+    from scripts.data.transforms import LoadFramed, frame_crop_box
+
+    with pytest.raises(ValueError, match="frame_crop"):
+        frame_crop_box([28, 1052, 320, 1600])
+    write_image(tmp_path / "small.png", np.zeros((10, 10, 3)))
+    with pytest.raises(DatasetError, match="smaller than frame_crop"):
+        LoadFramed("image", crop=[[0, 20], [0, 5]])({"image": str(tmp_path / "small.png")})
+
+
+def test_frame_crop_in_the_monailabel_seam(tmp_path):
+    """What MONAI Label's BundleInferTask runs (preprocessing, then postprocessing on the inferer's label map)
+    with a crop overlay: the frame is cropped and the returned mask has the whole frame's size, (W, H)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    overlay = tmp_path / "crop.yaml"
+    overlay.write_text("frame_crop: [[2, 10], [3, 15]]\n")
+    parser = ConfigParser()
+    parser.read_config([CONFIGS[0], str(overlay)])
+    write_image(tmp_path / "f.png", np.full((12, 20, 3), 9))
+    data = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "f.png")})
+    assert tuple(data["image"].shape) == (3, 8, 12)
+    data["pred"] = torch.full((1, 8, 12), 3, dtype=torch.long)
+    mask = parser.get_parsed_content("postprocessing")(data)["pred"]
+    assert tuple(mask.shape) == (20, 12)  # (W, H), MONAI's order for 2D images
+    expected = np.zeros((12, 20), np.uint8)
+    expected[2:10, 3:15] = 3
+    np.testing.assert_array_equal(mask.numpy().T, expected)

@@ -138,3 +138,24 @@ def test_diagram_is_valid_svg_naming_both_methods_and_real_parts():
 def test_model_card_shows_the_diagram():
     section = architecture_section()
     assert re.search(r"!\[[^\]]+\]\(architecture\.svg\)", section)
+
+
+def test_docs_give_the_newcomers_commands():
+    card = open(os.path.join(REPO_ROOT, "bundle", "docs", "README.md"), encoding="utf-8").read()
+    table = card[card.index("## Commands") : card.index("### Dataset overlays")]
+    assert (
+        "`python -m monai.bundle run --config_file \"['bundle/configs/inference.yaml',"
+        "'bundle/configs/demo_inference.yaml']\" --dataset_dir FRAMES`"
+    ) in table
+    own = card[card.index("**Your own data**") : card.index("**Cross-dataset**")]
+    for command in (
+        "surgical-sam prepare_custom --config raw/classes.yaml --out_dir data/mine",
+        "run precompute --config_file bundle/configs/train.yaml --dataset_dir data/mine",
+        "run training   --config_file bundle/configs/train.yaml --dataset_dir data/mine",
+        "run evaluating",
+        "--class_names \"['Grasper','Hook']\"",
+        '--frame_size "[480, 640]"',
+    ):
+        assert command in own, command
+    for key in ("frames_dir: frames", "labels_dir: labels", "classes: {1: Grasper, 2: Hook}"):
+        assert key in own

@@ -1,4 +1,4 @@
-"""The bundle's MONAI Label app against a careless or hostile client (issue 22, items 1, 2, 4, 5, 8): ids and
+"""The bundle's MONAI Label app against a careless or hostile client: ids and
 tags are names, inference reads datastore frames and uploads only, uploads and frames are bounded and leave
 no temporary file, a labelled frame is not replaced under its label, and label maps are lossless and hold
 the served bundle's class table. One real server for the module (tests/test_monailabel_server.py's helpers).
@@ -33,7 +33,6 @@ from test_monailabel_server import (
     png_bytes,
     request,
     server_studies,
-    setup,  # noqa: F401 (setup: the module's fixture)
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_root_logging")]

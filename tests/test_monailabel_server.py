@@ -37,19 +37,6 @@ START_TIMEOUT_S, REQUEST_TIMEOUT_S, TRAIN_TIMEOUT_S = 180, 120, 300
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_root_logging")]
 
 
-def monailabel_python() -> str:
-    """The MONAI Label environment's python; fails (never skips silently) unless MONAILABEL_ABSENT=1."""
-    path = os.environ.get("MONAILABEL_PYTHON") or os.path.join(REPO, ".venv-monailabel", "bin", "python")
-    if os.path.isfile(path) and os.access(path, os.X_OK):
-        return path
-    if os.environ.get("MONAILABEL_ABSENT") == "1":
-        pytest.skip("MONAILABEL_ABSENT=1: MONAI Label deliberately not installed")
-    pytest.fail(
-        f"no MONAI Label environment at {path}: run tools/setup_monailabel.sh (or set MONAILABEL_PYTHON; "
-        "MONAILABEL_ABSENT=1 skips these tests on purpose)"
-    )
-
-
 # ------------------------------------------------------------------------------------------------ HTTP
 def _multipart(fields: dict, files: dict) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
@@ -249,23 +236,6 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
-    """Studies (the small demo frames, flat), the tiny SAM and a random-but-seeded SurgicalSAM model.pt."""
-    from scripts.surgical_sam.network import SurgicalSAM
-
-    python = monailabel_python()
-    root = tmp_path_factory.mktemp("monailabel")
-    torch.manual_seed(1)
-    model = str(root / "model0.pt")
-    torch.save(SurgicalSAM(7, 2, FRAME, "tiny", small_sam_checkpoint).state_dict(), model)
-    frames = {}
-    for path in sorted(glob.glob(os.path.join(small_demo_dir, "images", "*", "*.png"))):
-        name = f"{os.path.basename(os.path.dirname(path)).replace('_', '')}_{os.path.basename(path)[:-4]}"
-        frames[name] = (path, path.replace(os.sep + "images" + os.sep, os.sep + "labels" + os.sep))
-    return {"python": python, "root": root, "model": model, "sam": small_sam_checkpoint, "frames": frames}
-
-
 def _studies(setup, name):
     studies = setup["root"] / name
     studies.mkdir()

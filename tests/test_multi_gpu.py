@@ -1,4 +1,4 @@
-"""multi_gpu_train.yaml (issue 5 item 5): two processes on CPU (gloo, loopback) through torchrun on the small
+"""multi_gpu_train.yaml: two processes on CPU (gloo, loopback) through torchrun on the small
 demo; the sampler that follows the training set's per-epoch length; precompute split across ranks."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
+from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO, bundle_run_command
 
 from scripts.data.embedding_cache import precompute_embeddings
 from scripts.engine.distributed import EpochDistributedSampler
@@ -193,17 +193,7 @@ def test_overlay_without_torchrun_fails_clearly(tmp_path):
         if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO_ROOT, "bundle"))
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        str([TRAIN, MULTI_GPU]),
-        "--dataset_dir",
-        str(tmp_path / "none"),
-    ]
+    command = bundle_run_command("training", [TRAIN, MULTI_GPU], dataset_dir=tmp_path / "none")
     result = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True, timeout=120, env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0

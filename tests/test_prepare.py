@@ -7,29 +7,25 @@ few frames only) and the prepared outputs are checked pixel for pixel against ha
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_custom_raw, write_image
 from PIL import Image
 
 from scripts import cli
-from scripts.data.layout import DatasetError, check_dataset, read_dataset_description
+from scripts.data.embedding_cache import EmbeddingCache, StaleCacheError, cache_identity, precompute_embeddings
+from scripts.data.layout import DatasetError, check_dataset, load_datalist, read_dataset_description
 from scripts.data.prepare import cholecseg8k as cholec
 from scripts.data.prepare import common
 from scripts.data.prepare.cholecseg8k import prepare_cholecseg8k
 from scripts.data.prepare.custom import prepare_custom
 from scripts.data.prepare.endovis2017 import fold_splits, instrument_type, prepare_endovis2017
 from scripts.data.prepare.endovis2018 import prepare_endovis2018
-
-
-def write_image(path: Path, array) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = np.asarray(array, dtype=np.uint8)
-    mode = "L" if array.ndim == 2 else {3: "RGB", 4: "RGBA"}[array.shape[2]]
-    Image.fromarray(array, mode=mode).save(path, compress_level=1)  # fast: the raw files are fabricated
 
 
 def read(path: Path) -> np.ndarray:
@@ -716,3 +712,118 @@ def test_cli_prepare_commands(tmp_path, capsys):
         cli.prepare_custom(config=str(tmp_path / "none.yaml"), out_dir=str(tmp_path / "o"))
     for name in ("prepare_endovis2017", "prepare_endovis2018", "prepare_cholecseg8k", "prepare_custom"):
         assert cli.COMMANDS[name] is getattr(cli, name)
+
+
+# ---------------------------------------------------------------- preparing again over an embedding cache
+def npy_stamps(cache_dir: str) -> dict[str, int]:
+    return {
+        os.path.relpath(p, cache_dir): os.stat(p).st_mtime_ns
+        for p in glob.glob(os.path.join(cache_dir, "**", "*.npy"), recursive=True)
+    }
+
+
+def test_preparation_runs_again_over_its_embedding_cache(tmp_path, small_sam_checkpoint):
+    config = make_custom_raw(tmp_path / "raw")
+    out = tmp_path / "prepared"
+    prepare_custom(str(config), str(out), progress=False)
+    cache_dir = str(out / "embedding_cache" / "tiny")  # train.yaml's default place
+    precompute_embeddings(str(out), cache_dir, "tiny", small_sam_checkpoint, augmentation_versions=1)
+    before = npy_stamps(cache_dir)
+    identity = cache_identity("tiny", small_sam_checkpoint)
+
+    # unchanged raw data: the preparation runs (resume / refresh) and the cache stays valid
+    summary = prepare_custom(str(config), str(out), progress=False)
+    assert summary["written"] == 0
+    cache = EmbeddingCache(cache_dir, identity)
+    for split, versions in (("training", (0, 1)), ("validation", (0,))):
+        for version in versions:
+            cache.entries(split, version)
+    assert npy_stamps(cache_dir) == before
+
+    # one raw frame changed: exactly its entries are stale, and precompute re-encodes those alone
+    frame = tmp_path / "raw" / "frames" / "case_1" / "img_0.png"
+    write_image(frame, np.full((16, 20, 3), 7))
+    summary = prepare_custom(str(config), str(out), progress=False)
+    assert summary["written"] == 1
+    with pytest.raises(StaleCacheError, match="case_1/img_0.png") as error:
+        EmbeddingCache(cache_dir, identity).entries("training", 0)
+    assert "1 source files changed" in str(error.value)
+    precompute_embeddings(str(out), cache_dir, "tiny", small_sam_checkpoint, augmentation_versions=1)
+    after = npy_stamps(cache_dir)
+    changed = sorted(key for key in after if after[key] != before.get(key))
+    assert changed == [os.path.join("entries", f"v{v:02d}", "case_1", "img_0.npy") for v in (0, 1)]
+    EmbeddingCache(cache_dir, identity).entries("training", 1)
+
+
+def test_preparation_still_refuses_other_content_beside_a_cache(tmp_path, small_sam_checkpoint):
+    config = make_custom_raw(tmp_path / "raw")
+    out = tmp_path / "prepared"
+    prepare_custom(str(config), str(out), progress=False)
+    precompute_embeddings(str(out), str(out / "embedding_cache" / "tiny"), "tiny", small_sam_checkpoint)
+    (out / "embedding_cache" / "notes.txt").write_text("mine")  # not a cache any more
+    with pytest.raises(DatasetError, match="embedding_cache"):
+        prepare_custom(str(config), str(out), progress=False)
+
+
+# ------------------------------------------------------------------ a partial EndoVis2017 download
+def make_endovis2017_raw(raw: Path, numbers) -> None:
+    """instrument_dataset_K (K in ``numbers``), one 1080x1920 frame each with a shaft of one instrument."""
+    for number in numbers:
+        folder = raw / f"instrument_dataset_{number}"
+        frame = np.zeros((1080, 1920, 3), np.uint8)
+        frame[..., 2] = number * 20
+        (folder / "left_frames").mkdir(parents=True)
+        Image.fromarray(frame).save(folder / "left_frames" / "frame000.png", compress_level=1)
+        mask = np.zeros((1080, 1920), np.uint8)
+        mask[300:400, 400:600] = 10
+        (folder / "ground_truth" / "Bipolar_Forceps_labels").mkdir(parents=True)
+        Image.fromarray(mask).save(
+            folder / "ground_truth" / "Bipolar_Forceps_labels" / "frame000.png", compress_level=1
+        )
+
+
+def test_partial_endovis2017_download_is_prepared_with_the_folds_it_allows(tmp_path, capsys):
+    from scripts.data.layout import available_splits, read_dataset_description
+    from scripts.data.prepare.endovis2017 import prepare_endovis2017
+
+    make_endovis2017_raw(tmp_path / "raw", (1, 2, 4))
+    out = tmp_path / "endovis2017"
+    summary = prepare_endovis2017(str(tmp_path / "raw"), str(out), progress=False)
+    description = read_dataset_description(out)
+    sequences = {split: sorted({e["sequence"] for e in description[split]}) for split in available_splits(description)}
+    assert sequences == {
+        "fold0_training": ["seq_2", "seq_4"],
+        "fold0_validation": ["seq_1"],
+        "fold1_training": ["seq_1", "seq_4"],
+        "fold1_validation": ["seq_2"],
+        "fold2_training": ["seq_1", "seq_2"],
+        "fold2_validation": ["seq_4"],
+        "training": ["seq_2", "seq_4"],
+        "validation": ["seq_1"],
+    }
+    assert set(description["incomplete_folds"]) == {"fold0", "fold1", "fold2"}
+    assert "instrument_dataset_3 (validation)" in description["incomplete_folds"]["fold0"]
+    assert set(description["left_out_splits"]) == {"fold3_training", "fold3_validation"}
+    assert "instrument_dataset_6, instrument_dataset_7" in description["left_out_splits"]["fold3_validation"]
+    assert summary["incomplete_folds"] == description["incomplete_folds"]
+    printed = capsys.readouterr().out
+    assert "fold3_validation not written" in printed and "fold0 is incomplete" in printed
+    with pytest.raises(DatasetError, match="could not make it: none of its validation datasets"):
+        load_datalist(str(out), "fold3_validation")
+    # the rest of the download arrives: the same command completes the folder
+    make_endovis2017_raw(tmp_path / "raw", (3, 5, 6, 7, 8))
+    summary = prepare_endovis2017(str(tmp_path / "raw"), str(out), progress=False)
+    description = read_dataset_description(out)
+    assert summary["written"] == 5 and summary["reused"] == 3
+    assert "incomplete_folds" not in description and "left_out_splits" not in description
+    assert len(description["fold3_validation"]) == 2
+
+
+def test_endovis2017_download_without_a_whole_fold_is_refused_before_writing(tmp_path):
+    from scripts.data.prepare.endovis2017 import prepare_endovis2017
+
+    make_endovis2017_raw(tmp_path / "raw", (1,))
+    with pytest.raises(DatasetError, match="no fold can be made") as error:
+        prepare_endovis2017(str(tmp_path / "raw"), str(tmp_path / "out"), progress=False)
+    assert "instrument_dataset_1 only" in str(error.value)
+    assert not (tmp_path / "out").exists()

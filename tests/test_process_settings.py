@@ -87,7 +87,7 @@ def test_the_video_demo_keeps_inference_initialize():
     parser.read_config(
         [
             os.path.join(BUNDLE_ROOT, "configs", name)
-            for name in ("inference.yaml", "demo_inference.yaml", "demo_video.yaml")
+            for name in ("inference.yaml", "inference_video.yaml", "demo_inference.yaml", "demo_video.yaml")
         ]
     )
     initialize = parser["initialize"]

@@ -18,6 +18,7 @@ from conftest import META_FILE, SMALL_CACHE_VERSIONS, SMALL_DEMO
 from scripts.engine.checkpoints import ModelInfoError, check_model_info, read_model_info
 from scripts.engine.handlers import ResumeSettingsError
 from scripts.engine.run_folders import LOCK_FILE, RunFolderError, RunLock, check_room
+from scripts.engine.workflows import run_workflow
 from scripts.errors import user_error_in
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
@@ -103,12 +104,7 @@ def demo_run(prepared, **extra):
     for name, logger in logging.root.manager.loggerDict.items():  # an earlier workflow's logging.conf disabled them
         if name.startswith("scripts") and isinstance(logger, logging.Logger):
             logger.disabled = False
-    workflow.initialize()
-    try:
-        workflow.run()
-    finally:
-        workflow.finalize()
-    return workflow
+    return run_workflow(workflow)
 
 
 def test_training_keeps_an_old_model_aside_records_its_settings_and_resumes_only_with_them(prepared, caplog):

@@ -543,3 +543,19 @@ def test_masks_to_embedding_grid_on_the_read_lines_equals_the_whole_image(frame_
     assert torch.equal(masks_to_embedding_grid(masks, image_size, (grid, grid)), expected)
     assert torch.equal(masks_to_embedding_grid(masks.float(), image_size, (grid, grid)), expected)  # float masks too
     assert masks_to_embedding_grid(masks[:0], image_size, (grid, grid)).shape == (0, grid, grid)
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02random bytes that are no checkpoint" * 40, b"hello world\n" * 50])
+def test_a_random_file_as_sam_checkpoint_gets_the_bundles_advice(tmp_path, content):
+    from scripts.sam.backbone import build_sam
+    from scripts.sam.prompting import load_sam_mask_decoder
+
+    path = tmp_path / "not_sam.pth"
+    path.write_bytes(content)
+    for load in (lambda: build_sam("tiny", str(path)), lambda: load_sam_mask_decoder("tiny", str(path))):
+        with pytest.raises(ValueError) as error:
+            load()
+        message = str(error.value)
+        assert str(path) in message and "not a PyTorch weights file" in message
+        assert "weights_only" not in message and "will likely succeed" not in message
+        assert "--sam_checkpoint" in message

@@ -1,4 +1,4 @@
-"""Sharing the bundle (issue 5 item 4): metadata.json against the configs (its versions against the lock file
+"""Sharing the bundle: metadata.json against the configs (its versions against the lock file
 in tests/test_install.py), large_files.yml against the SAM checkpoint table, the image -> label map network
 for verify_net_in_out and the TorchScript export, and ``surgical-sam pack`` unpacked by ``monai.bundle download`` and run alone."""
 

@@ -1,4 +1,4 @@
-"""Video in, label maps / JSON / overlay video out (inference.yaml's `run video`), temporal consistency,
+"""Video in, label maps / JSON / overlay video out (the overlay inference_video.yaml's `run`), temporal consistency,
 the demo video, and the ONNX Runtime backend: on a small video the tests make from demo frames."""
 
 from __future__ import annotations
@@ -30,9 +30,16 @@ pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 CONFIGS = os.path.join(BUNDLE_ROOT, "configs")
 INFERENCE = [os.path.join(CONFIGS, name) for name in ("inference.yaml", "demo_inference.yaml")]
-INFERENCE_DISTILL = [
-    os.path.join(CONFIGS, name) for name in ("inference.yaml", "inference_distill.yaml", "demo_inference.yaml")
+VIDEO = [os.path.join(CONFIGS, name) for name in ("inference.yaml", "inference_video.yaml", "demo_inference.yaml")]
+VIDEO_ONNX = [
+    os.path.join(CONFIGS, name)
+    for name in ("inference.yaml", "inference_video.yaml", "inference_video_onnx.yaml", "demo_inference.yaml")
 ]
+VIDEO_DISTILL = [
+    os.path.join(CONFIGS, name)
+    for name in ("inference.yaml", "inference_video.yaml", "inference_distill.yaml", "demo_inference.yaml")
+]
+EXPORT_ONNX = [os.path.join(CONFIGS, name) for name in ("inference.yaml", "export_onnx.yaml", "demo_inference.yaml")]
 FPS = 8
 FRAME_SIZE = list(SMALL_DEMO["frame_size"])
 
@@ -61,15 +68,14 @@ def model_file(tmp_path_factory, small_sam_checkpoint):
     return path
 
 
-def run_video(source, output_dir, model_file, sam_checkpoint, configs=INFERENCE, **overrides) -> dict:
+def video_workflow(configs, run_id: str, model_file, sam_checkpoint, **overrides) -> ConfigWorkflow:
+    """The initialized workflow ``run_id`` of ``configs`` with the test model, on the CPU at the test frame size."""
     workflow = ConfigWorkflow(
         config_file=configs,
         workflow_type=None,
-        run_id="video",
+        run_id=run_id,
         meta_file=META_FILE,
         logging_file=None,
-        dataset_dir=str(source),
-        output_dir=str(output_dir),
         model_file=model_file,
         sam_checkpoint=sam_checkpoint,
         frame_size=FRAME_SIZE,
@@ -77,6 +83,13 @@ def run_video(source, output_dir, model_file, sam_checkpoint, configs=INFERENCE,
         **overrides,
     )
     workflow.initialize()
+    return workflow
+
+
+def run_video(source, output_dir, model_file, sam_checkpoint, configs=VIDEO, run_id="run", **overrides) -> dict:
+    workflow = video_workflow(
+        configs, run_id, model_file, sam_checkpoint, dataset_dir=str(source), output_dir=str(output_dir), **overrides
+    )
     workflow.run()
     workflow.finalize()
     with open(os.path.join(output_dir, "summary.json")) as handle:
@@ -97,7 +110,7 @@ def video_error(run, match: str) -> VideoError:
 
 @pytest.fixture(scope="module")
 def video_run(tmp_path_factory, video_file, model_file, small_sam_checkpoint):
-    """The output folder of `run video` on the test video (read-only; tests that change it copy it)."""
+    """The output folder of the video overlay's `run` on the test video (read-only; tests that change it copy it)."""
     out = tmp_path_factory.mktemp("video_run") / "out"
     run_video(video_file, out, model_file, small_sam_checkpoint)
     return out
@@ -311,12 +324,46 @@ def test_video_damaged_mid_file_names_its_damaged_frames_and_is_not_complete(
 
 
 def test_plain_run_on_a_video_file_says_it_is_a_video(tmp_path, video_file):
-    """`run` segments a folder of frames; given a video it names `run video` instead of a missing folder."""
+    """`run` segments a folder of frames; given a video it names the video overlay instead of a missing folder."""
     from scripts.data.transforms import list_frames
 
-    with pytest.raises(DatasetError, match=r"is a video file.*run video") as error:
+    with pytest.raises(DatasetError, match=r"is a video file.*inference_video.yaml") as error:
         list_frames(video_file)
     assert "does not exist" not in str(error.value)
+
+
+@pytest.mark.parametrize("run_id, overlay", [("video", "inference_video.yaml"), ("export_onnx", "export_onnx.yaml")])
+def test_the_old_run_ids_of_inference_yaml_name_their_overlay(run_id, overlay, model_file, small_sam_checkpoint):
+    """`run video` / `run export_onnx` on inference.yaml alone (the command lines of earlier versions) stop with a
+    user error naming the overlay that now holds the workflow."""
+    from scripts.errors import WorkflowMovedError, user_error_in
+
+    workflow = video_workflow(INFERENCE, run_id, model_file, small_sam_checkpoint)
+    with pytest.raises(Exception) as caught:
+        workflow.run()
+    found = user_error_in(caught.value)
+    assert isinstance(found, WorkflowMovedError) and overlay in str(found), repr(caught.value)
+
+
+def test_the_workflow_overlays_keep_the_old_run_ids():
+    """With its overlay merged, `run video` / `run export_onnx` run what the overlay's `run` runs."""
+    from monai.bundle import ConfigParser
+
+    for configs, old in ((VIDEO, "video"), (EXPORT_ONNX, "export_onnx")):
+        parser = ConfigParser()
+        parser.read_config(configs)
+        assert parser[old] == parser["run"], old
+
+
+def test_the_onnx_video_overlay_builds_no_torch_network():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(VIDEO_ONNX)
+    assert parser["backend"] == "onnxruntime" and parser.get_parsed_content("video_network") is None
+    parser = ConfigParser()
+    parser.read_config(VIDEO)
+    assert parser["backend"] == "torch" and parser["video_network"] == "@network"
 
 
 @pytest.mark.slow
@@ -336,7 +383,7 @@ def test_distillation_video_inference(tmp_path, video_file, small_sam_checkpoint
         tmp_path / "out",
         str(tmp_path / "distill.pt"),
         small_sam_checkpoint,
-        configs=INFERENCE_DISTILL,
+        configs=VIDEO_DISTILL,
         pvt={"embed_dims": [32, 64, 160, 256]},
         pvt_input_size=64,
         frame_stride=4,
@@ -473,14 +520,15 @@ def test_onnx_agreement_checks_fail_on_another_network(onnx_export, small_sam_ch
 def test_export_workflow_and_onnx_backend_video_inference(
     tmp_path, model_file, video_run, video_file, small_sam_checkpoint
 ):
-    """inference.yaml's `run export_onnx`, then `run video` with backend onnxruntime: the torch run's label maps."""
+    """export_onnx.yaml's `run`, then the video overlay with inference_video_onnx.yaml (ONNX Runtime): the torch run's
+    label maps, with no SAM checkpoint to read."""
     ckpt_dir = tmp_path / "models"
     ckpt_dir.mkdir()
     shutil.copy(model_file, ckpt_dir / "model.pt")
     workflow = ConfigWorkflow(
-        config_file=INFERENCE,
+        config_file=EXPORT_ONNX,
         workflow_type=None,
-        run_id="export_onnx",
+        run_id="run",
         meta_file=META_FILE,
         logging_file=None,
         ckpt_dir=str(ckpt_dir),
@@ -496,8 +544,8 @@ def test_export_workflow_and_onnx_backend_video_inference(
         video_file,
         tmp_path / "out",
         str(ckpt_dir / "model.pt"),
-        small_sam_checkpoint,
-        backend="onnxruntime",
+        str(tmp_path / "no_sam_weights.pth"),
+        configs=VIDEO_ONNX,
         ckpt_dir=str(ckpt_dir),
         write_overlay_video=False,
     )
@@ -551,9 +599,9 @@ def test_demo_video_command_writes_the_overlay_video(tmp_path, small_demo_dir, m
     shutil.copytree(small_demo_dir, demo)
     out = tmp_path / "video"
     workflow = ConfigWorkflow(
-        config_file=INFERENCE + [os.path.join(CONFIGS, "demo_video.yaml")],
+        config_file=VIDEO + [os.path.join(CONFIGS, "demo_video.yaml")],
         workflow_type=None,
-        run_id="video",
+        run_id="run",
         meta_file=META_FILE,
         logging_file=None,
         demo_dir=str(demo),

@@ -13,15 +13,24 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import META_FILE, SMALL_CACHE_VERSIONS, SMALL_DEMO, bundle_copy_ignore, checked_workflow
+from conftest import (
+    META_FILE,
+    SMALL_CACHE_VERSIONS,
+    SMALL_DEMO,
+    bundle_copy_ignore,
+    bundle_run_command,
+    checked_workflow,
+)
 from monai.bundle import ConfigWorkflow
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "bundle", "configs")
+BUNDLE = Path(REPO_ROOT) / "bundle"
 TRAIN, DEMO, EVALUATE = (os.path.join(CONFIGS, f"{name}.yaml") for name in ("train", "demo", "evaluate"))
 INFERENCE, DEMO_INFERENCE = os.path.join(CONFIGS, "inference.yaml"), os.path.join(CONFIGS, "demo_inference.yaml")
 
@@ -77,19 +86,7 @@ def test_cli_training_without_inputs_fails_at_once(tmp_path):
     dataset_dir = str(tmp_path / "empty")
     os.makedirs(dataset_dir)
     checkpoint = str(tmp_path / "missing" / "sam_vit_h_4b8939.pth")
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        "--dataset_dir",
-        dataset_dir,
-        "--sam_checkpoint",
-        checkpoint,
-    ]
+    command = bundle_run_command("training", TRAIN, dataset_dir=dataset_dir, sam_checkpoint=checkpoint)
     start = time.monotonic()
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
@@ -343,6 +340,17 @@ def test_macro_files_are_read_from_the_working_directory(tmp_path, monkeypatch):
                 parser.get_parsed_content("shared")
 
 
+def test_no_config_holds_an_if_else_program():
+    """Configs are declarative: a choice between components is an overlay or an id, not `$ ... if ... else`."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")) + glob.glob(os.path.join(CONFIGS, "*.json"))):
+        for number, line in enumerate(open(path, encoding="utf-8"), 1):
+            code = line.split("#", 1)[0] if path.endswith(".yaml") else line
+            if "$" in code and " if " in code and " else " in code:
+                found.append(f"{os.path.basename(path)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
 @pytest.mark.parametrize("command", ["train", "demo", "evaluate", "infer"])
 def test_an_overlay_writes_only_what_it_changes(command):
     """No copies: every id a Distillation-SAM overlay sets differs from what the configs merged before it say (or
@@ -426,3 +434,29 @@ def test_both_methods_pass_the_inference_workflow_checks(method, tmp_path, small
     assert workflow.parser.get_parsed_content("model_file").endswith(
         {"surgical_sam": "model.pt", "distillation_sam": "distill_model.pt"}[method]
     )
+
+
+# ------------------------------------------------------------------- bundle_root of the configs run
+def test_bundle_root_is_the_bundle_whose_configs_run(tmp_path):
+    """A second copy of the bundle run while ``scripts`` comes from the first (another checkout on
+    PYTHONPATH): models, data and outputs are the second copy's."""
+    import subprocess
+
+    from conftest import bundle_copy_ignore
+
+    copy = tmp_path / "second_clone" / "bundle"
+    shutil.copytree(BUNDLE, copy, ignore=bundle_copy_ignore(str(BUNDLE)))
+    env = {**os.environ, "PYTHONPATH": str(BUNDLE)}  # the first checkout's code comes first
+    command = bundle_run_command("training", copy / "configs" / "train.yaml", dataset_dir=tmp_path / "no_data")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "cannot train" in output, output[-3000:]
+    assert str(copy / "models" / "sam_vit_h_4b8939.pth") in output, output[-3000:]
+    assert str(BUNDLE / "models" / "sam_vit_h_4b8939.pth") not in output
+    assert "with the code (scripts/) of" in output  # the mix of two checkouts is said
+
+
+def test_bundle_root_outside_a_workflow_is_the_code_folder():
+    import scripts
+
+    assert scripts.run_bundle_root() == scripts.BUNDLE_ROOT

@@ -22,9 +22,11 @@ __all__ = [
     "DEBUG_ENVIRONMENT",
     "BundleError",
     "MissingInputError",
+    "WorkflowMovedError",
     "format_user_error",
     "install_user_error_hook",
     "user_error_in",
+    "workflow_moved",
 ]
 
 #: Set to 1 to see the full traceback of a user error.
@@ -38,6 +40,19 @@ class BundleError(Exception):
 class MissingInputError(BundleError, FileNotFoundError):
     """Inputs a run needs are missing (the dataset, SAM weights, the embedding cache, a model): each is named with
     the command that makes it."""
+
+
+class WorkflowMovedError(BundleError, ValueError):
+    """A run id of an earlier version whose workflow is now an overlay config of its own."""
+
+
+def workflow_moved(run_id: str, overlay: str) -> None:
+    """Stop a run of ``run_id`` (a config's stub of an earlier version's run id), naming the ``overlay`` that holds it."""
+    raise WorkflowMovedError(
+        f"`run {run_id}` is no longer part of inference.yaml: its workflow is the overlay configs/{overlay}. "
+        f"Merge it after inference.yaml and run it, e.g.\n  python -m monai.bundle run --config_file "
+        f"\"['configs/inference.yaml','configs/{overlay}']\" (the demo model: add configs/demo_inference.yaml last)."
+    )
 
 
 def user_error_in(error: BaseException | None) -> BundleError | None:

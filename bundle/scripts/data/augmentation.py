@@ -40,6 +40,8 @@ import torch
 from monai.transforms import Flip, Resize, Rotate, SpatialCrop
 from monai.utils import convert_to_numpy
 
+from .layout import DEFAULT_IGNORE_INDEX
+
 #: Number of augmented versions (1..NUM_VERSIONS); version 0 is the original frame.
 NUM_VERSIONS = 40
 #: Versions come in groups of this size: flips; + scale/crop; + rotation; + colour jitter.
@@ -152,7 +154,7 @@ def augment_frame(
     version: int,
     frame_key: str,
     seed: int = DEFAULT_SEED,
-    ignore_index: int = 255,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
     draws: str = "original",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Augmented ``version`` of one frame and its label map.

@@ -2,7 +2,7 @@
 other, as one H.264 mp4 (``<demo>/videos/validation.mp4``), for the video demo of the README.
 
 The demo's frames are drawn as consecutive video frames (:mod:`.demo`), so the video is what a newcomer's
-own recording would be; ``run video`` on it (inference.yaml with demo_inference.yaml and demo_video.yaml)
+own recording would be; ``run`` on it (inference.yaml, inference_video.yaml, demo_inference.yaml and demo_video.yaml)
 writes the overlay video.
 """
 

@@ -41,7 +41,7 @@ from PIL import Image
 from ..sam.backbone import get_variant
 from ..sam.geometry import masks_to_embedding_grid
 from .datasets import ENDOVIS2017_FOLDS as ENDOVIS_2017_FOLD_SEQUENCES
-from .layout import DatasetError, name_files
+from .layout import DEFAULT_IGNORE_INDEX, DatasetError, name_files
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class OriginalLayoutReader:
         fold: int = 0,
         augmentation_versions: int = 40,
         features_dir: str = "sam_features_h",
-        ignore_index: int = 255,
+        ignore_index: int = DEFAULT_IGNORE_INDEX,
     ) -> None:
         self.cache_dir = self.root = os.path.abspath(str(root))
         if not os.path.isdir(self.root):

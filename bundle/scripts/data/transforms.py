@@ -30,14 +30,16 @@ def list_frames(folder: str, extensions: Sequence[str] = FRAME_EXTENSIONS) -> li
     """Every frame under ``folder`` (recursive, sorted) as ``[{"image": path}, ...]``."""
     if os.path.isfile(folder) and folder.lower().endswith(VIDEO_EXTENSIONS):
         raise DatasetError(
-            f"{folder} is a video file, and `run` segments a folder of frames: segment the video with `python -m "
-            f"monai.bundle run video --config_file <the same config files> --dataset_dir {folder}` (label maps, "
-            "per-frame JSON and an overlay video), or pass --dataset_dir FOLDER_OF_FRAMES"
+            f"{folder} is a video file, and inference.yaml segments a folder of frames: segment the video with the "
+            "video overlay, inference.yaml's `run` with configs/inference_video.yaml merged right after inference.yaml "
+            f"(`python -m monai.bundle run --config_file \"['configs/inference.yaml','configs/inference_video.yaml']\" "
+            f"--dataset_dir {folder}`: label maps, per-frame JSON and an overlay video), or pass --dataset_dir "
+            "FOLDER_OF_FRAMES"
         )
     if os.path.isfile(folder):
         raise DatasetError(
             f"{folder} is a file, not a folder of frames: pass --dataset_dir FOLDER_OF_FRAMES (or a "
-            f"video, {', '.join(VIDEO_EXTENSIONS)}, to `run video`)"
+            f"video, {', '.join(VIDEO_EXTENSIONS)}, with the overlay inference_video.yaml)"
         )
     if not os.path.isdir(folder):
         raise DatasetError(f"frame folder {folder} does not exist: pass --dataset_dir FOLDER_OF_FRAMES")

@@ -1,6 +1,6 @@
 """Video inference: a video file or a folder of frames, as one sequence, -> label maps, JSON, overlay video.
 
-:class:`VideoInference` (inference.yaml's and inference_distill.yaml's ``run video``) reads the sequence
+:class:`VideoInference` (the overlay inference_video.yaml's ``run``) reads the sequence
 one frame at a time (:mod:`scripts.data.video_io`), segments it with the configured model and inferer
 (the automatic protocol: no ground truth), and writes into ``output_dir``:
 

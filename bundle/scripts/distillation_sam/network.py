@@ -51,8 +51,8 @@ from torch import nn
 
 from ..sam.backbone import build_sam, get_variant
 from ..sam.batched_mask_decoder import decode_masks
-from ..sam.checkpoint import state_dict_mismatch
 from ..sam.fast_encoder import frozen_encoder_forward
+from ..sam.frozen_parts import FrozenSamParts
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from .adapter import DistillationAdapter, default_tap_blocks
 from .teacher_prompts import sample_teacher_prompts, teacher_prompt_embeddings
@@ -100,7 +100,7 @@ def semantic_logits(mask_logits: torch.Tensor, class_logits: torch.Tensor, combi
     return torch.einsum("btk,bthw->bkhw", class_logits.softmax(-1), masks)
 
 
-class DistillationSAM(nn.Module):
+class DistillationSAM(FrozenSamParts):
     """
     Args:
         num_classes: C, classes 1..C (0 is background); the head predicts C + 1.
@@ -130,8 +130,16 @@ class DistillationSAM(nn.Module):
             a confident pixel and the cross-entropy stays near log(C + 1).
 
     Like SurgicalSAM, :meth:`state_dict` leaves the frozen SAM parts out and :meth:`load_state_dict`
-    is strict about every other key.
+    is strict about every other key (:class:`~scripts.sam.frozen_parts.FrozenSamParts`).
     """
+
+    network_name = "DistillationSAM"
+    frozen_parts = ("image_encoder", "prompt_encoder", "mask_decoder")
+    unsaved_prefixes = FROZEN_PREFIXES
+    mismatch_hint = (
+        "A checkpoint of another method or configuration (num_classes, sam_variant, taps, num_queries, PVT sizes, "
+        "logit_scale on or off) or saved under another key (e.g. 'module.') was given"
+    )
 
     def __init__(
         self,
@@ -210,31 +218,6 @@ class DistillationSAM(nn.Module):
         counts["adapter_without_pvt"] = counts["adapter"] - counts["pvt"]
         counts["total"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return counts
-
-    def train(self, mode: bool = True) -> DistillationSAM:
-        super().train(mode)
-        for frozen in (self.image_encoder, self.prompt_encoder, self.mask_decoder):
-            frozen.eval()  # frozen: never in training mode
-        return self
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in [k for k in state if k[len(prefix) :].startswith(FROZEN_PREFIXES)]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load the trainable parts; missing, unexpected or reshaped keys always raise, before loading."""
-        own = {k: v for k, v in super().state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
-        given = {k: v for k, v in state_dict.items() if not k.startswith(FROZEN_PREFIXES)}
-        details = state_dict_mismatch(given, own)
-        if details:
-            raise RuntimeError(
-                f"DistillationSAM checkpoint does not fit this network: {'; '.join(details)}. A checkpoint of another "
-                "method or configuration (num_classes, sam_variant, taps, num_queries, PVT sizes, logit_scale on or "
-                "off) or saved under another key (e.g. 'module.') was given; nothing was loaded."
-            )
-        return super().load_state_dict(given, strict=False, assign=assign)
 
     # -------------------------------------------------------------------------------------- forward
     def encode(

@@ -86,6 +86,12 @@ def init_distributed(backend: str | None = None) -> None:
     )
 
 
+def default_device() -> torch.device:
+    """The device of a one-process run (train.yaml's and inference.yaml's ``device``): the first GPU when torch
+    sees one, the CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def rank_device() -> torch.device:
     """This torchrun process's device (multi_gpu_train.yaml's ``device``): ``cuda:LOCAL_RANK``, made the current
     CUDA device, on a node with GPUs; the CPU otherwise."""

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..data.layout import DEFAULT_IGNORE_INDEX
+
 
 def _normalise(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", str(name)).strip().casefold()
@@ -75,7 +77,7 @@ def shared_classes(
 
 
 def eval_to_model_lut(
-    pairs: Sequence[tuple[int, int, str]], num_eval_classes: int, ignore_index: int = 255
+    pairs: Sequence[tuple[int, int, str]], num_eval_classes: int, ignore_index: int = DEFAULT_IGNORE_INDEX
 ) -> list[int]:
     """Look-up table (256,) from evaluation label values to model label values.
 

@@ -26,6 +26,8 @@ from ignite.engine import Engine
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
+from ..data.layout import DEFAULT_IGNORE_INDEX
+
 __all__ = [
     "frame_statistics",
     "endovis_metrics",
@@ -62,7 +64,7 @@ def frame_statistics(
     pred_map: torch.Tensor | np.ndarray,
     gt_map: torch.Tensor | np.ndarray,
     num_classes: int,
-    ignore_index: int | None = 255,
+    ignore_index: int | None = DEFAULT_IGNORE_INDEX,
 ) -> torch.Tensor:
     """Per-class statistics of one frame.
 
@@ -227,7 +229,7 @@ class EndoVisMetric(Metric):
         self,
         num_classes: int,
         class_names: Sequence[str] | None = None,
-        ignore_index: int | None = 255,
+        ignore_index: int | None = DEFAULT_IGNORE_INDEX,
         output_transform: Callable = lambda x: x,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -342,7 +344,7 @@ def score_label_map_folders(
     pred_dir: str | Path,
     gt_dir: str | Path,
     class_names: Sequence[str],
-    ignore_index: int | None = 255,
+    ignore_index: int | None = DEFAULT_IGNORE_INDEX,
     protocol: str = "auto",
     output_file: str | Path | None = None,
 ) -> dict[str, Any]:

@@ -11,12 +11,11 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ..sam.backbone import build_sam, get_variant
 from ..sam.batched_mask_decoder import decode_masks
-from ..sam.checkpoint import state_dict_mismatch
 from ..sam.fast_encoder import frozen_encoder_forward
+from ..sam.frozen_parts import FrozenSamParts
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD, frames_to_sam_input, low_res_logits_to_frame
 from .prototype_prompt_encoder import PrototypeBank, PrototypePromptEncoder
 
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 IMAGE_ENCODER_PREFIX = "image_encoder."
 
 
-class SurgicalSAM(nn.Module):
+class SurgicalSAM(FrozenSamParts):
     """
     Args:
         num_classes: C, instrument classes (label values 1..C).
@@ -38,8 +37,17 @@ class SurgicalSAM(nn.Module):
 
     The image encoder's weights are never part of :meth:`state_dict` (they are the SAM checkpoint's),
     and :meth:`load_state_dict` is always strict about every other key, so a checkpoint saved under
-    another key or for another configuration fails loudly instead of leaving random weights.
+    another key or for another configuration fails loudly instead of leaving random weights; the image and
+    prompt encoders stay in eval mode (:class:`~scripts.sam.frozen_parts.FrozenSamParts`).
     """
+
+    network_name = "SurgicalSAM"
+    frozen_parts = ("image_encoder", "prompt_encoder")
+    unsaved_prefixes = (IMAGE_ENCODER_PREFIX,)
+    mismatch_hint = (
+        "A checkpoint from another method or configuration (num_classes, num_tokens, sam_variant), saved under "
+        "another key (e.g. wrapped as 'module.'), or an original SurgicalSAM checkpoint (convert it first) was given"
+    )
 
     def __init__(
         self,
@@ -81,33 +89,6 @@ class SurgicalSAM(nn.Module):
         counts = {name: sum(p.numel() for p in part.parameters() if p.requires_grad) for name, part in parts.items()}
         counts["total"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return counts
-
-    def train(self, mode: bool = True) -> SurgicalSAM:
-        super().train(mode)
-        if self.image_encoder is not None:
-            self.image_encoder.eval()  # frozen: never in training mode
-        self.prompt_encoder.eval()
-        return self
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in [k for k in state if k.startswith(prefix + IMAGE_ENCODER_PREFIX)]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load everything but the image encoder; missing or unexpected keys always raise."""
-        # Check the keys before loading: nn.Module.load_state_dict(strict=False) would copy the
-        # matching keys first and leave the network half loaded when the check fails afterwards.
-        details = state_dict_mismatch(state_dict, super().state_dict(), optional_prefixes=(IMAGE_ENCODER_PREFIX,))
-        if details:
-            raise RuntimeError(
-                f"SurgicalSAM checkpoint does not fit this network: {'; '.join(details)}. A checkpoint from another "
-                "method or configuration (num_classes, num_tokens, sam_variant), saved under another key (e.g. "
-                "wrapped as 'module.'), or an original SurgicalSAM checkpoint (convert it first) was given; nothing "
-                "was loaded."
-            )
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     # -------------------------------------------------------------------------------------- forward
     def embed_frames(self, frames: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from scripts.data.datasets import CHOLECSEG8K_COLOUR_TABLE
-from scripts.data.layout import DatasetError
+from scripts.data.layout import DEFAULT_IGNORE_INDEX, DatasetError
 from scripts.data.prepare.common import (
     LoadedFrame,
     RawFrame,
@@ -46,7 +46,6 @@ from scripts.data.prepare.common import (
 PREPARER = "prepare_cholecseg8k"
 #: Label -> (colour, name); label 0 is background (the corrected CholecSeg8k colour table).
 COLOUR_TABLE = CHOLECSEG8K_COLOUR_TABLE
-IGNORE_INDEX = 255
 #: Held-out videos unless --val_videos says otherwise (our choice: 4 of the 17 videos).
 DEFAULT_VAL_VIDEOS = ("video12", "video20", "video48", "video55")
 VIDEO_PATTERN = re.compile(r"^video(\d+)$")
@@ -66,10 +65,10 @@ def colour_to_label(mask: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
         each colour outside the table, keyed "R,G,B".
     """
     packed = (mask[..., 0].astype(np.int32) << 16) | (mask[..., 1].astype(np.int32) << 8) | mask[..., 2]
-    label_map = np.full(packed.shape, IGNORE_INDEX, dtype=np.uint8)
+    label_map = np.full(packed.shape, DEFAULT_IGNORE_INDEX, dtype=np.uint8)
     for label, ((red, green, blue), _) in enumerate(COLOUR_TABLE):
         label_map[packed == (red << 16 | green << 8 | blue)] = label
-    unknown = packed[label_map == IGNORE_INDEX]
+    unknown = packed[label_map == DEFAULT_IGNORE_INDEX]
     values, counts = np.unique(unknown, return_counts=True)
     colours = {f"{v >> 16},{(v >> 8) & 255},{v & 255}": int(c) for v, c in zip(values.tolist(), counts.tolist())}
     return label_map, colours
@@ -171,9 +170,9 @@ def prepare_cholecseg8k(
     description = {
         "name": "cholecseg8k",
         "description": "CholecSeg8k, 13 classes (0 background) from the corrected colour table; colours outside "
-        f"the table are ignored ({IGNORE_INDEX}); validation videos {', '.join(held_out)}.",
+        f"the table are ignored ({DEFAULT_IGNORE_INDEX}); validation videos {', '.join(held_out)}.",
         "classes": {str(i): name for i, (_, name) in enumerate(COLOUR_TABLE) if i > 0},
-        "ignore_index": IGNORE_INDEX,
+        "ignore_index": DEFAULT_IGNORE_INDEX,
     }
     settings = {"colours": [list(c) for c, _ in COLOUR_TABLE]}
     return run_preparation(
