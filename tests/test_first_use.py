@@ -1,7 +1,7 @@
 """Tests of a newcomer's path (issue: one source for dataset facts, no work lost to one bad file): re-running
 a preparation over its embedding cache, dataset facts from dataset.json, partial EndoVis2017 downloads,
 inference past unreadable frames, the bundle root of the configs run, one error for every bad input,
-messages, the preparation's crop at inference, and the commands the docs give."""
+messages, the preparation's crop at inference, and the prepare commands' help (the docs' commands: test_model_card.py)."""
 
 from __future__ import annotations
 
@@ -510,28 +510,7 @@ def test_frame_crop_in_the_monailabel_seam(tmp_path):
     np.testing.assert_array_equal(mask.numpy().T, expected)
 
 
-# ------------------------------------------------------------------ item 10: the docs' commands
-def test_docs_give_the_newcomers_commands():
-    card = (BUNDLE / "docs" / "README.md").read_text()
-    table = card[card.index("## Commands") : card.index("### Dataset overlays")]
-    assert (
-        "`python -m monai.bundle run --config_file \"['bundle/configs/inference.yaml',"
-        "'bundle/configs/demo_inference.yaml']\" --dataset_dir FRAMES`"
-    ) in table
-    own = card[card.index("**Your own data**") : card.index("**Cross-dataset**")]
-    for command in (
-        "surgical-sam prepare_custom --config raw/classes.yaml --out_dir data/mine",
-        "run precompute --config_file bundle/configs/train.yaml --dataset_dir data/mine",
-        "run training   --config_file bundle/configs/train.yaml --dataset_dir data/mine",
-        "run evaluating",
-        "--class_names \"['Grasper','Hook']\"",
-        '--frame_size "[480, 640]"',
-    ):
-        assert command in own, command
-    for key in ("frames_dir: frames", "labels_dir: labels", "classes: {1: Grasper, 2: Hook}"):
-        assert key in own
-
-
+# ------------------------------------------------------------------ item 10: the prepare commands' help
 @pytest.mark.parametrize(
     "command", ["prepare_endovis2017", "prepare_endovis2018", "prepare_cholecseg8k", "prepare_custom"]
 )
