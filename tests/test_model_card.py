@@ -1,16 +1,35 @@
-"""The model card's Architecture section against the repository: its layout tree names exactly the files of
-bundle/scripts, bundle/configs, bundle/docs, tests and tools (no file left out, none that is gone), and its
-data-flow diagram is a valid SVG that names both methods and only files and classes that exist."""
+"""The docs against the repository. The model card's layout tree names exactly the files of bundle/scripts,
+bundle/configs, bundle/docs, tests and tools (no file left out, none that is gone); its data-flow diagram is a
+valid SVG that names both methods and only files and classes that exist; the README and the card stay within
+their word budgets; every relative link of the docs resolves; and every command the docs show names configs,
+run ids, options and ``surgical-sam`` commands that exist."""
 
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 import re
 import xml.etree.ElementTree as ElementTree
 
+import yaml
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO_ROOT, "README.md")
 MODEL_CARD = os.path.join(REPO_ROOT, "bundle", "docs", "README.md")
+DOC_PAGES = (
+    "README.md",
+    "CONTRIBUTING.md",
+    "bundle/docs/README.md",
+    "bundle/docs/fidelity.md",
+    "bundle/docs/workflows.md",
+    "bundle/docs/distillation_sam.md",
+    "monailabel_app/README.md",
+)
+#: Word budgets (as ``wc -w`` counts): a researcher reads the README in five minutes; the card is a
+#: model-zoo card plus the layout tree.
+README_MAX_WORDS = 900
+MODEL_CARD_MAX_WORDS = 3000
 DIAGRAM = os.path.join(REPO_ROOT, "bundle", "docs", "architecture.svg")
 #: Folders whose every file the tree names (recursively; __pycache__ aside).
 EXACT_FOLDERS = ("bundle/scripts", "bundle/configs", "bundle/docs", "tools")
@@ -20,9 +39,13 @@ SVG = "http://www.w3.org/2000/svg"
 MONAI_LABEL_TASKS = {"BundleInferTask", "BundleTrainTask"}
 
 
+def read(path: str) -> str:
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as handle:
+        return handle.read()
+
+
 def architecture_section() -> str:
-    with open(MODEL_CARD) as handle:
-        card = handle.read()
+    card = read(MODEL_CARD)
     start = card.index("\n## Architecture\n")
     end = card.index("\n## ", start + 1)
     return card[start:end]
@@ -135,19 +158,169 @@ def test_diagram_is_valid_svg_naming_both_methods_and_real_parts():
     assert not undefined, f"the diagram names classes the code does not define: {undefined}"
 
 
-def test_model_card_shows_the_diagram():
-    section = architecture_section()
-    assert re.search(r"!\[[^\]]+\]\(architecture\.svg\)", section)
+def test_model_card_and_readme_show_the_diagram():
+    assert re.search(r"!\[[^\]]+\]\(architecture\.svg\)", read(MODEL_CARD))
+    assert re.search(r"!\[[^\]]+\]\(bundle/docs/architecture\.svg\)", read(README))
+
+
+# ------------------------------------------------------------------------------------------ the docs' shape
+def word_count(text: str) -> int:
+    """Words as ``wc -w`` counts them: runs of characters between whitespace."""
+    return len(text.split())
+
+
+def test_readme_fits_its_word_budget():
+    words = word_count(read(README))
+    assert words <= README_MAX_WORDS, f"README.md has {words} words (budget {README_MAX_WORDS}): move detail out"
+
+
+def test_model_card_fits_its_word_budget():
+    words = word_count(read(MODEL_CARD))
+    assert words <= MODEL_CARD_MAX_WORDS, (
+        f"bundle/docs/README.md has {words} words (budget {MODEL_CARD_MAX_WORDS}): detail goes to workflows.md, "
+        "fidelity.md or performance.md"
+    )
+
+
+def test_word_count_counts_as_wc_does():
+    assert word_count("a  b\tc\nd ├── e.py   x-y") == 7
+
+
+def relative_links(markdown: str) -> list[str]:
+    """Targets of the ``[text](target)`` links that point into the repository (no scheme, not a bare anchor),
+    without their ``#anchor``; code spans and fenced blocks are not links."""
+    prose = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", prose)
+    return [t.split("#", 1)[0] for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+
+
+def test_relative_links_reader_skips_urls_anchors_and_code():
+    text = "[a](x.md) [b](https://e.org) [c](#top) [d](../y.md#part) `[e](z.md)` ![f](g.svg)\n```\n[h](i.md)\n```"
+    assert relative_links(text) == ["x.md", "../y.md", "g.svg"]
+
+
+def test_every_relative_link_of_the_docs_resolves():
+    broken = []
+    for page in DOC_PAGES:
+        folder = os.path.dirname(os.path.join(REPO_ROOT, page))
+        for target in relative_links(read(page)):
+            if not os.path.exists(os.path.normpath(os.path.join(folder, target))):
+                broken.append(f"{page}: {target}")
+    assert not broken, f"links to nothing: {broken}"
+
+
+# ------------------------------------------------------------------------------------- the docs' commands
+#: Pages whose commands are checked: the card, its manuals and the README.
+COMMAND_PAGES = ("README.md", "bundle/docs/README.md", "bundle/docs/workflows.md", "bundle/docs/distillation_sam.md")
+#: Options of ``python -m monai.bundle`` itself, not config ids.
+BUNDLE_OPTIONS = {"config_file", "meta_file", "bundle_path", "bundle_dir", "logging_file", "args_file"}
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """Every command line the page shows, in code spans and fenced blocks; a command written over several
+    lines (a trailing backslash, or a quoted list left open) is joined into one."""
+    commands = [span for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", markdown, flags=re.S))]
+    for block in re.findall(r"```[a-z]*\n(.*?)```", markdown, re.S):
+        pending = ""
+        for line in block.splitlines():
+            line = line.split(" # ", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
+            pending = f"{pending} {line.strip()}" if pending else line.strip()
+            if pending.endswith("\\"):
+                pending = pending[:-1].rstrip()
+                continue
+            if pending.count('"') % 2:
+                continue
+            if pending:
+                commands.append(pending)
+            pending = ""
+    return [c for c in commands if c.startswith(("python -m monai.bundle", "surgical-sam ", "torchrun "))]
+
+
+def config_keys(config_files: list[str]) -> set[str]:
+    """Top-level ids of the given configs, merged (paths relative to the repository or to bundle/)."""
+    keys = set()
+    for name in config_files:
+        path = os.path.join(REPO_ROOT, name) if name.startswith("bundle/") else os.path.join(REPO_ROOT, "bundle", name)
+        with open(path) as handle:
+            keys |= set(yaml.safe_load(handle) or {})
+    return keys
+
+
+def command_problems(command: str) -> list[str]:
+    """What in one shown command does not exist: a config file, a run id, an option or a CLI command."""
+    problems = []
+    configs = re.findall(r"(?:bundle/)?configs/[\w.]+\.(?:yaml|json)", command)
+    for name in configs:
+        path = os.path.join(REPO_ROOT, name) if name.startswith("bundle/") else os.path.join(REPO_ROOT, "bundle", name)
+        if not os.path.isfile(path):
+            problems.append(f"no config {name}")
+    # the options of the bundle's own command (torchrun's come before ``-m monai.bundle``)
+    own_part = command.split(" -m monai.bundle ", 1)[-1]
+    options = set(re.findall(r"(?:^|\s)--(\w+)", own_part))
+    if command.startswith("surgical-sam "):
+        from scripts.cli import COMMANDS
+
+        name = command.split()[1]
+        if name not in COMMANDS:
+            return [f"no surgical-sam command {name!r}"]
+        parameters = set(inspect.signature(COMMANDS[name]).parameters)
+        problems += [f"surgical-sam {name} has no --{o}" for o in sorted(options - parameters - {"help"})]
+        return problems
+    match = re.search(r"monai\.bundle (\w+)(?: (\w+))?", command)
+    if match and match[1] == "run" and not problems:
+        yaml_configs = [c for c in configs if c.endswith(".yaml")]
+        if yaml_configs:  # (a placeholder list such as C is explained beside the command, not checked)
+            keys = config_keys(yaml_configs)
+            run_id = match[2] or "run"
+            if run_id not in keys:
+                problems.append(f"no run id {run_id!r} in {yaml_configs}")
+            problems += [f"no id {o!r} in {yaml_configs}" for o in sorted(options - keys - BUNDLE_OPTIONS)]
+    return problems
+
+
+def test_command_checker_finds_what_does_not_exist():
+    assert command_problems("surgical-sam demo") == []
+    assert command_problems("surgical-sam no_such_command") == ["no surgical-sam command 'no_such_command'"]
+    assert command_problems("surgical-sam pack --out_dir d --no_such_option 1") == [
+        "surgical-sam pack has no --no_such_option"
+    ]
+    assert command_problems("python -m monai.bundle run --config_file bundle/configs/nothing.yaml") == [
+        "no config bundle/configs/nothing.yaml"
+    ]
+    assert command_problems("python -m monai.bundle run nowhere --config_file bundle/configs/train.yaml") == [
+        "no run id 'nowhere' in ['bundle/configs/train.yaml']"
+    ]
+    assert command_problems("python -m monai.bundle run --config_file bundle/configs/train.yaml --no_such_id 1") == [
+        "no id 'no_such_id' in ['bundle/configs/train.yaml']"
+    ]
+    assert (
+        command_problems("torchrun --nproc_per_node 2 -m monai.bundle run --config_file bundle/configs/train.yaml")
+        == []
+    )
+    block = "```\npython -m monai.bundle run training \\\n    --config_file \"['a',\n    'b']\" --x 1\n```"
+    assert shell_commands(block) == ["python -m monai.bundle run training --config_file \"['a', 'b']\" --x 1"]
+
+
+def test_every_command_of_the_docs_names_what_exists():
+    problems = []
+    for page in COMMAND_PAGES:
+        commands = shell_commands(read(page))
+        assert commands, f"{page} shows no command"
+        problems += [f"{page}: {p} in: {c}" for c in commands for p in command_problems(c)]
+    assert not problems, "\n".join(problems)
 
 
 def test_docs_give_the_newcomers_commands():
-    card = open(os.path.join(REPO_ROOT, "bundle", "docs", "README.md"), encoding="utf-8").read()
-    table = card[card.index("## Commands") : card.index("### Dataset overlays")]
+    """The card shows inference with the demo model; the workflows manual, the own-data path end to end."""
+    card = read(MODEL_CARD)
+    table = card[card.index("## Commands") : card.index("## Limits")]
     assert (
         "`python -m monai.bundle run --config_file \"['bundle/configs/inference.yaml',"
         "'bundle/configs/demo_inference.yaml']\" --dataset_dir FRAMES`"
     ) in table
-    own = card[card.index("**Your own data**") : card.index("**Cross-dataset**")]
+    manual = read("bundle/docs/workflows.md")
+    own = manual[manual.index("**Your own data**") : manual.index("**Cross-dataset**")]
     for command in (
         "surgical-sam prepare_custom --config raw/classes.yaml --out_dir data/mine",
         "run precompute --config_file bundle/configs/train.yaml --dataset_dir data/mine",

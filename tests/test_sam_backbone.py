@@ -291,6 +291,25 @@ def test_frames_to_sam_input_shape_normalisation_and_zero_padding():
         frames_to_sam_input(torch.zeros(1, 1, 100, 120), 256)
 
 
+@pytest.mark.parametrize("frame_hw, image_size", [((1024, 1280), 1024), ((480, 640), 1024), ((128, 160), 256)])
+def test_frames_to_sam_input_is_within_one_grey_level_of_pils_resize(frame_hw, image_size):
+    """The original feeds SAM segment-anything's ``ResizeLongestSide`` output: PIL's antialiased bilinear
+    resize of the uint8 frame, rounded after each pass. The bundle resizes in float and never rounds, so its
+    SAM input is at most about 1 grey level (0..255 scale) from the original's (bundle/docs/fidelity.md)."""
+    from PIL import Image
+
+    frame = np.random.default_rng(0).integers(0, 256, (*frame_hw, 3), dtype=np.uint8)
+    new_h, new_w = resized_shape(frame_hw, image_size)
+    pil = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BILINEAR), np.float64).transpose(2, 0, 1)
+    sam_input = frames_to_sam_input(torch.from_numpy(frame).permute(2, 0, 1)[None], image_size)[0].double()
+    std = torch.tensor(SAM_PIXEL_STD, dtype=torch.float64).view(3, 1, 1)
+    mean = torch.tensor(SAM_PIXEL_MEAN, dtype=torch.float64).view(3, 1, 1)
+    grey = (sam_input[:, :new_h, :new_w] * std + mean).numpy()
+    difference = np.abs(grey - pil)
+    assert difference.max() <= 1.01, difference.max()
+    assert 0.1 < difference.mean() < 0.4, difference.mean()  # not the same computation: rounding differs
+
+
 def test_masks_to_embedding_grid_left_half():
     mask = torch.zeros(1, 1024, 1280, dtype=torch.uint8)
     mask[:, :, :640] = 1

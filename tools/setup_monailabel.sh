@@ -13,7 +13,7 @@
 #
 # Idempotent: a venv made from the same lock file, pyproject.toml, script and checkout is left as it is (a stamp file in
 # the venv records them), so the README's test command can call this every time; anything else remakes it.
-# Measured: see the model card's "MONAI Label" section (time, wheels, disk).
+# Measured: see CONTRIBUTING.md, "The two environments" (time, wheels, disk).
 #
 # Usage: tools/setup_monailabel.sh [--check] [VENV_DIR]     (default: .venv-monailabel at the repo root)
 #        --check: only say whether VENV_DIR is up to date (exit 0) or would be remade (exit 1)
