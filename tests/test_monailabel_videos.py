@@ -303,3 +303,207 @@ def test_video_export_holds_label_pngs_an_overlay_video_coco_json_and_the_class_
         shown = {a["category_id"] for a in coco["annotations"] if a["image_id"] == image["id"]}
         assert shown == set(np.unique(label).tolist()) - {0, 255}
     assert glob.glob(os.path.join(server_studies(server), "export_frame*.png"))
+
+
+# -------------------------------------------------------------------------------------------- the page
+#: every control of the review page, all reachable on a 1280x720 screen without scrolling
+CONTROLS = (
+    "video",
+    "prelabel",
+    "train",
+    "train-params",
+    "export",
+    "upload-file",
+    "upload-id",
+    "upload",
+    "prev",
+    "play",
+    "next-frame",
+    "scrub",
+    "next",
+    "timeline",
+    "class",
+    "mode-prompt",
+    "mode-brush",
+    "mode-eraser",
+    "brush-size",
+    "auto",
+    "sam",
+    "erase",
+    "clear-prompts",
+    "undo",
+    "save",
+)
+
+
+def _label(page, frame=FRAME) -> np.ndarray:
+    return np.array(page.evaluate("Array.from(state.label)"), np.uint8).reshape(frame)
+
+
+def _status_is(page, text: str, timeout: int = 120_000) -> None:
+    page.wait_for_function(f"document.getElementById('status').textContent === {json.dumps(text)}", timeout=timeout)
+
+
+def _states(page) -> list[str]:
+    return page.eval_on_selector_all("#timeline span", "cells => cells.map(c => c.className.split(' ')[0])")
+
+
+def test_review_page_annotates_a_video_end_to_end_in_a_browser(video_app, setup, tmp_path):
+    """Upload, pre-label, walk the timeline (stored pre-labels shown with no inference), go to the most uncertain
+    frame, correct it with a brush, an eraser, undo and SAM's box, be warned before unsaved edits are lost,
+    save (the frame turns corrected), train, see the unreviewed frames pre-labelled again, export; every
+    control on a 1280x720 screen, and click markers visible on an 854x480 frame."""
+    from playwright.sync_api import sync_playwright
+    from test_monailabel_server import CHROMIUM, TOKENS
+
+    if not os.path.isfile(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set CHROMIUM)")
+    server, _, root = video_app
+    clip = root / "e2e.mp4"
+    clip.write_bytes(mp4_of(demo_frames(setup)[:6], root))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720}, accept_downloads=True)
+            errors, confirms, inferences = [], [], []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("request", lambda r: inferences.append(r.url) if "/infer/" in r.url else None)
+
+            def answer(dialog):
+                if dialog.type == "prompt":
+                    dialog.accept(TOKENS[server.url])
+                else:  # the unsaved-edits warning: keep the edits
+                    confirms.append(dialog.message)
+                    dialog.dismiss()
+
+            page.on("dialog", answer)
+            page.goto(server.url + "/review/", timeout=60_000)
+            page.wait_for_function("document.getElementById('status').textContent.endsWith('frames')", timeout=60_000)
+            # upload and pre-label
+            page.set_input_files("#upload-file", str(clip))
+            page.fill("#upload-id", "e2e")
+            page.click("#upload")
+            _status_is(page, "e2e: 6 frames stored")
+            assert _states(page) == ["state-new"] * 6 and page.input_value("#video") == "e2e"
+            page.click("#prelabel")
+            _status_is(page, "e2e: 6 frames pre-labelled")
+            assert _states(page) == ["state-pre-labelled"] * 6
+            # every control within a 1280x720 screen, nothing to scroll to
+            for control in CONTROLS:
+                box = page.locator(f"#{control}").bounding_box()
+                assert box and box["x"] >= 0 and box["y"] >= 0, control
+                assert box["x"] + box["width"] <= 1280 and box["y"] + box["height"] <= 720, (control, box)
+            # stored pre-labels are shown, not inferred again; the keys walk the frames
+            inferences.clear()
+            page.click("#timeline span[data-id='e2e_frame00000']")
+            _status_is(page, "e2e_frame00000: stored pre-label")
+            page.keyboard.press("ArrowRight")
+            _status_is(page, "e2e_frame00001: stored pre-label")
+            status, body = request(f"{server.url}/datastore/label?label=e2e_frame00001&tag=original")
+            np.testing.assert_array_equal(_label(page), png_array(body))
+            page.keyboard.press(" ")
+            page.wait_for_timeout(1500)
+            page.keyboard.press(" ")
+            page.wait_for_function("document.getElementById('status').textContent.endsWith(': paused')")
+            assert page.evaluate("state.frame") != "e2e_frame00001"
+            assert not inferences, inferences
+            # "next": the most uncertain unreviewed frame
+            frames = get_json(f"{server.url}/video/e2e")["frames"]
+            most = min(frames, key=lambda f: (f["presence_margin"], f["index"]))
+            page.evaluate("state.frame = null")
+            page.keyboard.press("n")
+            _status_is(page, f"{most['id']}: stored pre-label")
+            target = most["id"]
+            pre = _label(page)
+            # correct: brush in class 3, erase, undo, SAM box in class 5
+            canvas = page.locator("#overlay").bounding_box()
+            scale = canvas["width"] / FRAME[1]
+
+            def at(x, y):
+                return canvas["x"] + (x + 0.5) * scale, canvas["y"] + (y + 0.5) * scale
+
+            def drag(start, end):
+                page.mouse.move(*at(*start))
+                page.mouse.down()
+                page.mouse.move(*at(*end), steps=6)
+                page.mouse.up()
+
+            page.keyboard.press("3")
+            page.keyboard.press("b")
+            page.fill("#brush-size", "3")
+            drag((10, 30), (40, 30))
+            brushed = _label(page)
+            assert (brushed[30, 10:41] == 3).all() and (brushed[33:, :] == pre[33:, :]).all()
+            page.keyboard.press("e")
+            drag((10, 30), (20, 30))
+            assert (_label(page)[30, 10:21] == 0).all()
+            page.keyboard.press("Control+z")
+            np.testing.assert_array_equal(_label(page), brushed)
+            page.keyboard.press("v")
+            page.keyboard.press("5")
+            drag((5, 5), (60, 50))
+            page.keyboard.press("a")
+            page.wait_for_function("document.getElementById('status').textContent.includes('SAM mask added')")
+            corrected = _label(page)
+            assert (corrected == 5).any() and not np.array_equal(corrected, brushed)
+            # unsaved edits: opening another frame asks first, and "keep" keeps them
+            other = next(f["id"] for f in frames if f["id"] != target)
+            page.click(f"#timeline span[data-id='{other}']")
+            page.wait_for_timeout(500)
+            assert confirms and "unsaved edits" in confirms[0] and page.evaluate("state.frame") == target
+            np.testing.assert_array_equal(_label(page), corrected)
+            page.keyboard.press("s")
+            _status_is(page, f"{target}: saved")
+            status, body = request(f"{server.url}/datastore/label?label={target}&tag=final")
+            np.testing.assert_array_equal(png_array(body), corrected)
+            index = [f["id"] for f in frames].index(target)
+            assert _states(page)[index] == "state-corrected" and _states(page).count("state-pre-labelled") == 5
+            # train, then the unreviewed frames are pre-labelled again with the model it leaves
+            studies = server_studies(server)
+            before = {
+                f["id"]: os.stat(os.path.join(studies, "labels", "original", f"{f['id']}.png")).st_mtime_ns
+                for f in frames
+            }
+            page.fill("#train-params", json.dumps({"max_epochs": 1, "device": "cpu", "val_split": 0.0}))
+            page.click("#train")
+            _status_is(page, "e2e: 5 frames pre-labelled again", timeout=600_000)
+            after = {f: os.stat(os.path.join(studies, "labels", "original", f"{f}.png")).st_mtime_ns for f in before}
+            assert [f for f in before if after[f] != before[f]] == [f["id"] for f in frames if f["id"] != target]
+            status, body = request(f"{server.url}/datastore/label?label={target}&tag=final")
+            np.testing.assert_array_equal(png_array(body), corrected)
+            # export
+            with page.expect_download() as download:
+                page.click("#export")
+            path = tmp_path / "export.zip"
+            download.value.save_as(str(path))
+            exported = zipfile.ZipFile(path)
+            np.testing.assert_array_equal(png_array(exported.read(f"labels/{target}.png")), corrected)
+            assert {"overlay.mp4", "annotations.json", "class_table.json"} <= set(exported.namelist())
+            # click markers on a real-size 854x480 frame: visible squares of several screen pixels
+            big = np.asarray(Image.open(demo_frames(setup)[0]).convert("RGB").resize((854, 480)))
+            (root / "big.zip").write_bytes(zip_of({"0.png": png_bytes(big)}))
+            page.set_input_files("#upload-file", str(root / "big.zip"))
+            page.fill("#upload-id", "big")
+            page.click("#upload")
+            _status_is(page, "big: 1 frames stored")
+            page.select_option("#video", "big")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('big_frame00000: ')")
+            box = page.locator("#overlay").bounding_box()
+            assert box["x"] + box["width"] <= 1280 and box["y"] + box["height"] <= 720, box
+            clip_area = {"x": box["x"], "y": box["y"], "width": box["width"], "height": box["height"]}
+            shot = page.screenshot(clip=clip_area)
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            marked = page.screenshot(clip=clip_area)
+            changed = (
+                np.abs(
+                    np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
+                    - np.asarray(Image.open(io.BytesIO(marked)).convert("RGB")).astype(int)
+                ).sum(-1)
+                > 60
+            )
+            rows, columns = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+            assert len(rows) >= 7 and len(columns) >= 7, (len(rows), len(columns))
+            page.screenshot(path=str(tmp_path / "page.png"))
+            assert not errors, errors
+        finally:
+            browser.close()
