@@ -217,24 +217,10 @@ def test_batch_pre_labels_a_video_with_the_temporal_rule_and_frames_follow_the_r
     assert [f["state"] for f in listed["frames"]] == ["pre-labelled"] * 12
     assert all(isinstance(f["presence_margin"], float) for f in listed["frames"])
     # a person saves frame 2 as it was (reviewed) and frame 3 changed (corrected)
-    assert (
-        request(
-            f"{server.url}/datastore/label?image=prelabel_frame00002&tag=final",
-            "PUT",
-            files={"label": ("l.png", png_bytes(expected[2]))},
-        )[0]
-        == 200
-    )
+    assert server.put_label("prelabel_frame00002", png_bytes(expected[2]))[0] == 200
     corrected = expected[3].copy()
     corrected[:10, :10] = 4
-    assert (
-        request(
-            f"{server.url}/datastore/label?image=prelabel_frame00003&tag=final",
-            "PUT",
-            files={"label": ("l.png", png_bytes(corrected))},
-        )[0]
-        == 200
-    )
+    assert server.put_label("prelabel_frame00003", png_bytes(corrected))[0] == 200
     states = [f["state"] for f in get_json(f"{server.url}/video/prelabel")["frames"]]
     assert states[2:4] == ["reviewed", "corrected"] and states.count("pre-labelled") == 10
     # pre-labelling again: the reviewed frames keep their labels and feed the rule
@@ -265,14 +251,7 @@ def test_video_export_holds_label_pngs_an_overlay_video_coco_json_and_the_class_
     pre_label(server, "export")
     drawn = np.zeros(FRAME, np.uint8)
     drawn[5:20, 10:30] = 2
-    assert (
-        request(
-            f"{server.url}/datastore/label?image=export_frame00001&tag=final",
-            "PUT",
-            files={"label": ("l.png", png_bytes(drawn))},
-        )[0]
-        == 200
-    )
+    assert server.put_label("export_frame00001", png_bytes(drawn))[0] == 200
     status, body = request(f"{server.url}/video/export/export")
     assert status == 200, body[:500]
     archive = zipfile.ZipFile(io.BytesIO(body))

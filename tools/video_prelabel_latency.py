@@ -19,9 +19,8 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 
-from monailabel_finetune_check import _request, put_label, train
+from monailabel_finetune_check import _request, multipart_file, put_label, train
 
 
 def make_video(path: str, dataset_dir: str, frames: int, fps: float = 8.0) -> str:
@@ -49,18 +48,7 @@ def _timed_json(url: str, method: str, body: bytes | None, headers: dict, timeou
 
 
 def upload(url: str, video_id: str, video_file: str, timeout: float) -> tuple[float, dict]:
-    boundary = uuid.uuid4().hex
-    with open(video_file, "rb") as handle:
-        content = handle.read()
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{os.path.basename(video_file)}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + content
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    body, headers = multipart_file("file", video_file)
     return _timed_json(f"{url}/video/{video_id}", "PUT", body, headers, timeout)
 
 

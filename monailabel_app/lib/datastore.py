@@ -7,6 +7,10 @@ names whose files lie inside the studies folder (lib/names.py), a frame must be 
 ``max_pixels`` (lib/uploads.py), a labelled frame is not replaced under its labels, and a label map must be
 what lib/labels.py says (PNG, one channel, the frame's size, values of the served class table).
 
+A label saved under tag ``final`` (a person's) gets label info ``review``: ``reviewed`` when it equals the
+frame's pre-label (tag ``original``), else ``corrected`` (lib/videos.py's frame states). The frames of a
+video are the images whose info names it (:meth:`CheckedLocalDatastore.video_frames`).
+
 It also keeps the datastore consistent for the threads that read it while it reloads: MONAI Label's reload
 of ``datastore.json`` replaced the datastore and only then set its base folder (an inference in between
 resolved its frame against the server's working directory: "frame ... does not exist"), and its reconcile

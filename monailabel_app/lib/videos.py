@@ -203,8 +203,8 @@ def api_list_videos():
 
 def describe_video(datastore, video: str) -> dict:
     """``{"id", "fps", "frames": [{"id", "index", "state", "presence_margin"}], "states": {state: count}}``."""
-    frames = []
-    for image_id, info, labels in _frames_or_404(datastore, video):
+    frames, stored = [], _frames_or_404(datastore, video)
+    for image_id, info, labels in stored:
         prelabel = info.get("prelabel") or {}
         frames.append(
             {
@@ -214,7 +214,7 @@ def describe_video(datastore, video: str) -> dict:
                 "presence_margin": prelabel.get("presence_margin") if PRE_LABEL_TAG in labels else None,
             }
         )
-    fps = next((info.get("fps") for _, info, _ in datastore.video_frames(video)), None)
+    fps = stored[0][1].get("fps")
     states = {state: sum(frame["state"] == state for frame in frames) for state in STATES}
     return {"id": video, "fps": fps, "frames": frames, "states": states}
 
