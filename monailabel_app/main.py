@@ -8,7 +8,8 @@ Config (``--conf KEY VALUE``): ``bundle`` the bundle folder (default ``<app>/mod
 ``preload`` true loads the network at start; ``threads`` torch's intra-op threads (default: half the CPU
 cores, at least 1; see README.md "Responsiveness"); ``auth`` false turns the access token off (README.md
 "Security"); ``reserve_s`` how long a frame handed out by next sample stays reserved for its client (default 1800);
-``max_pixels`` (default 4096 x 4096) and ``max_upload_mb`` (default 64) bound frames and uploads (lib/uploads.py;
+``max_pixels`` (default 4096 x 4096) and ``max_upload_mb`` (default 64) bound frames and uploads, ``max_video_mb``
+(default 1024) and ``max_video_frames`` (default 20000) a video uploaded whole (lib/uploads.py, lib/videos.py;
 README.md "Limits of uploads and names").
 """
 
@@ -32,11 +33,12 @@ from lib.auth import access_token, protect
 from lib.batch import PerFrameBatchInfer
 from lib.datastore import CheckedLocalDatastore
 from lib.guards import check_infer_request, install_guards
-from lib.infers import SAMPrompt, SurgicalSAMAuto, SurgicalSAMClass, share_network
+from lib.infers import SAMPrompt, SurgicalSAMAuto, SurgicalSAMClass, SurgicalSAMVideo, share_network
 from lib.labels import class_table
 from lib.reservations import Reservations, ReservedView, client_of, reserve_seconds
 from lib.server import install, server_app
 from lib.trainers import SurgicalSAMTrainTask
+from lib.videos import routes as video_routes
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 MODELS = {
     "surgicalsam": "automatic: every instrument type prompted, the ones found are kept",
     "surgicalsam_class": "class prompt: the mask of one instrument type (params class_name or class_id)",
+    "surgicalsam_video": "automatic over a video's frames in order, presence decided by the temporal rule "
+    '(POST /batch/infer/surgicalsam with params {"video": ID} runs it)',
     "sam_prompt": "SAM clicks/box: params foreground [[x, y], ...], background [[x, y], ...], box [x0, y0, x1, y1]",
 }
 
@@ -110,6 +114,7 @@ class SurgicalSAMApp(MONAILabelApp):
         infers = {
             "surgicalsam": auto,
             "surgicalsam_class": share_network(SurgicalSAMClass(self.bundle, self.conf, type="segmentation"), auto),
+            "surgicalsam_video": share_network(SurgicalSAMVideo(self.bundle, self.conf, type="segmentation"), auto),
             "sam_prompt": share_network(SAMPrompt(self.bundle, self.conf), auto),
         }
         for name, task in infers.items():
@@ -128,7 +133,7 @@ class SurgicalSAMApp(MONAILabelApp):
         return {"surgicalsam_uncertainty": UncertaintyScoring(self._uncertainty)}
 
     def init_batch_infer(self):
-        return PerFrameBatchInfer()
+        return PerFrameBatchInfer(self._infers.get("surgicalsam_video"))
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -140,7 +145,7 @@ class SurgicalSAMApp(MONAILabelApp):
             protect(fastapi_app, token)
             # the guards' routes first: install() then puts the id and tag checks (lib/names.py) in front of
             # every route that takes names, the guards' own included
-            install_guards(fastapi_app)
+            install_guards(fastapi_app, video_routes())
             install(fastapi_app, trainers=sorted(self._trainers))
 
     def next_sample(self, request):

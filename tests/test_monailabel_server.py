@@ -583,7 +583,7 @@ def test_stock_label_of_another_size_the_train_status_says_why(stock, setup):
 def test_own_info_lists_models_and_labels(own):
     server, _ = own
     info = json.loads(request(server.url + "/info/")[1])
-    assert set(info["models"]) == {"surgicalsam", "surgicalsam_class", "sam_prompt"}
+    assert set(info["models"]) == {"surgicalsam", "surgicalsam_class", "surgicalsam_video", "sam_prompt"}
     assert info["models"]["surgicalsam_class"]["labels"]["prograsp forceps"] == 2
     assert "surgicalsam" in info["trainers"]
 
@@ -1262,7 +1262,7 @@ print(json.dumps({"enabled": enabled, "without": without, "wrong": wrong, "valid
         "without": "401",
         "wrong": "401",
         "valid": True,
-        "models": ["sam_prompt", "surgicalsam", "surgicalsam_class"],
+        "models": ["sam_prompt", "surgicalsam", "surgicalsam_class", "surgicalsam_video"],
     }, client
 
 

@@ -63,24 +63,25 @@ def _request(
         return error.code, error.read()
 
 
-def put_label(url: str, image_id: str, label_file: str) -> None:
+def multipart_file(field: str, path: str) -> tuple[bytes, dict]:
+    """(body, headers) of a multipart form holding the file ``path`` as ``field``."""
     boundary = uuid.uuid4().hex
-    with open(label_file, "rb") as handle:
+    with open(path, "rb") as handle:
         content = handle.read()
     body = (
         (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="label"; filename="label.png"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{os.path.basename(path)}"\r\nContent-Type: application/octet-stream\r\n\r\n'
         ).encode()
         + content
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    status, answer = _request(
-        f"{url}/datastore/label?image={image_id}&tag=final",
-        "PUT",
-        body,
-        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def put_label(url: str, image_id: str, label_file: str) -> None:
+    body, headers = multipart_file("label", label_file)
+    status, answer = _request(f"{url}/datastore/label?image={image_id}&tag=final", "PUT", body, headers)
     if status != 200:
         raise RuntimeError(f"PUT label of {image_id} answered {status}: {answer[:300]!r}")
 

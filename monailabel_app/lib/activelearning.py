@@ -26,6 +26,8 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.infer.bundle import BundleInferTask
 
+from .infers import model_identity
+
 logger = logging.getLogger(__name__)
 
 INFO_KEY = "surgicalsam_uncertainty"
@@ -52,9 +54,7 @@ class SurgicalSAMUncertainty(BundleInferTask):
         return data
 
     def model_identity(self) -> str:
-        path = os.path.join(self.bundle_path, "models", "model.pt")
-        stat = os.stat(path)
-        return f"{stat.st_mtime_ns}:{stat.st_size}"
+        return model_identity(self.bundle_path)
 
 
 class _Scorer:

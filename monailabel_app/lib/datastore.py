@@ -7,6 +7,10 @@ names whose files lie inside the studies folder (lib/names.py), a frame must be 
 ``max_pixels`` (lib/uploads.py), a labelled frame is not replaced under its labels, and a label map must be
 what lib/labels.py says (PNG, one channel, the frame's size, values of the served class table).
 
+A label saved under tag ``final`` (a person's) gets label info ``review``: ``reviewed`` when it equals the
+frame's pre-label (tag ``original``), else ``corrected`` (lib/videos.py's frame states). The frames of a
+video are the images whose info names it (:meth:`CheckedLocalDatastore.video_frames`).
+
 It also keeps the datastore consistent for the threads that read it while it reloads: MONAI Label's reload
 of ``datastore.json`` replaced the datastore and only then set its base folder (an inference in between
 resolved its frame against the server's working directory: "frame ... does not exist"), and its reconcile
@@ -30,12 +34,16 @@ from .uploads import pixels_problem
 
 logger = logging.getLogger(__name__)
 
+#: the tag of the label a person saved (MONAI Label's ``final``) and of a model's pre-label (``original``)
+REVIEWED_TAG, PRE_LABEL_TAG = "final", "original"
 
-def bundle_frame_reader(bundle: str):
-    """``(read_frame, DatasetError)`` of the bundle folder ``bundle``'s own ``scripts``, imported the way MONAI
-    Label imports a bundle's code (its folder first on ``sys.path``, no ``scripts`` of another bundle loaded),
-    once: a request then imports nothing, whichever bundle's ``scripts`` is loaded at that moment (nothing named
-    ``scripts`` is installed)."""
+
+def import_from_bundle(bundle: str, module: str):
+    """The module ``module`` (e.g. ``scripts.data.layout``) of the bundle folder ``bundle``'s own ``scripts``,
+    imported the way MONAI Label imports a bundle's code (its folder first on ``sys.path``, no ``scripts`` of
+    another bundle loaded). Import once, at start: a request then imports nothing, whichever bundle's
+    ``scripts`` is loaded at that moment (nothing named ``scripts`` is installed)."""
+    import importlib
     import sys
 
     from monailabel.utils.others.class_utils import unload_module
@@ -43,10 +51,15 @@ def bundle_frame_reader(bundle: str):
     sys.path.insert(0, bundle)
     unload_module("scripts")
     try:
-        from scripts.data.layout import DatasetError, read_frame
+        return importlib.import_module(module)
     finally:
         sys.path.remove(bundle)
-    return read_frame, DatasetError
+
+
+def bundle_frame_reader(bundle: str):
+    """``(read_frame, DatasetError)`` of the bundle folder ``bundle``'s own ``scripts`` (:func:`import_from_bundle`)."""
+    layout = import_from_bundle(bundle, "scripts.data.layout")
+    return layout.read_frame, layout.DatasetError
 
 
 def frame_problem(path: str, reader) -> str | None:
@@ -71,6 +84,8 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def __init__(self, *args, class_table: dict, bundle: str, **kwargs) -> None:
         self.frame_reader = bundle_frame_reader(bundle)
+        #: the bundle's video reader and overlay video writer (lib/videos.py)
+        self.video_io = import_from_bundle(bundle, "scripts.data.video_io")
         super().__init__(*args, **kwargs)
         self.class_table = class_table
 
@@ -170,6 +185,24 @@ class CheckedLocalDatastore(LocalDatastore):
                 objects[image_id].image.info.update(info)
         self._update_datastore_file()
 
+    def video_frames(self, video: str) -> list[tuple[str, dict, dict[str, dict]]]:
+        """The frames of ``video`` (image info ``video``, lib/videos.py) in frame order: (image id, image info,
+        {label tag: label info}) each."""
+        self.reload()
+        frames = [
+            (image_id, entry.image.info, {tag: label.info for tag, label in entry.labels.items()})
+            for image_id, entry in list(self._datastore.objects.items())
+            if entry.image.info.get("video") == video
+        ]
+        return sorted(frames, key=lambda frame: frame[1].get("frame_index", 0))
+
+    def videos(self) -> list[str]:
+        """The ids of the videos whose frames the datastore holds."""
+        self.reload()
+        return sorted(
+            {e.image.info["video"] for e in list(self._datastore.objects.values()) if e.image.info.get("video")}
+        )
+
     def save_label(self, image_id, label_filename, label_tag, label_info):
         check_name(image_id, "image id")
         check_name(label_tag, "label tag")
@@ -181,4 +214,19 @@ class CheckedLocalDatastore(LocalDatastore):
         ) or declared_names_problem(label_info or {}, self.class_table)
         if problem:
             raise HTTPException(status_code=400, detail=f"label for {image_id!r} refused: {problem}")
+        if label_tag == REVIEWED_TAG:
+            label_info = {**(label_info or {}), "review": self._review(image_id, label_filename)}
         return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def _review(self, image_id: str, label_filename: str) -> str:
+        """``reviewed`` when the saved label map equals the frame's pre-label (tag ``original``), else
+        ``corrected`` (also when there is no pre-label: the map was drawn)."""
+        import numpy as np
+        from PIL import Image
+
+        pre_label = self.get_label_uri(image_id, PRE_LABEL_TAG)
+        if not pre_label or not os.path.isfile(pre_label):
+            return "corrected"
+        with Image.open(pre_label) as before, Image.open(label_filename) as after:
+            same = np.array_equal(np.asarray(before), np.asarray(after))
+        return "reviewed" if same else "corrected"

@@ -213,15 +213,16 @@ def routes() -> list[tuple[str, str, object]]:
     ]
 
 
-def install_guards(fastapi_app) -> None:
-    """Put :func:`routes` first in the app's route list (FastAPI serves the first route that matches)."""
+def install_guards(fastapi_app, more=()) -> None:
+    """Put :func:`routes` and ``more`` (the same triples) first in the app's route list (FastAPI serves the
+    first route that matches)."""
     from fastapi.routing import APIRoute
     from monailabel.config import settings
 
     table = fastapi_app.router.routes
     if any(getattr(getattr(r, "endpoint", None), "_surgicalsam_guard", False) for r in table):
         return
-    for path, method, endpoint in reversed(routes()):
+    for path, method, endpoint in reversed([*routes(), *more]):
         endpoint._surgicalsam_guard = True
         table.insert(
             0,

@@ -3,6 +3,9 @@
 - ``SurgicalSAMAuto``: every class prompted, the model keeps those it finds (the bundle's inference.yaml).
 - ``SurgicalSAMClass``: one class prompted (``class_name`` or ``class_id``): SurgicalSAM's mask of that
   instrument type.
+- ``SurgicalSAMVideo``: the automatic protocol on the consecutive frames of one video, presence decided by the
+  bundle's temporal rule (``temporal`` of inference.yaml: ``scripts.deploy.temporal``) over the frames it was
+  given since :meth:`SurgicalSAMVideo.start_video`; each result says how uncertain the frame's decision was.
 - ``SAMPrompt``: foreground/background clicks and/or a box through SAM's own prompt path (the network's
   frozen image encoder and SAM prompt encoder, the SAM checkpoint's own mask decoder).
 
@@ -13,6 +16,9 @@ Each returns a 2D label map PNG of the frame's size (values are class ids; ``SAM
 from __future__ import annotations
 
 import logging
+import math
+import os
+import sys
 from typing import Any
 
 import torch
@@ -32,6 +38,76 @@ def share_network(task: BundleInferTask, owner: BundleInferTask) -> BundleInferT
 
 class SurgicalSAMAuto(BundleInferTask):
     """The bundle's automatic protocol, as MONAI Label's stock BundleInferTask runs it."""
+
+
+def model_identity(bundle_path: str) -> str:
+    """Which model file the bundle serves now (``models/model.pt``'s modification time and size): scores and
+    pre-labels of another identity came from another model."""
+    stat = os.stat(os.path.join(bundle_path, "models", "model.pt"))
+    return f"{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def _bundle_object(task: BundleInferTask, key: str):
+    """The bundle config's ``key`` instantiated with the task's bundle's own ``scripts`` importable."""
+    from monailabel.utils.others.class_utils import unload_module
+
+    sys.path.insert(0, task.bundle_path)
+    unload_module("scripts")
+    try:
+        return task.bundle_config.get_parsed_content(key, instantiate=True)
+    finally:
+        sys.path.remove(task.bundle_path)
+
+
+class SurgicalSAMVideo(BundleInferTask):
+    """The automatic protocol with the bundle's temporal presence rule over one video's frames, given in order
+    after :meth:`start_video` (one video at a time: the batch pre-labelling of lib/batch.py). The result JSON
+    has ``presence_margin`` (the smallest relative distance of a class's mask size to the frame-by-frame
+    presence threshold, as ``ClassPromptInferer.uncertainty``; None when no class was prompted) and
+    ``min_quality`` (lowest decoder quality among the classes kept; None when none is)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.temporal = None
+
+    def start_video(self) -> None:
+        """Forget the frames seen so far (the next frame starts a video)."""
+        if self.temporal is None:
+            self.temporal = _bundle_object(self, "temporal")
+        self.temporal.reset()
+
+    def model_identity(self) -> str:
+        return model_identity(self.bundle_path)
+
+    def carry_label(self, label_map) -> None:
+        """Let a frame a person labelled (``label_map`` (H, W) class ids) stand in the sequence for the model's
+        decision: the classes it shows are the presence the next frames continue from."""
+        if self.temporal is None:
+            self.start_video()
+        values = torch.as_tensor(label_map).flatten().long()
+        counts = torch.bincount(values[values <= self.temporal.num_classes], minlength=self.temporal.num_classes + 1)
+        self.temporal.update_counts(counts[1:][None], values.numel())
+
+    def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
+        import copy
+
+        network = self._get_network(device, data)
+        frames = torch.as_tensor(data[self.input_key])[None].float().to(torch.device(device))
+        inferer = copy.copy(self.inferer(data))
+        inferer.output = "dict"
+        with torch.no_grad():
+            out = inferer(frames, network, temporal=self.temporal)
+        data[self.output_label_key] = out["label_map"][0]
+        pixels = out["mask_pixels"][0].float().cpu()
+        min_pixels = inferer.min_pixels(*frames.shape[-2:])
+        prompted = inferer.allowed.cpu()
+        margins = ((pixels - min_pixels).abs() / min_pixels)[prompted]
+        kept = out["quality"][0].float().cpu()[out["present"][0].cpu()]
+        data.setdefault(self.output_json_key, {}).update(
+            presence_margin=float(margins.min()) if len(margins) else None,
+            min_quality=float(kept.min()) if len(kept) and not math.isinf(float(kept.min())) else None,
+        )
+        return data
 
 
 class _Prompted(BundleInferTask):

@@ -6,8 +6,9 @@ folder). Here a name is 1..128 characters of ``A-Z a-z 0-9 _ - + .``, not starti
 ``.``, ``..`` or hidden files) and without separators; the datastore (lib/datastore.py) also checks that the
 file a name resolves to lies inside the studies folder.
 
-:func:`guard_names` wraps every route of the server whose endpoint takes an id or a tag (query parameters
-``image``, ``label``, ``id``, ``tag``; the keys ``image``, ``label_tag`` and ``tag`` of its ``params``) so
+:func:`guard_names` wraps every route of the server whose endpoint takes an id or a tag (query or path
+parameters ``image``, ``label``, ``id``, ``tag``, ``video``; the keys ``image``, ``label_tag``, ``tag`` and
+``video`` of its ``params``) so
 that a bad one is answered 400 with the reason before MONAI Label's code runs.
 """
 
@@ -26,10 +27,10 @@ RULE = (
     "1 to 128 characters of letters, digits, '_', '-', '+' and '.', not starting with '.' "
     "(names, not paths: no '/', '\\\\', '..')"
 )
-#: endpoint arguments (query or form) that hold an image id or a label tag
-NAME_ARGUMENTS = {"image": "image id", "label": "image id", "id": "image id", "tag": "label tag"}
-#: keys of an endpoint's params (JSON) that hold a label tag
-PARAMS_TAGS = ("label_tag", "tag")
+#: endpoint arguments (query, form or path) that hold an image id, a label tag or a video id (lib/videos.py)
+NAME_ARGUMENTS = {"image": "image id", "label": "image id", "id": "image id", "tag": "label tag", "video": "video id"}
+#: keys of an endpoint's params (JSON) that hold a label tag or a video id
+PARAMS_NAMES = {"label_tag": "label tag", "tag": "label tag", "video": "video id"}
 
 
 def name_problem(value, what: str) -> str | None:
@@ -85,9 +86,9 @@ def check_arguments(kwargs: dict) -> None:
                 detail="params may not name the image: give the image id in "
                 "the query (?image=ID) or upload the frame (file=...)",
             )
-        for key in PARAMS_TAGS:
+        for key, what in PARAMS_NAMES.items():
             if params.get(key) not in (None, ""):
-                check_name(params[key], key.replace("_", " "))
+                check_name(params[key], what)
 
 
 def check_first(endpoint, check):

@@ -18,7 +18,8 @@ inference (:func:`run_inference`) are MONAI Label's endpoints rewritten on these
 id of the datastore or an uploaded frame, never a server path (``is_upload``).
 
 Limits (``--conf``): ``max_pixels`` (default 4096 x 4096 = 16777216: 1920x1080 and 1280x1024 frames pass),
-``max_upload_mb`` (default 64).
+``max_upload_mb`` (default 64), and for a video uploaded whole (``PUT /video/<id>``, lib/videos.py)
+``max_video_mb`` (default 1024) and ``max_video_frames`` (default 20000).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_UPLOAD_MB = 64
+DEFAULT_MAX_VIDEO_MB = 1024
+DEFAULT_MAX_VIDEO_FRAMES = 20000
+#: the routes (under MONAI Label's API prefix) whose uploads are videos, bounded by ``max_video_mb``
+VIDEO_ROUTES = "/video/"
 CHUNK = 1 << 20
 #: file extension of each format an upload may have, from its content
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif"}
@@ -49,22 +54,27 @@ EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif"}
 class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_MB << 20
+    max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES
 
 
 LIMITS = Limits()
 
 
 def configure(conf: dict) -> Limits:
-    """Set :data:`LIMITS` from the app's ``--conf`` (``max_pixels``, ``max_upload_mb``: whole numbers >= 1)."""
-    for key, default in (("max_pixels", DEFAULT_MAX_PIXELS), ("max_upload_mb", DEFAULT_MAX_UPLOAD_MB)):
+    """Set :data:`LIMITS` from the app's ``--conf`` (``max_pixels``, ``max_upload_mb``, ``max_video_mb``,
+    ``max_video_frames``: whole numbers >= 1)."""
+    settings = (
+        ("max_pixels", DEFAULT_MAX_PIXELS, "max_pixels", 0),
+        ("max_upload_mb", DEFAULT_MAX_UPLOAD_MB, "max_upload_bytes", 20),
+        ("max_video_mb", DEFAULT_MAX_VIDEO_MB, "max_video_bytes", 20),
+        ("max_video_frames", DEFAULT_MAX_VIDEO_FRAMES, "max_video_frames", 0),
+    )
+    for key, default, attribute, shift in settings:
         value = conf.get(key) or default
         if not str(value).isdigit() or int(value) < 1:
             raise ValueError(f"--conf {key} must be a whole number >= 1, got {value!r}")
-        conf_value = int(value)
-        if key == "max_pixels":
-            LIMITS.max_pixels = conf_value
-        else:
-            LIMITS.max_upload_bytes = conf_value << 20
+        setattr(LIMITS, attribute, int(value) << shift)
     return LIMITS
 
 
@@ -110,11 +120,10 @@ def upload_folder() -> str:
         return _folder[0]
 
 
-def _too_large() -> HTTPException:
+def _too_large(video: bool = False) -> HTTPException:
+    key, limit = ("max_video_mb", LIMITS.max_video_bytes) if video else ("max_upload_mb", LIMITS.max_upload_bytes)
     return HTTPException(
-        status_code=413,
-        detail=f"upload larger than max_upload_mb {LIMITS.max_upload_bytes >> 20} "
-        f"MiB (the server's --conf max_upload_mb)",
+        status_code=413, detail=f"upload larger than {key} {limit >> 20} MiB (the server's --conf {key})"
     )
 
 
@@ -131,20 +140,22 @@ def readable(path: str):
 
 
 @contextlib.contextmanager
-def uploaded(upload: UploadFile, what: str):
+def uploaded(upload: UploadFile, what: str, video: bool = False):
     """The path of a copy of ``upload`` in :func:`upload_folder`, named ``<random><extension of its format>``
-    (no extension when PIL does not know it), removed when the block ends whatever happens in it."""
+    (no extension when PIL does not know it), removed when the block ends whatever happens in it. Bounded by
+    ``max_upload_mb`` (``video``: ``max_video_mb``)."""
     handle, path = tempfile.mkstemp(dir=upload_folder(), prefix=f"{what}-")
     final = path
+    limit = LIMITS.max_video_bytes if video else LIMITS.max_upload_bytes
     try:
         size = 0
         with os.fdopen(handle, "wb") as output:
             for chunk in iter(lambda: upload.file.read(CHUNK), b""):
                 size += len(chunk)
-                if size > LIMITS.max_upload_bytes:
-                    raise _too_large()
+                if size > limit:
+                    raise _too_large(video)
                 output.write(chunk)
-        extension = EXTENSIONS.get(image_format(path) or "", "")
+        extension = "" if video else EXTENSIONS.get(image_format(path) or "", "")
         if extension:
             final = path + extension
             os.replace(path, final)
@@ -289,12 +300,13 @@ def _bounded(route_app):
     async def app(scope, receive, send):
         if scope.get("type") != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await route_app(scope, receive, send)
-        limit = LIMITS.max_upload_bytes + (1 << 16)  # the multipart framing around the file
+        video = scope.get("path", "").startswith(settings.MONAI_LABEL_API_STR + VIDEO_ROUTES)
+        limit = (LIMITS.max_video_bytes if video else LIMITS.max_upload_bytes) + (1 << 16)  # + multipart framing
         drain_cap = 4 * limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _drain(receive, drain_cap)
-            return await _answer_too_large(send)
+            return await _answer_too_large(send, video)
         received = 0
 
         async def counted():
@@ -310,13 +322,13 @@ def _bounded(route_app):
         try:
             await route_app(scope, counted, send)
         except _BodyTooLarge:
-            await _answer_too_large(send)
+            await _answer_too_large(send, video)
 
     return app
 
 
-async def _answer_too_large(send):
-    body = json.dumps({"detail": _too_large().detail}).encode()
+async def _answer_too_large(send, video: bool = False):
+    body = json.dumps({"detail": _too_large(video).detail}).encode()
     await send(
         {
             "type": "http.response.start",
