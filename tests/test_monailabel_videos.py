@@ -29,7 +29,6 @@ from test_monailabel_server import (
     png_bytes,
     request,
     server_studies,
-    setup,  # noqa: F401 (setup: the module's fixture)
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_root_logging")]
