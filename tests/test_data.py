@@ -26,16 +26,13 @@ from scripts.data.augmentation import (
     version_for_epoch,
 )
 from scripts.data.demo import ensure_demo_dataset, make_demo_dataset
+from scripts.data.frame_files import check_dataset, read_frame, read_label_map, write_sample
 from scripts.data.layout import (
     DatasetError,
-    check_dataset,
     class_names,
     load_datalist,
     read_dataset_description,
-    read_frame,
-    read_label_map,
     write_dataset_description,
-    write_sample,
 )
 
 FRAME_SIZE = (48, 64)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.data.embedding_cache import EmbeddingCache, StaleCacheError, cache_identity, precompute_embeddings
 from scripts.data.layout import DatasetError, load_datalist
 from scripts.data.prepare.custom import prepare_custom
+from scripts.embedding_cache import EmbeddingCache, StaleCacheError, cache_identity, precompute_embeddings
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundle"

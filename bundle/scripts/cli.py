@@ -435,8 +435,8 @@ def demo(epochs: int | None = None, bundle_root: str | None = None, fresh: bool 
     Returns:
         {"oracle": metrics, "auto": metrics, "summary": the summary line}.
     """
-    from scripts.data.embedding_cache import StaleCacheError
     from scripts.data.layout import DatasetError
+    from scripts.embedding_cache import StaleCacheError
     from scripts.evaluation.metrics import PROTOCOLS
     from scripts.evaluation.report import format_metric, format_metrics_table
 
@@ -494,8 +494,8 @@ def demo_distill(
     Returns:
         {"auto": metrics, "summary": the summary line}.
     """
-    from scripts.data.embedding_cache import CacheSpaceError, StaleCacheError
     from scripts.data.layout import DatasetError
+    from scripts.embedding_cache import CacheSpaceError, StaleCacheError
     from scripts.evaluation.report import format_metric, format_metrics_table
 
     root, needed, overrides = _demo_setup(

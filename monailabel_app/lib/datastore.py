@@ -43,7 +43,8 @@ def bundle_frame_reader(bundle: str):
     sys.path.insert(0, bundle)
     unload_module("scripts")
     try:
-        from scripts.data.layout import DatasetError, read_frame
+        from scripts.data.frame_files import read_frame
+        from scripts.data.layout import DatasetError
     finally:
         sys.path.remove(bundle)
     return read_frame, DatasetError
