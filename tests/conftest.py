@@ -43,7 +43,7 @@ def small_sam_checkpoint(tmp_path_factory):
 def small_cache_dir(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
     """Embedding cache of ``small_demo_dir`` by ``small_sam_checkpoint`` (training versions 0..2). Read-only:
     tests that change it work on a copy (``shutil.copytree``; the index keeps pointing at the sources)."""
-    from scripts.data.embedding_cache import precompute_embeddings
+    from scripts.embedding_cache import precompute_embeddings
 
     cache_dir = str(tmp_path_factory.mktemp("small_cache") / "tiny")
     precompute_embeddings(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scripts.data import layout
+from scripts.data import frame_files
 from scripts.data.augmentation import (
     MAX_ROTATION_DEGREES,
     NUM_VERSIONS,
@@ -26,16 +26,13 @@ from scripts.data.augmentation import (
     version_for_epoch,
 )
 from scripts.data.demo import ensure_demo_dataset, make_demo_dataset
+from scripts.data.frame_files import check_dataset, read_frame, read_label_map, write_sample
 from scripts.data.layout import (
     DatasetError,
-    check_dataset,
     class_names,
     load_datalist,
     read_dataset_description,
-    read_frame,
-    read_label_map,
     write_dataset_description,
-    write_sample,
 )
 
 FRAME_SIZE = (48, 64)
@@ -172,8 +169,8 @@ def test_frames_converted_to_rgb(tmp_path, caplog, mode):
     rgb = np.random.default_rng(1).integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
     path = tmp_path / f"frame_{mode}.png"
     Image.fromarray(rgb).convert(mode).save(path)
-    layout._warned_frame_modes.discard(mode)
-    with caplog.at_level(logging.WARNING, logger=layout.__name__):
+    frame_files._warned_frame_modes.discard(mode)
+    with caplog.at_level(logging.WARNING, logger=frame_files.__name__):
         frame = read_frame(path)
     assert frame.shape == (10, 12, 3) and frame.dtype == np.uint8
     assert str(path) in caplog.text
@@ -183,7 +180,7 @@ def test_frames_converted_to_rgb(tmp_path, caplog, mode):
     if mode == "RGBA":
         assert np.array_equal(frame, rgb)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=layout.__name__):
+    with caplog.at_level(logging.WARNING, logger=frame_files.__name__):
         read_frame(path)
     assert caplog.text == ""  # warned once per mode
 

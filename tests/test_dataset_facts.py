@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import make_custom_raw
 
-from scripts.data.embedding_cache import StaleCacheError, precompute_embeddings
 from scripts.data.prepare.custom import prepare_custom
+from scripts.embedding_cache import StaleCacheError, precompute_embeddings
 
 BUNDLE = Path(__file__).resolve().parent.parent / "bundle"
 TRAIN = str(BUNDLE / "configs" / "train.yaml")

@@ -85,7 +85,7 @@ def test_cholecseg8k_values():
 @pytest.fixture(scope="module")
 def fold_data(tmp_path_factory, small_demo_dir, small_sam_checkpoint):
     """A copy of the small demo with fold2 splits, and one cache of all its splits (shared entries)."""
-    from scripts.data.embedding_cache import precompute_embeddings
+    from scripts.embedding_cache import precompute_embeddings
 
     root = tmp_path_factory.mktemp("folds")
     data = str(root / "data")
@@ -146,7 +146,7 @@ def test_endovis2017_fold_workflow_properties(tmp_path, fold_data, small_sam_che
 
 def test_cholecseg8k_workflow_properties(tmp_path, small_sam_checkpoint):
     from scripts.data.demo import make_demo_dataset
-    from scripts.data.embedding_cache import precompute_embeddings
+    from scripts.embedding_cache import precompute_embeddings
 
     data = make_demo_dataset(
         str(tmp_path / "data"),
@@ -259,8 +259,8 @@ def test_original_layout_missing_data_fails_at_once(tmp_path, small_sam_checkpoi
 
 
 def test_class_names_are_written_once_per_dataset():
-    """The configs name a dataset's class table (scripts.data.datasets.class_names) instead of copying it."""
-    from scripts.data.datasets import CLASS_TABLES
+    """The configs name a dataset's class table (scripts.data.known_datasets.class_names) instead of copying it."""
+    from scripts.data.known_datasets import CLASS_TABLES
 
     copies = []
     for path in sorted(glob.glob(os.path.join(os.path.dirname(TRAIN), "*.yaml"))):

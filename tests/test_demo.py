@@ -39,7 +39,7 @@ def check_onnx_on_demo_model(bundle_dir, work_dir) -> dict:
     import torch
     from monai.bundle import ConfigParser
 
-    from scripts.data.layout import read_frame
+    from scripts.data.frame_files import read_frame
     from scripts.deploy.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends, export_model_file
 
     bundle_dir = os.path.abspath(str(bundle_dir))

@@ -15,15 +15,17 @@ from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO
 from PIL import Image
 
 from scripts.data.augmentation import version_for_epoch
-from scripts.data.embedding_cache import (
+from scripts.data.frame_files import read_frame, read_label_map
+from scripts.data.layout import DatasetError, load_datalist
+from scripts.embedding_cache import (
     MANIFEST_NAME,
     EmbeddingCache,
     StaleCacheError,
     cache_identity,
     cache_problems,
+    decode_embedding,
     precompute_embeddings,
 )
-from scripts.data.layout import DatasetError, load_datalist, read_frame, read_label_map
 from scripts.sam.backbone import build_sam, save_random_sam_checkpoint
 from scripts.sam.checkpoint import file_md5
 from scripts.sam.geometry import frames_to_sam_input, masks_to_embedding_grid
@@ -97,13 +99,17 @@ def test_versions_per_split(cache, small_cache_dir):
         cache.entries("validation", 1)
 
 
-def test_entries_are_float16_embeddings_and_labels(cache, small_cache_dir):
+def test_entries_are_8bit_embeddings_and_labels(cache, small_cache_dir):
+    """A new cache stores uint8 codes (d, h, w) with a float32 scale and offset per channel (the default)."""
+    with open(os.path.join(small_cache_dir, MANIFEST_NAME)) as handle:
+        assert json.load(handle)["embedding_encoding"] == "uint8"
     for split, version in (("training", 0), ("training", SMALL_CACHE_VERSIONS), ("validation", 0)):
         for entry in cache.entries(split, version):
             stored = np.load(os.path.join(small_cache_dir, entry["embedding"]))
-            assert stored.dtype == np.float16
-            assert stored.shape == (EMBED_DIM, *GRID)
-            assert np.isfinite(stored).all()
+            assert stored.dtype.names == ("codes", "scale", "offset")
+            assert stored["codes"].dtype == np.uint8 and stored["codes"].shape == (EMBED_DIM, *GRID)
+            assert stored["scale"].shape == stored["offset"].shape == (EMBED_DIM,)
+            assert np.isfinite(stored["scale"]).all() and np.isfinite(stored["offset"]).all()
             label = np.asarray(Image.open(os.path.join(small_cache_dir, entry["label"])))
             assert label.shape == tuple(SMALL_DEMO["frame_size"]) == tuple(entry["frame_size"])
             assert entry["classes"] == [c for c in range(1, NUM_CLASSES + 1) if (label == c).any()]
@@ -140,9 +146,11 @@ def test_stored_embedding_equals_encoder_output(cache, small_cache_dir, small_de
         expected = encoder(frames_to_sam_input(frames, 256)).numpy()
     by_key = {e["key"]: e for e in cache.entries("validation", 0)}
     for row, item in enumerate(items):
-        stored = np.load(os.path.join(small_cache_dir, by_key[item["key"]]["embedding"])).astype(np.float32)
-        scale = float(np.abs(expected[row]).max())
-        np.testing.assert_allclose(stored, expected[row], rtol=2e-3, atol=2e-3 * scale)
+        stored = np.load(os.path.join(small_cache_dir, by_key[item["key"]]["embedding"]))
+        # within half a code step of each channel, and a float32 rounding of the channel's range
+        half_step = stored["scale"][:, None, None] / 2
+        error = np.abs(decode_embedding(stored) - expected[row])
+        assert (error <= half_step * (1 + 1e-4) + 1e-6).all(), float((error - half_step).max())
 
 
 # -------------------------------------------------------------------------------------- staleness
@@ -291,9 +299,10 @@ def test_precompute_again_re_encodes_changed_frames(tmp_path, small_demo_dir, sm
     with torch.no_grad():
         expected = encoder(frames_to_sam_input(torch.from_numpy(255 - image).permute(2, 0, 1)[None].float(), 256))
     # the cache encodes through the fast forward, equal to this one to float32 rounding (1e-4 of the embedding's
-    # scale, tests/test_sam_fast_encoder.py), which may round a value to the neighbouring float16 (2**-10 relative)
+    # scale, tests/test_sam_fast_encoder.py), and stores 8-bit codes: within half a step of each channel
+    half_step = torch.from_numpy(np.load(os.path.join(cache_dir, entry["embedding"]))["scale"])[:, None, None] / 2
     scale = expected.abs().max().item()
-    torch.testing.assert_close(embedding, expected[0].half().float(), rtol=2**-10, atol=1e-4 * scale)
+    assert ((embedding - expected[0]).abs() <= half_step + 1e-4 * scale).all()
 
 
 @pytest.mark.parametrize("change", ["rewrite_label", "touch_label", "touch_frame", "delete_frame"])
@@ -406,7 +415,7 @@ def test_prompt_dataset_items(cache):
         assert int(item["class_id"]) == class_id and item["class_id"].dtype == torch.long
         embedding, label = cache.load(dataset.entries[entry_index])
         assert torch.equal(item["mask"][0], label == class_id)
-        assert torch.equal(item["image_embeddings"].float(), embedding)
+        assert torch.equal(item["image_embeddings"], embedding.half())  # the decoded codes, compact
         assert torch.equal(
             item["grid_mask"],
             masks_to_embedding_grid((label == class_id)[None].float(), cache.image_size, cache.grid_size)[0],
@@ -434,7 +443,7 @@ def test_prompt_dataset_set_epoch_switches_version(cache, small_cache_dir):
         item = dataset[0]
         entry = dataset.entries[dataset.samples[0][0]]
         stored = np.load(os.path.join(small_cache_dir, entry["embedding"]))
-        np.testing.assert_array_equal(item["image_embeddings"].numpy(), stored)
+        np.testing.assert_array_equal(item["image_embeddings"].numpy(), decode_embedding(stored).astype(np.float16))
     dataset.set_epoch(1)
     assert dataset.version == 1
     dataset.set_epoch(3)
@@ -664,12 +673,12 @@ def test_moved_dataset_keeps_its_cache(tmp_path, caplog, small_demo_dir, small_s
     moved = str(tmp_path / "moved")
     shutil.move(data, moved)
     cache_dir = os.path.join(moved, "embedding_cache", "tiny")
-    with caplog.at_level("INFO", logger="scripts.data"):
+    with caplog.at_level("INFO", logger="scripts.embedding_cache"):
         assert len(EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")) == 4
     assert f"dataset moved from {data}: cache kept" in caplog.text
     before = cache_files(cache_dir)
     caplog.clear()
-    with caplog.at_level("INFO", logger="scripts.data"):
+    with caplog.at_level("INFO", logger="scripts.embedding_cache"):
         precompute_embeddings(moved, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
     assert f"dataset moved from {data}: cache kept" in caplog.text
     assert cache_files(cache_dir) == before
@@ -694,7 +703,7 @@ def test_copied_dataset_re_encodes_the_file_edited_in_the_copy(tmp_path, caplog,
         EmbeddingCache(cache_dir, identity(small_sam_checkpoint)).entries("validation")
     assert PRECOMPUTE in str(error.value)
     before = cache_files(cache_dir, "**/*.*")
-    with caplog.at_level("INFO", logger="scripts.data"):
+    with caplog.at_level("INFO", logger="scripts.embedding_cache"):
         precompute_embeddings(copy, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
     assert f"dataset copied from {data}: cache kept" in caplog.text
     assert f"label {relative} changed: re-encoding 1 entry" in caplog.text
@@ -785,15 +794,15 @@ def test_precompute_without_sam_checkpoint_says_how_to_get_one(tmp_path, small_d
 
 
 def test_disk_estimate_is_the_real_entry_size(tmp_path, caplog, small_sam_checkpoint):
-    """The logged bytes per entry are those the entries take on disk (the tiny encoder's 256x16x16 float16
-    embedding and a label PNG), not raw label pixels: within 20 % at 480x640 frames."""
+    """The logged bytes per entry are those the entries take on disk (the tiny encoder's 256x16x16 embedding as
+    uint8 codes with a scale and offset per channel, and a label PNG), not raw label pixels: within 20 % at 480x640 frames."""
     from scripts.data.demo import make_demo_dataset
 
     data = make_demo_dataset(
         str(tmp_path / "data"), frame_size=(480, 640), train_sequences=1, val_sequences=1, frames_per_sequence=2
     )
     cache_dir = str(tmp_path / "cache")
-    with caplog.at_level("INFO", logger="scripts.data"):
+    with caplog.at_level("INFO", logger="scripts.embedding_cache"):
         precompute_embeddings(data, cache_dir, "tiny", small_sam_checkpoint, splits=("validation",))
     estimate = int(re.search(r"(\d+) bytes per entry", caplog.text).group(1))
     written = [os.path.getsize(p) for p in glob.glob(os.path.join(cache_dir, "entries", "**", "*.*"), recursive=True)]

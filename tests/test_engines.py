@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from torch import nn
 
-from scripts.data.embedding_cache import StaleCacheError
+from scripts.embedding_cache import StaleCacheError
 from scripts.engine.batches import FrameBatch
 from scripts.engine.checks import check_evaluation_inputs, check_training_inputs
 from scripts.engine.handlers import (

@@ -2,9 +2,9 @@
 
 Read from the source with ``ast`` (every import, also those inside functions), so nothing is imported to
 check it. Rooms, low to high: files.py, errors.py and the shared SAM core (sam/); the methods' networks
-(surgical_sam/, distillation_sam/); data/; evaluation/; the methods' engine parts (losses, inferers,
+(surgical_sam/, distillation_sam/); data/; the embedding cache (embedding_cache/); evaluation/; the methods' engine parts (losses, inferers,
 batches, datasets); above them the engine glue (engine/), the MONAI Label glue (monailabel_glue/), deployment
-(deploy/), the benchmark, the CLI and its commands (commands/).
+(deploy/), the measurements (measurement/), the benchmark, the CLI and its commands (commands/).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ GLUE = (
     "scripts.cli",
     "scripts.commands",
     "scripts.benchmark",
+    "scripts.measurement",
 )
 #: The shared SAM core: what data/ and the methods build on.
 SAM_CORE = ("scripts.sam",)
@@ -40,7 +41,11 @@ NETWORKS = (
     "scripts.distillation_sam.pvt",
     "scripts.distillation_sam.teacher_prompts",
 )
-LOWER_ROOMS = SAM_CORE + NETWORKS + ("scripts.data", "scripts.evaluation", "scripts.files", "scripts.errors")
+#: The embedding cache, shared by both methods and the MONAI Label glue: it builds on data/ and the SAM core.
+EMBEDDING_CACHE = ("scripts.embedding_cache",)
+LOWER_ROOMS = (
+    SAM_CORE + NETWORKS + EMBEDDING_CACHE + ("scripts.data", "scripts.evaluation", "scripts.files", "scripts.errors")
+)
 
 
 def _inside(module: str, rooms) -> bool:
@@ -74,14 +79,15 @@ IMPORTS = module_imports()
 
 
 def test_the_walker_sees_imports_at_the_top_and_inside_functions():
-    assert "scripts.sam.backbone" in IMPORTS["scripts.data.embedding_cache"]  # top of the module
+    assert "scripts.sam.backbone" in IMPORTS["scripts.embedding_cache.precompute"]  # top of the module
     assert "scripts.data.layout" in IMPORTS["scripts.distillation_sam.checks"]  # inside check_distill_inputs
     assert len(IMPORTS) > 40
 
 
 def test_every_module_lives_in_a_room():
     """Nothing of scripts/ sits outside the rooms this test knows (a new top-level module gets a room here)."""
-    known = GLUE + SAM_CORE + METHODS + ("scripts.data", "scripts.evaluation", "scripts.files", "scripts.errors")
+    known = GLUE + SAM_CORE + METHODS + EMBEDDING_CACHE
+    known += ("scripts.data", "scripts.evaluation", "scripts.files", "scripts.errors")
     stray = sorted(m for m in IMPORTS if m != "scripts" and not _inside(m, known))
     assert not stray, f"{stray} belong to no room: move them into one, or name their room in this test"
 
@@ -126,12 +132,25 @@ def test_data_takes_only_the_shared_sam_core_no_preparation_and_no_demo(module):
     if not _inside(module, ("scripts.data.prepare",)):
         preparation = sorted(name for name in IMPORTS[module] if _inside(name, ("scripts.data.prepare",)))
         assert not preparation, (
-            f"{module} imports {preparation}: dataset facts are in scripts.data.datasets, "
+            f"{module} imports {preparation}: dataset facts are in scripts.data.known_datasets, "
             "preparations only write datasets"
         )
     assert "scripts.data.demo" not in IMPORTS[module], (
         f"{module} imports the demo generator: what it shares (e.g. scripts.data.overlay) has a module of its own"
     )
+
+
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, EMBEDDING_CACHE)))
+def test_the_embedding_cache_takes_data_and_the_sam_core_only(module):
+    """Both methods read the cache: it imports neither of them (nor evaluation)."""
+    others = sorted(name for name in IMPORTS[module] if _inside(name, METHODS + ("scripts.evaluation",)))
+    assert not others, f"{module} imports {others}: the cache is shared by both methods"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, ("scripts.data",))))
+def test_data_never_imports_the_embedding_cache(module):
+    above = sorted(name for name in IMPORTS[module] if _inside(name, EMBEDDING_CACHE))
+    assert not above, f"{module} imports {above}: the embedding cache builds on data/, not the other way"
 
 
 def test_no_private_name_is_imported_from_another_module():

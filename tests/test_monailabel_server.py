@@ -256,7 +256,7 @@ def _network(setup, model_file):
 
 
 def _frame_tensor(path):
-    from scripts.data.layout import read_frame
+    from scripts.data.frame_files import read_frame
 
     return torch.from_numpy(read_frame(path)).permute(2, 0, 1)[None].float()
 
@@ -264,7 +264,7 @@ def _frame_tensor(path):
 def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction=0.01, as_cached=False):
     """The bundle's own label map for a frame (the same network and model file, in this process); with
     ``as_cached`` from the frame's embedding rounded to float16, as the app's training caches and validates it."""
-    from scripts.data.layout import read_frame
+    from scripts.data.frame_files import read_frame
     from scripts.monailabel_glue.bundle_folder import load_model_state
     from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.surgical_sam.network import SurgicalSAM
@@ -606,7 +606,7 @@ def test_own_auto_and_class_prompt(own, setup):
 
 
 def test_own_sam_clicks_and_box(own, setup):
-    from scripts.data.layout import read_frame
+    from scripts.data.frame_files import read_frame
     from scripts.sam.prompting import SamPointPrompter
     from scripts.surgical_sam.network import SurgicalSAM
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import SMALL_CACHE_VERSIONS, SMALL_DEMO, bundle_run_command
 
-from scripts.data.embedding_cache import precompute_embeddings
+from scripts.embedding_cache import precompute_embeddings
 from scripts.engine.distributed import EpochDistributedSampler
 from scripts.surgical_sam.network import SurgicalSAM
 

@@ -18,14 +18,15 @@ from conftest import make_custom_raw, write_image
 from PIL import Image
 
 from scripts import cli
-from scripts.data.embedding_cache import EmbeddingCache, StaleCacheError, cache_identity, precompute_embeddings
-from scripts.data.layout import DatasetError, check_dataset, load_datalist, read_dataset_description
+from scripts.data.frame_files import check_dataset
+from scripts.data.layout import DatasetError, load_datalist, read_dataset_description
 from scripts.data.prepare import cholecseg8k as cholec
-from scripts.data.prepare import common
+from scripts.data.prepare import common, output_folder
 from scripts.data.prepare.cholecseg8k import prepare_cholecseg8k
 from scripts.data.prepare.custom import prepare_custom
 from scripts.data.prepare.endovis2017 import fold_splits, instrument_type, prepare_endovis2017
 from scripts.data.prepare.endovis2018 import prepare_endovis2018
+from scripts.embedding_cache import EmbeddingCache, StaleCacheError, cache_identity, precompute_embeddings
 
 
 def read(path: Path) -> np.ndarray:
@@ -42,7 +43,7 @@ def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def summary_of(out_dir: Path) -> dict:
-    return json.loads((out_dir / common.SUMMARY_FILE).read_text())
+    return json.loads((out_dir / output_folder.SUMMARY_FILE).read_text())
 
 
 def skipped_reasons(summary: dict) -> dict[str, str]:
@@ -540,8 +541,8 @@ def test_rerun_keeps_files_and_redoes_changed_sources(tmp_path):
         "labels/video01_00080/frame_80.png",
         "binary_annotations/video01_00080/frame_80_class5.png",
         "dataset.json",
-        common.SUMMARY_FILE,
-        common.STATE_FILE,
+        output_folder.SUMMARY_FILE,
+        output_folder.STATE_FILE,
     }
     # a source that disappears takes its outputs with it
     os.remove(raw / "video12" / "video12_15750" / "frame_81_endo.png")
@@ -569,7 +570,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare_cholecseg8k(str(raw), str(out), progress=False)
     assert not (out / "dataset.json").exists()  # unfinished: no dataset.json
-    assert len(json.loads((out / common.STATE_FILE).read_text())["frames"]) == 3
+    assert len(json.loads((out / output_folder.STATE_FILE).read_text())["frames"]) == 3
     monkeypatch.setattr(cholec, "_load", real_load)
     resumed = prepare_cholecseg8k(str(raw), str(out), progress=False)
     assert (resumed["written"], resumed["reused"]) == (3, 3)
@@ -588,8 +589,8 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(cholec, "_load", real_load)
     again = prepare_cholecseg8k(str(raw), str(out), progress=False)
     assert (again["written"], again["reused"]) == (2, 4)  # the state was not saved: both are redone
-    assert {k: v[0] for k, v in files_of(out).items() if k != common.STATE_FILE} == {
-        k: v for k, v in clean_files.items() if k != common.STATE_FILE
+    assert {k: v[0] for k, v in files_of(out).items() if k != output_folder.STATE_FILE} == {
+        k: v for k, v in clean_files.items() if k != output_folder.STATE_FILE
     }
 
 

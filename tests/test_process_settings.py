@@ -92,7 +92,7 @@ def test_the_video_demo_keeps_inference_initialize():
     )
     initialize = parser["initialize"]
     assert initialize[0] == "$scripts.engine.process_settings.apply_process_settings()"
-    assert initialize[-1]["_target_"] == "scripts.data.demo_video.ensure_demo_video"
+    assert initialize[-1]["_target_"] == "scripts.data.demo.video.ensure_demo_video"
 
 
 def test_the_cli_and_the_monailabel_app_apply_the_settings():

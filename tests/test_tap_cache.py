@@ -1,4 +1,4 @@
-"""Tests of Distillation-SAM's tap cache (scripts.data.embedding_cache with taps=): round trip against the
+"""Tests of Distillation-SAM's tap cache (scripts.embedding_cache with taps=): round trip against the
 live encoder, identity refusal, stale sources, the disk-space check, and the workflow option cache_taps."""
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from conftest import SMALL_DEMO
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-import scripts.data.embedding_cache as embedding_cache
+import scripts.embedding_cache.disk_use as cache_disk_use
 from scripts.data.augmentation import augment_frame
-from scripts.data.embedding_cache import (
+from scripts.data.frame_files import read_frame, read_label_map
+from scripts.data.layout import load_datalist
+from scripts.distillation_sam.batches import DistillationBatch
+from scripts.distillation_sam.datasets import CachedTapDataset, FrameLabelDataset, distillation_dataset
+from scripts.distillation_sam.network import DistillationSAM
+from scripts.embedding_cache import (
     MANIFEST_NAME,
     CacheSpaceError,
     EmbeddingCache,
@@ -26,10 +31,6 @@ from scripts.data.embedding_cache import (
     entry_bytes,
     precompute_embeddings,
 )
-from scripts.data.layout import load_datalist, read_frame, read_label_map
-from scripts.distillation_sam.batches import DistillationBatch
-from scripts.distillation_sam.datasets import CachedTapDataset, FrameLabelDataset, distillation_dataset
-from scripts.distillation_sam.network import DistillationSAM
 from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
 from scripts.sam.geometry import frames_to_sam_input
 
@@ -59,7 +60,9 @@ def test_identity_and_entry_bytes(tap_cache_dir, small_sam_checkpoint):
     assert identity["dtype"] == "float16" and identity["image_size"] == TINY.image_size
     # the SurgicalSAM identity is unchanged by the tap option
     assert "taps" not in cache_identity("tiny", small_sam_checkpoint)
-    assert entry_bytes(identity) == 256 * 16 * 16 * 2 + 2 * 16 * 16 * 96 * 2
+    # the embedding as uint8 codes with a float32 scale and offset per channel (the default), the taps float16
+    assert entry_bytes(identity) == 256 * 16 * 16 + 2 * 256 * 4 + 2 * 16 * 16 * 96 * 2
+    assert entry_bytes(identity, "float16") == 256 * 16 * 16 * 2 + 2 * 16 * 16 * 96 * 2
     entry = EmbeddingCache(tap_cache_dir, identity).entries("training", 1)[0]
     taps_file = os.path.join(tap_cache_dir, entry["taps"])
     assert np.load(taps_file).dtype == np.float16 and np.load(taps_file).shape == (2, 16, 16, 96)
@@ -84,7 +87,9 @@ def test_cached_taps_equal_live_encoder(tap_cache_dir, small_demo_dir, small_sam
         with torch.no_grad():
             sam_input = frames_to_sam_input(frame[None], TINY.image_size)
             live_embedding, live_taps = tapped_encoder_forward(encoder, sam_input, TAPS)
-        torch.testing.assert_close(embedding, live_embedding[0], rtol=1e-3, atol=1e-2)  # float16 rounding
+        # the embedding as 8-bit codes: within half a step of each channel (and the fast encoder's float32 rounding)
+        half_step = torch.from_numpy(np.load(os.path.join(tap_cache_dir, entry["embedding"]))["scale"]) / 2
+        assert ((embedding - live_embedding[0]).abs() <= half_step[:, None, None] + 1e-4).all()
         torch.testing.assert_close(taps, torch.stack(live_taps, 1)[0], rtol=1e-3, atol=1e-2)
 
 
@@ -164,7 +169,7 @@ def test_disk_space_refused_before_writing(tmp_path, monkeypatch, small_demo_dir
         def __init__(self, free_bytes):
             self.free = free_bytes
 
-    monkeypatch.setattr(embedding_cache.shutil, "disk_usage", lambda path: Usage(10_000))
+    monkeypatch.setattr(cache_disk_use.shutil, "disk_usage", lambda path: Usage(10_000))
     cache_dir = tmp_path / "cache"
     with pytest.raises(CacheSpaceError, match="cache_taps: false"):
         precompute_embeddings(

@@ -19,7 +19,8 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from scripts import BUNDLE_ROOT
-from scripts.data.layout import DatasetError, read_frame
+from scripts.data.frame_files import read_frame
+from scripts.data.layout import DatasetError
 from scripts.data.video_io import VideoError, legend_panel, open_sequence, write_video
 from scripts.deploy.temporal import TemporalPresence, class_switches, evaluate_temporal
 from scripts.distillation_sam.network import DistillationSAM
@@ -579,7 +580,7 @@ def test_pack_with_onnx_holds_the_graphs_and_checks_them(tmp_path, onnx_export):
 
 # ---------------------------------------------------------------------------------------- video demo
 def test_demo_video_is_the_held_out_sequences(tmp_path, small_demo_dir):
-    from scripts.data.demo_video import ensure_demo_video
+    from scripts.data.demo.video import ensure_demo_video
 
     demo = tmp_path / "demo"
     shutil.copytree(small_demo_dir, demo)

@@ -279,7 +279,7 @@ def test_the_precompute_call_is_written_once(method):
 
     from monai.bundle import ConfigParser
 
-    from scripts.data.embedding_cache import precompute_embeddings
+    from scripts.embedding_cache import precompute_embeddings
 
     text = "".join(open(path).read() for path in glob.glob(os.path.join(CONFIGS, "*.yaml")))
     assert text.count("precompute_embeddings") == 1, "precompute_embeddings is written more than once"

@@ -117,7 +117,7 @@ def held_out_scores(bundle: str, model_file: str, dataset_dir: str, device: str 
     from monai.bundle import ConfigParser
 
     sys.path.insert(0, os.path.abspath(bundle))
-    from scripts.data.layout import read_frame, read_label_map
+    from scripts.data.frame_files import read_frame, read_label_map
     from scripts.evaluation.metrics import EndoVisMetric
     from scripts.monailabel_glue.bundle_folder import load_model_state
 

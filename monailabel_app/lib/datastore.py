@@ -58,8 +58,10 @@ def import_from_bundle(bundle: str, module: str):
 
 def bundle_frame_reader(bundle: str):
     """``(read_frame, DatasetError)`` of the bundle folder ``bundle``'s own ``scripts`` (:func:`import_from_bundle`)."""
-    layout = import_from_bundle(bundle, "scripts.data.layout")
-    return layout.read_frame, layout.DatasetError
+    frame_files = import_from_bundle(
+        bundle, "scripts.data.frame_files"
+    )  # one import: its DatasetError is the raised one
+    return frame_files.read_frame, frame_files.DatasetError
 
 
 def frame_problem(path: str, reader) -> str | None:

@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..sam.backbone import get_variant
 from ..sam.geometry import masks_to_embedding_grid
-from .datasets import ENDOVIS2017_FOLDS as ENDOVIS_2017_FOLD_SEQUENCES
+from .known_datasets import ENDOVIS2017_FOLDS as ENDOVIS_2017_FOLD_SEQUENCES
 from .layout import DEFAULT_IGNORE_INDEX, DatasetError, name_files
 
 logger = logging.getLogger(__name__)

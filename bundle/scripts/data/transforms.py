@@ -19,7 +19,8 @@ from monai.data import Dataset, MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
-from .layout import DatasetError, read_frame
+from .frame_files import read_frame
+from .layout import DatasetError
 from .overlay import overlay
 from .video_io import VIDEO_EXTENSIONS
 

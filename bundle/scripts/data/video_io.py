@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..files import temporary_path
-from .layout import DatasetError, read_frame
+from .frame_files import read_frame
+from .layout import DatasetError
 from .overlay import OVERLAY_COLOURS, overlay
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")

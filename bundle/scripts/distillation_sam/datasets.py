@@ -3,7 +3,7 @@
 Distillation-SAM's adapter sees the image and the SAM encoder's intermediate tokens ("taps"). Without
 a cache, training reads frames and label maps from a prepared dataset (``dataset.json``, see
 ``scripts.data.layout``) and runs the frozen encoder in every step (:class:`FrameLabelDataset`). With the
-tap cache (``cache_taps: true``; ``scripts.data.embedding_cache`` with ``taps=``), the encoder's
+tap cache (``cache_taps: true``; ``scripts.embedding_cache`` with ``taps=``), the encoder's
 embedding and taps of each (frame, augmentation version) are read from disk with the augmented frame
 (:class:`CachedTapDataset`), and the encoder does not run. :func:`distillation_dataset` picks one.
 """
@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.augmentation import augment_frame, version_for_epoch
-from ..data.embedding_cache import EmbeddingCache
-from ..data.layout import DEFAULT_IGNORE_INDEX, load_datalist, read_frame, read_label_map
+from ..data.frame_files import read_frame, read_label_map
+from ..data.layout import DEFAULT_IGNORE_INDEX, load_datalist
+from ..embedding_cache import EmbeddingCache
 
 __all__ = [
     "FrameLabelDataset",
@@ -110,7 +111,7 @@ class CachedTapDataset(Dataset):
     read version 0.
 
     Args:
-        cache: an :class:`~.data.embedding_cache.EmbeddingCache` whose identity has taps.
+        cache: an :class:`~scripts.embedding_cache.EmbeddingCache` whose identity has taps.
         split: ``training`` / ``validation`` / ...
         num_classes: C; must equal the cached dataset's.
     """
@@ -182,7 +183,7 @@ def tap_cache_identity(
 ) -> dict | None:
     """The identity the tap cache is checked against with ``cache_taps`` (``cache_identity`` with the taps), None
     without: a run on raw frames does not fingerprint the SAM checkpoint."""
-    from ..data.embedding_cache import cache_identity
+    from ..embedding_cache import cache_identity
 
     return cache_identity(sam_variant, sam_checkpoint, tap_blocks) if cache_taps else None
 

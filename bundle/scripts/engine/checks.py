@@ -32,7 +32,7 @@ def check_training_inputs(
         FileNotFoundError: something is missing (the dataset, the SAM weights, the cache or a split of it).
         StaleCacheError: nothing is missing but the cache was made for other inputs.
     """
-    from ..data.embedding_cache import StaleCacheError, cache_identity, cache_problems
+    from ..embedding_cache import StaleCacheError, cache_identity, cache_problems
 
     missing = list(extra_problems or [])  # FileNotFoundError: something to make or fetch
     stale: list[str] = []  # StaleCacheError: the cache is there but made for other inputs
@@ -68,8 +68,8 @@ def check_dataset_facts(
         DatasetError: a setting disagrees with dataset.json (every disagreement named, with the value found).
         StaleCacheError: the settings agree but the cache was made for other class names.
     """
-    from ..data.embedding_cache import MANIFEST_NAME, StaleCacheError
     from ..data.layout import DatasetError, dataset_fact_problems
+    from ..embedding_cache import MANIFEST_NAME, StaleCacheError
 
     facts = {k: v for k, v in (facts or {}).items() if v is not None}
     raise_input_problems(dataset_fact_problems(dataset_dir, **facts), job, DatasetError)

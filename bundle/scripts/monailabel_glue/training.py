@@ -38,7 +38,9 @@ from monai.handlers import ValidationHandler
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data.layout import DEFAULT_IGNORE_INDEX, DatasetError, read_frame, read_label_map
+from ..data.frame_files import read_frame, read_label_map
+from ..data.layout import DEFAULT_IGNORE_INDEX, DatasetError
+from ..embedding_cache.encoding import DEFAULT_EMBEDDING_ENCODING, decode_embedding, encode_embedding
 from ..files import atomic_write
 from ..sam.geometry import frames_to_sam_input, masks_to_embedding_grid
 from ..surgical_sam.datasets import prompt_sample, prompt_samples
@@ -107,7 +109,7 @@ class FrameEmbedder:
         cache_dir: str | None = None,
         ignore_index: int = DEFAULT_IGNORE_INDEX,
     ) -> None:
-        from ..data.embedding_cache import cache_identity
+        from ..embedding_cache.identity import cache_identity
 
         self.sam_variant, self.sam_checkpoint = sam_variant, sam_checkpoint
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
@@ -158,14 +160,17 @@ class FrameEmbedder:
             return self._memory[key]
         disk = os.path.join(self.cache_dir, key + ".npy") if self.cache_dir else None
         if disk and os.path.isfile(disk):
-            embedding = torch.from_numpy(np.load(disk))
+            stored = np.load(disk)  # either encoding: files of bundles up to 0.7 are float16
         else:
             encoder, image_size = self._encoder_and_size()
             tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float().to(self.device)
             with torch.no_grad():
-                embedding = encoder(frames_to_sam_input(tensor, image_size))[0].half().cpu()
+                encoded = encoder(frames_to_sam_input(tensor, image_size))[0].float().cpu().numpy()
+            stored = encode_embedding(encoded, DEFAULT_EMBEDDING_ENCODING)
             if disk:
-                atomic_write(disk, lambda temporary: np.save(temporary, embedding.numpy()), keep_suffix=True)
+                atomic_write(disk, lambda temporary: np.save(temporary, stored), keep_suffix=True)
+        # kept as float16 in memory; the same values whether encoded now or read back from disk
+        embedding = torch.from_numpy(decode_embedding(stored)).half()
         self._memory[key] = embedding
         return embedding
 

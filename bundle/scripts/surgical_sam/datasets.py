@@ -1,4 +1,4 @@
-"""SurgicalSAM's datasets over the embedding cache (:mod:`scripts.data.embedding_cache`): the (frame, class)
+"""SurgicalSAM's datasets over the embedding cache (:mod:`scripts.embedding_cache`): the (frame, class)
 prompt samples of an epoch, one sample's targets, and the whole-frame validation items."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.augmentation import version_for_epoch
-from ..data.embedding_cache import EmbeddingCache
+from ..embedding_cache import EmbeddingCache
 from ..sam.geometry import masks_to_embedding_grid
 
 

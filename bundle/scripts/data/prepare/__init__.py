@@ -7,9 +7,9 @@ commands ``prepare_endovis2017``, ``prepare_endovis2018``, ``prepare_cholecseg8k
 """
 
 from scripts.data.prepare.cholecseg8k import prepare_cholecseg8k
-from scripts.data.prepare.common import SUMMARY_FILE
 from scripts.data.prepare.custom import prepare_custom
 from scripts.data.prepare.endovis2017 import prepare_endovis2017
 from scripts.data.prepare.endovis2018 import prepare_endovis2018
+from scripts.data.prepare.output_folder import SUMMARY_FILE
 
 __all__ = ["SUMMARY_FILE", "prepare_cholecseg8k", "prepare_custom", "prepare_endovis2017", "prepare_endovis2018"]

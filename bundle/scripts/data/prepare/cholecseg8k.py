@@ -6,7 +6,7 @@ Raw layout expected (as released on Kaggle)::
     <raw_dir>/videoNN/videoNN_XXXXX/frame_K_endo_color_mask.png    RGB(A) colour mask, same size
 
 (the ``frame_K_endo_mask.png`` / ``frame_K_endo_watershed_mask.png`` files beside them are not read).
-Colours (R, G, B) -> label: :data:`~scripts.data.datasets.CHOLECSEG8K_COLOUR_TABLE` (label 0 background, 1..12
+Colours (R, G, B) -> label: :data:`~scripts.data.known_datasets.CHOLECSEG8K_COLOUR_TABLE` (label 0 background, 1..12
 the classes). Any other colour (the masks' 1-pixel white edge, stray white pixels,
 anything else) becomes the ignore value 255, never a class; the summary counts those pixels per
 colour (notes ``unknown colour R,G,B (pixels)``). An alpha channel is dropped.
@@ -28,19 +28,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from scripts.data.datasets import CHOLECSEG8K_COLOUR_TABLE
+from scripts.data.known_datasets import CHOLECSEG8K_COLOUR_TABLE
 from scripts.data.layout import DEFAULT_IGNORE_INDEX, DatasetError
-from scripts.data.prepare.common import (
-    LoadedFrame,
-    RawFrame,
+from scripts.data.prepare.common import LoadedFrame, RawFrame, run_preparation
+from scripts.data.prepare.output_folder import check_out_dir
+from scripts.data.prepare.raw_inputs import (
     SkipFrame,
-    check_out_dir,
     check_size,
     layout_error,
     natural_key,
     open_raw_image,
     read_raw_frame,
-    run_preparation,
 )
 
 PREPARER = "prepare_cholecseg8k"

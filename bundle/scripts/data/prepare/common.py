@@ -8,7 +8,7 @@ map) and hands them to :func:`run_preparation`, which
   (:func:`check_out_dir`) and the embedding caches ``precompute`` put there: user data is never
   overwritten or deleted, a cache is kept as it is;
 * writes every frame in the layout of :mod:`scripts.data.layout` through
-  :func:`~scripts.data.layout.write_sample`, first into a staging folder inside ``out_dir`` and then
+  :func:`~scripts.data.frame_files.write_sample`, first into a staging folder inside ``out_dir`` and then
   moved into place file by file with ``os.replace`` (atomic: a file is either the old or the new one);
 * records, per frame, a stamp of its sources (relative path, size, modification time) and the
   settings of the command in ``<out_dir>/.preparation_state.json``. A re-run skips every frame whose
@@ -19,7 +19,7 @@ map) and hands them to :func:`run_preparation`, which
 * writes ``<out_dir>/preparation_summary.json`` (frames per split, frames and pixels per class,
   skipped files and why, counters the command adds such as overlap pixels) and then, last,
   ``dataset.json``: a folder without dataset.json is an unfinished preparation;
-* optionally reads the result back with :func:`~scripts.data.layout.check_dataset`.
+* optionally reads the result back with :func:`~scripts.data.frame_files.check_dataset`.
 """
 
 from __future__ import annotations
@@ -35,56 +35,25 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from scripts.data.frame_files import check_dataset, write_sample
 from scripts.data.layout import (
     BINARY_ANNOTATIONS_DIR,
     DESCRIPTION_FILE,
     IMAGES_DIR,
     LABELS_DIR,
     DatasetError,
-    check_dataset,
     name_files,
-    open_image,
-    read_frame,
     validate_description,
     write_dataset_description,
-    write_sample,
 )
+from scripts.data.prepare.output_folder import STAGING_DIR, STATE_FILE, SUMMARY_FILE, check_out_dir
+from scripts.data.prepare.raw_inputs import SkipFrame, natural_key
+from scripts.data.prepare.summary import class_counts, format_summary, sum_notes
 from scripts.files import atomic_write_text
 
-#: Summary of a preparation, next to dataset.json.
-SUMMARY_FILE = "preparation_summary.json"
-#: Per-frame source stamps of the last run (what makes re-runs idempotent and resumable).
-STATE_FILE = ".preparation_state.json"
-#: Folder inside out_dir where a frame's files are written before they are moved into place.
-STAGING_DIR = ".staging"
-#: Everything a preparation writes at the top of out_dir.
-OUTPUT_ENTRIES = frozenset(
-    {
-        DESCRIPTION_FILE,
-        DESCRIPTION_FILE + ".tmp",
-        IMAGES_DIR,
-        LABELS_DIR,
-        BINARY_ANNOTATIONS_DIR,
-        SUMMARY_FILE,
-        SUMMARY_FILE + ".tmp",
-        STATE_FILE,
-        STATE_FILE + ".tmp",
-        STAGING_DIR,
-    }
-)
-#: The state is saved after this many newly written frames (and at the end).
 STATE_SAVE_INTERVAL = 25
 #: Version of the state file format; a different version redoes every frame.
 STATE_VERSION = 1
-
-
-class SkipFrame(Exception):
-    """Raised by a frame's ``load`` when the frame cannot be used; the message says why."""
-
-    def __init__(self, file: str, reason: str):
-        super().__init__(f"{file}: {reason}")
-        self.file = str(file)
-        self.reason = reason
 
 
 @dataclass
@@ -125,18 +94,6 @@ class RawFrame:
 
 
 # ------------------------------------------------------------------------------------------ small helpers
-def natural_key(text: str) -> list:
-    """Sort key that orders "seq_2" before "seq_10"."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]
-
-
-def png_files(folder: str) -> list[str]:
-    """Names of the .png files in ``folder`` (naturally sorted); [] when the folder does not exist."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted((n for n in os.listdir(folder) if n.lower().endswith(".png")), key=natural_key)
-
-
 def source_stamp(path: str, root: str) -> list:
     """[path relative to ``root``, size in bytes, modification time in ns] of a raw file."""
     status = os.stat(path)
@@ -152,178 +109,6 @@ def write_json_if_changed(path: str, data: object) -> bool:
                 return False
     atomic_write_text(path, text)
     return True
-
-
-def read_raw_frame(path: str) -> np.ndarray:
-    """:func:`~scripts.data.layout.read_frame` of a raw frame; SkipFrame (naming the file) when unusable."""
-    try:
-        return read_frame(path)
-    except DatasetError as error:
-        raise SkipFrame(path, str(error)) from None
-
-
-def open_raw_image(path: str, what: str, missing: str | None = None):
-    """Open a raw mask or label file (a PIL image); SkipFrame naming the file when it cannot be used.
-
-    Args:
-        path: the file.
-        what: what the file is, for the message of an unreadable file (e.g. "label map").
-        missing: when given, a missing file is reported as "missing: <missing>" (e.g. "every frame
-            needs its label map"); when None, the existence is not checked here.
-    """
-    if missing is not None and not os.path.isfile(path):
-        raise SkipFrame(path, f"missing: {missing}")
-    try:
-        return open_image(path, what)
-    except DatasetError as error:
-        raise SkipFrame(path, str(error)) from None
-
-
-def check_size(path: str, what: str, shape: Sequence[int], size: Sequence[int], relation: str = "expected") -> None:
-    """SkipFrame "<what> is HxW, <relation> HxW" when ``shape[:2]`` is not ``size`` (H, W).
-
-    ``relation`` names the required size in the message: "expected" for a fixed size, "its frame"
-    when it is the size of the frame the file belongs to.
-    """
-    if tuple(shape[:2]) != tuple(size[:2]):
-        raise SkipFrame(path, f"{what} is {shape[0]}x{shape[1]}, {relation} {size[0]}x{size[1]}")
-
-
-def read_grey_label_map(
-    path: str,
-    num_classes: int,
-    ignore_index: int,
-    size: Sequence[int],
-    missing: str,
-    relation: str = "expected",
-    grey_hint: str = "",
-) -> np.ndarray:
-    """A raw grey label map (0 background, 1..C, ``ignore_index``) as (H, W) uint8.
-
-    Checked in this order, each failure a SkipFrame naming the file: it exists (``missing`` says
-    why it is needed), it can be read, it has one channel (``grey_hint`` is added to the message,
-    e.g. which values are meant), its values are 0..C or ``ignore_index``, it is ``size`` (H, W)
-    (``relation`` as in :func:`check_size`).
-    """
-    values = np.asarray(open_raw_image(path, "label map", missing=missing))
-    if values.ndim != 2:
-        hint = f" {grey_hint}" if grey_hint else ""
-        raise SkipFrame(path, f"label map has {values.shape[2]} channels: label maps must be grey class ids{hint}")
-    allowed = set(range(num_classes + 1)) | {ignore_index}
-    unexpected = sorted(set(np.unique(values).tolist()) - allowed)
-    if unexpected:
-        raise SkipFrame(path, f"unexpected label values {unexpected} (allowed: 0..{num_classes}, {ignore_index})")
-    check_size(path, "label map", values.shape, size, relation)
-    return values.astype(np.uint8)
-
-
-def paint_masks(
-    size: Sequence[int], masks: Iterable[tuple[np.ndarray, int | None]], ignore_index: int, unknown_note: str
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Paint binary masks into one label map, in order: a later mask wins where masks overlap.
-
-    Args:
-        size: (H, W) of the label map; pixels of no mask are background (0).
-        masks: (boolean (H, W) mask, class id) pairs, read one at a time; class id None (a class
-            outside the table) paints ``ignore_index``.
-        ignore_index: the label of unlabelled pixels.
-        unknown_note: name of the note that counts the pixels of masks with class id None.
-
-    Returns:
-        the (H, W) uint8 label map and its notes: ``overlap pixels`` (pixels painted over),
-        ``frames with overlaps`` (0 or 1) and ``unknown_note``.
-    """
-    label_map = np.zeros(tuple(size), dtype=np.uint8)
-    overlap = unknown = 0
-    for mask, class_id in masks:
-        overlap += int(np.count_nonzero(mask & (label_map > 0)))
-        label_map[mask] = ignore_index if class_id is None else class_id
-        unknown += int(np.count_nonzero(mask)) if class_id is None else 0
-    return label_map, {"overlap pixels": overlap, "frames with overlaps": int(overlap > 0), unknown_note: unknown}
-
-
-def layout_error(message: str, expected_layout: str) -> DatasetError:
-    """A DatasetError about a raw folder that also shows the layout the command expects."""
-    return DatasetError(f"{message}\nExpected layout:\n{expected_layout.rstrip()}")
-
-
-# ------------------------------------------------------------------------------------------ out_dir
-#: Depth below a top-level folder of out_dir at which an embedding cache's manifest is looked for
-#: (train.yaml's default cache_dir is <dataset_dir>/embedding_cache/<sam_variant>).
-CACHE_SEARCH_DEPTH = 2
-
-
-def is_embedding_cache_folder(path: str, depth: int = CACHE_SEARCH_DEPTH) -> bool:
-    """Whether ``path`` is (or holds, ``depth`` folders down) an embedding or tap cache made by ``precompute``.
-
-    The default cache_dir lies inside the dataset folder, so a prepared dataset holds one after
-    ``run precompute``; a re-run of the preparation keeps it as it is (and never reads or writes it).
-    A cache is recognised by its manifest.json with an ``identity``.
-    """
-    if not os.path.isdir(path):
-        return False
-    manifest = os.path.join(path, "manifest.json")
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest, encoding="utf-8") as handle:
-                return isinstance(json.load(handle).get("identity"), dict)
-        except (OSError, ValueError, AttributeError):
-            return False
-    if depth <= 0:
-        return False
-    try:
-        children = [os.path.join(path, name) for name in os.listdir(path)]
-    except OSError:
-        return False
-    folders = [child for child in children if os.path.isdir(child)]
-    return (
-        bool(folders)
-        and len(folders) == len(children)
-        and all(is_embedding_cache_folder(child, depth - 1) for child in folders)
-    )
-
-
-def check_out_dir(out_dir: str, preparer: str) -> dict | None:
-    """Make sure ``out_dir`` may be written by ``preparer``; return its previous state (or None).
-
-    ``out_dir`` may be missing, empty, or hold a (possibly unfinished) preparation by the same
-    command. Anything else (other files, a dataset made by another command or by hand) is refused
-    with DatasetError, and nothing is touched.
-    """
-    if not os.path.exists(out_dir):
-        return None
-    if not os.path.isdir(out_dir):
-        raise DatasetError(f"--out_dir {out_dir} is a file, not a folder: choose a folder for the prepared dataset.")
-    entries = sorted(os.listdir(out_dir))
-    if not entries:
-        return None
-    foreign = [
-        e for e in entries if e not in OUTPUT_ENTRIES and not is_embedding_cache_folder(os.path.join(out_dir, e))
-    ]
-    state_path = os.path.join(out_dir, STATE_FILE)
-    state = None
-    if os.path.isfile(state_path):
-        try:
-            with open(state_path, encoding="utf-8") as handle:
-                state = json.load(handle)
-        except (OSError, ValueError):
-            state = None
-    if foreign or not isinstance(state, dict):
-        what = (
-            f"files this command did not make ({name_files(foreign)})"
-            if foreign
-            else (f"a dataset without the record {STATE_FILE} of a preparation")
-        )
-        raise DatasetError(
-            f"--out_dir {out_dir} is not empty and holds {what}: the preparation writes only into an empty "
-            "folder or one it prepared before, and never deletes your data; choose another --out_dir."
-        )
-    if state.get("preparer") != preparer:
-        raise DatasetError(
-            f"--out_dir {out_dir} holds a dataset prepared by {state.get('preparer')!r}, not by {preparer!r}: "
-            "choose another --out_dir (the existing dataset is left as it is)."
-        )
-    return state
 
 
 def _frame_outputs(out_dir: str, sequence: str, frame: str) -> tuple[str, str, list[str]]:
@@ -472,12 +257,12 @@ def run_preparation(
             split: sorted(split_sequences[split] & {k.rsplit("/", 1)[0] for k in kept}, key=natural_key)
             for split in entries
         },
-        **_class_counts([state.frames[k] for k in kept], names, ignore_index),
+        **class_counts([state.frames[k] for k in kept], names, ignore_index),
         "per_split": {
-            split: _class_counts([state.frames[f"{e['sequence']}/{e['frame']}"] for e in items], names, ignore_index)
+            split: class_counts([state.frames[f"{e['sequence']}/{e['frame']}"] for e in items], names, ignore_index)
             for split, items in entries.items()
         },
-        "notes": _sum_notes(state.frames[k] for k in kept),
+        "notes": sum_notes(state.frames[k] for k in kept),
         "skipped": skipped,
         **({"left_out_splits": left_out} if left_out else {}),
         **dict(extra_summary or {}),
@@ -679,36 +464,6 @@ def _covering_splits(entries: Mapping[str, list[dict]]) -> list[str]:
     return chosen
 
 
-def _class_counts(records: Sequence[dict], names: Mapping[int, str], ignore_index: int) -> dict:
-    frames_per_class = {name: 0 for name in names.values()}
-    pixels_per_class = {name: 0 for name in names.values()}
-    background = ignored = 0
-    for record in records:
-        for value, count in record["pixels"].items():
-            value = int(value)
-            if value in names:
-                frames_per_class[names[value]] += 1
-                pixels_per_class[names[value]] += count
-            elif value == 0:
-                background += count
-            elif value == ignore_index:
-                ignored += count
-    return {
-        "frames_per_class": frames_per_class,
-        "pixels_per_class": pixels_per_class,
-        "background_pixels": background,
-        "ignored_pixels": ignored,
-    }
-
-
-def _sum_notes(records: Iterable[dict]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for record in records:
-        for key, value in record.get("notes", {}).items():
-            total[key] = total.get(key, 0) + int(value)
-    return dict(sorted(total.items()))
-
-
 def _write_description_if_changed(out_dir: str, description: dict) -> None:
     path = os.path.join(out_dir, DESCRIPTION_FILE)
     if os.path.isfile(path):
@@ -719,30 +474,3 @@ def _write_description_if_changed(out_dir: str, description: dict) -> None:
         except (OSError, ValueError):
             pass
     write_dataset_description(out_dir, description)
-
-
-def format_summary(summary: Mapping, out_dir: str, written: int, reused: int) -> str:
-    """The console report of a preparation."""
-    height, width = summary["frame_size"]
-    lines = [
-        f"{summary['preparer']}: {summary['frames']} frames ({height}x{width}) in {out_dir} "
-        f"({written} written, {reused} unchanged and kept)",
-    ]
-    for split, count in summary["frames_per_split"].items():
-        lines.append(f"  {split:<20}{count:7d} frames")
-    lines.append("  class                          frames       pixels")
-    for name, frames in summary["frames_per_class"].items():
-        lines.append(f"  {name:<28}{frames:9d} {summary['pixels_per_class'][name]:12d}")
-    lines.append(f"  {'(ignored pixels)':<28}{'':9} {summary['ignored_pixels']:12d}")
-    for key, value in summary["notes"].items():
-        lines.append(f"  note: {key}: {value}")
-    if summary["skipped"]:
-        lines.append(f"  {len(summary['skipped'])} file(s) skipped:")
-        for item in summary["skipped"][:20]:
-            lines.append(f"    {item['file']}: {item['reason']}")
-        if len(summary["skipped"]) > 20:
-            lines.append(f"    ... and {len(summary['skipped']) - 20} more (see {SUMMARY_FILE})")
-    for split, reason in summary.get("left_out_splits", {}).items():
-        lines.append(f"  split {split} not written: {reason}")
-    lines.append(f"  summary written to {os.path.join(out_dir, SUMMARY_FILE)}")
-    return "\n".join(lines)

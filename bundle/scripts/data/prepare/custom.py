@@ -35,16 +35,9 @@ import yaml
 from PIL import Image
 
 from scripts.data.layout import DEFAULT_IGNORE_INDEX, DatasetError, name_files, validate_description
-from scripts.data.prepare.common import (
-    LoadedFrame,
-    RawFrame,
-    check_out_dir,
-    layout_error,
-    natural_key,
-    read_grey_label_map,
-    read_raw_frame,
-    run_preparation,
-)
+from scripts.data.prepare.common import LoadedFrame, RawFrame, run_preparation
+from scripts.data.prepare.output_folder import check_out_dir
+from scripts.data.prepare.raw_inputs import layout_error, natural_key, read_grey_label_map, read_raw_frame
 
 PREPARER = "prepare_custom"
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")

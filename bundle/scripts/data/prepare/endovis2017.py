@@ -44,12 +44,11 @@ import re
 
 import numpy as np
 
-from scripts.data.datasets import ENDOVIS2017_CLASS_NAMES, ENDOVIS2017_FOLDS
-from scripts.data.prepare.common import (
-    LoadedFrame,
-    RawFrame,
+from scripts.data.known_datasets import ENDOVIS2017_CLASS_NAMES, ENDOVIS2017_FOLDS
+from scripts.data.prepare.common import LoadedFrame, RawFrame, run_preparation
+from scripts.data.prepare.output_folder import check_out_dir
+from scripts.data.prepare.raw_inputs import (
     SkipFrame,
-    check_out_dir,
     check_size,
     layout_error,
     natural_key,
@@ -57,7 +56,6 @@ from scripts.data.prepare.common import (
     paint_masks,
     png_files,
     read_raw_frame,
-    run_preparation,
 )
 
 PREPARER = "prepare_endovis2017"

@@ -48,13 +48,12 @@ import re
 
 import numpy as np
 
-from scripts.data.datasets import ENDOVIS2018_CLASS_NAMES
+from scripts.data.known_datasets import ENDOVIS2018_CLASS_NAMES
 from scripts.data.layout import DatasetError
-from scripts.data.prepare.common import (
-    LoadedFrame,
-    RawFrame,
+from scripts.data.prepare.common import LoadedFrame, RawFrame, run_preparation
+from scripts.data.prepare.output_folder import check_out_dir
+from scripts.data.prepare.raw_inputs import (
     SkipFrame,
-    check_out_dir,
     check_size,
     layout_error,
     natural_key,
@@ -63,7 +62,6 @@ from scripts.data.prepare.common import (
     png_files,
     read_grey_label_map,
     read_raw_frame,
-    run_preparation,
 )
 
 PREPARER = "prepare_endovis2018"

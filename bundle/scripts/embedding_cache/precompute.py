@@ -1,45 +1,12 @@
-"""The embedding cache: SAM image embeddings computed once per (frame, augmentation version).
-
-SurgicalSAM trains with the image encoder frozen, so its embeddings are computed once by the
-``precompute`` workflow and read back by training and validation. Layout under ``cache_dir``::
-
-    manifest.json                                identity (encoder, checkpoint md5, input size, ...)
-    index/<split>_v<NN>.json                     one entry per frame: files, classes present, sources
-    entries/v<NN>/<sequence>/<frame>.npy         float16 (d, h, w) embedding
-    entries/v<NN>/<sequence>/<frame>_label.png   the label map after the version's augmentation
-
-Entry files are keyed by (version, sequence/frame) only, not by split: a frame listed in several splits
-(the four EndoVis2017 folds list every sequence in three training splits and one validation split) is
-encoded once, and precomputing a new split reuses every entry already there. Indexes stay per split.
-The training splits (``augmented_splits``) get versions 0..K, the others version 0. Format 1 (entries
-under ``<split>/v<NN>/``) is not read: such a cache raises :class:`StaleCacheError` asking for a rebuild.
-
-A *tap cache* (Distillation-SAM, ``taps=`` given) is the same cache with two more files per entry,
-and the tap blocks in its identity::
-
-    entries/v<NN>/<sequence>/<frame>_taps.npy   float16 (n_taps, h, w, C_vit) encoder tokens after the tap blocks
-    entries/v<NN>/<sequence>/<frame>_frame.png  the frame after the version's augmentation (uint8 RGB; the
-                                                adapter's PVT still runs on it)
-
-Before anything is written, precompute states the disk use (bytes per entry x frames x versions: the
-encoder's arrays and the PNGs as written) and refuses when it does not fit in the free space of the cache's
-disk (:class:`CacheSpaceError`). A cache is used only when its identity (:mod:`.cache_identity`) equals the
-one the run expects and no source frame or label map changed since; otherwise :class:`StaleCacheError`
-says what differs and the command that rebuilds it. Entries record their sources by path under the dataset
-and by content (:mod:`.cache_sources`): a moved or copied dataset keeps its cache, and precompute re-encodes
-exactly the entries of files whose bytes changed, naming each. A folder that holds no entry yet (a
-precompute that stopped before encoding anything) is bound to no identity. Precompute writes every file
-atomically and skips what is already there, so a killed run resumes. Reading: :mod:`.cache_store`.
-"""
+"""``precompute``: the frozen encoder run once per (frame, augmentation version), its outputs written as the
+cache's entries (layout: :mod:`scripts.embedding_cache`), resumably and atomically."""
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 
@@ -48,21 +15,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import BundleError
+from ..data.augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws
+from ..data.frame_files import check_dataset, read_frame, read_label_map
+from ..data.layout import class_names, load_datalist, read_dataset_description
 from ..files import atomic_write, atomic_write_json
 from ..sam.backbone import build_sam, get_variant
 from ..sam.fast_encoder import frozen_encoder_forward
 from ..sam.geometry import frames_to_sam_input, masks_to_embedding_grid
-from .augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws
-from .cache_identity import (  # noqa: F401  (re-exported: the cache's callers import them from here)
-    CACHE_FORMAT_VERSION,
-    StaleCacheError,
-    cache_identity,
-    checkpoint_fingerprint,
-    entry_bytes,
-    entry_npy_bytes,
-)
-from .cache_sources import (
+from .disk_use import check_cache_fits
+from .encoding import DEFAULT_EMBEDDING_ENCODING, check_embedding_encoding, encode_embedding, manifest_encoding
+from .identity import StaleCacheError, cache_identity
+from .sources import (
     SOURCE_NAMES,
     log_changes,
     log_dataset_location,
@@ -71,54 +34,9 @@ from .cache_sources import (
     same_source,
     source_record,
 )
-from .cache_store import (  # noqa: F401  (EmbeddingCache, cache_problems and the names: re-exported)
-    ENTRIES_DIR,
-    MANIFEST_NAME,
-    PRECOMPUTE_COMMAND,
-    EmbeddingCache,
-    cache_problems,
-    check_format,
-    entry_paths,
-    holds_entries,
-    identity_diff,
-    index_path,
-)
-from .layout import check_dataset, class_names, load_datalist, read_dataset_description, read_frame, read_label_map
+from .store import MANIFEST_NAME, check_format, entry_paths, holds_entries, identity_diff, index_path
 
 logger = logging.getLogger(__name__)
-
-
-class CacheSpaceError(BundleError, OSError):
-    """The cache would not fit in the free space of its disk."""
-
-
-#: precompute warns when the cache would take more than this fraction of the free space.
-SPACE_WARN_FRACTION = 0.8
-
-
-# ------------------------------------------------------------------------------------------ disk use
-def check_disk_space(cache_dir: str, needed_bytes: int, what: str) -> int:
-    """Refuse (:class:`CacheSpaceError`) when ``needed_bytes`` do not fit in the free space of the disk that
-    holds (or will hold) ``cache_dir``; warn above ``SPACE_WARN_FRACTION`` of it. Returns the free bytes."""
-    folder = os.path.abspath(cache_dir)
-    while not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    free = shutil.disk_usage(folder).free
-    if needed_bytes > free:
-        raise CacheSpaceError(
-            f"{what} needs about {needed_bytes / 2**30:.2f} GiB but the disk of {cache_dir} has {free / 2**30:.2f} GiB "
-            "free; nothing was written. Point cache_dir at a larger disk, or make the cache smaller (fewer "
-            "augmentation_versions; for the tap cache fewer taps), or train without it (cache_taps: false)."
-        )
-    if needed_bytes > SPACE_WARN_FRACTION * free:
-        logger.warning(
-            "%s will take %.2f GiB of the %.2f GiB free on the disk of %s",
-            what,
-            needed_bytes / 2**30,
-            free / 2**30,
-            cache_dir,
-        )
-    return free
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -176,8 +94,9 @@ def precompute_embeddings(
     seed: int = 666,
     taps: Sequence[int] | None = None,
     augmentation_draws: str = "original",
+    embedding_encoding: str | None = None,
 ) -> dict:
-    """Run the frozen encoder once per (frame, version) and store float16 embeddings with a manifest.
+    """Run the frozen encoder once per (frame, version) and store its embeddings with a manifest.
 
     The splits in ``augmented_splits`` (default: those named ``training`` or ``*_training``, e.g.
     ``fold2_training``) get versions 0..``augmentation_versions``, other splits version 0 only. Entries
@@ -188,7 +107,9 @@ def precompute_embeddings(
     blocks and the augmented frame. ``augmentation_draws`` (``original``: each version's own transform with
     probability 0.5, or ``always``; ``scripts.data.augmentation``) is recorded, and a cache of other draws
     is refused as one of another seed is. The disk use is logged first and checked against the free space
-    (:class:`CacheSpaceError`). Returns the manifest.
+    (:class:`~.disk_use.CacheSpaceError`). ``embedding_encoding`` (:mod:`.encoding`: ``uint8``, the default for a
+    new cache, or ``float16``) is how the embeddings are stored; None keeps an existing cache's own. Returns the
+    manifest.
     Under ``torch.distributed`` (every rank calls it, e.g. multi_gpu_train.yaml's ``prepare_cache``) the missing
     entries are split across the ranks; rank 0 writes the manifest and the indexes after a barrier, and no rank
     returns before the cache is complete.
@@ -201,6 +122,7 @@ def precompute_embeddings(
     with_taps = taps is not None
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
     existing = _cache_to_extend(cache_dir, identity, seed, augmentation_draws)
+    encoding = _encoding_to_write(existing, embedding_encoding, cache_dir)
     # Every file is read and checked first (label values, sizes): bad files are all named in one error
     # before any embedding is written.
     summary = check_dataset(dataset_dir, splits)
@@ -208,7 +130,7 @@ def precompute_embeddings(
     plan = _version_plan(splits, augmented_splits, augmentation_versions)
     datalists = {split: load_datalist(dataset_dir, split) for split in splits}
     spec = get_variant(sam_variant)
-    _check_disk_use(cache_dir, identity, datalists, plan, with_taps, len(names), ignore_index)
+    check_cache_fits(cache_dir, identity, encoding, datalists, plan, with_taps, len(names), ignore_index)
     manifest = {
         "identity": identity,
         "dataset": {"dataset_dir": os.path.abspath(dataset_dir), "class_names": names, "ignore_index": ignore_index},
@@ -216,6 +138,7 @@ def precompute_embeddings(
         "splits": {**existing.get("splits", {}), **plan},
         "augmentation_seed": seed,
         "augmentation_draws": augmentation_draws,
+        "embedding_encoding": encoding,
         "complete": False,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -253,6 +176,7 @@ def precompute_embeddings(
             device,
             taps,
             augmentation_draws,
+            encoding,
         )
         del encoder
     _barrier(world)  # every entry is written
@@ -324,6 +248,26 @@ def _cache_to_extend(cache_dir: str, identity: dict, seed: int, augmentation_dra
     return existing
 
 
+def _encoding_to_write(existing: dict, requested: str | None, cache_dir: str) -> str:
+    """The encoding of the embeddings to write (:mod:`.encoding`): an existing cache's own, else ``requested``
+    or the default.
+
+    Raises:
+        StaleCacheError: ``requested`` is not the encoding of the entries already in the cache.
+    """
+    if requested is not None:
+        check_embedding_encoding(requested)
+    if not existing:
+        return requested or DEFAULT_EMBEDDING_ENCODING
+    found = manifest_encoding(existing)
+    if requested is not None and requested != found:
+        raise StaleCacheError(
+            f"{cache_dir} holds embeddings stored as {found}, not {requested}; nothing was overwritten: choose a new "
+            f"cache_dir for a {requested} cache (or leave embedding_encoding unset to extend this one as {found})."
+        )
+    return found
+
+
 def _version_plan(
     splits: Sequence[str], augmented_splits: Sequence[str] | None, augmentation_versions: int
 ) -> dict[str, list[int]]:
@@ -335,67 +279,6 @@ def _version_plan(
     if unknown:
         raise ValueError(f"augmented_splits {unknown} are not among the splits to precompute {list(splits)}")
     return {split: list(range(augmentation_versions + 1)) if split in augmented_splits else [0] for split in splits}
-
-
-#: Frames whose PNGs precompute writes in memory to measure an entry's PNG bytes.
-PNG_SAMPLE_FRAMES = 8
-
-
-def _png_bytes(array: np.ndarray) -> int:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.tell()
-
-
-def entry_disk_bytes(identity: dict, datalist: list[dict], num_classes: int, ignore_index: int) -> int:
-    """Bytes one entry takes on disk: the ``.npy`` files of the encoder's arrays (their shapes and dtype,
-    :func:`~.cache_identity.entry_npy_bytes`) and the PNGs (the label map; a tap cache also the frame), measured
-    by writing those of up to :data:`PNG_SAMPLE_FRAMES` frames of ``datalist`` in memory."""
-    step = max(1, len(datalist) // PNG_SAMPLE_FRAMES)
-    sample = datalist[::step][:PNG_SAMPLE_FRAMES]
-    png = [_png_bytes(read_label_map(item["label"], num_classes, ignore_index)) for item in sample]
-    if "taps" in identity:
-        png = [size + _png_bytes(read_frame(item["image"])) for size, item in zip(png, sample)]
-    return entry_npy_bytes(identity) + (int(np.ceil(np.mean(png))) if png else 0)
-
-
-def _check_disk_use(
-    cache_dir: str,
-    identity: dict,
-    datalists: dict[str, list[dict]],
-    plan: dict[str, list[int]],
-    with_taps: bool,
-    num_classes: int,
-    ignore_index: int,
-) -> None:
-    """Log the cache's disk use (bytes per entry x entries, :func:`entry_disk_bytes`) and refuse when the missing
-    entries do not fit (:class:`CacheSpaceError`)."""
-    what = "the tap cache" if with_taps else "the embedding cache"
-    per_entry = entry_disk_bytes(
-        identity, [item for split in plan for item in datalists[split]], num_classes, ignore_index
-    )
-    total_entries = sum(len(datalists[s]) * len(plan[s]) for s in plan)
-    # entries are shared by splits: a (version, frame) listed by two splits is written once
-    missing_entries = len(
-        {
-            (version, item["key"])
-            for split in plan
-            for version in plan[split]
-            for item in datalists[split]
-            if not os.path.isfile(entry_paths(cache_dir, version, item["key"], with_taps)[0])
-        }
-    )
-    logger.info(
-        "precompute: %s: %d bytes per entry x %d entries (%s) = %.2f GiB in %s; %d entries to write",
-        what,
-        per_entry,
-        total_entries,
-        ", ".join(f"{s}: {len(datalists[s])} frames x {len(plan[s])} versions" for s in plan),
-        total_entries * per_entry / 2**30,
-        cache_dir,
-        missing_entries,
-    )
-    check_disk_space(cache_dir, missing_entries * per_entry, what)
 
 
 def _entries_to_encode(
@@ -427,7 +310,7 @@ def _entries_to_encode(
 
 
 def _recorded_sources(cache_dir: str, version: int, made_from: str | None) -> dict[str, list[dict]]:
-    """key -> the sources (normalised records, :func:`~.cache_sources.normalised_sources`) that the indexes of
+    """key -> the sources (normalised records, :func:`~.sources.normalised_sources`) that the indexes of
     ANY split of ``version`` record for it (entries are shared by splits)."""
     recorded: dict[str, list[dict]] = {}
     for index_file in sorted(glob.glob(os.path.join(cache_dir, "index", f"*_v{version:02d}.json"))):
@@ -440,7 +323,7 @@ def _recorded_sources(cache_dir: str, version: int, made_from: str | None) -> di
 def _source_records(
     cache_dir: str, dataset_dir: str, datalists: dict[str, list[dict]], made_from: str | None
 ) -> dict[str, dict]:
-    """key -> ``{"image": record, "label": record}`` (:func:`~.cache_sources.source_record`) of every frame to
+    """key -> ``{"image": record, "label": record}`` (:func:`~.sources.source_record`) of every frame to
     precompute: each file's bytes are hashed once, or not at all where an index records its path, size and mtime."""
     known: dict[str, list[dict]] = {}
     for index_file in glob.glob(os.path.join(cache_dir, "index", "*.json")):
@@ -534,8 +417,10 @@ def _encode(
     device,
     taps=None,
     draws="original",
+    encoding=DEFAULT_EMBEDDING_ENCODING,
 ):
-    """Encode the (frame, version) pairs of ``todo``; with ``taps`` also store the tapped tokens and the frame."""
+    """Encode the (frame, version) pairs of ``todo``, storing the embeddings in ``encoding``; with ``taps`` also
+    the tapped tokens and the frame."""
     loader = DataLoader(
         _FrameVersionDataset(todo, num_classes, ignore_index, seed, draws),
         batch_size=batch_size,
@@ -547,7 +432,7 @@ def _encode(
         sam_input = frames_to_sam_input(batch["image"].to(device), image_size)
         embeddings, tapped = frozen_encoder_forward(encoder, sam_input, taps or ())
         tapped = torch.stack(tapped, dim=1).half().cpu().numpy() if taps else None  # (B, n_taps, h, w, C_vit)
-        embeddings = embeddings.half().cpu().numpy()
+        embeddings = embeddings.float().cpu().numpy()
         for row, index in enumerate(batch["index"].tolist()):
             item, version = todo[index]
             paths = entry_paths(cache_dir, version, item["key"], taps is not None)
@@ -556,7 +441,9 @@ def _encode(
             if tapped is not None:
                 _save_npy(paths[2], tapped[row])
                 _save_png(paths[3], batch["image"][row].permute(1, 2, 0).numpy())
-            _save_npy(paths[0], embeddings[row])  # the embedding last: it marks the entry done
+            _save_npy(
+                paths[0], encode_embedding(embeddings[row], encoding)
+            )  # the embedding last: it marks the entry done
         done += len(batch["index"])
         logger.info("precompute %s: %d/%d (frame size %s)", split, done, len(todo), sizes.pop())
 
@@ -565,7 +452,7 @@ def _write_index(
     cache_dir, split, version, datalist, sources, image_size, grid_size, num_classes, with_taps=False
 ) -> None:
     """Write the index of one split and version: per frame its entry files, classes and ``sources`` (key ->
-    records of :func:`~.cache_sources.source_record`)."""
+    records of :func:`~.sources.source_record`)."""
     entries = []
     for item in datalist:
         paths = entry_paths(cache_dir, version, item["key"], with_taps)

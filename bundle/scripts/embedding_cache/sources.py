@@ -1,6 +1,6 @@
 """What each cache entry was made from: its frame and label map, by path under the dataset and by content.
 
-An index entry of the embedding cache (:mod:`.embedding_cache`) records its two source files as::
+An index entry of the embedding cache (:mod:`scripts.embedding_cache`) records its two source files as::
 
     "sources": {"image": {"path": "images/seq_1/00000.png", "size": 91234, "mtime_ns": ..., "blake2b": "..."},
                 "label": {"path": "labels/seq_1/00000.png", ...}}

@@ -1,7 +1,7 @@
-"""The embedding cache on disk (layout: :mod:`.embedding_cache`): where its files are, the check a cache is
+"""The embedding cache on disk (layout: :mod:`scripts.embedding_cache`): where its files are, the check a cache is
 opened with (:func:`cache_problems`), and :class:`EmbeddingCache`, which training and evaluation read.
 
-``precompute`` (:func:`.embedding_cache.precompute_embeddings`) writes what this module reads.
+``precompute`` (:func:`.precompute.precompute_embeddings`) writes what this module reads.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cache_identity import CACHE_FORMAT_VERSION, StaleCacheError
-from .cache_sources import dataset_of_cache, log_dataset_location, normalised_sources, source_problem
+from .encoding import decode_embedding
+from .identity import CACHE_FORMAT_VERSION, StaleCacheError
+from .sources import dataset_of_cache, log_dataset_location, normalised_sources, source_problem
 
 #: Folder of the entry files (format 2), shared by all splits.
 ENTRIES_DIR = "entries"
@@ -128,7 +129,7 @@ class EmbeddingCache:
     training samples then use.
 
     ``check_sources``: check, once per split and version, that each entry's frame and label map are still the
-    files it was made from (:mod:`.cache_sources`: by path under the dataset and by content) in ``dataset_dir``:
+    files it was made from (:mod:`.sources`: by path under the dataset and by content) in ``dataset_dir``:
     by default the dataset folder that holds the cache (train.yaml's default place, which moves with it), else
     the one precompute was given.
 
@@ -213,13 +214,15 @@ class EmbeddingCache:
             self._location_said = True
 
     def load(self, entry: dict, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> embedding (d, h, w) float32, label map (H, W) long; with ``as_stored`` the float16 embedding and
-        the uint8 label map as the cache holds them (the training batch widens them once, on its device)."""
-        embedding = np.load(os.path.join(self.cache_dir, entry["embedding"]))
+        """-> embedding (d, h, w) float32, label map (H, W) long; with ``as_stored`` compact: the embedding as
+        float16 (a float16 entry as it is) and the uint8 label map as the cache holds it (the training batch widens
+        them once, on its device). Either encoding of the entry (:mod:`.encoding`) is read."""
+        stored = np.load(os.path.join(self.cache_dir, entry["embedding"]))
         label = np.array(Image.open(os.path.join(self.cache_dir, entry["label"])))
         if as_stored:
+            embedding = stored if stored.dtype == np.float16 else decode_embedding(stored).astype(np.float16)
             return torch.from_numpy(embedding), torch.from_numpy(label)
-        return torch.from_numpy(embedding.astype(np.float32)), torch.from_numpy(label.astype(np.int64))
+        return torch.from_numpy(decode_embedding(stored)), torch.from_numpy(label.astype(np.int64))
 
     def load_taps(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Tap cache only -> taps (n_taps, h, w, C_vit) float32 and the augmented frame (3, H, W) float32 0..255."""

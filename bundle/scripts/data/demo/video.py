@@ -1,7 +1,7 @@
 """The demo data as a short video: the held-out (validation) sequences of the demo dataset, one after the
 other, as one H.264 mp4 (``<demo>/videos/validation.mp4``), for the video demo of the README.
 
-The demo's frames are drawn as consecutive video frames (:mod:`.demo`), so the video is what a newcomer's
+The demo's frames are drawn as consecutive video frames (:mod:`.scene`), so the video is what a newcomer's
 own recording would be; ``run`` on it (inference.yaml, inference_video.yaml, demo_inference.yaml and demo_video.yaml)
 writes the overlay video.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 
-from ..files import atomic_write
-from .layout import DatasetError, load_datalist, read_dataset_description, read_frame
-from .video_io import write_video
+from ...files import atomic_write
+from ..frame_files import read_frame
+from ..layout import DatasetError, load_datalist, read_dataset_description
+from ..video_io import write_video
 
 VIDEOS_DIR = "videos"
 DEMO_VIDEO = "validation.mp4"

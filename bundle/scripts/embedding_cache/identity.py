@@ -1,8 +1,8 @@
 """What a cache's embeddings depend on (its identity), and what one entry of it takes on disk.
 
 An embedding depends on the encoder (SAM variant and the md5 of its weights), SAM's input (size, pixel
-normalisation) and the stored dtype; a tap cache (Distillation-SAM) also on the tapped ViT blocks. The
-embedding cache (:mod:`.embedding_cache`) is reused only under an identity equal to the run's.
+normalisation) and the stored dtype of the taps; a tap cache (Distillation-SAM) also on the tapped ViT blocks. The
+embedding cache (:mod:`scripts.embedding_cache`) is reused only under an identity equal to the run's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..errors import BundleError
 from ..sam.backbone import get_variant, sam_weights_not_found
 from ..sam.checkpoint import memoised_md5
 from ..sam.geometry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from .encoding import DEFAULT_EMBEDDING_ENCODING, stored_dtype, stored_shape
 
 CACHE_FORMAT_VERSION = 2
 
@@ -66,27 +67,27 @@ def cache_identity(sam_variant: str, sam_checkpoint: str | None, taps: Sequence[
     return identity
 
 
-def entry_arrays(identity: dict) -> list[tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) of the arrays of one entry: the embedding (d, h, w), and the taps (n_taps, h, w, C_vit) of
-    a tap cache."""
+def entry_arrays(identity: dict, encoding: str = DEFAULT_EMBEDDING_ENCODING) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of the arrays of one entry's ``.npy`` files: the embedding (d, h, w) in ``encoding``
+    (:mod:`.encoding`), and the taps (n_taps, h, w, C_vit) of a tap cache (of the identity's ``dtype``)."""
     grid_h, grid_w = identity["grid_size"]
-    dtype = np.dtype(identity["dtype"])
-    arrays = [((identity["embed_dim"], grid_h, grid_w), dtype)]
+    embedding = (identity["embed_dim"], grid_h, grid_w)
+    arrays = [(stored_shape(embedding, encoding), stored_dtype(embedding, encoding))]
     if "taps" in identity:
-        arrays.append(((len(identity["taps"]), grid_h, grid_w, identity["tap_dim"]), dtype))
+        arrays.append(((len(identity["taps"]), grid_h, grid_w, identity["tap_dim"]), np.dtype(identity["dtype"])))
     return arrays
 
 
-def entry_bytes(identity: dict) -> int:
-    """Bytes of the arrays of one cache entry (embedding, and the taps of a tap cache), without the small
-    ``.npy`` headers and the PNGs."""
-    return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in entry_arrays(identity))
+def entry_bytes(identity: dict, encoding: str = DEFAULT_EMBEDDING_ENCODING) -> int:
+    """Bytes of the arrays of one cache entry (embedding in ``encoding``, and the taps of a tap cache), without the
+    small ``.npy`` headers and the PNGs."""
+    return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in entry_arrays(identity, encoding))
 
 
-def entry_npy_bytes(identity: dict) -> int:
+def entry_npy_bytes(identity: dict, encoding: str = DEFAULT_EMBEDDING_ENCODING) -> int:
     """Bytes of the ``.npy`` files of one entry as written: :func:`entry_bytes` and each file's header."""
     total = 0
-    for shape, dtype in entry_arrays(identity):
+    for shape, dtype in entry_arrays(identity, encoding):
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
             header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}

@@ -1,0 +1,85 @@
+"""The demo generator, in one place: a deterministic, EndoVis-like demo dataset of synthetic surgical videos with
+instrument label maps (:mod:`.scene` draws the sequences, :mod:`.dataset` writes them in the layout of
+:mod:`scripts.data.layout` with a preview, :mod:`.video` makes the held-out sequences a video). The names below
+are the generator's public ones, importable from ``scripts.data.demo`` as before it was split.
+"""
+
+from __future__ import annotations
+
+from .dataset import (
+    DEMO_ENTRIES,
+    DEMO_FRAME_SIZE,
+    DEMO_FRAMES_PER_SEQUENCE,
+    DEMO_MARKER,
+    DEMO_NUM_CLASSES,
+    DEMO_TRAIN_SEQUENCES,
+    DEMO_VAL_SEQUENCES,
+    GENERATOR_NAME,
+    GENERATOR_VERSION,
+    MAX_INSTRUMENTS_PER_FRAME,
+    PREVIEW_FILE,
+    demo_class_names,
+    ensure_demo_dataset,
+    make_demo_dataset,
+    render_sequence,
+    save_preview,
+)
+from .scene import (
+    ENDOVIS2018_CLASSES,
+    INSTRUMENT_COLOURS,
+    SHAFT_WIDTHS,
+    TEXTURES,
+    TIP_SHAPES,
+    Appearance,
+    InstrumentStyle,
+    capsule,
+    draw_instrument,
+    fractal_noise,
+    instrument_style,
+    plan_sequence,
+    smooth_noise,
+    texture_factor,
+    tip_mask,
+    tissue_canvas,
+    vignette,
+)
+from .video import DEMO_VIDEO, VIDEOS_DIR, ensure_demo_video
+
+__all__ = [
+    "Appearance",
+    "DEMO_ENTRIES",
+    "DEMO_FRAMES_PER_SEQUENCE",
+    "DEMO_FRAME_SIZE",
+    "DEMO_MARKER",
+    "DEMO_NUM_CLASSES",
+    "DEMO_TRAIN_SEQUENCES",
+    "DEMO_VAL_SEQUENCES",
+    "DEMO_VIDEO",
+    "ENDOVIS2018_CLASSES",
+    "GENERATOR_NAME",
+    "GENERATOR_VERSION",
+    "INSTRUMENT_COLOURS",
+    "InstrumentStyle",
+    "MAX_INSTRUMENTS_PER_FRAME",
+    "PREVIEW_FILE",
+    "SHAFT_WIDTHS",
+    "TEXTURES",
+    "TIP_SHAPES",
+    "VIDEOS_DIR",
+    "capsule",
+    "demo_class_names",
+    "draw_instrument",
+    "ensure_demo_dataset",
+    "ensure_demo_video",
+    "fractal_noise",
+    "instrument_style",
+    "make_demo_dataset",
+    "plan_sequence",
+    "render_sequence",
+    "save_preview",
+    "smooth_noise",
+    "texture_factor",
+    "tip_mask",
+    "tissue_canvas",
+    "vignette",
+]

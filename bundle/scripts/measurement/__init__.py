@@ -1,0 +1,1 @@
+"""Measurements of the bundle: what ships never imports this package."""
