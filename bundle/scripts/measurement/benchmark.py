@@ -209,6 +209,15 @@ def encoder_figures(cfg: dict, say) -> dict[str, Any]:
     return figures
 
 
+def memory_blocks(variant: str | None, blocks: int | None) -> int:
+    """Blocks of the encoder memory pass (:func:`run_benchmark`'s ``encoder_memory_blocks``); 0: all."""
+    if variant is None:
+        return 0
+    if blocks is None:
+        return get_variant(variant).encoder_global_attn_indexes[0] + 1
+    return int(blocks)
+
+
 def cache_sizes(embed_dim: int, grid: int, frame_hw: Sequence[int]) -> dict[str, int]:
     """Bytes of one cached embedding (float16 .npy, as the cache writes it) and of a demo-like label PNG."""
     from ..data.demo import render_sequence
@@ -261,6 +270,7 @@ def run_benchmark(
     encoder_rounds: int = 2,
     encoder_memory_variant: str | None = "vit_h",
     encoder_memory_frames: int = PRECOMPUTE_BATCH,
+    encoder_memory_blocks: int | None = None,
 ) -> dict[str, Any]:
     """Measure training/inference speed, peak memory and cache size; see the module docstring.
 
@@ -281,8 +291,7 @@ def run_benchmark(
         distill_sam_variant: SAM variant of part 6 (None: ``sam_variant``; default taps).
         distill_frame_size: (H, W) of part 6's frames (None: ``frame_size``).
         distill_pvt: PVT keyword arguments of part 6 (None: PVT-tiny).
-        quick: batch 8, one timed step, 2 inference frames, 1 encoder frame and round, the memory measure on
-            ``sam_variant`` with one frame, no part 6.
+        quick: batch 8, one timed step, 2 inference frames, 1 encoder frame and round, no part 6.
         amp: also measure the bundle's path under bf16 autocast (``*_amp`` keys).
         compile: run the bundle's training step through ``torch.compile``.
         micro_batch_size: the bundle's step in slices of this many samples (train.yaml's
@@ -290,6 +299,9 @@ def run_benchmark(
         encoder_rounds: alternating timed rounds of each encoder forward in part 3.
         encoder_memory_variant: SAM variant of part 3's memory measure (None skips it).
         encoder_memory_frames: frames of that pass (the precompute batch).
+        encoder_memory_blocks: blocks of that pass; None: up to and including the first global-attention
+            block, whose allocations every later block repeats (the same peak, a quarter of the time for the
+            official variants); 0: every block.
 
     Returns:
         dict with the flat keys of the acceptance (``train_samples_per_s``, ``train_samples_per_s_original``,
@@ -308,8 +320,6 @@ def run_benchmark(
     if quick:
         batch_size, steps, inference_frames, encoder_frames = 8, 1, 2, min(int(encoder_frames), 1)
         encoder_rounds, distill_batch_size = 1, 0
-        encoder_memory_variant = encoder_memory_variant and sam_variant
-        encoder_memory_frames = 1
     steps = max(1, int(steps))
     frame_hw = (int(frame_size[0]), int(frame_size[1]))
     variant = get_variant(sam_variant)
@@ -332,6 +342,7 @@ def run_benchmark(
         "encoder_variant": sam_variant,
         "memory_variant": encoder_memory_variant,
         "memory_frames": int(encoder_memory_frames),
+        "memory_blocks": memory_blocks(encoder_memory_variant, encoder_memory_blocks),
         "device": str(device),
         "sam_variant": sam_variant,
         "seed": seed,

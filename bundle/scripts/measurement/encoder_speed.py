@@ -105,20 +105,31 @@ def encoder_speed_worker(cfg: dict) -> dict[str, Any]:
 def encoder_memory_worker(cfg: dict) -> dict[str, Any]:
     """One fast float32 pass of ``cfg["memory_variant"]``'s encoder over ``cfg["memory_frames"]`` frames (the
     precompute batch), in this process: its peak resident memory (GiB, the weights included) and its seconds
-    per frame."""
+    per frame.
+
+    With ``cfg["memory_blocks"]`` = k > 0 the pass runs the first k blocks and the neck, every block's weights
+    held in memory as in the whole pass: every block allocates what the block of its kind (windowed or
+    global) before it did, so a pass through the first global-attention block reaches the whole pass's peak;
+    the seconds per frame are scaled by depth / k (the first blocks mix windowed and global blocks as the
+    whole encoder does for the official variants: 1 global in 4 (vit_b 3 in 12, vit_h 4 in 32, 1 in the first 8))."""
     from ..engine.process_settings import apply_process_settings
 
     apply_process_settings()
     variant, frames = cfg["memory_variant"], int(cfg["memory_frames"])
     device = torch.device(cfg["device"])
     encoder = build_sam(variant, checkpoint=None).image_encoder.eval().to(device)
+    every_block = encoder.blocks  # kept referenced: the weights of every block stay in memory
+    depth, blocks = len(every_block), int(cfg.get("memory_blocks") or 0) or len(every_block)
+    encoder.blocks = every_block[: min(blocks, depth)]
     x = sam_inputs(variant, frames, cfg["seed"]).to(device)
     with torch.no_grad():
         elapsed, embedding = timed(lambda: fast_encoder_forward(encoder, x)[0], device, 1)
     out = {
         "sam_variant": variant,
         "frames": frames,
-        "s_per_frame": elapsed / frames,
+        "blocks_run": len(encoder.blocks),
+        "depth": depth,
+        "s_per_frame": elapsed / frames * depth / len(encoder.blocks),
         "embedding_shape": list(embedding.shape[1:]),
         "peak_rss_gib": peak_rss_mb() / 1024,
     }
