@@ -30,35 +30,28 @@ BUNDLE = REPO / "bundle"
 #: Python packages the bundle imports at run time besides torch (import names).
 RUNTIME_IMPORTS = ("monai", "segment_anything", "ignite", "yaml", "fire", "PIL", "av", "onnx", "onnxruntime")
 
-#: run_benchmark's settings: the full ones of the GPU run, and the short ones of the CPU test.
+#: run_benchmark's settings of the GPU run.
+FULL_SETTINGS = dict(
+    batch_size=32,
+    frame_size=(1024, 1280),
+    steps=5,
+    inference_frames=8,
+    sam_variant="vit_b",
+    encoder_frames=4,
+    encoder_rounds=3,
+    encoder_memory_variant="vit_h",
+    encoder_memory_frames=4,
+    encoder_memory_blocks=0,  # the whole ViT-H pass
+    distill_batch_size=2,
+    amp=True,
+)
+#: The full settings and the short ones of the CPU test (tiny SAM, small frames, one of everything).
 BENCHMARK_SETTINGS = {
-    "full": dict(
-        batch_size=32,
-        frame_size=(1024, 1280),
-        steps=5,
-        inference_frames=8,
-        sam_variant="vit_b",
-        encoder_frames=4,
-        encoder_rounds=3,
-        encoder_memory_variant="vit_h",
-        encoder_memory_frames=4,
-        encoder_memory_blocks=0,  # the whole ViT-H pass
-        distill_batch_size=2,
-        amp=True,
-    ),
-    "short": dict(
-        batch_size=2,
-        num_classes=3,
-        frame_size=(64, 80),
-        steps=1,
-        inference_frames=1,
-        sam_variant="tiny",
-        encoder_frames=1,
-        encoder_rounds=1,
-        encoder_memory_variant="tiny",
-        encoder_memory_frames=1,
-        distill_batch_size=0,
-    ),
+    "full": FULL_SETTINGS,
+    "short": FULL_SETTINGS
+    | dict(batch_size=2, num_classes=3, frame_size=(64, 80), steps=1, inference_frames=1, sam_variant="tiny")
+    | dict(encoder_frames=1, encoder_rounds=1, encoder_memory_variant="tiny", encoder_memory_frames=1)
+    | dict(distill_batch_size=0, amp=False),
 }
 #: Demo training overrides (MONAI bundle ids): a few epochs of the demo, and the short test's small demo set.
 DEMO_OVERRIDES = {

@@ -125,48 +125,43 @@ def compare_paths(cfg: dict, amp: bool, say) -> dict[str, Any]:
     return paths
 
 
+def rate_figures(paths: dict[str, Any], part: str, rate: str, prefix: str) -> dict[str, Any]:
+    """One part's rates and speed-ups (``part``: ``train`` or ``inference_cached``; ``rate``: its record's key;
+    ``prefix``: the flat keys' start, e.g. ``train_samples_per_s`` and ``train``) from :func:`compare_paths`'s
+    records; each path on equal terms under the allocator setting that is faster for it."""
+
+    def value(name):
+        return paths[name][part][rate]
+
+    best = {
+        "bundle": max(("bundle", "bundle_never_trim"), key=value),
+        "original": max(("original_equal_terms", "original_never_trim"), key=value),
+    }
+    rates = f"{prefix}_{rate}"
+    return {
+        rates: value("bundle"),
+        f"{rates}_original": value("original_out_of_the_box"),
+        f"{rates}_original_equal_terms": value(best["original"]),
+        f"{rates}_best_allocator": value(best["bundle"]),
+        f"{prefix}_speedup": value("bundle") / value("original_out_of_the_box"),
+        f"{prefix}_speedup_equal_terms": value(best["bundle"]) / value(best["original"]),
+        f"{prefix}_speedup_mallopt": value("bundle") / value("original_equal_terms"),
+        f"{prefix}_speedup_never_trim": value("bundle_never_trim") / value("original_never_trim"),
+        f"{prefix}_equal_terms_allocator": {path: paths[name]["allocator"] for path, name in best.items()},
+    }
+
+
 def path_figures(paths: dict[str, Any], amp: bool) -> dict[str, Any]:
     """The flat keys of the acceptance from the paths' records (:func:`compare_paths`).
 
     ``*_original_equal_terms`` and ``*_speedup_equal_terms`` take each path under its best allocator setting
     (named in ``equal_terms_allocator``); ``*_mallopt`` / ``*_never_trim`` keep each setting's figures."""
     bundle, plain, equal = paths["bundle"], paths["original_out_of_the_box"], paths["original_equal_terms"]
-
-    def train(name):
-        return paths[name]["train"]["samples_per_s"]
-
-    def infer(name):
-        return paths[name]["inference_cached"]["masks_per_s"]
-
-    def best(measure, names):
-        return max(names, key=measure)
-
-    bundle_runs, original_runs = ("bundle", "bundle_never_trim"), ("original_equal_terms", "original_never_trim")
-    best_train = {"bundle": best(train, bundle_runs), "original": best(train, original_runs)}
-    best_infer = {"bundle": best(infer, bundle_runs), "original": best(infer, original_runs)}
     figures = {
         "train_param_max_abs_diff": bundle["param_max_abs_diff"],
         "train_param_max_abs_diff_out_of_the_box": plain["param_max_abs_diff"],
-        "train_samples_per_s": train("bundle"),
-        "train_samples_per_s_original": train("original_out_of_the_box"),
-        "train_samples_per_s_original_equal_terms": train(best_train["original"]),
-        "train_samples_per_s_best_allocator": train(best_train["bundle"]),
-        "train_speedup": train("bundle") / train("original_out_of_the_box"),
-        "train_speedup_equal_terms": train(best_train["bundle"]) / train(best_train["original"]),
-        "train_speedup_mallopt": train("bundle") / train("original_equal_terms"),
-        "train_speedup_never_trim": train("bundle_never_trim") / train("original_never_trim"),
-        "infer_masks_per_s": infer("bundle"),
-        "infer_masks_per_s_original": infer("original_out_of_the_box"),
-        "infer_masks_per_s_original_equal_terms": infer(best_infer["original"]),
-        "infer_masks_per_s_best_allocator": infer(best_infer["bundle"]),
-        "infer_speedup": infer("bundle") / infer("original_out_of_the_box"),
-        "infer_speedup_equal_terms": infer(best_infer["bundle"]) / infer(best_infer["original"]),
-        "infer_speedup_mallopt": infer("bundle") / infer("original_equal_terms"),
-        "infer_speedup_never_trim": infer("bundle_never_trim") / infer("original_never_trim"),
-        "equal_terms_allocator": {
-            "train": {k: paths[v]["allocator"] for k, v in best_train.items()},
-            "infer": {k: paths[v]["allocator"] for k, v in best_infer.items()},
-        },
+        **rate_figures(paths, "train", "samples_per_s", "train"),
+        **rate_figures(paths, "inference_cached", "masks_per_s", "infer"),
         "train_peak_rss_gib": bundle["train_peak_rss_gib"],
         "train_peak_rss_gib_never_trim": paths["bundle_never_trim"]["train_peak_rss_gib"],
         "train_peak_rss_gib_original": plain["train_peak_rss_gib"],
@@ -179,11 +174,15 @@ def path_figures(paths: dict[str, Any], amp: bool) -> dict[str, Any]:
         "process_settings": bundle["process_settings"],
         "paths": paths,
     }
+    figures["equal_terms_allocator"] = {
+        part: figures.pop(f"{part}_equal_terms_allocator") for part in ("train", "infer")
+    }
     if amp:
-        figures["train_param_max_abs_diff_amp"] = paths["bundle_amp"]["param_max_abs_diff"]
-        figures["train_samples_per_s_amp"] = train("bundle_amp")
-        figures["infer_masks_per_s_amp"] = infer("bundle_amp")
-        figures["train_loss_abs_diff_amp"] = abs(paths["bundle_amp"]["first_loss"] - equal["first_loss"])
+        amp_run = paths["bundle_amp"]
+        figures["train_param_max_abs_diff_amp"] = amp_run["param_max_abs_diff"]
+        figures["train_samples_per_s_amp"] = amp_run["train"]["samples_per_s"]
+        figures["infer_masks_per_s_amp"] = amp_run["inference_cached"]["masks_per_s"]
+        figures["train_loss_abs_diff_amp"] = abs(amp_run["first_loss"] - equal["first_loss"])
     return figures
 
 

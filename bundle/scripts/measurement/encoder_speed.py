@@ -40,7 +40,7 @@ def sam_inputs(variant: str, frames: int, seed: int) -> torch.Tensor:
 
 def encoder_speed_worker(cfg: dict) -> dict[str, Any]:
     """Seconds per frame of segment-anything's encoder and of the fast forward (float32, bf16 autocast), in this
-    process, ``cfg["encoder_rounds"]`` alternating rounds after one warm-up each, on ``cfg["encoder_frames"]``
+    process, ``cfg["encoder_rounds"]`` alternating rounds (after one warm-up each when there are several), on ``cfg["encoder_frames"]``
     frames of ``cfg["encoder_variant"]``; the fast float32 embedding's largest difference from
     segment-anything's relative to the embedding's largest value; the largest difference of the decoder's
     logits (every class prompted, at ``cfg["frame_size"]``) between bf16 and float32 embeddings."""
@@ -66,7 +66,8 @@ def encoder_speed_worker(cfg: dict) -> dict[str, Any]:
     outputs = {}
     with torch.no_grad():
         for name, forward in forwards.items():
-            outputs[name] = forward()  # warm-up
+            if rounds > 1:
+                outputs[name] = forward()  # warm-up (one round alone: the timed call is the only one)
         for _ in range(rounds):
             for name, forward in forwards.items():
                 elapsed, outputs[name] = timed(forward, device, 1)
