@@ -1,4 +1,4 @@
-"""Fast tests of the command-line tool (scripts.cli) and the benchmark (scripts.benchmark).
+"""Fast tests of the command-line tool (scripts.cli) and the benchmark (scripts.measurement.benchmark).
 
 The demo command trains a model and has its own slow test; it is not run here.
 """
@@ -16,7 +16,8 @@ from conftest import use_float64_dense_pe
 from PIL import Image
 
 from scripts import BUNDLE_ROOT, cli
-from scripts.benchmark import format_benchmark_table, run_benchmark
+from scripts.measurement.benchmark import run_benchmark
+from scripts.measurement.benchmark_report import format_benchmark_table
 
 
 def write_png(path, rows) -> None:
@@ -167,6 +168,9 @@ def test_run_benchmark_tiny():
         inference_frames=1,
         device="cpu",
         sam_variant="tiny",
+        encoder_memory_variant="tiny",
+        encoder_memory_frames=1,
+        encoder_rounds=1,
     )
     assert result["settings"]["embedding_shape"] == [256, 16, 16]
     for key in (
@@ -180,10 +184,39 @@ def test_run_benchmark_tiny():
         "infer_masks_per_s_original_equal_terms",
         "infer_speedup",
         "infer_speedup_equal_terms",
+        "train_speedup_mallopt",
+        "train_speedup_never_trim",
+        "infer_speedup_mallopt",
+        "infer_speedup_never_trim",
         "train_peak_rss_gib",
+        "train_peak_rss_gib_never_trim",
         "encoder_frames_per_s",
+        "encoder_speedup_fp32",
+        "encoder_speedup_bf16",
+        "encoder_peak_rss_gib",
     ):
         assert result[key] > 0, key
+    # the fast encoder computes segment-anything's; bf16 moves the decoder's logits by a measured amount
+    assert result["encoder_max_rel_diff_fp32"] < 1e-4
+    assert result["encoder_bf16_decoder_logits_max_abs_diff"] >= 0
+    # each path on equal terms under the allocator that is best for it, and both settings' figures kept
+    best = result["equal_terms_allocator"]["train"]
+    assert set(best.values()) <= {"mallopt", "never_trim"}
+    assert result["train_speedup_equal_terms"] == pytest.approx(
+        max(result["train_samples_per_s"], result["paths"]["bundle_never_trim"]["train"]["samples_per_s"])
+        / max(
+            result["paths"]["original_equal_terms"]["train"]["samples_per_s"],
+            result["paths"]["original_never_trim"]["train"]["samples_per_s"],
+        )
+    )
+    for name in ("bundle_never_trim", "original_never_trim"):  # glibc's variables, and no mallopt over them
+        assert result["paths"][name]["allocator_environment"] == {
+            "MALLOC_MMAP_MAX_": "0",
+            "MALLOC_TRIM_THRESHOLD_": str(2**64 - 1),
+        }
+        assert "mallopt" not in str(result["paths"][name]["process_settings"]["allocator"])
+    # the cache entry measure is reported, or why not
+    assert "cache_entry_bytes" in result or "cache_entry_error" in result
     assert result["device"] == "cpu" and result["threads"] >= 1 and result["torch_version"] == torch.__version__
     # each path in its own process: the original out of the box without the bundle's settings, the others with
     paths = result["paths"]
@@ -207,6 +240,7 @@ def test_run_benchmark_tiny():
     assert result["train_param_max_abs_diff_out_of_the_box"] < 1e-3
     assert paths["bundle"]["inference_cached"]["label_map_shape"] == [1, 1, 64, 80]
     assert paths["original_equal_terms"]["inference_cached"]["label_map_shape"] == [1, 64, 80]
+    assert result["train_loss_abs_diff"] < 1e-5 and paths["original_never_trim"]["param_max_abs_diff"] < 1e-3
     assert result["cache"]["embedding_npy_bytes"] == 256 * 16 * 16 * 2 + 128
     assert result["cache"]["label_png_bytes"] > 0
     distill = result["distill"]
@@ -224,7 +258,7 @@ def test_bundle_training_step_equals_the_original_operations(batch, micro_batch_
     the original's (stacked features, per-sample decoder calls, its Dice and NTXent): the same loss, the
     same gradients and, after one Adam step, the same parameters (float64, so rounding does not hide a
     difference behind Adam's division by |g| + eps)."""
-    from scripts import benchmark as bm
+    from scripts.measurement import benchmark_workers as bm
     from scripts.surgical_sam.loss import SurgicalSAMLoss, class_embeddings_from_masks
 
     cfg = dict(
@@ -256,13 +290,16 @@ def test_bundle_training_step_equals_the_original_operations(batch, micro_batch_
 
 def _one_step(bm, cfg, path, loss_cls, class_embeddings_from_masks, micro_batch_size=None):
     """One training step of ``path`` (original / bundle) from the benchmark's weights and data."""
-    model, embeddings, targets, _ = bm._model_and_data(cfg, torch.device("cpu"))
+    from scripts.measurement.original_operations import original_batch, original_training_step
+
+    model, embeddings, targets, _ = bm.model_and_data(cfg, torch.device("cpu"))
     model.train()
     use_float64_dense_pe(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     if path == "original":
         class_embeddings, _ = class_embeddings_from_masks(embeddings, targets["grid_mask"])
-        loss = bm.original_training_step(model, optimizer, embeddings, targets, class_embeddings)
+        channels_last, masks = original_batch(embeddings, targets["mask"])  # as the original's loader hands them
+        loss = original_training_step(model, optimizer, channels_last, masks, targets["class_id"], class_embeddings)
     else:
         loss = float(
             bm.bundle_training_step(

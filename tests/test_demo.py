@@ -32,7 +32,7 @@ from scripts import BUNDLE_ROOT
 def check_onnx_on_demo_model(bundle_dir, work_dir) -> dict:
     """Export ``bundle_dir``'s trained demo model (``models/model.pt``) to ONNX in ``work_dir`` and check ONNX
     Runtime against torch on the demo's held-out frames (all of its validation split, every class prompted,
-    automatic protocol, logits at the frame size): the checks of ``scripts.deploy.onnx_backend.agreement_failures``
+    automatic protocol, logits at the frame size): the checks of ``scripts.measurement.backend_comparison.agreement_failures``
     (>= 99.9% equal label pixels, encoders equal to float32 rounding, logits within 1e-3 of torch or, where the
     network amplifies float32 rounding beyond that, no further from the float64 evaluation of the same graphs
     than torch's own float32 path is, times 2 in RMS and 4 in max). Returns compare_backends' figures."""
@@ -40,7 +40,8 @@ def check_onnx_on_demo_model(bundle_dir, work_dir) -> dict:
     from monai.bundle import ConfigParser
 
     from scripts.data.frame_files import read_frame
-    from scripts.deploy.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends, export_model_file
+    from scripts.deploy.onnx_backend import OnnxSurgicalSAM, export_model_file
+    from scripts.measurement.backend_comparison import agreement_failures, compare_backends
 
     bundle_dir = os.path.abspath(str(bundle_dir))
     parser = ConfigParser()

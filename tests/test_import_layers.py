@@ -4,7 +4,9 @@ Read from the source with ``ast`` (every import, also those inside functions), s
 check it. Rooms, low to high: files.py, errors.py and the shared SAM core (sam/); the methods' networks
 (surgical_sam/, distillation_sam/); data/; the embedding cache (embedding_cache/); evaluation/; the methods' engine parts (losses, inferers,
 batches, datasets); above them the engine glue (engine/), the MONAI Label glue (monailabel_glue/), deployment
-(deploy/), the measurements (measurement/), the benchmark, the CLI and its commands (commands/).
+(deploy/), the CLI and its commands (commands/). Measurement (measurement/: the benchmark, the copy of the original's operations, the
+backend comparison, the temporal measures) sits beside the glue and may import anything; what ships (every
+other room) never imports it, so what ships is what runs.
 """
 
 from __future__ import annotations
@@ -17,15 +19,9 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundle" / "scripts"
 
 #: Engine glue, MONAI Label glue, deployment, the CLI and the commands built on them.
-GLUE = (
-    "scripts.engine",
-    "scripts.monailabel_glue",
-    "scripts.deploy",
-    "scripts.cli",
-    "scripts.commands",
-    "scripts.benchmark",
-    "scripts.measurement",
-)
+GLUE = ("scripts.engine", "scripts.monailabel_glue", "scripts.deploy", "scripts.cli", "scripts.commands")
+#: What measures: imported by the CLI's ``benchmark`` command only (the command line is not what ships).
+MEASUREMENT = ("scripts.measurement",)
 #: The shared SAM core: what data/ and the methods build on.
 SAM_CORE = ("scripts.sam",)
 METHODS = ("scripts.surgical_sam", "scripts.distillation_sam")
@@ -86,7 +82,7 @@ def test_the_walker_sees_imports_at_the_top_and_inside_functions():
 
 def test_every_module_lives_in_a_room():
     """Nothing of scripts/ sits outside the rooms this test knows (a new top-level module gets a room here)."""
-    known = GLUE + SAM_CORE + METHODS + EMBEDDING_CACHE
+    known = GLUE + MEASUREMENT + SAM_CORE + METHODS + EMBEDDING_CACHE
     known += ("scripts.data", "scripts.evaluation", "scripts.files", "scripts.errors")
     stray = sorted(m for m in IMPORTS if m != "scripts" and not _inside(m, known))
     assert not stray, f"{stray} belong to no room: move them into one, or name their room in this test"
@@ -96,6 +92,21 @@ def test_every_module_lives_in_a_room():
 def test_lower_rooms_never_import_the_glue(module):
     upward = sorted(name for name in IMPORTS[module] if _inside(name, GLUE))
     assert not upward, f"{module} imports {upward}: move what it needs down, into the room it belongs to"
+
+
+#: The one door from what ships to what measures: the CLI's ``benchmark`` command, which users run to measure.
+MEASUREMENT_DOORS = ("scripts.commands.benchmark",)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in IMPORTS if not _inside(m, MEASUREMENT + MEASUREMENT_DOORS)))
+def test_what_ships_never_imports_what_measures(module):
+    measuring = sorted(name for name in IMPORTS[module] if _inside(name, MEASUREMENT))
+    assert not measuring, f"{module} imports {measuring}: what ships runs without the measurement package"
+
+
+def test_the_measurement_rule_sees_the_benchmark_and_the_backend_comparison():
+    assert "scripts.measurement.benchmark" in IMPORTS["scripts.commands.benchmark"]
+    assert "scripts.deploy.onnx_backend" in IMPORTS["scripts.measurement.backend_comparison"]
 
 
 @pytest.mark.parametrize("module", sorted(m for m in IMPORTS if _inside(m, SAM_CORE)))

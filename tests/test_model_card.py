@@ -17,6 +17,7 @@ import yaml
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO_ROOT, "README.md")
 MODEL_CARD = os.path.join(REPO_ROOT, "bundle", "docs", "README.md")
+CONTRIBUTING = os.path.join(REPO_ROOT, "CONTRIBUTING.md")
 DOC_PAGES = (
     "README.md",
     "CONTRIBUTING.md",
@@ -84,15 +85,16 @@ def files_under(folder: str) -> set[str]:
 
 
 def test_layout_tree_names_every_file_and_no_other():
-    listed = tree_paths(architecture_section())
+    """The model card's tree names the bundle's files and the app's parts; CONTRIBUTING.md's, tools/ and tests/."""
+    listed = tree_paths(architecture_section()) | tree_paths(read(CONTRIBUTING))
     gone = sorted(p for p in listed if not os.path.exists(os.path.join(REPO_ROOT, p)))
-    assert not gone, f"the model card's layout names files that do not exist: {gone}"
+    assert not gone, f"the layout trees name files that do not exist: {gone}"
     for folder in EXACT_FOLDERS:
         on_disk = files_under(folder)
         named = {p for p in listed if p.startswith(folder + "/") and os.path.isfile(os.path.join(REPO_ROOT, p))}
-        assert on_disk - named == set(), f"not in the model card's layout: {sorted(on_disk - named)}"
+        assert on_disk - named == set(), f"not in the layout trees: {sorted(on_disk - named)}"
     tests = {os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "tests", "*.py"))}
-    assert tests - listed == set(), f"test files not in the model card's layout: {sorted(tests - listed)}"
+    assert tests - listed == set(), f"test files not in CONTRIBUTING.md's layout: {sorted(tests - listed)}"
     app = {
         os.path.relpath(p, REPO_ROOT)
         for p in glob.glob(os.path.join(REPO_ROOT, "monailabel_app", "*"))

@@ -145,7 +145,7 @@ def test_the_record_says_whether_the_variable_is_in_force_in_this_process_and_re
 
 
 def test_the_benchmarks_out_of_the_box_worker_runs_without_the_bundles_variables():
-    from scripts.benchmark import worker_environment
+    from scripts.measurement.benchmark import worker_environment
 
     assert worker_environment(plain=False)["OMP_WAIT_POLICY"] == os.environ["OMP_WAIT_POLICY"]
     assert "OMP_WAIT_POLICY" not in worker_environment(plain=True)

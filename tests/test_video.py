@@ -22,8 +22,9 @@ from scripts import BUNDLE_ROOT
 from scripts.data.frame_files import read_frame
 from scripts.data.layout import DatasetError
 from scripts.data.video_io import VideoError, legend_panel, open_sequence, write_video
-from scripts.deploy.temporal import TemporalPresence, class_switches, evaluate_temporal
+from scripts.deploy.temporal import TemporalPresence
 from scripts.distillation_sam.network import DistillationSAM
+from scripts.measurement.temporal_measures import class_switches, evaluate_temporal
 from scripts.surgical_sam.inferer import ClassPromptInferer
 from scripts.surgical_sam.network import SurgicalSAM
 
@@ -478,7 +479,8 @@ def test_onnx_export_is_two_graphs_with_dynamic_batch(onnx_export):
 
 
 def test_onnx_runtime_matches_torch(onnx_export, model_file, small_sam_checkpoint, small_demo_dir):
-    from scripts.deploy.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends
+    from scripts.deploy.onnx_backend import OnnxSurgicalSAM
+    from scripts.measurement.backend_comparison import agreement_failures, compare_backends
 
     model = SurgicalSAM(7, 2, FRAME_SIZE, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()
     model.load_state_dict(torch.load(model_file, weights_only=True)["model"])
@@ -498,7 +500,8 @@ def test_onnx_runtime_matches_torch(onnx_export, model_file, small_sam_checkpoin
 def test_onnx_agreement_checks_fail_on_another_network(onnx_export, small_sam_checkpoint, small_demo_dir):
     """The export of one network against another torch network (an export that computes something else): the
     logit, encoder and float64-reference checks all fail."""
-    from scripts.deploy.onnx_backend import OnnxSurgicalSAM, agreement_failures, compare_backends
+    from scripts.deploy.onnx_backend import OnnxSurgicalSAM
+    from scripts.measurement.backend_comparison import agreement_failures, compare_backends
 
     torch.manual_seed(2)
     other = SurgicalSAM(7, 2, FRAME_SIZE, "tiny", small_sam_checkpoint, with_image_encoder=True).eval()

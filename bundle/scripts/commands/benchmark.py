@@ -29,7 +29,7 @@ def benchmark(
     micro_batch_size: int | None = 8,
     output_json: str | None = None,
 ) -> dict:
-    """Training and inference speed, peak memory and cache size (see scripts.benchmark.run_benchmark).
+    """Training and inference speed, peak memory and cache size (see scripts.measurement.benchmark.run_benchmark).
 
     Args:
         batch_size: training batch (the paper's 32).
@@ -50,7 +50,8 @@ def benchmark(
         micro_batch_size: the bundle's step in slices of this many samples (train.yaml's default 8); 0: one piece.
         output_json: write every figure to this JSON file.
     """
-    from scripts.benchmark import format_benchmark_table, run_benchmark
+    from scripts.measurement.benchmark import run_benchmark
+    from scripts.measurement.benchmark_report import format_benchmark_table
     from scripts.sam.backbone import SAM_VARIANTS
 
     for flag, value in (("sam_variant", sam_variant), ("distill_sam_variant", distill_sam_variant)):

@@ -1,1 +1,2 @@
-"""Measurements of the bundle: what ships never imports this package."""
+"""Measurement: the benchmark, the copy of the original SurgicalSAM's operations it compares against, the
+backend comparison and speed report, and the temporal-consistency measures. Nothing that ships imports it."""
