@@ -8,12 +8,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 from test_monailabel_server import (
     REPO,
     TINY,
+    TOKENS,
     Server,
     _train_result,
     request,
@@ -188,3 +190,58 @@ def test_the_datastores_video_info_splits_frames_that_names_cannot(loop_server):
     result = _train_result(task)
     assert sorted(result["training_videos"] + result["validation_videos"]) == ["left", "right"], result
     assert len(result["validation_frames"]) == 4 and "every labelled frame" not in result["reason"]
+
+
+def _demo_bundle() -> str | None:
+    """A bundle folder where `surgical-sam demo` ran (its models/model.pt, data/demo, data/sam_tiny_demo.pth):
+    ``$SURGICALSAM_DEMO_BUNDLE``, else this repository's bundle/."""
+    folder = os.environ.get("SURGICALSAM_DEMO_BUNDLE") or os.path.join(REPO, "bundle")
+    needed = ("models/model.pt", "data/demo/dataset.json", "data/sam_tiny_demo.pth")
+    return folder if all(os.path.isfile(os.path.join(folder, path)) for path in needed) else None
+
+
+def test_labelling_8_frames_of_a_new_site_makes_the_served_model_better_there(setup, tmp_path):
+    """Issue 25's criterion, through a real server with the demo model and its data as reference: label 8
+    frames of the new-site video, /train with the defaults: the video's other frames gain >= 10 points of
+    Challenge IoU and the demo's validation videos lose <= 1 (tools/annotation_loop_check.py's figures)."""
+    from scripts.monailabel_glue.bundle_folder import make_monailabel_bundle
+
+    demo = _demo_bundle()
+    if demo is None:
+        pytest.skip("needs the trained demo model: run `surgical-sam demo` (or set SURGICALSAM_DEMO_BUNDLE)")
+    app = str(tmp_path / "app")
+    shutil.copytree(os.path.join(REPO, "monailabel_app"), app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    bundle = make_monailabel_bundle(
+        os.path.join(app, "model", "surgicalsam"),
+        model_file=os.path.join(demo, "models", "model.pt"),
+        sam_checkpoint=os.path.join(demo, "data", "sam_tiny_demo.pth"),
+        settings={
+            "sam_variant": "tiny",
+            "frame_size": [128, 160],
+            "monailabel_reference_dataset": os.path.join(demo, "data", "demo"),
+        },
+    )
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    server = Server(setup["python"], app, str(studies), {"threads": "2"}, str(tmp_path / "server.log"))
+    try:
+        figures_file = str(tmp_path / "loop.json")
+        done = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(REPO, "tools", "annotation_loop_check.py"),
+                "--url", server.url, "--json", figures_file, "--token", TOKENS[server.url], "--bundle", bundle,
+                "--dataset_dir", os.path.join(demo, "data", "demo"), "--new_site", str(tmp_path / "new_site"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + server.log_tail()
+    finally:
+        server.stop()
+    with open(figures_file) as handle:
+        figures = json.load(handle)
+    assert len(figures["frames_labelled"]) == 8 and figures["replaced"], figures
+    assert figures["new_site_after"] >= figures["new_site_before"] + 10, figures
+    assert figures["validation_after"] >= figures["validation_before"] - 1, figures

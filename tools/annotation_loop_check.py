@@ -135,6 +135,17 @@ def check(url: str, bundle: str, dataset_dir: str, new_site: str, label_frames: 
     }
 
 
+def make_new_site(bundle: str, dataset_dir: str, new_site: str) -> None:
+    """The demo's new-site video at ``new_site``, of the frame size and classes of ``dataset_dir``."""
+    sys.path.insert(0, os.path.abspath(bundle))
+    from scripts.data.demo_new_site import make_new_site_video
+
+    with open(os.path.join(dataset_dir, "dataset.json")) as handle:
+        description = json.load(handle)
+    make_new_site_video(new_site, frame_size=description["frame_size"], num_classes=len(description["classes"]))
+    print(f"new-site video written to {new_site}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="the running app, e.g. http://127.0.0.1:8000")
@@ -142,15 +153,19 @@ def main(argv=None) -> None:
     parser.add_argument("--token", help="the server's access token (default: $SURGICALSAM_TOKEN)")
     parser.add_argument("--bundle", default="monailabel_app/model/surgicalsam", help="the served bundle folder")
     parser.add_argument("--dataset_dir", default="bundle/data/demo", help="the served model's training data")
-    parser.add_argument("--new_site", default="bundle/data/demo_new_site", help="the new-site video (dataset folder)")
+    parser.add_argument(
+        "--new_site", default="bundle/data/demo_new_site", help="the new-site video (dataset folder; made if missing)"
+    )
     parser.add_argument("--label_frames", type=int, default=8)
     parser.add_argument("--train_timeout", type=float, default=3600.0)
     args = parser.parse_args(argv)
     if args.token:
         os.environ["SURGICALSAM_TOKEN"] = args.token
-    for folder in (args.bundle, args.dataset_dir, args.new_site):
+    for folder in (args.bundle, args.dataset_dir):
         if not os.path.isdir(folder):
             parser.error(f"{folder} is not a folder")
+    if not os.path.isfile(os.path.join(args.new_site, "dataset.json")):
+        make_new_site(args.bundle, args.dataset_dir, args.new_site)
     figures = check(
         args.url.rstrip("/"), args.bundle, args.dataset_dir, args.new_site, args.label_frames, args.train_timeout
     )

@@ -41,7 +41,7 @@ SITE_FRAMES_ID = "monailabel_site_frames"
 VIDEO_INFO_KEY = "video"
 BEST_MODEL_DIR_ID = "validate#best_model_saver#save_dir"
 #: the request's own keys and their defaults here (MONAI Label's own defaults: 50 epochs, val_split 0.2, cuda)
-REQUEST_DEFAULTS = {"max_epochs": 10, "val_split": 0.25}
+REQUEST_DEFAULTS = {"max_epochs": 6, "val_split": 0.25}
 
 
 class TrainingRefused(RuntimeError):
