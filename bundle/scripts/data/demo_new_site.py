@@ -15,6 +15,7 @@ frames score it as they are.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,7 +25,6 @@ from scripts.data.demo import (
     DEMO_FRAME_SIZE,
     DEMO_MARKER,
     DEMO_NUM_CLASSES,
-    _clear_demo_content,
     demo_class_names,
     render_sequence,
 )
@@ -83,7 +83,12 @@ def make_new_site_video(
                 f"{out_dir} holds files the demo did not make ({name_files(entries)}): the new-site video is only "
                 "written into an empty folder or one the demo made; choose another folder"
             )
-        _clear_demo_content(out_dir)
+        for entry in entries:  # only the demo's own entries, checked above
+            path = os.path.join(out_dir, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, DEMO_MARKER), "w") as handle:
         handle.write("made by surgical-sam's demo generator (scripts.data.demo_new_site); it may replace this folder\n")
