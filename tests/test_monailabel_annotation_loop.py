@@ -245,3 +245,27 @@ def test_labelling_8_frames_of_a_new_site_makes_the_served_model_better_there(se
     assert len(figures["frames_labelled"]) == 8 and figures["replaced"], figures
     assert figures["new_site_after"] >= figures["new_site_before"] + 10, figures
     assert figures["validation_after"] >= figures["validation_before"] - 1, figures
+
+
+def test_new_site_video_is_reproducible_and_never_replaces_a_users_folder(tmp_path):
+    """The same arguments give byte-identical frames and labels; a folder with files the demo did not make is
+    refused untouched; the look differs from the demo's (bluish-green tissue instead of pink)."""
+    from scripts.data.demo_new_site import NEW_SITE_VIDEO, make_new_site_video
+    from scripts.data.layout import DatasetError, read_frame
+
+    first = make_new_site_video(str(tmp_path / "a"), frame_size=(64, 80), num_frames=6)
+    second = make_new_site_video(str(tmp_path / "b"), frame_size=(64, 80), num_frames=6)
+    again = make_new_site_video(first, frame_size=(64, 80), num_frames=6)  # its own folder: made again
+    for name in sorted(os.listdir(os.path.join(first, "images", NEW_SITE_VIDEO))):
+        for kind in ("images", "labels"):
+            content = open(os.path.join(first, kind, NEW_SITE_VIDEO, name), "rb").read()
+            assert content == open(os.path.join(second, kind, NEW_SITE_VIDEO, name), "rb").read()
+            assert content == open(os.path.join(again, kind, NEW_SITE_VIDEO, name), "rb").read()
+    frame = read_frame(os.path.join(first, "images", NEW_SITE_VIDEO, "00000.png")).reshape(-1, 3).mean(0)
+    assert frame[1] > frame[0] and frame[2] > frame[0], frame  # not the demo's red-dominated tissue
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "mine.png").write_bytes(b"keep")
+    with pytest.raises(DatasetError, match="did not make"):
+        make_new_site_video(str(users))
+    assert (users / "mine.png").read_bytes() == b"keep"
