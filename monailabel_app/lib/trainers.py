@@ -35,9 +35,13 @@ SETTINGS_ID = "monailabel_settings"
 RESULT_ID = "monailabel_train_result"
 SPLIT_ID = "monailabel_split"
 CANDIDATE_DIR_ID = "monailabel_candidate_dir"
+REFERENCE_DATASET_ID = "monailabel_reference_dataset"
+SITE_FRAMES_ID = "monailabel_site_frames"
+#: The datastore's image info key naming the video a frame came from (set when a video is uploaded).
+VIDEO_INFO_KEY = "video"
 BEST_MODEL_DIR_ID = "validate#best_model_saver#save_dir"
 #: the request's own keys and their defaults here (MONAI Label's own defaults: 50 epochs, val_split 0.2, cuda)
-REQUEST_DEFAULTS = {"max_epochs": 10, "val_split": 0.25}
+REQUEST_DEFAULTS = {"max_epochs": 6, "val_split": 0.25}
 
 
 class TrainingRefused(RuntimeError):
@@ -71,9 +75,61 @@ def video_of(frame_id: str) -> str:
     return match.group(1) if match else UNNAMED_VIDEO
 
 
+def video_of_item(item: dict) -> str:
+    """The video of a datalist item: its ``video`` (from the datastore's image info), else :func:`video_of` its
+    image id."""
+    video = item.get(VIDEO_INFO_KEY)
+    return str(video) if video not in (None, "") else video_of(image_id(item["image"]))
+
+
 def videos_of(datalist) -> list[str]:
     """The sorted videos of the frames of ``[{"image": file, ...}]``."""
-    return sorted({video_of(image_id(item["image"])) for item in datalist or []})
+    return sorted({video_of_item(item) for item in datalist or []})
+
+
+def held_out_frames(datalist: list[dict], val_split: float) -> tuple[list[dict], list[dict]]:
+    """(training items, held-out items) of frames of one video: ``val_split`` of them (at least one, at most
+    all but one) held out, spread evenly along the video (image ids in order), so that they are as far from
+    the training frames as the labels allow. Fewer than two frames: all for training."""
+    frames = sorted(datalist, key=lambda item: image_id(item["image"]))
+    if len(frames) < 2:
+        return frames, []
+    count = min(len(frames) - 1, max(1, round(val_split * len(frames))))
+    chosen = {int((index + 0.5) * len(frames) / count) for index in range(count)}
+    return [f for i, f in enumerate(frames) if i not in chosen], [f for i, f in enumerate(frames) if i in chosen]
+
+
+def evenly_spaced(items: list, count: int) -> list:
+    """``count`` of ``items`` (all when fewer) at evenly spaced positions, in their order."""
+    if count >= len(items):
+        return list(items)
+    return [items[int((index + 0.5) * len(items) / count)] for index in range(count)] if count > 0 else []
+
+
+def reference_items(dataset_dir: str) -> tuple[list[dict], list[dict]]:
+    """The (training, validation) frames of a prepared dataset (its dataset.json) as datalist items of absolute
+    files. Raises TrainingRefused when the folder holds no readable dataset.json or a listed file is missing."""
+    path = os.path.join(dataset_dir, "dataset.json")
+    try:
+        with open(path) as handle:
+            description = json.load(handle)
+        splits = [
+            [
+                {"image": os.path.join(dataset_dir, item["image"]), "label": os.path.join(dataset_dir, item["label"])}
+                for item in description.get(split) or []
+            ]
+            for split in ("training", "validation")
+        ]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise TrainingRefused(
+            f"the reference dataset {dataset_dir} ({REFERENCE_DATASET_ID} of the served bundle) cannot be read: "
+            f"{error}; make the bundle folder again with a dataset folder that holds dataset.json"
+        ) from None
+    missing = [item[key] for split in splits for item in split for key in ("image", "label")]
+    missing = [file for file in missing if not os.path.isfile(file)]
+    if missing:
+        raise TrainingRefused(f"the reference dataset {dataset_dir} lacks {len(missing)} files, e.g. {missing[0]}")
+    return splits[0], splits[1]
 
 
 def split_by_video(datalist: list[dict], val_split: float) -> tuple[list[dict], list[dict], list[str], list[str]]:
@@ -92,7 +148,7 @@ def split_by_video(datalist: list[dict], val_split: float) -> tuple[list[dict], 
         raise ValueError(f"val_split must be in (0, 1) to split by video, got {val_split!r}")
     frames: dict[str, list[dict]] = {}
     for item in sorted(datalist, key=lambda item: image_id(item["image"])):
-        frames.setdefault(video_of(image_id(item["image"])), []).append(item)
+        frames.setdefault(video_of_item(item), []).append(item)
     if len(frames) < 2:
         raise ValueError(f"splitting by video needs frames of at least two videos, got {sorted(frames)}")
     target = val_split * len(datalist)
@@ -125,6 +181,14 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         options.update(REQUEST_DEFAULTS)
         options.update(self.settings())
         return options
+
+    def reference_dataset(self) -> str | None:
+        """The served bundle's reference dataset folder (``monailabel_reference_dataset``; relative to the bundle
+        folder), or None."""
+        if not self.bundle_config.get(REFERENCE_DATASET_ID):
+            return None
+        folder = str(self.bundle_config.get_parsed_content(REFERENCE_DATASET_ID, instantiate=True))
+        return os.path.normpath(os.path.join(self.bundle_path, folder))
 
     def check_settings(self, request: dict) -> dict:
         """The overlay's settings with the request's values, checked (TrainingRefused says what is wrong)."""
@@ -164,7 +228,8 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         if not request.get("device") or isinstance(request.get("device"), list):
             request["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         self._settings = self.check_settings(request)
-        self._split, self._skipped = {}, {}
+        self._split, self._skipped, self._site_frames = {}, {}, None
+        self._reference = self.reference_dataset()
         result_file = self.bundle_config.get_parsed_content(RESULT_ID, instantiate=True)
         if os.path.isfile(result_file):
             os.remove(result_file)
@@ -190,12 +255,15 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         return result
 
     def _fetch_datalist(self, request, datastore):
-        """The datastore's labelled frames, less those whose label map does not fit the frame (e.g. a frame
-        replaced on disk under its label): each skipped and named with the reason (``skipped_frames`` of the
+        """The datastore's labelled frames, each with its ``video`` when the datastore's image info names one,
+        less those whose label map does not fit the frame (e.g. a frame replaced on disk under its label): each skipped and named with the reason (``skipped_frames`` of the
         result, and the log); TrainingRefused when no frame is left."""
         datalist = super()._fetch_datalist(request, datastore)
         kept = []
         for item in datalist:
+            video = (datastore.get_image_info(image_id(item["image"])) or {}).get(VIDEO_INFO_KEY)
+            if video not in (None, ""):
+                item[VIDEO_INFO_KEY] = str(video)
             problem = fit_problem(item["image"], item["label"])
             if problem:
                 frame = image_id(item["image"])
@@ -216,6 +284,8 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         on and ``replace_from_one_video`` is false, why the served model is kept (``hold``)."""
         val_split = request.get("val_split", REQUEST_DEFAULTS["val_split"])
         videos = videos_of(datalist)
+        if self._reference and val_split > 0:
+            return self._partition_with_reference(datalist, val_split, videos)
         if val_split > 0 and len(videos) >= 2:
             training, validation, training_videos, validation_videos = split_by_video(datalist, val_split)
             logger.info(
@@ -244,7 +314,43 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             self._split["candidate_dir"] = self._candidate_dir
         return training, validation
 
+    def _partition_with_reference(self, datalist, val_split, videos):
+        """The recipe with a reference dataset: the new labels split by video (two videos or more) or, of one
+        video, with ``val_split`` of its frames held out along it (:func:`held_out_frames`); training adds
+        ``replay_frames`` of the reference's training frames, validation its validation frames after the
+        held-out ones (``monailabel_site_frames`` of them: the SiteGuardMetric's split)."""
+        if len(videos) >= 2:
+            training, validation, training_videos, validation_videos = split_by_video(datalist, val_split)
+        else:
+            training, validation = held_out_frames(datalist, val_split)
+            training_videos, validation_videos = videos_of(training), videos_of(validation)
+        replay, reference = reference_items(self._reference)
+        replay = evenly_spaced(replay, int(self._settings.get("replay_frames", 0)))
+        if not validation:  # nothing new to validate on: no validation at all (replace_unvalidated decides)
+            reference = []
+        self._site_frames = len(validation)
+        self._split = {
+            "training_videos": training_videos,
+            "validation_videos": validation_videos,
+            "reference_dataset": self._reference,
+            "replayed_frames": len(replay),
+            "reference_frames": len(reference),
+        }
+        logger.info(
+            "validation: %d held-out frames of %s and %d reference frames (%s); training: %d frames of %s and "
+            "%d reference frames replayed",
+            len(validation),
+            validation_videos,
+            len(reference),
+            self._reference,
+            len(training),
+            training_videos,
+            len(replay),
+        )
+        return training + replay, validation + reference
+
     def _update_overrides(self, overrides):
+        overrides[SITE_FRAMES_ID] = self._site_frames
         overrides[SETTINGS_ID] = self._settings
         overrides[SPLIT_ID] = self._split
         if self._split.get("hold"):  # the best checkpoint goes to the candidate folder, not models/model.pt

@@ -100,6 +100,7 @@ def monailabel_bundle(
     num_tokens: Any = None,
     train_overlays: Any = None,
     inference_overlays: Any = None,
+    reference_dataset: str | None = None,
 ) -> str:
     """Make the bundle folder a MONAI Label app serves: ``<app>/model/<name>``.
 
@@ -113,6 +114,8 @@ def monailabel_bundle(
         sam_checkpoint: SAM weights (default: the config's, bundle/models/sam_vit_h_4b8939.pth).
         sam_variant, frame_size (H,W), num_tokens: set in both configs when given.
         train_overlays, inference_overlays: comma-separated config files merged on top (e.g. a dataset overlay).
+        reference_dataset: the prepared dataset the model was trained on (e.g. data/demo): the app's /train
+            then replays its training frames and refuses a model that gets worse on its validation frames.
     """
     from scripts import BUNDLE_ROOT
     from scripts.monailabel_glue.bundle_folder import make_monailabel_bundle
@@ -126,6 +129,10 @@ def monailabel_bundle(
         settings["frame_size"] = list(int_pair(frame_size, "frame_size"))
     if num_tokens is not None:
         settings["num_tokens"] = positive_int(num_tokens, "num_tokens")
+    if reference_dataset is not None:
+        if not os.path.isfile(os.path.join(str(reference_dataset), "dataset.json")):
+            raise fail(f"--reference_dataset: {reference_dataset} holds no dataset.json (a prepared dataset folder)")
+        settings["monailabel_reference_dataset"] = os.path.abspath(str(reference_dataset))
     if sam_checkpoint is None:
         sam_checkpoint = os.path.join(BUNDLE_ROOT, "models", "sam_vit_h_4b8939.pth")
     overlays = {}

@@ -328,6 +328,10 @@ class FinalModelSaver:
         logger.info("no validation ran: the final model was written to %s", self.path)
 
 
+#: What the app's train task says of its split that the result repeats.
+SPLIT_FACTS = ("training_videos", "validation_videos", "reference_dataset", "replayed_frames", "reference_frames")
+
+
 class ServedModelGuard:
     """Fine-tuning a served model on a few labels must not make it worse; this says whether it did.
 
@@ -368,6 +372,14 @@ class ServedModelGuard:
         self.patience = int(patience) if patience else 0
         self.final_saver = FinalModelSaver(network, path, validator, replace_unvalidated)
         self.baseline: float | None = None
+        self.scores: list[dict] = []  # per validation (the first: the served model's) the site and reference scores
+
+    def _record_scores(self, validator: Engine) -> None:
+        from .site_guard import REFERENCE_KEY, SITE_KEY
+
+        self.scores.append(
+            {key: validator.state.metrics[key] for key in (SITE_KEY, REFERENCE_KEY) if key in validator.state.metrics}
+        )
 
     def _validation_frames(self) -> list[str]:
         loader = getattr(self.validator, "data_loader", None)
@@ -378,6 +390,7 @@ class ServedModelGuard:
         from monai.handlers import EarlyStopHandler
 
         engine.add_event_handler(Events.STARTED, self._record_baseline)
+        self.validator.add_event_handler(Events.COMPLETED, self._record_scores)
         engine.add_event_handler(Events.COMPLETED, self.final_saver)
         engine.add_event_handler(Events.COMPLETED, self._report)
         if self.patience and self._validation_frames():
@@ -406,9 +419,8 @@ class ServedModelGuard:
             "epochs_run": int(engine.state.epoch),
             "max_epochs": int(engine.state.max_epochs),
         }
-        result.update(
-            {key: value for key, value in self.split.items() if key in ("training_videos", "validation_videos")}
-        )
+        result.update({key: value for key, value in self.split.items() if key in SPLIT_FACTS})
+        result.update(self._site_and_reference(best_epoch))
         if frames and self.baseline is not None:
             hold = self.split.get("hold")
             result.update(
@@ -442,6 +454,22 @@ class ServedModelGuard:
                 ),
             )
         return result
+
+    def _site_and_reference(self, best_epoch: int) -> dict:
+        """With reference frames: the held-out new frames' and the reference's Challenge IoU, of the served model
+        (``*_before``) and of the checkpoint served after training (``*_after``: the best epoch's, else the
+        served model's)."""
+        from .site_guard import REFERENCE_KEY, SITE_KEY
+
+        if not self.scores or REFERENCE_KEY not in self.scores[0]:
+            return {}
+        after = self.scores[best_epoch] if 0 < best_epoch < len(self.scores) else self.scores[0]
+        return {
+            "new_frames_before": self.scores[0][SITE_KEY],
+            "new_frames_after": after[SITE_KEY],
+            "reference_before": self.scores[0][REFERENCE_KEY],
+            "reference_after": after[REFERENCE_KEY],
+        }
 
     def _report(self, engine: Engine) -> None:
         result = self.summary(engine)
