@@ -23,7 +23,8 @@ bilinear and each class's 0/1 mask is bilinear as PIL does it on uint8 (along th
 then along the height, rounded: :func:`resize_class_masks` reproduces it exactly); under rotation image
 and masks are nearest, zero fill. MONAI's ``Resize`` and ``Rotate`` do this on float arrays: the
 scaled image differs from PIL's fixed-point result by at most 1 grey level, and nearest rotation
-picks another neighbour at about 0.1% of the pixels (sampling ties); see the model card.
+picks another neighbour at about 0.1% of the pixels (sampling ties); see bundle/docs/fidelity.md ("What differs,
+and its measured effect").
 
 The original's seeds made every version one global transform (the whole set flipped at once).
 Here every (seed, frame key, version) gets its own random generator, seeded by a stable hash, so

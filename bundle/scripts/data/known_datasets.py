@@ -30,7 +30,8 @@ ENDOVIS2017_CLASS_NAMES = (
     "Other",
 )
 #: CholecSeg8k, label -> ((R, G, B) of the colour masks, name), label 0 the background (the corrected CholecSeg8k
-#: colour table of the model card's Data section). Colours outside the table are ignored, never a class.
+#: colour table; getting and preparing the data: bundle/docs/workflows.md, "Each dataset from download to metrics").
+#: Colours outside the table are ignored, never a class.
 CHOLECSEG8K_COLOUR_TABLE = (
     ((127, 127, 127), "Background"),
     ((210, 140, 140), "Abdominal Wall"),

@@ -250,7 +250,7 @@ def export_model_file(
     sam_variant: str | None = None,
     class_names: Sequence[str] | None = None,
 ) -> dict:
-    """inference.yaml's ``run export_onnx``: load the trained ``model_file`` into ``network`` and export it."""
+    """export_onnx.yaml's ``run`` (merged after inference.yaml): load the trained ``model_file`` into ``network`` and export it."""
     return export_onnx(load_model_file(network, model_file), out_dir, sam_variant=sam_variant, class_names=class_names)
 
 

@@ -11,7 +11,7 @@ from .datasets import CACHED_KEYS
 class SemanticInferer(Inferer):
     """Run a semantic network (``DistillationSAM``) on frames: one pass, no class prompt, no GT.
 
-    This is the ``auto`` protocol (model card: Evaluation protocols and metrics): every frame gets a metric entry.
+    This is the ``auto`` protocol (model card: Evaluation protocols): every frame gets a metric entry.
 
     Args:
         output: ``dict`` (for evaluators: ``label_map`` (B, 1, H, W) and ``has_entry`` (B,) all True) or

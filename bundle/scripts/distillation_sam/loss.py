@@ -1,4 +1,4 @@
-"""Distillation-SAM's training loss (the Distillation-SAM announcement; model card: Distillation-SAM)."""
+"""Distillation-SAM's training loss (the Distillation-SAM announcement; bundle/docs/distillation_sam.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from monai.losses import DiceLoss
 
 # ------------------------------------------------------------------------------ distillation losses
 class DistillationSAMLoss(nn.Module):
-    """Distillation-SAM training loss (the Distillation-SAM announcement; model card: Distillation-SAM)::
+    """Distillation-SAM training loss (the Distillation-SAM announcement; bundle/docs/distillation_sam.md)::
 
         L = ce_weight * CE + dice_weight * Dice + token_kd_weight * MSE(student mask tokens, teacher's)
             + dense_kd_weight * MSE(student dense prompt, teacher's)

@@ -17,7 +17,7 @@ evaluate configs, the ``surgical-sam`` command and the MONAI Label app. Where th
 OpenMP (torch's CPU threads, GNU libgomp) makes a thread that waits for work at the end of a parallel
 region spin for a while (``GOMP_SPINCOUNT`` 300000) before it sleeps. On cores shared with other
 processes a spinning thread takes the core its partner needs to finish, and every small operation
-waits for a scheduler time slice: a demo training epoch took 7-12x as long under that (model card). With
+waits for a scheduler time slice: a demo training epoch took 7-12x as long under that (measured on the build machines). With
 ``OMP_WAIT_POLICY=PASSIVE`` (:data:`OPENMP_ENVIRONMENT`) a waiting thread sleeps at once; the numbers
 computed are the same. OpenMP reads the variable once, when it is loaded with torch, so
 :func:`set_openmp_environment` must run before ``import torch``: the ``surgical-sam`` command does that
@@ -26,7 +26,7 @@ variable only reaches the processes started afterwards, and the record says that
 the process itself (start with ``OMP_WAIT_POLICY=PASSIVE python -m monai.bundle run ...``). A value the
 user set is kept.
 
-The model card's "Speed and memory" section measures what each setting contributes. The module needs
+bundle/docs/performance.md ("What makes it faster", item 1) says what each setting does. The module needs
 nothing but the standard library until it is called (the MONAI Label app loads it by its file path).
 """
 

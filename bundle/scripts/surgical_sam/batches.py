@@ -55,7 +55,7 @@ def micro_batched_backward(
     the prototype contrastive term, which compares the batch's samples with each other and is added
     once, to the last slice, from the whole batch's class embeddings. So only one slice's activations
     are alive at a time: the batch-32 step at 1024x1280 keeps about a quarter of the memory with
-    slices of 8 (model card, "What makes it faster"). The image embeddings enter the prototype term
+    slices of 8 (bundle/docs/performance.md, "What makes it faster", item 5). The image embeddings enter the prototype term
     detached: they are the frozen encoder's (or the cache's), nothing trainable is upstream.
 
     Args:

@@ -1,6 +1,6 @@
 """Frame-level inference for class-promptable models: which classes to prompt, and the label map.
 
-Two protocols (model card: Evaluation protocols and metrics), always labelled in the outputs:
+Two protocols (model card: Evaluation protocols), always labelled in the outputs:
 
 - ``oracle`` (the paper's): prompt only the classes present in the frame's ground truth; frames
   without an instrument get no prompt and so no metric entry. Every prompted mask (logit > 0) is

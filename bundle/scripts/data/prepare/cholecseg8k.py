@@ -1,4 +1,4 @@
-"""Prepare CholecSeg8k (13 classes from colour masks; the corrected colour table of the model card's Data section).
+"""Prepare CholecSeg8k (13 classes from colour masks; the corrected colour table: known_datasets.CHOLECSEG8K_COLOUR_TABLE).
 
 Raw layout expected (as released on Kaggle)::
 
