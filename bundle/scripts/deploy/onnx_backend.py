@@ -155,7 +155,8 @@ def read_manifest(onnx_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"no ONNX export in {onnx_dir} ({MANIFEST_FILE} missing): export first with python -m monai.bundle run "
-            "export_onnx --config_file <the inference config files>, or set --backend torch"
+            "--config_file <inference.yaml, export_onnx.yaml, then your other overlays>, or leave out "
+            "inference_video_onnx.yaml to run the torch network"
         )
     with open(path) as handle:
         return json.load(handle)
@@ -265,7 +266,7 @@ def packed_onnx_files(onnx_dir: str) -> list[str]:
     for name, graph in manifest["graphs"].items():
         path = os.path.join(onnx_dir, graph["file"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"ONNX graph {path} ({name}) is missing: export again (run export_onnx)")
+            raise FileNotFoundError(f"ONNX graph {path} ({name}) is missing: export again (inference.yaml with export_onnx.yaml)")
         if file_md5(path) != graph["md5"]:
             raise ValueError(f"ONNX graph {path} ({name}) differs from the one {MANIFEST_FILE} describes: export again")
         files.append(path)

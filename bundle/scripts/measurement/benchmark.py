@@ -14,7 +14,7 @@ One run measures, on random data and random weights (speed does not depend on th
    memory of a ViT-H precompute batch in a process of its own (:mod:`scripts.measurement.encoder_speed`);
 4. the peak resident memory of each part;
 5. the bytes a frame takes in the embedding cache (float16 ``.npy``) and its label PNG, and the cache entry
-   measure of ``scripts.measurement.cache_size`` where that module is present;
+   measure of ``scripts.measurement.cache_size``;
 6. Distillation-SAM (``distill_batch_size`` > 0): training samples/s from raw frames and from the tap
    cache, the tap cache's read time and bytes per entry.
 
@@ -237,12 +237,10 @@ def cache_sizes(embed_dim: int, grid: int, frame_hw: Sequence[int]) -> dict[str,
 
 
 def cache_entry_figures(sam_variant: str, seed: int, device: torch.device) -> dict[str, Any]:
-    """``scripts.measurement.cache_size.measure_cache_entry``'s keys (``cache_entry_bytes``,
-    ``cache_entry_bytes_float16``, ``cache_logits_max_abs_diff``), or ``cache_entry_error`` saying why not."""
-    try:
-        from .cache_size import measure_cache_entry
-    except ImportError as error:
-        return {"cache_entry_error": f"no cache entry measure: {error}"}
+    """:func:`~.cache_size.measure_cache_entry`'s keys (``cache_entry_bytes``, ``cache_entry_bytes_float16``,
+    ``cache_logits_max_abs_diff``)."""
+    from .cache_size import measure_cache_entry
+
     return dict(measure_cache_entry(sam_variant=sam_variant, seed=seed, device=str(device)))
 
 

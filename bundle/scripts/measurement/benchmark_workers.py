@@ -108,7 +108,7 @@ def batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[in
     widening to float32 on the device (one process; the trainer's loader workers read ahead of the step)."""
     from types import SimpleNamespace
 
-    from ..data.embedding_cache import EmbeddingCache
+    from ..embedding_cache import EmbeddingCache
     from ..data.layout import write_label_map
     from ..surgical_sam.datasets import prompt_sample
 

@@ -28,7 +28,7 @@ def tap_cache_entry_files(identity: dict, folder: str) -> tuple[str, str]:
 
 def distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, device, seed, say) -> dict[str, Any]:
     """Part 6: Distillation-SAM training samples/s without and with the tap cache; tap cache bytes per entry."""
-    from ..data.embedding_cache import cache_identity, entry_bytes
+    from ..embedding_cache import cache_identity, entry_bytes
     from ..distillation_sam.network import DistillationSAM
 
     generator = torch.Generator().manual_seed(seed + 1)
