@@ -614,7 +614,7 @@ def test_check_evaluation_inputs_lists_model_with_other_problems(tmp_path):
 
 # ------------------------------------------------------------------------------ the micro-batched step
 def _tiny_training_batch(batch, num_classes, seed=0):
-    from scripts import benchmark
+    from scripts.measurement.benchmark_workers import model_and_data
 
     cfg = dict(
         batch_size=batch,
@@ -625,7 +625,7 @@ def _tiny_training_batch(batch, num_classes, seed=0):
         sam_variant="tiny",
         seed=seed,
     )
-    model, embeddings, targets, _ = benchmark._model_and_data(cfg, torch.device("cpu"))
+    model, embeddings, targets, _ = model_and_data(cfg, torch.device("cpu"))
     if batch > 2:  # an absent-class prompt (empty target) and a sample whose grid mask is empty
         targets["mask"][0] = 0
         targets["grid_mask"][0] = False

@@ -27,7 +27,8 @@ def make_video(path: str, dataset_dir: str, frames: int, fps: float = 8.0) -> st
     """A video of the dataset's first ``frames`` frames (validation sequences first, then training; each
     split in sequence and frame order), with this repository's bundle ``scripts``."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle"))
-    from scripts.data.layout import load_datalist, read_frame
+    from scripts.data.frame_files import read_frame
+    from scripts.data.layout import load_datalist
     from scripts.data.video_io import write_video
 
     items = []

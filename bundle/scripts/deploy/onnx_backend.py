@@ -266,7 +266,9 @@ def packed_onnx_files(onnx_dir: str) -> list[str]:
     for name, graph in manifest["graphs"].items():
         path = os.path.join(onnx_dir, graph["file"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"ONNX graph {path} ({name}) is missing: export again (inference.yaml with export_onnx.yaml)")
+            raise FileNotFoundError(
+                f"ONNX graph {path} ({name}) is missing: export again (inference.yaml with export_onnx.yaml)"
+            )
         if file_md5(path) != graph["md5"]:
             raise ValueError(f"ONNX graph {path} ({name}) differs from the one {MANIFEST_FILE} describes: export again")
         files.append(path)

@@ -207,7 +207,7 @@ def speed_report(
     process (CPU, the same thread count), plus their agreement (:func:`compare_backends`,
     with the float64 reference unless ``reference`` is false, and :func:`agreement_failures`); JSON to
     ``output_file``."""
-    from ..data.layout import read_frame
+    from ..data.frame_files import read_frame
     from ..data.transforms import list_frames
 
     if model_file:

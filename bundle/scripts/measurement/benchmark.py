@@ -13,7 +13,7 @@ One run measures, on random data and random weights (speed does not depend on th
    (float32, bf16 autocast), their difference and what bf16 changes in the decoder's logits, and the peak
    memory of a ViT-H precompute batch in a process of its own (:mod:`scripts.measurement.encoder_speed`);
 4. the peak resident memory of each part;
-5. the bytes a frame takes in the embedding cache (float16 ``.npy``) and its label PNG, and the cache entry
+5. the bytes a frame takes in the embedding cache (as stored: 8-bit by default) and its label PNG, and the cache entry
    measure of ``scripts.measurement.cache_size``;
 6. Distillation-SAM (``distill_batch_size`` > 0): training samples/s from raw frames and from the tap
    cache, the tap cache's read time and bytes per entry.
@@ -218,9 +218,9 @@ def memory_blocks(variant: str | None, blocks: int | None) -> int:
 
 
 def cache_sizes(embed_dim: int, grid: int, frame_hw: Sequence[int]) -> dict[str, int]:
-    """Bytes of one cached embedding (float16 .npy, as the cache writes it) and of a demo-like label PNG."""
+    """Bytes of one float16 cached embedding (.npy, the encoding of caches up to 0.7; the 8-bit entry: ``cache_entry_bytes``) and of a demo-like label PNG."""
     from ..data.demo import render_sequence
-    from ..data.layout import write_label_map
+    from ..data.frame_files import write_label_map
 
     with tempfile.TemporaryDirectory() as folder:
         npy = os.path.join(folder, "frame.npy")

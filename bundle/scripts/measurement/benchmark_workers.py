@@ -108,8 +108,8 @@ def batch_read_seconds(cfg: dict, embedding: torch.Tensor, label_hw: Sequence[in
     widening to float32 on the device (one process; the trainer's loader workers read ahead of the step)."""
     from types import SimpleNamespace
 
+    from ..data.frame_files import write_label_map
     from ..embedding_cache import EmbeddingCache
-    from ..data.layout import write_label_map
     from ..surgical_sam.datasets import prompt_sample
 
     variant = get_variant(cfg["sam_variant"])

@@ -28,8 +28,8 @@ def tap_cache_entry_files(identity: dict, folder: str) -> tuple[str, str]:
 
 def distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, device, seed, say) -> dict[str, Any]:
     """Part 6: Distillation-SAM training samples/s without and with the tap cache; tap cache bytes per entry."""
-    from ..embedding_cache import cache_identity, entry_bytes
     from ..distillation_sam.network import DistillationSAM
+    from ..embedding_cache import cache_identity, entry_bytes
 
     generator = torch.Generator().manual_seed(seed + 1)
     frames = (torch.rand(batch, 3, *frame_hw, generator=generator) * 255).to(device)

@@ -53,8 +53,9 @@ def evaluate_temporal(
     """
     import os
 
+    from ..data.frame_files import read_frame, read_label_map
     from ..data.layout import class_names as dataset_class_names
-    from ..data.layout import load_datalist, read_dataset_description, read_frame, read_label_map
+    from ..data.layout import load_datalist, read_dataset_description
     from ..evaluation.label_map import merge_class_masks
     from ..evaluation.metrics import endovis_metrics, frame_statistics
 
@@ -123,7 +124,7 @@ def temporal_report(
     import os
 
     if model_file:
-        from .onnx_backend import load_model_file
+        from ..deploy.onnx_backend import load_model_file
 
         load_model_file(network, model_file)
     network = network.cpu().eval()
