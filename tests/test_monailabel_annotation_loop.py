@@ -199,10 +199,22 @@ def _demo_bundle() -> str | None:
     return folder if all(os.path.isfile(os.path.join(folder, path)) for path in needed) else None
 
 
+# Strict: the day a recipe meets the criterion this test passes, XPASS fails the run, and the marker goes.
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue 25 item 1 not met yet: the default recipe gains 5.8 to 6.6 of the 10 points on the new site "
+    "(11.14 -> 16.96, 17.72) with the demo's validation 77.68 -> 77.24, 77.52 (monailabel_app/README.md)",
+)
 def test_labelling_8_frames_of_a_new_site_makes_the_served_model_better_there(setup, tmp_path):
     """Issue 25's criterion, through a real server with the demo model and its data as reference: label 8
     frames of the new-site video, /train with the defaults: the video's other frames gain >= 10 points of
-    Challenge IoU and the demo's validation videos lose <= 1 (tools/annotation_loop_check.py's figures)."""
+    Challenge IoU and the demo's validation videos lose <= 1 (tools/annotation_loop_check.py's figures).
+
+    Skipped without a trained demo. CI gets one with `surgical-sam demo` (the README: about 20 minutes on 2
+    CPU cores, install included) or, cheaper, by caching bundle/models/model.pt, bundle/data/demo and
+    bundle/data/sam_tiny_demo.pth keyed on the demo generator and the train configs, and pointing
+    SURGICALSAM_DEMO_BUNDLE at them."""
     from scripts.monailabel_glue.bundle_folder import make_monailabel_bundle
 
     demo = _demo_bundle()
