@@ -248,7 +248,8 @@ def test_run_benchmark_tiny():
     assert distill["raw_frames"]["samples_per_s"] > 0 and distill["tap_cache"]["samples_per_s"] > 0
     # the 8-bit embedding (codes, a float32 scale and offset per channel) and the float16 taps
     assert distill["cache"]["array_bytes_per_entry"] == 256 * 16 * 16 + 256 * 2 * 4 + 2 * 16 * 16 * 96 * 2
-    assert distill["cache"]["npy_bytes_per_entry"] == distill["cache"]["array_bytes_per_entry"] + 2 * 128
+    headers = distill["cache"]["npy_bytes_per_entry"] - distill["cache"]["array_bytes_per_entry"]
+    assert 2 * 128 <= headers <= 2 * 512, headers  # two .npy headers (a structured record's is longer)
     table = format_benchmark_table(result)
     assert "speed-up over the original on equal terms" in table and "label PNG" in table and "tap cache" in table
 

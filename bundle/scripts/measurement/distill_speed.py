@@ -16,11 +16,15 @@ from .timing import timed
 
 
 def tap_cache_entry_files(identity: dict, folder: str) -> tuple[str, str]:
-    """Write one tap-cache entry's arrays as the cache does (float16 .npy); -> (embedding path, taps path)."""
+    """Write one tap-cache entry's arrays as the cache does (the embedding in the default encoding, the taps
+    float16 .npy); -> (embedding path, taps path)."""
+    from ..embedding_cache import DEFAULT_EMBEDDING_ENCODING, encode_embedding
+
     grid_h, grid_w = identity["grid_size"]
     paths = (os.path.join(folder, "frame.npy"), os.path.join(folder, "frame_taps.npy"))
+    embedding = np.zeros((identity["embed_dim"], grid_h, grid_w), dtype=np.float32)
     with open(paths[0], "wb") as handle:
-        np.save(handle, np.zeros((identity["embed_dim"], grid_h, grid_w), dtype=np.float16))
+        np.save(handle, encode_embedding(embedding, DEFAULT_EMBEDDING_ENCODING))
     with open(paths[1], "wb") as handle:
         np.save(handle, np.zeros((len(identity["taps"]), grid_h, grid_w, identity["tap_dim"]), dtype=np.float16))
     return paths
@@ -29,7 +33,7 @@ def tap_cache_entry_files(identity: dict, folder: str) -> tuple[str, str]:
 def distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, device, seed, say) -> dict[str, Any]:
     """Part 6: Distillation-SAM training samples/s without and with the tap cache; tap cache bytes per entry."""
     from ..distillation_sam.network import DistillationSAM
-    from ..embedding_cache import cache_identity, entry_bytes
+    from ..embedding_cache import cache_identity, decode_embedding, entry_bytes
 
     generator = torch.Generator().manual_seed(seed + 1)
     frames = (torch.rand(batch, 3, *frame_hw, generator=generator) * 255).to(device)
@@ -73,7 +77,7 @@ def distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, dev
         start = time.perf_counter()
         for _ in range(steps):
             for path in paths:
-                torch.from_numpy(np.load(path).astype(np.float32))
+                torch.from_numpy(decode_embedding(np.load(path)))  # float16 taps: widened alike
         read_seconds = (time.perf_counter() - start) / steps
     out["cache"] = {
         "array_bytes_per_entry": entry_bytes(identity),
