@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .layout import DEFAULT_IGNORE_INDEX
+
 #: Colours of the class overlays (class k gets OVERLAY_COLOURS[(k - 1) % len]).
 OVERLAY_COLOURS = (
     (255, 60, 60),
@@ -24,7 +26,7 @@ def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.
     """Frame (H, W, 3) uint8 with each class of ``label_map`` (H, W) tinted by its class colour."""
     result = image.astype(np.float64)
     for class_id in np.unique(label_map):
-        if class_id == 0 or class_id == 255:
+        if class_id == 0 or class_id == DEFAULT_IGNORE_INDEX:
             continue
         colour = np.array(OVERLAY_COLOURS[(int(class_id) - 1) % len(OVERLAY_COLOURS)], dtype=np.float64)
         mask = label_map == class_id

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.augmentation import VERSIONS_PER_GROUP, augment_frame, check_augmentation_draws
 from ..data.frame_files import check_dataset, read_frame, read_label_map
-from ..data.layout import class_names, load_datalist, read_dataset_description
+from ..data.layout import DEFAULT_IGNORE_INDEX, class_names, load_datalist, read_dataset_description
 from ..files import atomic_write, atomic_write_json
 from ..sam.backbone import build_sam, get_variant
 from ..sam.fast_encoder import frozen_encoder_forward
@@ -117,7 +117,7 @@ def precompute_embeddings(
     check_augmentation_draws(augmentation_draws)
     description = read_dataset_description(dataset_dir)
     names = class_names(description)
-    ignore_index = int(description.get("ignore_index", 255))
+    ignore_index = int(description.get("ignore_index", DEFAULT_IGNORE_INDEX))
     identity = cache_identity(sam_variant, sam_checkpoint, taps)
     with_taps = taps is not None
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)

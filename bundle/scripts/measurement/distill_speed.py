@@ -32,6 +32,7 @@ def tap_cache_entry_files(identity: dict, folder: str) -> tuple[str, str]:
 
 def distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, device, seed, say) -> dict[str, Any]:
     """Part 6: Distillation-SAM training samples/s without and with the tap cache; tap cache bytes per entry."""
+    from ..data.layout import DEFAULT_IGNORE_INDEX
     from ..distillation_sam.network import DistillationSAM
     from ..embedding_cache import cache_identity, decode_embedding, entry_bytes
 
@@ -47,7 +48,7 @@ def distill_benchmark(batch, num_classes, sam_variant, frame_hw, pvt, steps, dev
     with torch.no_grad():
         _, embedding, taps = model.encode(frames)
         taps = torch.stack(taps, 1)
-    loss_fn = DistillationSAMLoss(ignore_index=255)
+    loss_fn = DistillationSAMLoss(ignore_index=DEFAULT_IGNORE_INDEX)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     out: dict[str, Any] = {
         "sam_variant": sam_variant,

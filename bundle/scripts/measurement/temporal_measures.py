@@ -54,15 +54,15 @@ def evaluate_temporal(
     import os
 
     from ..data.frame_files import read_frame, read_label_map
+    from ..data.layout import DEFAULT_IGNORE_INDEX, load_datalist, read_dataset_description
     from ..data.layout import class_names as dataset_class_names
-    from ..data.layout import load_datalist, read_dataset_description
     from ..evaluation.label_map import merge_class_masks
     from ..evaluation.metrics import endovis_metrics, frame_statistics
 
     description = read_dataset_description(dataset_dir)
     names = dataset_class_names(description)
     num_classes = len(names)
-    ignore_index = description.get("ignore_index", 255)
+    ignore_index = description.get("ignore_index", DEFAULT_IGNORE_INDEX)
     sequences: dict[str, list[dict]] = {}
     for item in load_datalist(dataset_dir, split):
         sequences.setdefault(str(item.get("sequence", "")), []).append(item)

@@ -16,6 +16,7 @@ from PIL import Image
 from ..frame_files import write_sample
 from ..layout import (
     BINARY_ANNOTATIONS_DIR,
+    DEFAULT_IGNORE_INDEX,
     DESCRIPTION_FILE,
     IMAGES_DIR,
     LABELS_DIR,
@@ -133,8 +134,8 @@ def make_demo_dataset(
         raise ValueError(f"frame_size must be at least 16x16, got {frame_size}.")
     if num_classes < 1 or frames_per_sequence < 1 or train_sequences < 1 or val_sequences < 0:
         raise ValueError("num_classes, frames_per_sequence and train_sequences must be >= 1, val_sequences >= 0.")
-    if num_classes > 254:
-        raise ValueError(f"num_classes must be at most 254 (255 is the ignore index), got {num_classes}.")
+    if num_classes >= DEFAULT_IGNORE_INDEX:
+        raise ValueError(f"num_classes must be below the ignore index {DEFAULT_IGNORE_INDEX}, got {num_classes}.")
     out_dir = str(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         _check_only_demo_content(out_dir)
@@ -149,7 +150,7 @@ def make_demo_dataset(
         "name": "surgical-sam-demo",
         "description": "Synthetic EndoVis-like surgical videos with instrument-type label maps (demo data).",
         "classes": {str(k): name for k, name in enumerate(demo_class_names(num_classes), start=1)},
-        "ignore_index": 255,
+        "ignore_index": DEFAULT_IGNORE_INDEX,
         "frame_size": [height, width],
         "generator": _generator_entry(
             (height, width), num_classes, train_sequences, val_sequences, frames_per_sequence, seed

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..frame_files import write_sample
-from ..layout import DatasetError, name_files, write_dataset_description
+from ..layout import DEFAULT_IGNORE_INDEX, DatasetError, name_files, write_dataset_description
 from .dataset import DEMO_ENTRIES, DEMO_FRAME_SIZE, DEMO_MARKER, DEMO_NUM_CLASSES
 from .scene import demo_class_names, render_sequence
 
@@ -102,7 +102,7 @@ def make_new_site_video(
             "name": NEW_SITE_GENERATOR,
             "description": "One synthetic surgical video at a new site (other light, tissue, instrument finish).",
             "classes": {str(k): name for k, name in enumerate(demo_class_names(num_classes), start=1)},
-            "ignore_index": 255,
+            "ignore_index": DEFAULT_IGNORE_INDEX,
             "frame_size": [height, width],
             "generator": {
                 "name": NEW_SITE_GENERATOR,

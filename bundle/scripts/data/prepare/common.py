@@ -38,6 +38,7 @@ from tqdm import tqdm
 from scripts.data.frame_files import check_dataset, write_sample
 from scripts.data.layout import (
     BINARY_ANNOTATIONS_DIR,
+    DEFAULT_IGNORE_INDEX,
     DESCRIPTION_FILE,
     IMAGES_DIR,
     LABELS_DIR,
@@ -213,7 +214,7 @@ def run_preparation(
     out_dir = str(out_dir)
     _check_frames_and_description(preparer, description, frames)
     num_classes = len(description["classes"])
-    ignore_index = int(description.get("ignore_index", 255))
+    ignore_index = int(description.get("ignore_index", DEFAULT_IGNORE_INDEX))
     previous = check_out_dir(out_dir, preparer)
     state = _PreparationState(out_dir, preparer, json.loads(json.dumps(dict(settings or {}))))  # plain JSON types
     old_frames = state.previous_frames(previous)
