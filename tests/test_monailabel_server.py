@@ -263,8 +263,9 @@ def _frame_tensor(path):
 
 def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction=0.01, as_cached=False):
     """The bundle's own label map for a frame (the same network and model file, in this process); with
-    ``as_cached`` from the frame's embedding rounded to float16, as the app's training caches and validates it."""
+    ``as_cached`` from the frame's embedding in the cache's encoding, as the app's training caches and validates it."""
     from scripts.data.frame_files import read_frame
+    from scripts.embedding_cache import DEFAULT_EMBEDDING_ENCODING, decode_embedding, encode_embedding
     from scripts.monailabel_glue.bundle_folder import load_model_state
     from scripts.surgical_sam.inferer import ClassPromptInferer
     from scripts.surgical_sam.network import SurgicalSAM
@@ -278,7 +279,9 @@ def _expected_auto(setup, model_file, image_id, class_id=None, min_mask_fraction
         inferer = ClassPromptInferer(7, "auto", 0.0, output="label_map", prompt_classes=[class_id])
     with torch.no_grad():
         if as_cached:
-            frame = network.embed_frames(frame).half().float()
+            embedding = network.embed_frames(frame)[0].numpy()
+            stored = encode_embedding(embedding, DEFAULT_EMBEDDING_ENCODING)
+            frame = torch.from_numpy(decode_embedding(stored))[None]
         return inferer(frame, network)[0, 0].numpy().astype(np.uint8)
 
 
@@ -977,7 +980,7 @@ def test_own_training_never_makes_the_served_model_worse(own, setup):
     assert (result["served_model"] == "kept") == unchanged
     studies = server_studies(server)
     assert set(validation) < set(labelled)
-    # Challenge IoU in percent, recomputed here from the frames' embeddings rounded to float16 as the training
+    # Challenge IoU in percent, recomputed here from the frames' embeddings encoded as the training
     # caches them (the guard's own measure; on float32 embeddings a pixel or two differ on these 64x80 frames)
     iou_before = _auto_iou_of_state(setup, before, validation, tau, studies, as_cached=True)
     iou_after = _auto_iou(setup, model_file, validation, tau, studies, as_cached=True)

@@ -173,6 +173,9 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 class SurgicalSAMTrainTask(BundleTrainTask):
+    #: The served model's reference dataset for this request (set per request; none: the guard without one).
+    _reference: str | None = None
+
     def settings(self) -> dict:
         return dict(self.bundle_config.get(SETTINGS_ID, {}))
 

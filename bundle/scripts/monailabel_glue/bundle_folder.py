@@ -16,6 +16,11 @@ logger = logging.getLogger(__name__)
 MONAILABEL_TRAIN_OVERLAY = "monailabel_train.yaml"
 
 
+#: The overlay whose presence rule over consecutive frames the served bundle carries, and the keys of that rule.
+VIDEO_OVERLAY = "inference_video.yaml"
+PRESENCE_KEYS = ("temporal_on_fraction", "temporal_off_fraction", "temporal_min_run", "temporal")
+
+
 def _read_merged(config_files: Sequence[str], settings: Mapping) -> dict:
     from monai.bundle import ConfigParser
 
@@ -84,6 +89,13 @@ def make_monailabel_bundle(
         settings["sam_checkpoint"] = f"$@ckpt_dir + '/{name}'"
     model_file = model_file or os.path.join(bundle_root, "models", "model.pt")
     inference = _read_merged([os.path.join(configs, "inference.yaml"), *inference_overlays], settings)
+    # the video task's presence rule (lib/infers.py SurgicalSAMVideo) is the video overlay's
+    video = _read_merged(
+        [os.path.join(configs, "inference.yaml"), os.path.join(configs, VIDEO_OVERLAY), *inference_overlays], settings
+    )
+    for key in PRESENCE_KEYS:
+        if key in video:
+            inference.setdefault(key, video[key])
     train = _read_merged(
         [os.path.join(configs, "train.yaml"), os.path.join(configs, MONAILABEL_TRAIN_OVERLAY), *train_overlays],
         settings,
