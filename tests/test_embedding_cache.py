@@ -26,6 +26,7 @@ from scripts.embedding_cache import (
     decode_embedding,
     precompute_embeddings,
 )
+from scripts.embedding_cache.encoding import TILE_GRID, code_step
 from scripts.sam.backbone import build_sam, save_random_sam_checkpoint
 from scripts.sam.checkpoint import file_md5
 from scripts.sam.geometry import frames_to_sam_input, masks_to_embedding_grid
@@ -100,7 +101,7 @@ def test_versions_per_split(cache, small_cache_dir):
 
 
 def test_entries_are_8bit_embeddings_and_labels(cache, small_cache_dir):
-    """A new cache stores uint8 codes (d, h, w) with a float32 scale and offset per channel (the default)."""
+    """A new cache stores uint8 codes (d, h, w) with a float32 scale and offset per channel's tile (the default)."""
     with open(os.path.join(small_cache_dir, MANIFEST_NAME)) as handle:
         assert json.load(handle)["embedding_encoding"] == "uint8"
     for split, version in (("training", 0), ("training", SMALL_CACHE_VERSIONS), ("validation", 0)):
@@ -108,7 +109,7 @@ def test_entries_are_8bit_embeddings_and_labels(cache, small_cache_dir):
             stored = np.load(os.path.join(small_cache_dir, entry["embedding"]))
             assert stored.dtype.names == ("codes", "scale", "offset")
             assert stored["codes"].dtype == np.uint8 and stored["codes"].shape == (EMBED_DIM, *GRID)
-            assert stored["scale"].shape == stored["offset"].shape == (EMBED_DIM,)
+            assert stored["scale"].shape == stored["offset"].shape == (EMBED_DIM, *TILE_GRID)
             assert np.isfinite(stored["scale"]).all() and np.isfinite(stored["offset"]).all()
             label = np.asarray(Image.open(os.path.join(small_cache_dir, entry["label"])))
             assert label.shape == tuple(SMALL_DEMO["frame_size"]) == tuple(entry["frame_size"])
@@ -147,8 +148,8 @@ def test_stored_embedding_equals_encoder_output(cache, small_cache_dir, small_de
     by_key = {e["key"]: e for e in cache.entries("validation", 0)}
     for row, item in enumerate(items):
         stored = np.load(os.path.join(small_cache_dir, by_key[item["key"]]["embedding"]))
-        # within half a code step of each channel, and a float32 rounding of the channel's range
-        half_step = stored["scale"][:, None, None] / 2
+        # within half a code step of each channel's tile, and a float32 rounding of the tile's range
+        half_step = code_step(stored) / 2
         error = np.abs(decode_embedding(stored) - expected[row])
         assert (error <= half_step * (1 + 1e-4) + 1e-6).all(), float((error - half_step).max())
 
@@ -299,8 +300,8 @@ def test_precompute_again_re_encodes_changed_frames(tmp_path, small_demo_dir, sm
     with torch.no_grad():
         expected = encoder(frames_to_sam_input(torch.from_numpy(255 - image).permute(2, 0, 1)[None].float(), 256))
     # the cache encodes through the fast forward, equal to this one to float32 rounding (1e-4 of the embedding's
-    # scale, tests/test_sam_fast_encoder.py), and stores 8-bit codes: within half a step of each channel
-    half_step = torch.from_numpy(np.load(os.path.join(cache_dir, entry["embedding"]))["scale"])[:, None, None] / 2
+    # scale, tests/test_sam_fast_encoder.py), and stores 8-bit codes: within half a step of each channel's tile
+    half_step = torch.from_numpy(code_step(np.load(os.path.join(cache_dir, entry["embedding"])))) / 2
     scale = expected.abs().max().item()
     assert ((embedding - expected[0]).abs() <= half_step + 1e-4 * scale).all()
 

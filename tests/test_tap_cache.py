@@ -31,6 +31,7 @@ from scripts.embedding_cache import (
     entry_bytes,
     precompute_embeddings,
 )
+from scripts.embedding_cache.encoding import TILE_GRID, code_step
 from scripts.sam.backbone import build_sam, get_variant, tapped_encoder_forward
 from scripts.sam.geometry import frames_to_sam_input
 
@@ -61,7 +62,8 @@ def test_identity_and_entry_bytes(tap_cache_dir, small_sam_checkpoint):
     # the SurgicalSAM identity is unchanged by the tap option
     assert "taps" not in cache_identity("tiny", small_sam_checkpoint)
     # the embedding as uint8 codes with a float32 scale and offset per channel (the default), the taps float16
-    assert entry_bytes(identity) == 256 * 16 * 16 + 2 * 256 * 4 + 2 * 16 * 16 * 96 * 2
+    tiles = TILE_GRID[0] * TILE_GRID[1]
+    assert entry_bytes(identity) == 256 * 16 * 16 + 2 * 256 * tiles * 4 + 2 * 16 * 16 * 96 * 2
     assert entry_bytes(identity, "float16") == 256 * 16 * 16 * 2 + 2 * 16 * 16 * 96 * 2
     entry = EmbeddingCache(tap_cache_dir, identity).entries("training", 1)[0]
     taps_file = os.path.join(tap_cache_dir, entry["taps"])
@@ -87,9 +89,9 @@ def test_cached_taps_equal_live_encoder(tap_cache_dir, small_demo_dir, small_sam
         with torch.no_grad():
             sam_input = frames_to_sam_input(frame[None], TINY.image_size)
             live_embedding, live_taps = tapped_encoder_forward(encoder, sam_input, TAPS)
-        # the embedding as 8-bit codes: within half a step of each channel (and the fast encoder's float32 rounding)
-        half_step = torch.from_numpy(np.load(os.path.join(tap_cache_dir, entry["embedding"]))["scale"]) / 2
-        assert ((embedding - live_embedding[0]).abs() <= half_step[:, None, None] + 1e-4).all()
+        # the embedding as 8-bit codes: within half a step of each channel's tile (and the fast encoder's rounding)
+        half_step = torch.from_numpy(code_step(np.load(os.path.join(tap_cache_dir, entry["embedding"])))) / 2
+        assert ((embedding - live_embedding[0]).abs() <= half_step + 1e-4).all()
         torch.testing.assert_close(taps, torch.stack(live_taps, 1)[0], rtol=1e-3, atol=1e-2)
 
 

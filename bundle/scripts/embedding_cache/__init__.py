@@ -6,7 +6,7 @@ SurgicalSAM trains with the image encoder frozen, so its embeddings are computed
     manifest.json                                identity (encoder, checkpoint md5, input size, ...), encoding
     index/<split>_v<NN>.json                     one entry per frame: files, classes present, sources
     entries/v<NN>/<sequence>/<frame>.npy         the (d, h, w) embedding: uint8 codes with a scale and offset
-                                                 per channel (the default), or float16 (:mod:`.encoding`)
+                                                 per channel and tile (the default), or float16 (:mod:`.encoding`)
     entries/v<NN>/<sequence>/<frame>_label.png   the label map after the version's augmentation
 
 Entry files are keyed by (version, sequence/frame) only, not by split: a frame listed in several splits

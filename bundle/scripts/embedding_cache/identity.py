@@ -68,8 +68,9 @@ def cache_identity(sam_variant: str, sam_checkpoint: str | None, taps: Sequence[
 
 
 def entry_arrays(identity: dict, encoding: str = DEFAULT_EMBEDDING_ENCODING) -> list[tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) of the arrays of one entry's ``.npy`` files: the embedding (d, h, w) in ``encoding``
-    (:mod:`.encoding`), and the taps (n_taps, h, w, C_vit) of a tap cache (of the identity's ``dtype``)."""
+    """(shape, dtype) of the arrays of the ``.npy`` files of one entry written now: the embedding (d, h, w) in
+    ``encoding`` (:mod:`.encoding`; uint8 entries of 0.8.0, one scale per channel, are 2 * 4 * d * (tiles - 1)
+    bytes smaller), and the taps (n_taps, h, w, C_vit) of a tap cache (of the identity's ``dtype``)."""
     grid_h, grid_w = identity["grid_size"]
     embedding = (identity["embed_dim"], grid_h, grid_w)
     arrays = [(stored_shape(embedding, encoding), stored_dtype(embedding, encoding))]

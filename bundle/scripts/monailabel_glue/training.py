@@ -160,7 +160,7 @@ class FrameEmbedder:
             return self._memory[key]
         disk = os.path.join(self.cache_dir, key + ".npy") if self.cache_dir else None
         if disk and os.path.isfile(disk):
-            stored = np.load(disk)  # either encoding: files of bundles up to 0.7 are float16
+            stored = np.load(disk)  # any encoding: float16 (bundles up to 0.7), uint8 per channel (0.8.0) or tile
         else:
             encoder, image_size = self._encoder_and_size()
             tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float().to(self.device)
