@@ -16,6 +16,7 @@ from conftest import use_float64_dense_pe
 from PIL import Image
 
 from scripts import BUNDLE_ROOT, cli
+from scripts.embedding_cache.encoding import TILE_GRID
 from scripts.measurement.benchmark import run_benchmark
 from scripts.measurement.benchmark_report import format_benchmark_table
 
@@ -246,8 +247,9 @@ def test_run_benchmark_tiny():
     distill = result["distill"]
     assert distill["sam_variant"] == "tiny" and distill["taps"] == [1, 2] and distill["frame_size"] == [64, 80]
     assert distill["raw_frames"]["samples_per_s"] > 0 and distill["tap_cache"]["samples_per_s"] > 0
-    # the 8-bit embedding (codes, a float32 scale and offset per channel) and the float16 taps
-    assert distill["cache"]["array_bytes_per_entry"] == 256 * 16 * 16 + 256 * 2 * 4 + 2 * 16 * 16 * 96 * 2
+    # the 8-bit embedding (codes, a float32 scale and offset per channel and tile) and the float16 taps
+    tiles = TILE_GRID[0] * TILE_GRID[1]
+    assert distill["cache"]["array_bytes_per_entry"] == 256 * 16 * 16 + 256 * tiles * 2 * 4 + 2 * 16 * 16 * 96 * 2
     headers = distill["cache"]["npy_bytes_per_entry"] - distill["cache"]["array_bytes_per_entry"]
     assert 2 * 128 <= headers <= 2 * 512, headers  # two .npy headers (a structured record's is longer)
     table = format_benchmark_table(result)

@@ -796,7 +796,7 @@ def test_precompute_without_sam_checkpoint_says_how_to_get_one(tmp_path, small_d
 
 def test_disk_estimate_is_the_real_entry_size(tmp_path, caplog, small_sam_checkpoint):
     """The logged bytes per entry are those the entries take on disk (the tiny encoder's 256x16x16 embedding as
-    uint8 codes with a scale and offset per channel, and a label PNG), not raw label pixels: within 20 % at 480x640 frames."""
+    uint8 codes with a scale and offset per channel and tile, and a label PNG), not raw label pixels: within 20 % at 480x640 frames."""
     from scripts.data.demo import make_demo_dataset
 
     data = make_demo_dataset(

@@ -61,7 +61,7 @@ def test_identity_and_entry_bytes(tap_cache_dir, small_sam_checkpoint):
     assert identity["dtype"] == "float16" and identity["image_size"] == TINY.image_size
     # the SurgicalSAM identity is unchanged by the tap option
     assert "taps" not in cache_identity("tiny", small_sam_checkpoint)
-    # the embedding as uint8 codes with a float32 scale and offset per channel (the default), the taps float16
+    # the embedding as uint8 codes with a float32 scale and offset per channel and tile (the default), taps float16
     tiles = TILE_GRID[0] * TILE_GRID[1]
     assert entry_bytes(identity) == 256 * 16 * 16 + 2 * 256 * tiles * 4 + 2 * 16 * 16 * 96 * 2
     assert entry_bytes(identity, "float16") == 256 * 16 * 16 * 2 + 2 * 16 * 16 * 96 * 2
