@@ -199,14 +199,6 @@ def _demo_bundle() -> str | None:
     return folder if all(os.path.isfile(os.path.join(folder, path)) for path in needed) else None
 
 
-# Strict: the day a recipe meets the criterion this test passes, XPASS fails the run, and the marker goes.
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 25 item 1 not met yet: the default recipe gains 5.8 to 6.6 of the 10 points on the new site "
-    "with a float16-cache demo model (11.14 -> 16.96, 17.72) and none with the 8-bit one (5.72, served model "
-    "kept) (monailabel_app/README.md)",
-)
 def test_labelling_8_frames_of_a_new_site_makes_the_served_model_better_there(setup, tmp_path):
     """Issue 25's criterion, through a real server with the demo model and its data as reference: label 8
     frames of the new-site video, /train with the defaults: the video's other frames gain >= 10 points of

@@ -348,6 +348,51 @@ def test_fine_tuning_never_serves_a_worse_model(label_bundle, small_demo_dir, sm
     assert result["epochs_run"] <= max(result["best_epoch"], 0) + 2
 
 
+def test_validation_of_weight_mixes_sees_the_mixed_weights_and_training_goes_on_from_its_own():
+    """After each epoch the validator runs once per mix m on start + m * (tuned - start) (start: the weights
+    when training started, after the served model's loader), told which mix; then training goes on from the
+    tuned weights, bit for bit. The validation at the start sees the start weights; integer buffers are never
+    mixed; a mix outside (0, 1] is refused."""
+    from ignite.engine import Engine, Events
+    from monai.engines import Evaluator
+
+    from scripts.monailabel_glue.training import OptionalValidationHandler
+
+    network = torch.nn.Linear(3, 2)
+    network.register_buffer("steps", torch.zeros((), dtype=torch.long))
+    start = {k: v.clone() for k, v in network.state_dict().items()}
+
+    def train_step(_engine, _batch):
+        with torch.no_grad():
+            network.weight.add_(1.0)
+            network.bias.mul_(3.0)
+            network.steps.add_(1)
+
+    trainer = Engine(train_step)
+    validator = Evaluator("cpu", val_data_loader=[0], iteration_update=lambda engine, batch: None)
+    seen = []
+
+    @validator.on(Events.COMPLETED)
+    def _record(engine):
+        seen.append((engine.state.epoch, engine.weight_mix, {k: v.clone() for k, v in network.state_dict().items()}))
+
+    OptionalValidationHandler(validator, exec_at_start=True, network=network, weight_mixes=[0.25, 1.0]).attach(trainer)
+    trainer.run([0], max_epochs=2)
+    assert [(epoch, mix) for epoch, mix, _ in seen] == [(0, 1.0), (1, 0.25), (1, 1.0), (2, 0.25), (2, 1.0)]
+    assert all(torch.equal(seen[0][2][k], start[k]) for k in start)
+    for epoch, mix, weights in seen[1:]:
+        tuned = {"weight": start["weight"] + epoch, "bias": start["bias"] * 3.0**epoch}
+        for key, value in tuned.items():
+            assert torch.allclose(weights[key], start[key] + mix * (value - start[key])), (epoch, mix, key)
+        assert int(weights["steps"]) == epoch
+    final = network.state_dict()
+    assert torch.equal(final["weight"], start["weight"] + 1.0 + 1.0) and torch.equal(final["bias"], start["bias"] * 3.0 * 3.0)
+    assert int(final["steps"]) == 2 and validator.weight_mix == 1.0
+    for bad in ([0.0, 1.0], [1.5], []):
+        with pytest.raises(ValueError, match=r"weight_mixes must be numbers in \(0, 1\]"):
+            OptionalValidationHandler(validator, network=network, weight_mixes=bad)
+
+
 @pytest.mark.slow
 def test_training_refuses_a_model_under_another_key(label_bundle, small_demo_dir):
     out, _ = label_bundle

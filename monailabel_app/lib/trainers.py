@@ -41,7 +41,9 @@ SITE_FRAMES_ID = "monailabel_site_frames"
 VIDEO_INFO_KEY = "video"
 BEST_MODEL_DIR_ID = "validate#best_model_saver#save_dir"
 #: the request's own keys and their defaults here (MONAI Label's own defaults: 50 epochs, val_split 0.2, cuda)
-REQUEST_DEFAULTS = {"max_epochs": 6, "val_split": 0.25}
+REQUEST_DEFAULTS = {"max_epochs": 12, "val_split": 0.25}
+#: Each mix is one validation per epoch: a bound on what a request may ask.
+MAX_WEIGHT_MIXES = 8
 
 
 class TrainingRefused(RuntimeError):
@@ -203,6 +205,15 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise TrainingRefused(f"{key} must be true or false, got {value!r}")
+            elif isinstance(default, list):
+                if (
+                    not isinstance(value, list)
+                    or not 1 <= len(value) <= MAX_WEIGHT_MIXES
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in value)
+                ):
+                    raise TrainingRefused(
+                        f"{key} must be a list of 1 to {MAX_WEIGHT_MIXES} numbers in (0, 1], got {value!r}"
+                    )
             elif isinstance(default, (int, float)):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                     raise TrainingRefused(f"{key} must be a number >= 0, got {value!r}")
@@ -319,9 +330,10 @@ class SurgicalSAMTrainTask(BundleTrainTask):
 
     def _partition_with_reference(self, datalist, val_split, videos):
         """The recipe with a reference dataset: the new labels split by video (two videos or more) or, of one
-        video, with ``val_split`` of its frames held out along it (:func:`held_out_frames`); training adds
-        ``replay_frames`` of the reference's training frames, validation its validation frames after the
-        held-out ones (``monailabel_site_frames`` of them: the SiteGuardMetric's split)."""
+        video, with ``val_split`` of its frames held out along it (:func:`held_out_frames`); training is the new
+        frames ``new_label_repeats`` times and ``replay_frames`` of the reference's training frames, validation
+        the held-out frames (``monailabel_site_frames`` of them: the SiteGuardMetric's split) and then the
+        reference's validation frames."""
         if len(videos) >= 2:
             training, validation, training_videos, validation_videos = split_by_video(datalist, val_split)
         else:
@@ -329,6 +341,7 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             training_videos, validation_videos = videos_of(training), videos_of(validation)
         replay, reference = reference_items(self._reference)
         replay = evenly_spaced(replay, int(self._settings.get("replay_frames", 0)))
+        repeats = max(1, int(self._settings.get("new_label_repeats", 1)))
         if not validation:  # nothing new to validate on: no validation at all (replace_unvalidated decides)
             reference = []
         self._site_frames = len(validation)
@@ -341,7 +354,7 @@ class SurgicalSAMTrainTask(BundleTrainTask):
         }
         logger.info(
             "validation: %d held-out frames of %s and %d reference frames (%s); training: %d frames of %s and "
-            "%d reference frames replayed",
+            "%d reference frames replayed (each new frame %d times per epoch)",
             len(validation),
             validation_videos,
             len(reference),
@@ -349,8 +362,9 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             len(training),
             training_videos,
             len(replay),
+            repeats,
         )
-        return training + replay, validation + reference
+        return training * repeats + replay, validation + reference
 
     def _update_overrides(self, overrides):
         overrides[SITE_FRAMES_ID] = self._site_frames

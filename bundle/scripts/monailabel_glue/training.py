@@ -13,7 +13,8 @@ MONAI Label overlay (``configs/monailabel_train.yaml``) swaps the datasets for t
 - :class:`DatalistPromptDataset` / :class:`DatalistFrameDataset` are the (frame, class) training samples
   and the whole-frame validation items, the same items as the cache datasets give;
 - :class:`OptionalValidationHandler` skips validation when the validation datalist is empty (MONAI Label
-  sends an empty one with ``val_split`` 0 or few labels);
+  sends an empty one with ``val_split`` 0 or few labels) and validates mixes of the fine-tuned and the served
+  weights;
 - :class:`ServedModelGuard` makes fine-tuning keep the served model unless a checkpoint beats it on the
   validation frames (automatic protocol), stops early, writes the final model when there was no validation
   only if asked (:class:`FinalModelSaver`), and says what happened.
@@ -284,14 +285,73 @@ class DatalistFrameDataset(Dataset):
 
 
 class OptionalValidationHandler(ValidationHandler):
-    """MONAI's ValidationHandler, skipped when the validator has nothing to validate on."""
+    """MONAI's ValidationHandler, skipped when the validator has nothing to validate on, that can validate mixes
+    of the fine-tuned weights with the weights training started from (the served model's).
+
+    With ``weight_mixes`` other than ``[1]``, each validation after a training epoch is one validation per mix
+    m, of the weights ``start + m * (now - start)`` (all floating-point entries of the state dict); training
+    then goes on from the fine-tuned weights as they were. The validator's best-model saver saves whichever
+    (epoch, mix) scores best, so a mix can keep most of what fine-tuning gained on new data while staying
+    close to what the served model does on the data it was trained on (weight-space ensembling, as in WiSE-FT:
+    Wortsman et al., CVPR 2022). The mix being validated is the validator's attribute ``weight_mix``.
+
+    Args:
+        validator, interval, epoch_level, exec_at_start: as MONAI's ValidationHandler.
+        network: the network being trained (needed with mixes other than 1).
+        weight_mixes: the mixes validated, each in (0, 1], in this order (on equal scores the saver keeps the
+            first); ``[1]``: the fine-tuned weights only.
+    """
+
+    def __init__(
+        self,
+        validator: Engine,
+        interval: int = 1,
+        epoch_level: bool = True,
+        exec_at_start: bool = False,
+        network: torch.nn.Module | None = None,
+        weight_mixes: Sequence[float] = (1.0,),
+    ) -> None:
+        super().__init__(interval=interval, validator=validator, epoch_level=epoch_level, exec_at_start=exec_at_start)
+        self.weight_mixes = [float(mix) for mix in weight_mixes]
+        if not self.weight_mixes or any(not 0 < mix <= 1 for mix in self.weight_mixes):
+            raise ValueError(f"weight_mixes must be numbers in (0, 1], got {list(weight_mixes)!r}")
+        if self.weight_mixes != [1.0] and network is None:
+            raise ValueError("weight_mixes other than [1] need the network")
+        self.network = network
+        self.start: dict[str, torch.Tensor] | None = None
+        validator.weight_mix = 1.0
+
+    def attach(self, engine: Engine) -> None:
+        if self.network is not None:  # before the first validation (exec_at_start), after the served model's loader
+            engine.add_event_handler(Events.STARTED, self._keep_start)
+        super().attach(engine)
+
+    def _keep_start(self, _engine: Engine) -> None:
+        self.start = {k: v.detach().clone() for k, v in self.network.state_dict().items() if v.is_floating_point()}
 
     def __call__(self, engine: Engine) -> None:
         loader = getattr(self.validator, "data_loader", None)
         if loader is not None and len(loader) == 0:
             logger.info("no validation frames: validation skipped (the final model is kept)")
             return
-        super().__call__(engine)
+        if self.start is None or engine.state.epoch == 0 or self.weight_mixes == [1.0]:
+            self.validator.weight_mix = 1.0
+            super().__call__(engine)
+            return
+        weights = {k: v for k, v in self.network.state_dict().items() if k in self.start}
+        tuned = {k: v.detach().clone() for k, v in weights.items()}
+        try:
+            for mix in self.weight_mixes:
+                with torch.no_grad():
+                    for key, value in weights.items():
+                        value.copy_(self.start[key] + mix * (tuned[key] - self.start[key]))
+                self.validator.weight_mix = mix
+                self.validator.run(engine.state.epoch)
+        finally:
+            with torch.no_grad():
+                for key, value in weights.items():
+                    value.copy_(tuned[key])
+            self.validator.weight_mix = 1.0
 
 
 class FinalModelSaver:
@@ -339,8 +399,9 @@ class ServedModelGuard:
     ``ValidationHandler`` with ``exec_at_start=True``: that first validation scores the served model (epoch
     0) and becomes the evaluator's best metric, so the best-model saver (MONAI's ``CheckpointSaver`` with
     ``save_key_metric``, which saves only on a strictly better score) overwrites the served model only with a
-    checkpoint that beats it on the validation frames. Also stops training (MONAI's ``EarlyStopHandler`` on
-    the validator) after ``patience`` validations without a better score. At the end, when no validation
+    checkpoint that beats it on the validation frames (with weight mixes, see :class:`OptionalValidationHandler`,
+    the best epoch and mix). Also stops training (MONAI's ``EarlyStopHandler`` on the validator) after
+    ``patience`` epochs without a better score. At the end, when no validation
     ran, a :class:`FinalModelSaver` writes the final model to ``path`` only if ``replace_unvalidated``; then
     ``result_file`` (JSON) is written and one line logged: whether the served model was replaced, the scores,
     the epochs. (One handler for both, because MONAI Label's BundleTrainTask reads ``train#handlers`` as a
@@ -350,7 +411,9 @@ class ServedModelGuard:
         validator: the evaluator (its ``key_metric_name``, ``best_metric``, ``best_metric_epoch``).
         result_file: where the summary goes.
         network, path: the network and the served model file (``models/model.pt``).
-        patience: validations without improvement before stopping; 0 or None: no early stopping.
+        patience: epochs without improvement before stopping; 0 or None: no early stopping.
+        weight_mixes: the mixes the validation handler validates per epoch (their count makes ``patience``
+            epochs a count of validations).
         replace_unvalidated: with no validation frames, serve the final model anyway.
         split: what the app's train task says of its split, copied into the summary: ``training_videos``,
             ``validation_videos``, and, when the served model must be kept whatever the scores, ``hold``
@@ -366,20 +429,31 @@ class ServedModelGuard:
         patience: int | None = 3,
         replace_unvalidated: bool = False,
         split: Mapping | None = None,
+        weight_mixes: Sequence[float] = (1.0,),
     ) -> None:
         self.validator, self.result_file = validator, result_file
+        self.validations_per_epoch = max(1, len(weight_mixes))
         self.split = dict(split or {})
         self.patience = int(patience) if patience else 0
         self.final_saver = FinalModelSaver(network, path, validator, replace_unvalidated)
         self.baseline: float | None = None
-        self.scores: list[dict] = []  # per validation (the first: the served model's) the site and reference scores
+        # per validation (the first: the served model's): epoch, weight mix, key score, site and reference scores
+        self.scores: list[dict] = []
+        self.best_index = 0  # the validation whose checkpoint the best-model saver holds (strictly better only)
 
     def _record_scores(self, validator: Engine) -> None:
         from .site_guard import REFERENCE_KEY, SITE_KEY
 
-        self.scores.append(
-            {key: validator.state.metrics[key] for key in (SITE_KEY, REFERENCE_KEY) if key in validator.state.metrics}
+        metrics = validator.state.metrics
+        record = {key: metrics[key] for key in (SITE_KEY, REFERENCE_KEY) if key in metrics}
+        record.update(
+            epoch=int(validator.state.epoch),
+            weight_mix=float(getattr(validator, "weight_mix", 1.0)),
+            key=float(metrics[validator.state.key_metric_name]),
         )
+        if self.scores and record["key"] > self.scores[self.best_index]["key"]:
+            self.best_index = len(self.scores)
+        self.scores.append(record)
 
     def _validation_frames(self) -> list[str]:
         loader = getattr(self.validator, "data_loader", None)
@@ -395,7 +469,10 @@ class ServedModelGuard:
         engine.add_event_handler(Events.COMPLETED, self._report)
         if self.patience and self._validation_frames():
             EarlyStopHandler(
-                patience=self.patience, score_function=self._score, trainer=engine, epoch_level=True
+                patience=self.patience * self.validations_per_epoch,
+                score_function=self._score,
+                trainer=engine,
+                epoch_level=True,
             ).attach(self.validator)
 
     def _score(self, _engine: Engine) -> float:
@@ -420,7 +497,7 @@ class ServedModelGuard:
             "max_epochs": int(engine.state.max_epochs),
         }
         result.update({key: value for key, value in self.split.items() if key in SPLIT_FACTS})
-        result.update(self._site_and_reference(best_epoch))
+        result.update(self._site_and_reference())
         if frames and self.baseline is not None:
             hold = self.split.get("hold")
             result.update(
@@ -430,8 +507,12 @@ class ServedModelGuard:
                 best_epoch=int(best_epoch),
                 served_model="replaced" if best_epoch > 0 and not hold else "kept",
             )
+            mix = self.scores[self.best_index]["weight_mix"] if best_epoch > 0 and self.scores else 1.0
+            if best_epoch > 0:
+                result["weight_mix"] = mix
+            mixed = f" (weights {mix:g} of the way from the served model's to epoch {best_epoch}'s)" if mix != 1 else ""
             result["reason"] = (
-                f"epoch {best_epoch} scored {result['best']:.4f} > {self.baseline:.4f}"
+                f"epoch {best_epoch}{mixed} scored {result['best']:.4f} > {self.baseline:.4f}"
                 if best_epoch > 0
                 else f"no epoch scored above the served model's {self.baseline:.4f}"
             )
@@ -455,15 +536,15 @@ class ServedModelGuard:
             )
         return result
 
-    def _site_and_reference(self, best_epoch: int) -> dict:
+    def _site_and_reference(self) -> dict:
         """With reference frames: the held-out new frames' and the reference's Challenge IoU, of the served model
-        (``*_before``) and of the checkpoint served after training (``*_after``: the best epoch's, else the
+        (``*_before``) and of the checkpoint served after training (``*_after``: the best validation's, else the
         served model's)."""
         from .site_guard import REFERENCE_KEY, SITE_KEY
 
         if not self.scores or REFERENCE_KEY not in self.scores[0]:
             return {}
-        after = self.scores[best_epoch] if 0 < best_epoch < len(self.scores) else self.scores[0]
+        after = self.scores[self.best_index]
         return {
             "new_frames_before": self.scores[0][SITE_KEY],
             "new_frames_after": after[SITE_KEY],
