@@ -13,7 +13,7 @@ from .engine import process_settings  # noqa: F401  (standard library only; conf
 #: Folder of the bundle whose code this is (the one holding configs/, models/, scripts/, docs/).
 BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)
 
-__version__ = "0.8.1"
+__version__ = "0.8.2"
 
 _warned_roots: set = set()
 
