@@ -384,8 +384,8 @@ def test_review_page_annotates_a_video_end_to_end_in_a_browser(video_app, setup,
             _status_is(page, "e2e_frame00001: stored pre-label")
             status, body = request(f"{server.url}/datastore/label?label=e2e_frame00001&tag=original")
             np.testing.assert_array_equal(_label(page), png_array(body))
-            page.keyboard.press(" ")
-            page.wait_for_timeout(1500)
+            page.keyboard.press(" ")  # play: the frames move on (waited for, not timed: the machine may be busy)
+            page.wait_for_function("state.frame !== 'e2e_frame00001'", timeout=30_000)
             page.keyboard.press(" ")
             page.wait_for_function("document.getElementById('status').textContent.endsWith(': paused')")
             assert page.evaluate("state.frame") != "e2e_frame00001"
