@@ -386,7 +386,8 @@ def test_validation_of_weight_mixes_sees_the_mixed_weights_and_training_goes_on_
             assert torch.allclose(weights[key], start[key] + mix * (value - start[key])), (epoch, mix, key)
         assert int(weights["steps"]) == epoch
     final = network.state_dict()
-    assert torch.equal(final["weight"], start["weight"] + 1.0 + 1.0) and torch.equal(final["bias"], start["bias"] * 3.0 * 3.0)
+    assert torch.equal(final["weight"], start["weight"] + 1.0 + 1.0)
+    assert torch.equal(final["bias"], start["bias"] * 3.0 * 3.0)
     assert int(final["steps"]) == 2 and validator.weight_mix == 1.0
     for bad in ([0.0, 1.0], [1.5], []):
         with pytest.raises(ValueError, match=r"weight_mixes must be numbers in \(0, 1\]"):

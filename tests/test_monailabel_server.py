@@ -1135,9 +1135,8 @@ def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
     assert task["status"] == "ERROR" and "learning_rate must be a number" in task["details"][-1], task["details"][-5:]
     for mixes in ([0.5, 2], [], "all", [0.5] * 9, [True]):  # each mix costs a validation per epoch: bounded
         task = server.train(weight_mixes=mixes)
-        assert task["status"] == "ERROR" and "weight_mixes must be a list of 1 to 8 numbers in (0, 1]" in task[
-            "details"
-        ][-1], (mixes, task["details"][-5:])
+        last = task["details"][-1]
+        assert task["status"] == "ERROR" and "weight_mixes must be a list of 1 to 8 numbers in (0, 1]" in last, mixes
     # a label map edited on disk after it was saved no longer fits its frame: training skips it (with other
     # labels: tests/test_monailabel_names_and_uploads.py), and with no other label the status's last line says why
     _clear_labels(server)
