@@ -1137,6 +1137,8 @@ def test_own_train_settings_are_checked_and_failures_say_why(own, setup):
         task = server.train(weight_mixes=mixes)
         last = task["details"][-1]
         assert task["status"] == "ERROR" and "weight_mixes must be a list of 1 to 8 numbers in (0, 1]" in last, mixes
+    task = server.train(new_label_repeats=10**9)  # each repeat is a copy of the new frames in the datalist
+    assert task["status"] == "ERROR" and "new_label_repeats must be at most 16" in task["details"][-1], task["details"]
     # a label map edited on disk after it was saved no longer fits its frame: training skips it (with other
     # labels: tests/test_monailabel_names_and_uploads.py), and with no other label the status's last line says why
     _clear_labels(server)

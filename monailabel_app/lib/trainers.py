@@ -42,8 +42,9 @@ VIDEO_INFO_KEY = "video"
 BEST_MODEL_DIR_ID = "validate#best_model_saver#save_dir"
 #: the request's own keys and their defaults here (MONAI Label's own defaults: 50 epochs, val_split 0.2, cuda)
 REQUEST_DEFAULTS = {"max_epochs": 12, "val_split": 0.25}
-#: Each mix is one validation per epoch: a bound on what a request may ask.
+#: Bounds on what a request may ask: each mix is one validation per epoch, each repeat a copy of the new frames.
 MAX_WEIGHT_MIXES = 8
+MAX_NEW_LABEL_REPEATS = 16
 
 
 class TrainingRefused(RuntimeError):
@@ -222,6 +223,10 @@ class SurgicalSAMTrainTask(BundleTrainTask):
             settings[key] = value
         if not settings.get("learning_rate", 1):
             raise TrainingRefused("learning_rate must be > 0")
+        if settings.get("new_label_repeats", 1) > MAX_NEW_LABEL_REPEATS:
+            raise TrainingRefused(
+                f"new_label_repeats must be at most {MAX_NEW_LABEL_REPEATS}, got {settings['new_label_repeats']!r}"
+            )
         val_split = request.get("val_split", REQUEST_DEFAULTS["val_split"])
         if (
             isinstance(val_split, bool)
